@@ -1,0 +1,73 @@
+"""The exceptions maptools raises.
+
+Every error maptools raises derives from :class:`MaptoolsError`, so a caller can catch them all in one
+``except`` clause. Each one also derives from the builtin exception that fits (``ValueError``,
+``TypeError``, ``FileNotFoundError``...), so code written against the builtins keeps working.
+
+Messages name the argument, what was given and what was expected.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "CalibrationError",
+    "DeviceError",
+    "EngineError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "MapNotFoundError",
+    "MaptoolsError",
+    "ModelError",
+    "ModelNotFoundError",
+    "UnsafeArtifactError",
+    "UnsupportedOperatorError",
+]
+
+
+class MaptoolsError(Exception):
+    """Base class of every error raised by maptools."""
+
+
+class InvalidArgumentError(MaptoolsError, ValueError):
+    """An argument has the right type but a value outside what is accepted."""
+
+
+class InvalidTypeError(MaptoolsError, TypeError):
+    """An argument has the wrong type."""
+
+
+class ModelNotFoundError(MaptoolsError, FileNotFoundError):
+    """The ONNX model file does not exist (or is a directory)."""
+
+
+class ModelError(MaptoolsError, ValueError):
+    """The ONNX model file exists but cannot be used (empty, not ONNX, corrupt, unsupported graph)."""
+
+
+class CalibrationError(MaptoolsError, ValueError):
+    """The calibration set is unusable: wrong type, too few batches, wrong names, shapes or values."""
+
+
+class DeviceError(MaptoolsError, ValueError):
+    """The requested execution device is unknown or not available on this machine."""
+
+
+class MapNotFoundError(MaptoolsError, FileNotFoundError):
+    """No quantization results exist for the requested map name."""
+
+
+class ArtifactError(MaptoolsError, ValueError):
+    """A file in ``mapsave/<mapname>`` is missing, modified, corrupt or from an incompatible version."""
+
+
+class UnsafeArtifactError(ArtifactError):
+    """A pickle tried to load something other than maptools records, numpy arrays and builtins."""
+
+
+class EngineError(MaptoolsError, RuntimeError):
+    """The quantization engine (PPQ) failed; the message names the operator when it is known."""
+
+
+class UnsupportedOperatorError(MaptoolsError, NotImplementedError):
+    """An operator cannot be handled (by PPQ or by the integer reference executor)."""

@@ -1,0 +1,197 @@
+"""The quantization stage: :func:`quantize` from a float ONNX model to the three mapsave artifacts.
+
+The pipeline: checks of every argument -> calibration data (:mod:`.calibration`) -> PPQ with the
+low-bit quantizer (:mod:`.engine`) -> artifacts written atomically (:mod:`.artifacts`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+import maptools
+from maptools.quantization import artifacts
+from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
+from maptools.quantization.model import check_input_shapes, load_model, prepare_model
+from maptools.quantization.records import QuantizationResult
+from maptools.quantization.validation import (
+    check_bits,
+    check_bool,
+    check_device,
+    check_layer_bits,
+    check_positive_int,
+    check_writable_dir,
+)
+
+__all__ = ["OBSERVERS", "RECIPES", "quantize"]
+
+logger = logging.getLogger(__name__)
+
+#: Activation observers (PPQ calibration algorithms) accepted by ``observer=``.
+OBSERVERS = ("percentile", "minmax", "kl", "mse", "isotone")
+#: Recipe names accepted by ``recipe=`` (see :mod:`maptools.quantization.engine.recipes`).
+RECIPES = ("fast", "default", "best")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def quantize(
+    input_shapes: Mapping[str, Sequence[int]],
+    device: str,
+    onnx_path: str | os.PathLike,
+    mapname: str = "newmap",
+    calibset: Iterable[Any] | None = None,
+    calib_steps: int = 32,
+    *,
+    bit_width: int = 8,
+    symmetrical: bool = True,
+    per_channel: bool = True,
+    seed: int = 0,
+    mapsave_dir: str | os.PathLike | None = None,
+    setting: Any = None,
+    weight_bits: int | None = None,
+    activation_bits: int | None = None,
+    layer_bits: Mapping[str, int | tuple[int, int]] | None = None,
+    observer: str = "percentile",
+    recipe: str = "default",
+    analysis_steps: int = 4,
+) -> QuantizationResult:
+    """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
+
+    Args:
+        input_shapes: Input name -> shape, e.g. ``{'input': [1, 3, 224, 224]}``. Every graph input needs
+            one; dynamic dims of the ONNX are resolved by these shapes.
+        device: ``'cpu'`` or ``'cuda'`` (a GPU must be present for ``'cuda'``).
+        onnx_path: The float ONNX model.
+        mapname: Name of the map; results go to ``<mapsave>/<mapname>/``.
+        calibset: None to calibrate on ``calib_steps`` random batches drawn with ``seed``; else an
+            iterable of batches, each a dict input name -> ``torch.Tensor`` or numpy array (a bare tensor
+            for single-input models), e.g. from :func:`~maptools.quantization.imagefolder_calibset`.
+        calib_steps: Number of calibration batches (at least 8, PPQ's minimum).
+        bit_width: Bit width of every quantized tensor (2 to 16), unless ``weight_bits`` /
+            ``activation_bits`` / ``layer_bits`` say otherwise.
+        symmetrical: Symmetric (signed) activations; False for asymmetric (unsigned, with zero point).
+            Weights are always symmetric.
+        per_channel: One weight scale per output channel (else one per tensor).
+        seed: Seed of the random calibration data and of every random generator used.
+        mapsave_dir: Where maps are saved; default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``.
+        setting: Expert override: a full PPQ ``QuantizationSetting`` (replaces ``recipe``).
+        weight_bits: Weight bit width (default ``bit_width``).
+        activation_bits: Activation bit width (default ``bit_width``).
+        layer_bits: Per-node overrides: node name -> bits, or ``(weight_bits, activation_bits)``.
+        observer: Activation calibration algorithm: one of :data:`OBSERVERS`.
+        recipe: ``'fast'``, ``'default'`` or ``'best'`` (see :mod:`maptools.quantization.engine.recipes`).
+        analysis_steps: Number of calibration batches used to measure the graph-wise error.
+
+    Returns:
+        The paths written, the per-operator configs and the graph-wise error.
+
+    Raises:
+        maptools.MaptoolsError: a subclass naming the bad argument, raised before anything is written;
+            or :class:`~maptools.EngineError` when PPQ fails (naming the node when known).
+    """
+    started = time.perf_counter()
+    # -- 1. check every argument before doing any work --------------------------------------------
+    device = check_device(device)
+    mapname = artifacts.check_mapname(mapname)
+    calib_steps = check_positive_int(calib_steps, "calib_steps")
+    bit_width = check_bits(bit_width, "bit_width")
+    w_bits = check_bits(weight_bits, "weight_bits") if weight_bits is not None else bit_width
+    a_bits = check_bits(activation_bits, "activation_bits") if activation_bits is not None else bit_width
+    symmetrical = check_bool(symmetrical, "symmetrical")
+    per_channel = check_bool(per_channel, "per_channel")
+    seed = check_positive_int(seed, "seed", minimum=0)
+    analysis_steps = check_positive_int(analysis_steps, "analysis_steps")
+    overrides = check_layer_bits(layer_bits)
+    if observer not in OBSERVERS:
+        raise maptools.InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)}, got {observer!r}")
+    if setting is None and recipe not in RECIPES:
+        raise maptools.InvalidArgumentError(f"recipe: expected one of {list(RECIPES)}, got {recipe!r}")
+    target = artifacts.map_directory(mapname, mapsave_dir)
+    check_writable_dir(target.parent, "mapsave_dir")
+    model = load_model(onnx_path)
+    shapes = check_input_shapes(input_shapes, model)
+    prepared = prepare_model(model, shapes)
+    unknown = sorted(set(overrides) - {node.name for node in prepared.graph.node})
+    if unknown:
+        raise maptools.InvalidArgumentError(f"layer_bits: nodes {unknown} are not in the model")
+    if calibset is None:
+        if calib_steps < MIN_CALIB_BATCHES:
+            raise maptools.CalibrationError(
+                f"calib_steps: {calib_steps} given, but PPQ needs at least {MIN_CALIB_BATCHES} calibration batches"
+            )
+        batches = random_calibset(shapes, calib_steps, seed)
+        calibration = "random"
+    else:
+        batches = prepare_calibset(calibset, model, shapes, calib_steps)
+        calibration = "user"
+    # -- 2. the PPQ engine (imported only now) ---------------------------------------------------
+    from maptools.quantization.engine import LowBitSpec, PPQSession
+    from maptools.quantization.engine.recipes import build_setting
+
+    if setting is not None:
+        ppq_setting, recipe_name = setting, "custom"
+    else:
+        ppq_setting, recipe_name = build_setting(recipe, device, len(batches)), recipe
+    spec = LowBitSpec(weight_bits=w_bits, activation_bits=a_bits, symmetrical=symmetrical,
+                      per_channel=per_channel, layer_bits=overrides, observer=observer)
+    _seed_everything(seed)
+    logger.info("quantizing %s as %r: W%dA%d, %s, %d %s calibration batches on %s",
+                model.path, mapname, w_bits, a_bits, recipe_name, len(batches), calibration, device)
+    session = PPQSession(prepared, spec, device, ppq_setting)
+    session.quantize(batches)
+    quantinfo = session.quantinfo()
+    quantparams = session.quantparams()
+    qdq = session.export_qdq()
+    out_snr, out_cos, layer_snr = session.error_analysis(batches[:analysis_steps])
+    for name, snr in out_snr.items():
+        logger.info("graph-wise error of output %r: SNR %.2f dB, cosine %.5f", name, snr, out_cos[name])
+    # -- 3. the artifacts, written atomically -----------------------------------------------------
+    manifest = {
+        "mapname": mapname,
+        "versions": {"maptools": maptools.__version__, "ppq": _version("ppq"), "torch": torch.__version__,
+                     "onnx": onnx.__version__, "numpy": np.__version__},
+        "model": {"path": str(model.path), "sha256": model.sha256},
+        "settings": {
+            "input_shapes": {k: list(v) for k, v in shapes.items()}, "device": device,
+            "weight_bits": w_bits, "activation_bits": a_bits, "bit_width": bit_width,
+            "symmetrical": symmetrical, "per_channel": per_channel, "observer": observer,
+            "recipe": recipe_name, "layer_bits": {k: list(v) for k, v in overrides.items()},
+            "calibration": calibration, "calib_steps": calib_steps, "calib_batches": len(batches), "seed": seed,
+        },
+    }
+    files = {
+        artifacts.QUANTINFO: artifacts.dump_pickle(quantinfo),
+        artifacts.QUANTPARAMS: artifacts.dump_pickle(quantparams),
+        artifacts.QUANTMODEL: qdq.SerializeToString(),
+    }
+    artifacts.recover_interrupted(target)
+    artifacts.write_map(target, files, manifest)
+    result = QuantizationResult(
+        mapname=mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,
+        quantparams_path=target / artifacts.QUANTPARAMS, model_path=target / artifacts.QUANTMODEL,
+        manifest_path=target / artifacts.MANIFEST, operators=quantinfo, output_snr_db=out_snr,
+        output_cosine=out_cos, layer_snr_db=layer_snr, seconds=time.perf_counter() - started,
+    )
+    logger.info("wrote %s in %.1f s", target, result.seconds)
+    return result

@@ -1,0 +1,143 @@
+"""The low-bit PPQ quantizer: every quantized tensor at a chosen bit width.
+
+Rebuilt from the idea of ``ppq_lowbit`` (seed 000): a subclass of PPQ's TensorRT quantizer whose bit
+width, symmetry and weight granularity are parameters, with per-layer overrides. Weights are always
+symmetric, per output channel when ``per_channel``; Conv/Gemm biases are kept at 32 bits with scale
+``input_scale * weight_scale`` so the chip can add them to its int32 accumulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from maptools.quantization.engine.quiet import import_ppq
+
+import_ppq()
+
+from ppq.core import (  # noqa: E402
+    OperationQuantizationConfig,
+    QuantizationPolicy,
+    QuantizationProperty,
+    QuantizationStates,
+    TargetPlatform,
+)
+from ppq.IR import BaseGraph, Operation  # noqa: E402
+from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
+
+__all__ = ["LowBitQuantizer", "LowBitSpec", "int_range"]
+
+WEIGHTED_TYPES = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+BIAS_TYPES = {"Conv", "ConvTranspose", "Gemm"}
+BIAS_BITS = 32
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-bit tensor: signed when symmetric, unsigned otherwise."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@dataclass(frozen=True)
+class LowBitSpec:
+    """Bit widths and policies of a quantization run.
+
+    Attributes:
+        weight_bits: Default weight bit width.
+        activation_bits: Default activation bit width.
+        symmetrical: Symmetric (signed, zero point 0) or asymmetric (unsigned) activations.
+        per_channel: Per-output-channel weight scales (else one scale per tensor).
+        layer_bits: Node name -> ``(weight_bits, activation_bits)`` overrides.
+        observer: Activation observer (PPQ name: ``percentile``, ``minmax``, ``kl``, ``mse``...).
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    symmetrical: bool = True
+    per_channel: bool = True
+    layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    observer: str = "percentile"
+
+    def bits_of(self, op_name: str) -> tuple[int, int]:
+        """``(weight_bits, activation_bits)`` of an operator."""
+        return self.layer_bits.get(op_name, (self.weight_bits, self.activation_bits))
+
+
+def weight_channel_axis(operation: Operation) -> int:
+    """The output-channel axis of an operator's constant weight (input 1)."""
+    if operation.type == "ConvTranspose":
+        return 1
+    if operation.type == "Gemm":
+        return 0 if int(operation.attributes.get("transB", 0)) else 1
+    if operation.type == "MatMul":
+        return max(operation.inputs[1].value.ndim - 1, 0)
+    return 0
+
+
+class LowBitQuantizer(TensorRTQuantizer):
+    """PPQ quantizer that quantizes every tensor to the bit widths of a :class:`LowBitSpec`."""
+
+    def __init__(self, graph: BaseGraph, spec: LowBitSpec) -> None:
+        super().__init__(graph=graph)
+        self._spec = spec
+        self._num_of_bits = spec.activation_bits
+        self._quant_min, self._quant_max = int_range(spec.activation_bits, spec.symmetrical)
+
+    @property
+    def spec(self) -> LowBitSpec:
+        """The bit widths and policies in use."""
+        return self._spec
+
+    @property
+    def quantize_policy(self) -> QuantizationPolicy:
+        """Activation policy: per-tensor linear, symmetric or asymmetric."""
+        symmetry = QuantizationProperty.SYMMETRICAL if self._spec.symmetrical else QuantizationProperty.ASYMMETRICAL
+        return QuantizationPolicy(symmetry + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
+
+    def init_quantize_config(self, operation: Operation) -> OperationQuantizationConfig:
+        """Build the quantization config of one operator at its bit widths."""
+        weight_bits, act_bits = self._spec.bits_of(operation.name)
+        qmin, qmax = int_range(act_bits, self._spec.symmetrical)
+        config = self.create_default_quant_config(
+            policy=self.quantize_policy,
+            rounding=self.rounding_policy,
+            op=operation,
+            num_of_bits=act_bits,
+            exponent_bits=0,
+            quant_max=qmax,
+            quant_min=qmin,
+            observer_algorithm=self._spec.observer,
+        )
+        if operation.type in WEIGHTED_TYPES and operation.num_of_input > 1 and operation.inputs[1].is_parameter:
+            weight = config.input_quantization_config[1]
+            granularity = (
+                QuantizationProperty.PER_CHANNEL if self._spec.per_channel else QuantizationProperty.PER_TENSOR
+            )
+            weight.policy = QuantizationPolicy(
+                QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + granularity
+            )
+            weight.num_of_bits = weight_bits
+            weight.quant_min, weight.quant_max = int_range(weight_bits, True)
+            weight.observer_algorithm = "minmax"
+            if self._spec.per_channel:
+                weight.channel_axis = weight_channel_axis(operation)
+            if operation.type in BIAS_TYPES and operation.num_of_input > 2 and operation.inputs[2].is_parameter:
+                bias = config.input_quantization_config[2]
+                bias.policy = QuantizationPolicy(
+                    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + granularity
+                )
+                bias.num_of_bits = BIAS_BITS
+                bias.quant_max = 2 ** (BIAS_BITS - 1) - 1
+                bias.quant_min = -(2 ** (BIAS_BITS - 1)) + 1
+                bias.state = QuantizationStates.PASSIVE_INIT
+                bias.channel_axis = 0
+                bias.observer_algorithm = "minmax"
+        elif operation.type in {"LayerNormalization"}:
+            for tqc in config.input_quantization_config[1:]:
+                tqc.state = QuantizationStates.FP32
+        return config
+
+    @property
+    def target_platform(self) -> TargetPlatform:
+        """PPQ platform the quantized operators are dispatched to."""
+        return TargetPlatform.TRT_INT8

@@ -1,0 +1,317 @@
+"""One PPQ quantization run, seen through maptools' own types.
+
+:class:`PPQSession` loads a prepared ONNX model into PPQ, quantizes it with the
+:class:`~maptools.quantization.engine.quantizer.LowBitQuantizer`, and hands back what the rest of maptools
+needs as plain records and numpy arrays: the per-operator quantization configs, the integer weights and
+biases, the faithful QDQ ONNX model, simulated outputs and the graph-wise error.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from maptools.errors import EngineError, UnsupportedOperatorError
+from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
+from maptools.quantization.records import OperatorQuantConfig, TensorQuant
+
+import_ppq()
+
+from ppq.api import dispatch_graph, load_onnx_graph  # noqa: E402
+from ppq.api.setting import QuantizationSetting, QuantizationSettingFactory  # noqa: E402
+from ppq.core import QuantizationProperty, QuantizationStates, TargetPlatform  # noqa: E402
+from ppq.executor import TorchExecutor  # noqa: E402
+from ppq.executor.op import DEFAULT_BACKEND_TABLE  # noqa: E402
+from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
+
+from maptools.quantization.engine.exporter import FaithfulQDQExporter, quantize_to_int  # noqa: E402
+from maptools.quantization.engine.quantizer import (  # noqa: E402
+    BIAS_TYPES,
+    WEIGHTED_TYPES,
+    LowBitQuantizer,
+    LowBitSpec,
+)
+
+__all__ = ["PPQSession", "default_setting", "weight_key", "bias_key"]
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+_LIVE = {QuantizationStates.ACTIVATED, QuantizationStates.PASSIVE, QuantizationStates.BAKED,
+         QuantizationStates.PASSIVE_BAKED}
+
+
+def default_setting() -> QuantizationSetting:
+    """PPQ's TensorRT setting, the baseline every recipe starts from."""
+    return QuantizationSettingFactory.trt_setting()
+
+
+def weight_key(op_name: str, op_type: str) -> str:
+    """``quantparams.pkl`` key of an operator's integer weight."""
+    return f"{op_name}_{'conv' if op_type in ('Conv', 'ConvTranspose') else 'gemm'}_weight"
+
+
+def bias_key(op_name: str, op_type: str) -> str:
+    """``quantparams.pkl`` key of an operator's integer bias."""
+    return f"{op_name}_{'conv' if op_type in ('Conv', 'ConvTranspose') else 'gemm'}_bias"
+
+
+def _tensor_quant(name: str, config) -> TensorQuant | None:
+    root = config.dominated_by
+    if root.state not in _LIVE or root.scale is None:
+        return None
+    return TensorQuant(
+        name=name,
+        bits=int(root.num_of_bits),
+        scale=float(root.scale.flatten()[0].item()),
+        zero_point=int(round(float(root.offset.flatten()[0].item()))),
+        qmin=int(root.quant_min),
+        qmax=int(root.quant_max),
+    )
+
+
+def _snr_db(signal: float, noise: float) -> float:
+    if noise <= 0.0:
+        return float("inf")
+    if signal <= 0.0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+class PPQSession:
+    """Quantize one ONNX model with PPQ and read the results back as maptools records.
+
+    Args:
+        model: The prepared ONNX model (named nodes, static input shapes).
+        spec: Bit widths and policies.
+        device: ``'cpu'`` or ``'cuda'``.
+        setting: A PPQ ``QuantizationSetting``; None for :func:`default_setting`.
+    """
+
+    def __init__(self, model: onnx.ModelProto, spec: LowBitSpec, device: str,
+                 setting: QuantizationSetting | None = None) -> None:
+        self.spec = spec
+        self.device = device
+        self.setting = setting if setting is not None else default_setting()
+        self.opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+        self._output_names = [o.name for o in model.graph.output]
+        with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save(model, str(path))
+            try:
+                with ppq_silenced():
+                    graph = load_onnx_graph(onnx_import_file=str(path))
+            except Exception as exc:
+                raise EngineError(f"PPQ could not load the model: {type(exc).__name__}: {exc}") from exc
+        self._check_supported(graph)
+        with ppq_silenced():
+            self.graph: BaseGraph = dispatch_graph(graph=graph, platform=TargetPlatform.TRT_INT8,
+                                                   dispatcher=self.setting.dispatcher,
+                                                   dispatching_table=self.setting.dispatching_table)
+        self.executor = TorchExecutor(graph=self.graph, device=device)
+        self._quantized = False
+
+    @staticmethod
+    def _check_supported(graph: BaseGraph) -> None:
+        for op in graph.operations.values():
+            if op.type not in DEFAULT_BACKEND_TABLE:
+                raise UnsupportedOperatorError(
+                    f"node {op.name!r}: operator type {op.type!r} cannot be executed by PPQ 0.6.6; "
+                    "remove or replace it before quantizing"
+                )
+
+    # -- quantization -----------------------------------------------------------------------------
+    def quantize(self, batches: Sequence[Batch]) -> None:
+        """Calibrate on ``batches`` and quantize the graph in place (PPQ's passes per the setting)."""
+        quantizer = LowBitQuantizer(graph=self.graph, spec=self.spec)
+        quantizer._verbose = False
+        device = self.device
+
+        def collate(batch: Batch) -> dict[str, torch.Tensor]:
+            return {name: tensor.to(device) for name, tensor in batch.items()}
+
+        try:
+            with ppq_silenced():
+                quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=list(batches),
+                                   executor=self.executor, setting=self.setting,
+                                   calib_steps=len(batches), collate_fn=collate)
+        except Exception as exc:
+            raise self._engine_error("quantization", exc) from exc
+        self._quantized = True
+
+    def _engine_error(self, stage: str, exc: Exception) -> EngineError:
+        message = f"{type(exc).__name__}: {exc}"
+        culprit = next((op for op in self.graph.operations.values() if op.name in message), None)
+        where = f" at node {culprit.name!r} ({culprit.type})" if culprit is not None else ""
+        return EngineError(f"PPQ failed during {stage}{where}: {message}")
+
+    # -- execution --------------------------------------------------------------------------------
+    def forward(self, batch: Batch, quantized: bool = True,
+                output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the graph on one batch, with PPQ's fake quantization (``quantized``) or in FP32."""
+        names = list(output_names) if output_names is not None else self._output_names
+        feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
+        if not quantized:
+            self.graph_dequantize()
+        try:
+            with ppq_silenced():
+                outputs = self.executor.forward(inputs=feed, output_names=names)
+        except Exception as exc:
+            raise self._engine_error("execution", exc) from exc
+        finally:
+            if not quantized:
+                self.graph_restore()
+        return {name: out.detach().cpu().numpy() for name, out in zip(names, outputs, strict=True)}
+
+    def graph_dequantize(self) -> None:
+        """Switch every quantized operator to FP32 execution."""
+        for op in self.graph.operations.values():
+            if isinstance(op, QuantableOperation):
+                op.dequantize()
+
+    def graph_restore(self) -> None:
+        """Undo :meth:`graph_dequantize`."""
+        for op in self.graph.operations.values():
+            if isinstance(op, QuantableOperation):
+                op.restore_quantize_state()
+
+    def error_analysis(self, batches: Sequence[Batch]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """Graph-wise error of the quantized graph against FP32 on ``batches``.
+
+        Returns:
+            ``(output SNR dB, output cosine, per-operator output SNR dB)``; the per-operator figures
+            include the error accumulated from the graph's inputs, as PPQ's ``graphwise_error_analyse``.
+        """
+        layer_vars = {op.outputs[0].name: op.name for op in self.graph.topological_sort()
+                      if isinstance(op, QuantableOperation) and op.outputs}
+        names = list(dict.fromkeys(self._output_names + list(layer_vars)))
+        signal = dict.fromkeys(names, 0.0)
+        noise = dict.fromkeys(names, 0.0)
+        dot = dict.fromkeys(self._output_names, 0.0)
+        qpow = dict.fromkeys(self._output_names, 0.0)
+        for batch in batches:
+            quant = self.forward(batch, quantized=True, output_names=names)
+            ref = self.forward(batch, quantized=False, output_names=names)
+            for name in names:
+                r = ref[name].astype(np.float64)
+                q = quant[name].astype(np.float64)
+                signal[name] += float(np.sum(r * r))
+                noise[name] += float(np.sum((r - q) ** 2))
+                if name in dot:
+                    dot[name] += float(np.sum(r * q))
+                    qpow[name] += float(np.sum(q * q))
+        out_snr = {n: _snr_db(signal[n], noise[n]) for n in self._output_names}
+        out_cos = {n: float(dot[n] / max(np.sqrt(signal[n] * qpow[n]), 1e-30)) for n in self._output_names}
+        layer_snr = {op_name: _snr_db(signal[var], noise[var]) for var, op_name in layer_vars.items()}
+        return out_snr, out_cos, layer_snr
+
+    # -- extraction -------------------------------------------------------------------------------
+    def quantized_operations(self) -> list[QuantableOperation]:
+        """Quantized operators in topological order."""
+        return [op for op in self.graph.topological_sort() if isinstance(op, QuantableOperation)]
+
+    def quantinfo(self) -> dict[str, OperatorQuantConfig]:
+        """Per-operator quantization configs, keyed by node name."""
+        info: dict[str, OperatorQuantConfig] = {}
+        for op in self.quantized_operations():
+            configs = op.config.input_quantization_config
+            act_inputs = [None if var.is_parameter else _tensor_quant(var.name, cfg)
+                          for cfg, var in zip(configs, op.inputs, strict=True)]
+            outputs = [_tensor_quant(var.name, cfg)
+                       for cfg, var in zip(op.config.output_quantization_config, op.outputs, strict=True)]
+            first_in = next((t for t in act_inputs if t is not None), None)
+            first_out = outputs[0] if outputs else None
+            ref = first_out or first_in
+            record = OperatorQuantConfig(
+                name=op.name, op_type=op.type,
+                input_bits=first_in.bits if first_in else None,
+                input_scale=first_in.scale if first_in else None,
+                input_zero_point=first_in.zero_point if first_in else 0,
+                output_bits=first_out.bits if first_out else None,
+                output_scale=first_out.scale if first_out else None,
+                output_zero_point=first_out.zero_point if first_out else 0,
+                io_bits=ref.bits if ref else None,
+                io_min=ref.qmin if ref else None,
+                io_max=ref.qmax if ref else None,
+                symmetric=self.spec.symmetrical,
+                inputs=act_inputs, outputs=outputs,
+            )
+            weight = self._weight_config(op)
+            if weight is not None:
+                cfg = weight
+                record.weight_bits = int(cfg.num_of_bits)
+                record.weight_min, record.weight_max = int(cfg.quant_min), int(cfg.quant_max)
+                record.weight_scale = cfg.scale.detach().cpu().numpy().astype(np.float32).reshape(-1)
+                per_channel = cfg.policy.has_property(QuantizationProperty.PER_CHANNEL)
+                record.weight_axis = int(cfg.channel_axis) if per_channel else None
+            bias = self._bias_config(op)
+            if bias is not None:
+                record.bias_bits = int(bias.num_of_bits)
+                record.bias_scale = bias.scale.detach().cpu().numpy().astype(np.float32).reshape(-1)
+            info[op.name] = record
+        return info
+
+    @staticmethod
+    def _weight_config(op: QuantableOperation):
+        if op.type not in WEIGHTED_TYPES or op.num_of_input < 2 or not op.inputs[1].is_parameter:
+            return None
+        cfg = op.config.input_quantization_config[1]
+        return cfg if cfg.state in _LIVE else None
+
+    @staticmethod
+    def _bias_config(op: QuantableOperation):
+        if op.type not in BIAS_TYPES or op.num_of_input < 3 or not op.inputs[2].is_parameter:
+            return None
+        cfg = op.config.input_quantization_config[2]
+        return cfg if cfg.state in _LIVE else None
+
+    def quantparams(self) -> dict[str, np.ndarray | None]:
+        """Integer weights and biases: ``<node>_conv_weight`` / ``_conv_bias`` (``_gemm_`` for Gemm/MatMul)."""
+        params: dict[str, np.ndarray | None] = {}
+        for op in self.quantized_operations():
+            weight = self._weight_config(op)
+            if weight is None:
+                continue
+            w_int = quantize_to_int(op.inputs[1].value.detach().cpu(), weight).numpy()
+            params[weight_key(op.name, op.type)] = w_int.astype(np.int8 if weight.num_of_bits <= 8 else np.int32)
+            if op.type in BIAS_TYPES:
+                bias = self._bias_config(op)
+                params[bias_key(op.name, op.type)] = (
+                    None if bias is None
+                    else quantize_to_int(op.inputs[2].value.detach().cpu().reshape(-1), bias).numpy().astype(np.int32)
+                )
+        return params
+
+    def fake_quantized_parameters(self) -> dict[str, np.ndarray]:
+        """PPQ's own fake-quantized weights and biases (float), keyed like :meth:`quantparams`."""
+        result: dict[str, np.ndarray] = {}
+        for op in self.quantized_operations():
+            if self._weight_config(op) is not None:
+                result[weight_key(op.name, op.type)] = op.inputs[1].value.detach().cpu().numpy()
+            if self._bias_config(op) is not None:
+                result[bias_key(op.name, op.type)] = op.inputs[2].value.detach().cpu().numpy().reshape(-1)
+        return result
+
+    def export_qdq(self) -> onnx.ModelProto:
+        """The faithful QDQ model (see :class:`~maptools.quantization.engine.exporter.FaithfulQDQExporter`)."""
+        exporter = FaithfulQDQExporter(opset=self.opset)
+        with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
+            path = Path(tmp) / "quant_model.onnx"
+            try:
+                with ppq_silenced():
+                    exporter.export(file_path=str(path), graph=self.graph.copy(), quantized_param=True)
+            except Exception as exc:
+                raise self._engine_error("export", exc) from exc
+            model = onnx.load(str(path))
+        model.producer_name = "maptools"
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise EngineError(f"the exported QDQ model fails onnx.checker: {exc}") from exc
+        return model

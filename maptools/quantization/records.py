@@ -1,0 +1,167 @@
+"""The records maptools writes and returns: plain dataclasses, no PPQ types.
+
+These are the only classes the restricted unpickler of :mod:`maptools.quantization.artifacts` accepts
+besides numpy arrays and builtins, so the artifacts stay loadable (and safe to load) without PPQ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["OperatorQuantConfig", "QuantizationResult", "TensorQuant"]
+
+
+def _fmt_scale(scale: float | np.ndarray | None) -> str:
+    if scale is None:
+        return "None"
+    arr = np.asarray(scale)
+    if arr.ndim == 0:
+        return f"{float(arr):.6g}"
+    return f"[{arr.size} per-channel, {float(arr.min()):.4g}..{float(arr.max()):.4g}]"
+
+
+@dataclass
+class TensorQuant:
+    """Quantization of one activation tensor: ``real = scale * (integer - zero_point)``.
+
+    Attributes:
+        name: Tensor (ONNX value) name.
+        bits: Bit width of the integer representation.
+        scale: Quantization step (per tensor).
+        zero_point: Integer zero point (0 when symmetric).
+        qmin: Smallest integer value.
+        qmax: Largest integer value.
+    """
+
+    name: str
+    bits: int
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @property
+    def step(self) -> float:
+        """The real value of one integer step (same as :attr:`scale`)."""
+        return self.scale
+
+
+@dataclass
+class OperatorQuantConfig:
+    """Quantization settings of one operator, as stored in ``quantinfo.pkl``.
+
+    ``quantinfo.pkl`` maps the ONNX node name of the input model to one of these. Integer tensors
+    relate to real ones by ``real = scale * (integer - zero_point)``.
+
+    Attributes:
+        name: ONNX node name in the input model.
+        op_type: ONNX operator type (``Conv``, ``Gemm``, ``Relu``...).
+        input_bits: Bit width of the (first) activation input, None if it is not quantized.
+        input_scale: Scale of the first activation input.
+        input_zero_point: Zero point of the first activation input.
+        output_bits: Bit width of the output activation.
+        output_scale: Scale of the output activation.
+        output_zero_point: Zero point of the output activation.
+        io_bits: Activation bit width of this operator (input and output).
+        io_min: Smallest integer an activation of this operator may take.
+        io_max: Largest integer an activation of this operator may take.
+        symmetric: Whether activations are quantized symmetrically (zero point 0).
+        inputs: Quantization of every activation input, in ONNX input order (None where not quantized).
+        outputs: Quantization of every output, in ONNX output order (None where not quantized).
+        weight_bits: Weight bit width (Conv, ConvTranspose, Gemm, MatMul with constant weight).
+        weight_min: Smallest integer weight value allowed.
+        weight_max: Largest integer weight value allowed.
+        weight_scale: Weight scale: an array with one entry per output channel when per-channel,
+            else a one-element array.
+        weight_axis: The weight axis that ``weight_scale`` runs along (the output channel axis).
+        bias_bits: Bias bit width (32) when the operator has a bias.
+        bias_scale: Bias scale, ``input_scale * weight_scale``.
+    """
+
+    name: str
+    op_type: str
+    input_bits: int | None = None
+    input_scale: float | None = None
+    input_zero_point: int = 0
+    output_bits: int | None = None
+    output_scale: float | None = None
+    output_zero_point: int = 0
+    io_bits: int | None = None
+    io_min: int | None = None
+    io_max: int | None = None
+    symmetric: bool = True
+    inputs: list[TensorQuant | None] = field(default_factory=list)
+    outputs: list[TensorQuant | None] = field(default_factory=list)
+    weight_bits: int | None = None
+    weight_min: int | None = None
+    weight_max: int | None = None
+    weight_scale: np.ndarray | None = None
+    weight_axis: int | None = None
+    bias_bits: int | None = None
+    bias_scale: np.ndarray | None = None
+
+    @property
+    def has_weight(self) -> bool:
+        """True for operators with a constant, quantized weight."""
+        return self.weight_scale is not None
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{self.op_type} {self.name!r}",
+            f"in={self.input_bits}b@{_fmt_scale(self.input_scale)}",
+            f"out={self.output_bits}b@{_fmt_scale(self.output_scale)}",
+            f"io=[{self.io_min},{self.io_max}]",
+        ]
+        if not self.symmetric:
+            parts.append(f"zp(in={self.input_zero_point},out={self.output_zero_point})")
+        if self.has_weight:
+            parts.append(
+                f"w={self.weight_bits}b[{self.weight_min},{self.weight_max}]@{_fmt_scale(self.weight_scale)}"
+            )
+        if self.bias_bits is not None:
+            parts.append(f"bias={self.bias_bits}b")
+        return "OperatorQuantConfig(" + ", ".join(parts) + ")"
+
+
+@dataclass
+class QuantizationResult:
+    """What :func:`maptools.quantization.quantize` returns.
+
+    Attributes:
+        mapname: The map name.
+        directory: ``<mapsave>/<mapname>``, where the files were written.
+        quantinfo_path: Path of ``quantinfo.pkl``.
+        quantparams_path: Path of ``quantparams.pkl``.
+        model_path: Path of ``quant_model.onnx``.
+        manifest_path: Path of ``manifest.json``.
+        operators: Per-operator summary: node name -> its :class:`OperatorQuantConfig`.
+        output_snr_db: Graph-wise error: SNR in dB of each graph output, quantized vs FP32, on
+            calibration data.
+        output_cosine: Cosine similarity of each graph output, quantized vs FP32.
+        layer_snr_db: SNR in dB of every quantized operator's output, quantized vs FP32.
+        seconds: Wall time of the whole call.
+    """
+
+    mapname: str
+    directory: Path
+    quantinfo_path: Path
+    quantparams_path: Path
+    model_path: Path
+    manifest_path: Path
+    operators: dict[str, OperatorQuantConfig]
+    output_snr_db: dict[str, float]
+    output_cosine: dict[str, float]
+    layer_snr_db: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """A few human-readable lines: files written and output error."""
+        lines = [f"map {self.mapname!r} in {self.directory}"]
+        for path in (self.quantinfo_path, self.quantparams_path, self.model_path):
+            lines.append(f"  {path}")
+        for name, snr in self.output_snr_db.items():
+            lines.append(f"  output {name}: SNR {snr:.2f} dB, cosine {self.output_cosine[name]:.5f}")
+        return "\n".join(lines)
