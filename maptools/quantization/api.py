@@ -158,11 +158,11 @@ def quantize(
     _seed_everything(seed)
     logger.info("quantizing %s as %r: W%dA%d, %s, %d %s calibration batches on %s",
                 model.path, mapname, w_bits, a_bits, recipe_name, len(batches), calibration, device)
-    session = PPQSession(prepared, spec, device, ppq_setting)
+    session = PPQSession.from_onnx(prepared, spec, device, ppq_setting)
     session.quantize(batches)
     quantinfo = session.quantinfo()
     quantparams = session.quantparams()
-    qdq = session.export_qdq()
+    qdq = session.export_qdq(io_like=model.proto)
     out_snr, out_cos, layer_snr = session.error_analysis(batches[:analysis_steps])
     for name, snr in out_snr.items():
         logger.info("graph-wise error of output %r: SNR %.2f dB, cosine %.5f", name, snr, out_cos[name])
@@ -184,6 +184,7 @@ def quantize(
         artifacts.QUANTINFO: artifacts.dump_pickle(quantinfo),
         artifacts.QUANTPARAMS: artifacts.dump_pickle(quantparams),
         artifacts.QUANTMODEL: qdq.SerializeToString(),
+        artifacts.PPQGRAPH: session.to_bytes(),
     }
     artifacts.recover_interrupted(target)
     artifacts.write_map(target, files, manifest)

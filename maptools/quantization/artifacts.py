@@ -5,6 +5,8 @@ A map directory holds:
 * ``quantinfo.pkl`` -- ``dict[node name, OperatorQuantConfig]``
 * ``quantparams.pkl`` -- ``dict[str, numpy int array | None]`` (integer weights and biases)
 * ``quant_model.onnx`` -- the QDQ model
+* ``ppq_graph.pkl`` -- PPQ's quantized graph, for :func:`~maptools.quantization.verify` to replay PPQ's
+  simulation (a plain pickle, only loaded after its SHA-256 matched the manifest)
 * ``manifest.json`` -- versions, settings, the input model's path and SHA-256, and every file's SHA-256
 
 Writing is atomic: every file goes into a temporary directory beside the target, which replaces the old
@@ -34,6 +36,7 @@ from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeErro
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
+    "PPQGRAPH",
     "QUANTINFO",
     "QUANTMODEL",
     "QUANTPARAMS",
@@ -55,6 +58,8 @@ QUANTINFO = "quantinfo.pkl"
 QUANTPARAMS = "quantparams.pkl"
 QUANTMODEL = "quant_model.onnx"
 MANIFEST = "manifest.json"
+#: PPQ's quantized graph, kept so ``verify`` can replay PPQ's simulation (trusted pickle, SHA-checked).
+PPQGRAPH = "ppq_graph.pkl"
 #: Environment variable naming the default mapsave directory.
 MAPSAVE_ENV = "MAPTOOLS_MAPSAVE"
 PICKLE_PROTOCOL = 4
@@ -131,6 +136,9 @@ def write_map(target: Path, files: Mapping[str, bytes], manifest: dict[str, Any]
     payload = dict(files)
     payload[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     try:
         for name, data in payload.items():
             with open(staging / name, "wb") as handle:

@@ -9,6 +9,7 @@ biases, the faithful QDQ ONNX model, simulated outputs and the graph-wise error.
 from __future__ import annotations
 
 import logging
+import pickle
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -84,6 +85,14 @@ def _snr_db(signal: float, noise: float) -> float:
     return float(10.0 * np.log10(signal / noise))
 
 
+def _copy_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    declared = {vi.name: vi for vi in list(source.graph.input) + list(source.graph.output)}
+    for vi in list(target.graph.input) + list(target.graph.output):
+        if vi.name in declared:
+            vi.type.CopyFrom(declared[vi.name].type)
+    del target.graph.value_info[:]
+
+
 class PPQSession:
     """Quantize one ONNX model with PPQ and read the results back as maptools records.
 
@@ -94,13 +103,24 @@ class PPQSession:
         setting: A PPQ ``QuantizationSetting``; None for :func:`default_setting`.
     """
 
-    def __init__(self, model: onnx.ModelProto, spec: LowBitSpec, device: str,
-                 setting: QuantizationSetting | None = None) -> None:
+    def __init__(self, graph: BaseGraph, spec: LowBitSpec, device: str,
+                 setting: QuantizationSetting | None = None, output_names: Sequence[str] = (),
+                 opset: int = 13, quantized: bool = False) -> None:
         self.spec = spec
         self.device = device
         self.setting = setting if setting is not None else default_setting()
-        self.opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
-        self._output_names = [o.name for o in model.graph.output]
+        self.opset = opset
+        self.graph = graph
+        self._output_names = list(output_names) or list(graph.outputs)
+        self.executor = TorchExecutor(graph=self.graph, device=device)
+        self._quantized = quantized
+
+    @classmethod
+    def from_onnx(cls, model: onnx.ModelProto, spec: LowBitSpec, device: str,
+                  setting: QuantizationSetting | None = None) -> PPQSession:
+        """Load a prepared ONNX model (named nodes, static input shapes) into PPQ and dispatch it."""
+        setting = setting if setting is not None else default_setting()
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
         with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
             path = Path(tmp) / "model.onnx"
             onnx.save(model, str(path))
@@ -109,13 +129,27 @@ class PPQSession:
                     graph = load_onnx_graph(onnx_import_file=str(path))
             except Exception as exc:
                 raise EngineError(f"PPQ could not load the model: {type(exc).__name__}: {exc}") from exc
-        self._check_supported(graph)
+        cls._check_supported(graph)
         with ppq_silenced():
-            self.graph: BaseGraph = dispatch_graph(graph=graph, platform=TargetPlatform.TRT_INT8,
-                                                   dispatcher=self.setting.dispatcher,
-                                                   dispatching_table=self.setting.dispatching_table)
-        self.executor = TorchExecutor(graph=self.graph, device=device)
-        self._quantized = False
+            graph = dispatch_graph(graph=graph, platform=TargetPlatform.TRT_INT8, dispatcher=setting.dispatcher,
+                                   dispatching_table=setting.dispatching_table)
+        return cls(graph, spec, device, setting, [o.name for o in model.graph.output], opset)
+
+    def to_bytes(self) -> bytes:
+        """Serialise the quantized PPQ graph (PPQ's native format is a pickle of the graph too)."""
+        return pickle.dumps({"graph": self.graph, "spec": self.spec, "outputs": self._output_names,
+                             "opset": self.opset}, protocol=4)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device: str = "cpu") -> PPQSession:
+        """Rebuild a quantized session from :meth:`to_bytes` output.
+
+        Only call this on bytes whose SHA-256 was checked against a maptools manifest: unpickling runs
+        code chosen by whoever wrote the file.
+        """
+        with ppq_silenced():
+            state = pickle.loads(data)  # noqa: S301 - integrity checked by the caller
+        return cls(state["graph"], state["spec"], device, None, state["outputs"], state["opset"], quantized=True)
 
     @staticmethod
     def _check_supported(graph: BaseGraph) -> None:
@@ -298,8 +332,14 @@ class PPQSession:
                 result[bias_key(op.name, op.type)] = op.inputs[2].value.detach().cpu().numpy().reshape(-1)
         return result
 
-    def export_qdq(self) -> onnx.ModelProto:
-        """The faithful QDQ model (see :class:`~maptools.quantization.engine.exporter.FaithfulQDQExporter`)."""
+    def export_qdq(self, io_like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """The faithful QDQ model (see :class:`~maptools.quantization.engine.exporter.FaithfulQDQExporter`).
+
+        Args:
+            io_like: The original model: its graph input and output types (dynamic dims included) are
+                copied onto the export, and intermediate shapes are dropped, so the QDQ model accepts
+                the same shapes as the float one.
+        """
         exporter = FaithfulQDQExporter(opset=self.opset)
         with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
             path = Path(tmp) / "quant_model.onnx"
@@ -310,6 +350,8 @@ class PPQSession:
                 raise self._engine_error("export", exc) from exc
             model = onnx.load(str(path))
         model.producer_name = "maptools"
+        if io_like is not None:
+            _copy_io_types(io_like, model)
         try:
             onnx.checker.check_model(model)
         except Exception as exc:

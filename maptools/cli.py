@@ -1,0 +1,215 @@
+"""The ``maptools`` command line (also ``python -m maptools``).
+
+Sub-commands: ``quantize``, ``inspect``, ``verify`` and ``demo``. Exit codes: 0 success; 2 bad usage or
+bad input (a one-line error on stderr, no traceback); 1 an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from maptools.errors import InvalidArgumentError, MaptoolsError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("maptools.cli")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would exit 2 with usage; keep one line
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _input_spec(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = [int(d) for d in dims.split(",")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape:
+        raise argparse.ArgumentTypeError(f"--input: expected NAME:D0,D1,... such as input:1,3,224,224, got {text!r}")
+    return name, shape
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="maptools", description="Low-bit quantization of ONNX models for CIM chips.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for PPQ's)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize an ONNX model into mapsave/<mapname>")
+    q.add_argument("model", help="float ONNX model")
+    q.add_argument("--input", action="append", type=_input_spec, required=True, metavar="NAME:SHAPE",
+                   help="input name and shape, e.g. input:1,3,224,224 (repeat for several inputs)")
+    q.add_argument("--mapname", required=True)
+    q.add_argument("--bits", type=int, default=8, help="bit width of weights and activations (default 8)")
+    q.add_argument("--weight-bits", type=int, default=None)
+    q.add_argument("--act-bits", type=int, default=None)
+    q.add_argument("--asymmetric", action="store_true", help="asymmetric (unsigned) activations")
+    q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
+    source = q.add_mutually_exclusive_group()
+    source.add_argument("--calib-dir", help="ImageFolder directory of calibration images")
+    source.add_argument("--calib-npy", help="directory of .npy calibration arrays")
+    q.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), help="normalisation mean for --calib-dir")
+    q.add_argument("--std", type=_floats, default=(0.229, 0.224, 0.225), help="normalisation std for --calib-dir")
+    q.add_argument("--calib-steps", type=int, default=32)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--recipe", default="default", choices=["fast", "default", "best"])
+    q.add_argument("--observer", default="percentile")
+    q.add_argument("--mapsave-dir", default=None)
+
+    i = sub.add_parser("inspect", help="list the quantized operators of a map")
+    i.add_argument("mapname")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--mapsave-dir", default=None)
+
+    v = sub.add_parser("verify", help="compare FP32, PPQ, onnxruntime and the integer executor")
+    v.add_argument("mapname")
+    v.add_argument("--mapsave-dir", default=None)
+    v.add_argument("--batches", type=int, default=2)
+
+    d = sub.add_parser("demo", help="quantize the bundled digits CNN and compare top-1")
+    d.add_argument("--bits", type=int, default=4)
+    d.add_argument("--recipe", default="default", choices=["fast", "default", "best"])
+    d.add_argument("--mapsave-dir", default=None)
+    return parser
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from maptools.quantization import imagefolder_calibset, npy_calibset, quantize
+
+    shapes = dict(args.input)
+    if len(shapes) != len(args.input):
+        raise InvalidArgumentError("--input: the same input name was given twice")
+    if not Path(args.model).is_file():
+        raise InvalidArgumentError(f"model: file {args.model!r} does not exist; expected an .onnx model file")
+    calibset = None
+    if args.calib_dir:
+        calibset = imagefolder_calibset(args.calib_dir, shapes, mean=args.mean, std=args.std, seed=args.seed)
+    elif args.calib_npy:
+        calibset = npy_calibset(args.calib_npy, shapes)
+    result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
+                      calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
+                      activation_bits=args.act_bits, symmetrical=not args.asymmetric,
+                      per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
+                      recipe=args.recipe, observer=args.observer)
+    print(result.summary())
+    return 0
+
+
+def _range(values: np.ndarray | None) -> list[int] | None:
+    if values is None or values.size == 0:
+        return None
+    return [int(values.min()), int(values.max())]
+
+
+def _scale_text(scale: object) -> str:
+    if scale is None:
+        return "-"
+    arr = np.asarray(scale, dtype=np.float64).reshape(-1)
+    return f"{arr[0]:.4g}" if arr.size == 1 else f"{arr.min():.3g}..{arr.max():.3g}({arr.size})"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from maptools.quantization import read_quantinfo, read_quantparams
+    from maptools.quantization.artifacts import map_directory, read_manifest
+
+    info = read_quantinfo(args.mapname, args.mapsave_dir)
+    params = read_quantparams(args.mapname, args.mapsave_dir)
+    manifest = read_manifest(map_directory(args.mapname, args.mapsave_dir))
+    rows = []
+    for name, cfg in info.items():
+        kind = "conv" if cfg.op_type in ("Conv", "ConvTranspose") else "gemm"
+        rows.append({
+            "node": name, "op_type": cfg.op_type, "input_bits": cfg.input_bits, "output_bits": cfg.output_bits,
+            "input_scale": cfg.input_scale, "output_scale": cfg.output_scale,
+            "weight_bits": cfg.weight_bits,
+            "weight_scale": None if cfg.weight_scale is None else [float(v) for v in cfg.weight_scale],
+            "weight_range": _range(params.get(f"{name}_{kind}_weight")),
+            "bias_range": _range(params.get(f"{name}_{kind}_bias")),
+        })
+    if args.json:
+        print(json.dumps({"manifest": manifest, "operators": rows}, indent=2))
+        return 0
+    header = f"{'node':40} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} {'w':>2} " \
+             f"{'w scale':>22} {'w range':>12} {'bias range':>24}"
+    print(header)
+    print("-" * len(header))
+    for row, cfg in zip(rows, info.values(), strict=True):
+        print(f"{row['node'][:40]:40} {row['op_type'][:18]:18} {row['input_bits'] or '-':>3} "
+              f"{row['output_bits'] or '-':>3} {_scale_text(row['input_scale']):>10} "
+              f"{_scale_text(row['output_scale']):>10} {row['weight_bits'] or '-':>2} "
+              f"{_scale_text(cfg.weight_scale):>22} {str(row['weight_range'] or '-'):>12} "
+              f"{str(row['bias_range'] or '-'):>24}")
+    settings = manifest.get("settings", {})
+    print(f"\n{len(rows)} quantized operators; model {manifest['model']['path']} (sha256 "
+          f"{manifest['model']['sha256'][:12]}); W{settings.get('weight_bits')}A{settings.get('activation_bits')} "
+          f"recipe {settings.get('recipe')}; maptools {manifest['versions']['maptools']}, "
+          f"ppq {manifest['versions']['ppq']}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from maptools.quantization import verify
+
+    report = verify(args.mapname, mapsave_dir=args.mapsave_dir, batches=args.batches)
+    print(report.table())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from maptools.examples.demo import run_demo
+
+    outcome = run_demo(bits=args.bits, recipe=args.recipe, mapsave_dir=args.mapsave_dir)
+    for line in outcome.lines():
+        print(line)
+    return 0
+
+
+_COMMANDS = {"quantize": _cmd_quantize, "inspect": _cmd_inspect, "verify": _cmd_verify, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    try:
+        args = _build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except MaptoolsError as exc:
+        print(f"maptools {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maptools: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: keep the traceback in the log for the bug report
+        logger.debug("internal error", exc_info=True)
+        print(f"maptools {args.command}: internal error: {type(exc).__name__}: {exc} (run with -vv for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
