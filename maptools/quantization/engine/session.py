@@ -86,10 +86,21 @@ def _snr_db(signal: float, noise: float) -> float:
 
 
 def _copy_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
-    declared = {vi.name: vi for vi in list(source.graph.input) + list(source.graph.output)}
-    for vi in list(target.graph.input) + list(target.graph.output):
-        if vi.name in declared:
-            vi.type.CopyFrom(declared[vi.name].type)
+    """Give ``target`` the graph inputs/outputs of ``source``: same order, same types (dynamic dims kept)."""
+    for field in ("input", "output"):
+        declared = {vi.name: vi for vi in getattr(source.graph, field)}
+        present = {vi.name: vi for vi in getattr(target.graph, field)}
+        order = [name for name in declared if name in present] + [n for n in present if n not in declared]
+        merged = []
+        for name in order:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(present[name])
+            if name in declared:
+                vi.type.CopyFrom(declared[name].type)
+            merged.append(vi)
+        container = getattr(target.graph, field)
+        del container[:]
+        container.extend(merged)
     del target.graph.value_info[:]
 
 

@@ -1,0 +1,115 @@
+"""Shared fixtures: small real models exported here (no downloads) and per-test mapsave directories."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from maptools.examples import digits
+
+
+def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+                output_names: list[str], dynamic_batch: bool = False) -> Path:
+    """Export a torch module with the legacy (TorchScript) exporter at opset 13."""
+    axes = {name: {0: "batch"} for name in input_names + output_names} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), example, str(path), input_names=input_names, output_names=output_names,
+                          opset_version=13, dynamo=False, dynamic_axes=axes)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet18_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torchvision resnet18 with random weights (weights=None), input 'input' [1,3,224,224]."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path_factory.mktemp("models") / "resnet18.onnx"
+    return export_onnx(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["output"])
+
+
+class TwoInTwoOut(torch.nn.Module):
+    """Two image inputs, two outputs: a shared trunk on the sum and a head per output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.trunk = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head1 = torch.nn.Linear(16, 5)
+        self.head2 = torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.relu(self.trunk(torch.relu(self.a(x) + self.b(y))))
+        return self.head1(t.mean(dim=(2, 3))), self.head2(t)
+
+
+@pytest.fixture(scope="session")
+def two_io_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model with inputs 'x' [2,3,16,16], 'y' [2,1,16,16] and outputs 'cls', 'seg' (dynamic batch)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "two_io.onnx"
+    return export_onnx(TwoInTwoOut(), (torch.randn(2, 3, 16, 16), torch.randn(2, 1, 16, 16)), path,
+                       ["x", "y"], ["cls", "seg"], dynamic_batch=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hand-built Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm model, input 'input' [N,3,8,8]."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "b")
+    fw = numpy_helper.from_array(rng.normal(0, 0.3, (2, 4)).astype(np.float32), "fw")
+    fb = numpy_helper.from_array(rng.normal(0, 0.1, (2,)).astype(np.float32), "fb")
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["out"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])], [w, b, fw, fb])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_test() -> tuple[np.ndarray, np.ndarray]:
+    """Held-out digits (images, labels)."""
+    return digits.load_split("test")
+
+
+@pytest.fixture
+def mapsave(tmp_path: Path) -> Path:
+    """A fresh mapsave directory."""
+    path = tmp_path / "mapsave"
+    path.mkdir()
+    return path
+
+
+def write_images(root: Path, mode: str, size: tuple[int, int], per_class: int = 12, classes: int = 2) -> Path:
+    """Write an ImageFolder of random PNG images (``mode`` 'RGB' or 'L')."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+    return root

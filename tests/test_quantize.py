@@ -1,0 +1,182 @@
+"""The core quantization stage, run for real with PPQ and onnxruntime on small models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import write_images
+
+from maptools.examples import digits
+from maptools.quantization import (
+    OperatorQuantConfig,
+    imagefolder_calibset,
+    quantize,
+    random_calibset,
+    read_quantinfo,
+    read_quantparams,
+)
+from maptools.quantization.engine import LowBitSpec, PPQSession
+from maptools.quantization.model import check_input_shapes, load_model, prepare_model
+
+R18 = {"input": [1, 3, 224, 224]}
+
+
+def run_ort(path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def dequantized_weight(cfg: OperatorQuantConfig, integers: np.ndarray) -> np.ndarray:
+    shape = [1] * integers.ndim
+    if cfg.weight_axis is not None:
+        shape[cfg.weight_axis] = -1
+    return integers.astype(np.float32) * cfg.weight_scale.astype(np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_resnet18_artifacts(resnet18_onnx, mapsave, bits):
+    result = quantize(R18, "cpu", resnet18_onnx, mapname=f"r18_{bits}", calib_steps=8, bit_width=bits,
+                      mapsave_dir=mapsave, recipe="fast")
+    info = read_quantinfo(f"r18_{bits}", mapsave)
+    params = read_quantparams(f"r18_{bits}", mapsave)
+    convs = [n for n in onnx.load(str(resnet18_onnx)).graph.node if n.op_type == "Conv"]
+    inits = {i.name: i for i in onnx.load(str(resnet18_onnx)).graph.initializer}
+    assert len(convs) == 20
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    for node in convs:
+        cfg = info[node.name]
+        assert cfg.op_type == "Conv" and cfg.weight_bits == bits and cfg.input_bits == bits
+        assert (cfg.weight_min, cfg.weight_max) == (low, high)
+        w = params[f"{node.name}_conv_weight"]
+        assert w.shape == tuple(inits[node.input[1]].dims)
+        assert np.issubdtype(w.dtype, np.integer) and low <= w.min() and w.max() <= high
+        assert cfg.weight_scale.shape == (w.shape[0],) and np.all(cfg.weight_scale > 0)
+        bias = params[f"{node.name}_conv_bias"]
+        assert bias.dtype == np.int32 and bias.shape == (w.shape[0],)
+        np.testing.assert_allclose(cfg.bias_scale, cfg.input_scale * cfg.weight_scale, rtol=1e-6)
+    fc = info["/fc/Gemm"]
+    assert params["/fc/Gemm_gemm_weight"].shape == (1000, 512) and fc.weight_scale.shape == (1000,)
+    assert "QuantizationResult" in type(result).__name__ and result.model_path.is_file()
+    onnx.checker.check_model(onnx.load(str(result.model_path)))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7)).numpy()
+    fp32 = run_ort(resnet18_onnx, {"input": x})[0]
+    quant = run_ort(result.model_path, {"input": x})[0]
+    assert quant.shape == fp32.shape == (1, 1000)
+    if bits == 8:
+        assert cosine(fp32, quant) >= 0.99
+        assert result.output_snr_db["output"] > 15
+    else:
+        assert cosine(fp32, quant) >= 0.8
+
+
+def _session(path, shapes, bits, symmetrical=True) -> PPQSession:
+    model = load_model(path)
+    checked = check_input_shapes(shapes, model)
+    session = PPQSession.from_onnx(prepare_model(model, checked), LowBitSpec(bits, bits, symmetrical), "cpu")
+    session.quantize(random_calibset(checked, 8, seed=0))
+    return session
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantized_weights_equal_ppq(resnet18_onnx, bits):
+    session = _session(resnet18_onnx, R18, bits)
+    info, params, fake = session.quantinfo(), session.quantparams(), session.fake_quantized_parameters()
+    assert set(fake) == {k for k, v in params.items() if v is not None} and len(fake) == 42
+    for key, ppq_value in fake.items():
+        node = key.rsplit("_", 2)[0]
+        cfg = info[node]
+        if key.endswith("_weight"):
+            ours = dequantized_weight(cfg, params[key])
+        else:
+            ours = params[key].astype(np.float32) * cfg.bias_scale
+        np.testing.assert_array_equal(ours, ppq_value, err_msg=key)
+
+
+def test_quant_model_matches_ppq_simulation_at_4_bits(resnet18_onnx):
+    session = _session(resnet18_onnx, R18, 4)
+    model = session.export_qdq()
+    batch = random_calibset({"input": (1, 3, 224, 224)}, 1, seed=11)[0]
+    ppq_out = session.forward(batch)["output"]
+    ort_out = run_ort_model(model, {"input": batch["input"].numpy()})[0]
+    step = session.quantinfo()["/fc/Gemm"].output_scale
+    assert np.mean(np.abs(ppq_out - ort_out) <= step * 1.001) >= 0.995
+
+
+def run_ort_model(model: onnx.ModelProto, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_digits_example_keeps_top1_at_8_bits(mapsave, digits_test, tmp_path):
+    images, labels = digits_test
+    shapes = {"input": list(digits.INPUT_SHAPE)}
+    root = digits.write_imagefolder(tmp_path / "calib", split="train", limit_per_class=20)
+    calib = imagefolder_calibset(root, shapes, mean=digits.MEAN, std=digits.STD)
+    assert len(calib) == 12 and calib[0]["input"].shape == (16, 1, 8, 8)
+    result = quantize(shapes, "cpu", digits.MODEL_PATH, mapname="digits8", calibset=calib, calib_steps=16,
+                      bit_width=8, mapsave_dir=mapsave)
+    fp32 = digits.onnx_top1(digits.MODEL_PATH, images, labels)
+    quant = digits.onnx_top1(result.model_path, images, labels)
+    assert fp32 > 98.5
+    assert abs(fp32 - quant) <= 1.0, (fp32, quant)
+
+
+def test_two_inputs_two_outputs(two_io_onnx, mapsave):
+    shapes = {"x": [2, 3, 16, 16], "y": [2, 1, 16, 16]}
+    result = quantize(shapes, "cpu", two_io_onnx, mapname="twoio", calib_steps=8, bit_width=8,
+                      mapsave_dir=mapsave, recipe="fast")
+    assert set(result.output_snr_db) == {"cls", "seg"}
+    info = read_quantinfo("twoio", mapsave)
+    assert sum(cfg.op_type == "Conv" for cfg in info.values()) == 4
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.normal(size=(5, 3, 16, 16)).astype(np.float32),
+             "y": rng.normal(size=(5, 1, 16, 16)).astype(np.float32)}
+    fp_cls, fp_seg = run_ort(two_io_onnx, feeds)
+    q_cls, q_seg = run_ort(result.model_path, feeds)  # batch 5: dynamic batch kept from the float model
+    assert q_cls.shape == (5, 5) and q_seg.shape == (5, 4, 8, 8)
+    # random weights and random data: a loose bound; the accuracy claims are made on the trained example
+    assert cosine(fp_cls, q_cls) > 0.95 and cosine(fp_seg, q_seg) > 0.98, result.output_snr_db
+
+
+@pytest.mark.parametrize("mode,channels", [("RGB", 3), ("L", 1)])
+def test_imagefolder_calibration(tmp_path, mode, channels):
+    root = write_images(tmp_path / "images", mode, size=(20, 14))
+    shapes = {"input": [4, channels, 8, 8]}
+    batches = imagefolder_calibset(root, shapes, limit=22)
+    assert len(batches) == 5  # 22 images -> 5 full batches of 4
+    for batch in batches:
+        assert batch["input"].shape == (4, channels, 8, 8) and batch["input"].dtype == torch.float32
+    # normalisation: ToTensor in [0, 1], then (x - mean) / std with the ImageNet defaults
+    lo, hi = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225
+    assert all(lo - 1e-5 <= float(b["input"].min()) and float(b["input"].max()) <= hi + 1e-5 for b in batches)
+
+
+def test_imagefolder_grayscale_model_quantizes(tmp_path, mapsave, tiny_onnx):
+    root = write_images(tmp_path / "images", "RGB", size=(8, 8), per_class=16)
+    # a 3-channel model calibrated from RGB images, through quantize
+    calib = imagefolder_calibset(root, {"input": [4, 3, 8, 8]})
+    result = quantize({"input": [4, 3, 8, 8]}, "cpu", tiny_onnx, mapname="tiny", calibset=calib,
+                      calib_steps=8, bit_width=4, mapsave_dir=mapsave)
+    info = read_quantinfo("tiny", mapsave)
+    assert set(info) >= {"conv", "fc"} and info["conv"].weight_bits == 4
+    assert result.output_snr_db["out"] > 5
+
+
+def test_same_seed_same_artifacts(tiny_onnx, tmp_path):
+    outputs = []
+    for run in range(2):
+        quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="rep", calib_steps=8, bit_width=4, seed=5,
+                 mapsave_dir=tmp_path / f"m{run}")
+        outputs.append({name: (tmp_path / f"m{run}" / "rep" / name).read_bytes()
+                        for name in ("quantparams.pkl", "quantinfo.pkl", "quant_model.onnx")})
+    assert outputs[0] == outputs[1]
+    other = quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="rep", calib_steps=8, bit_width=4, seed=6,
+                     mapsave_dir=tmp_path / "m2")
+    assert other.quantinfo_path.read_bytes() != outputs[0]["quantinfo.pkl"]
