@@ -36,13 +36,14 @@ autodoc_class_signature = "mixed"
 autodoc_preserve_defaults = True
 autodoc_default_options = {
     "members": True,
-    "show-inheritance": True,
 }
 
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_include_init_with_doc = False
 napoleon_use_rtype = False
+# Dataclass fields as one compact "Variables" list (with the annotated types) instead of one block each.
+napoleon_use_ivar = True
 napoleon_attr_annotations = True
 
 # -- HTML --------------------------------------------------------------------------------------------

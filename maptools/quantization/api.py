@@ -186,7 +186,6 @@ def quantize(
         artifacts.QUANTMODEL: qdq.SerializeToString(),
         artifacts.PPQGRAPH: session.to_bytes(),
     }
-    artifacts.recover_interrupted(target)
     artifacts.write_map(target, files, manifest)
     result = QuantizationResult(
         mapname=mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,

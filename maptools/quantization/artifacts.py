@@ -130,6 +130,9 @@ def write_map(target: Path, files: Mapping[str, bytes], manifest: dict[str, Any]
     """
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(target)
+    for stale in parent.glob(f".{target.name}.tmp-*"):  # left by a killed earlier run
+        shutil.rmtree(stale, ignore_errors=True)
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest["files"] = {name: {"sha256": sha256_of(data), "bytes": len(data)} for name, data in files.items()}
