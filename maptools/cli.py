@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,12 +150,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"manifest": manifest, "operators": rows}, indent=2))
         return 0
-    header = f"{'node':40} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} {'w':>2} " \
+    width = max([len("node")] + [len(row["node"]) for row in rows])
+    header = f"{'node':{width}} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} {'w':>2} " \
              f"{'w scale':>22} {'w range':>12} {'bias range':>24}"
     print(header)
     print("-" * len(header))
     for row, cfg in zip(rows, info.values(), strict=True):
-        print(f"{row['node'][:40]:40} {row['op_type'][:18]:18} {row['input_bits'] or '-':>3} "
+        print(f"{row['node']:{width}} {row['op_type'][:18]:18} {row['input_bits'] or '-':>3} "
               f"{row['output_bits'] or '-':>3} {_scale_text(row['input_scale']):>10} "
               f"{_scale_text(row['output_scale']):>10} {row['weight_bits'] or '-':>2} "
               f"{_scale_text(cfg.weight_scale):>22} {str(row['weight_range'] or '-'):>12} "
@@ -201,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MaptoolsError as exc:
         print(f"maptools {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
     except KeyboardInterrupt:
         print("maptools: interrupted", file=sys.stderr)
         return 130

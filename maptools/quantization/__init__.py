@@ -13,6 +13,8 @@ from maptools.quantization.api import OBSERVERS, RECIPES, quantize
 from maptools.quantization.artifacts import read_quantinfo, read_quantparams
 from maptools.quantization.calibration import imagefolder_calibset, npy_calibset, random_calibset
 from maptools.quantization.records import OperatorQuantConfig, QuantizationResult, TensorQuant
+from maptools.quantization.reference import simulate
+from maptools.quantization.verify import VerifyReport, verify
 
 __all__ = [
     "OBSERVERS",
@@ -26,4 +28,7 @@ __all__ = [
     "random_calibset",
     "read_quantinfo",
     "read_quantparams",
+    "simulate",
+    "verify",
+    "VerifyReport",
 ]

@@ -23,6 +23,7 @@ from maptools.quantization import artifacts
 from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
 from maptools.quantization.model import check_input_shapes, load_model, prepare_model
 from maptools.quantization.records import QuantizationResult
+from maptools.quantization.report import REPORT_JSON, REPORT_PNG, render_report
 from maptools.quantization.validation import (
     check_bits,
     check_bool,
@@ -158,14 +159,20 @@ def quantize(
     _seed_everything(seed)
     logger.info("quantizing %s as %r: W%dA%d, %s, %d %s calibration batches on %s",
                 model.path, mapname, w_bits, a_bits, recipe_name, len(batches), calibration, device)
+    timings = {"validation_and_data": time.perf_counter() - started}
+    mark = time.perf_counter()
     session = PPQSession.from_onnx(prepared, spec, device, ppq_setting)
     session.quantize(batches)
+    timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
     quantinfo = session.quantinfo()
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=model.proto)
-    out_snr, out_cos, layer_snr = session.error_analysis(batches[:analysis_steps])
-    for name, snr in out_snr.items():
-        logger.info("graph-wise error of output %r: SNR %.2f dB, cosine %.5f", name, snr, out_cos[name])
+    graph_bytes = session.to_bytes()
+    timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
+    errors = session.error_analysis(batches[:analysis_steps])
+    timings["error_analysis"] = time.perf_counter() - mark
+    for name, snr in errors.output_snr_db.items():
+        logger.info("graph-wise error of output %r: SNR %.2f dB, cosine %.5f", name, snr, errors.output_cosine[name])
     # -- 3. the artifacts, written atomically -----------------------------------------------------
     manifest = {
         "mapname": mapname,
@@ -184,14 +191,18 @@ def quantize(
         artifacts.QUANTINFO: artifacts.dump_pickle(quantinfo),
         artifacts.QUANTPARAMS: artifacts.dump_pickle(quantparams),
         artifacts.QUANTMODEL: qdq.SerializeToString(),
-        artifacts.PPQGRAPH: session.to_bytes(),
+        artifacts.PPQGRAPH: graph_bytes,
     }
+    files.update(render_report(mapname, manifest["settings"], timings, errors.output_snr_db, errors.output_cosine,
+                               errors.layer_snr_db, errors.layer_cosine,
+                               {name: cfg.op_type for name, cfg in quantinfo.items()}))
     artifacts.write_map(target, files, manifest)
     result = QuantizationResult(
         mapname=mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,
         quantparams_path=target / artifacts.QUANTPARAMS, model_path=target / artifacts.QUANTMODEL,
-        manifest_path=target / artifacts.MANIFEST, operators=quantinfo, output_snr_db=out_snr,
-        output_cosine=out_cos, layer_snr_db=layer_snr, seconds=time.perf_counter() - started,
+        manifest_path=target / artifacts.MANIFEST, operators=quantinfo, output_snr_db=errors.output_snr_db,
+        output_cosine=errors.output_cosine, layer_snr_db=errors.layer_snr_db, seconds=time.perf_counter() - started,
+        report_path=target / REPORT_JSON, plot_path=target / REPORT_PNG,
     )
     logger.info("wrote %s in %.1f s", target, result.seconds)
     return result

@@ -143,6 +143,8 @@ class QuantizationResult:
         output_cosine: Cosine similarity of each graph output, quantized vs FP32.
         layer_snr_db: SNR in dB of every quantized operator's output, quantized vs FP32.
         seconds: Wall time of the whole call.
+        report_path: Path of ``report.json`` (settings, timings, per-operator error).
+        plot_path: Path of ``report.png`` (per-layer SNR bar chart).
     """
 
     mapname: str
@@ -156,6 +158,8 @@ class QuantizationResult:
     output_cosine: dict[str, float]
     layer_snr_db: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    report_path: Path | None = None
+    plot_path: Path | None = None
 
     def summary(self) -> str:
         """A few human-readable lines: files written and output error."""

@@ -12,6 +12,7 @@ import logging
 import pickle
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from ppq.core import QuantizationProperty, QuantizationStates, TargetPlatform  #
 from ppq.executor import TorchExecutor  # noqa: E402
 from ppq.executor.op import DEFAULT_BACKEND_TABLE  # noqa: E402
 from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
+from ppq.parser.native import NativeExporter, NativeImporter  # noqa: E402
 
 from maptools.quantization.engine.exporter import FaithfulQDQExporter, quantize_to_int  # noqa: E402
 from maptools.quantization.engine.quantizer import (  # noqa: E402
@@ -75,6 +77,16 @@ def _tensor_quant(name: str, config) -> TensorQuant | None:
         qmin=int(root.quant_min),
         qmax=int(root.quant_max),
     )
+
+
+@dataclass
+class ErrorAnalysis:
+    """Graph-wise error: quantized vs FP32, per graph output and per quantized operator output."""
+
+    output_snr_db: dict[str, float]
+    output_cosine: dict[str, float]
+    layer_snr_db: dict[str, float]
+    layer_cosine: dict[str, float]
 
 
 def _snr_db(signal: float, noise: float) -> float:
@@ -147,8 +159,13 @@ class PPQSession:
         return cls(graph, spec, device, setting, [o.name for o in model.graph.output], opset)
 
     def to_bytes(self) -> bytes:
-        """Serialise the quantized PPQ graph (PPQ's native format is a pickle of the graph too)."""
-        return pickle.dumps({"graph": self.graph, "spec": self.spec, "outputs": self._output_names,
+        """Serialise the quantized graph in PPQ's native format (a pickle), with maptools' metadata."""
+        with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
+            path = Path(tmp) / "graph.native"
+            with ppq_silenced():
+                NativeExporter().export(file_path=str(path), graph=self.graph)
+            graph_bytes = path.read_bytes()
+        return pickle.dumps({"graph": graph_bytes, "spec": self.spec, "outputs": self._output_names,
                              "opset": self.opset}, protocol=4)
 
     @classmethod
@@ -158,9 +175,13 @@ class PPQSession:
         Only call this on bytes whose SHA-256 was checked against a maptools manifest: unpickling runs
         code chosen by whoever wrote the file.
         """
-        with ppq_silenced():
-            state = pickle.loads(data)  # noqa: S301 - integrity checked by the caller
-        return cls(state["graph"], state["spec"], device, None, state["outputs"], state["opset"], quantized=True)
+        state = pickle.loads(data)  # noqa: S301 - integrity checked by the caller
+        with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
+            path = Path(tmp) / "graph.native"
+            path.write_bytes(state["graph"])
+            with ppq_silenced():
+                graph = NativeImporter().build(file_path=str(path))
+        return cls(graph, state["spec"], device, None, state["outputs"], state["opset"], quantized=True)
 
     @staticmethod
     def _check_supported(graph: BaseGraph) -> None:
@@ -226,35 +247,37 @@ class PPQSession:
             if isinstance(op, QuantableOperation):
                 op.restore_quantize_state()
 
-    def error_analysis(self, batches: Sequence[Batch]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    def error_analysis(self, batches: Sequence[Batch]) -> ErrorAnalysis:
         """Graph-wise error of the quantized graph against FP32 on ``batches``.
 
-        Returns:
-            ``(output SNR dB, output cosine, per-operator output SNR dB)``; the per-operator figures
-            include the error accumulated from the graph's inputs, as PPQ's ``graphwise_error_analyse``.
+        Every quantized operator's output is compared, including the error accumulated from the graph's
+        inputs (as PPQ's ``graphwise_error_analyse``), as well as every graph output.
         """
         layer_vars = {op.outputs[0].name: op.name for op in self.graph.topological_sort()
                       if isinstance(op, QuantableOperation) and op.outputs}
         names = list(dict.fromkeys(self._output_names + list(layer_vars)))
-        signal = dict.fromkeys(names, 0.0)
-        noise = dict.fromkeys(names, 0.0)
-        dot = dict.fromkeys(self._output_names, 0.0)
-        qpow = dict.fromkeys(self._output_names, 0.0)
+        sums = {name: np.zeros(4) for name in names}  # signal, noise, dot, candidate power
         for batch in batches:
             quant = self.forward(batch, quantized=True, output_names=names)
             ref = self.forward(batch, quantized=False, output_names=names)
             for name in names:
                 r = ref[name].astype(np.float64)
                 q = quant[name].astype(np.float64)
-                signal[name] += float(np.sum(r * r))
-                noise[name] += float(np.sum((r - q) ** 2))
-                if name in dot:
-                    dot[name] += float(np.sum(r * q))
-                    qpow[name] += float(np.sum(q * q))
-        out_snr = {n: _snr_db(signal[n], noise[n]) for n in self._output_names}
-        out_cos = {n: float(dot[n] / max(np.sqrt(signal[n] * qpow[n]), 1e-30)) for n in self._output_names}
-        layer_snr = {op_name: _snr_db(signal[var], noise[var]) for var, op_name in layer_vars.items()}
-        return out_snr, out_cos, layer_snr
+                sums[name] += (np.sum(r * r), np.sum((r - q) ** 2), np.sum(r * q), np.sum(q * q))
+
+        def snr(name: str) -> float:
+            return _snr_db(sums[name][0], sums[name][1])
+
+        def cos(name: str) -> float:
+            signal, _, dot, power = sums[name]
+            return float(dot / max(np.sqrt(signal * power), 1e-30))
+
+        return ErrorAnalysis(
+            output_snr_db={n: snr(n) for n in self._output_names},
+            output_cosine={n: cos(n) for n in self._output_names},
+            layer_snr_db={op: snr(var) for var, op in layer_vars.items()},
+            layer_cosine={op: cos(var) for var, op in layer_vars.items()},
+        )
 
     # -- extraction -------------------------------------------------------------------------------
     def quantized_operations(self) -> list[QuantableOperation]:

@@ -1,0 +1,77 @@
+"""The quantization report: ``report.json`` and ``report.png`` beside the artifacts.
+
+``report.json`` holds the settings, the timings of each stage, and the graph-wise error (SNR in dB and
+cosine, quantized vs FP32 on calibration data) of every graph output and every quantized operator.
+``report.png`` is a bar chart of the per-operator SNR, one bar per quantized layer. Both are rendered to
+bytes here and written atomically with the other artifacts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["REPORT_JSON", "REPORT_PNG", "render_report"]
+
+REPORT_JSON = "report.json"
+REPORT_PNG = "report.png"
+
+
+def _finite(value: float) -> float | str:
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def _bar_chart(title: str, layer_snr: Mapping[str, float], op_types: Mapping[str, str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    names = list(layer_snr)
+    values = [min(layer_snr[n], 99.0) if math.isfinite(layer_snr[n]) else 99.0 for n in names]
+    height = max(3.0, 0.22 * len(names) + 1.2)
+    fig = Figure(figsize=(9, height), dpi=80)
+    ax = fig.add_subplot()
+    colors = ["tab:blue" if op_types.get(n) in ("Conv", "Gemm", "MatMul", "ConvTranspose") else "tab:gray"
+              for n in names]
+    ax.barh(range(len(names)), values, color=colors)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([f"{n} ({op_types.get(n, '?')})" for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("SNR vs FP32 (dB), accumulated from the input")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def render_report(mapname: str, settings: Mapping[str, Any], timings: Mapping[str, float],
+                  output_snr_db: Mapping[str, float], output_cosine: Mapping[str, float],
+                  layer_snr_db: Mapping[str, float], layer_cosine: Mapping[str, float],
+                  op_types: Mapping[str, str]) -> dict[str, bytes]:
+    """Render ``report.json`` and ``report.png``.
+
+    Returns:
+        File name -> bytes, ready for :func:`maptools.quantization.artifacts.write_map`.
+    """
+    report = {
+        "mapname": mapname,
+        "settings": dict(settings),
+        "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "outputs": {n: {"snr_db": _finite(output_snr_db[n]), "cosine": output_cosine[n]} for n in output_snr_db},
+        "operators": [
+            {"node": n, "op_type": op_types.get(n), "snr_db": _finite(layer_snr_db[n]), "cosine": layer_cosine[n]}
+            for n in layer_snr_db
+        ],
+    }
+    bits = f"W{settings.get('weight_bits')}A{settings.get('activation_bits')}"
+    title = f"{mapname}: per-layer SNR ({bits}, {len(layer_snr_db)} quantized layers)"
+    return {
+        REPORT_JSON: (json.dumps(report, indent=2) + "\n").encode(),
+        REPORT_PNG: _bar_chart(title, layer_snr_db, op_types),
+    }

@@ -1,0 +1,116 @@
+"""The `maptools` command line, run in-process through ``maptools.cli.main`` and once as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import write_images
+from PIL import Image
+
+from maptools.cli import main
+from maptools.quantization import read_quantinfo
+
+
+@pytest.fixture
+def calib_npy(tmp_path):
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):  # single samples, stacked into batches of 2
+        np.save(folder / f"{i:02d}.npy", rng.normal(size=(3, 8, 8)).astype(np.float32))
+    return folder
+
+
+@pytest.mark.parametrize("source", ["random", "calib-dir", "calib-npy"])
+def test_quantize_sources(source, tiny_onnx, tmp_path, calib_npy, capsys):
+    mapsave = tmp_path / "mapsave"
+    args = ["quantize", str(tiny_onnx), "--input", "input:2,3,8,8", "--mapname", "cli", "--bits", "4",
+            "--calib-steps", "8", "--mapsave-dir", str(mapsave), "--recipe", "fast"]
+    if source == "calib-dir":
+        args += ["--calib-dir", str(write_images(tmp_path / "images", "RGB", (8, 8), per_class=8))]
+    elif source == "calib-npy":
+        args += ["--calib-npy", str(calib_npy)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("quantinfo.pkl", "quantparams.pkl", "quant_model.onnx"):
+        assert str(mapsave / "cli" / name) in out
+    manifest = json.loads((mapsave / "cli" / "manifest.json").read_text())
+    assert manifest["settings"]["calibration"] == ("random" if source == "random" else "user")
+    assert manifest["settings"]["weight_bits"] == 4
+    report = json.loads((mapsave / "cli" / "report.json").read_text())
+    assert [op["node"] for op in report["operators"]] == list(read_quantinfo("cli", mapsave))
+    png = Image.open(mapsave / "cli" / "report.png")
+    assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_inspect_lists_every_conv(resnet18_onnx, tmp_path, capsys):
+    mapsave = tmp_path / "mapsave"
+    assert main(["quantize", str(resnet18_onnx), "--input", "input:1,3,224,224", "--mapname", "r18", "--bits", "4",
+                 "--calib-steps", "8", "--mapsave-dir", str(mapsave), "--recipe", "fast"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "r18", "--mapsave-dir", str(mapsave)]) == 0
+    table = capsys.readouterr().out
+    convs = [n.name for n in onnx.load(str(resnet18_onnx)).graph.node if n.op_type == "Conv"]
+    lines = table.splitlines()
+    for name in convs:
+        assert any(line.startswith(name + " ") and " Conv " in line for line in lines), name
+    assert main(["inspect", "r18", "--json", "--mapsave-dir", str(mapsave)]) == 0
+    parsed = json.loads(capsys.readouterr().out)
+    rows = {row["node"]: row for row in parsed["operators"]}
+    assert set(convs) <= set(rows)
+    assert all(rows[c]["weight_range"][0] >= -8 and rows[c]["weight_range"][1] <= 7 for c in convs)
+    assert parsed["manifest"]["settings"]["weight_bits"] == 4
+
+
+def test_report_has_one_bar_per_quantized_layer(tiny_onnx, tmp_path):
+    from maptools.quantization import quantize
+
+    result = quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="rep", calib_steps=8,
+                      mapsave_dir=tmp_path, recipe="fast")
+    report = json.loads(result.report_path.read_text())
+    assert len(report["operators"]) == len(result.operators) == 5
+    assert all(isinstance(op["snr_db"], (float, str)) and -1.0 <= op["cosine"] <= 1.0 for op in report["operators"])
+    assert set(report["timings_seconds"]) >= {"ppq_quantization", "error_analysis"}
+    # one bar per layer: rows holding a long run of bar colour, grouped into bars of at least 3 rows
+    image = np.asarray(Image.open(result.plot_path).convert("RGB")).astype(int)
+    blue, gray = np.array([31, 119, 180]), np.array([127, 127, 127])
+    colored = (np.abs(image - blue).sum(axis=2) < 30) | (np.abs(image - gray).sum(axis=2) < 30)
+
+    def longest_run(row: np.ndarray) -> int:
+        best = run = 0
+        for value in row:
+            run = run + 1 if value else 0
+            best = max(best, run)
+        return best
+
+    bar_rows = np.array([longest_run(row) >= 10 for row in colored])
+    starts = np.flatnonzero(bar_rows[1:] & ~bar_rows[:-1]) + 1
+    ends = np.flatnonzero(bar_rows[:-1] & ~bar_rows[1:]) + 1
+    heights = ends - starts if not bar_rows[0] else None
+    assert heights is not None and len(heights) == 5 and heights.min() >= 3
+
+
+def test_missing_model_exit_2_one_line_nothing_written(tmp_path):
+    mapsave = tmp_path / "mapsave"
+    proc = subprocess.run([sys.executable, "-m", "maptools", "quantize", str(tmp_path / "none.onnx"), "--input",
+                           "input:1,3,8,8", "--mapname", "x", "--mapsave-dir", str(mapsave)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "none.onnx" in lines[0] and "Traceback" not in proc.stderr
+    assert not mapsave.exists()
+
+
+def test_bad_usage_and_bad_input_exit_2(tiny_onnx, tmp_path, capsys):
+    assert main(["quantize", str(tiny_onnx), "--input", "input=1,3", "--mapname", "x"]) == 2
+    assert main(["quantize", str(tiny_onnx), "--input", "input:2,3,8,8", "--mapname", "../x",
+                 "--mapsave-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--input" in err and "mapname" in err
+    assert main(["inspect", "nothing", "--mapsave-dir", str(tmp_path)]) == 2
+    assert "no map 'nothing'" in capsys.readouterr().err
