@@ -96,7 +96,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, step: float | None = N
     c = np.asarray(candidate, dtype=np.float64)
     noise = float(np.sum((r - c) ** 2))
     signal = float(np.sum(r * r))
-    snr = float("inf") if noise == 0 else (float("-inf") if signal == 0 else 10 * np.log10(signal / noise))
+    snr = float("inf") if noise == 0 else (float("-inf") if signal == 0 else float(10 * np.log10(signal / noise)))
     denom = float(np.linalg.norm(r) * np.linalg.norm(c))
     cos = float(np.sum(r * c) / denom) if denom > 0 else float(noise == 0)
     top1 = float(np.mean(r.argmax(axis=1) == c.argmax(axis=1))) if r.ndim >= 2 and r.shape[1] > 1 else None
