@@ -96,6 +96,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from maptools.quantization import imagefolder_calibset, npy_calibset, quantize
+    from maptools.quantization.engine.quiet import show_progress
+
+    show_progress(sys.stderr.isatty())  # PPQ's calibration progress bars, on a terminal only
 
     shapes = dict(args.input)
     if len(shapes) != len(args.input):

@@ -15,9 +15,15 @@ import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
-__all__ = ["import_ppq", "ppq_silenced"]
+__all__ = ["import_ppq", "ppq_silenced", "show_progress"]
 
 ppq_logger = logging.getLogger("maptools.ppq")
+_progress = {"enabled": False}
+
+
+def show_progress(enabled: bool) -> None:
+    """Let PPQ's progress bars (written to stderr) through; the command line does this on a terminal."""
+    _progress["enabled"] = bool(enabled)
 
 
 @contextlib.contextmanager
@@ -29,7 +35,11 @@ def ppq_silenced() -> Iterator[None]:
     for log in noisy:
         log.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), warnings.catch_warnings():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stdout(buffer))
+            if not _progress["enabled"]:
+                stack.enter_context(contextlib.redirect_stderr(buffer))
+            stack.enter_context(warnings.catch_warnings())
             warnings.simplefilter("ignore")
             yield
     finally:
