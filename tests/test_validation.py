@@ -93,7 +93,7 @@ ROWS = [
     ("calib-steps-float", {"calib_steps": 8.0}, InvalidTypeError, "calib_steps"),
     ("calib-steps-below-ppq-minimum", {"calib_steps": 4}, CalibrationError, "calib_steps"),
     ("bits-low", {"bit_width": 1}, InvalidArgumentError, "bit_width"),
-    ("bits-high", {"bit_width": 17}, InvalidArgumentError, "bit_width"),
+    ("bits-high", {"bit_width": 9}, InvalidArgumentError, "bit_width"),
     ("bits-type", {"bit_width": "4"}, InvalidTypeError, "bit_width"),
     ("bits-bool", {"bit_width": True}, InvalidTypeError, "bit_width"),
     ("weight-bits", {"weight_bits": 0}, InvalidArgumentError, "weight_bits"),

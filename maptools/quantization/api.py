@@ -89,7 +89,7 @@ def quantize(
             iterable of batches, each a dict input name -> ``torch.Tensor`` or numpy array (a bare tensor
             for single-input models), e.g. from :func:`~maptools.quantization.imagefolder_calibset`.
         calib_steps: Number of calibration batches (at least 8, PPQ's minimum).
-        bit_width: Bit width of every quantized tensor (2 to 16), unless ``weight_bits`` /
+        bit_width: Bit width of every quantized tensor (2 to 8), unless ``weight_bits`` /
             ``activation_bits`` / ``layer_bits`` say otherwise.
         symmetrical: Symmetric (signed) activations; False for asymmetric (unsigned, with zero point).
             Weights are always symmetric.

@@ -25,13 +25,14 @@ Every tensor between operators is an integer tensor ``q`` with ``real = scale * 
 * ``Conv``, ``Gemm`` and ``MatMul`` multiply-accumulate integers exactly: ``acc = sum((x - x_zp) * w) +
   bias`` with the integer weights and int32 biases of ``quantparams.pkl``, then requantize with the
   recorded scales: ``real = acc * (s_in * s_w[channel])``, ``q = clip(round_half_even(real / s_out) +
-  zp_out, qmin, qmax)``. The products are summed in float64 BLAS, which is exact as long as every partial
-  sum stays below 2**53 (checked; an int64 matmul is used otherwise). An input held at another scale
-  than the operator's recorded input quantization (or not quantized at all) is first requantized to
-  the recorded one, exactly as an integer chip fed from that record would need.
+  zp_out, qmin, qmax)``. The products are summed by BLAS in float32 when every partial sum provably stays
+  below 2**24, in float64 below 2**53 (both exact: all intermediate values are representable integers),
+  else by an int64 matmul. An input held at another scale than the operator's recorded input
+  quantization (or not quantized at all) is first requantized to the recorded one, exactly as an
+  integer chip fed from that record would need.
 * ``Relu``, ``MaxPool`` and the layout operators (``Flatten``, ``Reshape``, ``Transpose``,
-  ``Squeeze``, ``Unsqueeze``, ``Identity``, ``Concat`` of equally quantized inputs) act on the integers
-  directly, which is exact.
+  ``Squeeze``, ``Unsqueeze``, ``Identity``, ``Slice``, ``Concat`` of equally quantized inputs, ``Pad``
+  with a value on the integer grid) act on the integers directly, which is exact.
 * ``Add``, ``Sub``, ``Mul``, ``Div``, ``Clip``, ``AveragePool``, ``GlobalAveragePool`` and ``Concat`` of
   differently quantized inputs dequantize, compute in float64 and requantize.
 * After every operator that has a record in ``quantinfo.pkl``, its output is held at the record's
@@ -40,6 +41,18 @@ Every tensor between operators is an integer tensor ``q`` with ``real = scale * 
 
 Inputs of the graph are float32 and quantized in float32 arithmetic, like ONNX ``QuantizeLinear``; every
 internal requantization divides in float64.
+
+Relation to PPQ's simulation
+----------------------------
+
+Where PPQ quantizes every tensor it hands to a MAC operator, this executor computes the same integers as
+PPQ's fake-quantized float32 simulation, up to rounding ties of PPQ's float32 arithmetic (bit-exact on the
+4-bit maps tried). PPQ 0.6.6 may however pass a tensor *unquantized* to some consumers although
+``quantinfo.pkl`` records its quantization -- typically a residual ``Relu`` (or ``MaxPool``) output that feeds
+both a ``Conv`` and an ``Add``: PPQ quantizes it only at the ``Add`` input, and the ``Conv`` multiplies float
+values, which integer hardware cannot do. ``quant_model.onnx`` reproduces PPQ there (no QuantizeLinear on
+that edge); this executor follows ``quantinfo.pkl`` and quantizes it, so its outputs differ from PPQ's and
+onnxruntime's on such maps.
 """
 
 from __future__ import annotations
@@ -55,7 +68,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError, UnsupportedOperatorError
+from maptools.errors import (
+    ArtifactError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    MaptoolsError,
+    ModelError,
+    UnsupportedOperatorError,
+)
 from maptools.quantization.artifacts import QUANTMODEL, read_artifact_bytes, read_quantinfo, read_quantparams
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 
@@ -65,13 +85,14 @@ logger = logging.getLogger(__name__)
 
 _BOUNDARY_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _MAC_OPS = frozenset({"Conv", "Gemm", "MatMul"})
-_LAYOUT_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+_LAYOUT_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice"})
 _ELEMENTWISE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
 #: Operator types :func:`simulate` executes (QuantizeLinear/DequantizeLinear are the quantization boundaries).
 SUPPORTED_OPS: frozenset[str] = frozenset(
     _BOUNDARY_OPS | _MAC_OPS | _LAYOUT_OPS | set(_ELEMENTWISE)
-    | {"Relu", "Clip", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Constant"}
+    | {"Relu", "Clip", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Constant", "Pad"}
 )
+_EXACT_FLOAT32 = float(2**24)
 _EXACT_FLOAT64 = float(2**53)
 _SCALE_RTOL = 1e-5
 
@@ -175,15 +196,24 @@ def _int_dtype(qmin: int, qmax: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: float) -> np.ndarray:
-    """``a @ b`` of integer-valued float64 arrays, exactly, as int64.
+def _exact_dtype(bound: float) -> np.dtype:
+    """The fastest dtype whose matmul is exact when every partial sum stays below ``bound`` in magnitude.
 
-    ``bound`` is an upper bound of every partial sum's magnitude; float64 BLAS is exact below 2**53.
+    Sums of integer products are exact in float32 below 2**24 and in float64 below 2**53 (every
+    intermediate value is then a representable integer); beyond that, int64.
     """
+    if bound < _EXACT_FLOAT32:
+        return np.dtype(np.float32)
     if bound < _EXACT_FLOAT64:
-        return np.matmul(a, b).astype(np.int64)
+        return np.dtype(np.float64)
     logger.debug("accumulator bound %.3g exceeds 2**53: int64 matmul", bound)
-    return np.matmul(a.astype(np.int64), b.astype(np.int64))
+    return np.dtype(np.int64)
+
+
+def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: float) -> np.ndarray:
+    """``a @ b`` of integer-valued arrays, exactly, as int64 (``bound``: see :func:`_exact_dtype`)."""
+    dtype = _exact_dtype(bound)
+    return np.matmul(a.astype(dtype), b.astype(dtype)).astype(np.int64)
 
 
 # -- attributes and small helpers --------------------------------------------------------------------
@@ -193,6 +223,19 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 def _describe(node: onnx.NodeProto) -> str:
     return f"node {node.name!r} ({node.op_type})"
+
+
+def _declared_type(value_info: onnx.ValueInfoProto) -> tuple[list[int | None] | None, np.dtype]:
+    """Declared dims of a graph input (None for a dynamic dim; None for an unknown rank) and numpy dtype."""
+    tensor_type = value_info.type.tensor_type
+    dims = None
+    if tensor_type.HasField("shape"):
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    except Exception:  # undefined element type
+        dtype = np.dtype(np.float32)
+    return dims, dtype
 
 
 def _spatial_pads(attrs: dict[str, Any], in_sizes: list[int], kernel: list[int], strides: list[int],
@@ -280,11 +323,9 @@ class ReferenceExecutor:
         graph = model.graph
         self._initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
         self.input_names = [vi.name for vi in graph.input if vi.name not in self._initializers]
-        self._input_ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph.input
-                             if vi.name not in self._initializers}
+        self._input_types = {vi.name: _declared_type(vi) for vi in graph.input if vi.name not in self._initializers}
         self.output_names = [vi.name for vi in graph.output]
         self._nodes = list(graph.node)
-        self._opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
         self._check_supported()
         self._consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self._nodes:
@@ -395,8 +436,13 @@ class ReferenceExecutor:
         family = "conv" if node.op_type == "Conv" else "gemm"
         w_key, b_key = f"{node.name}_{family}_weight", f"{node.name}_{family}_bias"
         if w_key not in self.quantparams:
-            if node.op_type == "MatMul":
+            if node.op_type == "MatMul" and node.input[1] not in self._dq_sources:
                 return  # a product of two activations
+            if record is None or record.weight_scale is None:
+                raise UnsupportedOperatorError(
+                    f"{_describe(node)} is not quantized (no quantinfo record, no integer weight); the integer "
+                    "reference executor runs quantized Conv/Gemm/MatMul only"
+                )
             raise ArtifactError(f"quantparams.pkl has no {w_key!r} for {_describe(node)}; re-run quantize")
         if record is None or record.weight_scale is None:
             raise ArtifactError(f"quantinfo.pkl has no weight quantization for {_describe(node)}; re-run quantize")
@@ -454,12 +500,15 @@ class ReferenceExecutor:
                 )
             if not np.issubdtype(value.dtype, np.number):
                 raise InvalidTypeError(f"inputs[{name!r}]: expected a numeric array, got dtype {value.dtype}")
-            rank = self._input_ranks.get(name, 0)
-            if rank and value.ndim != rank:
+            dims, dtype = self._input_types[name]
+            if dims is not None and (value.ndim != len(dims) or any(
+                    d is not None and d != n for d, n in zip(dims, value.shape, strict=True))):
+                expected = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
                 raise InvalidArgumentError(
-                    f"inputs[{name!r}]: expected a {rank}-D array, got shape {tuple(value.shape)}"
+                    f"inputs[{name!r}]: expected a {len(dims)}-D array of shape {expected} (? = any size), "
+                    f"got shape {list(value.shape)}"
                 )
-            feed[name] = np.ascontiguousarray(value, dtype=np.float32)
+            feed[name] = np.ascontiguousarray(value, dtype=dtype)
         return feed
 
     def run(self, inputs: Mapping[str, Any] | Any, return_integers: bool = False) -> Outputs | tuple[Outputs, Outputs]:
@@ -481,10 +530,13 @@ class ReferenceExecutor:
             handler = getattr(self, f"_op_{node.op_type}")
             try:
                 outputs = handler(node, args)
-            except (UnsupportedOperatorError, ArtifactError):
+            except MaptoolsError:
                 raise
             except Exception as exc:
-                raise ArtifactError(f"{_describe(node)} failed: {type(exc).__name__}: {exc}") from exc
+                raise ModelError(
+                    f"{QUANTMODEL}: {_describe(node)} failed in the integer reference executor: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             if node.op_type not in _BOUNDARY_OPS and not self._is_boundary_clip(node, args):
                 outputs = self._hold_at_record(node, outputs)
                 first = outputs[0] if outputs else None
@@ -593,21 +645,15 @@ class ReferenceExecutor:
         xp = np.pad(xc, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
         out_h = (h + pads[0] + pads[2] - ((kh - 1) * dilations[0] + 1)) // strides[0] + 1
         out_w = (wd + pads[1] + pads[3] - ((kw - 1) * dilations[1] + 1)) // strides[1] + 1
-        mg = m // group
-        bound = float(np.abs(xc).max(initial=0.0)) * float(np.abs(w).max(initial=0.0)) * cg * kh * kw
-        acc = np.zeros((n, group, mg, out_h * out_w), dtype=np.int64)
-        w_grouped = w.reshape(group, mg, cg, kh, kw)
-        if bound < _EXACT_FLOAT64:
-            acc_f = np.zeros((n, group, mg, out_h * out_w), dtype=np.float64)
-            for (i, j), slices in _window_slices([kh, kw], strides, dilations, [out_h, out_w]):
-                cols = xp[(slice(None), slice(None)) + slices].reshape(n, group, cg, out_h * out_w)
-                acc_f += np.matmul(w_grouped[:, :, :, i, j], cols)
-            acc = acc_f.astype(np.int64)
-        else:
-            w_int = w_grouped.astype(np.int64)
-            for (i, j), slices in _window_slices([kh, kw], strides, dilations, [out_h, out_w]):
-                cols = xp[(slice(None), slice(None)) + slices].reshape(n, group, cg, out_h * out_w).astype(np.int64)
-                acc += np.matmul(w_int[:, :, :, i, j], cols)
+        mg, taps = m // group, kh * kw
+        bound = float(np.abs(xc).max(initial=0.0)) * float(np.abs(w).max(initial=0.0)) * cg * taps
+        dtype = _exact_dtype(bound)
+        cols = np.empty((n, group, cg, taps, out_h * out_w), dtype=dtype)  # im2col
+        for (i, j), slices in _window_slices([kh, kw], strides, dilations, [out_h, out_w]):
+            cols[:, :, :, i * kw + j, :] = xp[(slice(None), slice(None)) + slices].reshape(n, group, cg, -1)
+        cols = cols.reshape(n, group, cg * taps, out_h * out_w)
+        acc = np.matmul(w.reshape(group, mg, cg * taps).astype(dtype), cols)
+        acc = acc.astype(np.int64) if dtype != np.int64 else acc
         acc = acc.reshape(n, m, out_h, out_w)
         if bias is not None:
             acc = acc + bias.reshape(1, -1, 1, 1)
@@ -743,6 +789,50 @@ class ReferenceExecutor:
 
         return self._layout(node, args[0], unsqueeze)
 
+    def _op_Slice(self, node: onnx.NodeProto, args: list[Value | None]) -> list[Value]:  # noqa: N802
+        attrs = _attrs(node)
+
+        def ints(index: int, key: str) -> list[int] | None:
+            if len(args) > index and args[index] is not None:
+                return [int(v) for v in np.asarray(_real(args[index])).astype(np.int64).reshape(-1)]
+            return None if key not in attrs else [int(v) for v in attrs[key]]
+
+        starts, ends = ints(1, "starts"), ints(2, "ends")
+        axes, steps = ints(3, "axes"), ints(4, "steps")
+
+        def slice_(a: np.ndarray) -> np.ndarray:
+            index = [slice(None)] * a.ndim
+            for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
+                axis = axes[k] if axes is not None else k
+                step = steps[k] if steps is not None else 1
+                index[axis] = slice(start, end, step)
+            return a[tuple(index)]
+
+        return self._layout(node, args[0], slice_)
+
+    def _op_Pad(self, node: onnx.NodeProto, args: list[Value | None]) -> list[Value]:  # noqa: N802
+        attrs = _attrs(node)
+        mode = attrs.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode != "constant":
+            raise UnsupportedOperatorError(f"{_describe(node)}: Pad mode {mode!r} is not supported (constant only)")
+        x = args[0]
+        if len(args) > 1 and args[1] is not None:
+            pads = [int(v) for v in np.asarray(_real(args[1])).astype(np.int64).reshape(-1)]
+        else:
+            pads = [int(v) for v in attrs.get("pads", [])]
+        value = float(np.asarray(_real(args[2])).reshape(-1)[0]) if len(args) > 2 and args[2] is not None \
+            else float(attrs.get("value", 0.0))
+        rank = len(pads) // 2
+        if any(p < 0 for p in pads):
+            raise UnsupportedOperatorError(f"{_describe(node)}: negative pads are not supported")
+        widths = [(pads[i], pads[i + rank]) for i in range(rank)]
+        if isinstance(x, _Ints):
+            level = value / x.scale + x.zero_point
+            if level == round(level) and x.qmin <= level <= x.qmax:  # the pad value lies on the integer grid
+                return [x.with_q(np.pad(x.q, widths, constant_values=int(level)))]
+        return [np.pad(_real(x).astype(np.float64), widths, constant_values=value)]
+
     def _op_Concat(self, node: onnx.NodeProto, args: list[Value | None]) -> list[Value]:  # noqa: N802
         axis = int(_attrs(node)["axis"])
         parts = [a for a in args if a is not None]
@@ -843,7 +933,8 @@ def simulate(
         the inserted QuantizeLinear/Clip/DequantizeLinear nodes are not included) held at the quantization
         of its ``quantinfo`` record ``outputs[0]``, i.e. in ``[qmin, qmax]`` of that record, in the smallest
         numpy integer dtype that holds the range (``int8`` for signed 8-bit and below, ``uint8`` for
-        unsigned...). Operators without a quantized output are left out.
+        unsigned...). An operator without a record that passes integers through (an unquantized
+        ``Reshape``, say) keeps its input's quantization; operators with a float output are left out.
 
     Raises:
         MapNotFoundError: no such map.

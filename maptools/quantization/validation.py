@@ -27,8 +27,9 @@ __all__ = [
 
 #: Smallest supported bit width.
 MIN_BITS = 2
-#: Largest supported bit width.
-MAX_BITS = 16
+#: Largest supported bit width: quant_model.onnx keeps activations in 8-bit QDQ containers (ONNX < 1.16
+#: has no wider QuantizeLinear output that onnxruntime runs at opset 13).
+MAX_BITS = 8
 
 
 def check_positive_int(value: object, argument: str, minimum: int = 1) -> int:

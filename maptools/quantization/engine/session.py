@@ -209,7 +209,40 @@ class PPQSession:
                                    calib_steps=len(batches), collate_fn=collate)
         except Exception as exc:
             raise self._engine_error("quantization", exc) from exc
+        closed = self._close_quantization_holes()
+        if closed:
+            logger.debug("quantized %d fan-out tensors PPQ left in float: %s", len(closed), ", ".join(closed))
         self._quantized = True
+
+    def _close_quantization_holes(self) -> list[str]:
+        """Quantize tensors PPQ would hand unquantized to a consumer that expects integers.
+
+        When an operator's output fans out (a residual block's ReLU feeding both a Conv and an Add), PPQ's
+        alignment can leave the output config overlapped by the Add's input config: PPQ then quantizes the
+        tensor only on the Add's edge and the Conv computes on floats, although its input config (and so
+        ``quantinfo.pkl``) says the input is quantized. A chip computes every MAC on integers, so the
+        producer's output is quantized here at the same (dominating) scale; the Add's quantization of it
+        becomes an identity.
+
+        Returns:
+            ``'producer -> consumer'`` for every tensor quantized.
+        """
+        live = QuantizationStates.is_activated
+        closed = []
+        for op in self.graph.topological_sort():
+            if not isinstance(op, QuantableOperation):
+                continue
+            for config, var in zip(op.config.output_quantization_config, op.outputs, strict=True):
+                if live(config.state) or config.dominated_by is config or not live(config.dominated_by.state):
+                    continue
+                for dest in var.dest_ops:
+                    if not isinstance(dest, QuantableOperation) or dest.type in ("Relu", "Clip"):
+                        continue  # Q(relu(x)) == relu(Q(x)): a fused activation is not a hole
+                    if not live(dest.config.input_quantization_config[dest.inputs.index(var)].state):
+                        config.state = QuantizationStates.ACTIVATED
+                        closed.append(f"{op.name} -> {dest.name}")
+                        break
+        return closed
 
     def _engine_error(self, stage: str, exc: Exception) -> EngineError:
         message = f"{type(exc).__name__}: {exc}"
