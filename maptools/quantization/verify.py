@@ -20,7 +20,7 @@ import numpy as np
 from maptools.errors import ArtifactError
 from maptools.quantization import artifacts
 from maptools.quantization.calibration import random_calibset
-from maptools.quantization.reference import simulate
+from maptools.quantization.reference import ReferenceExecutor
 
 __all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "verify"]
 
@@ -166,6 +166,7 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
     options.log_severity_level = 3
     fp32 = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     quant = ort.InferenceSession(qdq_bytes, options, providers=["CPUExecutionProvider"])
+    executor = ReferenceExecutor.load(mapname, mapsave_dir)
     names = [o.name for o in fp32.get_outputs()]
     runs: dict[str, dict[str, list[np.ndarray]]] = {e: {n: [] for n in names} for e in EXECUTIONS}
     import torch
@@ -175,7 +176,7 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
             "fp32": dict(zip(names, fp32.run(names, batch), strict=True)),
             "ppq": session.forward({k: torch.from_numpy(v) for k, v in batch.items()}),
             "onnxruntime": dict(zip(names, quant.run(names, batch), strict=True)),
-            "integer": simulate(mapname, batch, mapsave_dir=mapsave_dir),
+            "integer": executor.run(batch),
         }
         for execution, outputs in results.items():
             for name in names:
