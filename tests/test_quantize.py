@@ -180,3 +180,31 @@ def test_same_seed_same_artifacts(tiny_onnx, tmp_path):
     other = quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="rep", calib_steps=8, bit_width=4, seed=6,
                      mapsave_dir=tmp_path / "m2")
     assert other.quantinfo_path.read_bytes() != outputs[0]["quantinfo.pkl"]
+
+
+def test_per_tensor_weights(tiny_onnx, mapsave):
+    quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="pt", calib_steps=8, bit_width=4, per_channel=False,
+             mapsave_dir=mapsave)
+    info, params = read_quantinfo("pt", mapsave), read_quantparams("pt", mapsave)
+    conv = info["conv"]
+    assert conv.weight_scale.shape == (1,) and conv.weight_axis is None
+    assert params["conv_conv_weight"].min() >= -8 and params["conv_conv_weight"].max() <= 7
+    np.testing.assert_allclose(conv.bias_scale, conv.input_scale * conv.weight_scale, rtol=1e-6)
+
+
+def test_layer_bits_override_reaches_the_fused_activation(tiny_onnx, mapsave):
+    quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="lb", calib_steps=8, bit_width=4,
+             layer_bits={"conv": 8}, mapsave_dir=mapsave)
+    info = read_quantinfo("lb", mapsave)
+    assert (info["conv"].weight_bits, info["conv"].output_bits, info["relu"].output_bits) == (8, 8, 8)
+    assert (info["fc"].weight_bits, info["fc"].output_bits) == (4, 4)
+
+
+def test_exports_keep_each_models_opset(tmp_path, tiny_onnx, mapsave):
+    model = onnx.load(str(tiny_onnx))
+    model.opset_import[0].version = 17
+    path17 = tmp_path / "tiny17.onnx"
+    onnx.save(model, str(path17))
+    for name, path, opset in (("o13", tiny_onnx, 13), ("o17", path17, 17), ("o13b", tiny_onnx, 13)):
+        result = quantize({"input": [2, 3, 8, 8]}, "cpu", path, mapname=name, calib_steps=8, mapsave_dir=mapsave)
+        assert onnx.load(str(result.model_path)).opset_import[0].version == opset

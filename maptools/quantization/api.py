@@ -1,4 +1,4 @@
-"""The quantization stage: :func:`quantize` from a float ONNX model to the three mapsave artifacts.
+"""The quantization stage: :func:`quantize` from a float ONNX model to the ``mapsave/<mapname>`` artifacts.
 
 The pipeline: checks of every argument -> calibration data (:mod:`.calibration`) -> PPQ with the
 low-bit quantizer (:mod:`.engine`) -> artifacts written atomically (:mod:`.artifacts`).
@@ -38,7 +38,7 @@ __all__ = ["OBSERVERS", "RECIPES", "quantize"]
 logger = logging.getLogger(__name__)
 
 #: Activation observers (PPQ calibration algorithms) accepted by ``observer=``.
-OBSERVERS = ("percentile", "minmax", "kl", "mse", "isotone")
+OBSERVERS = ("percentile", "minmax", "kl", "mse")
 #: Recipe names accepted by ``recipe=`` (see :mod:`maptools.quantization.engine.recipes`).
 RECIPES = ("fast", "default", "best")
 

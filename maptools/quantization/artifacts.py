@@ -54,9 +54,13 @@ logger = logging.getLogger(__name__)
 
 #: Version of the artifact format; loaders refuse other major versions.
 FORMAT_VERSION = "1.0"
+#: Per-operator quantization configs.
 QUANTINFO = "quantinfo.pkl"
+#: Integer weights and biases.
 QUANTPARAMS = "quantparams.pkl"
+#: The QDQ ONNX model.
 QUANTMODEL = "quant_model.onnx"
+#: Versions, settings and SHA-256 of every file.
 MANIFEST = "manifest.json"
 #: PPQ's quantized graph, kept so ``verify`` can replay PPQ's simulation (trusted pickle, SHA-checked).
 PPQGRAPH = "ppq_graph.pkl"

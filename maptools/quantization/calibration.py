@@ -260,7 +260,7 @@ def imagefolder_calibset(
 
 
 def npy_calibset(directory: str | Path, input_shapes: Mapping[str, Sequence[int]]) -> list[Batch]:
-    """Build a calibration set from a folder of ``.npy`` arrays (seed 004's layout).
+    """Build a calibration set from a folder of ``.npy`` arrays (the layout of PPQ's tutorial).
 
     Each file holds either a whole batch with the shape in ``input_shapes`` or a single sample (that
     shape without the batch dimension); single samples are stacked into batches. Files are read in

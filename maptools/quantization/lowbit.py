@@ -1,4 +1,4 @@
-"""Seed 000's API, for users of the original ``ppq_lowbit`` extension.
+"""The API of the original ``ppq_lowbit`` extension, for its users.
 
 ``quantize_onnx_model_lowbit`` and ``quantize_native_model_lowbit`` take the parameters of PPQ's
 ``quantize_onnx_model`` / ``quantize_native_model`` plus ``bit_width``, ``symmetrical`` and ``per_channel``,
@@ -53,7 +53,7 @@ def quantize_native_model_lowbit(
     symmetrical: bool = True,
     per_channel: bool = True,
 ) -> BaseGraph:
-    """Quantize a PPQ graph already in memory at ``bit_width`` bits (seed 000's API).
+    """Quantize a PPQ graph already in memory at ``bit_width`` bits (the ppq_lowbit API).
 
     Args:
         model: The float PPQ graph.
@@ -110,7 +110,7 @@ def quantize_onnx_model_lowbit(
     symmetrical: bool = True,
     per_channel: bool = True,
 ) -> BaseGraph:
-    """Load an ONNX model into PPQ and quantize it at ``bit_width`` bits (seed 000's API).
+    """Load an ONNX model into PPQ and quantize it at ``bit_width`` bits (the ppq_lowbit API).
 
     Takes the parameters of :func:`quantize_native_model_lowbit`, with the path of an ONNX file instead of
     a graph.
@@ -125,7 +125,9 @@ def quantize_onnx_model_lowbit(
 def export_lowbit_onnx(graph: BaseGraph, path: str, opset: int = 13) -> onnx.ModelProto:
     """Export a quantized graph as a QDQ ONNX model that stays faithful below 8 bits, and return it."""
     with ppq_silenced():
-        FaithfulQDQExporter(opset=opset).export(file_path=str(path), graph=graph.copy(), quantized_param=True)
+        exporter = FaithfulQDQExporter()
+        exporter.opset = opset
+        exporter.export(file_path=str(path), graph=graph.copy(), quantized_param=True)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     return model

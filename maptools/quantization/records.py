@@ -69,7 +69,8 @@ class OperatorQuantConfig:
         io_min: Smallest integer an activation of this operator may take.
         io_max: Largest integer an activation of this operator may take.
         symmetric: Whether activations are quantized symmetrically (zero point 0).
-        inputs: Quantization of every activation input, in ONNX input order (None where not quantized).
+        inputs: Quantization of every input, in ONNX input order (None where not quantized and at the
+            weight and bias positions, whose quantization is in the ``weight_*`` and ``bias_*`` fields).
         outputs: Quantization of every output, in ONNX output order (None where not quantized).
         weight_bits: Weight bit width (Conv, ConvTranspose, Gemm, MatMul with constant weight).
         weight_min: Smallest integer weight value allowed.

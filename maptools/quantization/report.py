@@ -16,7 +16,9 @@ from typing import Any
 
 __all__ = ["REPORT_JSON", "REPORT_PNG", "render_report"]
 
+#: Settings, timings and per-operator error.
 REPORT_JSON = "report.json"
+#: Per-layer SNR bar chart.
 REPORT_PNG = "report.png"
 
 

@@ -53,13 +53,22 @@ def _container(config: TensorQuantizationConfig) -> torch.dtype:
 class FaithfulQDQExporter(ONNXRUNTIMExporter):
     """ONNX Runtime QDQ exporter with low-bit clipping and integer parameters.
 
-    Args:
-        opset: ONNX opset of the exported model (at least 13, the first with per-channel QDQ).
+    PPQ's exporters are singletons (one instance per class and process), so the opset is an attribute set
+    before each export rather than a constructor argument: :attr:`opset`.
     """
 
-    def __init__(self, opset: int = 13) -> None:
+    def __init__(self) -> None:
         super().__init__(removed_activation_types=["Relu", "Clip"])
-        self._opset = max(13, int(opset))
+        self._opset = 13
+
+    @property
+    def opset(self) -> int:
+        """ONNX opset of the exported model (at least 13, the first with per-channel QDQ)."""
+        return self._opset
+
+    @opset.setter
+    def opset(self, value: int) -> None:
+        self._opset = max(13, int(value))
 
     def infer_qtype(self, config: TensorQuantizationConfig) -> tuple[torch.dtype, torch.dtype]:
         """Container dtypes (zero point, value) of a quantized tensor."""

@@ -1,6 +1,6 @@
 """The low-bit PPQ quantizer: every quantized tensor at a chosen bit width.
 
-Rebuilt from the idea of ``ppq_lowbit`` (seed 000): a subclass of PPQ's TensorRT quantizer whose bit
+Rebuilt from the idea of the ``ppq_lowbit`` extension: a subclass of PPQ's TensorRT quantizer whose bit
 width, symmetry and weight granularity are parameters, with per-layer overrides. Weights are always
 symmetric, per output channel when ``per_channel``; Conv/Gemm biases are kept at 32 bits with scale
 ``input_scale * weight_scale`` so the chip can add them to its int32 accumulator.
@@ -90,13 +90,22 @@ class LowBitQuantizer(TensorRTQuantizer):
 
     @property
     def quantize_policy(self) -> QuantizationPolicy:
-        """Activation policy: per-tensor linear, symmetric or asymmetric."""
+        """The activation policy (per-tensor, linear, symmetric or asymmetric)."""
         symmetry = QuantizationProperty.SYMMETRICAL if self._spec.symmetrical else QuantizationProperty.ASYMMETRICAL
         return QuantizationPolicy(symmetry + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
 
+    def _bits_of(self, operation: Operation) -> tuple[int, int]:
+        """Bits of an operator; an activation fused into an overridden Conv/Gemm inherits its override."""
+        if operation.name in self._spec.layer_bits or operation.type not in self.activation_fusion_types:
+            return self._spec.bits_of(operation.name)
+        source = operation.inputs[0].source_op if operation.inputs else None
+        if source is not None and source.name in self._spec.layer_bits and len(operation.inputs[0].dest_ops) == 1:
+            return self._spec.bits_of(source.name)
+        return self._spec.bits_of(operation.name)
+
     def init_quantize_config(self, operation: Operation) -> OperationQuantizationConfig:
         """Build the quantization config of one operator at its bit widths."""
-        weight_bits, act_bits = self._spec.bits_of(operation.name)
+        weight_bits, act_bits = self._bits_of(operation)
         qmin, qmax = int_range(act_bits, self._spec.symmetrical)
         config = self.create_default_quant_config(
             policy=self.quantize_policy,
@@ -130,7 +139,8 @@ class LowBitQuantizer(TensorRTQuantizer):
                 bias.quant_max = 2 ** (BIAS_BITS - 1) - 1
                 bias.quant_min = -(2 ** (BIAS_BITS - 1)) + 1
                 bias.state = QuantizationStates.PASSIVE_INIT
-                bias.channel_axis = 0
+                if self._spec.per_channel:
+                    bias.channel_axis = 0
                 bias.observer_algorithm = "minmax"
         elif operation.type in {"LayerNormalization"}:
             for tqc in config.input_quantization_config[1:]:

@@ -28,7 +28,7 @@ def show_progress(enabled: bool) -> None:
 
 @contextlib.contextmanager
 def ppq_silenced() -> Iterator[None]:
-    """Capture stdout, stderr, warnings and noisy torch loggers for the duration of the block."""
+    """Capture stdout, stderr (unless :func:`show_progress` is on), warnings and noisy torch loggers."""
     buffer = io.StringIO()
     noisy = [logging.getLogger(name) for name in ("torch.utils.cpp_extension", "torch._subclasses")]
     levels = [log.level for log in noisy]

@@ -119,11 +119,17 @@ def _copy_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
 class PPQSession:
     """Quantize one ONNX model with PPQ and read the results back as maptools records.
 
+    Build one with :meth:`from_onnx` (a float model) or :meth:`from_bytes` (a quantized graph saved by
+    :meth:`to_bytes`).
+
     Args:
-        model: The prepared ONNX model (named nodes, static input shapes).
+        graph: The dispatched PPQ graph.
         spec: Bit widths and policies.
         device: ``'cpu'`` or ``'cuda'``.
         setting: A PPQ ``QuantizationSetting``; None for :func:`default_setting`.
+        output_names: Graph output names, in the float model's order.
+        opset: ONNX opset of the float model (the export uses at least 13).
+        quantized: Whether ``graph`` is already quantized.
     """
 
     def __init__(self, graph: BaseGraph, spec: LowBitSpec, device: str,
@@ -407,7 +413,8 @@ class PPQSession:
                 copied onto the export, and intermediate shapes are dropped, so the QDQ model accepts
                 the same shapes as the float one.
         """
-        exporter = FaithfulQDQExporter(opset=self.opset)
+        exporter = FaithfulQDQExporter()
+        exporter.opset = self.opset
         with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
             path = Path(tmp) / "quant_model.onnx"
             try:
