@@ -24,7 +24,7 @@ extensions = [
 ]
 # No intersphinx: the documentation must build without network access.
 
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "benchmarks_*.rst"]
 nitpicky = False
 
 # -- autodoc / napoleon ------------------------------------------------------------------------------
