@@ -75,6 +75,10 @@ def test_report_has_one_bar_per_quantized_layer(tiny_onnx, tmp_path):
     report = json.loads(result.report_path.read_text())
     assert len(report["operators"]) == len(result.operators) == 5
     assert all(isinstance(op["snr_db"], (float, str)) and -1.0 <= op["cosine"] <= 1.0 for op in report["operators"])
+    # layer-wise: one operator quantized alone costs less than all of them together
+    out_snr = result.output_snr_db["out"]
+    assert all(op["layerwise_snr_db"] >= out_snr - 1.0 and -1.0 <= op["layerwise_cosine"] <= 1.0
+               for op in report["operators"])
     assert set(report["timings_seconds"]) >= {"ppq_quantization", "error_analysis"}
     # one bar per layer: rows holding a long run of bar colour, grouped into bars of at least 3 rows
     image = np.asarray(Image.open(result.plot_path).convert("RGB")).astype(int)

@@ -47,7 +47,7 @@ DIGITS_CASES = {
     "w3a3": (3, True),
     "w4a4_asym": (4, False),
 }
-RESNET_CASES = {"w8a8": 8, "w4a4": 4}
+RESNET_CASES = DIGITS_CASES  # the same four settings
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -200,8 +200,9 @@ def resnet18_onnx(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=list(RESNET_CASES))
 def resnet18_run(request, mapsave, resnet18_onnx) -> Run:
     mapname = f"resnet18_{request.param}"
+    bits, symmetrical = RESNET_CASES[request.param]
     quantize({"input": [1, 3, 224, 224]}, "cpu", resnet18_onnx, mapname=mapname, calibset=None, calib_steps=8,
-             bit_width=RESNET_CASES[request.param], mapsave_dir=mapsave, recipe="fast", analysis_steps=1)
+             bit_width=bits, symmetrical=symmetrical, mapsave_dir=mapsave, recipe="fast", analysis_steps=1)
     generator = np.random.default_rng(2024)
     batches = [generator.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(RESNET_BATCHES)]
     return _execute(mapname, mapsave, "output", batches)

@@ -195,7 +195,8 @@ def quantize(
     }
     files.update(render_report(mapname, manifest["settings"], timings, errors.output_snr_db, errors.output_cosine,
                                errors.layer_snr_db, errors.layer_cosine,
-                               {name: cfg.op_type for name, cfg in quantinfo.items()}))
+                               {name: cfg.op_type for name, cfg in quantinfo.items()},
+                               errors.isolated_snr_db, errors.isolated_cosine))
     artifacts.write_map(target, files, manifest)
     result = QuantizationResult(
         mapname=mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,

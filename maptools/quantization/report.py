@@ -1,7 +1,8 @@
 """The quantization report: ``report.json`` and ``report.png`` beside the artifacts.
 
-``report.json`` holds the settings, the timings of each stage, and the graph-wise error (SNR in dB and
-cosine, quantized vs FP32 on calibration data) of every graph output and every quantized operator.
+``report.json`` holds the settings, the timings of each stage, and the error (SNR in dB and cosine,
+quantized vs FP32 on calibration data) of every graph output and, graph-wise and layer-wise, of every
+quantized operator.
 ``report.png`` is a bar chart of the per-operator SNR, one bar per quantized layer. Both are rendered to
 bytes here and written atomically with the other artifacts.
 """
@@ -55,19 +56,28 @@ def _bar_chart(title: str, layer_snr: Mapping[str, float], op_types: Mapping[str
 def render_report(mapname: str, settings: Mapping[str, Any], timings: Mapping[str, float],
                   output_snr_db: Mapping[str, float], output_cosine: Mapping[str, float],
                   layer_snr_db: Mapping[str, float], layer_cosine: Mapping[str, float],
-                  op_types: Mapping[str, str]) -> dict[str, bytes]:
+                  op_types: Mapping[str, str], isolated_snr_db: Mapping[str, float] | None = None,
+                  isolated_cosine: Mapping[str, float] | None = None) -> dict[str, bytes]:
     """Render ``report.json`` and ``report.png``.
+
+    The per-operator entries hold the graph-wise error (``snr_db``, ``cosine``: the operator's own output,
+    accumulated from the input) and the layer-wise error (``layerwise_snr_db``, ``layerwise_cosine``: the
+    graph outputs when only that operator is quantized).
 
     Returns:
         File name -> bytes, ready for :func:`maptools.quantization.artifacts.write_map`.
     """
+    isolated_snr_db = isolated_snr_db or {}
+    isolated_cosine = isolated_cosine or {}
     report = {
         "mapname": mapname,
         "settings": dict(settings),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "outputs": {n: {"snr_db": _finite(output_snr_db[n]), "cosine": output_cosine[n]} for n in output_snr_db},
         "operators": [
-            {"node": n, "op_type": op_types.get(n), "snr_db": _finite(layer_snr_db[n]), "cosine": layer_cosine[n]}
+            {"node": n, "op_type": op_types.get(n), "snr_db": _finite(layer_snr_db[n]), "cosine": layer_cosine[n],
+             "layerwise_snr_db": _finite(isolated_snr_db[n]) if n in isolated_snr_db else None,
+             "layerwise_cosine": isolated_cosine.get(n)}
             for n in layer_snr_db
         ],
     }

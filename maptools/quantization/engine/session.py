@@ -87,6 +87,8 @@ class ErrorAnalysis:
     output_cosine: dict[str, float]
     layer_snr_db: dict[str, float]
     layer_cosine: dict[str, float]
+    isolated_snr_db: dict[str, float]
+    isolated_cosine: dict[str, float]
 
 
 def _snr_db(signal: float, noise: float) -> float:
@@ -311,12 +313,48 @@ class PPQSession:
             signal, _, dot, power = sums[name]
             return float(dot / max(np.sqrt(signal * power), 1e-30))
 
+        isolated_snr, isolated_cos = self._layerwise(batches[0]) if batches else ({}, {})
         return ErrorAnalysis(
             output_snr_db={n: snr(n) for n in self._output_names},
             output_cosine={n: cos(n) for n in self._output_names},
             layer_snr_db={op: snr(var) for var, op in layer_vars.items()},
             layer_cosine={op: cos(var) for var, op in layer_vars.items()},
+            isolated_snr_db=isolated_snr,
+            isolated_cosine=isolated_cos,
         )
+
+    def _layerwise(self, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
+        """Layer-wise error: the graph outputs' SNR and cosine when only one operator is quantized.
+
+        As PPQ's ``layerwise_error_analyse``: every other operator runs in FP32, so the figure is the error
+        that operator brings in by itself. One forward per quantized operator, on one batch.
+        """
+        names = self._output_names
+        ref = [self.forward(batch, quantized=False)[name].astype(np.float64) for name in names]
+        feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
+        snr: dict[str, float] = {}
+        cos: dict[str, float] = {}
+        self.graph_dequantize()
+        try:
+            for op in self.quantized_operations():
+                op.restore_quantize_state()
+                try:
+                    with ppq_silenced():
+                        outputs = self.executor.forward(inputs=feed, output_names=names)
+                except Exception as exc:
+                    raise self._engine_error("layer-wise analysis", exc) from exc
+                finally:
+                    op.dequantize()
+                quant = [out.detach().cpu().numpy().astype(np.float64) for out in outputs]
+                signal = sum(float(np.sum(r * r)) for r in ref)
+                noise = sum(float(np.sum((r - q) ** 2)) for r, q in zip(ref, quant, strict=True))
+                dot = sum(float(np.sum(r * q)) for r, q in zip(ref, quant, strict=True))
+                power = sum(float(np.sum(q * q)) for q in quant)
+                snr[op.name] = _snr_db(signal, noise)
+                cos[op.name] = float(dot / max(np.sqrt(signal * power), 1e-30))
+        finally:
+            self.graph_restore()
+        return snr, cos
 
     # -- extraction -------------------------------------------------------------------------------
     def quantized_operations(self) -> list[QuantableOperation]:
