@@ -43,6 +43,31 @@ MODELS = (
 )
 
 
+BN_NOTE = (", their BatchNorm statistics re-estimated on 8 random batches (with the initial statistics the "
+           "activations of deep networks vanish: random-weight mobilenet_v2 outputs about 1e-9, below PPQ's minimum "
+           "scale of 1e-8, so every quantized output is zero)")
+
+#: Error substring -> explanation printed under the table when a run fails with it.
+KNOWN_CAUSES = {
+    "BatchNorm should have 4 parameters": (
+        "densenet121: torch's exporter deduplicates equal initializers (the BatchNorm weights and biases of the "
+        "same width) by routing them through ``Identity`` nodes, and PPQ's graph formatter requires every "
+        "BatchNormalization parameter to be an initializer. Replacing each ``Identity(initializer)`` by a copy of "
+        "the initializer before PPQ loads the graph fixes it (measured: W8A8 cosine 0.990)."),
+    "Resize_forward": (
+        "lraspp_mobilenet_v3_large: its ``Resize`` nodes give ``sizes`` and leave ``roi``/``scales`` empty; PPQ's "
+        "``Resize_forward`` calls ``.cpu()`` on the missing ``scales``. Empty initializers in those slots fix it "
+        "(measured: W8A8 cosine 0.975)."),
+    "operator type 'Mod'": (
+        "vit_b_16: torch's ``scaled_dot_product_attention`` needs opset 14; at opset 14 the attention's shape "
+        "arithmetic has ``Mod`` nodes, which PPQ cannot execute (maptools stops before calibrating, naming the "
+        "node), and ``Slice`` nodes without ``axes``, which PPQ's ``Slice_forward`` mishandles (it takes the "
+        "``starts`` values as axes). All of them only compute on shapes: with them folded into constants for the "
+        "static input shape (tried with onnxruntime's basic offline optimisation) PPQ quantizes all 419 operators "
+        "(W8A8; cosine of the last LayerNorm output 0.997)."),
+}
+
+
 # -- models -----------------------------------------------------------------------------------------
 def build_model(name: str):
     """A torchvision model with random weights, in eval mode; dict outputs reduced to ``'out'``."""
@@ -64,7 +89,10 @@ def build_model(name: str):
                 return self.inner(x)["out"]
 
         return OutOnly(seg).eval()
-    return getattr(torchvision.models, name)(weights=None).eval()
+    model = getattr(torchvision.models, name)(weights=None)
+    if name.startswith("vit_"):  # torchvision zero-initialises the ViT head: the float output would be all zeros
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model.eval()
 
 
 def reestimate_batchnorm(model, size: int, steps: int = 8, batch: int = 4):
@@ -292,7 +320,8 @@ def write_rst(records: list[dict], out: Path, command: str, settings: dict) -> N
         convs = f"{rec['convs_quantized']}/{rec['convs']}" if "convs" in rec else "--"
         reason = _short_reason(rec) if rec["status"] != "ok" else ""
         if rec.get("note"):
-            reason = "; ".join(r for r in (rec["note"], reason) if r)
+            note = rec["note"] if len(rec["note"]) <= 150 else rec["note"][:150] + "...)"
+            reason = "; ".join(r for r in (note, reason) if r)
         reason = reason.replace("*", r"\*").replace("`", "'").replace("|", r"\|")
         lines += [
             f"   * - {rec['model']}",
@@ -305,6 +334,11 @@ def write_rst(records: list[dict], out: Path, command: str, settings: dict) -> N
             f"     - {_fmt(rec.get('peak_rss_mb'), '.0f')}",
             f"     - {reason}" if reason else "     -",
         ]
+    causes = [(key, text) for key, text in KNOWN_CAUSES.items()
+              if any(key in (r.get("error", "") + r.get("note", "")) for r in records)]
+    if causes:
+        lines += ["", "Causes of the failures above (PPQ 0.6.6):", ""]
+        lines += [f"* {text}" for _, text in causes]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
 
@@ -320,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--analysis-steps", type=int, default=1)
     parser.add_argument("--recipe", default="fast")
+    parser.add_argument("--rerender", metavar="COMMAND", default=None,
+                        help="only rewrite the table from --workdir's zoo.json, naming COMMAND as its producer")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results of --workdir's zoo.json and run only the missing model/bits pairs")
     parser.add_argument("--fallback-opset", type=int, default=14,
@@ -341,6 +377,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "quantize":
         args.bits = args.bits_one
         return worker(args)
+    if args.rerender:  # the table again from --workdir's zoo.json (e.g. after a change of this script)
+        import onnxruntime
+        import torch
+
+        records = json.loads((Path(args.workdir) / "zoo.json").read_text())
+        settings = {"bn": "" if args.no_bn_reestimate else BN_NOTE, "recipe": args.recipe,
+                    "calib_steps": args.calib_steps, "size": args.size, "analysis_steps": args.analysis_steps,
+                    "eval_batches": args.eval_batches, "timeout": args.timeout, "max_rss_gb": args.max_rss_gb,
+                    "total_min": sum(r.get("wall_s", 0.0) for r in records) / 60, "torch": torch.__version__,
+                    "ort": onnxruntime.__version__}
+        write_rst(records, Path(args.out), args.rerender, settings)
+        return 0
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
@@ -417,11 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
-    bn = ("" if args.no_bn_reestimate else
-          ", their BatchNorm statistics re-estimated on 8 random batches (with the initial statistics the "
-          "activations of deep networks vanish: random-weight mobilenet_v2 outputs about 1e-9, below PPQ's minimum "
-          "scale of 1e-8, so every quantized output is zero)")
-    settings = {"bn": bn, "recipe": args.recipe, "calib_steps": args.calib_steps, "size": args.size,
+    settings = {"bn": "" if args.no_bn_reestimate else BN_NOTE, "recipe": args.recipe,
+                "calib_steps": args.calib_steps, "size": args.size,
                 "analysis_steps": args.analysis_steps, "eval_batches": args.eval_batches, "timeout": args.timeout,
                 "max_rss_gb": args.max_rss_gb, "total_min": sum(r.get("wall_s", 0.0) for r in records) / 60,
                 "torch": torch.__version__, "ort": onnxruntime.__version__}
