@@ -37,5 +37,5 @@ def test_examples_run(page, tmp_path):
     (tmp_path / "examples.py").write_text(script)
     env = dict(os.environ, MAPTOOLS_MAPSAVE=str(tmp_path / "mapsave"), MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, "examples.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1500)
     assert proc.returncode == 0, f"{page.name}:\n{proc.stderr[-3000:]}"
