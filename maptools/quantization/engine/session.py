@@ -263,17 +263,22 @@ class PPQSession:
                 output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run the graph on one batch, with PPQ's fake quantization (``quantized``) or in FP32."""
         names = list(output_names) if output_names is not None else self._output_names
-        feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
         if not quantized:
             self.graph_dequantize()
         try:
-            with ppq_silenced():
-                outputs = self.executor.forward(inputs=feed, output_names=names)
-        except Exception as exc:
-            raise self._engine_error("execution", exc) from exc
+            return self._execute(batch, names, "execution")
         finally:
             if not quantized:
                 self.graph_restore()
+
+    def _execute(self, batch: Batch, names: Sequence[str], stage: str) -> dict[str, np.ndarray]:
+        """One silent forward of the graph in its current state; PPQ errors become :class:`EngineError`."""
+        feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
+        try:
+            with ppq_silenced():
+                outputs = self.executor.forward(inputs=feed, output_names=list(names))
+        except Exception as exc:
+            raise self._engine_error(stage, exc) from exc
         return {name: out.detach().cpu().numpy() for name, out in zip(names, outputs, strict=True)}
 
     def graph_dequantize(self) -> None:
@@ -331,7 +336,6 @@ class PPQSession:
         """
         names = self._output_names
         ref = [self.forward(batch, quantized=False)[name].astype(np.float64) for name in names]
-        feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
         snr: dict[str, float] = {}
         cos: dict[str, float] = {}
         self.graph_dequantize()
@@ -339,13 +343,10 @@ class PPQSession:
             for op in self.quantized_operations():
                 op.restore_quantize_state()
                 try:
-                    with ppq_silenced():
-                        outputs = self.executor.forward(inputs=feed, output_names=names)
-                except Exception as exc:
-                    raise self._engine_error("layer-wise analysis", exc) from exc
+                    outputs = self._execute(batch, names, "layer-wise analysis")
                 finally:
                     op.dequantize()
-                quant = [out.detach().cpu().numpy().astype(np.float64) for out in outputs]
+                quant = [outputs[name].astype(np.float64) for name in names]
                 signal = sum(float(np.sum(r * r)) for r in ref)
                 noise = sum(float(np.sum((r - q) ** 2)) for r, q in zip(ref, quant, strict=True))
                 dot = sum(float(np.sum(r * q)) for r, q in zip(ref, quant, strict=True))
