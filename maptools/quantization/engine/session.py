@@ -146,6 +146,39 @@ class PPQSession:
         self.executor = TorchExecutor(graph=self.graph, device=device)
         self._quantized = quantized
 
+    @staticmethod
+    def _ppq_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of the model rewritten around two PPQ 0.6.6 parser/executor limitations (same computation).
+
+        * ``Identity`` of an initializer (torch's exporter deduplicates equal initializers that way) becomes
+          a copy of the initializer: PPQ requires BatchNormalization/Conv parameters to be initializers
+          ("BatchNorm should have 4 parameters"), e.g. densenet121.
+        * ``Resize`` with ``sizes`` but an empty ``scales``/``roi`` input gets empty initializers there: PPQ's
+          Resize_forward calls ``.cpu()`` on the missing input, e.g. lraspp_mobilenet_v3_large.
+        """
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        graph = model.graph
+        inits = {init.name: init for init in graph.initializer}
+        outputs = {vi.name for vi in graph.output}
+        kept = []
+        for node in graph.node:
+            if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[node.input[0]])
+                copy.name = node.output[0]
+                graph.initializer.append(copy)
+                continue
+            if node.op_type == "Resize" and len(node.input) == 4 and node.input[3]:
+                for index in (1, 2):
+                    if not node.input[index]:
+                        name = f"{node.name}__empty_{index}"
+                        graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((0,), np.float32), name))
+                        node.input[index] = name
+            kept.append(node)
+        del graph.node[:]
+        graph.node.extend(kept)
+        return model
+
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto, spec: LowBitSpec, device: str,
                   setting: QuantizationSetting | None = None) -> PPQSession:
@@ -154,7 +187,7 @@ class PPQSession:
         opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
         with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
             path = Path(tmp) / "model.onnx"
-            onnx.save(model, str(path))
+            onnx.save(cls._ppq_compatible(model), str(path))
             try:
                 with ppq_silenced():
                     graph = load_onnx_graph(onnx_import_file=str(path))
@@ -254,7 +287,9 @@ class PPQSession:
 
     def _engine_error(self, stage: str, exc: Exception) -> EngineError:
         message = f"{type(exc).__name__}: {exc}"
-        culprit = next((op for op in self.graph.operations.values() if op.name in message), None)
+        # the longest name in the message: '/a/Slice' is also a substring of '/a/Slice_1'
+        culprit = max((op for op in self.graph.operations.values() if op.name in message),
+                      key=lambda op: len(op.name), default=None)
         where = f" at node {culprit.name!r} ({culprit.type})" if culprit is not None else ""
         return EngineError(f"PPQ failed during {stage}{where}: {message}")
 
