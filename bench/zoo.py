@@ -13,9 +13,12 @@ Usage::
 
     python bench/zoo.py                                  # every model, W8A8 and W4A4
     python bench/zoo.py --models resnet18,alexnet --bits 4 --out /tmp/zoo.rst
+    python bench/zoo.py --models densenet121 --merge      # re-run one model, keep the other rows
 
 The table is written as an RST fragment (no title) to ``--out`` (default ``docs/benchmarks_zoo.rst``),
-the raw results as JSON beside it (``--json``).
+the raw results as JSON beside it (``--json``, default ``docs/benchmarks_zoo.json``: small, no models). With
+``--merge`` only the ``--models`` x ``--bits`` rows are re-run; every other row is kept from that JSON, and the
+table names the command that produced each group of rows.
 """
 
 from __future__ import annotations
@@ -52,19 +55,19 @@ KNOWN_CAUSES = {
     "BatchNorm should have 4 parameters": (
         "densenet121: torch's exporter deduplicates equal initializers (the BatchNorm weights and biases of the "
         "same width) by routing them through ``Identity`` nodes, and PPQ's graph formatter requires every "
-        "BatchNormalization parameter to be an initializer. Replacing each ``Identity(initializer)`` by a copy of "
-        "the initializer before PPQ loads the graph fixes it (measured: W8A8 cosine 0.990)."),
+        "BatchNormalization parameter to be an initializer. The engine replaces each ``Identity(initializer)`` by a "
+        "copy of the initializer before PPQ loads the graph; this failure means that work-around is missing."),
     "Resize_forward": (
         "lraspp_mobilenet_v3_large: its ``Resize`` nodes give ``sizes`` and leave ``roi``/``scales`` empty; PPQ's "
-        "``Resize_forward`` calls ``.cpu()`` on the missing ``scales``. Empty initializers in those slots fix it "
-        "(measured: W8A8 cosine 0.975)."),
+        "``Resize_forward`` calls ``.cpu()`` on the missing ``scales``. The engine puts empty initializers in "
+        "those slots; this failure means that work-around is missing."),
     "operator type 'Mod'": (
         "vit_b_16: torch's ``scaled_dot_product_attention`` needs opset 14; at opset 14 the attention's shape "
         "arithmetic has ``Mod`` nodes, which PPQ cannot execute (maptools stops before calibrating, naming the "
         "node), and ``Slice`` nodes without ``axes``, which PPQ's ``Slice_forward`` mishandles (it takes the "
-        "``starts`` values as axes). All of them only compute on shapes: with them folded into constants for the "
-        "static input shape (tried with onnxruntime's basic offline optimisation) PPQ quantizes all 419 operators "
-        "(W8A8; cosine of the last LayerNorm output 0.997)."),
+        "``starts`` values as axes). All of them only compute on shapes, and maptools folds them into constants "
+        "when the model's input shapes are static (``fold_shape_computations`` in maptools/quantization/model.py); "
+        "this failure means the exported model has a dynamic dimension they depend on."),
 }
 
 
@@ -286,12 +289,31 @@ def _short_reason(rec: dict) -> str:
     return ""
 
 
+def _producers(records: list[dict], command: str) -> str:
+    """Which command produced which rows: the most frequent one first, the others with the models they re-ran."""
+    by_command: dict[str, list[str]] = {}
+    for rec in records:
+        models = by_command.setdefault(rec.get("command") or command, [])
+        if rec["model"] not in models:
+            models.append(rec["model"])
+    ordered = sorted(by_command.items(), key=lambda item: -sum(r.get("command", command) == item[0]
+                                                                for r in records))
+    if not ordered:
+        return f"``{command}``"
+    text = f"``{ordered[0][0]}``"
+    for other, models in ordered[1:]:
+        text += f", the rows of {', '.join(models)} by ``{other}``"
+    return text
+
+
 def write_rst(records: list[dict], out: Path, command: str, settings: dict) -> None:
     lines = [
-        f"Produced by ``{command}`` ({settings['total_min']:.0f} min of quantization runs) on a 2-core CPU machine "
+        f"Produced by {_producers(records, command)} ({settings['total_min']:.0f} min of quantization runs) "
+        "on a 2-core CPU machine "
         f"(torch {settings['torch']}, PPQ 0.6.6, onnxruntime {settings['ort']}).",
         "",
-        f"Models have random weights (``weights=None``){settings['bn']} and are exported at opset 13. Quantization: "
+        f"Models have random weights (``weights=None``){settings['bn']} and are exported at opset 13 (unless "
+        "the last column gives another opset). Quantization: "
         f"``recipe='{settings['recipe']}'`` (calibration only, to keep the runs tractable), "
         f"{settings['calib_steps']} random calibration batches of 1x3x{settings['size']}x{settings['size']}, "
         f"symmetric per-channel, percentile observer, ``analysis_steps={settings['analysis_steps']}``. "
@@ -348,16 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
     parser.add_argument("--bits", default="8,4", help="comma-separated bit widths (WnAn)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_zoo.rst"), help="RST fragment to write")
-    parser.add_argument("--json", default=None, help="raw results (default: zoo.json in the work dir)")
+    parser.add_argument("--json", default=None,
+                        help="raw results (default: beside --out, e.g. docs/benchmarks_zoo.json)")
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--calib-steps", type=int, default=8)
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--analysis-steps", type=int, default=1)
     parser.add_argument("--recipe", default="fast")
     parser.add_argument("--rerender", metavar="COMMAND", default=None,
-                        help="only rewrite the table from --workdir's zoo.json, naming COMMAND as its producer")
+                        help="only rewrite the table from the --json results, naming COMMAND as the producer "
+                             "of rows that do not record theirs")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the results of --workdir's zoo.json and run only the missing model/bits pairs")
+                        help="keep the --json results of --models x --bits and run only the missing pairs")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the --json results of every other model/bits pair, re-run --models x --bits "
+                             "and write the table with all of them")
     parser.add_argument("--fallback-opset", type=int, default=14,
                         help="opset tried when the opset-13 export fails (0: none); noted in the table")
     parser.add_argument("--no-bn-reestimate", action="store_true",
@@ -372,16 +399,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--bits-one", dest="bits_one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
     if args.worker == "export":
         return export_worker(args)
     if args.worker == "quantize":
         args.bits = args.bits_one
         return worker(args)
-    if args.rerender:  # the table again from --workdir's zoo.json (e.g. after a change of this script)
+    if args.rerender:  # the table again from the --json results (e.g. after a change of this script)
         import onnxruntime
         import torch
 
-        records = json.loads((Path(args.workdir) / "zoo.json").read_text())
+        order = {m: i for i, m in enumerate(MODELS)}
+        records = sorted(json.loads(json_path.read_text()),
+                         key=lambda r: (order.get(r["model"], len(order)), -r["bits"]))
         settings = {"bn": "" if args.no_bn_reestimate else BN_NOTE, "recipe": args.recipe,
                     "calib_steps": args.calib_steps, "size": args.size, "analysis_steps": args.analysis_steps,
                     "eval_batches": args.eval_batches, "timeout": args.timeout, "max_rss_gb": args.max_rss_gb,
@@ -401,12 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="maptools-zoo-") if args.workdir is None else None
     work = Path(args.workdir) if args.workdir else Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    json_path = Path(args.json) if args.json else work / "zoo.json"
     common = [sys.executable, str(Path(__file__).resolve())]
-    records: list[dict] = []
-    if args.resume and json_path.exists():
-        records = [r for r in json.loads(json_path.read_text()) if r["model"] in models and r["bits"] in bits]
+    previous = json.loads(json_path.read_text()) if (args.resume or args.merge) and json_path.exists() else []
+    wanted = {(m, b) for m in models for b in bits}
+    records: list[dict] = [r for r in previous if (r["model"], r["bits"]) in wanted] if args.resume else []
+    kept: list[dict] = [r for r in previous if (r["model"], r["bits"]) not in wanted] if args.merge else []
     done = {(r["model"], r["bits"]) for r in records}
+    # with --merge, the old rows of the pairs being re-run stay in the JSON until replaced (an interrupted
+    # run loses nothing)
+    replaced = [r for r in previous if (r["model"], r["bits"]) in wanted - done] if args.merge else []
     log_path = work / "children.log"
     with open(log_path, "ab") as log:
         for model in models:
@@ -430,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                         + exported["export_error"].split(" [")[0] + ")")
                 if exported.get("status") != "ok":
                     for b in bits:
-                        records.append({"model": model, "bits": b, "status": "fail",
+                        records.append({"model": model, "bits": b, "status": "fail", "command": command,
                                         "error": "export failed: " + str(exported.get("error") or run["killed"]),
                                         **run})
                     continue
@@ -447,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "--mapsave", str(work / "mapsave"), "--result", str(res)],
                                 args.timeout, args.max_rss_gb, log)
                 rec = json.loads(res.read_text()) if res.exists() else {"model": model, "bits": b, "status": "fail"}
-                rec.update(run)
+                rec.update(run, command=command)
                 note = work / "models" / f"{model}.note"
                 if note.exists():
                     rec["note"] = note.read_text()
@@ -457,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[zoo] {model} W{b}A{b}: {rec['status']} cos={_fmt(rec.get('cosine'), '.4f')} "
                       f"time={run['wall_s']:.1f}s rss={run['peak_rss_mb']:.0f}MB {_short_reason(rec)}", flush=True)
                 json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(records, indent=1))
+                new = {(r["model"], r["bits"]) for r in records}
+                json_path.write_text(json.dumps(
+                    kept + records + [r for r in replaced if (r["model"], r["bits"]) not in new], indent=1))
                 # the map directories are only needed while the child checks them
                 import shutil
 
@@ -468,10 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"bn": "" if args.no_bn_reestimate else BN_NOTE, "recipe": args.recipe,
                 "calib_steps": args.calib_steps, "size": args.size,
                 "analysis_steps": args.analysis_steps, "eval_batches": args.eval_batches, "timeout": args.timeout,
-                "max_rss_gb": args.max_rss_gb, "total_min": sum(r.get("wall_s", 0.0) for r in records) / 60,
-                "torch": torch.__version__, "ort": onnxruntime.__version__}
-    order = {m: i for i, m in enumerate(models)}
-    records.sort(key=lambda r: (order[r["model"]], -r["bits"]))
+                "max_rss_gb": args.max_rss_gb, "total_min": 0.0, "torch": torch.__version__,
+                "ort": onnxruntime.__version__}
+    order = {m: i for i, m in enumerate(MODELS if args.merge else models)}
+    records = sorted(kept + records, key=lambda r: (order.get(r["model"], len(order)), -r["bits"]))
+    settings["total_min"] = sum(r.get("wall_s", 0.0) for r in records) / 60
     write_rst(records, out, command, settings)
     json_path.write_text(json.dumps(records, indent=1))
     print(f"[zoo] wrote {out} and {json_path}", flush=True)
