@@ -4,11 +4,13 @@ Measured on torchvision's resnet18 (random weights, opset 13) with 32 calibratio
 standard-normal noise:
 
 * maptools ``quantize`` at W8A8 and W4A4, ``recipe='fast'`` with ``analysis_steps=1`` (the work raw PPQ
-  does, plus maptools' checks, artifacts and a one-batch error analysis) and ``recipe='default'``
-  (bias correction, ``analysis_steps=4``: the end-to-end default);
+  does, plus maptools' checks, artifacts and a one-batch graph-wise error analysis; the layer-wise
+  analysis is opt-in and off) and ``recipe='default'`` (``analysis_steps=4``: the end-to-end default);
+  maptools calibrates with the speed-ups of ``maptools.quantization.engine.speedups`` (same artifacts to
+  the bit);
 * the raw PPQ API with the same settings: ``load_onnx_graph`` + ``dispatch_graph(TRT_INT8)`` +
   maptools' ``LowBitQuantizer`` + ``TorchExecutor`` + ``quantizer.quantize`` (TensorRT setting) +
-  ``export_ppq_graph(..., ONNXRUNTIME)``;
+  ``export_ppq_graph(..., ONNXRUNTIME)``, plain PPQ (none of maptools' speed-ups);
 * onnxruntime's ``quantize_static`` (QDQ, per-channel, symmetric int8, MinMax and Percentile), run by
   ``bench/_ort_quant.py`` in a second virtualenv ``bench/.venv-ort`` (onnxruntime 1.22 with onnx>=1.16,
   which maptools' own environment cannot have), created here on first use;
@@ -229,8 +231,10 @@ def write_rst(rows: dict, out: Path, command: str, meta: dict) -> None:
         "*Work* is the wall time of the measured call (imports excluded): ``quantize()`` for maptools; load, "
         "dispatch, quantize and export for raw PPQ; ``quantize_static`` for onnxruntime; session creation plus "
         "the forwards for the floor. *CPU* and *peak RSS* are the child's (``os.wait4``). ``fast`` runs use "
-        "``analysis_steps=1``; ``default`` runs use the defaults (bias correction, ``analysis_steps=4``). Ratios "
-        "are of work times.",
+        "``analysis_steps=1``; ``default`` runs use the defaults (``recipe='default'``, ``analysis_steps=4``). "
+        "Both leave the layer-wise analysis off (its default) and calibrate with maptools' speed-ups (weights "
+        "fake-quantized once rather than on every forward, ``torch.topk`` for the percentile observer: the same "
+        "artifacts to the bit); raw PPQ runs plain. Ratios are of work times.",
         "",
         ".. list-table:: quantize on resnet18, 32 batches",
         "   :header-rows: 1",

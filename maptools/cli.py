@@ -75,6 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--recipe", default="default", choices=["fast", "default", "best"])
     q.add_argument("--observer", default="percentile")
+    q.add_argument("--layerwise-analysis", action="store_true",
+                   help="also measure each operator's error when quantized alone (one forward per operator)")
     q.add_argument("--mapsave-dir", default=None)
 
     i = sub.add_parser("inspect", help="list the quantized operators of a map")
@@ -114,7 +116,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                       calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
                       activation_bits=args.act_bits, symmetrical=not args.asymmetric,
                       per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
-                      recipe=args.recipe, observer=args.observer)
+                      recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis)
     print(result.summary())
     return 0
 

@@ -35,6 +35,9 @@ def test_quantize_sources(source, tiny_onnx, tmp_path, calib_npy, capsys):
         args += ["--calib-dir", str(write_images(tmp_path / "images", "RGB", (8, 8), per_class=8))]
     elif source == "calib-npy":
         args += ["--calib-npy", str(calib_npy)]
+    layerwise = source == "random"
+    if layerwise:
+        args += ["--layerwise-analysis"]
     assert main(args) == 0
     out = capsys.readouterr().out
     for name in ("quantinfo.pkl", "quantparams.pkl", "quant_model.onnx"):
@@ -42,8 +45,11 @@ def test_quantize_sources(source, tiny_onnx, tmp_path, calib_npy, capsys):
     manifest = json.loads((mapsave / "cli" / "manifest.json").read_text())
     assert manifest["settings"]["calibration"] == ("random" if source == "random" else "user")
     assert manifest["settings"]["weight_bits"] == 4
+    assert manifest["settings"]["layerwise_analysis"] is layerwise
     report = json.loads((mapsave / "cli" / "report.json").read_text())
     assert [op["node"] for op in report["operators"]] == list(read_quantinfo("cli", mapsave))
+    # the layer-wise (one operator quantized alone) figures are opt-in
+    assert all(("layerwise_snr_db" in op and "layerwise_cosine" in op) is layerwise for op in report["operators"])
     png = Image.open(mapsave / "cli" / "report.png")
     assert png.format == "PNG" and png.size[0] > 300
 
@@ -71,7 +77,7 @@ def test_report_has_one_bar_per_quantized_layer(tiny_onnx, tmp_path):
     from maptools.quantization import quantize
 
     result = quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="rep", calib_steps=8,
-                      mapsave_dir=tmp_path, recipe="fast")
+                      mapsave_dir=tmp_path, recipe="fast", layerwise_analysis=True)
     report = json.loads(result.report_path.read_text())
     assert len(report["operators"]) == len(result.operators) == 5
     assert all(isinstance(op["snr_db"], (float, str)) and -1.0 <= op["cosine"] <= 1.0 for op in report["operators"])

@@ -102,6 +102,7 @@ ROWS = [
     ("layer-bits-value", {"layer_bits": {"conv": (8, 1)}}, InvalidArgumentError, "layer_bits"),
     ("symmetrical-type", {"symmetrical": "yes"}, InvalidTypeError, "symmetrical"),
     ("per-channel-type", {"per_channel": 1}, InvalidTypeError, "per_channel"),
+    ("layerwise-type", {"layerwise_analysis": "yes"}, InvalidTypeError, "layerwise_analysis"),
     ("seed-negative", {"seed": -1}, InvalidArgumentError, "seed"),
     ("observer", {"observer": "magic"}, InvalidArgumentError, "observer"),
     ("recipe", {"recipe": "fastest"}, InvalidArgumentError, "recipe"),

@@ -76,6 +76,7 @@ def quantize(
     observer: str = "percentile",
     recipe: str = "default",
     analysis_steps: int = 4,
+    layerwise_analysis: bool = False,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
@@ -103,6 +104,9 @@ def quantize(
         observer: Activation calibration algorithm: one of :data:`OBSERVERS`.
         recipe: ``'fast'``, ``'default'`` or ``'best'`` (see :mod:`maptools.quantization.engine.recipes`).
         analysis_steps: Number of calibration batches used to measure the graph-wise error.
+        layerwise_analysis: Also measure the layer-wise error (the graph outputs when one operator alone
+            is quantized) and write it to ``report.json``. Off by default: it costs one forward of the
+            whole graph per quantized operator (on the first calibration batch).
 
     Returns:
         The paths written, the per-operator configs and the graph-wise error.
@@ -123,6 +127,7 @@ def quantize(
     per_channel = check_bool(per_channel, "per_channel")
     seed = check_positive_int(seed, "seed", minimum=0)
     analysis_steps = check_positive_int(analysis_steps, "analysis_steps")
+    layerwise_analysis = check_bool(layerwise_analysis, "layerwise_analysis")
     overrides = check_layer_bits(layer_bits)
     if observer not in OBSERVERS:
         raise maptools.InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)}, got {observer!r}")
@@ -169,7 +174,7 @@ def quantize(
     qdq = session.export_qdq(io_like=model.proto)
     graph_bytes = session.to_bytes()
     timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
-    errors = session.error_analysis(batches[:analysis_steps])
+    errors = session.error_analysis(batches[:analysis_steps], layerwise=layerwise_analysis)
     timings["error_analysis"] = time.perf_counter() - mark
     for name, snr in errors.output_snr_db.items():
         logger.info("graph-wise error of output %r: SNR %.2f dB, cosine %.5f", name, snr, errors.output_cosine[name])
@@ -185,6 +190,7 @@ def quantize(
             "symmetrical": symmetrical, "per_channel": per_channel, "observer": observer,
             "recipe": recipe_name, "layer_bits": {k: list(v) for k, v in overrides.items()},
             "calibration": calibration, "calib_steps": calib_steps, "calib_batches": len(batches), "seed": seed,
+            "layerwise_analysis": layerwise_analysis,
         },
     }
     files = {

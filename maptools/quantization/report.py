@@ -1,8 +1,8 @@
 """The quantization report: ``report.json`` and ``report.png`` beside the artifacts.
 
 ``report.json`` holds the settings, the timings of each stage, and the error (SNR in dB and cosine,
-quantized vs FP32 on calibration data) of every graph output and, graph-wise and layer-wise, of every
-quantized operator.
+quantized vs FP32 on calibration data) of every graph output and, graph-wise (and layer-wise when it was
+measured), of every quantized operator.
 ``report.png`` is a bar chart of the per-operator SNR, one bar per quantized layer. Both are rendered to
 bytes here and written atomically with the other artifacts.
 """
@@ -48,6 +48,7 @@ def _bar_chart(title: str, layer_snr: Mapping[str, float], op_types: Mapping[str
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    fig.set_layout_engine(None)  # laid out: spares savefig a second (text layout) pass, same pixels
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
@@ -61,25 +62,29 @@ def render_report(mapname: str, settings: Mapping[str, Any], timings: Mapping[st
     """Render ``report.json`` and ``report.png``.
 
     The per-operator entries hold the graph-wise error (``snr_db``, ``cosine``: the operator's own output,
-    accumulated from the input) and the layer-wise error (``layerwise_snr_db``, ``layerwise_cosine``: the
-    graph outputs when only that operator is quantized).
+    accumulated from the input) and, when ``isolated_snr_db`` is given (``quantize(layerwise_analysis=True)``),
+    the layer-wise error (``layerwise_snr_db``, ``layerwise_cosine``: the graph outputs when only that
+    operator is quantized); without it these two keys are left out.
 
     Returns:
         File name -> bytes, ready for :func:`maptools.quantization.artifacts.write_map`.
     """
     isolated_snr_db = isolated_snr_db or {}
     isolated_cosine = isolated_cosine or {}
+
+    def operator(n: str) -> dict[str, Any]:
+        entry = {"node": n, "op_type": op_types.get(n), "snr_db": _finite(layer_snr_db[n]), "cosine": layer_cosine[n]}
+        if isolated_snr_db:
+            entry["layerwise_snr_db"] = _finite(isolated_snr_db[n]) if n in isolated_snr_db else None
+            entry["layerwise_cosine"] = isolated_cosine.get(n)
+        return entry
+
     report = {
         "mapname": mapname,
         "settings": dict(settings),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "outputs": {n: {"snr_db": _finite(output_snr_db[n]), "cosine": output_cosine[n]} for n in output_snr_db},
-        "operators": [
-            {"node": n, "op_type": op_types.get(n), "snr_db": _finite(layer_snr_db[n]), "cosine": layer_cosine[n],
-             "layerwise_snr_db": _finite(isolated_snr_db[n]) if n in isolated_snr_db else None,
-             "layerwise_cosine": isolated_cosine.get(n)}
-            for n in layer_snr_db
-        ],
+        "operators": [operator(n) for n in layer_snr_db],
     }
     bits = f"W{settings.get('weight_bits')}A{settings.get('activation_bits')}"
     title = f"{mapname}: per-layer SNR ({bits}, {len(layer_snr_db)} quantized layers)"
