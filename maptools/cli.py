@@ -74,7 +74,11 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--recipe", default="default", choices=["fast", "default", "best"])
-    q.add_argument("--observer", default="percentile")
+    q.add_argument("--observer", default=None,
+                   help="activation observer: percentile, minmax, kl or mse (default: the recipe's)")
+    q.add_argument("--unsigned-nonnegative", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize never-negative activations over 0..2^b-1 (default: on for the default and best "
+                        "recipes)")
     q.add_argument("--layerwise-analysis", action="store_true",
                    help="also measure each operator's error when quantized alone (one forward per operator)")
     q.add_argument("--mapsave-dir", default=None)
@@ -116,7 +120,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                       calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
                       activation_bits=args.act_bits, symmetrical=not args.asymmetric,
                       per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
-                      recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis)
+                      recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
+                      unsigned_nonnegative=args.unsigned_nonnegative)
     print(result.summary())
     return 0
 

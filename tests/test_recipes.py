@@ -8,9 +8,11 @@ would produce, built directly from ``load_split('train')`` to save time).
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
+from maptools import InvalidArgumentError
 from maptools.examples import digits, mobile
 from maptools.quantization import OBSERVERS, RECIPES, quantize, read_quantinfo, read_quantparams
 from maptools.quantization.engine.recipes import build_setting
@@ -38,6 +40,7 @@ def fp32_top1(digits_test) -> dict[str, float]:
 
 def _quantize(model, mapsave, name, calib, steps=8, **kwargs):
     kwargs.setdefault("recipe", "fast")
+    kwargs.setdefault("analysis_steps", 1)
     return quantize(SHAPES, "cpu", model, mapname=name, calibset=calib[:steps], calib_steps=steps,
                     mapsave_dir=mapsave, **kwargs)
 
@@ -74,7 +77,7 @@ def test_bit_split_in_quantinfo_and_quantparams(mapsave, calib32, w_bits, a_bits
         assert cfg.bias_bits == 32
 
 
-def test_layer_bits_first_conv_and_last_gemm_at_8_bits(mapsave, calib32, digits_test):
+def test_layer_bits_first_conv_and_last_gemm_at_8_bits(mapsave, calib32, digits_test, fp32_top1):
     name = "layer_bits"
     result = _quantize(digits.MODEL_PATH, mapsave, name, calib32, bit_width=4,
                        layer_bits={FIRST_CONV: 8, LAST_GEMM: 8})
@@ -92,28 +95,90 @@ def test_layer_bits_first_conv_and_last_gemm_at_8_bits(mapsave, calib32, digits_
         weight = params[_weight_key(cfg.name, cfg.op_type)]
         assert weight.min() >= -8 and weight.max() <= 7
     assert result.operators[FIRST_CONV].weight_bits == 8
-    assert _top1(result, digits_test) >= 90.0
-
-
-@pytest.mark.parametrize("observer", OBSERVERS)
-def test_observer_runs_at_8_and_4_bits(mapsave, calib32, digits_test, fp32_top1, observer):
-    result = _quantize(digits.MODEL_PATH, mapsave, f"obs_{observer}_8", calib32, bit_width=8, observer=observer)
-    assert _top1(result, digits_test) >= fp32_top1["digits"] - 0.5
-    assert result.output_snr_db[digits.OUTPUT_NAME] > 25.0
-    if observer == "kl":
-        return  # PPQ 0.6.6's KL search is degenerate below 5 activation bits (see the docs)
-    result = _quantize(digits.MODEL_PATH, mapsave, f"obs_{observer}_4", calib32, bit_width=4, observer=observer)
-    assert _top1(result, digits_test) >= fp32_top1["digits"] - 3.0
+    assert _top1(result, digits_test) >= fp32_top1["digits"] - 3.0  # percentile observer, W4A4 elsewhere
     assert result.output_snr_db[digits.OUTPUT_NAME] > 7.0
+
+
+@pytest.mark.parametrize("observer", [name for name in OBSERVERS if name != "percentile"])
+def test_observer_runs(mapsave, calib32, digits_test, fp32_top1, observer):
+    # 'percentile' (the default) is measured by test_layer_bits_first_conv_and_last_gemm_at_8_bits.
+    # KL is calibrated at 8 bits: PPQ 0.6.6's KL search is degenerate below 5 activation bits.
+    bits = 8 if observer == "kl" else 4
+    result = _quantize(digits.MODEL_PATH, mapsave, f"obs_{observer}", calib32, bit_width=bits, observer=observer)
+    snr = result.output_snr_db[digits.OUTPUT_NAME]
+    if bits == 8:
+        assert _top1(result, digits_test) >= fp32_top1["digits"] - 0.5
+        assert snr > 25.0
+    else:
+        assert _top1(result, digits_test) >= fp32_top1["digits"] - 3.0
+        assert snr > 7.0
 
 
 def test_recipes_build_distinct_settings():
     fast, default, best = (build_setting(recipe, "cpu", 32) for recipe in RECIPES)
-    assert not (fast.bias_correct or fast.lsq_optimization or fast.equalization)
-    assert best.lsq_optimization and best.lsq_optimization_setting.collecting_device == "cpu"
+    for setting in (fast, default, best):
+        assert not (setting.bias_correct or setting.equalization)
+    assert fast.quantize_activation_setting.calib_algorithm is None  # the observer given to quantize
+    assert default.quantize_activation_setting.calib_algorithm == "mse" and not default.lsq_optimization
+    assert best.quantize_activation_setting.calib_algorithm == "mse" and best.lsq_optimization
+    lsq = best.lsq_optimization_setting
+    assert (lsq.collecting_device, lsq.steps, lsq.lr, lsq.block_size) == ("cpu", 300, 1e-4, 8)
+    assert build_setting("best", "cuda", 32).lsq_optimization_setting.collecting_device == "cuda"
+    assert build_setting("fast", "cpu", 32) is not fast  # a fresh setting every call
+    for recipe in RECIPES:  # an explicit observer wins over the recipe's
+        setting = build_setting(recipe, "cpu", 32, observer="minmax")
+        assert setting.quantize_activation_setting.calib_algorithm == "minmax"
+
+
+@pytest.mark.parametrize(("recipe", "calib_batches", "observer"),
+                         [("slow", 32, None), ("best", 0, None), ("best", True, None), ("best", 32, "isotone")])
+def test_build_setting_rejects_bad_arguments(recipe, calib_batches, observer):
+    with pytest.raises(InvalidArgumentError):
+        build_setting(recipe, "cpu", calib_batches, observer=observer)
 
 
 def test_default_recipe_digits_w4a4_within_1_point(mapsave, calib32, digits_test, fp32_top1):
     result = _quantize(digits.MODEL_PATH, mapsave, "default_w4a4", calib32, steps=32, bit_width=4,
                        recipe="default")
     assert _top1(result, digits_test) >= fp32_top1["digits"] - 1.0
+
+
+def test_mobile_w8a8_default(mapsave, calib32, digits_test, fp32_top1):
+    assert fp32_top1["mobile"] >= 98.5
+    result = _quantize(mobile.MODEL_PATH, mapsave, "mobile_w8a8", calib32, steps=32, bit_width=8,
+                       recipe="default")
+    info = read_quantinfo("mobile_w8a8", mapsave)
+    assert {"Clip", "HardSigmoid", "Sigmoid", "Mul", "GlobalAveragePool"} <= {cfg.op_type for cfg in info.values()}
+    # Two images (0.37 point): the quantized logits of two test digits tie (8-bit logits, step 0.18), and
+    # which of two close observers wins such images is chance (see docs/benchmarks.rst); SNR is the measure.
+    assert _top1(result, digits_test) >= fp32_top1["mobile"] - 0.4
+    # 23 dB when the squeeze-excite gate's Conv output was quantized before its fused Sigmoid
+    assert result.output_snr_db[mobile.OUTPUT_NAME] > 26.0
+    # a Conv -> Sigmoid pair is one operator on the chip: the Sigmoid reads the Conv's accumulator, no
+    # quantization in between (and the gate itself lives on the unsigned range)
+    model = onnx.load(str(result.model_path))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    gates = [node for node in model.graph.node if node.op_type == "Sigmoid"]
+    assert len(gates) == 2
+    for gate in gates:
+        assert producers[gate.input[0]].op_type == "Conv", gate.name
+        assert (info[gate.name].outputs[0].qmin, info[gate.name].outputs[0].qmax) == (0, 255)
+
+
+def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
+    kwargs = {"steps": 16, "weight_bits": 8, "activation_bits": 4, "recipe": "default"}
+    unsigned = _quantize(mobile.MODEL_PATH, mapsave, "mobile_unsigned", calib32, **kwargs)
+    signed = _quantize(mobile.MODEL_PATH, mapsave, "mobile_signed", calib32, unsigned_nonnegative=False, **kwargs)
+    ranges = {name: (cfg.outputs[0].qmin, cfg.outputs[0].qmax, cfg.outputs[0].zero_point)
+              for name, cfg in read_quantinfo("mobile_unsigned", mapsave).items()}
+    by_type: dict[str, set] = {}
+    for name, cfg in unsigned.operators.items():
+        by_type.setdefault(cfg.op_type, set()).add(ranges[name])
+    for op_type in ("Relu", "Sigmoid", "HardSigmoid"):
+        assert by_type[op_type] == {(0, 15, 0)}, op_type
+    assert by_type["Mul"] == {(-8, 7, 0)}  # x * hardsigmoid(x) and x * gate can be negative
+    assert ranges["/block1/expand/expand.2/Clip"] == (0, 15, 0)  # ReLU6 inside a block
+    assert ranges["/stem/stem.2/Clip"] == (-8, 7, 0)  # ReLU6 sharing a scale with the residual Add's signed input
+    assert all(cfg.outputs[0].qmin == -8 for cfg in signed.operators.values())
+    gain = unsigned.output_snr_db[mobile.OUTPUT_NAME] - signed.output_snr_db[mobile.OUTPUT_NAME]
+    assert gain > 0.3, gain

@@ -103,6 +103,7 @@ ROWS = [
     ("symmetrical-type", {"symmetrical": "yes"}, InvalidTypeError, "symmetrical"),
     ("per-channel-type", {"per_channel": 1}, InvalidTypeError, "per_channel"),
     ("layerwise-type", {"layerwise_analysis": "yes"}, InvalidTypeError, "layerwise_analysis"),
+    ("unsigned-type", {"unsigned_nonnegative": "yes"}, InvalidTypeError, "unsigned_nonnegative"),
     ("seed-negative", {"seed": -1}, InvalidArgumentError, "seed"),
     ("observer", {"observer": "magic"}, InvalidArgumentError, "observer"),
     ("recipe", {"recipe": "fastest"}, InvalidArgumentError, "recipe"),

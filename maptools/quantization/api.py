@@ -73,8 +73,9 @@ def quantize(
     weight_bits: int | None = None,
     activation_bits: int | None = None,
     layer_bits: Mapping[str, int | tuple[int, int]] | None = None,
-    observer: str = "percentile",
+    observer: str | None = None,
     recipe: str = "default",
+    unsigned_nonnegative: bool | None = None,
     analysis_steps: int = 4,
     layerwise_analysis: bool = False,
 ) -> QuantizationResult:
@@ -101,7 +102,12 @@ def quantize(
         weight_bits: Weight bit width (default ``bit_width``).
         activation_bits: Activation bit width (default ``bit_width``).
         layer_bits: Per-node overrides: node name -> bits, or ``(weight_bits, activation_bits)``.
-        observer: Activation calibration algorithm: one of :data:`OBSERVERS`.
+        observer: Activation calibration algorithm: one of :data:`OBSERVERS`, or None for the recipe's
+            (``mse`` for ``'default'`` and ``'best'``, ``percentile`` for ``'fast'`` and a custom ``setting``).
+        unsigned_nonnegative: Quantize activations that cannot be negative (ReLU, ReLU6, sigmoid outputs...)
+            over ``0 .. 2^b-1`` rather than ``-2^(b-1) .. 2^(b-1)-1``, zero point 0 either way (symmetric
+            activations only; not with the ``kl`` observer). None for the recipe's choice: on for
+            ``'default'`` and ``'best'``, off for ``'fast'`` and a custom ``setting``.
         recipe: ``'fast'``, ``'default'`` or ``'best'`` (see :mod:`maptools.quantization.engine.recipes`).
         analysis_steps: Number of calibration batches used to measure the graph-wise error.
         layerwise_analysis: Also measure the layer-wise error (the graph outputs when one operator alone
@@ -129,8 +135,10 @@ def quantize(
     analysis_steps = check_positive_int(analysis_steps, "analysis_steps")
     layerwise_analysis = check_bool(layerwise_analysis, "layerwise_analysis")
     overrides = check_layer_bits(layer_bits)
-    if observer not in OBSERVERS:
-        raise maptools.InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)}, got {observer!r}")
+    if observer is not None and observer not in OBSERVERS:
+        raise maptools.InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)} or None, got {observer!r}")
+    if unsigned_nonnegative is not None:
+        unsigned_nonnegative = check_bool(unsigned_nonnegative, "unsigned_nonnegative")
     if setting is None and recipe not in RECIPES:
         raise maptools.InvalidArgumentError(f"recipe: expected one of {list(RECIPES)}, got {recipe!r}")
     target = artifacts.map_directory(mapname, mapsave_dir)
@@ -153,14 +161,18 @@ def quantize(
         calibration = "user"
     # -- 2. the PPQ engine (imported only now) ---------------------------------------------------
     from maptools.quantization.engine import LowBitSpec, PPQSession
-    from maptools.quantization.engine.recipes import build_setting
+    from maptools.quantization.engine.recipes import RECIPE_OBSERVERS, RECIPE_UNSIGNED, build_setting
 
     if setting is not None:
         ppq_setting, recipe_name = setting, "custom"
     else:
-        ppq_setting, recipe_name = build_setting(recipe, device, len(batches)), recipe
+        ppq_setting, recipe_name = build_setting(recipe, device, len(batches), observer=observer), recipe
+    observer = observer or RECIPE_OBSERVERS.get(recipe_name) or "percentile"
+    if unsigned_nonnegative is None:
+        unsigned_nonnegative = RECIPE_UNSIGNED.get(recipe_name, False)
     spec = LowBitSpec(weight_bits=w_bits, activation_bits=a_bits, symmetrical=symmetrical,
-                      per_channel=per_channel, layer_bits=overrides, observer=observer)
+                      per_channel=per_channel, layer_bits=overrides, observer=observer,
+                      unsigned_nonnegative=unsigned_nonnegative)
     _seed_everything(seed)
     logger.info("quantizing %s as %r: W%dA%d, %s, %d %s calibration batches on %s",
                 model.path, mapname, w_bits, a_bits, recipe_name, len(batches), calibration, device)
@@ -188,6 +200,7 @@ def quantize(
             "input_shapes": {k: list(v) for k, v in shapes.items()}, "device": device,
             "weight_bits": w_bits, "activation_bits": a_bits, "bit_width": bit_width,
             "symmetrical": symmetrical, "per_channel": per_channel, "observer": observer,
+            "unsigned_nonnegative": unsigned_nonnegative,
             "recipe": recipe_name, "layer_bits": {k: list(v) for k, v in overrides.items()},
             "calibration": calibration, "calib_steps": calib_steps, "calib_batches": len(batches), "seed": seed,
             "layerwise_analysis": layerwise_analysis,

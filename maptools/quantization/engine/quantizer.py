@@ -3,12 +3,16 @@
 Rebuilt from the idea of the ``ppq_lowbit`` extension: a subclass of PPQ's TensorRT quantizer whose bit
 width, symmetry and weight granularity are parameters, with per-layer overrides. Weights are always
 symmetric, per output channel when ``per_channel``; Conv/Gemm biases are kept at 32 bits with scale
-``input_scale * weight_scale`` so the chip can add them to its int32 accumulator.
+``input_scale * weight_scale`` so the chip can add them to its int32 accumulator. With
+``unsigned_nonnegative``, activations that cannot be negative use the unsigned range ``0 .. 2^b-1`` (zero
+point 0, see :mod:`maptools.quantization.engine.unsigned`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from maptools.quantization.engine.quiet import import_ppq
 
@@ -22,7 +26,11 @@ from ppq.core import (  # noqa: E402
     TargetPlatform,
 )
 from ppq.IR import BaseGraph, Operation  # noqa: E402
+from ppq.quantization.optim import training as ppq_training  # noqa: E402
+from ppq.quantization.optim.base import QuantizationOptimizationPipeline  # noqa: E402
 from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
+
+from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E402
 
 __all__ = ["LowBitQuantizer", "LowBitSpec", "int_range"]
 
@@ -49,6 +57,9 @@ class LowBitSpec:
         per_channel: Per-output-channel weight scales (else one scale per tensor).
         layer_bits: Node name -> ``(weight_bits, activation_bits)`` overrides.
         observer: Activation observer (PPQ name: ``percentile``, ``minmax``, ``kl``, ``mse``...).
+        unsigned_nonnegative: With symmetric activations, quantize tensors that cannot be negative over
+            ``0 .. 2^b-1`` instead of ``-2^(b-1) .. 2^(b-1)-1`` (not with the ``kl`` observer, which PPQ
+            implements for signed ranges only).
     """
 
     weight_bits: int = 8
@@ -57,6 +68,7 @@ class LowBitSpec:
     per_channel: bool = True
     layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
     observer: str = "percentile"
+    unsigned_nonnegative: bool = False
 
     def bits_of(self, op_name: str) -> tuple[int, int]:
         """``(weight_bits, activation_bits)`` of an operator."""
@@ -74,6 +86,28 @@ def weight_channel_axis(operation: Operation) -> int:
     return 0
 
 
+class IntegerZeroPointLSQPass(ppq_training.LearnedStepSizePass):
+    """PPQ's LSQ pass training weights, biases and scales but not zero points.
+
+    PPQ's LSQ learns the offsets of asymmetric configs as floats; a chip needs integer zero points, and an
+    unsigned range must keep zero point 0, so they stay as calibrated.
+    """
+
+    def optimize(self, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature
+        with _frozen_offsets():
+            super().optimize(*args, **kwargs)
+
+
+@contextmanager
+def _frozen_offsets():
+    original = ppq_training.LSQDelegator
+    ppq_training.LSQDelegator = partial(original, is_offset_trainable=False)
+    try:
+        yield
+    finally:
+        ppq_training.LSQDelegator = original
+
+
 class LowBitQuantizer(TensorRTQuantizer):
     """PPQ quantizer that quantizes every tensor to the bit widths of a :class:`LowBitSpec`."""
 
@@ -82,6 +116,7 @@ class LowBitQuantizer(TensorRTQuantizer):
         self._spec = spec
         self._num_of_bits = spec.activation_bits
         self._quant_min, self._quant_max = int_range(spec.activation_bits, spec.symmetrical)
+        self._unsigned: set[str] | None = None
 
     @property
     def spec(self) -> LowBitSpec:
@@ -93,6 +128,37 @@ class LowBitQuantizer(TensorRTQuantizer):
         """The activation policy (per-tensor, linear, symmetric or asymmetric)."""
         symmetry = QuantizationProperty.SYMMETRICAL if self._spec.symmetrical else QuantizationProperty.ASYMMETRICAL
         return QuantizationPolicy(symmetry + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
+
+    @property
+    def unsigned(self) -> set[str]:
+        """Names of the activation tensors quantized over the unsigned range."""
+        if self._unsigned is None:
+            wanted = self._spec.symmetrical and self._spec.unsigned_nonnegative and self._spec.observer != "kl"
+            self._unsigned = unsigned_variables(self._graph, self.activation_fusion_types) if wanted else set()
+        return self._unsigned
+
+    def build_quant_pipeline(self, setting) -> QuantizationOptimizationPipeline:
+        """PPQ's pipeline for ``setting``, with LSQ keeping zero points integer."""
+        pipeline = super().build_quant_pipeline(setting)
+        for optim_pass in pipeline:
+            if type(optim_pass) is ppq_training.LearnedStepSizePass:
+                optim_pass.__class__ = IntegerZeroPointLSQPass
+        return pipeline
+
+    def _make_unsigned(self, operation: Operation, config: OperationQuantizationConfig) -> None:
+        """Give the non-negative activation tensors of ``operation`` the unsigned range, zero point 0."""
+        pairs = [*zip(config.input_quantization_config, operation.inputs, strict=False),
+                 *zip(config.output_quantization_config, operation.outputs, strict=False)]
+        if operation.type == "Clip" and operation.outputs and operation.outputs[0].name in self.unsigned:
+            # PPQ quantizes a Clip's bounds with its output's config: they need its unsigned range too
+            pairs += [(tqc, operation.outputs[0]) for tqc in config.input_quantization_config[1:]]
+        for tqc, var in pairs:
+            if var.name not in self.unsigned:
+                continue
+            tqc.policy = QuantizationPolicy(
+                QuantizationProperty.ASYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
+            )
+            tqc.quant_min, tqc.quant_max = int_range(tqc.num_of_bits, False)
 
     def _bits_of(self, operation: Operation) -> tuple[int, int]:
         """Bits of an operator; an activation fused into an overridden Conv/Gemm inherits its override."""
@@ -145,6 +211,7 @@ class LowBitQuantizer(TensorRTQuantizer):
         elif operation.type in {"LayerNormalization"}:
             for tqc in config.input_quantization_config[1:]:
                 tqc.state = QuantizationStates.FP32
+        self._make_unsigned(operation, config)
         return config
 
     @property

@@ -286,7 +286,11 @@ class PPQSession:
                 for dest in var.dest_ops:
                     if not isinstance(dest, QuantableOperation) or dest.type in ("Relu", "Clip"):
                         continue  # Q(relu(x)) == relu(Q(x)): a fused activation is not a hole
-                    if not live(dest.config.input_quantization_config[dest.inputs.index(var)].state):
+                    dest_config = dest.config.input_quantization_config[dest.inputs.index(var)]
+                    if dest.config.output_quantization_config and (
+                            dest_config.dominated_by is dest.config.output_quantization_config[0].dominated_by):
+                        continue  # an activation fused into its producer (Conv -> Sigmoid) reads the accumulator
+                    if not live(dest_config.state):
                         config.state = QuantizationStates.ACTIVATED
                         closed.append(f"{op.name} -> {dest.name}")
                         break

@@ -1,0 +1,155 @@
+"""Which activation tensors may use the unsigned integer range.
+
+A symmetric ``b``-bit activation spans ``-2^(b-1) .. 2^(b-1)-1``: a tensor that is never negative (a ReLU,
+ReLU6 or sigmoid output, a max-pool of one...) then uses only the upper half, one bit of its resolution
+wasted. Quantized over ``0 .. 2^b-1`` with zero point 0 it keeps ``real = scale * integer`` and gains that
+bit back, which matters most at 4 bits and below. A CIM crossbar's input DACs are unsigned anyway.
+
+Non-negativity is decided from the graph's structure, never from the calibration data (a tensor that
+happened to be non-negative on the calibration batches may not be on others):
+
+* an operator whose output is non-negative by definition (``Relu``, ``Sigmoid``, ``Softmax``, a ``Clip``
+  whose lower bound is a constant >= 0...);
+* an operator that keeps the sign of its data input (pooling, reshaping, slicing, resizing...) fed by a
+  non-negative tensor;
+* ``Add``, ``Mul``, ``Concat``... all of whose inputs are non-negative (constants by their values).
+
+PPQ then shares one scale between tensors it aligns (the inputs of a residual ``Add``, the inputs and
+output of a ``Concat``, a pooling's input and output, a Conv's output fused with its activation): all the
+tensors of such a group share one integer range too, unsigned only if every one of them is non-negative.
+A Conv output fused into its activation (so never materialized) takes the activation's range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from ppq.core import PASSIVE_OPERATIONS, TYPES_FOR_ALIGNMENT
+from ppq.IR import BaseGraph, Operation, Variable
+
+__all__ = ["NON_NEGATIVE_TYPES", "SIGN_PRESERVING_TYPES", "non_negative_variables", "unsigned_variables"]
+
+#: Operators whose output is never negative.
+NON_NEGATIVE_TYPES = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Softplus", "Abs", "Exp"})
+#: Operators whose output is non-negative when their data input (input 0) is.
+SIGN_PRESERVING_TYPES = frozenset({
+    "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose",
+    "Squeeze", "Unsqueeze", "Identity", "Dropout", "Resize", "Upsample", "Slice", "Split", "DepthToSpace",
+    "SpaceToDepth", "ReduceMax", "ReduceMin", "ReduceMean", "Gather", "Tile", "Expand", "Relu6",
+})
+#: Operators whose output is non-negative when every input is.
+ALL_INPUTS_TYPES = frozenset({"Add", "Mul", "Concat", "Sum", "Max", "Min", "Mean"})
+
+
+def _constant_min(var: Variable | None) -> float | None:
+    """Smallest value of a constant input, None when it is not a constant."""
+    if var is None or not var.is_parameter or var.value is None:
+        return None
+    value = np.asarray(var.value.detach().cpu().numpy() if hasattr(var.value, "detach") else var.value)
+    return float(value.min()) if value.size else 0.0
+
+
+def _input(op: Operation, index: int) -> Variable | None:
+    return op.inputs[index] if index < len(op.inputs) and op.inputs[index] is not None else None
+
+
+def _is_non_negative_output(op: Operation, known: set[str]) -> bool:
+    def non_negative(var: Variable | None) -> bool:
+        if var is None:
+            return False
+        if var.is_parameter:
+            low = _constant_min(var)
+            return low is not None and low >= 0.0
+        return var.name in known
+
+    if op.type in NON_NEGATIVE_TYPES:
+        return True
+    if op.type == "Clip":
+        low = _constant_min(_input(op, 1)) if _input(op, 1) is not None else op.attributes.get("min")
+        return low is not None and float(low) >= 0.0
+    if op.type == "Pad":
+        pad_value = _input(op, 2)
+        return non_negative(_input(op, 0)) and (pad_value is None or (_constant_min(pad_value) or 0.0) >= 0.0)
+    if op.type in SIGN_PRESERVING_TYPES:
+        return non_negative(_input(op, 0))
+    if op.type in ALL_INPUTS_TYPES:
+        return all(non_negative(var) for var in op.inputs)
+    return False
+
+
+def non_negative_variables(graph: BaseGraph) -> set[str]:
+    """Names of the activation tensors that are non-negative by the graph's structure alone."""
+    known: set[str] = set()
+    for op in graph.topological_sort():
+        if _is_non_negative_output(op, known):
+            known.update(var.name for var in op.outputs)
+    return known
+
+
+class _Groups:
+    """Union-find over variable names."""
+
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+
+    def find(self, name: str) -> str:
+        parent = self._parent.setdefault(name, name)
+        if parent != name:
+            parent = self._parent[name] = self.find(parent)
+        return parent
+
+    def union(self, names: Iterable[str]) -> None:
+        names = list(names)
+        for other in names[1:]:
+            self._parent[self.find(other)] = self.find(names[0])
+
+
+def _fused_activation(graph: BaseGraph, op: Operation, fusion_types: set[str]) -> Operation | None:
+    """The activation PPQ fuses into computing operator ``op`` (same rule as its QuantizeFusionPass)."""
+    if not op.is_computing_op:
+        return None
+    downstream = graph.get_downstream_operations(op)
+    if len(downstream) != 1 or downstream[0].type not in fusion_types:
+        return None
+    activation = downstream[0]
+    return activation if len(graph.get_upstream_operations(activation)) == 1 else None
+
+
+def unsigned_variables(graph: BaseGraph, fusion_types: set[str]) -> set[str]:
+    """Activation tensors that can be quantized over the unsigned range.
+
+    Args:
+        graph: The PPQ graph, before quantization.
+        fusion_types: The activation types the quantizer fuses into a preceding computing operator.
+
+    Returns:
+        Names of the variables whose every alignment group member is non-negative.
+    """
+    non_negative = non_negative_variables(graph)
+    groups = _Groups()
+    exempt: set[str] = set()  # computing outputs fused into their activation: never materialized
+    activations = [var.name for var in graph.variables.values() if not var.is_parameter]
+    for name in activations:
+        groups.find(name)
+    for op in graph.operations.values():
+        act_inputs = [var.name for var in op.inputs if var is not None and not var.is_parameter]
+        outputs = [var.name for var in op.outputs]
+        if op.type in PASSIVE_OPERATIONS or op.type in {"Slice", "Dropout", "Resize"}:
+            groups.union(act_inputs[:1] + outputs[:1])
+        elif op.type in TYPES_FOR_ALIGNMENT["Elementwise"]:
+            groups.union(act_inputs)
+        elif op.type in TYPES_FOR_ALIGNMENT["Concat"]:
+            groups.union(act_inputs + outputs)
+        activation = _fused_activation(graph, op, fusion_types)
+        if activation is not None and op.outputs and activation.outputs:
+            groups.union([op.outputs[0].name, activation.outputs[0].name])
+            exempt.add(op.outputs[0].name)
+        if op.type == "Sigmoid" and "Swish" in fusion_types and act_inputs:
+            # PPQ's Swish fusion (computing op x, then x * sigmoid(x)) gives x, sigmoid(x) and the product
+            # one scale; a squeeze-excite gate (sigmoid of another tensor) is not fused.
+            for consumer in graph.get_downstream_operations(op):
+                if consumer.type == "Mul" and consumer.outputs and act_inputs[0] in {v.name for v in consumer.inputs}:
+                    groups.union(outputs + [consumer.outputs[0].name, act_inputs[0]])
+    signed_roots = {groups.find(name) for name in activations if name not in non_negative and name not in exempt}
+    return {name for name in activations if name in non_negative and groups.find(name) not in signed_roots}
