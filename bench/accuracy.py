@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import shlex
 import sys
@@ -202,6 +203,28 @@ def _cell(m: Measure) -> str:
     return f"{m.top1:.2f} / {m.snr_db:.1f}"
 
 
+def acceptance(results: dict[str, dict[tuple[int, int], dict[str, Measure]]]) -> list[str]:
+    """The issue's checks, one RST bullet each: ``default`` against FP32, ``best`` against raw PPQ."""
+    lines = []
+    for model, rows in results.items():
+        for (w_bits, a_bits), allowed in (((8, 8), 0.3), ((4, 4), 1.0)):
+            row = rows.get((w_bits, a_bits))
+            if row is None:
+                continue
+            loss = row["FP32"].top1 - row["default"].top1
+            verdict = "yes" if loss <= allowed + 1e-9 else "**no**"
+            lines.append(f"* {model}, W{w_bits}A{a_bits}: ``default`` changes top-1 by {-loss:+.2f} point "
+                         f"(at most {allowed} lost allowed): {verdict}")
+        misses = [f"W{w}A{a} ({', '.join(what)})" for (w, a), row in rows.items()
+                  if (what := [metric for metric, ok in (
+                      ("top-1", row["best"].top1 >= max(row[s].top1 for s in RAW_SETTINGS)),
+                      ("SNR", row["best"].snr_db >= max(row[s].snr_db for s in RAW_SETTINGS))) if not ok])]
+        lines.append(f"* {model}: ``best`` matches or beats every raw PPQ setting in top-1 and SNR at "
+                     f"{len(rows) - len(misses)} of {len(rows)} bit pairs"
+                     + (f"; not at {'; '.join(misses)}" if misses else ""))
+    return lines
+
+
 def render(results: dict[str, dict[tuple[int, int], dict[str, Measure]]], command: str, calib_batches: int,
            total_seconds: float) -> str:
     """The RST fragment: the table, how it was made, and notes."""
@@ -225,7 +248,13 @@ def render(results: dict[str, dict[tuple[int, int], dict[str, Measure]]], comman
         "",
         "Each cell is top-1 (%) on the 540 held-out digits / output SNR (dB) of the logits against the FP32",
         "logits on the same digits. The last column compares ``best`` with the best raw-PPQ setting of the row",
-        "in each metric.",
+        "in each metric. One image is 0.19 point of top-1: at 8-bit activations every quantized model",
+        "disagrees with FP32 only on the few test digits whose two largest FP32 logits are within 0.2 of each",
+        "other, so top-1 differences of one image there are chance, not accuracy.",
+        "",
+        "Checks (the acceptance of the accuracy issue):",
+        "",
+        *acceptance(results),
         "",
         f"Calibration: {calib_batches} batches of 16 training digits read from an ImageFolder by",
         "``imagefolder_calibset``, the same batches for every configuration; every run seeded with 0.",
@@ -235,7 +264,8 @@ def render(results: dict[str, dict[tuple[int, int], dict[str, Measure]]], comman
         "integer types and is not faithful below 8 bits. Raw PPQ keeps biases in float and leaves fan-out",
         "tensors unquantized on some edges (maptools quantizes every tensor a chip computes on).",
         "",
-        f"Mean wall time per quantization (CPU): {timing}; whole benchmark {total_seconds / 60:.1f} min.",
+        f"Mean wall time per quantization ({os.cpu_count()}-core CPU, one torch thread, shared with other jobs):",
+        f"{timing}; whole benchmark {total_seconds / 60:.1f} min.",
         "",
         "Made with::",
         "",
@@ -252,11 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-batches", type=int, default=32, help="calibration batches of 16 (default: 32)")
     parser.add_argument("--out", type=Path, default=None, help=f"RST output (default: {DEFAULT_OUT.relative_to(ROOT)})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     out = args.out if args.out is not None or args.quick else DEFAULT_OUT
-    models = {"digits CNN": MODELS["digits CNN"]} if args.quick else MODELS
+    names = [name.strip() for name in args.models.split(",")]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    models = {"digits CNN": MODELS["digits CNN"]} if args.quick else {name: MODELS[name] for name in names}
     bits = ((4, 4),) if args.quick else BITS
     started = time.perf_counter()
     images, labels = digits.load_split("test")
