@@ -139,6 +139,10 @@ def _scale_text(scale: object) -> str:
     return f"{arr[0]:.4g}" if arr.size == 1 else f"{arr.min():.3g}..{arr.max():.3g}({arr.size})"
 
 
+def _range_text(values: list[int] | None) -> str:
+    return "-" if values is None else f"[{values[0]},{values[1]}]"
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from maptools.quantization import read_quantinfo, read_quantparams
     from maptools.quantization.artifacts import map_directory, read_manifest
@@ -149,9 +153,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     rows = []
     for name, cfg in info.items():
         kind = "conv" if cfg.op_type in ("Conv", "ConvTranspose") else "gemm"
+        first_in = next((t for t in cfg.inputs or [] if t is not None), None)
+        first_out = cfg.outputs[0] if cfg.outputs else None
         rows.append({
             "node": name, "op_type": cfg.op_type, "input_bits": cfg.input_bits, "output_bits": cfg.output_bits,
             "input_scale": cfg.input_scale, "output_scale": cfg.output_scale,
+            "input_range": None if first_in is None else [first_in.qmin, first_in.qmax],
+            "output_range": None if first_out is None else [first_out.qmin, first_out.qmax],
             "weight_bits": cfg.weight_bits,
             "weight_scale": None if cfg.weight_scale is None else [float(v) for v in cfg.weight_scale],
             "weight_range": _range(params.get(f"{name}_{kind}_weight")),
@@ -161,14 +169,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps({"manifest": manifest, "operators": rows}, indent=2))
         return 0
     width = max([len("node")] + [len(row["node"]) for row in rows])
-    header = f"{'node':{width}} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} {'w':>2} " \
-             f"{'w scale':>22} {'w range':>12} {'bias range':>24}"
+    header = f"{'node':{width}} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} " \
+             f"{'in range':>10} {'out range':>10} {'w':>2} {'w scale':>22} {'w range':>12} {'bias range':>24}"
     print(header)
     print("-" * len(header))
     for row, cfg in zip(rows, info.values(), strict=True):
         print(f"{row['node']:{width}} {row['op_type'][:18]:18} {row['input_bits'] or '-':>3} "
               f"{row['output_bits'] or '-':>3} {_scale_text(row['input_scale']):>10} "
-              f"{_scale_text(row['output_scale']):>10} {row['weight_bits'] or '-':>2} "
+              f"{_scale_text(row['output_scale']):>10} {_range_text(row['input_range']):>10} "
+              f"{_range_text(row['output_range']):>10} {row['weight_bits'] or '-':>2} "
               f"{_scale_text(cfg.weight_scale):>22} {str(row['weight_range'] or '-'):>12} "
               f"{str(row['bias_range'] or '-'):>24}")
     settings = manifest.get("settings", {})

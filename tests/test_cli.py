@@ -70,6 +70,8 @@ def test_inspect_lists_every_conv(resnet18_onnx, tmp_path, capsys):
     rows = {row["node"]: row for row in parsed["operators"]}
     assert set(convs) <= set(rows)
     assert all(rows[c]["weight_range"][0] >= -8 and rows[c]["weight_range"][1] <= 7 for c in convs)
+    assert all(rows[c]["output_range"] == [-8, 7] for c in convs)  # the fast recipe keeps signed ranges
+    assert "out range" in lines[0] and all("[-8,7]" in line for line in lines[2:2 + len(convs)])
     assert parsed["manifest"]["settings"]["weight_bits"] == 4
 
 
