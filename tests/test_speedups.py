@@ -18,6 +18,7 @@ FILES = ("quantinfo.pkl", "quantparams.pkl", "quant_model.onnx")
     {"recipe": "fast", "bit_width": 4},
     {"recipe": "fast", "bit_width": 8, "symmetrical": False, "observer": "minmax"},
     {"recipe": "default", "bit_width": 4},
+    {"recipe": "default", "bit_width": 4, "symmetrical": False},
 ])
 def test_speedups_change_no_artifact_byte(tiny_onnx, tmp_path, monkeypatch, kwargs):
     def run(name):
@@ -72,3 +73,25 @@ def test_fast_observers_are_scoped():
     with fast_observers():
         assert OBSERVER_TABLE["percentile"] is TopkPercentileObserver
     assert OBSERVER_TABLE["percentile"] is TorchPercentileObserver
+
+
+def test_vectorized_mse_loss_equals_ppqs_to_the_bit():
+    import numpy as np
+    from ppq.quantization.observer.range import TorchMSEObserver
+
+    from maptools.quantization.engine.speedups import vectorized_mse_loss
+
+    assert TorchMSEObserver.compute_mse_loss is not vectorized_mse_loss  # installed only while maptools runs
+    observer = TorchMSEObserver.__new__(TorchMSEObserver)
+    generator = np.random.default_rng(0)
+    checked = 0
+    for lam, used in ((0.5, 2048), (40.0, 300), (5000.0, 17)):
+        histogram = [int(v) for v in generator.poisson(lam, 2048) * (np.arange(2048) < used)]
+        for levels in (8, 16, 256):
+            for start in (0, 8, 600):
+                for step in range(1, 2048 // levels + 1, 13):
+                    end = start + levels * step
+                    assert vectorized_mse_loss(observer, histogram, start, step, end) == \
+                        TorchMSEObserver.compute_mse_loss(observer, histogram, start, step, end)
+                    checked += 1
+    assert checked > 200
