@@ -68,9 +68,13 @@ def _is_non_negative_output(op: Operation, known: set[str]) -> bool:
     if op.type == "Clip":
         low = _constant_min(_input(op, 1)) if _input(op, 1) is not None else op.attributes.get("min")
         return low is not None and float(low) >= 0.0
-    if op.type == "Pad":
+    if op.type == "Pad":  # the constant pad value (default 0) must be non-negative too
         pad_value = _input(op, 2)
-        return non_negative(_input(op, 0)) and (pad_value is None or (_constant_min(pad_value) or 0.0) >= 0.0)
+        if pad_value is not None and pad_value.name:
+            low = _constant_min(pad_value)
+            if low is None or low < 0.0:
+                return False
+        return non_negative(_input(op, 0))
     if op.type in SIGN_PRESERVING_TYPES:
         return non_negative(_input(op, 0))
     if op.type in ALL_INPUTS_TYPES:
