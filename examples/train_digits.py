@@ -117,9 +117,22 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def train(epochs: int) -> nn.Module:
-    """Train :class:`DigitsResNet` on the ``"train"`` split.
+    """Train :class:`DigitsResNet` on the ``"train"`` split (see :func:`fit`).
 
     Args:
+        epochs: Number of training epochs.
+
+    Returns:
+        The trained model (in eval mode).
+    """
+    return fit(DigitsResNet(), epochs)
+
+
+def fit(model: nn.Module, epochs: int) -> nn.Module:
+    """Train ``model`` on the ``"train"`` split: Adam, cosine schedule, random shifts, seeded shuffles.
+
+    Args:
+        model: A freshly initialised classifier of 1x8x8 digits.
         epochs: Number of training epochs.
 
     Returns:
@@ -128,7 +141,6 @@ def train(epochs: int) -> nn.Module:
     x_np, y_np = digits.load_split("train")
     images, labels = torch.from_numpy(x_np), torch.from_numpy(y_np)
     generator = torch.Generator().manual_seed(SEED)
-    model = DigitsResNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = -(-len(images) // BATCH_SIZE)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import BATCH_SIZE, LEARNING_RATE, SEED, WEIGHT_DECAY, evaluate, export, random_shift  # noqa: E402
+from train_digits import SEED, export, fit  # noqa: E402
 
 try:
     from maptools.examples import digits, mobile
@@ -139,7 +139,7 @@ class DigitsMobile(nn.Module):
 
 
 def train(epochs: int) -> nn.Module:
-    """Train :class:`DigitsMobile` on the ``"train"`` split (same recipe as ``train_digits.train``).
+    """Train :class:`DigitsMobile` on the ``"train"`` split with ``train_digits.fit`` (the same recipe).
 
     Args:
         epochs: Number of training epochs.
@@ -147,37 +147,7 @@ def train(epochs: int) -> nn.Module:
     Returns:
         The trained model (in eval mode).
     """
-    x_np, y_np = digits.load_split("train")
-    images, labels = torch.from_numpy(x_np), torch.from_numpy(y_np)
-    generator = torch.Generator().manual_seed(SEED)
-    model = DigitsMobile()
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    steps_per_epoch = -(-len(images) // BATCH_SIZE)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        permutation = torch.randperm(len(images), generator=generator)
-        total_loss = 0.0
-        for start in range(0, len(images), BATCH_SIZE):
-            index = permutation[start : start + BATCH_SIZE]
-            batch = random_shift(images[index], generator)
-            optimizer.zero_grad()
-            loss = loss_fn(model(batch), labels[index])
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(index)
-        if epoch == 1 or epoch % 10 == 0 or epoch == epochs:
-            logger.info(
-                "epoch %3d/%d  loss %.4f  train top-1 %.2f%%",
-                epoch,
-                epochs,
-                total_loss / len(images),
-                evaluate(model, images, labels),
-            )
-    model.eval()
-    return model
+    return fit(DigitsMobile(), epochs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,9 @@ initial ones the activations of such networks shrink geometrically and the quant
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -24,6 +27,17 @@ SHAPE = [1, 3, SIZE, SIZE]
 MODELS = {"mobilenet_v3_small": 0.25, "squeezenet1_1": 0.90}
 
 
+def _zoo_bench():
+    """bench/zoo.py, whose BatchNorm re-estimation and cosine the test shares (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("zoo_bench", Path(__file__).resolve().parents[1] / "bench" / "zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+zoo = _zoo_bench()
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: PPQ's batch-1 forwards of small tensors run about 3x faster in CPU time than
@@ -34,32 +48,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def reestimate_batchnorm(model: torch.nn.Module, steps: int = 8, batch: int = 4) -> torch.nn.Module:
-    """Running statistics of every BatchNorm from random batches (cumulative average); eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for module in norms:
-        module.reset_running_stats()
-        module.momentum = None
-    if norms:
-        model.train()
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for _ in range(steps):
-                model(torch.randn(batch, 3, SIZE, SIZE, generator=generator))
-    return model.eval()
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_zoo_w4a4(name, tmp_path, mapsave, one_thread):
     import torchvision
 
     torch.manual_seed(0)
-    model = reestimate_batchnorm(getattr(torchvision.models, name)(weights=None))
+    model = zoo.reestimate_batchnorm(getattr(torchvision.models, name)(weights=None), SIZE)
     path = export_onnx(model, (torch.randn(*SHAPE),), tmp_path / f"{name}.onnx", ["input"], ["output"])
 
     result = quantize({"input": SHAPE}, "cpu", path, name, calib_steps=8, bit_width=4, recipe="fast",
@@ -73,7 +67,7 @@ def test_zoo_w4a4(name, tmp_path, mapsave, one_thread):
     outs = np.stack([quant.run(None, {"input": x})[0] for x in inputs])
     assert outs.shape == refs.shape == (4, 1, 1000)
     assert np.isfinite(outs).all()
-    assert cosine(refs, outs) > MODELS[name]
+    assert zoo.cosine(refs, outs) > MODELS[name]
 
     info = read_quantinfo(name, mapsave)
     convs = [node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"]

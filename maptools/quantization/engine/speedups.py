@@ -144,10 +144,10 @@ def vectorized_mse_loss(self: TorchMSEObserver, histogram: list, start: int, ste
         return _PPQ_MSE_LOSS(self, histogram, start, step, end)
     cached = getattr(self, "_maptools_histogram", None)
     if cached is None or cached[0] is not histogram:  # the list is held, so its id is never reused
-        cached = (histogram, np.asarray(histogram, dtype=np.int64), sum(histogram))
+        bins = np.asarray(histogram, dtype=np.int64)
+        cached = (histogram, bins, sum(histogram), np.arange(bins.size, dtype=np.int64))
         self._maptools_histogram = cached
-    _, bins, num_of_elements = cached
-    idx = np.arange(bins.size, dtype=np.int64)
+    _, bins, num_of_elements, idx = cached
     l_idx = (idx - start) % step
     r_idx = step - l_idx - 1
     inside = np.where(l_idx == r_idx, l_idx + 0.25, np.minimum(l_idx + 0.5, r_idx + 0.5))

@@ -139,6 +139,8 @@ def unsigned_variables(graph: BaseGraph, fusion_types: set[str]) -> set[str]:
     for op in graph.operations.values():
         act_inputs = [var.name for var in op.inputs if var is not None and not var.is_parameter]
         outputs = [var.name for var in op.outputs]
+        # PPQ's PASSIVE_OPERATIONS misses 'Slice' and 'Dropout' (a missing comma joins them); Resize is aligned
+        # to its output by the TensorRT setting
         if op.type in PASSIVE_OPERATIONS or op.type in {"Slice", "Dropout", "Resize"}:
             groups.union(act_inputs[:1] + outputs[:1])
         elif op.type in TYPES_FOR_ALIGNMENT["Elementwise"]:
