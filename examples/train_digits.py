@@ -271,13 +271,21 @@ def export(model: nn.Module, out: Path) -> onnx.ModelProto:
     return proto
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(argv: list[str] | None, description: str, default_out: Path, train_model) -> int:
+    """Command line shared by the training scripts: train deterministically, export, report test top-1.
+
+    Args:
+        argv: Command-line arguments (None for ``sys.argv``).
+        description: The script's one-line description.
+        default_out: Default ONNX output path.
+        train_model: ``epochs -> trained model``.
+
+    Returns:
+        The exit code.
+    """
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--epochs", type=int, default=40, help="number of training epochs (default: 40)")
-    parser.add_argument(
-        "--out", type=Path, default=digits.MODEL_PATH, help=f"output ONNX path (default: {digits.MODEL_PATH})"
-    )
+    parser.add_argument("--out", type=Path, default=default_out, help=f"output ONNX path (default: {default_out})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -286,9 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
 
     start = time.perf_counter()
-    model = train(args.epochs)
-    train_seconds = time.perf_counter() - start
-    logger.info("training took %.1f s", train_seconds)
+    model = train_model(args.epochs)
+    logger.info("training took %.1f s", time.perf_counter() - start)
 
     proto = export(model, args.out)
     logger.info(
@@ -301,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test = digits.load_split("test")
     logger.info("FP32 test top-1 (onnxruntime): %.2f%%", digits.onnx_top1(args.out, x_test, y_test))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    return run(argv, __doc__.splitlines()[0], digits.MODEL_PATH, train)
 
 
 if __name__ == "__main__":

@@ -18,25 +18,21 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import SEED, export, fit  # noqa: E402
+from train_digits import fit, run  # noqa: E402
 
 try:
-    from maptools.examples import digits, mobile
+    from maptools.examples import mobile
 except ImportError:  # running from a source checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from maptools.examples import digits, mobile
+    from maptools.examples import mobile
 
-logger = logging.getLogger("train_mobile")
 
 NUM_CLASSES = 10
 
@@ -152,33 +148,7 @@ def train(epochs: int) -> nn.Module:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40, help="number of training epochs (default: 40)")
-    parser.add_argument(
-        "--out", type=Path, default=mobile.MODEL_PATH, help=f"output ONNX path (default: {mobile.MODEL_PATH})"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-
-    torch.manual_seed(SEED)
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-
-    start = time.perf_counter()
-    model = train(args.epochs)
-    logger.info("training took %.1f s", time.perf_counter() - start)
-
-    proto = export(model, args.out)
-    logger.info(
-        "exported %s (%.1f KB, %d nodes: %s)",
-        args.out,
-        args.out.stat().st_size / 1024,
-        len(proto.graph.node),
-        ", ".join(sorted({node.op_type for node in proto.graph.node})),
-    )
-    x_test, y_test = digits.load_split("test")
-    logger.info("FP32 test top-1 (onnxruntime): %.2f%%", digits.onnx_top1(args.out, x_test, y_test))
-    return 0
+    return run(argv, __doc__.splitlines()[0], mobile.MODEL_PATH, train)
 
 
 if __name__ == "__main__":
