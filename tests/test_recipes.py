@@ -149,11 +149,14 @@ def test_mobile_w8a8_default(mapsave, calib32, digits_test, fp32_top1):
                        recipe="default")
     info = read_quantinfo("mobile_w8a8", mapsave)
     assert {"Clip", "HardSigmoid", "Sigmoid", "Mul", "GlobalAveragePool"} <= {cfg.op_type for cfg in info.values()}
-    # Two images (0.37 point): the quantized logits of two test digits tie (8-bit logits, step 0.18), and
-    # which of two close observers wins such images is chance (see docs/benchmarks.rst); SNR is the measure.
-    assert _top1(result, digits_test) >= fp32_top1["mobile"] - 0.4
-    # 23 dB when the squeeze-excite gate's Conv output was quantized before its fused Sigmoid
-    assert result.output_snr_db[mobile.OUTPUT_NAME] > 26.0
+    # Up to three images (0.56 point): at 31 dB the quantized logits of a few test digits whose two largest
+    # FP32 logits nearly tie land either side (8-bit logits, step 0.18); which ones depends on the
+    # calibration batches (this shuffle: 3 images, the benchmark's: 0), see docs/benchmarks.rst. The output
+    # SNR is the measure.
+    assert _top1(result, digits_test) >= fp32_top1["mobile"] - 0.6
+    # 23 dB when the squeeze-excite gate's Conv output was quantized before its fused Sigmoid, 28.5 dB
+    # while HardSwish was quantized as x, HardSigmoid(x) and their product
+    assert result.output_snr_db[mobile.OUTPUT_NAME] > 30.0
     # a Conv -> Sigmoid pair is one operator on the chip: the Sigmoid reads the Conv's accumulator, no
     # quantization in between (and the gate itself lives on the unsigned range)
     model = onnx.load(str(result.model_path))
@@ -166,19 +169,24 @@ def test_mobile_w8a8_default(mapsave, calib32, digits_test, fp32_top1):
 
 
 def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
-    kwargs = {"steps": 16, "weight_bits": 8, "activation_bits": 4, "recipe": "default"}
+    # W4A4: at W8A4 the gain shrank to noise (+-0.3 dB on one analysis batch) once HardSwish stopped being
+    # quantized as x, HardSigmoid(x) and the product (the hard-sigmoid outputs were the unsigned tensors
+    # that gained most); on the 540 test digits W8A4 still gains 0.4 dB, W4A4 0.7 dB and 5 points of top-1
+    kwargs = {"steps": 16, "weight_bits": 4, "activation_bits": 4, "recipe": "default"}
     unsigned = _quantize(mobile.MODEL_PATH, mapsave, "mobile_unsigned", calib32, **kwargs)
     signed = _quantize(mobile.MODEL_PATH, mapsave, "mobile_signed", calib32, unsigned_nonnegative=False, **kwargs)
-    ranges = {name: (cfg.outputs[0].qmin, cfg.outputs[0].qmax, cfg.outputs[0].zero_point)
+    ranges = {name: None if cfg.outputs[0] is None else (cfg.outputs[0].qmin, cfg.outputs[0].qmax,
+                                                         cfg.outputs[0].zero_point)
               for name, cfg in read_quantinfo("mobile_unsigned", mapsave).items()}
     by_type: dict[str, set] = {}
     for name, cfg in unsigned.operators.items():
         by_type.setdefault(cfg.op_type, set()).add(ranges[name])
-    for op_type in ("Relu", "Sigmoid", "HardSigmoid"):
+    for op_type in ("Relu", "Sigmoid"):
         assert by_type[op_type] == {(0, 15, 0)}, op_type
+    assert by_type["HardSigmoid"] == {None}  # inside a fused HardSwish: never integers
     assert by_type["Mul"] == {(-8, 7, 0)}  # x * hardsigmoid(x) and x * gate can be negative
     assert ranges["/block1/expand/expand.2/Clip"] == (0, 15, 0)  # ReLU6 inside a block
     assert ranges["/stem/stem.2/Clip"] == (-8, 7, 0)  # ReLU6 sharing a scale with the residual Add's signed input
-    assert all(cfg.outputs[0].qmin == -8 for cfg in signed.operators.values())
+    assert all(cfg.outputs[0] is None or cfg.outputs[0].qmin == -8 for cfg in signed.operators.values())
     gain = unsigned.output_snr_db[mobile.OUTPUT_NAME] - signed.output_snr_db[mobile.OUTPUT_NAME]
     assert gain > 0.3, gain

@@ -29,8 +29,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError, UnsupportedOperatorError
-from maptools.examples import digits
-from maptools.quantization import quantize, read_quantinfo
+from maptools.examples import digits, mobile
+from maptools.quantization import quantize, read_quantinfo, read_quantparams
 from maptools.quantization import reference as reference_module
 from maptools.quantization.artifacts import PPQGRAPH, QUANTMODEL, map_directory, read_artifact_bytes
 from maptools.quantization.reference import ReferenceExecutor, simulate
@@ -50,6 +50,14 @@ DIGITS_CASES = {
     "w4a4_unsigned": (4, True, True),
 }
 RESNET_CASES = DIGITS_CASES  # the same settings
+# the mobile CNN (HardSwish as x * HardSigmoid(x), squeeze-excite Sigmoid gates, ReLU6 as Clip), default
+# recipe (unsigned ranges); name -> (bits, layer_bits): 'mixed' keeps the stem Conv and the first residual
+# Add at 8-bit activations in a 4-bit map, so a 4-bit ReLU6 output feeds an 8-bit Add
+MOBILE_CASES = {
+    "w8a8": (8, {}),
+    "w4a4": (4, {}),
+    "w4a4_mixed": (4, {"/stem/stem.0/Conv": (8, 8), "/block1/Add": (4, 8)}),
+}
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -211,6 +219,19 @@ def resnet18_run(request, mapsave, resnet18_onnx) -> Run:
     return _execute(mapname, mapsave, "output", batches)
 
 
+@pytest.fixture(scope="module", params=list(MOBILE_CASES))
+def mobile_run(request, mapsave, test_images) -> Run:
+    bits, layer_bits = MOBILE_CASES[request.param]
+    mapname = f"mobile_{request.param}"
+    quantize({"input": list(mobile.INPUT_SHAPE)}, "cpu", mobile.MODEL_PATH, mapname=mapname, calibset=None,
+             calib_steps=8, bit_width=bits, mapsave_dir=mapsave, recipe="default", analysis_steps=1,
+             layer_bits=layer_bits)
+    images, labels = test_images
+    run = _execute(mapname, mapsave, mobile.OUTPUT_NAME, [images])
+    run.labels = labels
+    return run
+
+
 # -- digits -------------------------------------------------------------------------------------------
 def test_digits_ort_matches_ppq(digits_run: Run, record_property) -> None:
     _record(digits_run, record_property, ("ort", "ppq"), ("ort_optimized", "ppq"))
@@ -258,6 +279,54 @@ def test_resnet18_integer_matches_ppq(resnet18_run: Run, record_property) -> Non
 
 def test_resnet18_integer_ranges(resnet18_run: Run) -> None:
     _check_integer_ranges(resnet18_run)
+
+
+# -- mobile CNN: fused activations, mixed precision --------------------------------------------------------
+def test_mobile_ort_and_integer_match_ppq(mobile_run: Run, record_property) -> None:
+    _record(mobile_run, record_property, ("ort", "ppq"), ("ort_optimized", "ppq"), ("integer", "ppq"))
+    for candidate in ("ort", "ort_optimized", "integer"):
+        _check_agreement(mobile_run, candidate, "ppq")
+    top1 = {name: mobile_run.top1(name) for name in ("ppq", "ort", "integer")}
+    assert max(top1.values()) - min(top1.values()) <= MAX_TOP1_GAP, top1
+
+
+def test_mobile_integer_ranges(mobile_run: Run) -> None:
+    _check_integer_ranges(mobile_run)
+
+
+def test_mobile_fused_activations_read_the_accumulator(mobile_run: Run) -> None:
+    """Conv -> x * HardSigmoid(x) and Conv -> Sigmoid: nothing quantized between the MAC and the result."""
+    info = mobile_run.quantinfo
+    hardswish = [name for name, cfg in info.items() if cfg.op_type == "HardSigmoid"]
+    assert len(hardswish) == 5
+    for name in hardswish:
+        assert info[name].inputs == [None] and info[name].outputs == [None], name
+    model = onnx.load(str(map_directory(mobile_run.mapname, mobile_run.mapsave) / QUANTMODEL))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type in ("HardSigmoid", "Sigmoid"):
+            mac = producers[node.input[0]]
+            assert mac.op_type == "Conv", node.name
+            assert info[mac.name].outputs == [None], mac.name
+        if node.op_type == "Mul" and any(producers[i].op_type == "HardSigmoid" for i in node.input):
+            assert info[node.name].inputs == [None, None] and info[node.name].outputs[0] is not None
+
+
+@pytest.mark.parametrize("mobile_run", ["w4a4_mixed"], indirect=True)
+def test_mixed_precision_fan_out_keeps_its_range(mobile_run: Run) -> None:
+    """A 4-bit ReLU6 feeding an 8-bit Add and a 4-bit Conv is materialized on the Add's 8-bit range.
+
+    Before the fix, it took the 8-bit scale with the 4-bit range (ReLU6 clipped at 7 steps of 0.036):
+    top-1 14 %.
+    """
+    info = mobile_run.quantinfo
+    stem = info["/stem/stem.2/Clip"].outputs[0]
+    assert (stem.bits, stem.qmin, stem.qmax) == (8, -128, 127)
+    expand_in = info["/block1/expand/expand.0/Conv"].inputs[0]  # the 4-bit Conv requantizes it to 4 bits
+    assert (expand_in.bits, expand_in.qmin, expand_in.qmax) == (4, -8, 7)
+    assert info["/block1/Add"].outputs[0].bits == 8 and info["/block2/expand/expand.0/Conv"].outputs == [None]
+    assert int(mobile_run.integers["/stem/stem.2/Clip"].max()) > 7  # beyond a 4-bit range
+    assert mobile_run.top1("integer") >= 85.0
 
 
 # -- operators beyond the two networks ---------------------------------------------------------------------
@@ -312,6 +381,95 @@ def test_mixed_operators_match_onnxruntime(mapsave: Path, tmp_path: Path, record
     assert {"/depthwise/Conv", "/grouped/Conv", "/conv1d/Conv", "/MaxPool", "/AveragePool"} <= set(integers)
 
 
+class _Activations(torch.nn.Module):
+    """HardSwish, a squeeze-excite Sigmoid gate, Tanh and a Gemm -> Sigmoid, each after a MAC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 16, 1)
+        self.gate = nn.Conv2d(16, 16, 1)
+        self.project = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        functional = torch.nn.functional
+        a = functional.hardswish(self.stem(x))
+        b = functional.hardswish(self.expand(a))
+        b = b * torch.sigmoid(self.gate(functional.adaptive_avg_pool2d(b, 1)))
+        c = torch.tanh(self.project(b))
+        return torch.sigmoid(self.fc(functional.adaptive_avg_pool2d(c, 1).flatten(1)))
+
+
+@pytest.mark.parametrize(("opset", "bits"), [(13, 4), (14, 4), (14, 8)])
+def test_fused_activations_match_onnxruntime(mapsave: Path, tmp_path: Path, record_property, opset: int,
+                                             bits: int) -> None:
+    """HardSwish as ``x * HardSigmoid(x)`` (opset 13) or as one ``HardSwish`` node (opset 14), fused into its
+    Conv like PPQ's Swish: only the HardSwish result is an integer tensor; the integer executor computes
+    the activation on the real accumulator and agrees with onnxruntime."""
+    torch.manual_seed(0)
+    path = tmp_path / f"activations{opset}.onnx"
+    torch.onnx.export(_Activations().eval(), torch.randn(2, 3, 8, 8), str(path), input_names=["input"],
+                      output_names=["output"], opset_version=opset, dynamo=False)
+    types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ("HardSwish" in types) == (opset == 14) and ("HardSigmoid" in types) == (opset == 13)
+    mapname = f"activations_o{opset}_w{bits}"
+    quantize({"input": [2, 3, 8, 8]}, "cpu", path, mapname=mapname, calibset=None, calib_steps=8,
+             bit_width=bits, mapsave_dir=mapsave, recipe="default", analysis_steps=1)
+    info = read_quantinfo(mapname, mapsave)
+    for name in ("/stem/Conv", "/expand/Conv", "/gate/Conv", "/fc/Gemm"):  # each feeds a fused activation
+        assert info[name].outputs == [None], name
+    assert info["/project/Conv"].outputs[0] is not None  # Tanh is not fused: the Conv output is quantized
+    batches = [np.random.default_rng(seed).standard_normal((2, 3, 8, 8)).astype(np.float32) for seed in range(8)]
+    ort = _ort_session(mapname, mapsave)
+    expected = np.concatenate([ort.run(["output"], {"input": batch})[0] for batch in batches])
+    executor = ReferenceExecutor.load(mapname, mapsave)
+    actual = np.concatenate([executor.run({"input": batch})["output"] for batch in batches])
+    step = _output_step(info, "output")
+    within, snr = _agreement(actual, expected, step)
+    record_property(f"{mapname}: integer vs ort", _fmt(within, snr))
+    assert within >= MIN_WITHIN_STEP and snr >= MIN_SNR_DB, f"{mapname}: integer vs ort: {_fmt(within, snr)}"
+
+
+def test_dead_channel_keeps_its_bias(mapsave: Path, tmp_path: Path) -> None:
+    """An all-zero filter with a bias (a pruned channel after BatchNorm folding) outputs its bias.
+
+    PPQ's weight scale floor (1e-8) for such a channel needed a bias integer beyond int32, which wrapped to
+    -2^31 in quantparams.pkl: the channel read 0 instead of 2.
+    """
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    weight[1] = 0.0
+    bias = np.array([0.1, 2.0, -0.3, 0.5], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w", "b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["conv_out"], ["output"], name="relu")],
+        "dead_channel",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "dead_channel.onnx"
+    onnx.save(model, str(path))
+    quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="dead_channel", calibset=None, calib_steps=8,
+             bit_width=8, mapsave_dir=mapsave, recipe="fast", analysis_steps=1)
+    record = read_quantinfo("dead_channel", mapsave)["conv"]
+    live = np.delete(record.weight_scale, 1)
+    assert record.weight_scale[1] == pytest.approx(float(np.median(live)), rel=1e-6)
+    int_bias = read_quantparams("dead_channel", mapsave)["conv_conv_bias"]
+    expected = np.round(bias / (record.inputs[0].scale * record.weight_scale.astype(np.float64)))
+    np.testing.assert_allclose(int_bias, expected, atol=1)
+    batch = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    outputs = simulate("dead_channel", {"input": batch}, mapsave_dir=mapsave)["output"]
+    ort = _ort_session("dead_channel", mapsave).run(["output"], {"input": batch})[0]
+    step = record.outputs[0].scale
+    assert np.abs(outputs[0, 1] - 2.0).max() <= step / 2 + 1e-6  # the bias, to half an output step
+    np.testing.assert_allclose(outputs, ort, atol=step * 1.01)
+
+
 @pytest.mark.parametrize("digits_run", ["w8a8"], indirect=True)
 def test_exact_accumulation_paths_agree(digits_run: Run, test_images, monkeypatch) -> None:
     """float32 BLAS, float64 BLAS and int64 accumulation give the same integers."""
@@ -329,14 +487,14 @@ def test_exact_accumulation_paths_agree(digits_run: Run, test_images, monkeypatc
 
 
 # -- errors -----------------------------------------------------------------------------------------------
-def _conv_sigmoid_model(path: Path) -> None:
+def _conv_elu_model(path: Path) -> None:
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     bias = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
     graph = helper.make_graph(
         [helper.make_node("Conv", ["input", "w", "b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Sigmoid", ["conv_out"], ["output"], name="gate")],
-        "conv_sigmoid",
+         helper.make_node("Elu", ["conv_out"], ["output"], name="elu")],
+        "conv_elu",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
         initializer=[weight, bias],
@@ -348,17 +506,17 @@ def _conv_sigmoid_model(path: Path) -> None:
 
 
 def test_unsupported_operator_is_named(mapsave: Path, tmp_path: Path, monkeypatch) -> None:
-    path = tmp_path / "conv_sigmoid.onnx"
-    _conv_sigmoid_model(path)
-    quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="conv_sigmoid", calibset=None, calib_steps=8,
+    path = tmp_path / "conv_elu.onnx"
+    _conv_elu_model(path)
+    quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="conv_elu", calibset=None, calib_steps=8,
              bit_width=8, mapsave_dir=mapsave, recipe="fast", analysis_steps=1)
-    model = onnx.load(str(map_directory("conv_sigmoid", mapsave) / QUANTMODEL))
-    assert "Sigmoid" in {node.op_type for node in model.graph.node}
+    model = onnx.load(str(map_directory("conv_elu", mapsave) / QUANTMODEL))
+    assert "Elu" in {node.op_type for node in model.graph.node}
     computed = []
     monkeypatch.setattr(ReferenceExecutor, "_op_Conv", lambda self, node, args: computed.append(node.name))
     with pytest.raises(UnsupportedOperatorError) as info:
-        simulate("conv_sigmoid", np.zeros((1, 3, 8, 8), np.float32), mapsave_dir=mapsave)
-    assert "'gate'" in str(info.value) and "Sigmoid" in str(info.value)
+        simulate("conv_elu", np.zeros((1, 3, 8, 8), np.float32), mapsave_dir=mapsave)
+    assert "'elu'" in str(info.value) and "Elu" in str(info.value)
     assert not computed, "the executor computed before rejecting the graph"
 
 

@@ -62,7 +62,10 @@ class OperatorQuantConfig:
         input_bits: Bit width of the (first) activation input, None if it is not quantized.
         input_scale: Scale of the first activation input.
         input_zero_point: Zero point of the first activation input.
-        output_bits: Bit width of the output activation.
+        output_bits: Bit width of the output activation, None if it is not quantized: a ``Conv``/``Gemm``
+            whose output feeds an activation fused into it that is not a clip (``Sigmoid``, ``HardSwish``,
+            ``x * HardSigmoid(x)``...) hands its accumulator to that activation, and the tensors inside the
+            activation are never integers (a fused ``Relu``/``Clip`` output is recorded on the MAC, exact).
         output_scale: Scale of the output activation.
         output_zero_point: Zero point of the output activation.
         io_bits: Activation bit width of this operator (input and output).

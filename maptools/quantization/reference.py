@@ -33,8 +33,12 @@ Every tensor between operators is an integer tensor ``q`` with ``real = scale * 
 * ``Relu``, ``MaxPool`` and the layout operators (``Flatten``, ``Reshape``, ``Transpose``,
   ``Squeeze``, ``Unsqueeze``, ``Identity``, ``Slice``, ``Concat`` of equally quantized inputs, ``Pad``
   with a value on the integer grid) act on the integers directly, which is exact.
-* ``Add``, ``Sub``, ``Mul``, ``Div``, ``Clip``, ``AveragePool``, ``GlobalAveragePool`` and ``Concat`` of
-  differently quantized inputs dequantize, compute in float64 and requantize.
+* ``Add``, ``Sub``, ``Mul``, ``Div``, ``Clip``, ``AveragePool``, ``GlobalAveragePool``, ``Concat`` of
+  differently quantized inputs and the activation functions ``Sigmoid``, ``HardSigmoid``, ``HardSwish``
+  and ``Tanh`` dequantize, compute in float64 and requantize.
+* A MAC operator whose output has no record feeds an activation fused into it (``Conv -> Sigmoid``,
+  ``Conv -> x * HardSigmoid(x)``, see :mod:`maptools.quantization.engine.fusion`): the activation reads
+  the real accumulator value, ``acc * (s_in * s_w[channel])``, and only its result is requantized.
 * After every operator that has a record in ``quantinfo.pkl``, its output is held at the record's
   ``outputs[0]`` quantization (requantized if it was not already): these integers are what a tile sees,
   and what ``return_integers=True`` returns.
@@ -87,9 +91,22 @@ _BOUNDARY_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _MAC_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 _LAYOUT_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice"})
 _ELEMENTWISE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+
+
+def _hard_sigmoid(x: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
+    return np.clip(float(attrs.get("alpha", 0.2)) * x + float(attrs.get("beta", 0.5)), 0.0, 1.0)
+
+
+#: Activation functions computed in float64 on the dequantized input (or on a fused MAC's accumulator).
+_ACTIVATIONS: dict[str, Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]] = {
+    "Sigmoid": lambda x, attrs: 0.5 * (1.0 + np.tanh(0.5 * x)),  # 1 / (1 + exp(-x)), without overflow
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": lambda x, attrs: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    "Tanh": lambda x, attrs: np.tanh(x),
+}
 #: Operator types :func:`simulate` executes (QuantizeLinear/DequantizeLinear are the quantization boundaries).
 SUPPORTED_OPS: frozenset[str] = frozenset(
-    _BOUNDARY_OPS | _MAC_OPS | _LAYOUT_OPS | set(_ELEMENTWISE)
+    _BOUNDARY_OPS | _MAC_OPS | _LAYOUT_OPS | set(_ELEMENTWISE) | set(_ACTIVATIONS)
     | {"Relu", "Clip", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Constant", "Pad"}
 )
 _EXACT_FLOAT32 = float(2**24)
@@ -446,8 +463,8 @@ class ReferenceExecutor:
             raise ArtifactError(f"quantparams.pkl has no {w_key!r} for {_describe(node)}; re-run quantize")
         if record is None or record.weight_scale is None:
             raise ArtifactError(f"quantinfo.pkl has no weight quantization for {_describe(node)}; re-run quantize")
-        if not record.inputs or record.inputs[0] is None or not record.outputs or record.outputs[0] is None:
-            raise ArtifactError(f"quantinfo.pkl: {_describe(node)} has no input or output quantization")
+        if not record.inputs or record.inputs[0] is None:
+            raise ArtifactError(f"quantinfo.pkl: {_describe(node)} has no input quantization")
         weight = np.asarray(self.quantparams[w_key]).astype(np.int64)
         bias = self.quantparams.get(b_key)
         bias = None if bias is None else np.asarray(bias).astype(np.int64).reshape(-1)
@@ -605,8 +622,12 @@ class ReferenceExecutor:
 
     # -- MAC operators ----------------------------------------------------------------------------
     def _requant_acc(self, acc: np.ndarray, s_in: float, record: OperatorQuantConfig, channel_axis: int,
-                     real_bias: np.ndarray | None = None) -> _Ints:
-        """``real = acc * (s_in * s_w[channel])`` (+ a real bias), requantized to the output record."""
+                     real_bias: np.ndarray | None = None) -> _Ints | np.ndarray:
+        """``real = acc * (s_in * s_w[channel])`` (+ a real bias), requantized to the output record.
+
+        Without an output record (the MAC feeds a fused activation that reads the accumulator), the real
+        values themselves.
+        """
         w_scale = np.asarray(record.weight_scale, dtype=np.float64).reshape(-1)
         if w_scale.size > 1:
             shape = [1] * acc.ndim
@@ -615,6 +636,8 @@ class ReferenceExecutor:
         real = acc.astype(np.float64) * (float(s_in) * w_scale)
         if real_bias is not None:
             real = real + real_bias
+        if not record.outputs or record.outputs[0] is None:
+            return real
         return _requantize(real, record.outputs[0])
 
     def _op_Conv(self, node: onnx.NodeProto, args: list[Value | None]) -> list[Value]:  # noqa: N802
@@ -856,6 +879,11 @@ class ReferenceExecutor:
         return [_ELEMENTWISE[node.op_type](a, b)]
 
     _op_Add = _op_Sub = _op_Mul = _op_Div = _binary  # noqa: N815
+
+    def _activation(self, node: onnx.NodeProto, args: list[Value | None]) -> list[Value]:
+        return [_ACTIVATIONS[node.op_type](_real(args[0]).astype(np.float64), _attrs(node))]
+
+    _op_Sigmoid = _op_HardSigmoid = _op_HardSwish = _op_Tanh = _activation  # noqa: N815
 
     def _op_Clip(self, node: onnx.NodeProto, args: list[Value | None]) -> list[Value]:  # noqa: N802
         x = args[0]

@@ -38,7 +38,8 @@ def quantize_to_int(value: torch.Tensor, config: TensorQuantizationConfig) -> to
         shape = [1 if axis != config.channel_axis else -1 for axis in range(value.ndim)]
         scale, offset = scale.view(shape), offset.view(shape)
     integer = ppq_tensor_round(value / scale, config.rounding) + offset
-    return torch.clamp(integer, config.quant_min, config.quant_max).to(torch.int64)
+    # clamp in float64: float32 rounds a 32-bit bound such as 2^31 - 1 up to 2^31, which wraps in int32
+    return torch.clamp(integer.to(torch.float64), config.quant_min, config.quant_max).to(torch.int64)
 
 
 def _container(config: TensorQuantizationConfig) -> torch.dtype:

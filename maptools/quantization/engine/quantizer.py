@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
+import torch
+
 from maptools.quantization.engine.quiet import import_ppq
 
 import_ppq()
@@ -28,8 +30,11 @@ from ppq.core import (  # noqa: E402
 from ppq.IR import BaseGraph, Operation  # noqa: E402
 from ppq.quantization.optim import training as ppq_training  # noqa: E402
 from ppq.quantization.optim.base import QuantizationOptimizationPipeline  # noqa: E402
+from ppq.quantization.optim.parameters import ParameterQuantizePass, PassiveParameterQuantizePass  # noqa: E402
+from ppq.quantization.optim.refine import QuantizeFusionPass  # noqa: E402
 from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
 
+from maptools.quantization.engine.fusion import FUSED_ACTIVATION_TYPES, LowBitFusionPass  # noqa: E402
 from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E402
 
 __all__ = ["LowBitQuantizer", "LowBitSpec", "int_range"]
@@ -108,6 +113,66 @@ def _frozen_offsets():
         ppq_training.LSQDelegator = original
 
 
+class DeadChannelSafeParameterQuantizePass(ParameterQuantizePass):
+    """PPQ's weight calibration, with a usable scale for output channels whose weights are all zero.
+
+    PPQ's min-max observer gives an all-zero channel (a pruned or dead filter, common after BatchNorm
+    folding) the scale floor ``1e-8``. Its bias, quantized at ``input_scale * weight_scale``, then needs
+    integers beyond int32: a bias of 2.0 after an input scale of 0.025 became ``-2^31`` in
+    ``quantparams.pkl`` and the channel's output 0 instead of 2 (PPQ's own simulation clipped it to 0.54).
+    Zero weights are exact at any scale, so such a channel takes the median scale of the live channels of
+    its tensor (1.0 if none is live) and its bias the same precision as theirs.
+    """
+
+    def optimize(self, graph: BaseGraph, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature
+        super().optimize(graph, *args, **kwargs)
+        for op in graph.operations.values():
+            if op.type not in WEIGHTED_TYPES or not hasattr(op, "config") or op.num_of_input < 2:
+                continue
+            var, config = op.inputs[1], op.config.input_quantization_config[1]
+            if not var.is_parameter or var.value is None or config.scale is None or not config.is_revisable():
+                continue
+            weight = torch.as_tensor(var.value).detach().abs()
+            scale = config.scale.detach().clone()
+            if scale.numel() > 1 and config.channel_axis is not None:
+                dims = [d for d in range(weight.ndim) if d != config.channel_axis]
+                amax = weight.amax(dim=dims) if dims else weight
+            else:
+                amax = weight.max().reshape(1)
+            dead = (amax.reshape(-1) == 0).to(scale.device)
+            if not bool(dead.any()) or dead.numel() != scale.numel():
+                continue
+            flat = scale.reshape(-1)
+            live = flat[~dead]
+            flat[dead] = live.median() if live.numel() else torch.ones((), dtype=flat.dtype, device=flat.device)
+            config.scale = flat.reshape(scale.shape)
+
+
+class RangeMatchedPassiveParameterPass(PassiveParameterQuantizePass):
+    """PPQ's passive-parameter pass, with a Clip's bounds and a Pad's value on their input's integer range.
+
+    PPQ quantizes those constants with the scale of the operator's input config, but with their own bit
+    width and range. Once the input config is dominated by a config of another bit width (a ReLU6 whose
+    output feeds a residual ``Add`` kept at 8 bits by ``layer_bits``, while the ReLU6 is at 4 bits), the
+    bound ``6`` was rounded at the 8-bit scale but clipped at the 4-bit maximum: ReLU6 became a clip at
+    ``7 * scale``. The constants now take the bit width, policy and range of the config whose scale they use.
+    """
+
+    def optimize(self, graph: BaseGraph, **kwargs) -> None:  # noqa: D102 - PPQ's signature
+        super().optimize(graph, **kwargs)
+        for op in graph.operations.values():
+            if op.type not in ("Clip", "Pad") or not hasattr(op, "config"):
+                continue
+            configs = op.config.input_quantization_config
+            for config in configs[1:] if op.type == "Clip" else configs[2:3]:
+                master = config.master_by
+                if master is config or config.state != QuantizationStates.PASSIVE:
+                    continue
+                config.policy = master.policy
+                config.num_of_bits = master.num_of_bits
+                config.quant_min, config.quant_max = master.quant_min, master.quant_max
+
+
 class LowBitQuantizer(TensorRTQuantizer):
     """PPQ quantizer that quantizes every tensor to the bit widths of a :class:`LowBitSpec`."""
 
@@ -137,12 +202,30 @@ class LowBitQuantizer(TensorRTQuantizer):
             self._unsigned = unsigned_variables(self._graph, self.activation_fusion_types) if wanted else set()
         return self._unsigned
 
+    @property
+    def activation_fusion_types(self) -> set[str]:
+        """Activations applied to the accumulator of the MAC before them: PPQ's TensorRT set plus HardSwish."""
+        return set(FUSED_ACTIVATION_TYPES)
+
     def build_quant_pipeline(self, setting) -> QuantizationOptimizationPipeline:
-        """PPQ's pipeline for ``setting``, with LSQ keeping zero points integer."""
+        """PPQ's pipeline for ``setting``, with four of its passes replaced by maptools' subclasses.
+
+        Usable scales for all-zero weight channels (:class:`DeadChannelSafeParameterQuantizePass`),
+        HardSwish fusion (:class:`~maptools.quantization.engine.fusion.LowBitFusionPass`), Clip bounds on
+        their input's range (:class:`RangeMatchedPassiveParameterPass`) and LSQ keeping zero points
+        integer (:class:`IntegerZeroPointLSQPass`).
+        """
         pipeline = super().build_quant_pipeline(setting)
+        replacements = {
+            ParameterQuantizePass: DeadChannelSafeParameterQuantizePass,
+            QuantizeFusionPass: LowBitFusionPass,
+            PassiveParameterQuantizePass: RangeMatchedPassiveParameterPass,
+            ppq_training.LearnedStepSizePass: IntegerZeroPointLSQPass,
+        }
         for optim_pass in pipeline:
-            if type(optim_pass) is ppq_training.LearnedStepSizePass:
-                optim_pass.__class__ = IntegerZeroPointLSQPass
+            replacement = replacements.get(type(optim_pass))
+            if replacement is not None:
+                optim_pass.__class__ = replacement
         return pipeline
 
     def _make_unsigned(self, operation: Operation, config: OperationQuantizationConfig) -> None:

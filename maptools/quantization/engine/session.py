@@ -34,6 +34,7 @@ from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
 from ppq.parser.native import NativeExporter, NativeImporter  # noqa: E402
 
 from maptools.quantization.engine.exporter import FaithfulQDQExporter, quantize_to_int  # noqa: E402
+from maptools.quantization.engine.fusion import FUSED_ACTIVATION_TYPES, unmaterialized_variables  # noqa: E402
 from maptools.quantization.engine.quantizer import (  # noqa: E402
     BIAS_TYPES,
     WEIGHTED_TYPES,
@@ -272,6 +273,12 @@ class PPQSession:
         producer's output is quantized here at the same (dominating) scale; the Add's quantization of it
         becomes an identity.
 
+        With ``layer_bits``, a consumer may requantize the tensor to its own bits (a 4-bit Conv reading the
+        output of a ReLU6 that a residual ``Add`` keeps at 8 bits). PPQ then rounds the float tensor once,
+        to 4 bits, while the chip (and ``quantinfo.pkl``: the ReLU6 output is 8-bit) materializes the 8-bit
+        tensor and requantizes it: the producer's output is quantized here too, so PPQ, onnxruntime and
+        the integer executor all round twice.
+
         Returns:
             ``'producer -> consumer'`` for every tensor quantized.
         """
@@ -290,7 +297,12 @@ class PPQSession:
                     if dest.config.output_quantization_config and (
                             dest_config.dominated_by is dest.config.output_quantization_config[0].dominated_by):
                         continue  # an activation fused into its producer (Conv -> Sigmoid) reads the accumulator
-                    if not live(dest_config.state):
+                    if not live(dest_config.state) or dest_config.dominated_by is not config.dominated_by:
+                        # quantized with the dominating config's scale: its bit width and range too (they
+                        # differ when layer_bits gives the consumer other bits than the producer)
+                        root = config.dominated_by
+                        config.policy, config.num_of_bits = root.policy, root.num_of_bits
+                        config.quant_min, config.quant_max = root.quant_min, root.quant_max
                         config.state = QuantizationStates.ACTIVATED
                         closed.append(f"{op.name} -> {dest.name}")
                         break
@@ -413,11 +425,19 @@ class PPQSession:
     def quantinfo(self) -> dict[str, OperatorQuantConfig]:
         """Per-operator quantization configs, keyed by node name."""
         info: dict[str, OperatorQuantConfig] = {}
+        # tensors inside a fused activation that is not a clip (Conv -> Sigmoid, x * HardSigmoid(x)): the
+        # activation reads the accumulator, they are never integers
+        inside = {name for name in unmaterialized_variables(self.graph, FUSED_ACTIVATION_TYPES)
+                  if self._overlapped(name)}
+
+        def tensor_quant(var, cfg) -> TensorQuant | None:
+            return None if var.name in inside else _tensor_quant(var.name, cfg)
+
         for op in self.quantized_operations():
             configs = op.config.input_quantization_config
-            act_inputs = [None if var.is_parameter else _tensor_quant(var.name, cfg)
+            act_inputs = [None if var.is_parameter else tensor_quant(var, cfg)
                           for cfg, var in zip(configs, op.inputs, strict=True)]
-            outputs = [_tensor_quant(var.name, cfg)
+            outputs = [tensor_quant(var, cfg)
                        for cfg, var in zip(op.config.output_quantization_config, op.outputs, strict=True)]
             first_in = next((t for t in act_inputs if t is not None), None)
             first_out = outputs[0] if outputs else None
@@ -451,6 +471,15 @@ class PPQSession:
             info[op.name] = record
         return info
 
+    def _overlapped(self, name: str) -> bool:
+        """Whether the producer of tensor ``name`` hands its quantization to another config (PPQ fused it)."""
+        var = self.graph.variables[name]
+        op = var.source_op
+        if not isinstance(op, QuantableOperation):
+            return False
+        config = op.config.output_quantization_config[op.outputs.index(var)]
+        return config.state == QuantizationStates.OVERLAPPED
+
     @staticmethod
     def _weight_config(op: QuantableOperation):
         if op.type not in WEIGHTED_TYPES or op.num_of_input < 2 or not op.inputs[1].is_parameter:
@@ -476,11 +505,24 @@ class PPQSession:
             params[weight_key(op.name, op.type)] = w_int.astype(np.int8 if weight.num_of_bits <= 8 else np.int32)
             if op.type in BIAS_TYPES:
                 bias = self._bias_config(op)
-                params[bias_key(op.name, op.type)] = (
-                    None if bias is None
-                    else quantize_to_int(op.inputs[2].value.detach().cpu().reshape(-1), bias).numpy().astype(np.int32)
-                )
+                params[bias_key(op.name, op.type)] = None if bias is None else self._bias_int(op, bias)
         return params
+
+    @staticmethod
+    def _bias_int(op: QuantableOperation, config) -> np.ndarray:
+        """The int32 bias of ``op``; a value beyond the 32-bit range is clipped to it (as PPQ simulates) and logged.
+
+        PPQ clamps in float32, where ``2^31 - 1`` rounds up to ``2^31``: cast as is, a saturated bias
+        wrapped around to ``-2^31``.
+        """
+        low, high = int(config.quant_min), int(config.quant_max)
+        values = quantize_to_int(op.inputs[2].value.detach().cpu().reshape(-1), config).numpy()
+        saturated = np.flatnonzero((values <= low) | (values >= high))
+        if saturated.size:
+            logger.warning("%s: the bias of channel(s) %s saturates the %d-bit range (input scale x weight "
+                           "scale too small for it); it is clipped, as in PPQ's simulation",
+                           op.name, saturated.tolist()[:8], int(config.num_of_bits))
+        return np.clip(values, low, high).astype(np.int32)
 
     def fake_quantized_parameters(self) -> dict[str, np.ndarray]:
         """PPQ's own fake-quantized weights and biases (float), keyed like :meth:`quantparams`."""

@@ -28,6 +28,8 @@ import numpy as np
 from ppq.core import PASSIVE_OPERATIONS, TYPES_FOR_ALIGNMENT
 from ppq.IR import BaseGraph, Operation, Variable
 
+from maptools.quantization.engine.fusion import GATES, fused_activation, gated_activations
+
 __all__ = ["NON_NEGATIVE_TYPES", "SIGN_PRESERVING_TYPES", "non_negative_variables", "unsigned_variables"]
 
 #: Operators whose output is never negative.
@@ -109,17 +111,6 @@ class _Groups:
             self._parent[self.find(other)] = self.find(names[0])
 
 
-def _fused_activation(graph: BaseGraph, op: Operation, fusion_types: set[str]) -> Operation | None:
-    """The activation PPQ fuses into computing operator ``op`` (same rule as its QuantizeFusionPass)."""
-    if not op.is_computing_op:
-        return None
-    downstream = graph.get_downstream_operations(op)
-    if len(downstream) != 1 or downstream[0].type not in fusion_types:
-        return None
-    activation = downstream[0]
-    return activation if len(graph.get_upstream_operations(activation)) == 1 else None
-
-
 def unsigned_variables(graph: BaseGraph, fusion_types: set[str]) -> set[str]:
     """Activation tensors that can be quantized over the unsigned range.
 
@@ -147,15 +138,15 @@ def unsigned_variables(graph: BaseGraph, fusion_types: set[str]) -> set[str]:
             groups.union(act_inputs)
         elif op.type in TYPES_FOR_ALIGNMENT["Concat"]:
             groups.union(act_inputs + outputs)
-        activation = _fused_activation(graph, op, fusion_types)
+        activation = fused_activation(graph, op, fusion_types)
         if activation is not None and op.outputs and activation.outputs:
             groups.union([op.outputs[0].name, activation.outputs[0].name])
             exempt.add(op.outputs[0].name)
-        if op.type == "Sigmoid" and "Swish" in fusion_types and act_inputs:
-            # PPQ's Swish fusion (computing op x, then x * sigmoid(x)) gives x, sigmoid(x) and the product
-            # one scale; a squeeze-excite gate (sigmoid of another tensor) is not fused.
-            for consumer in graph.get_downstream_operations(op):
-                if consumer.type == "Mul" and consumer.outputs and act_inputs[0] in {v.name for v in consumer.inputs}:
-                    groups.union(outputs + [consumer.outputs[0].name, act_inputs[0]])
+    for fusion, gate_type in GATES.items():
+        if fusion in fusion_types:
+            # PPQ's Swish fusion and maptools' HardSwish fusion (computing op x, then x * gate(x)) give x,
+            # gate(x) and the product one scale; a squeeze-excite gate (sigmoid of another tensor) is not fused.
+            for computing, gate, mul in gated_activations(graph, gate_type):
+                groups.union([mul.outputs[0].name, computing.outputs[0].name, gate.outputs[0].name])
     signed_roots = {groups.find(name) for name in activations if name not in non_negative and name not in exempt}
     return {name for name in activations if name in non_negative and groups.find(name) not in signed_roots}
