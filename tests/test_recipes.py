@@ -122,7 +122,8 @@ def test_recipes_build_distinct_settings():
     assert default.quantize_activation_setting.calib_algorithm == "mse" and not default.lsq_optimization
     assert best.quantize_activation_setting.calib_algorithm == "mse" and best.lsq_optimization
     lsq = best.lsq_optimization_setting
-    assert (lsq.collecting_device, lsq.steps, lsq.lr, lsq.block_size) == ("cpu", 300, 1e-4, 8)
+    assert (lsq.collecting_device, lsq.steps, lsq.lr, lsq.block_size) == ("cpu", 300, 1e-4, 4)
+    assert build_setting("best", "cpu", 32, activation_bits=4).lsq_optimization_setting.lr == 1e-3
     assert build_setting("best", "cuda", 32).lsq_optimization_setting.collecting_device == "cuda"
     assert build_setting("fast", "cpu", 32) is not fast  # a fresh setting every call
     for recipe in RECIPES:  # an explicit observer wins over the recipe's

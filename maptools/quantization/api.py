@@ -166,7 +166,8 @@ def quantize(
     if setting is not None:
         ppq_setting, recipe_name = setting, "custom"
     else:
-        ppq_setting, recipe_name = build_setting(recipe, device, len(batches), observer=observer), recipe
+        ppq_setting = build_setting(recipe, device, len(batches), observer=observer, activation_bits=a_bits)
+        recipe_name = recipe
     observer = observer or RECIPE_OBSERVERS.get(recipe_name) or "percentile"
     if unsigned_nonnegative is None:
         unsigned_nonnegative = RECIPE_UNSIGNED.get(recipe_name, False)

@@ -7,7 +7,8 @@
   minimises the quantization error), and never-negative activations on the unsigned range
   (:data:`RECIPE_UNSIGNED`, see :mod:`maptools.quantization.engine.unsigned`). Still calibration only.
 * ``best``: ``default`` plus PPQ's LSQ fine-tuning of weights, biases and scales on the calibration data,
-  block by block (8 operators), against the FP32 outputs of each block; zero points are not trained
+  block by block (4 operators), against the FP32 outputs of each block, with a learning rate that depends
+  on the activation bits (:func:`lsq_learning_rate`); zero points are not trained
   (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`). On the CPU it trains there.
 
 Why these (measured with ``bench/accuracy.py`` on the two bundled digits models at W8A8, W4A8, W4A4,
@@ -22,12 +23,17 @@ W3A3 and W2A4; the table is on the benchmarks page of the documentation):
   mobile CNN at W8A8 and +1.9 points at W4A4 for 2x the time (8.8x on a resnet18), which LSQ beats.
 * Layer-wise equalization changed top-1 by -6.3 to +1.9 points and SNR by -0.5 to +1.3 dB depending on
   the bit pair: no consistent gain.
-* LSQ rolls back any block whose loss grows. Its Adam learning rate applies to weights and scales alike:
-  1e-3 suits 2 to 4-bit grids but is too coarse for 8-bit ones, PPQ's default 1e-5 is too timid below 8
-  bits; 1e-4 for 300 steps beats PPQ's own LSQ (1e-5, 500 steps, blocks of 4) in output SNR at 9 of the
-  10 model and bit pairs (digits W4A8: 0.5 dB under). Blocks of 8 operators halve the data collection of
-  blocks of 4. On the bundled models with 32 calibration batches, ``best`` takes 13 to 41 s on two CPU
-  cores.
+* LSQ rolls back any block whose loss grows. Its Adam learning rate applies to weights and scales alike,
+  and Adam moves every parameter by about the learning rate per step whatever its gradient: 1e-3 suits the
+  coarse grids of 4-bit and narrower activations, but moves 8-bit scales by too much; PPQ's default 1e-5
+  is too timid below 8 bits. Measured on the two bundled models (300 steps, blocks of 4; top-1 / output
+  SNR): with 8-bit activations 1e-4 beats 1e-3 in SNR at all four model and bit pairs (digits W4A8 27.5 dB
+  against 26.7, W8A8 37.4 against 36.6); with 4-bit and narrower activations 1e-3 beats 1e-4 in SNR at all
+  six (mobile W2A4 83 % / 6.7 dB against 60 % / 4.0 dB, W3A3 72 % / 5.5 dB against 71 % / 4.3 dB; digits
+  W4A4 15.48 against 15.47 dB, W2A4 12.2 against 10.6 dB, W3A3 10.1 against 9.4 dB; mobile W4A4 11.6
+  against 10.6 dB). Blocks of 4 operators instead of 8 gave +1.3 dB on the digits CNN at W4A8 (27.5
+  against 26.2 dB) and -0.6 to +1.2 dB elsewhere. On the bundled models with 32 calibration batches,
+  ``best`` takes 13 to 40 s on two CPU cores.
 
 An explicit ``observer`` (``quantize(observer=...)``, passed here as ``build_setting(..., observer=...)``)
 replaces the recipe's for every activation. PPQ's MSE search scores thousands of candidate ranges per
@@ -46,7 +52,17 @@ import_ppq()
 
 from ppq.api.setting import QuantizationSetting, QuantizationSettingFactory  # noqa: E402
 
-__all__ = ["LSQ_BLOCK_SIZE", "LSQ_LR", "LSQ_STEPS", "RECIPES", "RECIPE_OBSERVERS", "RECIPE_UNSIGNED", "build_setting"]
+__all__ = [
+    "LSQ_BLOCK_SIZE",
+    "LSQ_LR",
+    "LSQ_LR_LOW_BIT",
+    "LSQ_STEPS",
+    "RECIPES",
+    "RECIPE_OBSERVERS",
+    "RECIPE_UNSIGNED",
+    "build_setting",
+    "lsq_learning_rate",
+]
 
 #: Recipe names accepted by ``quantize(recipe=...)``.
 RECIPES = ("fast", "default", "best")
@@ -57,10 +73,20 @@ RECIPE_OBSERVERS: dict[str, str | None] = {"fast": None, "default": "mse", "best
 #: Whether each recipe quantizes non-negative activations over the unsigned range (see ``quantize``).
 RECIPE_UNSIGNED: dict[str, bool] = {"fast": False, "default": True, "best": True}
 
-#: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate, operators per block.
+#: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate (activations wider than 4
+#: bits, and 4 bits or fewer), operators per block.
 LSQ_STEPS = 300
 LSQ_LR = 1e-4
-LSQ_BLOCK_SIZE = 8
+LSQ_LR_LOW_BIT = 1e-3
+LSQ_BLOCK_SIZE = 4
+
+
+def lsq_learning_rate(activation_bits: int) -> float:
+    """LSQ's Adam learning rate in ``best``: :data:`LSQ_LR_LOW_BIT` at 4-bit activations and below.
+
+    Wider activations get :data:`LSQ_LR`.
+    """
+    return LSQ_LR_LOW_BIT if activation_bits <= 4 else LSQ_LR
 
 
 def _collecting_device(device: str) -> str:
@@ -68,7 +94,8 @@ def _collecting_device(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None) -> QuantizationSetting:
+def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None,
+                  activation_bits: int = 8) -> QuantizationSetting:
     """Build the PPQ ``QuantizationSetting`` of a recipe.
 
     Args:
@@ -78,6 +105,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
             more steps than there are batches.
         observer: Activation observer every recipe calibrates with (one of ``quantize``'s
             ``OBSERVERS``); None for the recipe's own (:data:`RECIPE_OBSERVERS`).
+        activation_bits: The map's (default) activation bit width; sets ``best``'s LSQ learning rate.
 
     Returns:
         A fresh setting (the caller may modify it).
@@ -103,7 +131,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         lsq = setting.lsq_optimization_setting
         lsq.collecting_device = _collecting_device(device)
         lsq.steps = LSQ_STEPS
-        lsq.lr = LSQ_LR
+        lsq.lr = lsq_learning_rate(activation_bits)
         lsq.block_size = LSQ_BLOCK_SIZE
         lsq.is_scale_trainable = True
         lsq.gamma = 0.0
