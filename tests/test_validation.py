@@ -167,6 +167,21 @@ def test_unsupported_operator_is_named(tmp_path, earlier):
     assert snapshot(root) == before
 
 
+def test_graph_without_a_quantized_mac_is_an_error(tmp_path, earlier):
+    """PPQ's dispatcher keeps a one-Conv graph in float: empty artifacts would be written without this check."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32).tolist())
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["out"], name="lonely", pads=[1, 1, 1, 1])],
+                              "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 8, 8])],
+                              initializer=[weight])
+    path = tmp_path / "lonely.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    root, before = earlier
+    with pytest.raises(ModelError, match="onnx_path: PPQ quantized no Conv/Gemm/MatMul"):
+        quantize(SHAPES, "cpu", path, mapname="m", mapsave_dir=root)
+    assert snapshot(root) == before
+
+
 def test_all_errors_share_the_base_class():
     for name in maptools.errors.__all__:
         assert issubclass(getattr(maptools, name), MaptoolsError)

@@ -183,6 +183,13 @@ def quantize(
     session.quantize(batches)
     timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
     quantinfo = session.quantinfo()
+    if not any(record.weight_bits is not None for record in quantinfo.values()):
+        # PPQ's dispatcher keeps some graphs entirely in float (one Conv that is both the first and the last
+        # operator): artifacts without a single quantized MAC would map nothing
+        raise maptools.ModelError(
+            f"onnx_path: PPQ quantized no Conv/Gemm/MatMul of {model.path} ({len(quantinfo)} operators "
+            "quantized); a graph of a single operator is kept in float, add the layers around it"
+        )
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=model.proto)
     graph_bytes = session.to_bytes()
