@@ -382,12 +382,13 @@ def test_mixed_operators_match_onnxruntime(mapsave: Path, tmp_path: Path, record
 
 
 class _Activations(torch.nn.Module):
-    """HardSwish, a squeeze-excite Sigmoid gate, Tanh and a Gemm -> Sigmoid, each after a MAC."""
+    """HardSwish, Swish (SiLU), a squeeze-excite Sigmoid gate, Tanh and a Gemm -> Sigmoid, each after a MAC."""
 
     def __init__(self) -> None:
         super().__init__()
         nn = torch.nn
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.swish = nn.Conv2d(8, 8, 3, padding=1)
         self.expand = nn.Conv2d(8, 16, 1)
         self.gate = nn.Conv2d(16, 16, 1)
         self.project = nn.Conv2d(16, 8, 1)
@@ -395,7 +396,7 @@ class _Activations(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         functional = torch.nn.functional
-        a = functional.hardswish(self.stem(x))
+        a = functional.silu(self.swish(functional.hardswish(self.stem(x))))
         b = functional.hardswish(self.expand(a))
         b = b * torch.sigmoid(self.gate(functional.adaptive_avg_pool2d(b, 1)))
         c = torch.tanh(self.project(b))
@@ -418,7 +419,8 @@ def test_fused_activations_match_onnxruntime(mapsave: Path, tmp_path: Path, reco
     quantize({"input": [2, 3, 8, 8]}, "cpu", path, mapname=mapname, calibset=None, calib_steps=8,
              bit_width=bits, mapsave_dir=mapsave, recipe="default", analysis_steps=1)
     info = read_quantinfo(mapname, mapsave)
-    for name in ("/stem/Conv", "/expand/Conv", "/gate/Conv", "/fc/Gemm"):  # each feeds a fused activation
+    # each feeds a fused activation
+    for name in ("/stem/Conv", "/swish/Conv", "/expand/Conv", "/gate/Conv", "/fc/Gemm"):
         assert info[name].outputs == [None], name
     assert info["/project/Conv"].outputs[0] is not None  # Tanh is not fused: the Conv output is quantized
     batches = [np.random.default_rng(seed).standard_normal((2, 3, 8, 8)).astype(np.float32) for seed in range(8)]
