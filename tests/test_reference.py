@@ -423,6 +423,17 @@ def test_fused_activations_match_onnxruntime(mapsave: Path, tmp_path: Path, reco
     for name in ("/stem/Conv", "/swish/Conv", "/expand/Conv", "/gate/Conv", "/fc/Gemm"):
         assert info[name].outputs == [None], name
     assert info["/project/Conv"].outputs[0] is not None  # Tanh is not fused: the Conv output is quantized
+    if opset == 13 and bits == 4:  # layer_bits on a Conv reaches the HardSwish fused into it, like a fused Relu
+        overridden = f"{mapname}_expand8"
+        quantize({"input": [2, 3, 8, 8]}, "cpu", path, mapname=overridden, calibset=None, calib_steps=8,
+                 bit_width=bits, mapsave_dir=mapsave, recipe="default", analysis_steps=1,
+                 layer_bits={"/expand/Conv": 8})
+        nodes = onnx.load(str(path)).graph.node
+        conv_out = {node.name: node.output[0] for node in nodes if node.op_type == "Conv"}
+        hardswish = {conv: next(node.name for node in nodes if node.op_type == "Mul" and out in node.input)
+                     for conv, out in conv_out.items() if conv in ("/stem/Conv", "/expand/Conv")}
+        output_bits = {name: cfg.output_bits for name, cfg in read_quantinfo(overridden, mapsave).items()}
+        assert (output_bits[hardswish["/expand/Conv"]], output_bits[hardswish["/stem/Conv"]]) == (8, 4)
     batches = [np.random.default_rng(seed).standard_normal((2, 3, 8, 8)).astype(np.float32) for seed in range(8)]
     ort = _ort_session(mapname, mapsave)
     expected = np.concatenate([ort.run(["output"], {"input": batch})[0] for batch in batches])

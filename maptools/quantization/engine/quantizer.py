@@ -34,7 +34,12 @@ from ppq.quantization.optim.parameters import ParameterQuantizePass, PassivePara
 from ppq.quantization.optim.refine import QuantizeFusionPass  # noqa: E402
 from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
 
-from maptools.quantization.engine.fusion import FUSED_ACTIVATION_TYPES, LowBitFusionPass  # noqa: E402
+from maptools.quantization.engine.fusion import (  # noqa: E402
+    FUSED_ACTIVATION_TYPES,
+    GATES,
+    LowBitFusionPass,
+    gated_activations,
+)
 from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E402
 
 __all__ = ["LowBitQuantizer", "LowBitSpec", "int_range"]
@@ -182,6 +187,7 @@ class LowBitQuantizer(TensorRTQuantizer):
         self._num_of_bits = spec.activation_bits
         self._quant_min, self._quant_max = int_range(spec.activation_bits, spec.symmetrical)
         self._unsigned: set[str] | None = None
+        self._gate_sources: dict[str, str] | None = None  # gate and Mul of x * gate(x) -> the MAC giving x
 
     @property
     def spec(self) -> LowBitSpec:
@@ -244,8 +250,21 @@ class LowBitQuantizer(TensorRTQuantizer):
             tqc.quant_min, tqc.quant_max = int_range(tqc.num_of_bits, False)
 
     def _bits_of(self, operation: Operation) -> tuple[int, int]:
-        """Bits of an operator; an activation fused into an overridden Conv/Gemm inherits its override."""
-        if operation.name in self._spec.layer_bits or operation.type not in self.activation_fusion_types:
+        """Bits of an operator; an activation fused into an overridden Conv/Gemm inherits its override.
+
+        That holds for the gate and the ``Mul`` of a fused ``x * gate(x)`` too.
+        """
+        if operation.name in self._spec.layer_bits:
+            return self._spec.bits_of(operation.name)
+        if self._gate_sources is None:
+            self._gate_sources = {op.name: computing.name
+                                  for gate_type in GATES.values()
+                                  for computing, gate, mul in gated_activations(self._graph, gate_type)
+                                  for op in (gate, mul)}
+        source_name = self._gate_sources.get(operation.name)
+        if source_name is not None and source_name in self._spec.layer_bits:
+            return self._spec.bits_of(source_name)
+        if operation.type not in self.activation_fusion_types:
             return self._spec.bits_of(operation.name)
         source = operation.inputs[0].source_op if operation.inputs else None
         if source is not None and source.name in self._spec.layer_bits and len(operation.inputs[0].dest_ops) == 1:
