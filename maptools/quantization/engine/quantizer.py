@@ -21,6 +21,7 @@ from maptools.quantization.engine.quiet import import_ppq
 import_ppq()
 
 from ppq.core import (  # noqa: E402
+    OBSERVER_MIN_SCALE,
     OperationQuantizationConfig,
     QuantizationPolicy,
     QuantizationProperty,
@@ -125,8 +126,10 @@ class DeadChannelSafeParameterQuantizePass(ParameterQuantizePass):
     folding) the scale floor ``1e-8``. Its bias, quantized at ``input_scale * weight_scale``, then needs
     integers beyond int32: a bias of 2.0 after an input scale of 0.025 became ``-2^31`` in
     ``quantparams.pkl`` and the channel's output 0 instead of 2 (PPQ's own simulation clipped it to 0.54).
-    Zero weights are exact at any scale, so such a channel takes the median scale of the live channels of
-    its tensor (1.0 if none is live) and its bias the same precision as theirs.
+    Zero weights are exact at any scale, so such a channel takes the (lower) median scale of the live channels of
+    its tensor (1.0 if none is live) and its bias the same precision as theirs. So does a channel whose
+    weights are so small that its scale sits at that floor (they round to 0 at the median scale, an error
+    below ``1e-8 * qmax`` per weight).
     """
 
     def optimize(self, graph: BaseGraph, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature
@@ -144,10 +147,12 @@ class DeadChannelSafeParameterQuantizePass(ParameterQuantizePass):
                 amax = weight.amax(dim=dims) if dims else weight
             else:
                 amax = weight.max().reshape(1)
-            dead = (amax.reshape(-1) == 0).to(scale.device)
-            if not bool(dead.any()) or dead.numel() != scale.numel():
-                continue
             flat = scale.reshape(-1)
+            if amax.numel() != flat.numel():
+                continue
+            dead = (amax.reshape(-1).to(flat.device) == 0) | (flat <= OBSERVER_MIN_SCALE)
+            if not bool(dead.any()):
+                continue
             live = flat[~dead]
             flat[dead] = live.median() if live.numel() else torch.ones((), dtype=flat.dtype, device=flat.device)
             config.scale = flat.reshape(scale.shape)
