@@ -553,6 +553,11 @@ class PPQSession:
                 raise self._engine_error("export", exc) from exc
             model = onnx.load(str(path))
         model.producer_name = "maptools"
+        # PPQ writes the initializers in the iteration order of a set of names, which follows Python's
+        # per-process string hashing: sorted, the same map is the same bytes in every process
+        initializers = sorted(model.graph.initializer, key=lambda tensor: tensor.name)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(initializers)
         if io_like is not None:
             _copy_io_types(io_like, model)
         try:
