@@ -243,9 +243,8 @@ class LowBitQuantizer(TensorRTQuantizer):
         """Give the non-negative activation tensors of ``operation`` the unsigned range, zero point 0."""
         pairs = [*zip(config.input_quantization_config, operation.inputs, strict=False),
                  *zip(config.output_quantization_config, operation.outputs, strict=False)]
-        if operation.type == "Clip" and operation.outputs and operation.outputs[0].name in self.unsigned:
-            # PPQ quantizes a Clip's bounds with its output's config: they need its unsigned range too
-            pairs += [(tqc, operation.outputs[0]) for tqc in config.input_quantization_config[1:]]
+        # a Clip's bounds take the range of the config whose scale they use later, in
+        # RangeMatchedPassiveParameterPass
         for tqc, var in pairs:
             if var.name not in self.unsigned:
                 continue
