@@ -445,6 +445,23 @@ def test_fused_activations_match_onnxruntime(mapsave: Path, tmp_path: Path, reco
     assert within >= MIN_WITHIN_STEP and snr >= MIN_SNR_DB, f"{mapname}: integer vs ort: {_fmt(within, snr)}"
 
 
+def _conv_model(path: Path, activation: str, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Save ``input (1, 3, 8, 8) -> Conv 3x3 (weight, bias) -> activation`` at opset 13, named 'conv' and its
+    lower-cased type."""
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w", "b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node(activation, ["conv_out"], ["output"], name=activation.lower())],
+        f"conv_{activation.lower()}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, weight.shape[0], 8, 8])],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def test_dead_channel_keeps_its_bias(mapsave: Path, tmp_path: Path) -> None:
     """An all-zero filter with a bias (a pruned channel after BatchNorm folding) outputs its bias.
 
@@ -456,18 +473,8 @@ def test_dead_channel_keeps_its_bias(mapsave: Path, tmp_path: Path) -> None:
     weight[1] = 0.0
     weight[2] = 1e-10 * np.sign(weight[2])  # at PPQ's scale floor too: as good as dead
     bias = np.array([0.1, 2.0, -0.3, 0.5], np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w", "b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["conv_out"], ["output"], name="relu")],
-        "dead_channel",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
-        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
     path = tmp_path / "dead_channel.onnx"
-    onnx.save(model, str(path))
+    _conv_model(path, "Relu", weight, bias)
     quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="dead_channel", calibset=None, calib_steps=8,
              bit_width=8, mapsave_dir=mapsave, recipe="fast", analysis_steps=1)
     record = read_quantinfo("dead_channel", mapsave)["conv"]
@@ -502,27 +509,11 @@ def test_exact_accumulation_paths_agree(digits_run: Run, test_images, monkeypatc
 
 
 # -- errors -----------------------------------------------------------------------------------------------
-def _conv_elu_model(path: Path) -> None:
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
-    bias = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w", "b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Elu", ["conv_out"], ["output"], name="elu")],
-        "conv_elu",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
-        initializer=[weight, bias],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
 def test_unsupported_operator_is_named(mapsave: Path, tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "conv_elu.onnx"
-    _conv_elu_model(path)
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((4, 3, 3, 3)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    _conv_model(path, "Elu", weight, bias)
     quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="conv_elu", calibset=None, calib_steps=8,
              bit_width=8, mapsave_dir=mapsave, recipe="fast", analysis_steps=1)
     model = onnx.load(str(map_directory("conv_elu", mapsave) / QUANTMODEL))

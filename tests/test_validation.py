@@ -154,13 +154,18 @@ def test_cuda_without_gpu_is_an_error(tiny_onnx, earlier):
     assert snapshot(root) == before
 
 
-def test_unsupported_operator_is_named(tmp_path, earlier):
-    nodes = [helper.make_node("Relu", ["input"], ["r"], name="relu"),
-             helper.make_node("Hardmax", ["r"], ["out"], name="the_hardmax", axis=-1)]
+def _save_graph(path: Path, nodes: list, out_shape: list[int], initializer: list | None = None) -> Path:
+    """Save an opset-13 model of ``nodes`` from ``input`` ([2, 3, 8, 8]) to ``out``; return ``path``."""
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 8, 8])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 8, 8])])
-    path = tmp_path / "hardmax.onnx"
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
+                              initializer=initializer or [])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_unsupported_operator_is_named(tmp_path, earlier):
+    path = _save_graph(tmp_path / "hardmax.onnx", [helper.make_node("Relu", ["input"], ["r"], name="relu"),
+                       helper.make_node("Hardmax", ["r"], ["out"], name="the_hardmax", axis=-1)], [2, 3, 8, 8])
     root, before = earlier
     with pytest.raises(UnsupportedOperatorError, match="the_hardmax.*Hardmax"):
         quantize(SHAPES, "cpu", path, mapname="m", mapsave_dir=root)
@@ -170,12 +175,9 @@ def test_unsupported_operator_is_named(tmp_path, earlier):
 def test_graph_without_a_quantized_mac_is_an_error(tmp_path, earlier):
     """PPQ's dispatcher keeps a one-Conv graph in float: empty artifacts would be written without this check."""
     weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32).tolist())
-    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["out"], name="lonely", pads=[1, 1, 1, 1])],
-                              "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 8, 8])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 8, 8])],
-                              initializer=[weight])
-    path = tmp_path / "lonely.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    path = _save_graph(tmp_path / "lonely.onnx",
+                       [helper.make_node("Conv", ["input", "w"], ["out"], name="lonely", pads=[1, 1, 1, 1])],
+                       [2, 4, 8, 8], [weight])
     root, before = earlier
     with pytest.raises(ModelError, match="onnx_path: PPQ quantized no Conv/Gemm/MatMul"):
         quantize(SHAPES, "cpu", path, mapname="m", mapsave_dir=root)
