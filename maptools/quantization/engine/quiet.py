@@ -54,8 +54,16 @@ def ppq_silenced() -> Iterator[None]:
 
 @functools.cache
 def import_ppq() -> ModuleType:
-    """Import PPQ once, silently, and return the module."""
-    with ppq_silenced():
+    """Import PPQ once, silently, on the installed onnx and protobuf, and return the module.
+
+    The import runs inside :func:`~maptools.quantization.engine.compat.ppq_import_bridges`, which lets PPQ
+    0.6.6 import on onnx >= 1.16 and protobuf >= 4 and leaves nothing behind.
+    """
+    from maptools.quantization.engine.compat import ppq_import_bridges
+
+    with ppq_silenced(), ppq_import_bridges() as bridges:
         import ppq
         import ppq.api  # noqa: F401  (registers platforms, quantizers and exporters)
+    if bridges:
+        ppq_logger.debug("PPQ imported with stand-ins for %s", ", ".join(bridges))
     return ppq
