@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError, ModelError, ModelNotFoundError
+from maptools.quantization.opset import downgrade_to_opset13
 
 __all__ = ["GraphInput", "LoadedModel", "check_input_shapes", "fold_shape_computations", "load_model",
            "prepare_model"]
@@ -55,7 +56,7 @@ class LoadedModel:
     Attributes:
         path: Resolved path of the ONNX file.
         proto: The parsed model.
-        sha256: SHA-256 of the file's bytes.
+        sha256: SHA-256 of the file's bytes and of its external data files (:func:`model_sha256`).
         inputs: Real graph inputs, in graph order.
         outputs: Graph output names, in graph order.
     """
@@ -91,6 +92,34 @@ def _numpy_dtype(elem_type: int) -> np.dtype:
         return np.dtype(np.float32)
 
 
+def _external_locations(proto: onnx.ModelProto) -> list[str]:
+    """Relative paths of the external data files a model's initializers refer to, sorted."""
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            locations.add(entries.get("location", ""))
+    return sorted(locations)
+
+
+def model_sha256(path: str | Path) -> str:
+    """SHA-256 of a model file and of the external data files it refers to (in sorted order), hex.
+
+    The same model gives the same digest wherever its folder is; a change to any of its files changes it.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data)
+    try:
+        locations = _external_locations(onnx.load_from_string(data))
+    except Exception:  # not a readable model: the file's bytes alone
+        locations = []
+    for location in locations:
+        digest.update(b"\0" + location.encode() + b"\0")
+        digest.update((path.parent / location).read_bytes())
+    return digest.hexdigest()
+
+
 def load_model(onnx_path: str | Path) -> LoadedModel:
     """Check and load the float ONNX model.
 
@@ -119,6 +148,8 @@ def load_model(onnx_path: str | Path) -> LoadedModel:
         raise ModelError(f"onnx_path: file {str(path)!r} is empty; expected an ONNX model")
     try:
         proto = onnx.load_from_string(data)
+        if _external_locations(proto):  # weights in files beside the model (torch's default exporter does this)
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
     except Exception as exc:
         raise ModelError(
             f"onnx_path: {str(path)!r} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
@@ -142,7 +173,7 @@ def load_model(onnx_path: str | Path) -> LoadedModel:
     return LoadedModel(
         path=path.resolve(),
         proto=proto,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=model_sha256(path),
         inputs=inputs,
         outputs=outputs,
     )
@@ -211,11 +242,12 @@ def check_input_shapes(input_shapes: object, model: LoadedModel) -> dict[str, tu
 def prepare_model(model: LoadedModel, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """Return a copy of the model ready for the engine.
 
-    The copy has every node named (unnamed nodes get ``<OpType>_<index>``, duplicates a ``_<n>``
-    suffix), no stale intermediate shape information, the shape arithmetic that the model's own fixed
-    input dims make constant folded into initializers (:func:`fold_shape_computations`; done before the
-    dynamic dims are resolved, so ``quant_model.onnx`` still runs at any size the float model takes), and
-    the given input shapes written into its inputs (dynamic dims resolved).
+    The copy is expressed at opset 13 at most (:func:`~maptools.quantization.opset.downgrade_to_opset13`),
+    has every node named (unnamed nodes get ``<OpType>_<index>``, duplicates a ``_<n>`` suffix), no stale
+    intermediate shape information, the shape arithmetic that the model's own fixed input dims make constant
+    folded into initializers (:func:`fold_shape_computations`; done before the dynamic dims are resolved,
+    so ``quant_model.onnx`` still runs at any size the float model takes), and the given input shapes
+    written into its inputs (dynamic dims resolved).
 
     Args:
         model: The loaded model.
@@ -224,8 +256,10 @@ def prepare_model(model: LoadedModel, input_shapes: Mapping[str, Sequence[int]])
     Returns:
         The prepared model proto.
     """
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
+    proto, _ = downgrade_to_opset13(model.proto)
+    if proto is model.proto:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
     del proto.graph.value_info[:]
     seen: set[str] = set()
     renamed = 0

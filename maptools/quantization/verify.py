@@ -20,6 +20,7 @@ import numpy as np
 from maptools.errors import ArtifactError
 from maptools.quantization import artifacts
 from maptools.quantization.calibration import random_calibset
+from maptools.quantization.model import model_sha256
 from maptools.quantization.reference import ReferenceExecutor
 
 __all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "verify"]
@@ -156,7 +157,7 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
     if not model_path.is_file():
         raise ArtifactError(f"the float model {model_path} recorded in {directory / artifacts.MANIFEST} is gone; "
                             "verify needs it to run FP32")
-    if artifacts.sha256_of(model_path.read_bytes()) != manifest["model"]["sha256"]:
+    if model_sha256(model_path) != manifest["model"]["sha256"]:
         raise ArtifactError(f"the float model {model_path} changed since map {mapname!r} was made; re-run quantize")
     shapes = manifest["settings"]["input_shapes"]
     data = _batches(inputs, shapes, int(manifest["settings"]["seed"]) + 1, batches)
