@@ -3,21 +3,44 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.maptools-installed
+# the oldest supported onnx / protobuf / onnxruntime / numpy (.ci/oldest-stack.txt), for `make test`
+OLDEST       := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.maptools-installed
+TORCH  := torch==2.14.1 torchvision==0.29.1
 export MPLBACKEND := Agg
 
-.PHONY: setup test demo docs lint bench clean
+.PHONY: setup setup-oldest test test-newest test-oldest demo docs lint bench clean
 
 setup: $(STAMP)
 
+# The newest onnx, protobuf and onnxruntime pip resolves (maptools caps none of them).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet --upgrade -e '.[dev,docs]'
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
-test: setup
-	$(BIN)/python -m pytest -q
+setup-oldest: $(OLDEST_STAMP)
+
+$(OLDEST_STAMP): pyproject.toml .ci/oldest-stack.txt
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet $(TORCH)
+	$(OLDEST)/bin/python -m pip install --quiet -c .ci/oldest-stack.txt -e '.[test]'
+	$(OLDEST)/bin/python -m pip check
+	touch $(OLDEST_STAMP)
+
+# Both stacks: the whole suite on the newest (it also compares the artifacts the oldest writes), then the
+# `stack` subset (loading, quantization, export, artifacts) on the oldest.
+test: test-newest test-oldest
+
+test-newest: setup setup-oldest
+	MAPTOOLS_OLDEST_PYTHON=$(CURDIR)/$(OLDEST)/bin/python $(BIN)/python -m pytest -q --durations=20
+
+test-oldest: setup-oldest
+	$(OLDEST)/bin/python -m pytest -q -m stack -p no:cacheprovider
 
 demo: setup
 	$(BIN)/python -m maptools demo

@@ -202,7 +202,8 @@ def quantize(
     manifest = {
         "mapname": mapname,
         "versions": {"maptools": maptools.__version__, "ppq": _version("ppq"), "torch": torch.__version__,
-                     "onnx": onnx.__version__, "numpy": np.__version__},
+                     "onnx": onnx.__version__, "numpy": np.__version__, "protobuf": _version("protobuf"),
+                     "onnxruntime": _version("onnxruntime")},
         "model": {"path": str(model.path), "sha256": model.sha256},
         "settings": {
             "input_shapes": {k: list(v) for k, v in shapes.items()}, "device": device,
