@@ -109,6 +109,7 @@ class Run:
     outputs: dict[str, np.ndarray]  # execution name -> graph output
     integers: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    ppq_integers: dict[str, np.ndarray] = field(default_factory=dict)  # node -> PPQ's output on the integer grid
     figures: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def compare(self, candidate: str, reference: str) -> tuple[float, float]:
@@ -122,24 +123,40 @@ class Run:
         return float(np.mean(self.outputs[execution].argmax(axis=1) == self.labels) * 100.0)
 
 
-def _execute(mapname: str, mapsave: Path, output: str, batches: list[np.ndarray], input_name: str = "input") -> Run:
+def _execute(mapname: str, mapsave: Path, output: str, batches: list[np.ndarray], input_name: str = "input",
+             layers: bool = False) -> Run:
+    """Every execution of a map on ``batches``; with ``layers``, PPQ's output of every operator too.
+
+    PPQ's operator outputs are put on the integer grid of their ``quantinfo`` record (``ppq_integers``), to be
+    compared with the integer executor's, operator by operator.
+    """
     session = _ppq_session(mapname, mapsave)
     ort_plain, ort_optimized = _ort_session(mapname, mapsave), _ort_session(mapname, mapsave, optimized=True)
     executor = ReferenceExecutor.load(mapname, mapsave)
+    quantinfo = read_quantinfo(mapname, mapsave)
     collected: dict[str, list[np.ndarray]] = {k: [] for k in ("ppq", "ort", "ort_optimized", "integer")}
-    integers: dict[str, np.ndarray] = {}
+    integers: dict[str, list[np.ndarray]] = {}
+    ppq_integers: dict[str, list[np.ndarray]] = {}
+    records = {config.outputs[0].name: node for node, config in quantinfo.items()
+               if layers and config.outputs and config.outputs[0] is not None}
     for batch in batches:
-        collected["ppq"].append(session.forward({input_name: torch.from_numpy(batch)})[output])
+        ppq_out = session.forward({input_name: torch.from_numpy(batch)},
+                                  output_names=list(dict.fromkeys([output, *records])))
+        collected["ppq"].append(ppq_out[output])
         collected["ort"].append(ort_plain.run([output], {input_name: batch})[0])
         collected["ort_optimized"].append(ort_optimized.run([output], {input_name: batch})[0])
         result, ints = executor.run({input_name: batch}, return_integers=True)
         collected["integer"].append(result[output])
         for name, value in ints.items():
-            integers[name] = np.concatenate([integers[name], value.reshape(-1)]) if name in integers \
-                else value.reshape(-1)
-    quantinfo = read_quantinfo(mapname, mapsave)
+            integers.setdefault(name, []).append(value.reshape(-1))
+        for var, node in records.items():
+            tq = quantinfo[node].outputs[0]
+            grid = np.clip(np.rint(ppq_out[var].astype(np.float64) / tq.scale) + tq.zero_point, tq.qmin, tq.qmax)
+            ppq_integers.setdefault(node, []).append(grid.reshape(-1))
     return Run(mapname=mapname, mapsave=mapsave, step=_output_step(quantinfo, output), quantinfo=quantinfo,
-               outputs={k: np.concatenate(v) for k, v in collected.items()}, integers=integers)
+               outputs={k: np.concatenate(v) for k, v in collected.items()},
+               integers={k: np.concatenate(v) for k, v in integers.items()},
+               ppq_integers={k: np.concatenate(v) for k, v in ppq_integers.items()})
 
 
 def _record(run: Run, record_property, *pairs: tuple[str, str]) -> None:
@@ -151,6 +168,34 @@ def _check_agreement(run: Run, candidate: str, reference: str) -> None:
     within, snr = run.compare(candidate, reference)
     message = f"{run.mapname}: {candidate} vs {reference}: {_fmt(within, snr)}"
     assert within >= MIN_WITHIN_STEP and snr >= MIN_SNR_DB, message
+
+
+#: Largest share of an operator's outputs allowed to differ by one step where PPQ and the integer executor
+#: first part (float32 rounding ties in PPQ's simulation: a few values in 10^5).
+MAX_TIE_SHARE = 1e-4
+
+
+def _check_disagreement_starts_at_ties(run: Run) -> None:
+    """PPQ and the integer executor may part only at isolated rounding ties, which then cascade.
+
+    PPQ simulates in float32, the executor is exact: an accumulator within float32 precision of a rounding
+    boundary can round either way, and which way depends on the CPU's summation order (the same map gives
+    identical outputs on one machine and a flip on another). At 4 bits one flip in an early layer spreads
+    through a random-weight ResNet-18 until the logits differ by a step. So operator by operator, in graph
+    order, the first operator where the two differ must differ in at most :data:`MAX_TIE_SHARE` of its
+    outputs, by one step each; anything else (a wrong scale, a missing requantization) differs everywhere.
+    """
+    order = [node.name for node in onnx.load(str(map_directory(run.mapname, run.mapsave) / QUANTMODEL)).graph.node
+             if node.name in run.ppq_integers and node.name in run.integers]
+    assert order, "no operator outputs to compare"
+    for name in order:
+        diff = np.abs(run.ppq_integers[name] - run.integers[name].astype(np.float64))
+        if np.any(diff):
+            share = float(np.mean(diff > 0))
+            assert share <= MAX_TIE_SHARE and float(diff.max()) <= 1.0, (
+                f"{run.mapname}: {name} is the first operator where PPQ and the integer executor differ, in "
+                f"{100 * share:.4f}% of its outputs (largest difference {diff.max():.0f} steps): not rounding ties")
+            return
 
 
 def _check_integer_ranges(run: Run) -> None:
@@ -216,7 +261,7 @@ def resnet18_run(request, mapsave, resnet18_onnx) -> Run:
              unsigned_nonnegative=unsigned)
     generator = np.random.default_rng(2024)
     batches = [generator.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(RESNET_BATCHES)]
-    return _execute(mapname, mapsave, "output", batches)
+    return _execute(mapname, mapsave, "output", batches, layers=True)
 
 
 @pytest.fixture(scope="module", params=list(MOBILE_CASES))
@@ -256,25 +301,34 @@ def test_digits_integer_ranges(digits_run: Run) -> None:
 
 
 # -- resnet18 -----------------------------------------------------------------------------------------
+def _low_bit(run: Run) -> bool:
+    return RESNET_CASES[run.mapname.removeprefix("resnet18_")][0] <= 4
+
+
 def test_resnet18_ort_matches_ppq(resnet18_run: Run, record_property) -> None:
     _record(resnet18_run, record_property, ("ort", "ppq"), ("ort_optimized", "ppq"))
-    if resnet18_run.mapname.endswith("w4a4_unsigned"):
-        # ORT's unoptimized float Conv sums in another order than PPQ's and flips one rounding tie (1 value in
-        # 10^5, one step) at the 46th operator on the second input; at 4 bits the flip cascades to the
-        # output (SNR ~20 dB), still within one output step everywhere. Optimized ORT and the integer
-        # executor agree exactly; one-step agreement is what is asserted here.
-        within, _ = resnet18_run.compare("ort", "ppq")
-        assert within >= MIN_WITHIN_STEP, _fmt(*resnet18_run.compare("ort", "ppq"))
-    else:
-        _check_agreement(resnet18_run, "ort", "ppq")
-    _check_agreement(resnet18_run, "ort_optimized", "ppq")
-    assert np.array_equal(resnet18_run.outputs["ort"].argmax(1), resnet18_run.outputs["ppq"].argmax(1))
+    for candidate in ("ort", "ort_optimized"):
+        if _low_bit(resnet18_run):
+            # onnxruntime's float Conv sums in another order than PPQ's (and than other CPUs'): a rounding tie
+            # may flip and, at 4 bits, cascade to the logits (SNR ~20 dB), still within one step everywhere
+            # (see _check_disagreement_starts_at_ties, which checks where such a difference starts)
+            within, snr = resnet18_run.compare(candidate, "ppq")
+            assert within >= MIN_WITHIN_STEP, f"{resnet18_run.mapname}: {candidate} vs ppq: {_fmt(within, snr)}"
+        else:
+            _check_agreement(resnet18_run, candidate, "ppq")
+            # 4-bit logits of a random-weight network tie at their maximum, so argmax is compared at 8 bits
+            assert np.array_equal(resnet18_run.outputs[candidate].argmax(1), resnet18_run.outputs["ppq"].argmax(1))
 
 
 def test_resnet18_integer_matches_ppq(resnet18_run: Run, record_property) -> None:
     _record(resnet18_run, record_property, ("integer", "ppq"), ("integer", "ort"))
-    _check_agreement(resnet18_run, "integer", "ppq")
-    assert np.array_equal(resnet18_run.outputs["integer"].argmax(1), resnet18_run.outputs["ppq"].argmax(1))
+    _check_disagreement_starts_at_ties(resnet18_run)
+    if _low_bit(resnet18_run):
+        within, snr = resnet18_run.compare("integer", "ppq")
+        assert within >= MIN_WITHIN_STEP, f"{resnet18_run.mapname}: integer vs ppq: {_fmt(within, snr)}"
+    else:
+        _check_agreement(resnet18_run, "integer", "ppq")
+        assert np.array_equal(resnet18_run.outputs["integer"].argmax(1), resnet18_run.outputs["ppq"].argmax(1))
 
 
 def test_resnet18_integer_ranges(resnet18_run: Run) -> None:
