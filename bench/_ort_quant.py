@@ -1,12 +1,12 @@
 """onnxruntime's ``quantize_static`` on a float ONNX model, timed: the helper of ``bench/speed.py``.
 
-Runs in the second virtualenv ``bench/.venv-ort`` (onnxruntime 1.22 needs onnx>=1.16, maptools pins onnx<1.16),
-so it imports nothing but onnxruntime, onnx and numpy. Calibration data are ``--steps`` batches of
+Runs in the project's own environment as a separate process (it imports nothing but onnxruntime, onnx and
+numpy, so its timing carries no torch or PPQ import). Calibration data are ``--steps`` batches of
 standard-normal noise drawn with numpy from ``--seed``. Prints one JSON record on the last line of stdout.
 
 Usage::
 
-    bench/.venv-ort/bin/python bench/_ort_quant.py MODEL.onnx OUT.onnx --method MinMax --steps 32
+    python bench/_ort_quant.py MODEL.onnx OUT.onnx --method MinMax --steps 32
 """
 
 from __future__ import annotations

@@ -12,8 +12,7 @@ standard-normal noise:
   maptools' ``LowBitQuantizer`` + ``TorchExecutor`` + ``quantizer.quantize`` (TensorRT setting) +
   ``export_ppq_graph(..., ONNXRUNTIME)``, plain PPQ (none of maptools' speed-ups);
 * onnxruntime's ``quantize_static`` (QDQ, per-channel, symmetric int8, MinMax and Percentile), run by
-  ``bench/_ort_quant.py`` in a second virtualenv ``bench/.venv-ort`` (onnxruntime 1.22 with onnx>=1.16,
-  which maptools' own environment cannot have), created here on first use;
+  ``bench/_ort_quant.py`` in the project's own environment (the one maptools runs in);
 * the floor: 32 FP32 forwards of the float model in onnxruntime (session creation included).
 
 Every measurement runs in a fresh subprocess; *work* is the time of the measured call inside it (imports
@@ -43,8 +42,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ORT_VENV = HERE / ".venv-ort"
-ORT_REQUIREMENTS = ["onnxruntime==1.22.0", "onnx>=1.16", "numpy"]
 SHAPE = (1, 3, 224, 224)
 
 
@@ -163,20 +160,6 @@ def run_child(argv: list[str], log) -> dict:
     return record
 
 
-def ensure_ort_venv(log) -> Path:
-    """Create ``bench/.venv-ort`` with onnxruntime 1.22 and onnx>=1.16 (once); return its python."""
-    python = ORT_VENV / "bin" / "python"
-    stamp = ORT_VENV / ".installed"
-    if not stamp.exists():
-        print(f"[speed] creating {ORT_VENV} ({', '.join(ORT_REQUIREMENTS)})", flush=True)
-        base = getattr(sys, "_base_executable", sys.executable)
-        subprocess.run([base, "-m", "venv", str(ORT_VENV)], check=True, stdout=log, stderr=log)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *ORT_REQUIREMENTS], check=True,
-                       stdout=log, stderr=log)
-        stamp.write_text(" ".join(ORT_REQUIREMENTS) + "\n")
-    return python
-
-
 def export_resnet18(path: Path) -> Path:
     import torch
     import torchvision
@@ -190,7 +173,7 @@ def export_resnet18(path: Path) -> Path:
     return path
 
 
-def configurations(args: argparse.Namespace, ort_python: Path | None, model: Path, work: Path) -> dict:
+def configurations(args: argparse.Namespace, with_ort: bool, model: Path, work: Path) -> dict:
     """Label -> argv of every measured configuration."""
     me = [sys.executable, str(Path(__file__).resolve()), "--model", str(model), "--steps", str(args.steps),
           "--workdir", str(work)]
@@ -201,10 +184,10 @@ def configurations(args: argparse.Namespace, ort_python: Path | None, model: Pat
         configs[f"raw PPQ W{bits}A{bits}"] = me + ["--worker", "ppq", "--bits", str(bits)]
         configs[f"maptools default W{bits}A{bits}"] = me + ["--worker", "maptools", "--recipe", "default",
                                                             "--bits", str(bits), "--analysis-steps", "4"]
-    if ort_python is not None:
+    if with_ort:
         for method in ("MinMax", "Percentile"):
             configs[f"quantize_static {method} W8A8"] = [
-                str(ort_python), str(HERE / "_ort_quant.py"), str(model), str(work / f"ort_{method}.onnx"),
+                sys.executable, str(HERE / "_ort_quant.py"), str(model), str(work / f"ort_{method}.onnx"),
                 "--method", method, "--steps", str(args.steps), "--shape", ",".join(map(str, SHAPE))]
     configs["FP32 floor (32 forwards)"] = me + ["--worker", "fp32"]
     return configs
@@ -223,7 +206,8 @@ def write_rst(rows: dict, out: Path, command: str, meta: dict) -> None:
     lines = [
         f"Produced by ``{command}``: resnet18 (random weights, opset 13), {meta['steps']} calibration batches of "
         f"{'x'.join(map(str, SHAPE))}, CPU ({meta['cores']} cores, torch {meta['torch']} with "
-        f"{meta['threads']} threads, PPQ 0.6.6, onnxruntime 1.22.0), median of {meta['reps']} "
+        f"{meta['threads']} threads, PPQ 0.6.6, onnx {meta['onnx']}, onnxruntime {meta['onnxruntime']}, protobuf "
+        f"{meta['protobuf']}), median of {meta['reps']} "
         f"run{'s' if meta['reps'] > 1 else ''} (``default`` recipe: {min(meta['default_reps'], meta['reps'])}), "
         "each in a fresh process, repetitions interleaved. The machine was shared with other jobs, so wall times "
         "are noisy; CPU times (user + system of the whole child) are steadier.",
@@ -294,6 +278,13 @@ def write_rst(rows: dict, out: Path, command: str, meta: dict) -> None:
     out.write_text("\n".join(lines))
 
 
+def _stack_versions() -> dict[str, str]:
+    """Installed versions of onnx, onnxruntime and protobuf (the stack quantize_static shares with maptools)."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("onnx", "onnxruntime", "protobuf")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 repetition instead of 3")
@@ -302,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-reps", type=int, default=1,
                         help="repetitions of the (slow) recipe='default' runs, at most --reps")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_speed.rst"), help="RST fragment to write")
-    parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantize_static (no second venv)")
+    parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime's quantize_static")
     parser.add_argument("--only", default=None, help="comma-separated substrings: measure matching labels only")
     parser.add_argument("--profile", choices=("fast", "default", "ppq"), default=None,
                         help="cProfile one maptools quantize with this recipe, or raw PPQ (W8A8), instead of "
@@ -327,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = json.loads((Path(args.workdir) / "speed.json").read_text())
         meta = {"steps": args.steps, "reps": max(len(v) for v in rows.values()), "default_reps": args.default_reps,
-                "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+                "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                **_stack_versions()}
         write_rst(rows, Path(args.out), args.rerender, meta)
         return 0
     command = "python bench/speed.py" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None
@@ -345,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--analysis-steps", "1" if args.profile == "fast" else "4"]
             subprocess.run(me, check=True, cwd=str(ROOT))
             return 0
-        ort_python = None if args.no_ort else ensure_ort_venv(log)
-        configs = configurations(args, ort_python, model, work)
+        configs = configurations(args, not args.no_ort, model, work)
         if args.only:
             wanted = [w.strip() for w in args.only.split(",")]
             configs = {k: v for k, v in configs.items() if any(w in k for w in wanted)}
@@ -363,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     meta = {"steps": args.steps, "reps": reps, "default_reps": args.default_reps, "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), **_stack_versions()}
     write_rst(rows, Path(args.out), command, meta)
     print(f"[speed] wrote {args.out}", flush=True)
     if tmp is not None:
