@@ -44,24 +44,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from peers import RAW_SETTINGS, raw_setting, run_raw_ppq  # noqa: E402
 
 from maptools.examples import digits, mobile  # noqa: E402
 from maptools.quantization import imagefolder_calibset, quantize  # noqa: E402
-from maptools.quantization.engine.quiet import import_ppq, ppq_silenced  # noqa: E402
-
-import_ppq()
-
-from ppq.api import dispatch_graph, load_onnx_graph  # noqa: E402
-from ppq.api.setting import QuantizationSetting, QuantizationSettingFactory  # noqa: E402
-from ppq.core import TargetPlatform  # noqa: E402
-from ppq.executor import TorchExecutor  # noqa: E402
-from ppq.IR import Operation  # noqa: E402
-from ppq.quantization.quantizer import TensorRTQuantizer  # noqa: E402
 
 MODELS = {"digits CNN": digits.MODEL_PATH, "mobile CNN": mobile.MODEL_PATH}
 BITS = ((8, 8), (4, 8), (4, 4), (3, 3), (2, 4))
 RECIPES = ("fast", "default", "best")
-RAW_SETTINGS = ("PPQ trt", "PPQ +equalization", "PPQ +LSQ")
 DEFAULT_OUT = ROOT / "docs" / "benchmarks_accuracy.rst"
 SEED = 0
 
@@ -104,53 +96,11 @@ def ort_logits(model_path: Path, images: np.ndarray) -> np.ndarray:
 
 
 # -- raw PPQ ------------------------------------------------------------------------------------------
-class RawLowBitTRTQuantizer(TensorRTQuantizer):
-    """PPQ's TensorRT quantizer at other bit widths: ``a_bits`` activations, ``w_bits`` weights.
-
-    Everything else is PPQ's: per-tensor symmetric activations with the percentile observer, per-channel
-    symmetric min-max weights, float bias, TensorRT's fusion and dispatching.
-    """
-
-    def __init__(self, graph, w_bits: int, a_bits: int) -> None:
-        super().__init__(graph=graph)
-        self._num_of_bits = a_bits
-        self._quant_min, self._quant_max = -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1
-        self._w_bits = w_bits
-
-    def init_quantize_config(self, operation: Operation):
-        config = super().init_quantize_config(operation)
-        if operation.type in {"Conv", "ConvTranspose", "Gemm", "MatMul"} and operation.inputs[1].is_parameter:
-            weight = config.input_quantization_config[1]
-            weight.num_of_bits = self._w_bits
-            weight.quant_min, weight.quant_max = -(2 ** (self._w_bits - 1)), 2 ** (self._w_bits - 1) - 1
-        return config
-
-
-def raw_setting(name: str) -> QuantizationSetting:
-    """PPQ's own settings: ``trt_setting``, plus equalization, plus LSQ (PPQ defaults, CPU)."""
-    setting = QuantizationSettingFactory.trt_setting()
-    if name == "PPQ +equalization":
-        setting.equalization = True
-    elif name == "PPQ +LSQ":
-        setting.lsq_optimization = True
-        setting.lsq_optimization_setting.collecting_device = "cpu"
-    return setting
-
-
-def run_raw_ppq(model_path: Path, w_bits: int, a_bits: int, setting: QuantizationSetting,
-                calib: Sequence[Batch], images: np.ndarray) -> np.ndarray:
-    """Quantize with raw PPQ and return its simulated logits on ``images``."""
-    with ppq_silenced():
-        graph = load_onnx_graph(onnx_import_file=str(model_path))
-        graph = dispatch_graph(graph=graph, platform=TargetPlatform.TRT_INT8, dispatcher=setting.dispatcher,
-                               dispatching_table=setting.dispatching_table)
-        quantizer = RawLowBitTRTQuantizer(graph, w_bits, a_bits)
-        quantizer._verbose = False
-        executor = TorchExecutor(graph=graph, device="cpu")
-        quantizer.quantize(inputs=calib[0], calib_dataloader=list(calib), executor=executor, setting=setting,
-                           calib_steps=len(calib), collate_fn=lambda batch: batch)
-        outputs = executor.forward(inputs={"input": torch.from_numpy(images)})
-    return outputs[0].detach().cpu().numpy()
+def run_raw(model_path: Path, w_bits: int, a_bits: int, setting_name: str, calib: Sequence[Batch],
+            images: np.ndarray) -> np.ndarray:
+    """Raw PPQ's simulated logits on ``images`` (see ``bench/peers.py``)."""
+    feeds = [{name: tensor.numpy() for name, tensor in batch.items()} for batch in calib]
+    return run_raw_ppq(model_path, w_bits, a_bits, raw_setting(setting_name), feeds, [{"input": images}])[0][0]
 
 
 def run_maptools(model_path: Path, w_bits: int, a_bits: int, recipe: str, calib: Sequence[Batch],
@@ -185,8 +135,7 @@ def measure_model(name: str, model_path: Path, bits: Sequence[tuple[int, int]], 
             row[recipe] = Measure(top1(logits, labels), snr_db(fp32, logits), seconds)
             report(name, w_bits, a_bits, recipe, row[recipe])
         for setting_name in RAW_SETTINGS:
-            logits, seconds = timed(partial(run_raw_ppq, model_path, w_bits, a_bits, raw_setting(setting_name),
-                                            calib, images))
+            logits, seconds = timed(partial(run_raw, model_path, w_bits, a_bits, setting_name, calib, images))
             row[setting_name] = Measure(top1(logits, labels), snr_db(fp32, logits), seconds)
             report(name, w_bits, a_bits, setting_name, row[setting_name])
         results[(w_bits, a_bits)] = row

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import os
 import random
 import time
@@ -21,6 +22,7 @@ import torch
 import maptools
 from maptools.quantization import artifacts
 from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
+from maptools.quantization.diagnostics import output_warnings
 from maptools.quantization.model import check_input_shapes, load_model, prepare_model
 from maptools.quantization.records import QuantizationResult
 from maptools.quantization.report import REPORT_JSON, REPORT_PNG, render_report
@@ -56,6 +58,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _warnings(errors: Any, data: str) -> list[str]:
+    return output_warnings(errors.output_snr_db, errors.part_snr_db, errors.fp32_span, errors.quant_span,
+                           errors.isolated_snr_db, data)
+
+
+def _parts_report(errors: Any) -> dict[str, dict[str, dict[str, float | str]]]:
+    """report.json's ``output_parts``: output -> part -> SNR and cosine."""
+    return {output: {part: {"snr_db": snr if math.isfinite(snr) else str(snr),
+                            "cosine": errors.part_cosine[output][part]}
+                     for part, snr in parts.items()}
+            for output, parts in errors.part_snr_db.items()}
+
+
 def quantize(
     input_shapes: Mapping[str, Sequence[int]],
     device: str,
@@ -78,6 +93,7 @@ def quantize(
     unsigned_nonnegative: bool | None = None,
     analysis_steps: int = 4,
     layerwise_analysis: bool = False,
+    evalset: Iterable[Any] | None = None,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
@@ -109,10 +125,18 @@ def quantize(
             activations only; not with the ``kl`` observer). None for the recipe's choice: on for
             ``'default'`` and ``'best'``, off for ``'fast'`` and a custom ``setting``.
         recipe: ``'fast'``, ``'default'`` or ``'best'`` (see :mod:`maptools.quantization.engine.recipes`).
-        analysis_steps: Number of calibration batches used to measure the graph-wise error.
+        analysis_steps: Number of batches the graph-wise error is measured on, held out from calibration
+            (see ``evalset``).
         layerwise_analysis: Also measure the layer-wise error (the graph outputs when one operator alone
             is quantized) and write it to ``report.json``. Off by default: it costs one forward of the
-            whole graph per quantized operator (on the first calibration batch).
+            whole graph per quantized operator (on the first analysis batch); it is measured anyway when
+            an output gets a warning, to name the operators to blame.
+        evalset: Batches (the form of ``calibset``) to measure the graph-wise error on. Without it the error
+            is measured on the batches of ``calibset`` after the first ``calib_steps`` (up to
+            ``analysis_steps`` of them; give a calibset longer than ``calib_steps``, as an ImageFolder
+            usually is), or, with random calibration, on ``analysis_steps`` other random batches; when the
+            calibset has no batch beyond ``calib_steps``, on the calibration batches themselves, which
+            ``report.json`` and the summary say ("in-sample") since it overstates the accuracy.
 
     Returns:
         The paths written, the per-operator configs and the graph-wise error.
@@ -155,10 +179,21 @@ def quantize(
                 f"calib_steps: {calib_steps} given, but PPQ needs at least {MIN_CALIB_BATCHES} calibration batches"
             )
         batches = random_calibset(shapes, calib_steps, seed)
+        held_out, analysis_data = random_calibset(shapes, analysis_steps, seed + 1), "random (held-out)"
         calibration = "random"
     else:
-        batches = prepare_calibset(calibset, model, shapes, calib_steps)
+        batches = prepare_calibset(calibset, model, shapes, calib_steps + analysis_steps)
+        batches, held_out = batches[:calib_steps], batches[calib_steps:]
+        if len(batches) < MIN_CALIB_BATCHES:
+            raise maptools.CalibrationError(
+                f"calibset: holds {len(batches)} batches, but PPQ needs at least {MIN_CALIB_BATCHES} calibration "
+                "batches; give more batches")
+        analysis_data = "held-out" if held_out else "in-sample"
+        held_out = held_out or batches[:analysis_steps]
         calibration = "user"
+    if evalset is not None:
+        held_out = prepare_calibset(evalset, model, shapes, analysis_steps, argument="evalset", minimum=1)
+        analysis_data = "evalset"
     # -- 2. the PPQ engine (imported only now) ---------------------------------------------------
     from maptools.quantization.engine import LowBitSpec, PPQSession
     from maptools.quantization.engine.recipes import RECIPE_OBSERVERS, RECIPE_UNSIGNED, build_setting
@@ -194,10 +229,17 @@ def quantize(
     qdq = session.export_qdq(io_like=model.proto)
     graph_bytes = session.to_bytes()
     timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
-    errors = session.error_analysis(batches[:analysis_steps], layerwise=layerwise_analysis)
+    errors = session.error_analysis(held_out, layerwise=layerwise_analysis)
+    warnings = _warnings(errors, analysis_data)
+    if warnings and not errors.isolated_snr_db:  # name the operators to blame
+        errors.isolated_snr_db, errors.isolated_cosine = session.layerwise(held_out[0])
+        warnings = _warnings(errors, analysis_data)
     timings["error_analysis"] = time.perf_counter() - mark
     for name, snr in errors.output_snr_db.items():
-        logger.info("graph-wise error of output %r: SNR %.2f dB, cosine %.5f", name, snr, errors.output_cosine[name])
+        logger.info("graph-wise error of output %r on %s data: SNR %.2f dB, cosine %.5f", name, analysis_data, snr,
+                    errors.output_cosine[name])
+    for warning in warnings:
+        logger.warning("%s", warning)
     # -- 3. the artifacts, written atomically -----------------------------------------------------
     manifest = {
         "mapname": mapname,
@@ -212,7 +254,7 @@ def quantize(
             "unsigned_nonnegative": unsigned_nonnegative,
             "recipe": recipe_name, "layer_bits": {k: list(v) for k, v in overrides.items()},
             "calibration": calibration, "calib_steps": calib_steps, "calib_batches": len(batches), "seed": seed,
-            "layerwise_analysis": layerwise_analysis,
+            "layerwise_analysis": layerwise_analysis, "analysis_steps": analysis_steps,
         },
     }
     files = {
@@ -224,14 +266,17 @@ def quantize(
     files.update(render_report(mapname, manifest["settings"], timings, errors.output_snr_db, errors.output_cosine,
                                errors.layer_snr_db, errors.layer_cosine,
                                {name: cfg.op_type for name, cfg in quantinfo.items()},
-                               errors.isolated_snr_db, errors.isolated_cosine))
+                               errors.isolated_snr_db, errors.isolated_cosine,
+                               extra={"analysis": {"data": analysis_data, "batches": len(held_out)},
+                                      "output_parts": _parts_report(errors), "warnings": warnings}))
     artifacts.write_map(target, files, manifest)
     result = QuantizationResult(
         mapname=mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,
         quantparams_path=target / artifacts.QUANTPARAMS, model_path=target / artifacts.QUANTMODEL,
         manifest_path=target / artifacts.MANIFEST, operators=quantinfo, output_snr_db=errors.output_snr_db,
         output_cosine=errors.output_cosine, layer_snr_db=errors.layer_snr_db, seconds=time.perf_counter() - started,
-        report_path=target / REPORT_JSON, plot_path=target / REPORT_PNG,
+        report_path=target / REPORT_JSON, plot_path=target / REPORT_PNG, warnings=warnings,
+        analysis_data=analysis_data, part_snr_db=errors.part_snr_db,
     )
     logger.info("wrote %s in %.1f s", target, result.seconds)
     return result

@@ -62,9 +62,9 @@ def _to_tensor(value: object, where: str) -> torch.Tensor:
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         if value.dtype == object or value.dtype.kind not in "biuf":
-            raise CalibrationError(f"calibset{where}: numpy array of dtype {value.dtype} is not numeric")
-        return torch.from_numpy(np.ascontiguousarray(value))
-    raise CalibrationError(f"calibset{where}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
+            raise CalibrationError(f"{where}: numpy array of dtype {value.dtype} is not numeric")
+        return torch.from_numpy(np.array(value, order="C"))  # ascontiguousarray would make a scalar 1-D
+    raise CalibrationError(f"{where}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
 
 
 def _check_tensor(
@@ -72,30 +72,31 @@ def _check_tensor(
 ) -> torch.Tensor:
     expected_kind = np.dtype(dtype).kind
     if tensor.dtype == torch.bool or tensor.is_complex():
-        raise CalibrationError(f"calibset{where}: dtype {tensor.dtype} given for input {name!r}, expected {dtype}")
+        raise CalibrationError(f"{where}: dtype {tensor.dtype} given for input {name!r}, expected {dtype}")
     if expected_kind == "f" and not tensor.is_floating_point():
         raise CalibrationError(
-            f"calibset{where}: input {name!r} has dtype {tensor.dtype}, expected a floating tensor ({dtype})"
+            f"{where}: input {name!r} has dtype {tensor.dtype}, expected a floating tensor ({dtype})"
         )
     if expected_kind in "iu" and tensor.is_floating_point():
-        raise CalibrationError(f"calibset{where}: input {name!r} has dtype {tensor.dtype}, expected {dtype}")
+        raise CalibrationError(f"{where}: input {name!r} has dtype {tensor.dtype}, expected {dtype}")
     given = tuple(tensor.shape)
     ok = len(given) == len(shape) and all(
         g == s or (axis == 0 and dynamic_batch) for axis, (g, s) in enumerate(zip(given, shape, strict=False))
     )
     if not ok:
         raise CalibrationError(
-            f"calibset{where}: input {name!r} has shape {list(given)}, expected {list(shape)} "
+            f"{where}: input {name!r} has shape {list(given)}, expected {list(shape)} "
             "(the shape given in input_shapes)"
         )
     tensor = tensor.to(torch.from_numpy(np.zeros(0, dtype=dtype)).dtype)
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise CalibrationError(f"calibset{where}: input {name!r} contains NaN or Inf values")
+        raise CalibrationError(f"{where}: input {name!r} contains NaN or Inf values")
     return tensor
 
 
 def prepare_calibset(
-    calibset: object, model: LoadedModel, input_shapes: Mapping[str, tuple[int, ...]], calib_steps: int
+    calibset: object, model: LoadedModel, input_shapes: Mapping[str, tuple[int, ...]], calib_steps: int,
+    *, argument: str = "calibset", minimum: int = MIN_CALIB_BATCHES,
 ) -> list[Batch]:
     """Check a user calibration set against the graph and return the batches to calibrate on.
 
@@ -106,6 +107,8 @@ def prepare_calibset(
         input_shapes: The checked input shapes; tensors must match them (the batch dimension may differ
             when the model's batch dimension is dynamic).
         calib_steps: At most this many batches are used.
+        argument: The argument's name in error messages (``'evalset'`` for evaluation data).
+        minimum: The fewest batches accepted (PPQ's minimum for calibration, 1 for evaluation data).
 
     Returns:
         Up to ``calib_steps`` batches as ``dict[name, torch.Tensor]``.
@@ -116,39 +119,40 @@ def prepare_calibset(
     """
     if isinstance(calibset, (str, bytes, Mapping, torch.Tensor, np.ndarray)) or not isinstance(calibset, Iterable):
         raise CalibrationError(
-            f"calibset: expected an iterable of batches (e.g. a list of {{'input': tensor}}), got "
+            f"{argument}: expected an iterable of batches (e.g. a list of {{'input': tensor}}), got "
             f"{type(calibset).__name__}"
         )
     items = list(itertools.islice(iter(calibset), calib_steps))
     if not items:
-        raise CalibrationError("calibset: is empty; expected at least 8 batches (or calibset=None for random data)")
-    if len(items) < MIN_CALIB_BATCHES:
+        raise CalibrationError(f"{argument}: is empty; expected at least {minimum} batches"
+                               + (" (or calibset=None for random data)" if argument == "calibset" else ""))
+    if len(items) < minimum:
         raise CalibrationError(
-            f"calibset: holds {len(items)} batches (calib_steps={calib_steps}), but PPQ needs at least "
-            f"{MIN_CALIB_BATCHES} calibration batches; give more batches"
+            f"{argument}: holds {len(items)} batches (calib_steps={calib_steps}), but PPQ needs at least "
+            f"{minimum} calibration batches; give more batches"
         )
     graph_inputs = {i.name: i for i in model.inputs}
     names = list(input_shapes)
     batches: list[Batch] = []
     for index, item in enumerate(items):
-        where = f"[{index}]"
+        where = f"{argument}[{index}]"
         if isinstance(item, Mapping):
             given = list(item.keys())
             if set(given) != set(names):
                 raise CalibrationError(
-                    f"calibset{where}: has inputs {given!r}, expected exactly the model inputs {names!r}"
+                    f"{where}: has inputs {given!r}, expected exactly the model inputs {names!r}"
                 )
             raw = {name: item[name] for name in names}
         elif isinstance(item, (torch.Tensor, np.ndarray)):
             if len(names) != 1:
                 raise CalibrationError(
-                    f"calibset{where}: a bare tensor was given but the model has {len(names)} inputs "
+                    f"{where}: a bare tensor was given but the model has {len(names)} inputs "
                     f"{names!r}; give a dict of input name -> tensor"
                 )
             raw = {names[0]: item}
         else:
             raise CalibrationError(
-                f"calibset{where}: expected a dict of input name -> tensor (or a tensor), got {type(item).__name__}"
+                f"{where}: expected a dict of input name -> tensor (or a tensor), got {type(item).__name__}"
             )
         batch: Batch = {}
         for name in names:

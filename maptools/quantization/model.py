@@ -44,7 +44,9 @@ class GraphInput:
     dtype: np.dtype
 
     def is_fixed(self, axis: int) -> bool:
-        """Whether dimension ``axis`` has a fixed positive size in the model."""
+        """Whether dimension ``axis`` has a fixed positive size in the model (a scalar input has no axis: fixed)."""
+        if axis >= len(self.dims):
+            return True
         dim = self.dims[axis]
         return isinstance(dim, int) and dim > 0
 

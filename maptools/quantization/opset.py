@@ -160,7 +160,7 @@ def _keep_compatible(node: onnx.NodeProto, ctx: _Context, handled: frozenset[str
         name = attribute.name
         if name in old.attributes:
             value = _attr(node, name)
-            if value in _NEW_VALUES.get((node.op_type, name), set()):
+            if isinstance(value, str) and value in _NEW_VALUES.get((node.op_type, name), set()):
                 raise _unsupported(node, ctx, f"{name}={value!r} does not exist at opset {PPQ_MAX_OPSET}")
             continue
         if name in handled:

@@ -149,6 +149,12 @@ class QuantizationResult:
         seconds: Wall time of the whole call.
         report_path: Path of ``report.json`` (settings, timings, per-operator error).
         plot_path: Path of ``report.png`` (per-layer SNR bar chart).
+        warnings: Outputs (or parts of outputs) that are too noisy or collapsed, with the operators to blame
+            (see :mod:`maptools.quantization.diagnostics`).
+        analysis_data: What the errors were measured on: ``'held-out'`` (calibset batches after the first
+            ``calib_steps``), ``'evalset'``, ``'random (held-out)'`` or ``'in-sample'`` (the calibration
+            batches themselves, which overstates the accuracy).
+        part_snr_db: Outputs built by a final Concat -> each part's SNR in dB.
     """
 
     mapname: str
@@ -164,6 +170,9 @@ class QuantizationResult:
     seconds: float = 0.0
     report_path: Path | None = None
     plot_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+    analysis_data: str = "in-sample"
+    part_snr_db: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """A few human-readable lines: files written and output error."""
@@ -171,5 +180,9 @@ class QuantizationResult:
         for path in (self.quantinfo_path, self.quantparams_path, self.model_path):
             lines.append(f"  {path}")
         for name, snr in self.output_snr_db.items():
-            lines.append(f"  output {name}: SNR {snr:.2f} dB, cosine {self.output_cosine[name]:.5f}")
+            lines.append(f"  output {name}: SNR {snr:.2f} dB, cosine {self.output_cosine[name]:.5f} "
+                         f"({self.analysis_data} data)")
+            for part, part_snr in self.part_snr_db.get(name, {}).items():
+                lines.append(f"    part {part}: SNR {part_snr:.2f} dB")
+        lines += [f"  WARNING: {warning}" for warning in self.warnings]
         return "\n".join(lines)

@@ -58,13 +58,17 @@ def render_report(mapname: str, settings: Mapping[str, Any], timings: Mapping[st
                   output_snr_db: Mapping[str, float], output_cosine: Mapping[str, float],
                   layer_snr_db: Mapping[str, float], layer_cosine: Mapping[str, float],
                   op_types: Mapping[str, str], isolated_snr_db: Mapping[str, float] | None = None,
-                  isolated_cosine: Mapping[str, float] | None = None) -> dict[str, bytes]:
+                  isolated_cosine: Mapping[str, float] | None = None,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, bytes]:
     """Render ``report.json`` and ``report.png``.
 
     The per-operator entries hold the graph-wise error (``snr_db``, ``cosine``: the operator's own output,
     accumulated from the input) and, when ``isolated_snr_db`` is given (``quantize(layerwise_analysis=True)``),
     the layer-wise error (``layerwise_snr_db``, ``layerwise_cosine``: the graph outputs when only that
     operator is quantized); without it these two keys are left out.
+
+    ``extra`` adds top-level keys (``analysis``: what the figures were measured on, ``output_parts``: the
+    parts of outputs built by a final Concat, ``warnings``).
 
     Returns:
         File name -> bytes, ready for :func:`maptools.quantization.artifacts.write_map`.
@@ -85,6 +89,7 @@ def render_report(mapname: str, settings: Mapping[str, Any], timings: Mapping[st
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "outputs": {n: {"snr_db": _finite(output_snr_db[n]), "cosine": output_cosine[n]} for n in output_snr_db},
         "operators": [operator(n) for n in layer_snr_db],
+        **dict(extra or {}),
     }
     bits = f"W{settings.get('weight_bits')}A{settings.get('activation_bits')}"
     title = f"{mapname}: per-layer SNR ({bits}, {len(layer_snr_db)} quantized layers)"

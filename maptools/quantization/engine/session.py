@@ -12,7 +12,7 @@ import logging
 import pickle
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 import_ppq()
 
 from ppq.api import dispatch_graph, load_onnx_graph  # noqa: E402
-from ppq.api.setting import QuantizationSetting, QuantizationSettingFactory  # noqa: E402
+from ppq.api.setting import DispatchingTable, QuantizationSetting, QuantizationSettingFactory  # noqa: E402
 from ppq.core import QuantizationProperty, QuantizationStates, TargetPlatform  # noqa: E402
 from ppq.executor import TorchExecutor  # noqa: E402
 from ppq.executor.op import DEFAULT_BACKEND_TABLE  # noqa: E402
@@ -35,12 +35,15 @@ from ppq.parser.native import NativeExporter, NativeImporter  # noqa: E402
 
 from maptools.quantization.engine.exporter import FaithfulQDQExporter, quantize_to_int  # noqa: E402
 from maptools.quantization.engine.fusion import FUSED_ACTIVATION_TYPES, unmaterialized_variables  # noqa: E402
+from maptools.quantization.engine.operators import operator_fixes  # noqa: E402
+from maptools.quantization.engine.outputs import FinalConcat, final_concats  # noqa: E402
 from maptools.quantization.engine.quantizer import (  # noqa: E402
     BIAS_TYPES,
     WEIGHTED_TYPES,
     LowBitQuantizer,
     LowBitSpec,
 )
+from maptools.quantization.engine.rewrites import ppq_compatible  # noqa: E402
 from maptools.quantization.engine.speedups import accelerated_pipeline, fast_observers  # noqa: E402
 
 __all__ = ["PPQSession", "default_setting", "weight_key", "bias_key"]
@@ -83,7 +86,13 @@ def _tensor_quant(name: str, config) -> TensorQuant | None:
 
 @dataclass
 class ErrorAnalysis:
-    """Graph-wise error: quantized vs FP32, per graph output and per quantized operator output."""
+    """Graph-wise error: quantized vs FP32, per graph output and per quantized operator output.
+
+    ``part_*`` hold the parts of outputs built by a final ``Concat`` (see
+    :mod:`~maptools.quantization.engine.outputs`): output name -> part tensor name -> figure. ``*_span`` are
+    ``max - min`` of the FP32 and the quantized values of each output and part over the analysed batches (a
+    quantized span of 0 where FP32's is not: the output collapsed to a constant).
+    """
 
     output_snr_db: dict[str, float]
     output_cosine: dict[str, float]
@@ -91,6 +100,10 @@ class ErrorAnalysis:
     layer_cosine: dict[str, float]
     isolated_snr_db: dict[str, float]
     isolated_cosine: dict[str, float]
+    part_snr_db: dict[str, dict[str, float]] = field(default_factory=dict)
+    part_cosine: dict[str, dict[str, float]] = field(default_factory=dict)
+    fp32_span: dict[str, float] = field(default_factory=dict)
+    quant_span: dict[str, float] = field(default_factory=dict)
 
 
 def _snr_db(signal: float, noise: float) -> float:
@@ -103,9 +116,9 @@ def _snr_db(signal: float, noise: float) -> float:
 
 def _copy_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
     """Give ``target`` the graph inputs/outputs of ``source``: same order, same types (dynamic dims kept)."""
-    for field in ("input", "output"):
-        declared = {vi.name: vi for vi in getattr(source.graph, field)}
-        present = {vi.name: vi for vi in getattr(target.graph, field)}
+    for kind in ("input", "output"):
+        declared = {vi.name: vi for vi in getattr(source.graph, kind)}
+        present = {vi.name: vi for vi in getattr(target.graph, kind)}
         order = [name for name in declared if name in present] + [n for n in present if n not in declared]
         merged = []
         for name in order:
@@ -114,7 +127,7 @@ def _copy_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
             if name in declared:
                 vi.type.CopyFrom(declared[name].type)
             merged.append(vi)
-        container = getattr(target.graph, field)
+        container = getattr(target.graph, kind)
         del container[:]
         container.extend(merged)
     del target.graph.value_info[:]
@@ -147,39 +160,8 @@ class PPQSession:
         self._output_names = list(output_names) or list(graph.outputs)
         self.executor = TorchExecutor(graph=self.graph, device=device)
         self._quantized = quantized
-
-    @staticmethod
-    def _ppq_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
-        """A copy of the model rewritten around two PPQ 0.6.6 parser/executor limitations (same computation).
-
-        * ``Identity`` of an initializer (torch's exporter deduplicates equal initializers that way) becomes
-          a copy of the initializer: PPQ requires BatchNormalization/Conv parameters to be initializers
-          ("BatchNorm should have 4 parameters"), e.g. densenet121.
-        * ``Resize`` with ``sizes`` but an empty ``scales``/``roi`` input gets empty initializers there: PPQ's
-          Resize_forward calls ``.cpu()`` on the missing input, e.g. lraspp_mobilenet_v3_large.
-        """
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        graph = model.graph
-        inits = {init.name: init for init in graph.initializer}
-        outputs = {vi.name for vi in graph.output}
-        kept = []
-        for node in graph.node:
-            if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(inits[node.input[0]])
-                copy.name = node.output[0]
-                graph.initializer.append(copy)
-                continue
-            if node.op_type == "Resize" and len(node.input) == 4 and node.input[3]:
-                for index in (1, 2):
-                    if not node.input[index]:
-                        name = f"{node.name}__empty_{index}"
-                        graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((0,), np.float32), name))
-                        node.input[index] = name
-            kept.append(node)
-        del graph.node[:]
-        graph.node.extend(kept)
-        return model
+        #: Graph outputs built by a final Concat (kept in float, parts at their own quantization).
+        self.final_concats: list[FinalConcat] = []
 
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto, spec: LowBitSpec, device: str,
@@ -187,19 +169,28 @@ class PPQSession:
         """Load a prepared ONNX model (named nodes, static input shapes) into PPQ and dispatch it."""
         setting = setting if setting is not None else default_setting()
         opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+        model = ppq_compatible(model)
+        concats = final_concats(model)
         with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
             path = Path(tmp) / "model.onnx"
-            onnx.save(cls._ppq_compatible(model), str(path))
+            onnx.save(model, str(path))
             try:
                 with ppq_silenced():
                     graph = load_onnx_graph(onnx_import_file=str(path))
             except Exception as exc:
                 raise EngineError(f"PPQ could not load the model: {type(exc).__name__}: {exc}") from exc
         cls._check_supported(graph)
+        table = DispatchingTable()  # the setting's own entries, then the final Concats (the setting is not changed)
+        table.dispatchings = dict(setting.dispatching_table.dispatchings)
+        for concat in concats:
+            for name in concat.float_nodes:
+                table.append(name, TargetPlatform.FP32)
         with ppq_silenced():
             graph = dispatch_graph(graph=graph, platform=TargetPlatform.TRT_INT8, dispatcher=setting.dispatcher,
-                                   dispatching_table=setting.dispatching_table)
-        return cls(graph, spec, device, setting, [o.name for o in model.graph.output], opset)
+                                   dispatching_table=table)
+        session = cls(graph, spec, device, setting, [o.name for o in model.graph.output], opset)
+        session.final_concats = concats
+        return session
 
     def to_bytes(self) -> bytes:
         """Serialise the quantized graph in PPQ's native format (a pickle), with maptools' metadata."""
@@ -252,7 +243,7 @@ class PPQSession:
             return {name: tensor.to(device) for name, tensor in batch.items()}
 
         try:
-            with ppq_silenced(), fast_observers():
+            with ppq_silenced(), fast_observers(), operator_fixes():
                 quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=list(batches),
                                    executor=self.executor, setting=self.setting,
                                    calib_steps=len(batches), collate_fn=collate)
@@ -333,7 +324,7 @@ class PPQSession:
         """One silent forward of the graph in its current state; PPQ errors become :class:`EngineError`."""
         feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
         try:
-            with ppq_silenced():
+            with ppq_silenced(), operator_fixes():
                 outputs = self.executor.forward(inputs=feed, output_names=list(names))
         except Exception as exc:
             raise self._engine_error(stage, exc) from exc
@@ -355,14 +346,17 @@ class PPQSession:
         """Graph-wise error of the quantized graph against FP32 on ``batches``.
 
         Every quantized operator's output is compared, including the error accumulated from the graph's
-        inputs (as PPQ's ``graphwise_error_analyse``), as well as every graph output. With ``layerwise``,
-        also the layer-wise error of every quantized operator (:meth:`_layerwise`, on the first batch);
-        without it the ``isolated_*`` figures are empty.
+        inputs (as PPQ's ``graphwise_error_analyse``), as well as every graph output and every part of an
+        output built by a final ``Concat``. With ``layerwise``, also the layer-wise error of every quantized
+        operator (:meth:`layerwise`, on the first batch); without it the ``isolated_*`` figures are empty.
         """
         layer_vars = {op.outputs[0].name: op.name for op in self.graph.topological_sort()
                       if isinstance(op, QuantableOperation) and op.outputs}
-        names = list(dict.fromkeys(self._output_names + list(layer_vars)))
+        parts = {concat.output: list(concat.parts) for concat in self.final_concats}
+        watched = self._output_names + [part for names in parts.values() for part in names]
+        names = list(dict.fromkeys(watched + list(layer_vars)))
         sums = {name: np.zeros(4) for name in names}  # signal, noise, dot, candidate power
+        spans = {name: [np.inf, -np.inf, np.inf, -np.inf] for name in watched}  # fp32 min/max, quantized min/max
         for batch in batches:
             quant = self.forward(batch, quantized=True, output_names=names)
             ref = self.forward(batch, quantized=False, output_names=names)
@@ -370,6 +364,9 @@ class PPQSession:
                 r = ref[name].astype(np.float64)
                 q = quant[name].astype(np.float64)
                 sums[name] += (np.sum(r * r), np.sum((r - q) ** 2), np.sum(r * q), np.sum(q * q))
+                if name in spans and r.size:
+                    low_r, high_r, low_q, high_q = spans[name]
+                    spans[name] = [min(low_r, r.min()), max(high_r, r.max()), min(low_q, q.min()), max(high_q, q.max())]
 
         def snr(name: str) -> float:
             return _snr_db(sums[name][0], sums[name][1])
@@ -378,7 +375,7 @@ class PPQSession:
             signal, _, dot, power = sums[name]
             return float(dot / max(np.sqrt(signal * power), 1e-30))
 
-        isolated_snr, isolated_cos = self._layerwise(batches[0]) if batches and layerwise else ({}, {})
+        isolated_snr, isolated_cos = self.layerwise(batches[0]) if batches and layerwise else ({}, {})
         return ErrorAnalysis(
             output_snr_db={n: snr(n) for n in self._output_names},
             output_cosine={n: cos(n) for n in self._output_names},
@@ -386,9 +383,13 @@ class PPQSession:
             layer_cosine={op: cos(var) for var, op in layer_vars.items()},
             isolated_snr_db=isolated_snr,
             isolated_cosine=isolated_cos,
+            part_snr_db={out: {p: snr(p) for p in names_} for out, names_ in parts.items()},
+            part_cosine={out: {p: cos(p) for p in names_} for out, names_ in parts.items()},
+            fp32_span={n: float(v[1] - v[0]) for n, v in spans.items() if np.isfinite(v[0])},
+            quant_span={n: float(v[3] - v[2]) for n, v in spans.items() if np.isfinite(v[2])},
         )
 
-    def _layerwise(self, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
+    def layerwise(self, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
         """Layer-wise error: the graph outputs' SNR and cosine when only one operator is quantized.
 
         As PPQ's ``layerwise_error_analyse``: every other operator runs in FP32, so the figure is the error
