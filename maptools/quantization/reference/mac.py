@@ -78,7 +78,7 @@ def _matmul_acc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def im2col(xp: np.ndarray, kernel: list[int], strides: list[int], dilations: list[int], out_sizes: list[int],
            group: int) -> np.ndarray:
-    """Columns of a padded N, C, *spatial input: shape ``(N, group, C / group * taps, prod(out_sizes))``.
+    """Columns of a padded ``(N, C, *spatial)`` input, shape ``(N, group, C / group * taps, prod(out_sizes))``.
 
     Row ``c * taps + t`` holds input channel ``c`` (within its group) at kernel tap ``t`` (taps in C order).
     """
@@ -92,7 +92,7 @@ def im2col(xp: np.ndarray, kernel: list[int], strides: list[int], dilations: lis
 
 def conv_accumulator(xc: np.ndarray, weight: np.ndarray, strides: list[int], dilations: list[int],
                      pads: list[int], group: int, node: onnx.NodeProto) -> np.ndarray:
-    """The integer accumulator (without bias) of a 1-D or 2-D Conv of centred integers ``xc``: (N, M, *out)."""
+    """The integer accumulator (without bias) of a 1-D or 2-D Conv of centred integers ``xc``: ``(N, M, *out)``."""
     if xc.ndim not in (3, 4) or weight.ndim != xc.ndim:
         raise UnsupportedOperatorError(f"{describe(node)}: only 1-D and 2-D convolutions are supported")
     one_d = xc.ndim == 3

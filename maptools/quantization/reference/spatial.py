@@ -1,4 +1,4 @@
-"""Sliding windows over the spatial axes of N, C, *spatial tensors: pads, window slices, pooling."""
+"""Sliding windows over the spatial axes of ``(N, C, *spatial)`` tensors: pads, window slices, pooling."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def window_slices(kernel: list[int], strides: list[int], dilations: list[int],
 def pool(x: np.ndarray, kernel: list[int], strides: list[int], pads: list[int], dilations: list[int],
          ceil_mode: bool, reduce: Callable[[np.ndarray, np.ndarray], np.ndarray], pad_value: float,
          extra_value: float | None = None) -> np.ndarray:
-    """Sliding-window reduction over the spatial axes of ``x`` (N, C, *spatial).
+    """Sliding-window reduction over the spatial axes of ``x``, ``(N, C, *spatial)``.
 
     ``pad_value`` fills the explicit pads, ``extra_value`` (default ``pad_value``) the extra end padding
     ``ceil_mode`` may need.
