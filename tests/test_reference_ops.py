@@ -25,8 +25,10 @@ from maptools.errors import UnsupportedOperatorError
 from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS, dump_pickle, write_map
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import SUPPORTED_OPS, ReferenceExecutor, simulate
-from maptools.quantization.reference.generic import GENERIC_OPS
+from maptools.quantization.reference.generic import CANDIDATE_OPS, GENERIC_OPS
 from maptools.quantization.reference.registry import HANDLERS
+
+pytestmark = pytest.mark.stack  # also run on the oldest supported stack (make test): no PPQ, about a second
 
 #: Operator types some test below runs (declared with @covers), checked against SUPPORTED_OPS at the end.
 COVERED: set[str] = set()
@@ -320,6 +322,16 @@ def test_integer_operators_are_exact(op_type: str, node_attrs: dict[str, Any]) -
     assert op_type.lower() in integers
 
 
+def _ort_counts_ceil_overhang() -> bool:
+    """Whether this onnxruntime divides a ceil_mode window that runs past the pads by the full kernel size
+    with count_include_pad (fixed by microsoft/onnxruntime#29629): ONNX says [1, 1, 1] -> [1, 1]."""
+    g = QDQGraph()
+    g.feed("x", np.ones((1, 1, 3), np.float32))
+    g.out(g.op("AveragePool", ["x"], kernel_shape=[2], strides=[2], ceil_mode=1, count_include_pad=1)[0])
+    session = ort.InferenceSession(g.model(13).SerializeToString(), providers=["CPUExecutionProvider"])
+    return not np.allclose(session.run(None, g.feeds)[0], 1.0)
+
+
 @covers("AveragePool", "GlobalAveragePool")
 @pytest.mark.parametrize(("op_type", "node_attrs"), [
     ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}),
@@ -329,6 +341,8 @@ def test_integer_operators_are_exact(op_type: str, node_attrs: dict[str, Any]) -
     ("GlobalAveragePool", {}),
 ])
 def test_average_pools(op_type: str, node_attrs: dict[str, Any]) -> None:
+    if node_attrs.get("count_include_pad") and node_attrs.get("ceil_mode") and _ort_counts_ceil_overhang():
+        pytest.skip("this onnxruntime counts the ceil_mode overhang in count_include_pad (onnxruntime#29629)")
     ours, theirs, _ = _unary(op_type, rand((2, 3, 9, 8), -4, 4), out_t=tq("", 2**-6), **node_attrs)
     assert_within_step(ours, theirs, 2**-6)
 
@@ -655,7 +669,9 @@ GENERIC_CASES: dict[str, list[tuple[list[tuple[str, np.ndarray, TensorQuant | No
     "GatherND": [([A, _feed(np.array([[0, 2], [1, 0]], np.int64))], {}, 13, 2**-5, 1)],
     "ScatterElements": [([A, _feed(np.array([[[0, 1, 2, 0]]], np.int64)), _act((1, 1, 4), seed=7)],
                          {"axis": 1}, 13, 2**-5, 1)],
-    "ScatterND": [([A, _feed(np.array([[1, 0]], np.int64)), _act((1, 4), seed=8)], {}, 13, 2**-5, 1)],
+    "ScatterND": [([A, _feed(np.array([[1, 0]], np.int64)), _act((1, 4), seed=8)], {}, 13, 2**-5, 1),  # same grid
+                  ([A, _feed(np.array([[1, 0], [0, 2]], np.int64)), _act((2, 4), seed=8, scale=2**-4)],
+                   {"reduction": "add"}, 16, 2**-4, 1)],
     "Range": [([_feed(np.int64(1)), _feed(np.int64(9)), _const(np.int64(3))], {}, 13, None, 1),
               ([_const(np.float32(0.5)), _const(np.float32(2.0)), _const(np.float32(0.25))], {}, 13, 2**-4, 1)],
     "Expand": [([_act((3, 1)), _feed(np.array([2, 3, 4], np.int64))], {}, 13, 2**-5, 1)],
@@ -673,8 +689,8 @@ GENERIC_CASES: dict[str, list[tuple[list[tuple[str, np.ndarray, TensorQuant | No
 }
 
 
-#: operators with a dedicated float handler checked with the same harness
-FLOAT_CASES = {op_type: GENERIC_CASES.pop(op_type) for op_type in ("BatchNormalization",)}
+#: operators with a dedicated handler checked with the same harness
+FLOAT_CASES = {op_type: GENERIC_CASES.pop(op_type) for op_type in ("BatchNormalization", "ScatterND")}
 COVERED.update(FLOAT_CASES)
 
 
@@ -685,6 +701,8 @@ def _generic_params() -> list[Any]:
 
 @pytest.mark.parametrize(("op_type", "index"), _generic_params())
 def test_generic_operator(op_type: str, index: int) -> None:
+    if op_type not in SUPPORTED_OPS:
+        pytest.skip(f"the installed onnx.reference does not implement {op_type}")
     inputs, node_attrs, opset, out_scale, outputs = (GENERIC_CASES | FLOAT_CASES)[op_type][index]
     g = QDQGraph()
     names, records = [], []
@@ -723,7 +741,7 @@ def test_generic_operator(op_type: str, index: int) -> None:
 
 
 def test_generic_cases_cover_every_generic_operator() -> None:
-    assert set(GENERIC_CASES) == set(GENERIC_OPS)
+    assert set(GENERIC_OPS) <= set(GENERIC_CASES) <= CANDIDATE_OPS
 
 
 @covers("Shape", "Gather", "Unsqueeze", "Concat", "Reshape", "Mul", "Cast", "Range", "Equal", "Where",

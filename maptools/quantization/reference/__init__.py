@@ -35,14 +35,14 @@ Every tensor between operators is an integer tensor ``q`` with ``real = scale * 
   is first requantized to the recorded one, exactly as an integer chip fed from that record would need.
 * Operators with an integer meaning act on the integers directly, which is exact: ``Relu``, ``MaxPool``,
   nearest ``Resize`` and the layout operators (``Flatten``, ``Reshape``, ``Transpose``, ``Squeeze``,
-  ``Unsqueeze``, ``Identity``, ``Slice``, ``Split``, ``Concat`` of equally quantized inputs, ``Pad`` with
-  a value on the integer grid or in edge/reflect/wrap mode).
+  ``Unsqueeze``, ``Identity``, ``Slice``, ``Split``, ``Concat`` and ``ScatterND`` of equally quantized
+  inputs, ``Pad`` with a value on the integer grid or in edge/reflect/wrap mode).
 * ``Add``, ``Sub``, ``Mul``, ``Div``, ``Clip``, ``AveragePool``, ``GlobalAveragePool``, linear ``Resize``,
-  ``Concat`` of differently quantized inputs and the activation functions ``Sigmoid``, ``HardSigmoid``,
-  ``HardSwish`` and ``Tanh`` have dedicated float handlers: they dequantize, compute in float64 and the
-  result is requantized.
+  inference ``BatchNormalization``, ``Concat`` and ``ScatterND`` of differently quantized inputs and the
+  activation functions ``Sigmoid``, ``HardSigmoid``, ``HardSwish`` and ``Tanh`` have dedicated float
+  handlers: they dequantize, compute in float64 and the result is requantized.
 * Every other supported operator (``Softmax``, ``PRelu``, ``LeakyRelu``, ``Erf``, ``Pow``, reductions,
-  ``BatchNormalization``..., and the shape arithmetic ``Shape``, ``Gather``, ``Range``, ``Expand``,
+  normalizations..., and the shape arithmetic ``Shape``, ``Gather``, ``Range``, ``Expand``,
   ``ConstantOfShape``, ``Cast``, ``Equal``, ``Where``...) runs in the generic float handler
   (:mod:`~maptools.quantization.reference.generic`): quantized inputs are dequantized to float64,
   integer and bool tensors stay as they are, and the node is evaluated by :mod:`onnx.reference`; the

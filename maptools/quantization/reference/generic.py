@@ -8,7 +8,7 @@ by a single-node :class:`onnx.reference.ReferenceEvaluator`, built once per node
 at the model's opset. The results come back as they are (float64, or integers for shape operators); the
 core then requantizes them where the node has a quantinfo record, like every other float operator.
 
-:data:`GENERIC_OPS` lists the operator types accepted: the types of :data:`_CANDIDATES` that the installed
+:data:`GENERIC_OPS` lists the operator types accepted: the types of :data:`CANDIDATE_OPS` that the installed
 onnx implements. Control flow (``If``, ``Loop``, ``Scan``), random generators, sequences, optionals,
 strings and the integer-quantized operators (``QLinearConv``...) are not candidates: the executor refuses
 them when the map is loaded.
@@ -33,12 +33,13 @@ if TYPE_CHECKING:
 
     from maptools.quantization.reference.core import ReferenceExecutor
 
-__all__ = ["GENERIC_OPS", "GenericNode", "float_inputs", "prepare_generic", "run_generic"]
+__all__ = ["CANDIDATE_OPS", "GENERIC_OPS", "GenericNode", "float_inputs", "prepare_generic", "run_generic"]
 
 logger = logging.getLogger(__name__)
 
-#: Operator types the generic handler may serve (none has a dedicated handler).
-_CANDIDATES = frozenset({
+#: Operator types the generic handler may serve (none has a dedicated handler); :data:`GENERIC_OPS` keeps
+#: those the installed onnx implements.
+CANDIDATE_OPS = frozenset({
     # element-wise functions
     "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Pow", "Erf", "Floor", "Ceil", "Round", "Sign",
     "Sin", "Cos", "Softplus", "Softsign", "Elu", "Selu", "Celu", "LeakyRelu", "PRelu", "ThresholdedRelu",
@@ -53,7 +54,7 @@ _CANDIDATES = frozenset({
     "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
     "ReduceSumSquare", "ReduceLogSumExp", "ArgMax", "ArgMin", "GlobalMaxPool", "CumSum", "TopK",
     # shapes, indices and data movement
-    "Shape", "Size", "Gather", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "Range",
+    "Shape", "Size", "Gather", "GatherElements", "GatherND", "ScatterElements", "Range",
     "Expand", "ConstantOfShape", "Cast", "CastLike", "Tile", "NonZero", "DepthToSpace", "SpaceToDepth",
     "Trilu", "OneHot",
 })
@@ -90,12 +91,14 @@ class GenericNode:
 
     Attributes:
         evaluator: The single-node evaluator.
+        inputs: The tensor names it is fed (the node's non-empty inputs).
         coerce_axis: For ``Softmax``/``LogSoftmax``/``Hardmax`` before opset 13, the axis at which the input
             is coerced to 2-D (the evaluator then runs the opset-13 operator on axis 1, which
             :mod:`onnx.reference` implements for every opset); None otherwise.
     """
 
     evaluator: ReferenceEvaluator
+    inputs: frozenset[str]
     coerce_axis: int | None = None
 
 
@@ -126,7 +129,7 @@ def prepare_generic(executor: ReferenceExecutor, node: onnx.NodeProto) -> Generi
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", executor.opset)])
     try:
-        return GenericNode(ReferenceEvaluator(model), coerce_axis)
+        return GenericNode(ReferenceEvaluator(model), frozenset(names), coerce_axis)
     except Exception as exc:
         raise UnsupportedOperatorError(
             f"{describe(node)}: onnx.reference cannot evaluate this node ({type(exc).__name__}: {exc})"
@@ -136,7 +139,7 @@ def prepare_generic(executor: ReferenceExecutor, node: onnx.NodeProto) -> Generi
 def run_generic(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
                 state: GenericNode) -> list[Value]:
     """Evaluate ``node`` on float64 (real) inputs with its prepared evaluator."""
-    feeds = {name: float_inputs(value) for name, value in zip(node.input, args, strict=False) if name}
+    feeds = {name: float_inputs(value) for name, value in zip(node.input, args, strict=False) if name in state.inputs}
     if state.coerce_axis is None:
         return [np.asarray(result) for result in state.evaluator.run(None, feeds)]
     x = feeds[node.input[0]]
@@ -147,6 +150,6 @@ def run_generic(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Va
 
 
 #: Operator types served by the generic float handler (with the installed onnx).
-GENERIC_OPS: frozenset[str] = frozenset(op for op in _CANDIDATES if _implemented(op))
+GENERIC_OPS: frozenset[str] = frozenset(op for op in CANDIDATE_OPS if _implemented(op))
 
 register(*sorted(GENERIC_OPS), kind="generic", prepare=prepare_generic)(run_generic)

@@ -1,10 +1,11 @@
 """Layout operators: they move, copy or drop values without computing, so they act on the integers directly.
 
 ``Identity``, ``Flatten``, ``Reshape``, ``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Slice``, ``Split``,
-``Pad`` (constant with a value on the integer grid, edge, reflect, wrap; negative pads crop) and
-``Concat`` of equally quantized inputs keep their input's quantization. ``Concat`` of differently
-quantized inputs and ``Pad`` with a value off the grid fall back to the real values, which the core
-requantizes to the operator's record. ``Constant`` produces its tensor.
+``Pad`` (constant with a value on the integer grid, edge, reflect, wrap; negative pads crop),
+``Concat`` of equally quantized inputs and ``ScatterND`` of equally quantized data and updates keep their
+input's quantization. ``Concat`` and ``ScatterND`` of differently quantized inputs and ``Pad`` with a value
+off the grid fall back to the real values, which the core requantizes to the operator's record.
+``Constant`` produces its tensor.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from maptools.quantization.reference.values import Ints, Value, real, same_scale
 if TYPE_CHECKING:
     from maptools.quantization.reference.core import ReferenceExecutor
 
-__all__ = ["concat", "constant", "flatten", "identity", "pad", "reshape", "slice_", "split", "squeeze",
-           "transpose", "unsqueeze"]
+__all__ = ["concat", "constant", "flatten", "identity", "pad", "reshape", "scatter_nd", "slice_", "split",
+           "squeeze", "transpose", "unsqueeze"]
 
 
 def _layout(x: Value | None, fn: Callable[[np.ndarray], np.ndarray]) -> Value:
@@ -193,6 +194,36 @@ def concat(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value |
         q = np.concatenate([p.q for p in parts], axis=axis)
         return [first.with_q(q, qmin=min(p.qmin for p in parts), qmax=max(p.qmax for p in parts), raw=False)]
     return [np.concatenate([real(p) for p in parts], axis=axis)]
+
+
+_SCATTER_REDUCTIONS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
+@register("ScatterND", kind="integer")
+def scatter_nd(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+               state: Any) -> list[Value]:
+    """Write ``updates`` at ``indices`` (on the integers when data and updates share one quantization).
+
+    Not left to :mod:`onnx.reference`, whose ScatterND indexes wrongly before onnx 1.15.
+    """
+    data, updates = args[0], args[2]
+    index = tuple(np.moveaxis(np.asarray(args[1]).astype(np.int64), -1, 0))
+    reduction = string_attr(attrs(node), "reduction", "none")
+    if reduction not in ("none", *_SCATTER_REDUCTIONS):
+        raise UnsupportedOperatorError(f"{describe(node)}: ScatterND reduction {reduction!r} is not supported")
+    if reduction == "none" and isinstance(data, Ints) and isinstance(updates, Ints) and same_scale(
+            data.scale, updates.scale) and data.zero_point == updates.zero_point:
+        q = data.q.copy()
+        q[index] = updates.q
+        return [data.with_q(q, qmin=min(data.qmin, updates.qmin), qmax=max(data.qmax, updates.qmax), raw=False)]
+    values = real(data)
+    out = values.astype(np.float64) if np.issubdtype(values.dtype, np.floating) else values.copy()
+    new = real(updates).astype(out.dtype)
+    if reduction == "none":
+        out[index] = new
+    else:
+        _SCATTER_REDUCTIONS[reduction].at(out, index, new)
+    return [out]
 
 
 def _prepare_constant(executor: ReferenceExecutor, node: onnx.NodeProto) -> np.ndarray:

@@ -39,8 +39,22 @@ def _native(node_attrs: dict[str, Any], opset: int) -> bool:
 
 
 def _prepare_resize(executor: ReferenceExecutor, node: onnx.NodeProto) -> Any:
-    """None for the dedicated handler, else the generic handler's evaluator."""
-    return None if _native(attrs(node), executor.opset) else prepare_generic(executor, node)
+    """None for the dedicated handler, else the generic handler's evaluator.
+
+    An empty constant ``roi`` is left out of the evaluated node (onnx 1.14's reference Resize indexes it).
+    """
+    if _native(attrs(node), executor.opset):
+        return None
+    roi = executor.initializers.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if roi is not None and roi.size == 0:
+        inputs = list(node.input)
+        inputs[1] = ""
+        evaluated = onnx.NodeProto()
+        evaluated.CopyFrom(node)
+        del evaluated.input[:]
+        evaluated.input.extend(inputs)
+        return prepare_generic(executor, evaluated)
+    return prepare_generic(executor, node)
 
 
 def source_coordinates(mode: str, out_size: int, in_size: int, scale: float) -> np.ndarray:
