@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from maptools import ArtifactError
@@ -49,3 +50,19 @@ def test_verify_needs_the_original_model(tmp_path, tiny_onnx):
     model.unlink()
     with pytest.raises(ArtifactError, match="is gone"):
         verify("t", mapsave_dir=tmp_path)
+
+
+def test_top1_only_for_class_scores():
+    from maptools.quantization.verify import compare
+
+    scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]])
+    flipped = scores.copy()
+    flipped[1] = [0.1, 0.8, 0.1]  # one of four rows changes its argmax
+    assert compare(scores, flipped)["top1"] == 0.75
+    assert compare(scores[:, :1], flipped[:, :1])["top1"] is None  # [N, 1]: a single score, no class
+    rng = np.random.default_rng(0)
+    detections = rng.normal(size=(1, 22, 2100))  # a detector's [1, 22, 2100] output
+    assert compare(detections, detections + 0.01)["top1"] is None
+    segmentation = rng.normal(size=(2, 4, 8, 8))
+    metrics = compare(segmentation, segmentation)
+    assert metrics["top1"] is None and metrics["snr_db"] == float("inf") and metrics["cosine"] == 1.0

@@ -42,7 +42,9 @@ class PairMetrics:
         candidate: Name of the compared execution.
         snr_db: ``10 log10(|ref|^2 / |ref - cand|^2)``.
         cosine: Cosine similarity.
-        top1_agreement: Fraction of samples with the same argmax along axis 1 (None for 1-D outputs).
+        top1_agreement: Fraction of samples with the same argmax along axis 1, for class-score outputs only
+            (shape ``[N, C]`` with ``C > 1``); None for any other output (a detector's ``[1, 22, 2100]``, a
+            segmentation map, a scalar), where an argmax along axis 1 means nothing.
         within_one_step: Fraction of elements within one output quantization step (quantized pairs only).
     """
 
@@ -92,7 +94,18 @@ class VerifyReport:
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, step: float | None = None) -> dict[str, float | None]:
-    """SNR (dB), cosine, top-1 agreement and fraction within ``step`` of two arrays of the same shape."""
+    """SNR (dB), cosine, top-1 agreement and fraction within ``step`` of two arrays of the same shape.
+
+    Args:
+        reference: The reference output.
+        candidate: The compared output, same shape.
+        step: The output quantization step, or None to leave ``within`` out.
+
+    Returns:
+        ``{"snr_db", "cosine", "top1", "within"}``. ``top1`` (the fraction of rows with the same argmax) is
+        only computed for class scores, arrays of shape ``[N, C]`` with ``C > 1``, and is None otherwise;
+        ``within`` is None without ``step``.
+    """
     r = np.asarray(reference, dtype=np.float64)
     c = np.asarray(candidate, dtype=np.float64)
     noise = float(np.sum((r - c) ** 2))
@@ -100,7 +113,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, step: float | None = N
     snr = float("inf") if noise == 0 else (float("-inf") if signal == 0 else float(10 * np.log10(signal / noise)))
     denom = float(np.linalg.norm(r) * np.linalg.norm(c))
     cos = float(np.sum(r * c) / denom) if denom > 0 else float(noise == 0)
-    top1 = float(np.mean(r.argmax(axis=1) == c.argmax(axis=1))) if r.ndim >= 2 and r.shape[1] > 1 else None
+    top1 = float(np.mean(r.argmax(axis=1) == c.argmax(axis=1))) if r.ndim == 2 and r.shape[1] > 1 else None
     within = float(np.mean(np.abs(r - c) <= step * (1 + 1e-6) + 1e-12)) if step is not None else None
     return {"snr_db": snr, "cosine": cos, "top1": top1, "within": within}
 
