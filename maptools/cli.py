@@ -193,6 +193,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     report = verify(args.mapname, mapsave_dir=args.mapsave_dir, batches=args.batches)
     print(report.table())
+    if not report.ran_pairs:  # every execution but at most one failed: nothing was compared
+        print(f"maptools verify: error: no pair of executions could run on map {args.mapname!r}; "
+              + "; ".join(f"{e}: {r}" for e, r in report.failures.items()), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maptools import ArtifactError
 from maptools.cli import main
 from maptools.examples import digits
 from maptools.quantization import quantize, verify
@@ -40,17 +39,19 @@ def test_verify_default_random_inputs_and_cli(digits_map, capsys):
     assert "onnxruntime" in capsys.readouterr().out
 
 
-def test_verify_needs_the_original_model(tmp_path, tiny_onnx):
+def test_verify_without_the_original_model_compares_the_quantized_executions(tmp_path, tiny_onnx):
     model = tmp_path / "model.onnx"
     model.write_bytes(tiny_onnx.read_bytes())
     quantize({"input": [2, 3, 8, 8]}, "cpu", model, mapname="t", calib_steps=8, mapsave_dir=tmp_path, recipe="fast")
     model.write_bytes(model.read_bytes() + b"\0")
-    with pytest.raises(ArtifactError, match="changed since map 't' was made"):
-        verify("t", mapsave_dir=tmp_path)
+    report = verify("t", mapsave_dir=tmp_path)
+    assert report.failures["fp32"].startswith("ArtifactError: the float model")
+    assert "changed since map 't' was made" in report.failures["fp32"]
+    assert report.get("ppq", "integer").ran and report.get("ppq", "integer").snr_db > 30
+    assert not report.get("fp32", "ppq").ran and set(report.outputs) == {"ppq", "onnxruntime", "integer"}
     model.unlink()
-    with pytest.raises(ArtifactError, match="is gone"):
-        verify("t", mapsave_dir=tmp_path)
-
+    report = verify("t", mapsave_dir=tmp_path)
+    assert "is gone" in report.failures["fp32"] and len(report.ran_pairs) == 3
 
 def test_top1_only_for_class_scores():
     from maptools.quantization.verify import compare
@@ -66,3 +67,97 @@ def test_top1_only_for_class_scores():
     segmentation = rng.normal(size=(2, 4, 8, 8))
     metrics = compare(segmentation, segmentation)
     assert metrics["top1"] is None and metrics["snr_db"] == float("inf") and metrics["cosine"] == 1.0
+
+
+def test_an_execution_that_cannot_run_leaves_the_other_pairs(digits_map, digits_test, monkeypatch, capsys):
+    from maptools import UnsupportedOperatorError
+    from maptools.quantization.reference import ReferenceExecutor
+
+    def refuse(cls, mapname, mapsave_dir=None):
+        raise UnsupportedOperatorError("node 'head' (Softmax): operator type 'Softmax' is not supported by the "
+                                       "integer reference executor")
+
+    monkeypatch.setattr(ReferenceExecutor, "load", classmethod(refuse))
+    images, _ = digits_test
+    report = verify("d4", [{"input": images[i:i + 32]} for i in range(0, 64, 32)], mapsave_dir=digits_map)
+    assert report.samples == 64 and list(report.failures) == ["integer"]
+    assert report.failures["integer"] == ("UnsupportedOperatorError: node 'head' (Softmax): operator type 'Softmax' "
+                                          "is not supported by the integer reference executor")
+    for ref, cand in [("fp32", "ppq"), ("fp32", "onnxruntime"), ("ppq", "onnxruntime")]:
+        pair = report.get(ref, cand)
+        assert pair.ran and pair.snr_db > 10 and 0.9 < pair.cosine <= 1.0 and pair.top1_agreement > 0.9, pair
+    assert report.get("ppq", "onnxruntime").within_one_step >= 0.99
+    for ref in ("fp32", "ppq", "onnxruntime"):
+        pair = report.get(ref, "integer")
+        assert pair.snr_db is None and pair.not_run == "integer: " + report.failures["integer"]
+    assert len(report.ran_pairs) == 3 and "integer" not in report.outputs
+    table = report.table()
+    assert table.count("not run: integer: UnsupportedOperatorError: node 'head' (Softmax)") == 3
+    assert "integer could not run: UnsupportedOperatorError: node 'head' (Softmax): operator type 'Softmax' is " \
+           "not supported by the integer reference executor" in table
+    # the command line prints the table and succeeds: three pairs ran
+    assert main(["verify", "d4", "--mapsave-dir", str(digits_map)]) == 0
+    out = capsys.readouterr().out
+    assert "not run: integer: UnsupportedOperatorError" in out and "fp32         ppq" in out
+
+
+def test_an_execution_failing_on_a_batch_is_dropped(digits_map, monkeypatch):
+    from maptools.quantization.engine import PPQSession
+
+    calls = []
+
+    def forward(self, batch, quantized=True, output_names=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("PPQ executor: shape mismatch")
+        return {"logits": np.zeros((16, 10), np.float32)}
+
+    monkeypatch.setattr(PPQSession, "forward", forward)
+    report = verify("d4", mapsave_dir=digits_map, batches=3)
+    assert report.failures == {"ppq": "RuntimeError: PPQ executor: shape mismatch"} and len(calls) == 2
+    assert sorted(report.outputs) == ["fp32", "integer", "onnxruntime"]
+    assert report.get("fp32", "ppq").not_run == "ppq: RuntimeError: PPQ executor: shape mismatch"
+    assert report.get("onnxruntime", "integer").within_one_step >= 0.99 and report.samples == 48
+
+
+def test_no_pair_can_run_exit_2(digits_map, monkeypatch, capsys):
+    import onnxruntime
+
+    from maptools.quantization.engine import PPQSession
+    from maptools.quantization.reference import ReferenceExecutor
+
+    def broken_pickle(cls, data, device="cpu"):
+        raise EOFError("Ran out of input")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH")
+
+    monkeypatch.setattr(PPQSession, "from_bytes", classmethod(broken_pickle))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    monkeypatch.setattr(ReferenceExecutor, "load", classmethod(lambda cls, *a: refuse()))
+    report = verify("d4", mapsave_dir=digits_map)
+    assert report.ran_pairs == [] and report.outputs == {} and len(report.pairs) == 6
+    assert report.failures["ppq"] == "EOFError: Ran out of input"
+    assert report.get("fp32", "ppq").not_run == "fp32: RuntimeError: [ONNXRuntimeError] : 10 : INVALID_GRAPH"
+    assert main(["verify", "d4", "--mapsave-dir", str(digits_map)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "no pair of executions could run on map 'd4'" in err[0]
+    assert "ppq: EOFError: Ran out of input" in err[0] and "Traceback" not in captured.err
+    assert "fp32 could not run: RuntimeError" in captured.out
+
+
+def test_verify_checks_inputs_and_batches(digits_map):
+    from maptools import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=r"inputs\[0\]\['input'\]: shape \[4, 1, 9, 9\], expected "
+                                                   r"\[16, 1, 8, 8\]"):
+        verify("d4", np.zeros((4, 1, 9, 9), np.float32), mapsave_dir=digits_map)
+    with pytest.raises(InvalidArgumentError, match=r"inputs\[0\]: has inputs \['x'\], expected the map's inputs "
+                                                   r"\['input'\]"):
+        verify("d4", {"x": np.zeros((4, 1, 8, 8), np.float32)}, mapsave_dir=digits_map)
+    for bad in (0, -1):
+        with pytest.raises(InvalidArgumentError, match=f"batches: expected a positive number of batches .*got {bad}"):
+            verify("d4", mapsave_dir=digits_map, batches=bad)
+    report = verify("d4", [np.zeros((2, 1, 8, 8), np.float32)] * 5, mapsave_dir=digits_map, batches=2)
+    assert report.samples == 4 and report.outputs["fp32"]["logits"].shape == (4, 10)
