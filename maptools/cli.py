@@ -34,20 +34,34 @@ class _Parser(argparse.ArgumentParser):
 
 def _input_spec(text: str) -> tuple[str, list[int]]:
     name, sep, dims = text.rpartition(":")
+    if sep and name and dims.strip().lower() in ("", "scalar"):  # NAME: or NAME:scalar, a rank-0 input
+        return name, []
     try:
         shape = [int(d) for d in dims.split(",")]
     except ValueError:
         shape = []
     if not sep or not name or not shape:
-        raise argparse.ArgumentTypeError(f"--input: expected NAME:D0,D1,... such as input:1,3,224,224, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--input: expected NAME:D0,D1,... such as input:1,3,224,224 (NAME: or NAME:scalar for a rank-0 "
+            f"input), got {text!r}")
     return name, shape
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def _stds(text: str) -> list[float]:
+    values = _floats(text)
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected standard deviations > 0 (they divide the pixels), got {text!r}")
+    return values
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -69,7 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("--calib-dir", help="ImageFolder directory of calibration images")
     source.add_argument("--calib-npy", help="directory of .npy calibration arrays")
     q.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), help="normalisation mean for --calib-dir")
-    q.add_argument("--std", type=_floats, default=(0.229, 0.224, 0.225), help="normalisation std for --calib-dir")
+    q.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), help="normalisation std for --calib-dir")
     q.add_argument("--calib-steps", type=int, default=32)
     q.add_argument("--device", default="cpu")
     q.add_argument("--seed", type=int, default=0)

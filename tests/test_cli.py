@@ -126,3 +126,79 @@ def test_bad_usage_and_bad_input_exit_2(tiny_onnx, tmp_path, capsys):
     assert "--input" in err and "mapname" in err
     assert main(["inspect", "nothing", "--mapsave-dir", str(tmp_path)]) == 2
     assert "no map 'nothing'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def scalar_input_onnx(tmp_path_factory):
+    """Conv -> Mul by a rank-0 float input 'gain' -> Relu -> pool -> Gemm; inputs 'input' [N,3,8,8] and 'gain' []."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    fw = numpy_helper.from_array(rng.normal(0, 0.3, (2, 4)).astype(np.float32), "fw")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "gain"], ["m"], name="mul"),
+             helper.make_node("Relu", ["m"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fw"], ["out"], name="fc", transB=1)]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8]),
+              helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])]
+    graph = helper.make_graph(nodes, "scalar", inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])], [w, fw])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("models") / "scalar.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_input_spec_rank_0():
+    from maptools.cli import _input_spec
+
+    assert _input_spec("sr:") == ("sr", []) and _input_spec("sr:scalar") == ("sr", [])
+    assert _input_spec("a:b:1,2") == ("a:b", [1, 2]) and _input_spec("a:b:") == ("a:b", [])
+    for bad in ("sr", ":1,2", "x:1,a"):
+        with pytest.raises(Exception, match="NAME: or NAME:scalar for a rank-0 input"):
+            _input_spec(bad)
+
+
+def test_quantize_a_rank_0_input(scalar_input_onnx, tmp_path, capsys):
+    from maptools import InvalidArgumentError
+    from maptools.quantization import quantize, random_calibset, verify
+
+    mapsave = tmp_path / "mapsave"
+    assert main(["quantize", str(scalar_input_onnx), "--input", "input:2,3,8,8", "--input", "gain:scalar",
+                 "--mapname", "sc", "--calib-steps", "8", "--mapsave-dir", str(mapsave), "--recipe", "fast"]) == 0
+    manifest = json.loads((mapsave / "sc" / "manifest.json").read_text())
+    assert manifest["settings"]["input_shapes"] == {"gain": [], "input": [2, 3, 8, 8]}
+    assert random_calibset({"gain": []}, 1)[0]["gain"].shape == ()
+    # user calibration with a 0-d array per batch, through quantize's own checks
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.normal(size=(2, 3, 8, 8)).astype(np.float32), "gain": np.array(1.5, np.float32)}
+             for _ in range(8)]
+    result = quantize({"input": [2, 3, 8, 8], "gain": []}, "cpu", scalar_input_onnx, mapname="sc2", calibset=calib,
+                      calib_steps=8, mapsave_dir=mapsave, recipe="fast")
+    assert result.output_snr_db["out"] > 10
+    report = verify("sc2", [{"input": b["input"], "gain": b["gain"]} for b in calib[:2]], mapsave_dir=mapsave)
+    assert report.samples == 4 and report.get("ppq", "integer").within_one_step == 1.0
+    with pytest.raises(InvalidArgumentError, match=r"input_shapes\['gain'\]: rank 1 given \(\[1\]\), but the model's "
+                                                   r"input has rank 0 \(\[\]\); give \[\] for this scalar input"):
+        quantize({"input": [2, 3, 8, 8], "gain": [1]}, "cpu", scalar_input_onnx, mapname="x", mapsave_dir=mapsave)
+
+
+@pytest.mark.parametrize("std", ["0", "0.2,0,0.2", "-0.5"])
+def test_std_must_be_positive(std, tiny_onnx, tmp_path, capsys):
+    from maptools import InvalidArgumentError
+    from maptools.quantization import imagefolder_calibset
+
+    mapsave = tmp_path / "mapsave"
+    images = write_images(tmp_path / "images", "RGB", (8, 8), per_class=4)
+    code = main(["quantize", str(tiny_onnx), "--input", "input:2,3,8,8", "--mapname", "x", "--calib-dir", str(images),
+                 f"--std={std}", "--mapsave-dir", str(mapsave)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--std" in err[0] and "> 0" in err[0] and repr(std) in err[0]
+    assert not mapsave.exists()
+    with pytest.raises(InvalidArgumentError, match=r"std: expected standard deviations > 0"):
+        imagefolder_calibset(images, {"input": [2, 3, 8, 8]}, std=[float(v) for v in std.split(",")])
+

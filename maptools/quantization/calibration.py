@@ -63,7 +63,7 @@ def _to_tensor(value: object, where: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         if value.dtype == object or value.dtype.kind not in "biuf":
             raise CalibrationError(f"calibset{where}: numpy array of dtype {value.dtype} is not numeric")
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.asarray(value, order="C"))  # ascontiguousarray makes 0-d 1-d
     raise CalibrationError(f"calibset{where}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
 
 
@@ -242,6 +242,11 @@ def imagefolder_calibset(
         raise InvalidArgumentError(f"root: {root!r} is not a directory; expected an ImageFolder root")
     mean_c = _per_channel(mean, channels, "mean")
     std_c = _per_channel(std, channels, "std")
+    if not all(np.isfinite(mean_c)):
+        raise InvalidArgumentError(f"mean: expected finite numbers, got {list(mean)!r}")
+    if not all(np.isfinite(std_c)) or any(v <= 0 for v in std_c):
+        raise InvalidArgumentError(
+            f"std: expected standard deviations > 0 (the normalisation divides by them), got {list(std)!r}")
     steps: list = [transforms.Resize([height, width])]
     if channels == 1:
         steps.append(transforms.Grayscale(num_output_channels=1))
@@ -292,9 +297,9 @@ def npy_calibset(directory: str | Path, input_shapes: Mapping[str, Sequence[int]
     for file in files:
         array = np.load(file, allow_pickle=False)
         if tuple(array.shape) == shape:
-            batches.append({name: torch.from_numpy(np.ascontiguousarray(array))})
+            batches.append({name: torch.from_numpy(np.asarray(array, order="C"))})
         elif tuple(array.shape) == shape[1:]:
-            singles.append(torch.from_numpy(np.ascontiguousarray(array)))
+            singles.append(torch.from_numpy(np.asarray(array, order="C")))
         else:
             raise InvalidArgumentError(
                 f"calib_npy: {file.name} has shape {list(array.shape)}, expected {list(shape)} or {list(shape[1:])}"

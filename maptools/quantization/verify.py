@@ -204,7 +204,7 @@ def _input_batches(inputs: Any, shapes: Mapping[str, Sequence[int]], dtypes: Map
                 raise InvalidArgumentError(
                     f"inputs[{index}][{name!r}]: shape {list(array.shape)}, expected {expected} (the map's input "
                     "shape; the batch dimension may differ)")
-            batch[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.dtype(np.float32)))
+            batch[name] = np.asarray(array, dtype=dtypes.get(name, np.dtype(np.float32)), order="C")  # keeps 0-d
         yield batch
 
 
