@@ -66,9 +66,9 @@ def run_demo(bits: int = 4, mapname: str | None = None, mapsave_dir: str | Path 
     shapes = {digits.INPUT_NAME: list(digits.INPUT_SHAPE)}
     with tempfile.TemporaryDirectory(prefix="maptools-digits-") as tmp:
         root = digits.write_imagefolder(Path(tmp) / "calib", split="train")
-        calibset = imagefolder_calibset(root, shapes, mean=digits.MEAN, std=digits.STD)
-    result = quantize(shapes, "cpu", digits.MODEL_PATH, mapname=mapname, calibset=calibset,
-                      calib_steps=calib_steps, bit_width=bits, mapsave_dir=mapsave_dir, recipe=recipe)
+        calibset = imagefolder_calibset(root, shapes, mean=digits.MEAN, std=digits.STD)  # read by quantize
+        result = quantize(shapes, "cpu", digits.MODEL_PATH, mapname=mapname, calibset=calibset,
+                          calib_steps=calib_steps, bit_width=bits, mapsave_dir=mapsave_dir, recipe=recipe)
     images, labels = digits.load_split("test")
     fp32 = digits.onnx_top1(digits.MODEL_PATH, images, labels)
     quant = digits.onnx_top1(result.model_path, images, labels)
