@@ -57,6 +57,16 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {text!r}")
+    return value
+
+
 def _stds(text: str) -> list[float]:
     values = _floats(text)
     if any(v <= 0 for v in values):
@@ -104,8 +114,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="compare FP32, PPQ, onnxruntime and the integer executor")
     v.add_argument("mapname")
+    v.add_argument("--inputs", metavar="DIR", default=None,
+                   help="folder of real inputs: .npy files (whole batches or single samples, as --calib-npy) or "
+                        "images (class sub-folders or flat, as --calib-dir); batches of the map's input shape "
+                        "(default: random standard-normal batches)")
+    v.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406),
+                   help="normalisation mean for image --inputs, in [0,1] pixel scale (after ToTensor) "
+                        "(default 0.485,0.456,0.406)")
+    v.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225),
+                   help="normalisation std for image --inputs, [0,1] pixel scale, each > 0 (default 0.229,0.224,0.225)")
+    v.add_argument("--batches", type=_positive_int, default=None,
+                   help="number of batches: with --inputs at most this many (default all), else random batches "
+                        "(default 2)")
     v.add_argument("--mapsave-dir", default=None)
-    v.add_argument("--batches", type=int, default=2)
 
     d = sub.add_parser("demo", help="quantize the bundled digits CNN and compare top-1")
     d.add_argument("--bits", type=int, default=4)
@@ -202,10 +223,34 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder_inputs(args: argparse.Namespace) -> object:
+    """The batches of ``verify --inputs DIR``: .npy files or images, shaped as the map's (single) input."""
+    from maptools.quantization import imagefolder_calibset, npy_calibset
+    from maptools.quantization.verify import map_input_shapes
+
+    shapes = map_input_shapes(args.mapname, args.mapsave_dir)
+    folder = Path(args.inputs)
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"--inputs: {args.inputs!r} is not a directory; expected a folder of .npy files "
+                                   "or images")
+    if len(shapes) != 1:
+        raise InvalidArgumentError(f"--inputs: map {args.mapname!r} has {len(shapes)} inputs {list(shapes)}; a folder "
+                                   "of inputs serves single-input maps only (from Python, pass verify(inputs=...))")
+    if any(folder.glob("*.npy")):
+        batches = npy_calibset(folder, shapes)
+    else:
+        batches = imagefolder_calibset(folder, shapes, mean=args.mean, std=args.std)
+    if len(batches) == 0:
+        raise InvalidArgumentError(f"--inputs: {args.inputs!r} holds less than one batch of the map's input shape "
+                                   f"{next(iter(shapes.values()))}")
+    return batches
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from maptools.quantization import verify
 
-    report = verify(args.mapname, mapsave_dir=args.mapsave_dir, batches=args.batches)
+    inputs = _folder_inputs(args) if args.inputs is not None else None
+    report = verify(args.mapname, inputs, mapsave_dir=args.mapsave_dir, batches=args.batches)
     print(report.table())
     if not report.ran_pairs:  # every execution but at most one failed: nothing was compared
         print(f"maptools verify: error: no pair of executions could run on map {args.mapname!r}; "

@@ -161,3 +161,55 @@ def test_verify_checks_inputs_and_batches(digits_map):
             verify("d4", mapsave_dir=digits_map, batches=bad)
     report = verify("d4", [np.zeros((2, 1, 8, 8), np.float32)] * 5, mapsave_dir=digits_map, batches=2)
     assert report.samples == 4 and report.outputs["fp32"]["logits"].shape == (4, 10)
+
+
+def test_cli_inputs_npy_folder_same_as_arrays(digits_map, digits_test, tmp_path, capsys):
+    images, _ = digits_test
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    for i in range(40):  # single samples: 2 batches of 16 (the map's batch), 8 left over
+        np.save(folder / f"{i:03d}.npy", images[i])
+    assert main(["verify", "d4", "--inputs", str(folder), "--mapsave-dir", str(digits_map)]) == 0
+    out = capsys.readouterr().out
+    report = verify("d4", [images[0:16], images[16:32]], mapsave_dir=digits_map)
+    assert out.strip() == report.table() and report.samples == 32
+    assert main(["verify", "d4", "--inputs", str(folder), "--batches", "1", "--mapsave-dir", str(digits_map)]) == 0
+    assert capsys.readouterr().out.startswith("verify 'd4' on 16 samples")
+
+
+def test_cli_inputs_image_folder(digits_map, tmp_path, capsys):
+    root = digits.write_imagefolder(tmp_path / "test_images", split="test", limit_per_class=4)
+    assert main(["verify", "d4", "--inputs", str(root), "--mean", "0.5", "--std", "0.5", "--mapsave-dir",
+                 str(digits_map)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("verify 'd4' on 32 samples")  # 40 images -> 2 batches of 16
+    fp32_ppq = next(line for line in out.splitlines() if line.startswith("logits           fp32         ppq"))
+    assert float(fp32_ppq.split()[-2].rstrip("%")) >= 90.0  # top-1 agreement on real digits
+    flat = tmp_path / "flat"  # the same images without class folders
+    flat.mkdir()
+    for png in root.glob("*/*.png"):
+        (flat / f"{png.parent.name}_{png.name}").write_bytes(png.read_bytes())
+    assert main(["verify", "d4", "--inputs", str(flat), "--mean", "0.5", "--std", "0.5", "--batches", "1",
+                 "--mapsave-dir", str(digits_map)]) == 0
+    assert capsys.readouterr().out.startswith("verify 'd4' on 16 samples")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batches", "0"], "argument --batches: expected a positive integer (1 or more), got '0'"),
+    (["--batches", "-2"], "argument --batches: expected a positive integer (1 or more), got '-2'"),
+    (["--inputs", "/nonexistent/dir"], "--inputs: '/nonexistent/dir' is not a directory"),
+    (["--std", "0.5,0"], "argument --std: expected standard deviations > 0"),
+])
+def test_cli_verify_usage_errors_exit_2(digits_map, args, message, capsys):
+    assert main(["verify", "d4", "--mapsave-dir", str(digits_map), *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and captured.out == ""
+
+
+def test_cli_inputs_smaller_than_a_batch(digits_map, digits_test, tmp_path, capsys):
+    images, _ = digits_test
+    for i in range(5):
+        np.save(tmp_path / f"{i}.npy", images[i])
+    assert main(["verify", "d4", "--inputs", str(tmp_path), "--mapsave-dir", str(digits_map)]) == 2
+    assert "holds less than one batch of the map's input shape [16, 1, 8, 8]" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from maptools.quantization.calibration import random_calibset
 from maptools.quantization.model import model_sha256
 from maptools.quantization.reference import ReferenceExecutor
 
-__all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "verify"]
+__all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "map_input_shapes", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +271,17 @@ def _loaders(mapname: str, mapsave_dir: str | os.PathLike | None,
         return ReferenceExecutor.load(mapname, mapsave_dir).run
 
     return {"fp32": fp32, "ppq": ppq, "onnxruntime": onnxruntime, "integer": integer}
+
+
+def map_input_shapes(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> dict[str, list[int]]:
+    """The input shapes a map was quantized with (``settings.input_shapes`` of its manifest).
+
+    Raises:
+        MapNotFoundError: no such map.
+        ArtifactError: the manifest is missing, unreadable or of another format version.
+    """
+    manifest = artifacts.read_manifest(artifacts._resolve_map(mapname, mapsave_dir))
+    return {name: list(shape) for name, shape in manifest["settings"]["input_shapes"].items()}
 
 
 def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike | None = None,
