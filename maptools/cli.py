@@ -180,11 +180,12 @@ def _range_text(values: list[int] | None) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from maptools.quantization import read_quantinfo, read_quantparams
-    from maptools.quantization.artifacts import map_directory, read_manifest
+    from maptools.quantization.artifacts import float_operators, map_directory, read_manifest
 
     info = read_quantinfo(args.mapname, args.mapsave_dir)
     params = read_quantparams(args.mapname, args.mapsave_dir)
     manifest = read_manifest(map_directory(args.mapname, args.mapsave_dir))
+    floats = float_operators(args.mapname, args.mapsave_dir)
     rows = []
     for name, cfg in info.items():
         kind = "conv" if cfg.op_type in ("Conv", "ConvTranspose") else "gemm"
@@ -201,7 +202,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             "bias_range": _range(params.get(f"{name}_{kind}_bias")),
         })
     if args.json:
-        print(json.dumps({"manifest": manifest, "operators": rows}, indent=2))
+        print(json.dumps({"manifest": manifest, "operators": rows, "float_operators": floats}, indent=2))
         return 0
     width = max([len("node")] + [len(row["node"]) for row in rows])
     header = f"{'node':{width}} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} " \
@@ -215,6 +216,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
               f"{_range_text(row['output_range']):>10} {row['weight_bits'] or '-':>2} "
               f"{_scale_text(cfg.weight_scale):>22} {str(row['weight_range'] or '-'):>12} "
               f"{str(row['bias_range'] or '-'):>24}")
+    print(f"\noperators left in float: {len(floats)}")
+    if floats:
+        float_width = max(len("node"), *(len(f["node"]) for f in floats))
+        print(f"{'node':{float_width}} type")
+        for f in floats:
+            print(f"{f['node']:{float_width}} {f['op_type']}")
     settings = manifest.get("settings", {})
     print(f"\n{len(rows)} quantized operators; model {manifest['model']['path']} (sha256 "
           f"{manifest['model']['sha256'][:12]}); W{settings.get('weight_bits')}A{settings.get('activation_bits')} "

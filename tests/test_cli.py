@@ -202,3 +202,54 @@ def test_std_must_be_positive(std, tiny_onnx, tmp_path, capsys):
     with pytest.raises(InvalidArgumentError, match=r"std: expected standard deviations > 0"):
         imagefolder_calibset(images, {"input": [2, 3, 8, 8]}, std=[float(v) for v in std.split(",")])
 
+
+
+@pytest.fixture(scope="module")
+def shape_chain_onnx(tmp_path_factory):
+    """Conv -> Relu -> pool -> Reshape to [Shape(x)[0], -1] (a Shape chain kept: dynamic batch) -> Gemm -> Softmax."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (5, 4)).astype(np.float32), "fw"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Shape", ["p"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "zero"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsqueeze"),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["p", "target"], ["f"], name="reshape"),
+             helper.make_node("Gemm", ["f", "fw"], ["g"], name="fc", transB=1),
+             helper.make_node("Softmax", ["g"], ["out"], name="softmax", axis=1)]
+    graph = helper.make_graph(nodes, "shape_chain",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("models") / "shape_chain.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_inspect_lists_operators_left_in_float(shape_chain_onnx, tmp_path, capsys):
+    mapsave = tmp_path / "mapsave"
+    assert main(["quantize", str(shape_chain_onnx), "--input", "input:2,3,8,8", "--mapname", "sc", "--calib-steps", "8",
+                 "--recipe", "fast", "--mapsave-dir", str(mapsave)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "sc", "--mapsave-dir", str(mapsave)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("operators left in float: 4")
+    assert lines[start + 1].split() == ["node", "type"]
+    assert [line.split() for line in lines[start + 2:start + 6]] == [
+        ["shape", "Shape"], ["gather", "Gather"], ["unsqueeze", "Unsqueeze"], ["concat", "Concat"]]
+    assert lines[start + 6] == "" and lines[start + 7].startswith("6 quantized operators")
+    assert main(["inspect", "sc", "--json", "--mapsave-dir", str(mapsave)]) == 0
+    parsed = json.loads(capsys.readouterr().out)
+    assert parsed["float_operators"] == [{"node": "shape", "op_type": "Shape"}, {"node": "gather", "op_type": "Gather"},
+                                         {"node": "unsqueeze", "op_type": "Unsqueeze"},
+                                         {"node": "concat", "op_type": "Concat"}]
+    assert [row["node"] for row in parsed["operators"]] == ["conv", "relu", "pool", "reshape", "fc", "softmax"]
