@@ -75,7 +75,7 @@ def test_inspect_lists_every_conv(resnet18_onnx, tmp_path, capsys):
     assert parsed["manifest"]["settings"]["weight_bits"] == 4
 
 
-def test_report_has_one_bar_per_quantized_layer(tiny_onnx, tmp_path):
+def test_report_lists_every_operator_and_the_worst(tiny_onnx, tmp_path):
     from maptools.quantization import quantize
 
     result = quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="rep", calib_steps=8,
@@ -88,23 +88,28 @@ def test_report_has_one_bar_per_quantized_layer(tiny_onnx, tmp_path):
     assert all(op["layerwise_snr_db"] >= out_snr - 1.0 and -1.0 <= op["layerwise_cosine"] <= 1.0
                for op in report["operators"])
     assert set(report["timings_seconds"]) >= {"ppq_quantization", "error_analysis"}
-    # one bar per layer: rows holding a long run of bar colour, grouped into bars of at least 3 rows
-    image = np.asarray(Image.open(result.plot_path).convert("RGB")).astype(int)
-    blue, gray = np.array([31, 119, 180]), np.array([127, 127, 127])
-    colored = (np.abs(image - blue).sum(axis=2) < 30) | (np.abs(image - gray).sum(axis=2) < 30)
+    # the figure's left panel: every operator here (fewer than 30), lowest SNR first
+    by_snr = sorted(report["operators"], key=lambda op: float(op["snr_db"]))
+    assert report["worst_operators"] == [op["node"] for op in by_snr]
+    assert Image.open(result.plot_path).size == (1200, 700)
 
-    def longest_run(row: np.ndarray) -> int:
-        best = run = 0
-        for value in row:
-            run = run + 1 if value else 0
-            best = max(best, run)
-        return best
 
-    bar_rows = np.array([longest_run(row) >= 10 for row in colored])
-    starts = np.flatnonzero(bar_rows[1:] & ~bar_rows[:-1]) + 1
-    ends = np.flatnonzero(bar_rows[:-1] & ~bar_rows[1:]) + 1
-    heights = ends - starts if not bar_rows[0] else None
-    assert heights is not None and len(heights) == 5 and heights.min() >= 3
+def test_report_figure_has_a_fixed_size_for_any_network():
+    import io
+    import math
+
+    from maptools.quantization.report import WORST_SHOWN, render_report
+
+    names = [f"/backbone/stage{i // 40}/block{i % 40}/conv/Conv" for i in range(220)]
+    snr = {name: 40.0 - 0.1 * i for i, name in enumerate(names)}
+    snr[names[5]] = math.inf  # an exact operator
+    files = render_report("big", {"weight_bits": 4, "activation_bits": 4}, {"ppq_quantization": 1.0},
+                          {"out": 12.5, "boxes": 8.0}, {"out": 0.99, "boxes": 0.97}, snr, dict.fromkeys(names, 0.9),
+                          dict.fromkeys(names, "Conv"))
+    report = json.loads(files["report.json"])
+    assert WORST_SHOWN == 30 and report["worst_operators"] == names[::-1][:30]
+    assert report["operators"][5]["snr_db"] == "inf" and len(report["operators"]) == 220
+    assert Image.open(io.BytesIO(files["report.png"])).size == (1200, 700)
 
 
 def test_missing_model_exit_2_one_line_nothing_written(tmp_path):

@@ -148,7 +148,7 @@ class QuantizationResult:
         layer_snr_db: SNR in dB of every quantized operator's output, quantized vs FP32.
         seconds: Wall time of the whole call.
         report_path: Path of ``report.json`` (settings, timings, per-operator error).
-        plot_path: Path of ``report.png`` (per-layer SNR bar chart).
+        plot_path: Path of ``report.png`` (the worst operators' SNR and the SNR along the graph).
     """
 
     mapname: str
