@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -258,3 +259,101 @@ def test_inspect_lists_operators_left_in_float(shape_chain_onnx, tmp_path, capsy
                                          {"node": "unsqueeze", "op_type": "Unsqueeze"},
                                          {"node": "concat", "op_type": "Concat"}]
     assert [row["node"] for row in parsed["operators"]] == ["conv", "relu", "pool", "reshape", "fc", "softmax"]
+
+
+DIGITS_ARGS = ["quantize", "maptools/examples/data/digits_resnet.onnx", "--input", "input:16,1,8,8", "--calib-steps",
+               "8", "--recipe", "fast"]
+
+
+def test_quantize_progress_replace_notice_and_every_file(tmp_path, capsys, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from maptools import cli
+    from maptools.examples import digits
+
+    monkeypatch.chdir(Path(digits.__file__).parents[2])
+    monkeypatch.setattr(cli, "HEARTBEAT_SECONDS", 0.2)
+    mapsave = tmp_path / "mapsave"
+    args = [*DIGITS_ARGS, "--mapname", "dg", "--mapsave-dir", str(mapsave)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    beats = [line for line in captured.err.splitlines() if re.match(r"^maptools quantize: \d+ s, ", line)]
+    assert len(beats) >= 2 and captured.err.splitlines() == beats  # stderr is not a terminal: progress lines only
+    assert any("quantizing" in line and "'dg': W8A8, fast, 8 random calibration batches" in line for line in beats)
+    # every file of the map directory is listed
+    listed = {line.strip() for line in captured.out.splitlines() if line.startswith("  /")}
+    assert listed == {str(p) for p in (mapsave / "dg").iterdir()} and len(listed) == 7
+    snr_default = json.loads((mapsave / "dg" / "report.json").read_text())["outputs"]["logits"]["snr_db"]
+    # the same map again, the error measured on one batch: a notice that the map was replaced
+    assert main([*args, "--analysis-steps", "1"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"maptools quantize: replaced the earlier map 'dg' in {mapsave / 'dg'}" in err
+    snr_one = json.loads((mapsave / "dg" / "report.json").read_text())["outputs"]["logits"]["snr_db"]
+    assert snr_one != snr_default  # --analysis-steps reached quantize(analysis_steps=1)
+    assert main([*args, "--analysis-steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["maptools quantize: argument --analysis-steps: expected a positive integer (1 or more), got '0'"]
+
+
+def test_no_progress_lines_on_a_terminal(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from maptools import cli
+    from maptools.examples import digits
+    from maptools.quantization.engine.quiet import show_progress
+
+    monkeypatch.setattr(cli, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    try:
+        assert main(["quantize", str(digits.MODEL_PATH), *DIGITS_ARGS[2:], "--mapname", "tty", "--mapsave-dir",
+                     str(tmp_path)]) == 0
+    finally:
+        show_progress(False)
+    assert "maptools quantize:" not in capsys.readouterr().err
+
+
+def test_every_option_says_its_default():
+    from maptools.cli import _build_parser
+
+    parser = _build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    checked = 0
+    for name, sub in [("maptools", parser), *subparsers.items()]:
+        for action in sub._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help and ("default" in action.help or "(required)" in action.help), (name, action.dest)
+            checked += 1
+    assert checked >= 30
+    quantize_help = subparsers["quantize"].format_help()
+    for option in ("--mean", "--std"):
+        text = next(a.help for a in subparsers["quantize"]._actions if option in a.option_strings)
+        assert "[0,1] pixel scale" in text and "ToTensor" in quantize_help
+    assert "(default 32)" in quantize_help and "(default 4)" in quantize_help
+
+
+def test_vv_no_image_chunk_lines_traceback_once(tmp_path, capsys, monkeypatch):
+    import maptools.quantization
+    from maptools.examples import digits
+
+    root = digits.write_imagefolder(tmp_path / "images", split="train", limit_per_class=13)
+    assert main(["-vv", "quantize", str(digits.MODEL_PATH), *DIGITS_ARGS[2:], "--mapname", "vv", "--calib-dir",
+                 str(root), "--mean", "0.5", "--std", "0.5", "--mapsave-dir", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "DEBUG maptools.ppq:" in err and "INFO maptools.quantization.api: quantizing" in err
+    assert " PIL" not in err and "STREAM b'" not in err and "matplotlib" not in err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(maptools.quantization, "quantize", broken)
+    args = ["quantize", str(digits.MODEL_PATH), "--input", "input:16,1,8,8", "--mapname", "x", "--mapsave-dir",
+            str(tmp_path / "m")]
+    assert main(["-vv", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sum("Traceback (most recent call last)" in line for line in err) == 1
+    assert err[-1] == "maptools quantize: internal error: RuntimeError: boom"
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["maptools quantize: internal error: RuntimeError: boom (run with -vv for details)"]

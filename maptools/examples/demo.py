@@ -27,7 +27,8 @@ class DemoResult:
         fp32_top1: Top-1 (%) of the float model on the held-out digits.
         quant_top1: Top-1 (%) of ``quant_model.onnx`` on the same digits.
         bits: Bit width used.
-        files: The three artifact paths.
+        files: Every file written in the map directory (:attr:`QuantizationResult.files
+            <maptools.quantization.QuantizationResult.files>`).
         result: The full :class:`~maptools.quantization.QuantizationResult`.
     """
 
@@ -73,4 +74,4 @@ def run_demo(bits: int = 4, mapname: str | None = None, mapsave_dir: str | Path 
     fp32 = digits.onnx_top1(digits.MODEL_PATH, images, labels)
     quant = digits.onnx_top1(result.model_path, images, labels)
     return DemoResult(fp32_top1=fp32, quant_top1=quant, bits=bits,
-                      files=[result.quantinfo_path, result.quantparams_path, result.model_path], result=result)
+                      files=result.files, result=result)

@@ -165,10 +165,23 @@ class QuantizationResult:
     report_path: Path | None = None
     plot_path: Path | None = None
 
+    @property
+    def files(self) -> list[Path]:
+        """Every file written in :attr:`directory`.
+
+        The three artifacts for the mapper, ``ppq_graph.pkl``, the report (``report.json``, ``report.png``) and
+        ``manifest.json``, in that order.
+        """
+        from maptools.quantization.artifacts import PPQGRAPH
+
+        paths = [self.quantinfo_path, self.quantparams_path, self.model_path, self.directory / PPQGRAPH,
+                 self.report_path, self.plot_path, self.manifest_path]
+        return [path for path in paths if path is not None]
+
     def summary(self) -> str:
-        """A few human-readable lines: files written and output error."""
+        """A few human-readable lines: every file written and the output error."""
         lines = [f"map {self.mapname!r} in {self.directory}"]
-        for path in (self.quantinfo_path, self.quantparams_path, self.model_path):
+        for path in self.files:
             lines.append(f"  {path}")
         for name, snr in self.output_snr_db.items():
             lines.append(f"  output {name}: SNR {snr:.2f} dB, cosine {self.output_cosine[name]:.5f}")
