@@ -213,3 +213,17 @@ def test_cli_inputs_smaller_than_a_batch(digits_map, digits_test, tmp_path, caps
         np.save(tmp_path / f"{i}.npy", images[i])
     assert main(["verify", "d4", "--inputs", str(tmp_path), "--mapsave-dir", str(digits_map)]) == 2
     assert "holds less than one batch of the map's input shape [16, 1, 8, 8]" in capsys.readouterr().err
+
+
+def test_a_modified_quant_model_leaves_fp32_against_ppq(tmp_path, tiny_onnx, capsys):
+    quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, mapsave_dir=tmp_path, recipe="fast")
+    qdq = tmp_path / "m" / "quant_model.onnx"
+    qdq.write_bytes(qdq.read_bytes() + b"\0")  # both onnxruntime and the integer executor read this file
+    report = verify("m", mapsave_dir=tmp_path)
+    assert sorted(report.failures) == ["integer", "onnxruntime"]
+    assert report.failures["onnxruntime"].startswith(f"ArtifactError: {qdq} was modified after quantize wrote it")
+    assert [(p.reference, p.candidate) for p in report.ran_pairs] == [("fp32", "ppq")]
+    assert report.get("fp32", "ppq").snr_db > 10 and report.get("fp32", "ppq").top1_agreement is not None
+    assert main(["verify", "m", "--mapsave-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime could not run: ArtifactError" in out and "integer could not run: ArtifactError" in out
