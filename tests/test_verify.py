@@ -97,8 +97,9 @@ def test_an_execution_that_cannot_run_leaves_the_other_pairs(digits_map, digits_
            "not supported by the integer reference executor" in table
     # the command line prints the table and succeeds: three pairs ran
     assert main(["verify", "d4", "--mapsave-dir", str(digits_map)]) == 0
-    out = capsys.readouterr().out
-    assert "not run: integer: UnsupportedOperatorError" in out and "fp32         ppq" in out
+    captured = capsys.readouterr()
+    assert "not run: integer: UnsupportedOperatorError" in captured.out and "fp32         ppq" in captured.out
+    assert captured.err == ""  # the table says it all: no warning repeats it
 
 
 def test_an_execution_failing_on_a_batch_is_dropped(digits_map, monkeypatch):
@@ -227,3 +228,14 @@ def test_a_modified_quant_model_leaves_fp32_against_ppq(tmp_path, tiny_onnx, cap
     assert main(["verify", "m", "--mapsave-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "onnxruntime could not run: ArtifactError" in out and "integer could not run: ArtifactError" in out
+
+
+def test_outputs_of_different_shapes_are_not_compared(digits_map, monkeypatch):
+    from maptools.quantization.engine import PPQSession
+
+    monkeypatch.setattr(PPQSession, "forward", lambda self, batch, quantized=True, output_names=None:
+                        {"logits": np.zeros((16, 5), np.float32)})
+    report = verify("d4", mapsave_dir=digits_map, batches=2)
+    assert report.failures == {} and len(report.ran_pairs) == 3
+    assert report.get("fp32", "ppq").not_run == "ppq: output 'logits' has shape [32, 5], fp32 [32, 10]"
+    assert report.get("ppq", "integer").not_run == "integer: output 'logits' has shape [32, 10], ppq [32, 5]"

@@ -328,7 +328,8 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
         failures[execution] = _reason(exc)
         runners.pop(execution, None)
         runs.pop(execution, None)
-        logger.warning("verify %r: %s could not run (%s): %s", mapname, execution, when, failures[execution])
+        # INFO, not WARNING: the report carries the failure (VerifyReport.failures, table), the log only traces it
+        logger.info("verify %r: %s could not run (%s): %s", mapname, execution, when, failures[execution])
         logger.debug("%s failed", execution, exc_info=True)
 
     for execution, load in _loaders(mapname, mapsave_dir, manifest, directory).items():
@@ -361,11 +362,18 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
                 reason = failures.get(missing, f"no output {name!r}")
                 report.pairs.append(PairMetrics(name, ref, cand, None, None, None, None, f"{missing}: {reason}"))
                 continue
+            if merged[ref][name].shape != merged[cand][name].shape:
+                report.pairs.append(PairMetrics(
+                    name, ref, cand, None, None, None, None,
+                    f"{cand}: output {name!r} has shape {list(merged[cand][name].shape)}, {ref} "
+                    f"{list(merged[ref][name].shape)}"))
+                continue
             step = steps[name] if {ref, cand} <= _QUANTIZED else None
             m = compare(merged[ref][name], merged[cand][name], step)
             report.pairs.append(PairMetrics(name, ref, cand, m["snr_db"], m["cosine"], m["top1"], m["within"]))
     if not names:  # nothing ran at all: one row per pair says why
         for ref, cand in itertools.combinations(EXECUTIONS, 2):
-            report.pairs.append(PairMetrics("-", ref, cand, None, None, None, None, f"{ref}: {failures[ref]}"))
+            reason = failures.get(ref, "no graph output")
+            report.pairs.append(PairMetrics("-", ref, cand, None, None, None, None, f"{ref}: {reason}"))
     logger.info("%s", report.table())
     return report
