@@ -1,17 +1,23 @@
 """The ``maptools`` command line (also ``python -m maptools``).
 
 Sub-commands: ``quantize``, ``inspect``, ``verify`` and ``demo``. Exit codes: 0 success; 2 bad usage or
-bad input (a one-line error on stderr, no traceback); 1 an unexpected internal error.
+bad input (a one-line error on stderr, no traceback); 1 an unexpected internal error. ``verify`` exits 0
+when at least one pair of executions ran (the table says which could not and why), 2 when none could.
+Results go to stdout; logs, notices and, when stderr is not a terminal, a progress line every
+:data:`HEARTBEAT_SECONDS` go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,74 +40,136 @@ class _Parser(argparse.ArgumentParser):
 
 def _input_spec(text: str) -> tuple[str, list[int]]:
     name, sep, dims = text.rpartition(":")
+    if sep and name and dims.strip().lower() in ("", "scalar"):  # NAME: or NAME:scalar, a rank-0 input
+        return name, []
     try:
         shape = [int(d) for d in dims.split(",")]
     except ValueError:
         shape = []
     if not sep or not name or not shape:
-        raise argparse.ArgumentTypeError(f"--input: expected NAME:D0,D1,... such as input:1,3,224,224, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--input: expected NAME:D0,D1,... such as input:1,3,224,224 (NAME: or NAME:scalar for a rank-0 "
+            f"input), got {text!r}")
     return name, shape
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {text!r}")
+    return value
+
+
+def _stds(text: str) -> list[float]:
+    values = _floats(text)
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected standard deviations > 0 (they divide the pixels), got {text!r}")
+    return values
+
+
+_MAPSAVE_HELP = "directory holding the maps (default: $MAPTOOLS_MAPSAVE, else ./mapsave)"
+_MEAN_HELP = ("normalisation mean per channel (one value or one per channel) in [0,1] pixel scale, i.e. after "
+              "ToTensor divides the 0..255 pixels by 255 (default: ImageNet's 0.485,0.456,0.406)")
+_STD_HELP = ("normalisation standard deviation per channel in the same [0,1] pixel scale, every entry > 0 (default: "
+             "ImageNet's 0.229,0.224,0.225)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maptools", description="Low-bit quantization of ONNX models for CIM chips.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for PPQ's)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output on stderr: -v INFO, -vv DEBUG with PPQ's own output (default: warnings "
+                             "only)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize an ONNX model into mapsave/<mapname>")
-    q.add_argument("model", help="float ONNX model")
+    q.add_argument("model", help="float ONNX model file")
     q.add_argument("--input", action="append", type=_input_spec, required=True, metavar="NAME:SHAPE",
-                   help="input name and shape, e.g. input:1,3,224,224 (repeat for several inputs)")
-    q.add_argument("--mapname", required=True)
-    q.add_argument("--bits", type=int, default=8, help="bit width of weights and activations (default 8)")
-    q.add_argument("--weight-bits", type=int, default=None)
-    q.add_argument("--act-bits", type=int, default=None)
-    q.add_argument("--asymmetric", action="store_true", help="asymmetric (unsigned) activations")
-    q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
+                   help="input name and shape in elements, e.g. input:1,3,224,224; NAME: or NAME:scalar for a rank-0 "
+                        "input; repeat for every input (required)")
+    q.add_argument("--mapname", required=True, help="map name; results go to <mapsave>/<mapname>/ (required)")
+    q.add_argument("--bits", type=int, default=8, help="bit width of weights and activations, 2..8 (default 8)")
+    q.add_argument("--weight-bits", type=int, default=None, help="weight bit width, 2..8 (default: --bits)")
+    q.add_argument("--act-bits", type=int, default=None, help="activation bit width, 2..8 (default: --bits)")
+    q.add_argument("--asymmetric", action="store_true",
+                   help="asymmetric (unsigned, with zero point) activations (default: off, symmetric)")
+    q.add_argument("--per-tensor", action="store_true",
+                   help="one weight scale per tensor (default: off, one per output channel)")
     source = q.add_mutually_exclusive_group()
-    source.add_argument("--calib-dir", help="ImageFolder directory of calibration images")
-    source.add_argument("--calib-npy", help="directory of .npy calibration arrays")
-    q.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), help="normalisation mean for --calib-dir")
-    q.add_argument("--std", type=_floats, default=(0.229, 0.224, 0.225), help="normalisation std for --calib-dir")
-    q.add_argument("--calib-steps", type=int, default=32)
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--recipe", default="default", choices=["fast", "default", "best"])
+    source.add_argument("--calib-dir", metavar="DIR",
+                        help="calibrate on images: an ImageFolder (one sub-folder per class) or a flat folder "
+                             "(default: none, random data)")
+    source.add_argument("--calib-npy", metavar="DIR",
+                        help="calibrate on a folder of .npy arrays, whole batches or single samples (default: none, "
+                             "random data)")
+    q.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]",
+                   help=_MEAN_HELP + "; for --calib-dir")
+    q.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
+                   help=_STD_HELP + "; for --calib-dir")
+    q.add_argument("--calib-steps", type=int, default=32, metavar="N",
+                   help="number of calibration batches, at least 8 (default 32)")
+    q.add_argument("--analysis-steps", type=_positive_int, default=4, metavar="N",
+                   help="number of calibration batches the graph-wise error (report.json, summary) is measured on "
+                        "(default 4)")
+    q.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    q.add_argument("--seed", type=int, default=0,
+                   help="seed of the random calibration data, the image shuffle and every generator (default 0)")
+    q.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
+                   help="quantization recipe (default: default)")
     q.add_argument("--observer", default=None,
-                   help="activation observer: percentile, minmax, kl or mse (default: the recipe's)")
+                   help="activation observer: percentile, minmax, kl or mse (default: the recipe's, mse for default "
+                        "and best, percentile for fast)")
     q.add_argument("--unsigned-nonnegative", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize never-negative activations over 0..2^b-1 (default: on for the default and best "
-                        "recipes)")
+                   help="quantize never-negative activations over 0..2^b-1 (default: the recipe's, on for default "
+                        "and best, off for fast)")
     q.add_argument("--layerwise-analysis", action="store_true",
-                   help="also measure each operator's error when quantized alone (one forward per operator)")
-    q.add_argument("--mapsave-dir", default=None)
+                   help="also measure each operator's error when quantized alone, one forward per operator "
+                        "(default: off)")
+    q.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
 
     i = sub.add_parser("inspect", help="list the quantized operators of a map")
-    i.add_argument("mapname")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--mapsave-dir", default=None)
+    i.add_argument("mapname", help="the map to show")
+    i.add_argument("--json", action="store_true", help="machine-readable output (default: off, a table)")
+    i.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
 
     v = sub.add_parser("verify", help="compare FP32, PPQ, onnxruntime and the integer executor")
-    v.add_argument("mapname")
-    v.add_argument("--mapsave-dir", default=None)
-    v.add_argument("--batches", type=int, default=2)
+    v.add_argument("mapname", help="the map to verify")
+    v.add_argument("--inputs", metavar="DIR", default=None,
+                   help="folder of real inputs: .npy files (whole batches or single samples, as --calib-npy) or "
+                        "images (class sub-folders or flat, as --calib-dir), in batches of the map's input shape "
+                        "(default: none, random standard-normal batches)")
+    v.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]",
+                   help=_MEAN_HELP + "; for image --inputs")
+    v.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
+                   help=_STD_HELP + "; for image --inputs")
+    v.add_argument("--batches", type=_positive_int, default=None, metavar="N",
+                   help="number of batches, at least 1: with --inputs at most this many (default: all), else the "
+                        "number of random batches (default: 2)")
+    v.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
 
     d = sub.add_parser("demo", help="quantize the bundled digits CNN and compare top-1")
-    d.add_argument("--bits", type=int, default=4)
-    d.add_argument("--recipe", default="default", choices=["fast", "default", "best"])
-    d.add_argument("--mapsave-dir", default=None)
+    d.add_argument("--bits", type=int, default=4, help="bit width of weights and activations, 2..8 (default 4)")
+    d.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
+                   help="quantization recipe (default: default)")
+    d.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
     return parser
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from maptools.quantization import imagefolder_calibset, npy_calibset, quantize
+    from maptools.quantization.artifacts import map_directory
     from maptools.quantization.engine.quiet import show_progress
 
     show_progress(sys.stderr.isatty())  # PPQ's calibration progress bars, on a terminal only
@@ -111,6 +179,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--input: the same input name was given twice")
     if not Path(args.model).is_file():
         raise InvalidArgumentError(f"model: file {args.model!r} does not exist; expected an .onnx model file")
+    target = map_directory(args.mapname, args.mapsave_dir)
+    replacing = target.is_dir()
     calibset = None
     if args.calib_dir:
         calibset = imagefolder_calibset(args.calib_dir, shapes, mean=args.mean, std=args.std, seed=args.seed)
@@ -121,7 +191,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                       activation_bits=args.act_bits, symmetrical=not args.asymmetric,
                       per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
                       recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
-                      unsigned_nonnegative=args.unsigned_nonnegative)
+                      unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps)
+    if replacing:
+        print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
     print(result.summary())
     return 0
 
@@ -145,11 +217,12 @@ def _range_text(values: list[int] | None) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from maptools.quantization import read_quantinfo, read_quantparams
-    from maptools.quantization.artifacts import map_directory, read_manifest
+    from maptools.quantization.artifacts import float_operators, map_directory, read_manifest
 
     info = read_quantinfo(args.mapname, args.mapsave_dir)
     params = read_quantparams(args.mapname, args.mapsave_dir)
     manifest = read_manifest(map_directory(args.mapname, args.mapsave_dir))
+    floats = float_operators(args.mapname, args.mapsave_dir)
     rows = []
     for name, cfg in info.items():
         kind = "conv" if cfg.op_type in ("Conv", "ConvTranspose") else "gemm"
@@ -166,7 +239,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             "bias_range": _range(params.get(f"{name}_{kind}_bias")),
         })
     if args.json:
-        print(json.dumps({"manifest": manifest, "operators": rows}, indent=2))
+        print(json.dumps({"manifest": manifest, "operators": rows, "float_operators": floats}, indent=2))
         return 0
     width = max([len("node")] + [len(row["node"]) for row in rows])
     header = f"{'node':{width}} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} " \
@@ -180,6 +253,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
               f"{_range_text(row['output_range']):>10} {row['weight_bits'] or '-':>2} "
               f"{_scale_text(cfg.weight_scale):>22} {str(row['weight_range'] or '-'):>12} "
               f"{str(row['bias_range'] or '-'):>24}")
+    print(f"\noperators left in float: {len(floats)}")
+    if floats:
+        float_width = max(len("node"), *(len(f["node"]) for f in floats))
+        print(f"{'node':{float_width}} type")
+        for f in floats:
+            print(f"{f['node']:{float_width}} {f['op_type']}")
     settings = manifest.get("settings", {})
     print(f"\n{len(rows)} quantized operators; model {manifest['model']['path']} (sha256 "
           f"{manifest['model']['sha256'][:12]}); W{settings.get('weight_bits')}A{settings.get('activation_bits')} "
@@ -188,11 +267,39 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder_inputs(args: argparse.Namespace) -> object:
+    """The batches of ``verify --inputs DIR``: .npy files or images, shaped as the map's (single) input."""
+    from maptools.quantization import imagefolder_calibset, npy_calibset
+    from maptools.quantization.verify import map_input_shapes
+
+    shapes = map_input_shapes(args.mapname, args.mapsave_dir)
+    folder = Path(args.inputs)
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"--inputs: {args.inputs!r} is not a directory; expected a folder of .npy files "
+                                   "or images")
+    if len(shapes) != 1:
+        raise InvalidArgumentError(f"--inputs: map {args.mapname!r} has {len(shapes)} inputs {list(shapes)}; a folder "
+                                   "of inputs serves single-input maps only (from Python, pass verify(inputs=...))")
+    if any(folder.glob("*.npy")):
+        batches = npy_calibset(folder, shapes)
+    else:
+        batches = imagefolder_calibset(folder, shapes, mean=args.mean, std=args.std)
+    if len(batches) == 0:
+        raise InvalidArgumentError(f"--inputs: {args.inputs!r} holds less than one batch of the map's input shape "
+                                   f"{next(iter(shapes.values()))}")
+    return batches
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from maptools.quantization import verify
 
-    report = verify(args.mapname, mapsave_dir=args.mapsave_dir, batches=args.batches)
+    inputs = _folder_inputs(args) if args.inputs is not None else None
+    report = verify(args.mapname, inputs, mapsave_dir=args.mapsave_dir, batches=args.batches)
     print(report.table())
+    if not report.ran_pairs:  # every execution but at most one failed: nothing was compared
+        print(f"maptools verify: error: no pair of executions could run on map {args.mapname!r}; "
+              + "; ".join(f"{e}: {r}" for e, r in report.failures.items()), file=sys.stderr)
+        return 2
     return 0
 
 
@@ -206,6 +313,78 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"quantize": _cmd_quantize, "inspect": _cmd_inspect, "verify": _cmd_verify, "demo": _cmd_demo}
+#: Commands that print a progress line on stderr every :data:`HEARTBEAT_SECONDS` when it is not a terminal.
+_LONG_COMMANDS = {"quantize", "verify", "demo"}
+#: Seconds between two progress lines.
+HEARTBEAT_SECONDS = 5.0
+#: Third-party loggers that are noisy at DEBUG (PIL: a line per PNG chunk; matplotlib: font matching).
+_QUIETED = ("PIL", "matplotlib")
+
+
+class _StageHandler(logging.Handler):
+    """Remembers the last INFO message of the ``maptools`` loggers: the stage a progress line names."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.stage = "starting"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().splitlines()
+        if text and record.name != "maptools.ppq":
+            self.stage = text[0] if len(text[0]) <= 160 else text[0][:159] + "…"
+
+
+@contextlib.contextmanager
+def _heartbeat(command: str, enabled: bool) -> Iterator[None]:
+    """Print ``maptools <command>: <elapsed> s, <stage>`` on stderr every :data:`HEARTBEAT_SECONDS` while it runs."""
+    if not enabled:
+        yield
+        return
+    stages = _StageHandler()
+    package = logging.getLogger("maptools")
+    level = package.level
+    if package.getEffectiveLevel() > logging.INFO:  # the INFO records must exist; the console handler filters them
+        package.setLevel(logging.INFO)
+    package.addHandler(stages)
+    stop = threading.Event()
+    started = time.monotonic()
+    stream = sys.stderr
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            print(f"maptools {command}: {time.monotonic() - started:.0f} s, {stages.stage}", file=stream, flush=True)
+
+    thread = threading.Thread(target=beat, name="maptools-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        package.removeHandler(stages)
+        package.setLevel(level)
+
+
+@contextlib.contextmanager
+def _console_logging(verbose: int) -> Iterator[None]:
+    """Log to stderr at the verbosity asked for, and restore the logging setup afterwards."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)  # filters here, so a logger opened to INFO (the heartbeat's) adds no output
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = root.level, {name: logging.getLogger(name).level for name in _QUIETED}
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in _QUIETED:
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        for name, old in saved[1].items():
+            logging.getLogger(name).setLevel(old)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,24 +394,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _COMMANDS[args.command](args)
-    except MaptoolsError as exc:
-        print(f"maptools {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        return 0
-    except KeyboardInterrupt:
-        print("maptools: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # an internal error: keep the traceback in the log for the bug report
-        logger.debug("internal error", exc_info=True)
-        print(f"maptools {args.command}: internal error: {type(exc).__name__}: {exc} (run with -vv for details)",
-              file=sys.stderr)
-        return 1
+    with _console_logging(args.verbose):
+        try:
+            with _heartbeat(args.command, args.command in _LONG_COMMANDS and not sys.stderr.isatty()):
+                return _COMMANDS[args.command](args)
+        except MaptoolsError as exc:
+            print(f"maptools {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:  # output piped into `head` and the like
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            return 0
+        except KeyboardInterrupt:
+            print("maptools: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # an internal error: the traceback once, at -vv, for the bug report
+            logger.debug("internal error", exc_info=True)
+            hint = "" if args.verbose >= 2 else " (run with -vv for details)"
+            print(f"maptools {args.command}: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

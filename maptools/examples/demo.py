@@ -27,7 +27,8 @@ class DemoResult:
         fp32_top1: Top-1 (%) of the float model on the held-out digits.
         quant_top1: Top-1 (%) of ``quant_model.onnx`` on the same digits.
         bits: Bit width used.
-        files: The three artifact paths.
+        files: Every file written in the map directory (:attr:`QuantizationResult.files
+            <maptools.quantization.QuantizationResult.files>`).
         result: The full :class:`~maptools.quantization.QuantizationResult`.
     """
 
@@ -66,11 +67,11 @@ def run_demo(bits: int = 4, mapname: str | None = None, mapsave_dir: str | Path 
     shapes = {digits.INPUT_NAME: list(digits.INPUT_SHAPE)}
     with tempfile.TemporaryDirectory(prefix="maptools-digits-") as tmp:
         root = digits.write_imagefolder(Path(tmp) / "calib", split="train")
-        calibset = imagefolder_calibset(root, shapes, mean=digits.MEAN, std=digits.STD)
-    result = quantize(shapes, "cpu", digits.MODEL_PATH, mapname=mapname, calibset=calibset,
-                      calib_steps=calib_steps, bit_width=bits, mapsave_dir=mapsave_dir, recipe=recipe)
+        calibset = imagefolder_calibset(root, shapes, mean=digits.MEAN, std=digits.STD)  # read by quantize
+        result = quantize(shapes, "cpu", digits.MODEL_PATH, mapname=mapname, calibset=calibset,
+                          calib_steps=calib_steps, bit_width=bits, mapsave_dir=mapsave_dir, recipe=recipe)
     images, labels = digits.load_split("test")
     fp32 = digits.onnx_top1(digits.MODEL_PATH, images, labels)
     quant = digits.onnx_top1(result.model_path, images, labels)
     return DemoResult(fp32_top1=fp32, quant_top1=quant, bits=bits,
-                      files=[result.quantinfo_path, result.quantparams_path, result.model_path], result=result)
+                      files=result.files, result=result)

@@ -1,8 +1,11 @@
 """Bundled digits example: a small residual CNN trained on scikit-learn's 8x8 digits.
 
-The model file :data:`MODEL_PATH` is produced by ``examples/train_digits.py``. This module only needs
-numpy at import time; scikit-learn, Pillow and onnxruntime are imported lazily inside the functions that
-use them, so importing it never pulls in torch.
+The model file :data:`MODEL_PATH` is produced by ``examples/train_digits.py``. The train/test split of the
+digits ships with the package as 8-bit pixels in :data:`DATA_PATH` (48 kB, written by
+``examples/make_digits_data.py`` from scikit-learn's copy of the UCI "Optical Recognition of Handwritten
+Digits" data, CC BY 4.0), so nothing here needs scikit-learn. This module only needs numpy at import time;
+Pillow and onnxruntime are imported lazily inside the functions that use them, so importing it never pulls
+in torch.
 
 The preprocessing in :func:`load_split` reproduces exactly what a torchvision ``ImageFolder`` pipeline
 (``Grayscale(1)``, ``ToTensor()``, ``Normalize(MEAN, STD)``) sees when it reads the PNG files written by
@@ -20,6 +23,7 @@ __all__ = [
     "IMAGE_SIZE",
     "INPUT_NAME",
     "INPUT_SHAPE",
+    "DATA_PATH",
     "MEAN",
     "MODEL_PATH",
     "OUTPUT_NAME",
@@ -33,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 MODEL_PATH: Path = Path(__file__).parent / "data" / "digits_resnet.onnx"
 """Path of the bundled FP32 ONNX model."""
+
+DATA_PATH: Path = Path(__file__).parent / "data" / "digits.npz"
+"""The bundled split: ``train_images`` (1257, 8, 8), ``train_labels``, ``test_images`` (540, 8, 8) and
+``test_labels``, uint8 pixels ``round(v * 255 / 16)`` of the raw ``0..16`` values, and labels ``0..9``."""
 
 INPUT_NAME: str = "input"
 """Name of the model's input tensor."""
@@ -53,14 +61,6 @@ INPUT_SHAPE: tuple[int, int, int, int] = (16, 1, IMAGE_SIZE, IMAGE_SIZE)
 """Input shape (batch of 16, used for calibration in the demo); the batch axis of the model is dynamic."""
 
 _SPLITS = ("train", "test")
-_TEST_SIZE = 0.3
-_RANDOM_STATE = 0
-_DIGITS_MAX = 16  # sklearn digits pixel values are integers in 0..16
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    """Map raw digits values (0..16) to 8-bit pixel values ``round(v * 255 / 16)``."""
-    return np.round(images.astype(np.float64) * 255.0 / _DIGITS_MAX).astype(np.uint8)
 
 
 def _normalize(pixels: np.ndarray) -> np.ndarray:
@@ -75,26 +75,16 @@ def _split_uint8(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Return the requested split as uint8 images ``(N, 8, 8)`` and int64 labels ``(N,)``."""
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS!r}, got {split!r}")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    images = _to_uint8(data.images)
-    labels = data.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=_TEST_SIZE, random_state=_RANDOM_STATE, stratify=labels
-    )
-    if split == "train":
-        return x_train, y_train
-    return x_test, y_test
+    with np.load(DATA_PATH, allow_pickle=False) as data:
+        return data[f"{split}_images"], data[f"{split}_labels"].astype(np.int64)
 
 
 def load_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """Load a deterministic train/test split of scikit-learn's digits, preprocessed for the model.
 
-    The split is ``train_test_split(test_size=0.3, random_state=0, stratify=labels)``. Pixels are first
-    quantised to 8 bits as ``round(v * 255 / 16)`` (exactly the values stored by
-    :func:`write_imagefolder`) and then normalised as ``(p / 255 - 0.5) / 0.5``.
+    The split is ``train_test_split(test_size=0.3, random_state=0, stratify=labels)``, read from the bundled
+    :data:`DATA_PATH` (scikit-learn is not needed). Pixels are quantised to 8 bits as ``round(v * 255 / 16)``
+    (exactly the values stored by :func:`write_imagefolder`) and normalised as ``(p / 255 - 0.5) / 0.5``.
 
     Args:
         split: Either ``"train"`` or ``"test"``.

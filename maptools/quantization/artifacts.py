@@ -41,6 +41,7 @@ __all__ = [
     "QUANTMODEL",
     "QUANTPARAMS",
     "check_mapname",
+    "float_operators",
     "map_directory",
     "mapsave_root",
     "read_manifest",
@@ -266,6 +267,42 @@ def read_artifact_bytes(mapname: str, filename: str, mapsave_dir: str | os.PathL
             f"re-run quantize for map {mapname!r}"
         )
     return data
+
+
+#: Name of the nodes the QDQ exporter inserts (QuantizeLinear, DequantizeLinear and their Clip).
+_EXPORTER_NODE = re.compile(r"^PPQ_Operation_\d+$")
+_EXPORTER_TYPES = {"QuantizeLinear", "DequantizeLinear", "Clip"}
+
+
+def float_operators(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> list[dict[str, str]]:
+    """The operators of ``quant_model.onnx`` left in float: those without a ``quantinfo.pkl`` record.
+
+    The QuantizeLinear, DequantizeLinear and Clip nodes the exporter inserted (named ``PPQ_Operation_<n>``) are
+    not counted; what remains without a record runs in float on the chip's host side (shape arithmetic,
+    operators PPQ does not quantize...).
+
+    Args:
+        mapname: The map name given to ``quantize``.
+        mapsave_dir: The mapsave directory (default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``).
+
+    Returns:
+        ``[{"node": name, "op_type": type}, ...]`` in graph order.
+
+    Raises:
+        MapNotFoundError: no such map.
+        ArtifactError: a file is missing, modified or unreadable.
+    """
+    import onnx
+
+    quantinfo = read_quantinfo(mapname, mapsave_dir)
+    data = read_artifact_bytes(mapname, QUANTMODEL, mapsave_dir)
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:
+        raise ArtifactError(f"{QUANTMODEL} of map {mapname!r}: not a readable ONNX model ({exc})") from None
+    return [{"node": node.name, "op_type": node.op_type} for node in model.graph.node
+            if node.name not in quantinfo
+            and not (node.op_type in _EXPORTER_TYPES and _EXPORTER_NODE.match(node.name))]
 
 
 def read_quantinfo(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> dict:

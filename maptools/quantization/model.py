@@ -35,7 +35,8 @@ class GraphInput:
 
     Attributes:
         name: Input name.
-        dims: Declared dimensions: an int for a fixed dim, a string or None for a dynamic one.
+        dims: Declared dimensions: an int for a fixed dim, a string or None for a dynamic one; ``()`` for a
+            rank-0 (scalar) input.
         dtype: numpy dtype of the input.
     """
 
@@ -44,9 +45,9 @@ class GraphInput:
     dtype: np.dtype
 
     def is_fixed(self, axis: int) -> bool:
-        """Whether dimension ``axis`` has a fixed positive size in the model (a scalar input has no axis: fixed)."""
-        if axis >= len(self.dims):
-            return True
+        """Whether dimension ``axis`` has a fixed positive size in the model (False past its rank)."""
+        if not -len(self.dims) <= axis < len(self.dims):
+            return False
         dim = self.dims[axis]
         return isinstance(dim, int) and dim > 0
 
@@ -185,7 +186,7 @@ def check_input_shapes(input_shapes: object, model: LoadedModel) -> dict[str, tu
     """Check ``input_shapes`` against the model's inputs and return it normalised.
 
     Args:
-        input_shapes: Mapping of input name -> shape (a sequence of positive ints).
+        input_shapes: Mapping of input name -> shape (a sequence of positive ints; ``[]`` for a rank-0 input).
         model: The loaded model.
 
     Returns:
@@ -227,9 +228,10 @@ def check_input_shapes(input_shapes: object, model: LoadedModel) -> dict[str, tu
                 raise InvalidArgumentError(f"input_shapes[{name!r}]: dims must be positive, got {list(shape)!r}")
             dims.append(int(d))
         if len(dims) != len(graph_input.dims):
+            hint = "; give [] for this scalar input" if not graph_input.dims else ""
             raise InvalidArgumentError(
                 f"input_shapes[{name!r}]: rank {len(dims)} given ({dims}), but the model's input has rank "
-                f"{len(graph_input.dims)} ({list(graph_input.dims)})"
+                f"{len(graph_input.dims)} ({list(graph_input.dims)}){hint}"
             )
         for axis, (given, declared) in enumerate(zip(dims, graph_input.dims, strict=True)):
             if isinstance(declared, int) and declared > 0 and declared != given:

@@ -148,7 +148,7 @@ class QuantizationResult:
         layer_snr_db: SNR in dB of every quantized operator's output, quantized vs FP32.
         seconds: Wall time of the whole call.
         report_path: Path of ``report.json`` (settings, timings, per-operator error).
-        plot_path: Path of ``report.png`` (per-layer SNR bar chart).
+        plot_path: Path of ``report.png`` (the worst operators' SNR and the SNR along the graph).
         warnings: Outputs (or parts of outputs) that are too noisy or collapsed, with the operators to blame
             (see :mod:`maptools.quantization.diagnostics`).
         analysis_data: What the errors were measured on: ``'held-out'`` (calibset batches after the first
@@ -174,10 +174,23 @@ class QuantizationResult:
     analysis_data: str = "in-sample"
     part_snr_db: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    @property
+    def files(self) -> list[Path]:
+        """Every file written in :attr:`directory`.
+
+        The three artifacts for the mapper, ``ppq_graph.pkl``, the report (``report.json``, ``report.png``) and
+        ``manifest.json``, in that order.
+        """
+        from maptools.quantization.artifacts import PPQGRAPH
+
+        paths = [self.quantinfo_path, self.quantparams_path, self.model_path, self.directory / PPQGRAPH,
+                 self.report_path, self.plot_path, self.manifest_path]
+        return [path for path in paths if path is not None]
+
     def summary(self) -> str:
-        """A few human-readable lines: files written and output error."""
+        """A few human-readable lines: every file written and the output error."""
         lines = [f"map {self.mapname!r} in {self.directory}"]
-        for path in (self.quantinfo_path, self.quantparams_path, self.model_path):
+        for path in self.files:
             lines.append(f"  {path}")
         for name, snr in self.output_snr_db.items():
             lines.append(f"  output {name}: SNR {snr:.2f} dB, cosine {self.output_cosine[name]:.5f} "

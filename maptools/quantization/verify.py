@@ -1,8 +1,13 @@
 """``verify``: the same inputs through FP32, PPQ's simulation, onnxruntime and the integer executor.
 
 It answers "do the artifacts say what was simulated?": per graph output and for each pair of the four
-executions it reports SNR, cosine similarity, top-1 agreement and, between quantized executions, the
-fraction of elements within one output quantization step.
+executions it reports SNR, cosine similarity, top-1 agreement (class scores only) and, between quantized
+executions, the fraction of elements within one output quantization step.
+
+The four executions are independent: one that cannot run (the integer executor lacking an operator, PPQ
+failing to load ``ppq_graph.pkl``, onnxruntime refusing ``quant_model.onnx``, the float model gone) is
+recorded with the reason in :attr:`VerifyReport.failures`, the pairs involving it are marked
+``not run`` (:attr:`PairMetrics.not_run`), and the other pairs are still compared.
 """
 
 from __future__ import annotations
@@ -10,26 +15,31 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from maptools.errors import ArtifactError
+from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts
 from maptools.quantization.calibration import random_calibset
 from maptools.quantization.model import model_sha256
 from maptools.quantization.reference import ReferenceExecutor
 
-__all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "verify"]
+__all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "map_input_shapes", "verify"]
 
 logger = logging.getLogger(__name__)
 
 #: The four executions compared, in report order.
 EXECUTIONS = ("fp32", "ppq", "onnxruntime", "integer")
 _QUANTIZED = {"ppq", "onnxruntime", "integer"}
+#: Number of random batches when neither inputs nor a batch count are given.
+DEFAULT_RANDOM_BATCHES = 2
+
+Batch = dict[str, np.ndarray]
+Runner = Callable[[Batch], Mapping[str, Any]]
 
 
 @dataclass
@@ -40,19 +50,29 @@ class PairMetrics:
         output: Graph output name.
         reference: Name of the reference execution.
         candidate: Name of the compared execution.
-        snr_db: ``10 log10(|ref|^2 / |ref - cand|^2)``.
-        cosine: Cosine similarity.
-        top1_agreement: Fraction of samples with the same argmax along axis 1 (None for 1-D outputs).
+        snr_db: ``10 log10(|ref|^2 / |ref - cand|^2)``; None when the pair was not run.
+        cosine: Cosine similarity; None when the pair was not run.
+        top1_agreement: Fraction of samples with the same argmax along axis 1, for class-score outputs only
+            (shape ``[N, C]`` with ``C > 1``); None for any other output (a detector's ``[1, 22, 2100]``, a
+            segmentation map, a scalar), where an argmax along axis 1 means nothing.
         within_one_step: Fraction of elements within one output quantization step (quantized pairs only).
+        not_run: None when the pair was compared; else why not: ``"<execution>: <exception type>: <message>"``
+            of the execution that could not run (the first of the two when neither could).
     """
 
     output: str
     reference: str
     candidate: str
-    snr_db: float
-    cosine: float
+    snr_db: float | None
+    cosine: float | None
     top1_agreement: float | None
     within_one_step: float | None
+    not_run: str | None = None
+
+    @property
+    def ran(self) -> bool:
+        """Whether the two executions ran and were compared."""
+        return self.not_run is None
 
 
 @dataclass
@@ -62,61 +82,130 @@ class VerifyReport:
     Attributes:
         mapname: The map verified.
         samples: Number of input samples (batch elements) compared.
-        pairs: One :class:`PairMetrics` per output and pair of executions.
-        outputs: The raw outputs: execution name -> output name -> array.
+        pairs: One :class:`PairMetrics` per output and pair of executions, those not run included.
+        outputs: The raw outputs of the executions that ran: execution name -> output name -> array.
+        failures: The executions that could not run: execution name -> ``"<exception type>: <message>"``.
     """
 
     mapname: str
     samples: int
     pairs: list[PairMetrics] = field(default_factory=list)
     outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ran_pairs(self) -> list[PairMetrics]:
+        """The pairs that were compared."""
+        return [pair for pair in self.pairs if pair.ran]
 
     def get(self, reference: str, candidate: str, output: str | None = None) -> PairMetrics:
-        """The metrics of one pair (of the first output unless ``output`` is given)."""
+        """The metrics of one pair (of the first output unless ``output`` is given).
+
+        Raises:
+            KeyError: no such pair or output.
+        """
         for pair in self.pairs:
             if (pair.reference, pair.candidate) == (reference, candidate) and output in (None, pair.output):
                 return pair
         raise KeyError(f"no pair {reference} vs {candidate} for output {output!r}")
 
     def table(self) -> str:
-        """A plain-text table of every pair."""
+        """A plain-text table of every pair; pairs not run say why, and the full reasons follow the table."""
         lines = [f"verify {self.mapname!r} on {self.samples} samples",
                  f"{'output':16} {'reference':12} {'candidate':12} {'SNR dB':>8} {'cosine':>9} {'top-1':>7} "
                  f"{'<=1 step':>9}"]
         for p in self.pairs:
+            if p.not_run is not None:
+                reason = p.not_run if len(p.not_run) <= 72 else p.not_run[:71] + "…"
+                lines.append(f"{p.output[:16]:16} {p.reference:12} {p.candidate:12} not run: {reason}")
+                continue
             top1 = "-" if p.top1_agreement is None else f"{100 * p.top1_agreement:.1f}%"
             step = "-" if p.within_one_step is None else f"{100 * p.within_one_step:.2f}%"
             lines.append(f"{p.output[:16]:16} {p.reference:12} {p.candidate:12} {p.snr_db:8.2f} {p.cosine:9.5f} "
                          f"{top1:>7} {step:>9}")
+        for execution, reason in self.failures.items():
+            lines.append(f"{execution} could not run: {reason}")
         return "\n".join(lines)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, step: float | None = None) -> dict[str, float | None]:
-    """SNR (dB), cosine, top-1 agreement and fraction within ``step`` of two arrays of the same shape."""
+    """SNR (dB), cosine, top-1 agreement and fraction within ``step`` of two arrays of the same shape.
+
+    Args:
+        reference: The reference output.
+        candidate: The compared output, same shape.
+        step: The output quantization step, or None to leave ``within`` out.
+
+    Returns:
+        ``{"snr_db", "cosine", "top1", "within"}``. ``top1`` (the fraction of rows with the same argmax) is
+        only computed for class scores, arrays of shape ``[N, C]`` with ``C > 1``, and is None otherwise;
+        ``within`` is None without ``step``.
+    """
     r = np.asarray(reference, dtype=np.float64)
     c = np.asarray(candidate, dtype=np.float64)
     noise = float(np.sum((r - c) ** 2))
     signal = float(np.sum(r * r))
     snr = float("inf") if noise == 0 else (float("-inf") if signal == 0 else float(10 * np.log10(signal / noise)))
     denom = float(np.linalg.norm(r) * np.linalg.norm(c))
-    cos = float(np.sum(r * c) / denom) if denom > 0 else float(noise == 0)
-    top1 = float(np.mean(r.argmax(axis=1) == c.argmax(axis=1))) if r.ndim >= 2 and r.shape[1] > 1 else None
+    cos = min(1.0, max(-1.0, float(np.sum(r * c) / denom))) if denom > 0 else float(noise == 0)  # no 1 + 2e-16
+    top1 = float(np.mean(r.argmax(axis=1) == c.argmax(axis=1))) if r.ndim == 2 and r.shape[1] > 1 else None
     within = float(np.mean(np.abs(r - c) <= step * (1 + 1e-6) + 1e-12)) if step is not None else None
     return {"snr_db": snr, "cosine": cos, "top1": top1, "within": within}
 
 
-def _batches(inputs: Any, shapes: Mapping[str, Sequence[int]], seed: int, count: int) -> list[dict[str, np.ndarray]]:
-    if inputs is None:
-        return [{k: v.numpy() for k, v in b.items()} for b in random_calibset(shapes, count, seed)]
-    items = inputs if isinstance(inputs, list) else [inputs]
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _check_batches(batches: int | None) -> int | None:
+    if batches is None:
+        return None
+    if isinstance(batches, bool) or not isinstance(batches, (int, np.integer)):
+        raise InvalidTypeError(f"batches: expected a positive int or None, got {type(batches).__name__}")
+    if batches <= 0:
+        raise InvalidArgumentError(f"batches: expected a positive number of batches (1 or more), got {batches}")
+    return int(batches)
+
+
+def _input_batches(inputs: Any, shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, np.dtype], seed: int,
+                   batches: int | None) -> Iterator[Batch]:
+    """The batches to run, checked against the map's input names and shapes (batch dimension free)."""
     names = list(shapes)
-    result = []
-    for item in items:
+    if inputs is None:
+        count = DEFAULT_RANDOM_BATCHES if batches is None else batches
+        items: Iterable[Any] = ({k: v.numpy() for k, v in b.items()} for b in random_calibset(shapes, count, seed))
+    elif isinstance(inputs, (Mapping, np.ndarray)) or hasattr(inputs, "numpy"):
+        items = [inputs]
+    elif isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
+        raise InvalidTypeError(
+            f"inputs: expected a batch (dict of input name -> array, or an array), an iterable of batches or None, "
+            f"got {type(inputs).__name__}")
+    else:
+        items = inputs
+    if batches is not None:
+        items = itertools.islice(items, batches)
+    for index, item in enumerate(items):
         if not isinstance(item, Mapping):
+            if len(names) != 1:
+                raise InvalidArgumentError(
+                    f"inputs[{index}]: a bare array was given but map inputs are {names}; give a dict of input "
+                    "name -> array")
             item = {names[0]: item}
-        result.append({k: np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float32)
-                       for k, v in item.items()})
-    return result
+        if set(item) != set(names):
+            raise InvalidArgumentError(f"inputs[{index}]: has inputs {list(item)}, expected the map's inputs {names}")
+        batch: Batch = {}
+        for name in names:
+            value = item[name]
+            array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+            if array.dtype == object or array.dtype.kind not in "biuf":
+                raise InvalidTypeError(f"inputs[{index}][{name!r}]: expected a numeric array, got dtype {array.dtype}")
+            expected = list(shapes[name])
+            if array.ndim != len(expected) or list(array.shape[1:]) != expected[1:]:
+                raise InvalidArgumentError(
+                    f"inputs[{index}][{name!r}]: shape {list(array.shape)}, expected {expected} (the map's input "
+                    "shape; the batch dimension may differ)")
+            batch[name] = np.asarray(array, dtype=dtypes.get(name, np.dtype(np.float32)), order="C")  # keeps 0-d
+        yield batch
 
 
 def _output_steps(quantinfo: Mapping[str, Any], output_names: Sequence[str]) -> dict[str, float | None]:
@@ -128,68 +217,163 @@ def _output_steps(quantinfo: Mapping[str, Any], output_names: Sequence[str]) -> 
     return steps
 
 
+def _input_dtypes(mapname: str, mapsave_dir: str | os.PathLike | None) -> dict[str, np.dtype]:
+    """Declared input dtypes of ``quant_model.onnx`` (float32 when it cannot be read: onnxruntime will say why)."""
+    import onnx
+
+    try:
+        proto = onnx.load_from_string(artifacts.read_artifact_bytes(mapname, artifacts.QUANTMODEL, mapsave_dir))
+        dtypes = {}
+        for vi in proto.graph.input:
+            elem = vi.type.tensor_type.elem_type
+            dtypes[vi.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else np.dtype(np.float32)
+        return dtypes
+    except Exception as exc:
+        logger.debug("input dtypes of %r not read from %s: %s", mapname, artifacts.QUANTMODEL, exc)
+        return {}
+
+
+def _loaders(mapname: str, mapsave_dir: str | os.PathLike | None,
+             manifest: Mapping[str, Any], directory: Path) -> dict[str, Callable[[], Runner]]:
+    """For each execution, a function that loads it and returns its runner (batch -> outputs)."""
+
+    def ort_runner(model: str | bytes) -> Runner:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return lambda batch: dict(zip(names, session.run(names, batch), strict=True))
+
+    def fp32() -> Runner:
+        model_path = Path(manifest["model"]["path"])
+        if not model_path.is_file():
+            raise ArtifactError(f"the float model {model_path} recorded in {directory / artifacts.MANIFEST} is "
+                                "gone; verify needs it to run FP32")
+        if model_sha256(model_path) != manifest["model"]["sha256"]:
+            raise ArtifactError(f"the float model {model_path} changed since map {mapname!r} was made; re-run "
+                                "quantize")
+        return ort_runner(str(model_path))
+
+    def ppq() -> Runner:
+        import torch
+
+        from maptools.quantization.engine import PPQSession
+
+        session = PPQSession.from_bytes(artifacts.read_artifact_bytes(mapname, artifacts.PPQGRAPH, mapsave_dir))
+        return lambda batch: session.forward({k: torch.from_numpy(v) for k, v in batch.items()})
+
+    def onnxruntime() -> Runner:
+        return ort_runner(artifacts.read_artifact_bytes(mapname, artifacts.QUANTMODEL, mapsave_dir))
+
+    def integer() -> Runner:
+        return ReferenceExecutor.load(mapname, mapsave_dir).run
+
+    return {"fp32": fp32, "ppq": ppq, "onnxruntime": onnxruntime, "integer": integer}
+
+
+def map_input_shapes(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> dict[str, list[int]]:
+    """The input shapes a map was quantized with (``settings.input_shapes`` of its manifest).
+
+    Raises:
+        MapNotFoundError: no such map.
+        ArtifactError: the manifest is missing, unreadable or of another format version.
+    """
+    manifest = artifacts.read_manifest(artifacts._resolve_map(mapname, mapsave_dir))
+    return {name: list(shape) for name, shape in manifest["settings"]["input_shapes"].items()}
+
+
 def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike | None = None,
-           batches: int = 2) -> VerifyReport:
+           batches: int | None = None) -> VerifyReport:
     """Run FP32, PPQ's simulation, onnxruntime on ``quant_model.onnx`` and the integer executor on the same inputs.
+
+    Each execution runs on its own: one that fails to load or to run a batch is recorded in
+    :attr:`VerifyReport.failures` with the exception's type and message, the pairs involving it carry that
+    reason in :attr:`PairMetrics.not_run`, and the other pairs are still compared.
 
     Args:
         mapname: The map to verify.
-        inputs: A batch (dict input name -> array, or an array for single-input models), a list of batches,
-            or None for ``batches`` calibration-like random batches (standard normal, the shapes of the map).
+        inputs: A batch (dict input name -> array, or an array for single-input models), an iterable of
+            batches (a list, or the lazy sequence of :func:`~maptools.quantization.npy_calibset` /
+            :func:`~maptools.quantization.imagefolder_calibset`), or None for random batches (standard normal,
+            the shapes of the map). Arrays are cast to the input types of ``quant_model.onnx``; their shapes
+            must be the map's input shapes, the batch dimension excepted.
         mapsave_dir: The mapsave directory.
-        batches: Number of random batches when ``inputs`` is None.
+        batches: With ``inputs``, use at most this many batches (default: all); without, the number of random
+            batches (default 2).
 
     Returns:
         The per-output metrics of every pair of executions.
 
     Raises:
         MapNotFoundError: no such map.
-        ArtifactError: a file is missing or modified, or the original float model moved or changed.
+        ArtifactError: the map's manifest or ``quantinfo.pkl`` is missing, modified or unreadable.
+        InvalidArgumentError: ``batches`` is not positive, or a batch has other input names or shapes than the
+            map.
+        InvalidTypeError: ``inputs`` or ``batches`` has the wrong type.
     """
-    import onnxruntime as ort
-
-    from maptools.quantization.engine import PPQSession
-
+    batches = _check_batches(batches)
     directory = artifacts.map_directory(mapname, mapsave_dir)
     quantinfo = artifacts.read_quantinfo(mapname, mapsave_dir)
     manifest = artifacts.read_manifest(directory)
-    model_path = Path(manifest["model"]["path"])
-    if not model_path.is_file():
-        raise ArtifactError(f"the float model {model_path} recorded in {directory / artifacts.MANIFEST} is gone; "
-                            "verify needs it to run FP32")
-    if model_sha256(model_path) != manifest["model"]["sha256"]:
-        raise ArtifactError(f"the float model {model_path} changed since map {mapname!r} was made; re-run quantize")
     shapes = manifest["settings"]["input_shapes"]
-    data = _batches(inputs, shapes, int(manifest["settings"]["seed"]) + 1, batches)
-    session = PPQSession.from_bytes(artifacts.read_artifact_bytes(mapname, artifacts.PPQGRAPH, mapsave_dir))
-    qdq_bytes = artifacts.read_artifact_bytes(mapname, artifacts.QUANTMODEL, mapsave_dir)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    fp32 = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    quant = ort.InferenceSession(qdq_bytes, options, providers=["CPUExecutionProvider"])
-    executor = ReferenceExecutor.load(mapname, mapsave_dir)
-    names = [o.name for o in fp32.get_outputs()]
-    runs: dict[str, dict[str, list[np.ndarray]]] = {e: {n: [] for n in names} for e in EXECUTIONS}
-    import torch
+    data = _input_batches(inputs, shapes, _input_dtypes(mapname, mapsave_dir), int(manifest["settings"]["seed"]) + 1,
+                          batches)
+    failures: dict[str, str] = {}
+    runners: dict[str, Runner] = {}
+    runs: dict[str, dict[str, list[np.ndarray]]] = {}
 
-    for batch in data:
-        results = {
-            "fp32": dict(zip(names, fp32.run(names, batch), strict=True)),
-            "ppq": session.forward({k: torch.from_numpy(v) for k, v in batch.items()}),
-            "onnxruntime": dict(zip(names, quant.run(names, batch), strict=True)),
-            "integer": executor.run(batch),
-        }
-        for execution, outputs in results.items():
-            for name in names:
-                runs[execution][name].append(np.asarray(outputs[name]))
-    merged = {e: {n: np.concatenate(v) for n, v in outs.items()} for e, outs in runs.items()}
+    def fail(execution: str, exc: Exception, when: str) -> None:
+        failures[execution] = _reason(exc)
+        runners.pop(execution, None)
+        runs.pop(execution, None)
+        # INFO, not WARNING: the report carries the failure (VerifyReport.failures, table), the log only traces it
+        logger.info("verify %r: %s could not run (%s): %s", mapname, execution, when, failures[execution])
+        logger.debug("%s failed", execution, exc_info=True)
+
+    for execution, load in _loaders(mapname, mapsave_dir, manifest, directory).items():
+        try:
+            runners[execution] = load()
+            runs[execution] = {}
+        except Exception as exc:  # any failure of one execution: recorded, the others go on
+            fail(execution, exc, "loading")
+    samples = 0
+    for index, batch in enumerate(data):
+        first = next((v for v in batch.values() if v.ndim > 0), None)
+        samples += 1 if first is None else int(first.shape[0])
+        for execution, run in list(runners.items()):
+            try:
+                for name, value in run(batch).items():
+                    runs[execution].setdefault(name, []).append(np.asarray(value))
+            except Exception as exc:
+                fail(execution, exc, f"batch {index}")
+    if samples == 0:
+        raise InvalidArgumentError("inputs: holds no batch; expected at least one batch of the map's inputs")
+    merged = {e: {n: np.concatenate(v) if v[0].ndim else np.stack(v) for n, v in outs.items()}
+              for e, outs in runs.items()}
+    names = list(dict.fromkeys(name for outs in merged.values() for name in outs))
     steps = _output_steps(quantinfo, names)
-    report = VerifyReport(mapname=mapname, samples=int(sum(next(iter(b.values())).shape[0] for b in data)),
-                          outputs=merged)
+    report = VerifyReport(mapname=mapname, samples=samples, outputs=merged, failures=failures)
     for name in names:
         for ref, cand in itertools.combinations(EXECUTIONS, 2):
+            missing = next((e for e in (ref, cand) if e not in merged or name not in merged[e]), None)
+            if missing is not None:
+                reason = failures.get(missing, f"no output {name!r}")
+                report.pairs.append(PairMetrics(name, ref, cand, None, None, None, None, f"{missing}: {reason}"))
+                continue
+            if merged[ref][name].shape != merged[cand][name].shape:
+                report.pairs.append(PairMetrics(
+                    name, ref, cand, None, None, None, None,
+                    f"{cand}: output {name!r} has shape {list(merged[cand][name].shape)}, {ref} "
+                    f"{list(merged[ref][name].shape)}"))
+                continue
             step = steps[name] if {ref, cand} <= _QUANTIZED else None
             m = compare(merged[ref][name], merged[cand][name], step)
             report.pairs.append(PairMetrics(name, ref, cand, m["snr_db"], m["cosine"], m["top1"], m["within"]))
+    if not names:  # nothing ran at all: one row per pair says why
+        for ref, cand in itertools.combinations(EXECUTIONS, 2):
+            reason = failures.get(ref, "no graph output")
+            report.pairs.append(PairMetrics("-", ref, cand, None, None, None, None, f"{ref}: {reason}"))
     logger.info("%s", report.table())
     return report
