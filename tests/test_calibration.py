@@ -15,8 +15,7 @@ from conftest import write_images
 
 from maptools import CalibrationError, InvalidArgumentError
 from maptools.quantization import imagefolder_calibset, npy_calibset, quantize
-from maptools.quantization.calibration import FolderBatches, prepare_calibset
-from maptools.quantization.model import check_input_shapes, load_model
+from maptools.quantization.calibration import FolderBatches
 
 
 def png_bytes(seed: int) -> bytes:
@@ -57,15 +56,16 @@ def test_only_the_batches_used_are_decoded(big_imagefolder, opened, tiny_onnx, t
     calib = imagefolder_calibset(big_imagefolder, {"input": [4, 3, 8, 8]}, seed=3)
     assert isinstance(calib, FolderBatches) and len(calib) == 750 and opened == []  # listing decodes nothing
     result = quantize({"input": [4, 3, 8, 8]}, "cpu", tiny_onnx, mapname="lazy", calibset=calib, calib_steps=8,
-                      mapsave_dir=tmp_path, recipe="fast")
-    assert result.output_snr_db["out"] > 5
-    assert len(opened) == 32 and len(set(opened)) == 32  # 8 batches of 4, each image decoded once
+                      analysis_steps=2, mapsave_dir=tmp_path, recipe="fast")
+    assert result.output_snr_db["out"] > 5 and result.analysis_data == "held-out"
+    # 8 batches of 4 to calibrate and the 2 after them to measure the error, each image decoded once
+    assert len(opened) == 40 and len(set(opened)) == 40
     classes = {Path(p).parent.name for p in opened}
     assert classes == {"class0", "class1", "class2"}  # the seeded shuffle mixes the classes
     # a batch is decoded again on each access, nothing is cached; a slice gives a list of decoded batches
     first = calib[0]["input"]
-    assert first.shape == (4, 3, 8, 8) and first.dtype == torch.float32 and len(opened) == 36
-    assert [b["input"].shape[0] for b in calib[1:3]] == [4, 4] and len(opened) == 44
+    assert first.shape == (4, 3, 8, 8) and first.dtype == torch.float32 and len(opened) == 44
+    assert [b["input"].shape[0] for b in calib[1:3]] == [4, 4] and len(opened) == 52
     assert torch.equal(calib[0]["input"], first)
     # the order torchvision's ImageFolder and the seeded shuffle give (as when every image was decoded up front)
     import torchvision
@@ -130,17 +130,17 @@ def test_npy_files_loaded_on_demand(tmp_path, monkeypatch):
         npy_calibset(folder, {"input": [4, 3, 8, 8]})
 
 
-def test_fewer_batches_than_calib_steps_warns(tiny_onnx, caplog):
-    model = load_model(tiny_onnx)
-    shapes = check_input_shapes({"input": [2, 3, 8, 8]}, model)
-    batches = [{"input": torch.zeros(2, 3, 8, 8)} for _ in range(16)]
+def test_fewer_batches_than_calib_steps_warns(tiny_onnx, tmp_path, caplog):
+    batches = [{"input": torch.randn(2, 3, 8, 8)} for _ in range(16)]
     with caplog.at_level(logging.WARNING, logger="maptools"):
-        assert len(prepare_calibset(batches, model, shapes, 32)) == 16
+        quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="few", calibset=batches, calib_steps=32,
+                 mapsave_dir=tmp_path, recipe="fast")
     assert "calibset: holds 16 batches, fewer than calib_steps=32; calibrating on those 16 batches" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="maptools"):
-        assert len(prepare_calibset(iter(batches), model, shapes, 16)) == 16
-    assert caplog.text == ""
+        quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="enough", calibset=iter(batches),
+                 calib_steps=12, mapsave_dir=tmp_path, recipe="fast")
+    assert "fewer than calib_steps" not in caplog.text
 
 
 def test_imagefolder_keeps_top_level_images_out_with_class_folders(tmp_path, caplog):

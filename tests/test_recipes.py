@@ -45,6 +45,12 @@ def _quantize(model, mapsave, name, calib, steps=8, **kwargs):
                     mapsave_dir=mapsave, **kwargs)
 
 
+def _logits(model_path, images: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+
+
 def _top1(result, digits_test) -> float:
     images, labels = digits_test
     return digits.onnx_top1(result.model_path, images, labels)
@@ -189,5 +195,14 @@ def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
     assert ranges["/block1/expand/expand.2/Clip"] == (0, 15, 0)  # ReLU6 inside a block
     assert ranges["/stem/stem.2/Clip"] == (-8, 7, 0)  # ReLU6 sharing a scale with the residual Add's signed input
     assert all(cfg.outputs[0] is None or cfg.outputs[0].qmin == -8 for cfg in signed.operators.values())
-    gain = unsigned.output_snr_db[mobile.OUTPUT_NAME] - signed.output_snr_db[mobile.OUTPUT_NAME]
+    # the gain, measured on the 540 test digits against the FP32 logits (the 16 calibration batches are all the
+    # analysis could see): 0.6 dB and 1.3 points of top-1 (7.99 against 7.38 dB)
+    images, _ = digits.load_split("test")
+    fp32 = _logits(mobile.MODEL_PATH, images)
+
+    def snr(result) -> float:
+        noise = _logits(result.model_path, images) - fp32
+        return float(10 * np.log10(np.sum(fp32.astype(np.float64) ** 2) / np.sum(noise.astype(np.float64) ** 2)))
+
+    gain = snr(unsigned) - snr(signed)
     assert gain > 0.3, gain

@@ -142,8 +142,8 @@ def test_operator_fixes_are_scoped() -> None:
 def test_mtcnn_like_prelu_model_quantizes(tmp_path) -> None:
     """Conv -> PRelu (slope [C,1,1]) -> Conv: PPQ failed with "Op Execution Error" before the fix."""
     inits: dict[str, np.ndarray] = {"slope": RNG.uniform(0.1, 0.3, (6, 1, 1)).astype(np.float32)}
-    nodes = [_conv("conv1", "input", "c1", 3, 6, inits), helper.make_node("PRelu", ["c1", "slope"], ["p"], name="prelu"),
-             _conv("conv2", "p", "out", 6, 2, inits)]
+    nodes = [_conv("conv1", "input", "c1", 3, 6, inits),
+             helper.make_node("PRelu", ["c1", "slope"], ["p"], name="prelu"), _conv("conv2", "p", "out", 6, 2, inits)]
     path = _save(_model(nodes, {"input": [1, 3, 12, 12]}, ["out"], inits), tmp_path / "pnet.onnx")
     result = quantize({"input": [1, 3, 12, 12]}, "cpu", path, mapname="pnet", calibset=_calib([1, 3, 12, 12], 12),
                       calib_steps=8, mapsave_dir=tmp_path)

@@ -184,6 +184,9 @@ def quantize(
     else:
         batches = prepare_calibset(calibset, model, shapes, calib_steps + analysis_steps)
         batches, held_out = batches[:calib_steps], batches[calib_steps:]
+        if len(batches) < calib_steps:
+            logger.warning("calibset: holds %d batches, fewer than calib_steps=%d; calibrating on those %d batches",
+                           len(batches), calib_steps, len(batches))
         if len(batches) < MIN_CALIB_BATCHES:
             raise maptools.CalibrationError(
                 f"calibset: holds {len(batches)} batches, but PPQ needs at least {MIN_CALIB_BATCHES} calibration "
@@ -196,7 +199,12 @@ def quantize(
         analysis_data = "evalset"
     # -- 2. the PPQ engine (imported only now) ---------------------------------------------------
     from maptools.quantization.engine import LowBitSpec, PPQSession
-    from maptools.quantization.engine.recipes import RECIPE_OBSERVERS, RECIPE_UNSIGNED, build_setting
+    from maptools.quantization.engine.recipes import (
+        RECIPE_OBSERVERS,
+        RECIPE_UNSIGNED,
+        RECIPE_WEIGHT_OBSERVERS,
+        build_setting,
+    )
 
     if setting is not None:
         ppq_setting, recipe_name = setting, "custom"
@@ -208,7 +216,8 @@ def quantize(
         unsigned_nonnegative = RECIPE_UNSIGNED.get(recipe_name, False)
     spec = LowBitSpec(weight_bits=w_bits, activation_bits=a_bits, symmetrical=symmetrical,
                       per_channel=per_channel, layer_bits=overrides, observer=observer,
-                      unsigned_nonnegative=unsigned_nonnegative)
+                      unsigned_nonnegative=unsigned_nonnegative,
+                      weight_observer=RECIPE_WEIGHT_OBSERVERS.get(recipe_name, "ppq"))
     _seed_everything(seed)
     logger.info("quantizing %s as %r: W%dA%d, %s, %d %s calibration batches on %s",
                 model.path, mapname, w_bits, a_bits, recipe_name, len(batches), calibration, device)
@@ -251,6 +260,7 @@ def quantize(
             "input_shapes": {k: list(v) for k, v in shapes.items()}, "device": device,
             "weight_bits": w_bits, "activation_bits": a_bits, "bit_width": bit_width,
             "symmetrical": symmetrical, "per_channel": per_channel, "observer": observer,
+            "weight_observer": spec.weight_observer,
             "unsigned_nonnegative": unsigned_nonnegative,
             "recipe": recipe_name, "layer_bits": {k: list(v) for k, v in overrides.items()},
             "calibration": calibration, "calib_steps": calib_steps, "calib_batches": len(batches), "seed": seed,

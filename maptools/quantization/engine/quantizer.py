@@ -31,6 +31,7 @@ from ppq.core import (  # noqa: E402
 from ppq.IR import BaseGraph, Operation  # noqa: E402
 from ppq.quantization.optim import training as ppq_training  # noqa: E402
 from ppq.quantization.optim.base import QuantizationOptimizationPipeline  # noqa: E402
+from ppq.quantization.optim.legacy import AdaroundPass  # noqa: E402
 from ppq.quantization.optim.parameters import ParameterQuantizePass, PassiveParameterQuantizePass  # noqa: E402
 from ppq.quantization.optim.refine import QuantizeFusionPass  # noqa: E402
 from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
@@ -41,6 +42,7 @@ from maptools.quantization.engine.fusion import (  # noqa: E402
     LowBitFusionPass,
     gated_activations,
 )
+from maptools.quantization.engine.reconstruction import BlockReconstructionPass  # noqa: E402
 from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E402
 
 __all__ = ["LowBitQuantizer", "LowBitSpec", "int_range"]
@@ -71,6 +73,8 @@ class LowBitSpec:
         unsigned_nonnegative: With symmetric activations, quantize tensors that cannot be negative over
             ``0 .. 2^b-1`` instead of ``-2^(b-1) .. 2^(b-1)-1`` (not with the ``kl`` observer, which PPQ
             implements for signed ranges only).
+        weight_observer: How each weight channel's scale is chosen (:data:`WEIGHT_OBSERVERS`, see
+            :func:`weight_scales`).
     """
 
     weight_bits: int = 8
@@ -80,10 +84,56 @@ class LowBitSpec:
     layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
     observer: str = "percentile"
     unsigned_nonnegative: bool = False
+    weight_observer: str = "ppq"
 
     def bits_of(self, op_name: str) -> tuple[int, int]:
         """``(weight_bits, activation_bits)`` of an operator."""
         return self.layer_bits.get(op_name, (self.weight_bits, self.activation_bits))
+
+
+#: Weight observers: ``ppq`` (PPQ's own symmetric min-max), ``minmax`` (the extremes fit, nothing clipped),
+#: ``mse`` (the scale with the least squared rounding error per channel).
+WEIGHT_OBSERVERS = ("ppq", "minmax", "mse")
+#: Candidate scales of the ``mse`` weight observer, as fractions of the ``minmax`` scale.
+MSE_WEIGHT_GRID = tuple(0.5 + 0.01 * k for k in range(51))
+
+
+def weight_scales(weight: torch.Tensor, channel_axis: int | None, quant_min: int, quant_max: int,
+                  observer: str) -> torch.Tensor:
+    """Per-channel (or per-tensor, ``channel_axis=None``) scales of a weight over ``[quant_min, quant_max]``.
+
+    ``ppq`` is not computed here: PPQ's own scales are kept (see ``minmax`` for how they differ).
+
+    ``minmax``: the smallest scale at which neither extreme is clipped, ``max(max_w / quant_max,
+    min_w / quant_min)``. PPQ's own symmetric min-max divides ``max|w|`` by ``(quant_max - quant_min) / 2``
+    (127.5 at 8 bits), which clips a channel's positive extreme by half a step and rounds its negative one a
+    step further: the sum of a filter's weights (its response to a flat input) moves, and trained depthwise
+    filters, differences of nearly equal large weights, break. On EfficientNet-Lite1 the first depthwise
+    Conv's 8-bit weights alone cost the logits 14.8 dB of SNR with PPQ's rule, 23.7 dB with this one.
+
+    ``mse``: per channel, the scale among :data:`MSE_WEIGHT_GRID` times the ``minmax`` one with the least
+    squared rounding error (ties go to the larger scale). Below 8 bits clipping the few largest weights pays
+    for the finer step of all others.
+
+    Returns:
+        float64 scales, one per channel (a one-element tensor per tensor). All-zero channels get 0 (the
+        caller handles them).
+    """
+    w = weight.detach().to(torch.float64)
+    w = w.reshape(1, -1) if channel_axis is None else w.movedim(channel_axis, 0).reshape(w.shape[channel_axis], -1)
+    positive, negative = w.clamp(min=0).amax(dim=1), (-w).clamp(min=0).amax(dim=1)
+    base = torch.maximum(positive / quant_max, negative / -quant_min)
+    if observer == "minmax":
+        return base
+    best, best_error = base.clone(), torch.full_like(base, float("inf"))
+    live = base > 0
+    for fraction in sorted(MSE_WEIGHT_GRID, reverse=True):
+        scale = torch.where(live, base * fraction, torch.ones_like(base))
+        rounded = torch.clamp(torch.round(w / scale[:, None]), quant_min, quant_max) * scale[:, None]
+        error = ((w - rounded) ** 2).sum(dim=1)
+        better = live & (error < best_error)
+        best[better], best_error[better] = scale[better], error[better]
+    return best
 
 
 def weight_channel_axis(operation: Operation) -> int:
@@ -119,18 +169,22 @@ def _frozen_offsets():
         ppq_training.LSQDelegator = original
 
 
-class DeadChannelSafeParameterQuantizePass(ParameterQuantizePass):
-    """PPQ's weight calibration, with a usable scale for output channels whose weights are all zero.
+class WeightScaleParameterQuantizePass(ParameterQuantizePass):
+    """PPQ's parameter calibration, with maptools' weight scales (:func:`weight_scales`) and usable scales for
+    dead channels.
 
-    PPQ's min-max observer gives an all-zero channel (a pruned or dead filter, common after BatchNorm
-    folding) the scale floor ``1e-8``. Its bias, quantized at ``input_scale * weight_scale``, then needs
-    integers beyond int32: a bias of 2.0 after an input scale of 0.025 became ``-2^31`` in
-    ``quantparams.pkl`` and the channel's output 0 instead of 2 (PPQ's own simulation clipped it to 0.54).
-    Zero weights are exact at any scale, so such a channel takes the (lower) median scale of the live channels of
-    its tensor (1.0 if none is live) and its bias the same precision as theirs. So does a channel whose
-    weights are so small that its scale sits at that floor (they round to 0 at the median scale, an error
-    below ``1e-8 * qmax`` per weight).
+    After PPQ's pass, every revisable weight config of a Conv/Gemm/MatMul gets the scales of
+    :attr:`observer`. A channel whose weights are all zero (a pruned or dead filter, common after BatchNorm
+    folding) would get PPQ's scale floor ``1e-8``; its bias, quantized at ``input_scale * weight_scale``, then
+    needs integers beyond int32 (a bias of 2.0 after an input scale of 0.025 became ``-2^31`` in
+    ``quantparams.pkl``, the channel's output 0 instead of 2). Zero weights are exact at any scale, so such a
+    channel takes the (lower) median scale of the live channels of its tensor (1.0 if none is live), and its
+    bias the same precision as theirs. So does a channel whose weights are so small that its scale sits at
+    that floor (they round to 0 at the median scale, an error below ``1e-8 * qmax`` per weight).
     """
+
+    #: The weight observer (one of :data:`WEIGHT_OBSERVERS`); set by :class:`LowBitQuantizer`.
+    observer = "ppq"
 
     def optimize(self, graph: BaseGraph, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature
         super().optimize(graph, *args, **kwargs)
@@ -140,22 +194,19 @@ class DeadChannelSafeParameterQuantizePass(ParameterQuantizePass):
             var, config = op.inputs[1], op.config.input_quantization_config[1]
             if not var.is_parameter or var.value is None or config.scale is None or not config.is_revisable():
                 continue
-            weight = torch.as_tensor(var.value).detach().abs()
-            scale = config.scale.detach().clone()
-            if scale.numel() > 1 and config.channel_axis is not None:
-                dims = [d for d in range(weight.ndim) if d != config.channel_axis]
-                amax = weight.amax(dim=dims) if dims else weight
-            else:
-                amax = weight.max().reshape(1)
-            flat = scale.reshape(-1)
-            if amax.numel() != flat.numel():
-                continue
-            dead = (amax.reshape(-1).to(flat.device) == 0) | (flat <= OBSERVER_MIN_SCALE)
-            if not bool(dead.any()):
-                continue
-            live = flat[~dead]
-            flat[dead] = live.median() if live.numel() else torch.ones((), dtype=flat.dtype, device=flat.device)
-            config.scale = flat.reshape(scale.shape)
+            flat = config.scale.detach().clone().reshape(-1)
+            if self.observer != "ppq":
+                per_channel = config.scale.numel() > 1 and config.channel_axis is not None
+                computed = weight_scales(torch.as_tensor(var.value), config.channel_axis if per_channel else None,
+                                         int(config.quant_min), int(config.quant_max), self.observer)
+                if computed.numel() != flat.numel():
+                    continue
+                flat = computed.to(dtype=flat.dtype, device=flat.device)
+            dead = flat <= OBSERVER_MIN_SCALE
+            if bool(dead.any()):
+                live = flat[~dead]
+                flat[dead] = live.median() if live.numel() else torch.ones((), dtype=flat.dtype, device=flat.device)
+            config.scale = flat.reshape(config.scale.shape)
 
 
 class RangeMatchedPassiveParameterPass(PassiveParameterQuantizePass):
@@ -221,22 +272,26 @@ class LowBitQuantizer(TensorRTQuantizer):
     def build_quant_pipeline(self, setting) -> QuantizationOptimizationPipeline:
         """PPQ's pipeline for ``setting``, with four of its passes replaced by maptools' subclasses.
 
-        Usable scales for all-zero weight channels (:class:`DeadChannelSafeParameterQuantizePass`),
+        maptools' weight scales and usable scales for all-zero channels (:class:`WeightScaleParameterQuantizePass`),
         HardSwish fusion (:class:`~maptools.quantization.engine.fusion.LowBitFusionPass`), Clip bounds on
-        their input's range (:class:`RangeMatchedPassiveParameterPass`) and LSQ keeping zero points
-        integer (:class:`IntegerZeroPointLSQPass`).
+        their input's range (:class:`RangeMatchedPassiveParameterPass`), LSQ keeping zero points
+        integer (:class:`IntegerZeroPointLSQPass`) and learned weight rounding instead of PPQ's AdaRound
+        (:class:`~maptools.quantization.engine.reconstruction.BlockReconstructionPass`).
         """
         pipeline = super().build_quant_pipeline(setting)
         replacements = {
-            ParameterQuantizePass: DeadChannelSafeParameterQuantizePass,
+            ParameterQuantizePass: WeightScaleParameterQuantizePass,
             QuantizeFusionPass: LowBitFusionPass,
             PassiveParameterQuantizePass: RangeMatchedPassiveParameterPass,
             ppq_training.LearnedStepSizePass: IntegerZeroPointLSQPass,
+            AdaroundPass: BlockReconstructionPass,
         }
         for optim_pass in pipeline:
             replacement = replacements.get(type(optim_pass))
             if replacement is not None:
                 optim_pass.__class__ = replacement
+            if isinstance(optim_pass, WeightScaleParameterQuantizePass):
+                optim_pass.observer = self._spec.weight_observer
         return pipeline
 
     def _make_unsigned(self, operation: Operation, config: OperationQuantizationConfig) -> None:

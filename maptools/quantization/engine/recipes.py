@@ -62,6 +62,7 @@ __all__ = [
     "RECIPES",
     "RECIPE_OBSERVERS",
     "RECIPE_UNSIGNED",
+    "RECIPE_WEIGHT_OBSERVERS",
     "build_setting",
     "lsq_learning_rate",
 ]
@@ -74,6 +75,9 @@ RECIPE_OBSERVERS: dict[str, str | None] = {"fast": None, "default": "mse", "best
 
 #: Whether each recipe quantizes non-negative activations over the unsigned range (see ``quantize``).
 RECIPE_UNSIGNED: dict[str, bool] = {"fast": False, "default": True, "best": True}
+
+#: How each recipe chooses weight scales (see :func:`~maptools.quantization.engine.quantizer.weight_scales`).
+RECIPE_WEIGHT_OBSERVERS: dict[str, str] = {"fast": "ppq", "default": "minmax", "best": "mse"}
 
 #: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate (activations wider than 4
 #: bits, and 4 bits or fewer), operators per block.
