@@ -121,8 +121,11 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-steps", type=int, default=32, metavar="N",
                    help="number of calibration batches, at least 8 (default 32)")
     q.add_argument("--analysis-steps", type=_positive_int, default=4, metavar="N",
-                   help="number of calibration batches the graph-wise error (report.json, summary) is measured on "
-                        "(default 4)")
+                   help="number of batches the graph-wise error (report.json, summary) is measured on, held out "
+                        "after the first --calib-steps ones (default 4)")
+    q.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads while quantizing (default 1: the fastest for calibration on small "
+                        "batches, and steady beside other jobs)")
     q.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     q.add_argument("--seed", type=int, default=0,
                    help="seed of the random calibration data, the image shuffle and every generator (default 0)")
@@ -191,7 +194,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                       activation_bits=args.act_bits, symmetrical=not args.asymmetric,
                       per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
                       recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
-                      unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps)
+                      unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
+                      threads=args.threads)
     if replacing:
         print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
     print(result.summary())

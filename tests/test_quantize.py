@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import write_images
 
+from maptools.errors import InvalidArgumentError
 from maptools.examples import digits
 from maptools.quantization import (
     OperatorQuantConfig,
@@ -220,3 +222,20 @@ def test_exports_at_opset13(tmp_path, tiny_onnx, mapsave):
         onnx.save(model, str(path))
         result = quantize({"input": [2, 3, 8, 8]}, "cpu", path, mapname=name, calib_steps=8, mapsave_dir=mapsave)
         assert onnx.load(str(result.model_path)).opset_import[0].version == 13, name
+
+
+def test_threads_change_no_artifact_byte_and_are_restored(tmp_path):
+    """quantize(threads=...) sets torch's CPU threads for its own work only; the map does not depend on it."""
+    torch.set_num_threads(2)
+    maps = {}
+    for threads in (1, 2):
+        result = quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname=f"t{threads}",
+                          calib_steps=8, bit_width=4, mapsave_dir=tmp_path, threads=threads)
+        assert torch.get_num_threads() == 2
+        assert json.loads(result.manifest_path.read_text())["settings"]["threads"] == threads
+        maps[threads] = [path.read_bytes() for path in (result.quantinfo_path, result.quantparams_path,
+                                                        result.model_path)]
+    assert maps[1] == maps[2]
+    with pytest.raises(InvalidArgumentError, match=r"threads: expected an int >= 1, got 0"):
+        quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname="t0", mapsave_dir=tmp_path,
+                 threads=0)

@@ -72,3 +72,34 @@ def test_aligned_tensors_share_one_range(tmp_path):
     # clamp(x, 0, 6) + sigmoid(x): both Add inputs and its output are non-negative
     assert set(_outputs_of(graph, "Clip")) | set(_outputs_of(graph, "Sigmoid")) | {"gate"} <= unsigned
     assert not set(_outputs_of(graph, "Conv")) & unsigned
+
+
+class _SiLU(torch.nn.Module):
+    """YOLO-style Conv -> SiLU (exported as x * Sigmoid(x)) -> MaxPool, and a SiLU of the raw input (not fused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.max_pool2d(torch.nn.functional.silu(self.conv(x)), 2), torch.nn.functional.silu(x)
+
+
+def test_swish_outputs_are_bounded_below_and_go_unsigned(tmp_path):
+    path = tmp_path / "silu.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_SiLU().eval(), torch.randn(1, 3, 8, 8), str(path), opset_version=13, dynamo=False,
+                          input_names=["x"], output_names=["pooled", "raw"])
+    graph = load_onnx_graph(str(path))
+    muls = _outputs_of(graph, "Mul")
+    assert len(muls) == 2
+    assert not set(muls) & non_negative_variables(graph)  # x * sigmoid(x) can be negative...
+    bounded = non_negative_variables(graph, bounded_below=True)  # ... but never below -0.279
+    fused_mul = next(op.outputs[0].name for op in graph.topological_sort()
+                     if op.type == "Mul" and op.inputs[0].source_op is not None)
+    assert fused_mul in bounded and "pooled" in bounded
+    unsigned = unsigned_variables(graph, FUSION)
+    assert {fused_mul, "pooled"} <= unsigned
+    # the Conv output the fused SiLU reads is never materialized; the raw input x of the unfused SiLU is signed
+    assert "x" not in unsigned

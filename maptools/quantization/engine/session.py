@@ -45,6 +45,7 @@ from maptools.quantization.engine.quantizer import (  # noqa: E402
 )
 from maptools.quantization.engine.rewrites import ppq_compatible  # noqa: E402
 from maptools.quantization.engine.speedups import accelerated_pipeline, fast_observers  # noqa: E402
+from maptools.quantization.engine.threads import DEFAULT_THREADS, torch_threads  # noqa: E402
 
 __all__ = ["PPQSession", "default_setting", "weight_key", "bias_key"]
 
@@ -147,11 +148,12 @@ class PPQSession:
         output_names: Graph output names, in the float model's order.
         opset: ONNX opset of the float model (the export uses at least 13).
         quantized: Whether ``graph`` is already quantized.
+        threads: torch threads while quantizing and executing.
     """
 
     def __init__(self, graph: BaseGraph, spec: LowBitSpec, device: str,
                  setting: QuantizationSetting | None = None, output_names: Sequence[str] = (),
-                 opset: int = 13, quantized: bool = False) -> None:
+                 opset: int = 13, quantized: bool = False, threads: int = DEFAULT_THREADS) -> None:
         self.spec = spec
         self.device = device
         self.setting = setting if setting is not None else default_setting()
@@ -162,10 +164,12 @@ class PPQSession:
         self._quantized = quantized
         #: Graph outputs built by a final Concat (kept in float, parts at their own quantization).
         self.final_concats: list[FinalConcat] = []
+        #: torch threads while quantizing and executing (see :mod:`~maptools.quantization.engine.threads`).
+        self.threads = threads
 
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto, spec: LowBitSpec, device: str,
-                  setting: QuantizationSetting | None = None) -> PPQSession:
+                  setting: QuantizationSetting | None = None, threads: int = DEFAULT_THREADS) -> PPQSession:
         """Load a prepared ONNX model (named nodes, static input shapes) into PPQ and dispatch it."""
         setting = setting if setting is not None else default_setting()
         opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
@@ -188,7 +192,7 @@ class PPQSession:
         with ppq_silenced():
             graph = dispatch_graph(graph=graph, platform=TargetPlatform.TRT_INT8, dispatcher=setting.dispatcher,
                                    dispatching_table=table)
-        session = cls(graph, spec, device, setting, [o.name for o in model.graph.output], opset)
+        session = cls(graph, spec, device, setting, [o.name for o in model.graph.output], opset, threads=threads)
         session.final_concats = concats
         return session
 
@@ -243,7 +247,7 @@ class PPQSession:
             return {name: tensor.to(device) for name, tensor in batch.items()}
 
         try:
-            with ppq_silenced(), fast_observers(), operator_fixes():
+            with ppq_silenced(), fast_observers(), operator_fixes(), torch_threads(self.threads):
                 quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=list(batches),
                                    executor=self.executor, setting=self.setting,
                                    calib_steps=len(batches), collate_fn=collate)
@@ -324,7 +328,7 @@ class PPQSession:
         """One silent forward of the graph in its current state; PPQ errors become :class:`EngineError`."""
         feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
         try:
-            with ppq_silenced(), operator_fixes():
+            with ppq_silenced(), operator_fixes(), torch_threads(self.threads):
                 outputs = self.executor.forward(inputs=feed, output_names=list(names))
         except Exception as exc:
             raise self._engine_error(stage, exc) from exc
