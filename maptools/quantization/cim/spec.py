@@ -67,7 +67,8 @@ class CIMSpec:
             exact ADC.
         weight_encoding: ``'differential'`` (a positive and a negative column per slice) or ``'offset'``
             (``w + 2^(b-1)`` stored, ``2^(b-1) * sum(x)`` subtracted digitally).
-        adc_range: ``'full'`` (the ADC spans the worst-case partial sum, :attr:`full_scale`) or
+        adc_range: ``'full'`` (the ADC spans the worst-case partial sum :attr:`full_scale`, or ``2^a - 1`` if
+            larger) or
             ``'calibrated'`` (ranges chosen on calibration data, an
             :class:`~maptools.quantization.cim.adc.AdcCalibration`).
         requant: How the accumulator is requantized: ``'float'`` (float64 multiply, round half to even),
