@@ -31,7 +31,6 @@ from ppq.core import (  # noqa: E402
 from ppq.IR import BaseGraph, Operation  # noqa: E402
 from ppq.quantization.optim import training as ppq_training  # noqa: E402
 from ppq.quantization.optim.base import QuantizationOptimizationPipeline  # noqa: E402
-from ppq.quantization.optim.legacy import AdaroundPass  # noqa: E402
 from ppq.quantization.optim.parameters import ParameterQuantizePass, PassiveParameterQuantizePass  # noqa: E402
 from ppq.quantization.optim.refine import QuantizeFusionPass  # noqa: E402
 from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
@@ -42,7 +41,6 @@ from maptools.quantization.engine.fusion import (  # noqa: E402
     LowBitFusionPass,
     gated_activations,
 )
-from maptools.quantization.engine.reconstruction import BlockReconstructionPass  # noqa: E402
 from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E402
 
 __all__ = ["LowBitQuantizer", "LowBitSpec", "int_range"]
@@ -274,9 +272,8 @@ class LowBitQuantizer(TensorRTQuantizer):
 
         maptools' weight scales and usable scales for all-zero channels (:class:`WeightScaleParameterQuantizePass`),
         HardSwish fusion (:class:`~maptools.quantization.engine.fusion.LowBitFusionPass`), Clip bounds on
-        their input's range (:class:`RangeMatchedPassiveParameterPass`), LSQ keeping zero points
-        integer (:class:`IntegerZeroPointLSQPass`) and learned weight rounding instead of PPQ's AdaRound
-        (:class:`~maptools.quantization.engine.reconstruction.BlockReconstructionPass`).
+        their input's range (:class:`RangeMatchedPassiveParameterPass`) and LSQ keeping zero points
+        integer (:class:`IntegerZeroPointLSQPass`).
         """
         pipeline = super().build_quant_pipeline(setting)
         replacements = {
@@ -284,7 +281,6 @@ class LowBitQuantizer(TensorRTQuantizer):
             QuantizeFusionPass: LowBitFusionPass,
             PassiveParameterQuantizePass: RangeMatchedPassiveParameterPass,
             ppq_training.LearnedStepSizePass: IntegerZeroPointLSQPass,
-            AdaroundPass: BlockReconstructionPass,
         }
         for optim_pass in pipeline:
             replacement = replacements.get(type(optim_pass))
