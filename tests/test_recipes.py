@@ -209,3 +209,20 @@ def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
 
     gain = snr(unsigned) - snr(signed)
     assert gain > 0.3, gain
+
+
+def test_first_last_bits_is_layer_bits_on_the_first_and_last_mac(mapsave, calib32):
+    """first_last_bits=8 gives the same map as layer_bits on the first Conv and the last Gemm; layer_bits wins."""
+    by_option = _quantize(digits.MODEL_PATH, mapsave, "first_last", calib32, bit_width=4, first_last_bits=8)
+    by_hand = _quantize(digits.MODEL_PATH, mapsave, "by_hand", calib32, bit_width=4,
+                        layer_bits={FIRST_CONV: 8, LAST_GEMM: 8})
+    assert by_option.quantinfo_path.read_bytes() == by_hand.quantinfo_path.read_bytes()
+    assert by_option.quantparams_path.read_bytes() == by_hand.quantparams_path.read_bytes()
+    import json
+
+    recorded = json.loads(by_option.manifest_path.read_text())["settings"]["layer_bits"]
+    assert recorded == {FIRST_CONV: [8, 8], LAST_GEMM: [8, 8]}
+    mixed = _quantize(digits.MODEL_PATH, mapsave, "mixed", calib32, bit_width=4, first_last_bits=8,
+                      layer_bits={LAST_GEMM: (6, 8)})
+    assert read_quantinfo("mixed", mapsave)[LAST_GEMM].weight_bits == 6
+    assert read_quantinfo("mixed", mapsave)[FIRST_CONV].weight_bits == 8

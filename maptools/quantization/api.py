@@ -23,7 +23,7 @@ import maptools
 from maptools.quantization import artifacts
 from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
 from maptools.quantization.diagnostics import output_warnings
-from maptools.quantization.model import check_input_shapes, load_model, prepare_model
+from maptools.quantization.model import check_input_shapes, first_and_last_macs, load_model, prepare_model
 from maptools.quantization.records import QuantizationResult
 from maptools.quantization.report import REPORT_JSON, REPORT_PNG, render_report
 from maptools.quantization.validation import (
@@ -95,6 +95,7 @@ def quantize(
     layerwise_analysis: bool = False,
     evalset: Iterable[Any] | None = None,
     threads: int | None = None,
+    first_last_bits: int | None = None,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
@@ -138,6 +139,9 @@ def quantize(
             usually is), or, with random calibration, on ``analysis_steps`` other random batches; when the
             calibset has no batch beyond ``calib_steps``, on the calibration batches themselves, which
             ``report.json`` and the summary say ("in-sample") since it overstates the accuracy.
+        first_last_bits: Keep the first and the last MAC operator (Conv/Gemm/MatMul with a constant weight, in
+            graph order) at this many bits, weights and activations, the usual way to protect a network's most
+            sensitive layers; a ``layer_bits`` entry for either wins. Recorded in the manifest's ``layer_bits``.
         threads: torch CPU threads while quantizing; None for 1, measured the fastest for PPQ's
             calibration on small batches and the one that holds its speed beside other CPU-bound jobs (see
             :mod:`maptools.quantization.engine.threads`).
@@ -164,6 +168,8 @@ def quantize(
     layerwise_analysis = check_bool(layerwise_analysis, "layerwise_analysis")
     threads = check_positive_int(threads, "threads") if threads is not None else None
     overrides = check_layer_bits(layer_bits)
+    if first_last_bits is not None:
+        first_last_bits = check_bits(first_last_bits, "first_last_bits")
     if observer is not None and observer not in OBSERVERS:
         raise maptools.InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)} or None, got {observer!r}")
     if unsigned_nonnegative is not None:
@@ -178,6 +184,9 @@ def quantize(
     unknown = sorted(set(overrides) - {node.name for node in prepared.graph.node})
     if unknown:
         raise maptools.InvalidArgumentError(f"layer_bits: nodes {unknown} are not in the model")
+    if first_last_bits is not None:
+        for name in first_and_last_macs(prepared):
+            overrides.setdefault(name, (first_last_bits, first_last_bits))
     if calibset is None:
         if calib_steps < MIN_CALIB_BATCHES:
             raise maptools.CalibrationError(

@@ -21,8 +21,8 @@ from onnx import TensorProto
 from maptools.errors import InvalidArgumentError, InvalidTypeError, ModelError, ModelNotFoundError
 from maptools.quantization.opset import downgrade_to_opset13
 
-__all__ = ["GraphInput", "LoadedModel", "check_input_shapes", "fold_shape_computations", "load_model",
-           "prepare_model"]
+__all__ = ["MAC_TYPES", "GraphInput", "LoadedModel", "check_input_shapes", "first_and_last_macs",
+           "fold_shape_computations", "load_model", "prepare_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -464,6 +464,21 @@ def fold_shape_computations(proto: onnx.ModelProto, max_rounds: int = 8) -> int:
         del graph.input[:]
         graph.input.extend(graph_inputs)
     return removed
+
+
+#: Operators that multiply an input by a constant weight: the layers a crossbar holds.
+MAC_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def first_and_last_macs(proto: onnx.ModelProto) -> list[str]:
+    """Names of the first and the last MAC operator with a constant weight (input 1 an initializer), in graph order.
+
+    One name when the graph has a single such operator, none when it has none.
+    """
+    constants = {init.name for init in proto.graph.initializer}
+    macs = [node.name for node in proto.graph.node
+            if node.op_type in MAC_TYPES and len(node.input) > 1 and node.input[1] in constants]
+    return list(dict.fromkeys(macs[:1] + macs[-1:]))
 
 
 def elem_type_name(dtype: np.dtype) -> str:
