@@ -236,7 +236,7 @@ def quantize(
         )
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=model.proto)
-    graph_bytes = session.to_bytes()
+    state = session.to_state(quantparams)
     timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
     errors = session.error_analysis(held_out, layerwise=layerwise_analysis)
     warnings = _warnings(errors, analysis_data)
@@ -271,7 +271,7 @@ def quantize(
         artifacts.QUANTINFO: artifacts.dump_pickle(quantinfo),
         artifacts.QUANTPARAMS: artifacts.dump_pickle(quantparams),
         artifacts.QUANTMODEL: qdq.SerializeToString(),
-        artifacts.PPQGRAPH: graph_bytes,
+        artifacts.PPQSTATE: artifacts.dump_json(state),
     }
     files.update(render_report(mapname, manifest["settings"], timings, errors.output_snr_db, errors.output_cosine,
                                errors.layer_snr_db, errors.layer_cosine,

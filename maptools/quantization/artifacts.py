@@ -5,14 +5,20 @@ A map directory holds:
 * ``quantinfo.pkl`` -- ``dict[node name, OperatorQuantConfig]``
 * ``quantparams.pkl`` -- ``dict[str, numpy int array | None]`` (integer weights and biases)
 * ``quant_model.onnx`` -- the QDQ model
-* ``ppq_graph.pkl`` -- PPQ's quantized graph, for :func:`~maptools.quantization.verify` to replay PPQ's
-  simulation (a plain pickle, only loaded after its SHA-256 matched the manifest)
+* ``ppq_state.json`` -- PPQ's quantization as data, for :func:`~maptools.quantization.verify` to rebuild PPQ's
+  simulation from the float model (see :mod:`maptools.quantization.engine.state`)
+* ``report.json``, ``report.png`` -- the quantization report
 * ``manifest.json`` -- versions, settings, the input model's path and SHA-256, and every file's SHA-256
+
+Maps of format 1.0 (maptools < 0.2) also hold ``ppq_graph.pkl``, PPQ's graph as a plain pickle: nothing
+reads it any more, since unpickling it could run any code its author chose.
 
 Writing is atomic: every file goes into a temporary directory beside the target, which replaces the old
 map directory only once complete (two renames), so an interrupted run -- even by SIGKILL -- leaves the
-earlier map untouched and loadable. Loading uses a restricted unpickler that only rebuilds maptools
-records, numpy arrays and builtins, and checks every file against the manifest.
+earlier map untouched and loadable. Loading never runs code from a map: the two pickles go through a
+restricted unpickler that only rebuilds maptools records, numpy arrays and builtins, the JSON files through
+:mod:`json`, and every file is checked against the manifest's SHA-256 (which proves the files are those
+``quantize`` wrote together, not who wrote them: the manifest sits in the same folder).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "PPQGRAPH",
+    "PPQSTATE",
     "QUANTINFO",
     "QUANTMODEL",
     "QUANTPARAMS",
@@ -44,6 +51,7 @@ __all__ = [
     "float_operators",
     "map_directory",
     "mapsave_root",
+    "read_json",
     "read_manifest",
     "read_pickle",
     "read_quantinfo",
@@ -53,8 +61,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Version of the artifact format; loaders refuse other major versions.
-FORMAT_VERSION = "1.0"
+#: Version of the artifact format; loaders refuse other major versions. 1.1: ``ppq_state.json`` replaces
+#: ``ppq_graph.pkl``.
+FORMAT_VERSION = "1.1"
 #: Per-operator quantization configs.
 QUANTINFO = "quantinfo.pkl"
 #: Integer weights and biases.
@@ -63,7 +72,9 @@ QUANTPARAMS = "quantparams.pkl"
 QUANTMODEL = "quant_model.onnx"
 #: Versions, settings and SHA-256 of every file.
 MANIFEST = "manifest.json"
-#: PPQ's quantized graph, kept so ``verify`` can replay PPQ's simulation (trusted pickle, SHA-checked).
+#: PPQ's quantization as data (JSON), so ``verify`` can rebuild and replay PPQ's simulation.
+PPQSTATE = "ppq_state.json"
+#: PPQ's graph as a plain pickle, in maps of format 1.0 only; never read (unpickling it could run code).
 PPQGRAPH = "ppq_graph.pkl"
 #: Environment variable naming the default mapsave directory.
 MAPSAVE_ENV = "MAPTOOLS_MAPSAVE"
@@ -220,6 +231,19 @@ def read_pickle(data: bytes, what: str) -> Any:
         raise ArtifactError(f"{what}: not a readable maptools pickle ({type(exc).__name__}: {exc})") from None
 
 
+def dump_json(obj: Any) -> bytes:
+    """Serialise a JSON artifact (deterministic: sorted keys)."""
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+def read_json(data: bytes, what: str) -> Any:
+    """Parse a JSON artifact (plain data: nothing in it is executed)."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise ArtifactError(f"{what}: not valid JSON ({exc})") from None
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """Load and check ``manifest.json`` of a map directory."""
     path = directory / MANIFEST
@@ -239,7 +263,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _resolve_map(mapname: str, mapsave_dir: str | os.PathLike | None) -> Path:
+def resolve_map(mapname: str, mapsave_dir: str | os.PathLike | None) -> Path:
     directory = map_directory(mapname, mapsave_dir)
     recover_interrupted(directory)
     if not directory.is_dir():
@@ -252,7 +276,7 @@ def _resolve_map(mapname: str, mapsave_dir: str | os.PathLike | None) -> Path:
 
 def read_artifact_bytes(mapname: str, filename: str, mapsave_dir: str | os.PathLike | None = None) -> bytes:
     """Read one artifact file, checked against the manifest's SHA-256."""
-    directory = _resolve_map(mapname, mapsave_dir)
+    directory = resolve_map(mapname, mapsave_dir)
     manifest = read_manifest(directory)
     path = directory / filename
     if not path.is_file():
