@@ -168,7 +168,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from maptools.quantization import imagefolder_calibset, npy_calibset, quantize
+    # the argument checks come first: torch and PPQ are imported only for a run that can go ahead
+    from maptools.quantization import quantize
     from maptools.quantization.artifacts import map_directory
     from maptools.quantization.engine.quiet import show_progress
 
@@ -183,8 +184,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     replacing = target.is_dir()
     calibset = None
     if args.calib_dir:
+        from maptools.quantization.calibration import imagefolder_calibset
+
         calibset = imagefolder_calibset(args.calib_dir, shapes, mean=args.mean, std=args.std, seed=args.seed)
     elif args.calib_npy:
+        from maptools.quantization.calibration import npy_calibset
+
         calibset = npy_calibset(args.calib_npy, shapes)
     result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
                       calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,

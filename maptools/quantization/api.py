@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
 import maptools
 from maptools.quantization import artifacts
-from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
 from maptools.quantization.diagnostics import output_warnings
 from maptools.quantization.model import check_input_shapes, load_model, prepare_model
 from maptools.quantization.records import QuantizationResult
@@ -53,6 +51,8 @@ def _version(package: str) -> str:
 
 
 def _seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -173,6 +173,11 @@ def quantize(
     unknown = sorted(set(overrides) - {node.name for node in prepared.graph.node})
     if unknown:
         raise maptools.InvalidArgumentError(f"layer_bits: nodes {unknown} are not in the model")
+    # -- 2. the calibration data (torch from here on) ---------------------------------------------
+    import torch
+
+    from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
+
     if calibset is None:
         if calib_steps < MIN_CALIB_BATCHES:
             raise maptools.CalibrationError(
@@ -197,7 +202,7 @@ def quantize(
     if evalset is not None:
         held_out = prepare_calibset(evalset, model, shapes, analysis_steps, argument="evalset", minimum=1)
         analysis_data = "evalset"
-    # -- 2. the PPQ engine (imported only now) ---------------------------------------------------
+    # -- 3. the PPQ engine (imported only now) ---------------------------------------------------
     from maptools.quantization.engine import LowBitSpec, PPQSession
     from maptools.quantization.engine.recipes import (
         RECIPE_OBSERVERS,
@@ -249,7 +254,7 @@ def quantize(
                     errors.output_cosine[name])
     for warning in warnings:
         logger.warning("%s", warning)
-    # -- 3. the artifacts, written atomically -----------------------------------------------------
+    # -- 4. the artifacts, written atomically -----------------------------------------------------
     manifest = {
         "mapname": mapname,
         "versions": {"maptools": maptools.__version__, "ppq": _version("ppq"), "torch": torch.__version__,

@@ -10,7 +10,7 @@ A map directory holds:
 * ``report.json``, ``report.png`` -- the quantization report
 * ``manifest.json`` -- versions, settings, the input model's path and SHA-256, and every file's SHA-256
 
-Maps of format 1.0 (maptools < 0.2) also hold ``ppq_graph.pkl``, PPQ's graph as a plain pickle: nothing
+Maps of format 1.0 (maptools 0.1 until this change) also hold ``ppq_graph.pkl``, PPQ's graph as a plain pickle: nothing
 reads it any more, since unpickling it could run any code its author chose.
 
 Writing is atomic: every file goes into a temporary directory beside the target, which replaces the old
