@@ -132,8 +132,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="activation observer: percentile, minmax, kl or mse (default: the recipe's, mse for default "
                         "and best, percentile for fast)")
     q.add_argument("--unsigned-nonnegative", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize never-negative activations over 0..2^b-1 (default: the recipe's, on for default "
-                        "and best, off for fast)")
+                   help="quantize never-negative activations over 0..2^b-1, not with --asymmetric or --observer kl "
+                        "(default: the recipe's, on for default and best, off for fast)")
     q.add_argument("--layerwise-analysis", action="store_true",
                    help="also measure each operator's error when quantized alone, one forward per operator "
                         "(default: off)")
