@@ -222,11 +222,11 @@ def _range_text(values: list[int] | None) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from maptools.quantization import read_quantinfo, read_quantparams
-    from maptools.quantization.artifacts import float_operators, map_directory, read_manifest
+    from maptools.quantization.artifacts import float_operators, read_manifest, resolve_map
 
     info = read_quantinfo(args.mapname, args.mapsave_dir)
     params = read_quantparams(args.mapname, args.mapsave_dir)
-    manifest = read_manifest(map_directory(args.mapname, args.mapsave_dir))
+    manifest = read_manifest(resolve_map(args.mapname, args.mapsave_dir))
     floats = float_operators(args.mapname, args.mapsave_dir)
     rows = []
     for name, cfg in info.items():

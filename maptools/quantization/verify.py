@@ -311,8 +311,8 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
         InvalidTypeError: ``inputs`` or ``batches`` has the wrong type.
     """
     batches = _check_batches(batches)
-    directory = artifacts.map_directory(mapname, mapsave_dir)
     quantinfo = artifacts.read_quantinfo(mapname, mapsave_dir)
+    directory = artifacts.resolve_map(mapname, mapsave_dir)
     manifest = artifacts.read_manifest(directory)
     shapes = manifest["settings"]["input_shapes"]
     data = _input_batches(inputs, shapes, _input_dtypes(mapname, mapsave_dir), int(manifest["settings"]["seed"]) + 1,
