@@ -171,7 +171,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     # the argument checks come first: torch and PPQ are imported only for a run that can go ahead
     from maptools.quantization import quantize
     from maptools.quantization.artifacts import map_directory
-    from maptools.quantization.engine.quiet import show_progress
+    from maptools.quantization.progress import show_progress  # not the engine's module: that imports PPQ
 
     show_progress(sys.stderr.isatty())  # PPQ's calibration progress bars, on a terminal only
 

@@ -102,7 +102,8 @@ def test_quantize_checks_its_arguments_before_importing_torch(tmp_path: Path) ->
         cases = [dict(bit_width=9), dict(bit_width="4"), dict(weight_bits=1), dict(mapname="a/b"),
                  dict(mapname=3), dict(device="tpu"), dict(onnx_path="missing.onnx"), dict(calib_steps=0),
                  dict(layer_bits={{"nope": 4}}), dict(observer="median"), dict(recipe="slow"),
-                 dict(unsigned_nonnegative="yes"), dict(input_shapes={{"input": [16, 1, 8]}})]
+                 dict(unsigned_nonnegative="yes"), dict(input_shapes={{"input": [16, 1, 8]}}),
+                 dict(setting={{"equalization": True}}), dict(symmetrical=False, unsigned_nonnegative=True)]
         errors = []
         for case in cases:
             kwargs = dict(input_shapes=shapes, device="cpu", onnx_path={model!r}, mapname="m",
@@ -123,7 +124,8 @@ def test_quantize_checks_its_arguments_before_importing_torch(tmp_path: Path) ->
                        "InvalidTypeError: mapname:", "DeviceError: device:", "ModelNotFoundError: onnx_path:",
                        "InvalidArgumentError: calib_steps:", "InvalidArgumentError: layer_bits:",
                        "InvalidArgumentError: observer:", "InvalidArgumentError: recipe:",
-                       "InvalidTypeError: unsigned_nonnegative:", "InvalidArgumentError: input_shapes"]
+                       "InvalidTypeError: unsigned_nonnegative:", "InvalidArgumentError: input_shapes",
+                       "InvalidTypeError: setting:", "InvalidArgumentError: unsigned_nonnegative: True needs"]
     for error, start in zip(errors, expected_starts, strict=True):
         assert error.startswith(start), (error, start)
     assert not (tmp_path / "m").exists()

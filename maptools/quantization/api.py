@@ -71,6 +71,8 @@ def _parts_report(errors: Any) -> dict[str, dict[str, dict[str, float | str]]]:
             for output, parts in errors.part_snr_db.items()}
 
 
+_SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."
+                 "build_setting) or None, got {}")
 _KL_UNSIGNED = ("unsigned_nonnegative: True cannot be used with {source} (PPQ's KL observer calibrates signed "
                 "ranges only); choose another observer or drop unsigned_nonnegative")
 
@@ -226,6 +228,8 @@ def quantize(
     if recipe is not None and recipe not in RECIPES:
         raise maptools.InvalidArgumentError(f"recipe: expected one of {list(RECIPES)} or None, got {recipe!r}")
     recipe_name = recipe if recipe is not None else "custom" if setting is not None else "default"
+    if setting is not None and not hasattr(setting, "quantize_activation_setting"):  # isinstance once PPQ is in
+        raise maptools.InvalidTypeError(_SETTING_TYPE.format(type(setting).__name__))
     if unsigned_nonnegative is not None:
         unsigned_nonnegative = check_bool(unsigned_nonnegative, "unsigned_nonnegative")
     if unsigned_nonnegative and not symmetrical:
@@ -279,9 +283,7 @@ def quantize(
         from ppq.api.setting import QuantizationSetting  # PPQ is imported by now
 
         if not isinstance(setting, QuantizationSetting):
-            raise maptools.InvalidTypeError(
-                f"setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."
-                f"build_setting) or None, got {type(setting).__name__}")
+            raise maptools.InvalidTypeError(_SETTING_TYPE.format(type(setting).__name__))
         ppq_setting = setting
     else:
         ppq_setting = build_setting(recipe_name, device, len(batches), observer=observer, activation_bits=a_bits)
