@@ -138,8 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="activation observer: percentile, minmax, kl or mse (default: the recipe's, mse for default "
                         "and best, percentile for fast)")
     q.add_argument("--unsigned-nonnegative", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize never-negative activations over 0..2^b-1 (default: the recipe's, on for default "
-                        "and best, off for fast)")
+                   help="quantize never-negative activations over 0..2^b-1, not with --asymmetric or --observer kl "
+                        "(default: the recipe's, on for default and best, off for fast)")
     q.add_argument("--layerwise-analysis", action="store_true",
                    help="also measure each operator's error when quantized alone, one forward per operator "
                         "(default: off)")
@@ -174,9 +174,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from maptools.quantization import imagefolder_calibset, npy_calibset, quantize
+    # the argument checks come first: torch and PPQ are imported only for a run that can go ahead
+    from maptools.quantization import quantize
     from maptools.quantization.artifacts import map_directory
-    from maptools.quantization.engine.quiet import show_progress
+    from maptools.quantization.progress import show_progress  # not the engine's module: that imports PPQ
 
     show_progress(sys.stderr.isatty())  # PPQ's calibration progress bars, on a terminal only
 
@@ -189,8 +190,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     replacing = target.is_dir()
     calibset = None
     if args.calib_dir:
+        from maptools.quantization.calibration import imagefolder_calibset
+
         calibset = imagefolder_calibset(args.calib_dir, shapes, mean=args.mean, std=args.std, seed=args.seed)
     elif args.calib_npy:
+        from maptools.quantization.calibration import npy_calibset
+
         calibset = npy_calibset(args.calib_npy, shapes)
     result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
                       calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
@@ -224,11 +229,11 @@ def _range_text(values: list[int] | None) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from maptools.quantization import read_quantinfo, read_quantparams
-    from maptools.quantization.artifacts import float_operators, map_directory, read_manifest
+    from maptools.quantization.artifacts import float_operators, read_manifest, resolve_map
 
     info = read_quantinfo(args.mapname, args.mapsave_dir)
     params = read_quantparams(args.mapname, args.mapsave_dir)
-    manifest = read_manifest(map_directory(args.mapname, args.mapsave_dir))
+    manifest = read_manifest(resolve_map(args.mapname, args.mapsave_dir))
     floats = float_operators(args.mapname, args.mapsave_dir)
     rows = []
     for name, cfg in info.items():

@@ -16,6 +16,7 @@ __all__ = [
     "EngineError",
     "InvalidArgumentError",
     "InvalidTypeError",
+    "MapBusyError",
     "MapNotFoundError",
     "MaptoolsError",
     "ModelError",
@@ -55,6 +56,10 @@ class DeviceError(MaptoolsError, ValueError):
 
 class MapNotFoundError(MaptoolsError, FileNotFoundError):
     """No quantization results exist for the requested map name."""
+
+
+class MapBusyError(MaptoolsError, TimeoutError):
+    """Another process is writing the same map and did not finish its swap in time."""
 
 
 class ArtifactError(MaptoolsError, ValueError):

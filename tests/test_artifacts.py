@@ -16,7 +16,7 @@ import pytest
 
 from maptools import ArtifactError, MapNotFoundError, UnsafeArtifactError
 from maptools.quantization import quantize, read_quantinfo, read_quantparams
-from maptools.quantization.artifacts import MANIFEST, sha256_of
+from maptools.quantization.artifacts import MANIFEST, resolve_map, sha256_of
 
 pytestmark = pytest.mark.stack  # also run on the oldest supported stack (make test)
 
@@ -157,12 +157,17 @@ def test_sigkill_leaves_earlier_map_intact(saved, tmp_path, tiny_onnx, moment):
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL
-    info_after = read_quantinfo("m", saved)  # recovers a map left between the two renames
-    assert {p.name: p.read_bytes() for p in (saved / "m").iterdir()} == before
+    info_after = read_quantinfo("m", saved)  # reads a map left between the two renames where it lies
+    directory = resolve_map("m", saved)
+    if moment == "swapping":  # the reader renamed nothing: it read the earlier map where the swap moved it
+        assert directory.name.startswith(".m.old-") and not (saved / "m").exists()
+    else:
+        assert directory == saved / "m"
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert repr(info_after) == repr(info_before)
     assert read_quantparams("m", saved).keys() == {"conv_conv_weight", "conv_conv_bias", "fc_gemm_weight",
                                                    "fc_gemm_bias"}
     # and a later run replaces it cleanly, leaving no staging directories behind
     quantize(SHAPES, "cpu", tiny_onnx, mapname="m", calib_steps=8, bit_width=8, mapsave_dir=saved, recipe="fast")
     assert read_quantinfo("m", saved)["conv"].weight_bits == 8
-    assert sorted(p.name for p in saved.iterdir()) == ["m"]
+    assert sorted(p.name for p in saved.iterdir()) == [".m.lock", "m"]

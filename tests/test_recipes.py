@@ -222,7 +222,7 @@ def test_first_last_bits_is_layer_bits_on_the_first_and_last_mac(mapsave, calib3
 
     recorded = json.loads(by_option.manifest_path.read_text())["settings"]["layer_bits"]
     assert recorded == {FIRST_CONV: [8, 8], LAST_GEMM: [8, 8]}
-    mixed = _quantize(digits.MODEL_PATH, mapsave, "mixed", calib32, bit_width=4, first_last_bits=8,
-                      layer_bits={LAST_GEMM: (6, 8)})
+    _quantize(digits.MODEL_PATH, mapsave, "mixed", calib32, bit_width=4, first_last_bits=8,
+              layer_bits={LAST_GEMM: (6, 8)})
     assert read_quantinfo("mixed", mapsave)[LAST_GEMM].weight_bits == 6
     assert read_quantinfo("mixed", mapsave)[FIRST_CONV].weight_bits == 8

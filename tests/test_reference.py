@@ -2,7 +2,7 @@
 
 Three executions of each map are compared on the graph outputs:
 
-* ``ppq``: PPQ's own fake-quantized simulation, replayed from ``ppq_graph.pkl``;
+* ``ppq``: PPQ's own fake-quantized simulation, rebuilt from the float model and ``ppq_state.json``;
 * ``ort``: onnxruntime on ``quant_model.onnx``, with graph optimizations disabled (at 8 bits ORT otherwise
   fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into its own integer kernels, which round
   differently from PPQ);
@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits, mobile
 from maptools.quantization import quantize, read_quantinfo, read_quantparams
-from maptools.quantization.artifacts import PPQGRAPH, QUANTMODEL, map_directory, read_artifact_bytes
+from maptools.quantization.artifacts import QUANTMODEL, map_directory
 from maptools.quantization.reference import ReferenceExecutor, simulate
 from maptools.quantization.reference import values as reference_values
 
@@ -62,9 +62,9 @@ MOBILE_CASES = {
 
 # -- helpers ------------------------------------------------------------------------------------------
 def _ppq_session(mapname: str, mapsave: Path):
-    from maptools.quantization.engine import PPQSession
+    from maptools.quantization.replay import ppq_session
 
-    return PPQSession.from_bytes(read_artifact_bytes(mapname, PPQGRAPH, mapsave))
+    return ppq_session(mapname, mapsave)
 
 
 def _ort_session(mapname: str, mapsave: Path, optimized: bool = False):

@@ -2,7 +2,8 @@
 
 ``make test`` builds a second virtualenv with the oldest onnx, protobuf, onnxruntime and numpy maptools
 supports and points ``MAPTOOLS_OLDEST_PYTHON`` at its interpreter. This test quantizes the bundled models
-with that interpreter and with this one (same settings, same seed) and compares the three artifacts.
+with that interpreter and with this one (same settings, same seed) and compares the artifacts (the three
+for the mapper and ``ppq_state.json``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from maptools.examples import digits, mobile
-from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS
+from maptools.quantization.artifacts import PPQSTATE, QUANTINFO, QUANTMODEL, QUANTPARAMS
 
 OLDEST_PYTHON = os.environ.get("MAPTOOLS_OLDEST_PYTHON")
-ARTIFACTS = (QUANTINFO, QUANTPARAMS, QUANTMODEL)
+ARTIFACTS = (QUANTINFO, QUANTPARAMS, QUANTMODEL, PPQSTATE)
 #: (model, input shape, extra CLI arguments): the default recipe at 4 bits on both bundled models, one of
 #: them with asymmetric activations, and 8 bits with the fast recipe.
 CASES = {

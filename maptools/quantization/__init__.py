@@ -7,11 +7,20 @@
              calibset=None, calib_steps=128, bit_width=4)
     info = read_quantinfo('resnet18')
     params = read_quantparams('resnet18')
+
+Importing this package, reading a map (:func:`read_quantinfo`, :func:`read_quantparams`) and running it
+(:func:`simulate`) import neither torch nor PPQ: :func:`quantize` imports them once its arguments are
+checked, and the calibration-set helpers (:func:`random_calibset`, :func:`npy_calibset`,
+:func:`imagefolder_calibset`), which return torch tensors, are imported on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from maptools.quantization.api import OBSERVERS, RECIPES, quantize
 from maptools.quantization.artifacts import read_quantinfo, read_quantparams
-from maptools.quantization.calibration import imagefolder_calibset, npy_calibset, random_calibset
 from maptools.quantization.records import OperatorQuantConfig, QuantizationResult, TensorQuant
 from maptools.quantization.reference import simulate
 from maptools.quantization.verify import VerifyReport, verify
@@ -32,3 +41,23 @@ __all__ = [
     "verify",
     "VerifyReport",
 ]
+
+#: Names imported on first use (PEP 562), with their module: these import torch.
+_LAZY = {
+    "imagefolder_calibset": "maptools.quantization.calibration",
+    "npy_calibset": "maptools.quantization.calibration",
+    "random_calibset": "maptools.quantization.calibration",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

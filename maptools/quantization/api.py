@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
 import maptools
 from maptools.quantization import artifacts
-from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
 from maptools.quantization.diagnostics import output_warnings
 from maptools.quantization.model import check_input_shapes, first_and_last_macs, load_model, prepare_model
 from maptools.quantization.records import QuantizationResult
@@ -53,6 +51,8 @@ def _version(package: str) -> str:
 
 
 def _seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -69,6 +69,59 @@ def _parts_report(errors: Any) -> dict[str, dict[str, dict[str, float | str]]]:
                             "cosine": errors.part_cosine[output][part]}
                      for part, snr in parts.items()}
             for output, parts in errors.part_snr_db.items()}
+
+
+_SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."
+                 "build_setting) or None, got {}")
+_KL_UNSIGNED = ("unsigned_nonnegative: True cannot be used with {source} (PPQ's KL observer calibrates signed "
+                "ranges only); choose another observer or drop unsigned_nonnegative")
+
+
+def _applied_activation_choices(recipe: str, setting: Any, observer: str | None, unsigned: bool | None,
+                                symmetrical: bool) -> tuple[str, bool]:
+    """The activation observer and unsigned ranges a run applies: what the manifest records.
+
+    PPQ calibrates every activation with the setting's ``calib_algorithm`` when it has one, else with each
+    config's observer (the explicit ``observer``, else the recipe's, else ``percentile``). The recipe's
+    unsigned ranges are turned off, with an INFO line, where they cannot apply; an explicit
+    ``unsigned_nonnegative=True`` that cannot apply is an error.
+
+    Args:
+        recipe: The recipe name (``'custom'`` for a setting without a recipe).
+        setting: The PPQ setting that will run.
+        observer: The ``observer`` argument.
+        unsigned: The ``unsigned_nonnegative`` argument.
+        symmetrical: The ``symmetrical`` argument.
+
+    Returns:
+        ``(observer, unsigned_nonnegative)`` as applied.
+
+    Raises:
+        InvalidArgumentError: ``observer`` contradicts the setting's calibration algorithm, or
+            ``unsigned_nonnegative=True`` meets the setting's ``kl`` calibration.
+    """
+    from maptools.quantization.engine.recipes import RECIPE_OBSERVERS, RECIPE_UNSIGNED
+
+    forced = setting.quantize_activation_setting.calib_algorithm
+    if forced is not None:
+        forced = str(forced).lower()
+        if observer is not None and observer != forced:
+            raise maptools.InvalidArgumentError(
+                f"observer: {observer!r} given, but setting.quantize_activation_setting.calib_algorithm is "
+                f"{forced!r}, which PPQ applies to every activation; give only one of them (or the same)")
+    applied = forced or observer or RECIPE_OBSERVERS.get(recipe) or "percentile"
+    if unsigned and applied == "kl":
+        raise maptools.InvalidArgumentError(_KL_UNSIGNED.format(
+            source="setting.quantize_activation_setting.calib_algorithm='kl'"))
+    if unsigned is None and RECIPE_UNSIGNED.get(recipe, False):
+        reasons = (["symmetrical=False (asymmetric activations use 0..2^b-1 with a zero point)"] if not symmetrical
+                   else []) + (["the kl observer (PPQ calibrates it on signed ranges only)"] if applied == "kl" else [])
+        if reasons:
+            logger.info("unsigned_nonnegative: the %r recipe's unsigned ranges for non-negative activations are off "
+                        "with %s", recipe, " and ".join(reasons))
+            return applied, False
+        return applied, True
+    return applied, bool(unsigned)
 
 
 def quantize(
@@ -89,7 +142,7 @@ def quantize(
     activation_bits: int | None = None,
     layer_bits: Mapping[str, int | tuple[int, int]] | None = None,
     observer: str | None = None,
-    recipe: str = "default",
+    recipe: str | None = None,
     unsigned_nonnegative: bool | None = None,
     analysis_steps: int = 4,
     layerwise_analysis: bool = False,
@@ -116,17 +169,28 @@ def quantize(
         per_channel: One weight scale per output channel (else one per tensor).
         seed: Seed of the random calibration data and of every random generator used.
         mapsave_dir: Where maps are saved; default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``.
-        setting: Expert override: a full PPQ ``QuantizationSetting`` (replaces ``recipe``).
+        setting: Expert override: a full PPQ ``QuantizationSetting`` whose passes run instead of the recipe's
+            (see ``recipe``). Its ``quantize_activation_setting.calib_algorithm``, when set, calibrates every
+            activation (an explicit ``observer`` must then be the same).
         weight_bits: Weight bit width (default ``bit_width``).
         activation_bits: Activation bit width (default ``bit_width``).
         layer_bits: Per-node overrides: node name -> bits, or ``(weight_bits, activation_bits)``.
         observer: Activation calibration algorithm: one of :data:`OBSERVERS`, or None for the recipe's
-            (``mse`` for ``'default'`` and ``'best'``, ``percentile`` for ``'fast'`` and a custom ``setting``).
+            (``mse`` for ``'default'`` and ``'best'``, ``percentile`` for ``'fast'`` and a ``setting`` without
+            a recipe), or the ``setting``'s calibration algorithm when it sets one. The manifest records the
+            one applied.
         unsigned_nonnegative: Quantize activations that cannot be negative (ReLU, ReLU6, sigmoid outputs...)
-            over ``0 .. 2^b-1`` rather than ``-2^(b-1) .. 2^(b-1)-1``, zero point 0 either way (symmetric
-            activations only; not with the ``kl`` observer). None for the recipe's choice: on for
-            ``'default'`` and ``'best'``, off for ``'fast'`` and a custom ``setting``.
-        recipe: ``'fast'``, ``'default'`` or ``'best'`` (see :mod:`maptools.quantization.engine.recipes`).
+            over ``0 .. 2^b-1`` rather than ``-2^(b-1) .. 2^(b-1)-1``, zero point 0 either way. It needs
+            symmetric activations and another observer than ``kl`` (PPQ calibrates ``kl`` on signed ranges
+            only): True together with ``symmetrical=False`` or the ``kl`` observer is an error naming both.
+            None for the recipe's choice: on for ``'default'`` and ``'best'``, off for ``'fast'`` and a
+            ``setting`` without a recipe; a recipe's choice is turned off with ``symmetrical=False`` or the
+            ``kl`` observer (logged at INFO). The manifest records what was applied.
+        recipe: ``'fast'``, ``'default'`` or ``'best'`` (see :mod:`maptools.quantization.engine.recipes`), or
+            None: ``'default'``, or with ``setting`` PPQ's own choices (recorded as ``'custom'``). With
+            ``setting``, a recipe contributes its choices made in maptools (activation observer, unsigned
+            ranges, weight scales) while the passes are the setting's: ``recipe='default'`` with
+            ``build_setting('default', ...)`` plus equalization is the default recipe plus equalization.
         analysis_steps: Number of batches the graph-wise error is measured on, held out from calibration
             (see ``evalset``).
         layerwise_analysis: Also measure the layer-wise error (the graph outputs when one operator alone
@@ -172,10 +236,19 @@ def quantize(
         first_last_bits = check_bits(first_last_bits, "first_last_bits")
     if observer is not None and observer not in OBSERVERS:
         raise maptools.InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)} or None, got {observer!r}")
+    if recipe is not None and recipe not in RECIPES:
+        raise maptools.InvalidArgumentError(f"recipe: expected one of {list(RECIPES)} or None, got {recipe!r}")
+    recipe_name = recipe if recipe is not None else "custom" if setting is not None else "default"
+    if setting is not None and not hasattr(setting, "quantize_activation_setting"):  # isinstance once PPQ is in
+        raise maptools.InvalidTypeError(_SETTING_TYPE.format(type(setting).__name__))
     if unsigned_nonnegative is not None:
         unsigned_nonnegative = check_bool(unsigned_nonnegative, "unsigned_nonnegative")
-    if setting is None and recipe not in RECIPES:
-        raise maptools.InvalidArgumentError(f"recipe: expected one of {list(RECIPES)}, got {recipe!r}")
+    if unsigned_nonnegative and not symmetrical:
+        raise maptools.InvalidArgumentError(
+            "unsigned_nonnegative: True needs symmetric activations, but symmetrical=False was given (asymmetric "
+            "activations already use the unsigned range 0..2^b-1, with a zero point); drop one of the two")
+    if unsigned_nonnegative and observer == "kl":
+        raise maptools.InvalidArgumentError(_KL_UNSIGNED.format(source="observer='kl'"))
     target = artifacts.map_directory(mapname, mapsave_dir)
     check_writable_dir(target.parent, "mapsave_dir")
     model = load_model(onnx_path)
@@ -187,6 +260,11 @@ def quantize(
     if first_last_bits is not None:
         for name in first_and_last_macs(prepared):
             overrides.setdefault(name, (first_last_bits, first_last_bits))
+    # -- 2. the calibration data (torch from here on) ---------------------------------------------
+    import torch
+
+    from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
+
     if calibset is None:
         if calib_steps < MIN_CALIB_BATCHES:
             raise maptools.CalibrationError(
@@ -211,23 +289,20 @@ def quantize(
     if evalset is not None:
         held_out = prepare_calibset(evalset, model, shapes, analysis_steps, argument="evalset", minimum=1)
         analysis_data = "evalset"
-    # -- 2. the PPQ engine (imported only now) ---------------------------------------------------
+    # -- 3. the PPQ engine (imported only now) ---------------------------------------------------
     from maptools.quantization.engine import LowBitSpec, PPQSession
-    from maptools.quantization.engine.recipes import (
-        RECIPE_OBSERVERS,
-        RECIPE_UNSIGNED,
-        RECIPE_WEIGHT_OBSERVERS,
-        build_setting,
-    )
+    from maptools.quantization.engine.recipes import RECIPE_WEIGHT_OBSERVERS, build_setting
 
     if setting is not None:
-        ppq_setting, recipe_name = setting, "custom"
+        from ppq.api.setting import QuantizationSetting  # PPQ is imported by now
+
+        if not isinstance(setting, QuantizationSetting):
+            raise maptools.InvalidTypeError(_SETTING_TYPE.format(type(setting).__name__))
+        ppq_setting = setting
     else:
-        ppq_setting = build_setting(recipe, device, len(batches), observer=observer, activation_bits=a_bits)
-        recipe_name = recipe
-    observer = observer or RECIPE_OBSERVERS.get(recipe_name) or "percentile"
-    if unsigned_nonnegative is None:
-        unsigned_nonnegative = RECIPE_UNSIGNED.get(recipe_name, False)
+        ppq_setting = build_setting(recipe_name, device, len(batches), observer=observer, activation_bits=a_bits)
+    observer, unsigned_nonnegative = _applied_activation_choices(
+        recipe_name, ppq_setting, observer, unsigned_nonnegative, symmetrical)
     spec = LowBitSpec(weight_bits=w_bits, activation_bits=a_bits, symmetrical=symmetrical,
                       per_channel=per_channel, layer_bits=overrides, observer=observer,
                       unsigned_nonnegative=unsigned_nonnegative,
@@ -253,7 +328,7 @@ def quantize(
         )
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=model.proto)
-    graph_bytes = session.to_bytes()
+    state = session.to_state(quantparams)
     timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
     errors = session.error_analysis(held_out, layerwise=layerwise_analysis)
     warnings = _warnings(errors, analysis_data)
@@ -266,7 +341,7 @@ def quantize(
                     errors.output_cosine[name])
     for warning in warnings:
         logger.warning("%s", warning)
-    # -- 3. the artifacts, written atomically -----------------------------------------------------
+    # -- 4. the artifacts, written atomically -----------------------------------------------------
     manifest = {
         "mapname": mapname,
         "versions": {"maptools": maptools.__version__, "ppq": _version("ppq"), "torch": torch.__version__,
@@ -279,7 +354,8 @@ def quantize(
             "symmetrical": symmetrical, "per_channel": per_channel, "observer": observer,
             "weight_observer": spec.weight_observer,
             "unsigned_nonnegative": unsigned_nonnegative,
-            "recipe": recipe_name, "layer_bits": {k: list(v) for k, v in overrides.items()},
+            "recipe": recipe_name, "ppq_setting": "custom" if setting is not None else "recipe",
+            "layer_bits": {k: list(v) for k, v in overrides.items()},
             "calibration": calibration, "calib_steps": calib_steps, "calib_batches": len(batches), "seed": seed,
             "layerwise_analysis": layerwise_analysis, "analysis_steps": analysis_steps, "threads": threads,
         },
@@ -288,7 +364,7 @@ def quantize(
         artifacts.QUANTINFO: artifacts.dump_pickle(quantinfo),
         artifacts.QUANTPARAMS: artifacts.dump_pickle(quantparams),
         artifacts.QUANTMODEL: qdq.SerializeToString(),
-        artifacts.PPQGRAPH: graph_bytes,
+        artifacts.PPQSTATE: artifacts.dump_json(state),
     }
     files.update(render_report(mapname, manifest["settings"], timings, errors.output_snr_db, errors.output_cosine,
                                errors.layer_snr_db, errors.layer_cosine,

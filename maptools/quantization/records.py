@@ -178,12 +178,12 @@ class QuantizationResult:
     def files(self) -> list[Path]:
         """Every file written in :attr:`directory`.
 
-        The three artifacts for the mapper, ``ppq_graph.pkl``, the report (``report.json``, ``report.png``) and
+        The three artifacts for the mapper, ``ppq_state.json``, the report (``report.json``, ``report.png``) and
         ``manifest.json``, in that order.
         """
-        from maptools.quantization.artifacts import PPQGRAPH
+        from maptools.quantization.artifacts import PPQSTATE
 
-        paths = [self.quantinfo_path, self.quantparams_path, self.model_path, self.directory / PPQGRAPH,
+        paths = [self.quantinfo_path, self.quantparams_path, self.model_path, self.directory / PPQSTATE,
                  self.report_path, self.plot_path, self.manifest_path]
         return [path for path in paths if path is not None]
 

@@ -5,9 +5,14 @@ executions it reports SNR, cosine similarity, top-1 agreement (class scores only
 executions, the fraction of elements within one output quantization step.
 
 The four executions are independent: one that cannot run (the integer executor lacking an operator, PPQ
-failing to load ``ppq_graph.pkl``, onnxruntime refusing ``quant_model.onnx``, the float model gone) is
+failing to rebuild its graph, onnxruntime refusing ``quant_model.onnx``, the float model gone) is
 recorded with the reason in :attr:`VerifyReport.failures`, the pairs involving it are marked
 ``not run`` (:attr:`PairMetrics.not_run`), and the other pairs are still compared.
+
+PPQ's simulation is rebuilt from data (:func:`~maptools.quantization.replay.ppq_session`: the float model,
+``ppq_state.json`` and ``quantparams.pkl``); nothing of the map is unpickled with code-executing pickle. A map
+of format 1.0 keeps PPQ's graph as a pickle (``ppq_graph.pkl``) instead, which verify does not read: its PPQ
+pairs are reported as not run, and the other three executions are compared.
 """
 
 from __future__ import annotations
@@ -22,11 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
+from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts
-from maptools.quantization.calibration import random_calibset
-from maptools.quantization.model import model_sha256
 from maptools.quantization.reference import ReferenceExecutor
+from maptools.quantization.replay import float_model_path, ppq_session
 
 __all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "map_input_shapes", "verify"]
 
@@ -172,6 +176,8 @@ def _input_batches(inputs: Any, shapes: Mapping[str, Sequence[int]], dtypes: Map
     """The batches to run, checked against the map's input names and shapes (batch dimension free)."""
     names = list(shapes)
     if inputs is None:
+        from maptools.quantization.calibration import random_calibset
+
         count = DEFAULT_RANDOM_BATCHES if batches is None else batches
         items: Iterable[Any] = ({k: v.numpy() for k, v in b.items()} for b in random_calibset(shapes, count, seed))
     elif isinstance(inputs, (Mapping, np.ndarray)) or hasattr(inputs, "numpy"):
@@ -247,21 +253,12 @@ def _loaders(mapname: str, mapsave_dir: str | os.PathLike | None,
         return lambda batch: dict(zip(names, session.run(names, batch), strict=True))
 
     def fp32() -> Runner:
-        model_path = Path(manifest["model"]["path"])
-        if not model_path.is_file():
-            raise ArtifactError(f"the float model {model_path} recorded in {directory / artifacts.MANIFEST} is "
-                                "gone; verify needs it to run FP32")
-        if model_sha256(model_path) != manifest["model"]["sha256"]:
-            raise ArtifactError(f"the float model {model_path} changed since map {mapname!r} was made; re-run "
-                                "quantize")
-        return ort_runner(str(model_path))
+        return ort_runner(str(float_model_path(mapname, manifest, directory)))
 
     def ppq() -> Runner:
+        session = ppq_session(mapname, mapsave_dir)  # from data; a format-1.0 map's ppq_graph.pkl is never read
         import torch
 
-        from maptools.quantization.engine import PPQSession
-
-        session = PPQSession.from_bytes(artifacts.read_artifact_bytes(mapname, artifacts.PPQGRAPH, mapsave_dir))
         return lambda batch: session.forward({k: torch.from_numpy(v) for k, v in batch.items()})
 
     def onnxruntime() -> Runner:
@@ -280,7 +277,7 @@ def map_input_shapes(mapname: str, mapsave_dir: str | os.PathLike | None = None)
         MapNotFoundError: no such map.
         ArtifactError: the manifest is missing, unreadable or of another format version.
     """
-    manifest = artifacts.read_manifest(artifacts._resolve_map(mapname, mapsave_dir))
+    manifest = artifacts.read_manifest(artifacts.resolve_map(mapname, mapsave_dir))
     return {name: list(shape) for name, shape in manifest["settings"]["input_shapes"].items()}
 
 
@@ -314,8 +311,8 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
         InvalidTypeError: ``inputs`` or ``batches`` has the wrong type.
     """
     batches = _check_batches(batches)
-    directory = artifacts.map_directory(mapname, mapsave_dir)
     quantinfo = artifacts.read_quantinfo(mapname, mapsave_dir)
+    directory = artifacts.resolve_map(mapname, mapsave_dir)
     manifest = artifacts.read_manifest(directory)
     shapes = manifest["settings"]["input_shapes"]
     data = _input_batches(inputs, shapes, _input_dtypes(mapname, mapsave_dir), int(manifest["settings"]["seed"]) + 1,

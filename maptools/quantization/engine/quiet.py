@@ -15,15 +15,11 @@ import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
+from maptools.quantization.progress import progress_enabled, show_progress
+
 __all__ = ["import_ppq", "ppq_silenced", "show_progress"]
 
 ppq_logger = logging.getLogger("maptools.ppq")
-_progress = {"enabled": False}
-
-
-def show_progress(enabled: bool) -> None:
-    """Let PPQ's progress bars (written to stderr) through; the command line does this on a terminal."""
-    _progress["enabled"] = bool(enabled)
 
 
 @contextlib.contextmanager
@@ -37,7 +33,7 @@ def ppq_silenced() -> Iterator[None]:
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.redirect_stdout(buffer))
-            if not _progress["enabled"]:
+            if not progress_enabled():
                 stack.enter_context(contextlib.redirect_stderr(buffer))
             stack.enter_context(warnings.catch_warnings())
             warnings.simplefilter("ignore")

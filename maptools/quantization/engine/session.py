@@ -9,7 +9,6 @@ biases, the faithful QDQ ONNX model, simulated outputs and the graph-wise error.
 from __future__ import annotations
 
 import logging
-import pickle
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from maptools.errors import EngineError, UnsupportedOperatorError
+from maptools.errors import ArtifactError, EngineError, UnsupportedOperatorError
 from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 
@@ -31,7 +30,6 @@ from ppq.core import QuantizationProperty, QuantizationStates, TargetPlatform  #
 from ppq.executor import TorchExecutor  # noqa: E402
 from ppq.executor.op import DEFAULT_BACKEND_TABLE  # noqa: E402
 from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
-from ppq.parser.native import NativeExporter, NativeImporter  # noqa: E402
 
 from maptools.quantization.engine.exporter import FaithfulQDQExporter, quantize_to_int  # noqa: E402
 from maptools.quantization.engine.fusion import FUSED_ACTIVATION_TYPES, unmaterialized_variables  # noqa: E402
@@ -45,6 +43,12 @@ from maptools.quantization.engine.quantizer import (  # noqa: E402
 )
 from maptools.quantization.engine.rewrites import ppq_compatible  # noqa: E402
 from maptools.quantization.engine.speedups import accelerated_pipeline, fast_observers  # noqa: E402
+from maptools.quantization.engine.state import (  # noqa: E402
+    capture_state,
+    parameter_fingerprints,
+    restore_state,
+    spec_from_state,
+)
 from maptools.quantization.engine.threads import DEFAULT_THREADS, torch_threads  # noqa: E402
 
 __all__ = ["PPQSession", "default_setting", "weight_key", "bias_key"]
@@ -137,8 +141,8 @@ def _copy_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
 class PPQSession:
     """Quantize one ONNX model with PPQ and read the results back as maptools records.
 
-    Build one with :meth:`from_onnx` (a float model) or :meth:`from_bytes` (a quantized graph saved by
-    :meth:`to_bytes`).
+    Build one with :meth:`from_onnx` (a float model) or :meth:`from_state` (the float model and the
+    quantization saved by :meth:`to_state`).
 
     Args:
         graph: The dispatched PPQ graph.
@@ -166,6 +170,8 @@ class PPQSession:
         self.final_concats: list[FinalConcat] = []
         #: torch threads while quantizing and executing (see :mod:`~maptools.quantization.engine.threads`).
         self.threads = threads
+        #: Fingerprints of the parameters as loaded (see :func:`.state.parameter_fingerprints`).
+        self.initial_parameters: dict[str, str] = parameter_fingerprints(graph)
 
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto, spec: LowBitSpec, device: str,
@@ -196,30 +202,45 @@ class PPQSession:
         session.final_concats = concats
         return session
 
-    def to_bytes(self) -> bytes:
-        """Serialise the quantized graph in PPQ's native format (a pickle), with maptools' metadata."""
-        with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
-            path = Path(tmp) / "graph.native"
-            with ppq_silenced():
-                NativeExporter().export(file_path=str(path), graph=self.graph)
-            graph_bytes = path.read_bytes()
-        return pickle.dumps({"graph": graph_bytes, "spec": self.spec, "outputs": self._output_names,
-                             "opset": self.opset}, protocol=4)
+    def to_state(self, quantparams: Mapping[str, np.ndarray | None]) -> dict:
+        """The quantization of the graph as JSON-ready data (``ppq_state.json``), for :meth:`from_state`.
+
+        Args:
+            quantparams: :meth:`quantparams` of this session: weights and biases are saved as references
+                to these integers when they give PPQ's values bit for bit.
+        """
+        return capture_state(self.graph, self.spec, quantparams, self.initial_parameters)
 
     @classmethod
-    def from_bytes(cls, data: bytes, device: str = "cpu") -> PPQSession:
-        """Rebuild a quantized session from :meth:`to_bytes` output.
+    def from_state(cls, model: onnx.ModelProto, state: Mapping, quantparams: Mapping[str, np.ndarray | None],
+                   device: str = "cpu") -> PPQSession:
+        """Rebuild a quantized session: the float model loaded by :meth:`from_onnx`, quantized as ``state`` says.
 
-        Only call this on bytes whose SHA-256 was checked against a maptools manifest: unpickling runs
-        code chosen by whoever wrote the file.
+        Nothing is unpickled: ``state`` is the JSON of :meth:`to_state` and ``quantparams`` plain arrays. The
+        graph's quantized forward is PPQ's simulation of the original session to the bit.
+
+        Args:
+            model: The same prepared float model the session was quantized from.
+            state: :meth:`to_state`'s data.
+            quantparams: The integer weights and biases saved with it.
+            device: ``'cpu'`` or ``'cuda'``.
+
+        Raises:
+            ArtifactError: the state is malformed or does not fit ``quantparams``.
+            EngineError: the rebuilt graph differs from the quantized one.
         """
-        state = pickle.loads(data)  # noqa: S301 - integrity checked by the caller
-        with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
-            path = Path(tmp) / "graph.native"
-            path.write_bytes(state["graph"])
+        spec = spec_from_state(state)
+        session = cls.from_onnx(model, spec, device)
+        try:
             with ppq_silenced():
-                graph = NativeImporter().build(file_path=str(path))
-        return cls(graph, state["spec"], device, None, state["outputs"], state["opset"], quantized=True)
+                restore_state(session.graph, spec, state, quantparams)
+        except (EngineError, ArtifactError):
+            raise
+        except Exception as exc:
+            raise session._engine_error("restoring the quantization", exc) from exc
+        session.executor.load_graph(session.graph)
+        session._quantized = True
+        return session
 
     @staticmethod
     def _check_supported(graph: BaseGraph) -> None:

@@ -1,0 +1,83 @@
+"""PPQ's simulation of a map, rebuilt from data: the float model, ``ppq_state.json`` and ``quantparams.pkl``.
+
+Nothing of the map is unpickled with code-executing pickle: ``ppq_state.json`` is JSON, ``quantparams.pkl``
+goes through the restricted unpickler of :mod:`maptools.quantization.artifacts`, and the graph itself is
+loaded by PPQ from the float model recorded in the manifest (checked against its SHA-256), then quantized as
+the state says (:meth:`~maptools.quantization.engine.session.PPQSession.from_state`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from maptools.errors import ArtifactError
+from maptools.quantization import artifacts
+
+if TYPE_CHECKING:
+    from maptools.quantization.engine.session import PPQSession
+
+__all__ = ["float_model_path", "legacy_graph_reason", "ppq_session"]
+
+
+def float_model_path(mapname: str, manifest: Mapping[str, Any], directory: Path) -> Path:
+    """The float model a map was quantized from, checked against the manifest's SHA-256.
+
+    Raises:
+        ArtifactError: the model is gone or changed since the map was made.
+    """
+    from maptools.quantization.model import model_sha256
+
+    model_path = Path(manifest["model"]["path"])
+    if not model_path.is_file():
+        raise ArtifactError(f"the float model {model_path} recorded in {directory / artifacts.MANIFEST} is gone; "
+                            "it is needed to run FP32 and to rebuild PPQ's simulation")
+    if model_sha256(model_path) != manifest["model"]["sha256"]:
+        raise ArtifactError(f"the float model {model_path} changed since map {mapname!r} was made; re-run quantize")
+    return model_path
+
+
+def legacy_graph_reason(manifest: Mapping[str, Any]) -> str:
+    """Why PPQ's simulation of a format-1.0 map (``ppq_graph.pkl``) is not replayed."""
+    version = manifest.get("versions", {}).get("maptools", "unknown")
+    return (f"this map keeps PPQ's graph as a pickle ({artifacts.PPQGRAPH}, format "
+            f"{manifest.get('format_version', '1.0')}, written by maptools {version}); verify no longer unpickles "
+            "it: re-quantize to compare with PPQ")
+
+
+def ppq_session(mapname: str, mapsave_dir: str | os.PathLike | None = None, device: str = "cpu") -> PPQSession:
+    """Rebuild PPQ's quantized session of a map, whose forward is PPQ's simulation to the bit.
+
+    Args:
+        mapname: The map.
+        mapsave_dir: The mapsave directory.
+        device: ``'cpu'`` or ``'cuda'``.
+
+    Raises:
+        MapNotFoundError: no such map.
+        ArtifactError: the map has no ``ppq_state.json`` (format 1.0 maps keep a pickle instead, which is not
+            read), a file is modified or malformed, or the float model is gone or changed.
+        EngineError: PPQ could not rebuild the graph.
+    """
+    from maptools.quantization.model import check_input_shapes, load_model, prepare_model
+
+    directory = artifacts.resolve_map(mapname, mapsave_dir)
+    manifest = artifacts.read_manifest(directory)
+    files = manifest.get("files", {})
+    if artifacts.PPQSTATE not in files:
+        if artifacts.PPQGRAPH in files:
+            raise ArtifactError(legacy_graph_reason(manifest))
+        raise ArtifactError(f"map {mapname!r} has no {artifacts.PPQSTATE}; re-quantize to compare with PPQ")
+    state = artifacts.read_json(artifacts.read_artifact_bytes(mapname, artifacts.PPQSTATE, mapsave_dir),
+                                artifacts.PPQSTATE)
+    quantparams = artifacts.read_quantparams(mapname, mapsave_dir)
+    model = load_model(float_model_path(mapname, manifest, directory))
+    shapes = check_input_shapes({name: list(shape) for name, shape in manifest["settings"]["input_shapes"].items()},
+                                model)
+    prepared = prepare_model(model, shapes)
+
+    from maptools.quantization.engine.session import PPQSession
+
+    return PPQSession.from_state(prepared, state, quantparams, device)
