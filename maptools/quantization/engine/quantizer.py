@@ -73,6 +73,8 @@ class LowBitSpec:
             implements for signed ranges only).
         weight_observer: How each weight channel's scale is chosen (:data:`WEIGHT_OBSERVERS`, see
             :func:`weight_scales`).
+        power_of_two: Every scale (activations, weights, so biases too) a power of two, rounded up from the
+            calibrated one (PPQ's ``POWER_OF_2`` policy): requantization is then a shift.
     """
 
     weight_bits: int = 8
@@ -83,6 +85,7 @@ class LowBitSpec:
     observer: str = "percentile"
     unsigned_nonnegative: bool = False
     weight_observer: str = "ppq"
+    power_of_two: bool = False
 
     def bits_of(self, op_name: str) -> tuple[int, int]:
         """``(weight_bits, activation_bits)`` of an operator."""
@@ -204,6 +207,8 @@ class WeightScaleParameterQuantizePass(ParameterQuantizePass):
             if bool(dead.any()):
                 live = flat[~dead]
                 flat[dead] = live.median() if live.numel() else torch.ones((), dtype=flat.dtype, device=flat.device)
+            if config.policy.has_property(QuantizationProperty.POWER_OF_2):  # up: the extremes still fit
+                flat = torch.exp2(torch.ceil(torch.log2(flat)))
             config.scale = flat.reshape(config.scale.shape)
 
 
@@ -252,7 +257,13 @@ class LowBitQuantizer(TensorRTQuantizer):
     def quantize_policy(self) -> QuantizationPolicy:
         """The activation policy (per-tensor, linear, symmetric or asymmetric)."""
         symmetry = QuantizationProperty.SYMMETRICAL if self._spec.symmetrical else QuantizationProperty.ASYMMETRICAL
-        return QuantizationPolicy(symmetry + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
+        return self._policy(symmetry + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR)
+
+    def _policy(self, properties: int) -> QuantizationPolicy:
+        """A policy of ``properties``, plus ``POWER_OF_2`` when the spec asks for power-of-two scales."""
+        if self._spec.power_of_two:
+            properties = properties + QuantizationProperty.POWER_OF_2
+        return QuantizationPolicy(properties)
 
     @property
     def unsigned(self) -> set[str]:
@@ -299,7 +310,7 @@ class LowBitQuantizer(TensorRTQuantizer):
         for tqc, var in pairs:
             if var.name not in self.unsigned:
                 continue
-            tqc.policy = QuantizationPolicy(
+            tqc.policy = self._policy(
                 QuantizationProperty.ASYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
             )
             tqc.quant_min, tqc.quant_max = int_range(tqc.num_of_bits, False)
@@ -345,9 +356,7 @@ class LowBitQuantizer(TensorRTQuantizer):
             granularity = (
                 QuantizationProperty.PER_CHANNEL if self._spec.per_channel else QuantizationProperty.PER_TENSOR
             )
-            weight.policy = QuantizationPolicy(
-                QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + granularity
-            )
+            weight.policy = self._policy(QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + granularity)
             weight.num_of_bits = weight_bits
             weight.quant_min, weight.quant_max = int_range(weight_bits, True)
             weight.observer_algorithm = "minmax"
@@ -355,9 +364,7 @@ class LowBitQuantizer(TensorRTQuantizer):
                 weight.channel_axis = weight_channel_axis(operation)
             if operation.type in BIAS_TYPES and operation.num_of_input > 2 and operation.inputs[2].is_parameter:
                 bias = config.input_quantization_config[2]
-                bias.policy = QuantizationPolicy(
-                    QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + granularity
-                )
+                bias.policy = self._policy(QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + granularity)
                 bias.num_of_bits = BIAS_BITS
                 bias.quant_max = 2 ** (BIAS_BITS - 1) - 1
                 bias.quant_min = -(2 ** (BIAS_BITS - 1)) + 1
