@@ -230,6 +230,7 @@ def _range_text(values: list[int] | None) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from maptools.quantization import read_quantinfo, read_quantparams
     from maptools.quantization.artifacts import float_operators, read_manifest, resolve_map
+    from maptools.quantization.format import bias_key, weight_key
 
     info = read_quantinfo(args.mapname, args.mapsave_dir)
     params = read_quantparams(args.mapname, args.mapsave_dir)
@@ -237,7 +238,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     floats = float_operators(args.mapname, args.mapsave_dir)
     rows = []
     for name, cfg in info.items():
-        kind = "conv" if cfg.op_type in ("Conv", "ConvTranspose") else "gemm"
         first_in = next((t for t in cfg.inputs or [] if t is not None), None)
         first_out = cfg.outputs[0] if cfg.outputs else None
         rows.append({
@@ -247,8 +247,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             "output_range": None if first_out is None else [first_out.qmin, first_out.qmax],
             "weight_bits": cfg.weight_bits,
             "weight_scale": None if cfg.weight_scale is None else [float(v) for v in cfg.weight_scale],
-            "weight_range": _range(params.get(f"{name}_{kind}_weight")),
-            "bias_range": _range(params.get(f"{name}_{kind}_bias")),
+            "weight_range": _range(params.get(weight_key(name, cfg.op_type))),
+            "bias_range": _range(params.get(bias_key(name, cfg.op_type))),
         })
     if args.json:
         print(json.dumps({"manifest": manifest, "operators": rows, "float_operators": floats}, indent=2))

@@ -17,12 +17,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["FIGURE_PIXELS", "KINDS", "REPORT_JSON", "REPORT_PNG", "WORST_SHOWN", "render_report", "worst_operators"]
+from maptools.quantization.format import REPORT_JSON, REPORT_PNG
 
-#: Settings, timings and per-operator error.
-REPORT_JSON = "report.json"
-#: Per-operator SNR figure.
-REPORT_PNG = "report.png"
+__all__ = ["FIGURE_PIXELS", "KINDS", "REPORT_JSON", "REPORT_PNG", "WORST_SHOWN", "render_report", "worst_operators"]
 
 
 def _finite(value: float) -> float | str:
