@@ -64,6 +64,7 @@ __all__ = [
     "RECIPE_UNSIGNED",
     "RECIPE_WEIGHT_OBSERVERS",
     "build_setting",
+    "default_setting",
     "lsq_learning_rate",
 ]
 
@@ -85,6 +86,11 @@ LSQ_STEPS = 300
 LSQ_LR = 1e-4
 LSQ_LR_LOW_BIT = 1e-3
 LSQ_BLOCK_SIZE = 4
+
+
+def default_setting() -> QuantizationSetting:
+    """PPQ's TensorRT setting, the baseline every recipe starts from."""
+    return QuantizationSettingFactory.trt_setting()
 
 
 def lsq_learning_rate(activation_bits: int) -> float:
@@ -128,7 +134,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         raise InvalidArgumentError(f"calib_batches: expected a positive int, got {calib_batches!r}")
     if observer is not None and observer not in OBSERVERS:
         raise InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)} or None, got {observer!r}")
-    setting = QuantizationSettingFactory.trt_setting()
+    setting = default_setting()
     observer = observer if observer is not None else RECIPE_OBSERVERS[recipe]
     if observer is not None:
         setting.quantize_activation_setting.calib_algorithm = observer
