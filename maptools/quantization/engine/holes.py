@@ -64,3 +64,4 @@ def close_quantization_holes(graph: BaseGraph) -> list[str]:
                     config.state = QuantizationStates.ACTIVATED
                     closed.append(f"{op.name} -> {dest.name}")
                     break
+    return closed
