@@ -139,11 +139,12 @@ def export_model(name: str, path: Path, size: int = 224, bn_reestimate: bool = T
 
 
 def cosine(a, b) -> float:
+    """Cosine similarity of two arrays, flattened (:func:`maptools.quantization.intmath.cosine`)."""
     import numpy as np
 
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+    from maptools.quantization.intmath import cosine_of
+
+    return cosine_of(np.ravel(a), np.ravel(b))
 
 
 def ort_session(path: Path, threads: int = 0):

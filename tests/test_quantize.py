@@ -25,6 +25,8 @@ from maptools.quantization import (
     read_quantparams,
 )
 from maptools.quantization.engine import LowBitSpec, PPQSession
+from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.intmath import cosine_of, int_range
 from maptools.quantization.model import check_input_shapes, load_model, prepare_model
 
 R18 = {"input": [1, 3, 224, 224]}
@@ -35,11 +37,6 @@ pytestmark = pytest.mark.stack  # also run on the oldest supported stack (make t
 def run_ort(path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def dequantized_weight(cfg: OperatorQuantConfig, integers: np.ndarray) -> np.ndarray:
@@ -58,16 +55,16 @@ def test_resnet18_artifacts(resnet18_onnx, mapsave, bits):
     convs = [n for n in onnx.load(str(resnet18_onnx)).graph.node if n.op_type == "Conv"]
     inits = {i.name: i for i in onnx.load(str(resnet18_onnx)).graph.initializer}
     assert len(convs) == 20
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    low, high = int_range(bits)
     for node in convs:
         cfg = info[node.name]
         assert cfg.op_type == "Conv" and cfg.weight_bits == bits and cfg.input_bits == bits
         assert (cfg.weight_min, cfg.weight_max) == (low, high)
-        w = params[f"{node.name}_conv_weight"]
+        w = params[weight_key(node.name, "Conv")]
         assert w.shape == tuple(inits[node.input[1]].dims)
         assert np.issubdtype(w.dtype, np.integer) and low <= w.min() and w.max() <= high
         assert cfg.weight_scale.shape == (w.shape[0],) and np.all(cfg.weight_scale > 0)
-        bias = params[f"{node.name}_conv_bias"]
+        bias = params[bias_key(node.name, "Conv")]
         assert bias.dtype == np.int32 and bias.shape == (w.shape[0],)
         np.testing.assert_allclose(cfg.bias_scale, cfg.input_scale * cfg.weight_scale, rtol=1e-6)
     fc = info["/fc/Gemm"]
@@ -79,10 +76,10 @@ def test_resnet18_artifacts(resnet18_onnx, mapsave, bits):
     quant = run_ort(result.model_path, {"input": x})[0]
     assert quant.shape == fp32.shape == (1, 1000)
     if bits == 8:
-        assert cosine(fp32, quant) >= 0.99
+        assert cosine_of(fp32, quant) >= 0.99
         assert result.output_snr_db["output"] > 15
     else:
-        assert cosine(fp32, quant) >= 0.8
+        assert cosine_of(fp32, quant) >= 0.8
 
 
 def _session(path, shapes, bits, symmetrical=True) -> PPQSession:
@@ -150,7 +147,7 @@ def test_two_inputs_two_outputs(two_io_onnx, mapsave):
     q_cls, q_seg = run_ort(result.model_path, feeds)  # batch 5: dynamic batch kept from the float model
     assert q_cls.shape == (5, 5) and q_seg.shape == (5, 4, 8, 8)
     # random weights and random data: a loose bound; the accuracy claims are made on the trained example
-    assert cosine(fp_cls, q_cls) > 0.95 and cosine(fp_seg, q_seg) > 0.98, result.output_snr_db
+    assert cosine_of(fp_cls, q_cls) > 0.95 and cosine_of(fp_seg, q_seg) > 0.98, result.output_snr_db
 
 
 @pytest.mark.parametrize("mode,channels", [("RGB", 3), ("L", 1)])

@@ -16,6 +16,8 @@ from maptools import InvalidArgumentError
 from maptools.examples import digits, mobile
 from maptools.quantization import OBSERVERS, RECIPES, quantize, read_quantinfo, read_quantparams
 from maptools.quantization.engine.recipes import build_setting
+from maptools.quantization.format import weight_key
+from maptools.quantization.intmath import snr_db_of
 
 SHAPES = {digits.INPUT_NAME: list(digits.INPUT_SHAPE)}
 FIRST_CONV = "/stem/stem.0/Conv"
@@ -56,10 +58,6 @@ def _top1(result, digits_test) -> float:
     return digits.onnx_top1(result.model_path, images, labels)
 
 
-def _weight_key(name: str, op_type: str) -> str:
-    return f"{name}_{'conv' if op_type == 'Conv' else 'gemm'}_weight"
-
-
 @pytest.mark.parametrize(("w_bits", "a_bits"), [(4, 8), (2, 4)])
 def test_bit_split_in_quantinfo_and_quantparams(mapsave, calib32, w_bits, a_bits):
     name = f"split_w{w_bits}a{a_bits}"
@@ -76,7 +74,7 @@ def test_bit_split_in_quantinfo_and_quantparams(mapsave, calib32, w_bits, a_bits
     for cfg in weighted:
         assert (cfg.weight_bits, cfg.input_bits) == (w_bits, a_bits), cfg
         assert (cfg.weight_min, cfg.weight_max) == (w_low, w_high)
-        weight = params[_weight_key(cfg.name, cfg.op_type)]
+        weight = params[weight_key(cfg.name, cfg.op_type)]
         assert np.issubdtype(weight.dtype, np.integer)
         assert weight.min() == w_low or weight.max() == w_high  # min-max weights reach the range end
         assert w_low <= weight.min() and weight.max() <= w_high
@@ -91,14 +89,14 @@ def test_layer_bits_first_conv_and_last_gemm_at_8_bits(mapsave, calib32, digits_
     for node in (FIRST_CONV, LAST_GEMM):
         cfg = info[node]
         assert (cfg.weight_bits, cfg.input_bits, cfg.weight_min, cfg.weight_max) == (8, 8, -128, 127), cfg
-        weight = params[_weight_key(node, cfg.op_type)]
+        weight = params[weight_key(node, cfg.op_type)]
         assert weight.min() < -8 or weight.max() > 7  # really 8-bit integers, not 4-bit ones
     assert info[LAST_GEMM].output_bits == 8
     others = [cfg for cfg in info.values() if cfg.op_type in WEIGHTED and cfg.name not in (FIRST_CONV, LAST_GEMM)]
     assert len(others) == 7
     for cfg in others:
         assert (cfg.weight_bits, cfg.input_bits, cfg.output_bits) == (4, 4, 4), cfg
-        weight = params[_weight_key(cfg.name, cfg.op_type)]
+        weight = params[weight_key(cfg.name, cfg.op_type)]
         assert weight.min() >= -8 and weight.max() <= 7
     assert result.operators[FIRST_CONV].weight_bits == 8
     assert _top1(result, digits_test) >= fp32_top1["digits"] - 3.0  # percentile observer, W4A4 elsewhere
@@ -204,8 +202,7 @@ def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
     fp32 = _logits(mobile.MODEL_PATH, images)
 
     def snr(result) -> float:
-        noise = _logits(result.model_path, images) - fp32
-        return float(10 * np.log10(np.sum(fp32.astype(np.float64) ** 2) / np.sum(noise.astype(np.float64) ** 2)))
+        return snr_db_of(fp32, _logits(result.model_path, images))
 
     gain = snr(unsigned) - snr(signed)
     assert gain > 0.3, gain

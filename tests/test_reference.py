@@ -32,6 +32,7 @@ from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits, mobile
 from maptools.quantization import quantize, read_quantinfo, read_quantparams
 from maptools.quantization.artifacts import QUANTMODEL, map_directory
+from maptools.quantization.intmath import snr_db_of
 from maptools.quantization.reference import ReferenceExecutor, simulate
 from maptools.quantization.reference import values as reference_values
 
@@ -89,9 +90,7 @@ def _agreement(candidate: np.ndarray, reference: np.ndarray, step: float) -> tup
     """(% of elements within one step of the reference, SNR in dB of the candidate against the reference)."""
     c, r = np.asarray(candidate, np.float64), np.asarray(reference, np.float64)
     within = float(np.mean(np.abs(c - r) <= step * (1 + 1e-5)) * 100.0)
-    noise = float(np.sum((c - r) ** 2))
-    snr = float("inf") if noise == 0.0 else float(10.0 * np.log10(np.sum(r * r) / noise))
-    return within, snr
+    return within, snr_db_of(r, c)
 
 
 def _fmt(within: float, snr: float) -> str:
