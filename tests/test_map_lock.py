@@ -46,6 +46,7 @@ def _names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
+@pytest.mark.slow
 def test_two_processes_writing_the_same_map(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
