@@ -25,8 +25,10 @@ from __future__ import annotations
 from maptools.quantization.intmath import ROUNDING
 
 __all__ = [
+    "BIAS_TYPES",
     "CONV_TYPES",
     "FORMAT_VERSION",
+    "MAC_TYPES",
     "MANIFEST",
     "MAPSAVE_ENV",
     "PICKLE_PROTOCOL",
@@ -67,6 +69,11 @@ MAPSAVE_ENV = "MAPTOOLS_MAPSAVE"
 #: Pickle protocol of ``quantinfo.pkl`` and ``quantparams.pkl``.
 PICKLE_PROTOCOL = 4
 
+#: Operators that multiply an input by a constant weight: the layers a crossbar holds, whose integer weights
+#: ``quantparams.pkl`` keeps (:func:`weight_key`).
+MAC_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: The MAC operators with a bias input, kept as int32 (:func:`bias_key`).
+BIAS_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm"})
 #: Operator types whose parameters are keyed ``_conv_``; every other MAC (Gemm, MatMul) is ``_gemm_``.
 CONV_TYPES = frozenset({"Conv", "ConvTranspose"})
 

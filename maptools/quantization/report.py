@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from maptools.quantization.format import REPORT_JSON, REPORT_PNG
+from maptools.quantization.format import MAC_TYPES, REPORT_JSON, REPORT_PNG
 
 __all__ = ["FIGURE_PIXELS", "KINDS", "REPORT_JSON", "REPORT_PNG", "WORST_SHOWN", "render_report", "worst_operators"]
 
@@ -34,7 +34,7 @@ _DPI = 100
 
 #: Operator kinds and their colours in ``report.png``; a type not listed is "other".
 KINDS: dict[str, tuple[str, frozenset[str]]] = {
-    "conv / matmul": ("tab:blue", frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})),
+    "conv / matmul": ("tab:blue", MAC_TYPES),
     "activation": ("tab:orange", frozenset({"Relu", "Clip", "PRelu", "LeakyRelu", "Sigmoid", "HardSigmoid",
                                             "HardSwish", "Tanh", "Softmax", "Elu", "Selu", "Gelu", "Swish",
                                             "Mish", "Softplus"})),

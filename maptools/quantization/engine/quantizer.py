@@ -17,6 +17,7 @@ from functools import partial
 import torch
 
 from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.format import BIAS_TYPES, MAC_TYPES
 from maptools.quantization.intmath import BIAS_BITS, ROUNDING, bias_range, int_range, unsigned_range
 
 import_ppq()
@@ -47,10 +48,8 @@ from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E4
 
 __all__ = ["BIAS_BITS", "BIAS_TYPES", "WEIGHTED_TYPES", "LowBitQuantizer", "LowBitSpec", "int_range"]
 
-#: Operator types whose constant weight (input 1) is quantized per output channel.
-WEIGHTED_TYPES = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-#: Operator types whose constant bias (input 2) is quantized at 32 bits.
-BIAS_TYPES = {"Conv", "ConvTranspose", "Gemm"}
+#: Operator types whose constant weight (input 1) is quantized per output channel: the MAC operators.
+WEIGHTED_TYPES = MAC_TYPES
 #: PPQ's rounding policy for :data:`~maptools.quantization.intmath.ROUNDING`.
 _ROUNDING_POLICIES = {"half_even": RoundingPolicy.ROUND_HALF_EVEN}
 
