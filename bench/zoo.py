@@ -66,7 +66,7 @@ KNOWN_CAUSES = {
         "arithmetic has ``Mod`` nodes, which PPQ cannot execute (maptools stops before calibrating, naming the "
         "node), and ``Slice`` nodes without ``axes``, which PPQ's ``Slice_forward`` mishandles (it takes the "
         "``starts`` values as axes). All of them only compute on shapes, and maptools folds them into constants "
-        "when the model's input shapes are static (``fold_shape_computations`` in maptools/quantization/model.py); "
+        "when the model's input shapes are static (``fold_shape_computations`` in maptools/quantization/folding.py); "
         "this failure means the exported model has a dynamic dimension they depend on."),
 }
 
