@@ -49,11 +49,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from peers import RAW_SETTINGS, raw_setting, run_raw_ppq  # noqa: E402
 
 from maptools.examples import digits, mobile  # noqa: E402
-from maptools.quantization import imagefolder_calibset, quantize  # noqa: E402
+from maptools.quantization import RECIPES, imagefolder_calibset, quantize  # noqa: E402
+from maptools.quantization.intmath import snr_db_of  # noqa: E402
 
 MODELS = {"digits CNN": digits.MODEL_PATH, "mobile CNN": mobile.MODEL_PATH}
 BITS = ((8, 8), (4, 8), (4, 4), (3, 3), (2, 4))
-RECIPES = ("fast", "default", "best")
 DEFAULT_OUT = ROOT / "docs" / "benchmarks_accuracy.rst"
 SEED = 0
 
@@ -76,10 +76,8 @@ def _seed() -> None:
 
 
 def snr_db(reference: np.ndarray, quantized: np.ndarray) -> float:
-    """``10 log10(sum(ref^2) / sum((ref - quant)^2))`` over every logit."""
-    ref = reference.astype(np.float64)
-    noise = float(np.sum((ref - quantized.astype(np.float64)) ** 2))
-    return float("inf") if noise == 0.0 else float(10.0 * np.log10(np.sum(ref * ref) / noise))
+    """``10 log10(sum(ref^2) / sum((ref - quant)^2))`` over every logit (maptools.quantization.intmath.snr_db)."""
+    return snr_db_of(reference, quantized)
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:

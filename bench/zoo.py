@@ -66,7 +66,7 @@ KNOWN_CAUSES = {
         "arithmetic has ``Mod`` nodes, which PPQ cannot execute (maptools stops before calibrating, naming the "
         "node), and ``Slice`` nodes without ``axes``, which PPQ's ``Slice_forward`` mishandles (it takes the "
         "``starts`` values as axes). All of them only compute on shapes, and maptools folds them into constants "
-        "when the model's input shapes are static (``fold_shape_computations`` in maptools/quantization/model.py); "
+        "when the model's input shapes are static (``fold_shape_computations`` in maptools/quantization/folding.py); "
         "this failure means the exported model has a dynamic dimension they depend on."),
 }
 
@@ -139,11 +139,12 @@ def export_model(name: str, path: Path, size: int = 224, bn_reestimate: bool = T
 
 
 def cosine(a, b) -> float:
+    """Cosine similarity of two arrays, flattened (:func:`maptools.quantization.intmath.cosine`)."""
     import numpy as np
 
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+    from maptools.quantization.intmath import cosine_of
+
+    return cosine_of(np.ravel(a), np.ravel(b))
 
 
 def ort_session(path: Path, threads: int = 0):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -210,72 +209,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _range(values: np.ndarray | None) -> list[int] | None:
-    if values is None or values.size == 0:
-        return None
-    return [int(values.min()), int(values.max())]
-
-
-def _scale_text(scale: object) -> str:
-    if scale is None:
-        return "-"
-    arr = np.asarray(scale, dtype=np.float64).reshape(-1)
-    return f"{arr[0]:.4g}" if arr.size == 1 else f"{arr.min():.3g}..{arr.max():.3g}({arr.size})"
-
-
-def _range_text(values: list[int] | None) -> str:
-    return "-" if values is None else f"[{values[0]},{values[1]}]"
-
-
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from maptools.quantization import read_quantinfo, read_quantparams
-    from maptools.quantization.artifacts import float_operators, read_manifest, resolve_map
+    from maptools.quantization.inspection import inspect_map, listing_json, listing_table
 
-    info = read_quantinfo(args.mapname, args.mapsave_dir)
-    params = read_quantparams(args.mapname, args.mapsave_dir)
-    manifest = read_manifest(resolve_map(args.mapname, args.mapsave_dir))
-    floats = float_operators(args.mapname, args.mapsave_dir)
-    rows = []
-    for name, cfg in info.items():
-        kind = "conv" if cfg.op_type in ("Conv", "ConvTranspose") else "gemm"
-        first_in = next((t for t in cfg.inputs or [] if t is not None), None)
-        first_out = cfg.outputs[0] if cfg.outputs else None
-        rows.append({
-            "node": name, "op_type": cfg.op_type, "input_bits": cfg.input_bits, "output_bits": cfg.output_bits,
-            "input_scale": cfg.input_scale, "output_scale": cfg.output_scale,
-            "input_range": None if first_in is None else [first_in.qmin, first_in.qmax],
-            "output_range": None if first_out is None else [first_out.qmin, first_out.qmax],
-            "weight_bits": cfg.weight_bits,
-            "weight_scale": None if cfg.weight_scale is None else [float(v) for v in cfg.weight_scale],
-            "weight_range": _range(params.get(f"{name}_{kind}_weight")),
-            "bias_range": _range(params.get(f"{name}_{kind}_bias")),
-        })
-    if args.json:
-        print(json.dumps({"manifest": manifest, "operators": rows, "float_operators": floats}, indent=2))
-        return 0
-    width = max([len("node")] + [len(row["node"]) for row in rows])
-    header = f"{'node':{width}} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} " \
-             f"{'in range':>10} {'out range':>10} {'w':>2} {'w scale':>22} {'w range':>12} {'bias range':>24}"
-    print(header)
-    print("-" * len(header))
-    for row, cfg in zip(rows, info.values(), strict=True):
-        print(f"{row['node']:{width}} {row['op_type'][:18]:18} {row['input_bits'] or '-':>3} "
-              f"{row['output_bits'] or '-':>3} {_scale_text(row['input_scale']):>10} "
-              f"{_scale_text(row['output_scale']):>10} {_range_text(row['input_range']):>10} "
-              f"{_range_text(row['output_range']):>10} {row['weight_bits'] or '-':>2} "
-              f"{_scale_text(cfg.weight_scale):>22} {str(row['weight_range'] or '-'):>12} "
-              f"{str(row['bias_range'] or '-'):>24}")
-    print(f"\noperators left in float: {len(floats)}")
-    if floats:
-        float_width = max(len("node"), *(len(f["node"]) for f in floats))
-        print(f"{'node':{float_width}} type")
-        for f in floats:
-            print(f"{f['node']:{float_width}} {f['op_type']}")
-    settings = manifest.get("settings", {})
-    print(f"\n{len(rows)} quantized operators; model {manifest['model']['path']} (sha256 "
-          f"{manifest['model']['sha256'][:12]}); W{settings.get('weight_bits')}A{settings.get('activation_bits')} "
-          f"recipe {settings.get('recipe')}; maptools {manifest['versions']['maptools']}, "
-          f"ppq {manifest['versions']['ppq']}")
+    listing = inspect_map(args.mapname, args.mapsave_dir)
+    print(listing_json(listing) if args.json else listing_table(listing))
     return 0
 
 

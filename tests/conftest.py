@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from maptools.examples import digits
+from maptools.quantization.records import QuantizationResult
 
 
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
@@ -34,6 +36,34 @@ def resnet18_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = torchvision.models.resnet18(weights=None)
     path = tmp_path_factory.mktemp("models") / "resnet18.onnx"
     return export_onnx(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["output"])
+
+
+#: The input of :func:`resnet18_onnx`.
+R18 = {"input": [1, 3, 224, 224]}
+
+
+@pytest.fixture(scope="session")
+def resnet18_maps(resnet18_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., QuantizationResult]:
+    """Quantized maps of :func:`resnet18_onnx`, each made once per session and shared by the tests reading it.
+
+    Returns ``get(bits=8, symmetrical=True, unsigned=False)``: the :class:`QuantizationResult` of a ``fast``
+    map (8 random calibration batches, seed 0, one analysis batch) named ``resnet18_w<b>a<b>[_asym][_unsigned]``,
+    in the session's mapsave directory (``result.directory.parent``). Tests must not change the map.
+    """
+    from maptools.quantization import quantize
+
+    root = tmp_path_factory.mktemp("resnet18_maps")
+    made: dict[str, QuantizationResult] = {}
+
+    def get(bits: int = 8, symmetrical: bool = True, unsigned: bool = False) -> QuantizationResult:
+        name = f"resnet18_w{bits}a{bits}" + ("" if symmetrical else "_asym") + ("_unsigned" if unsigned else "")
+        if name not in made:
+            made[name] = quantize(R18, "cpu", resnet18_onnx, mapname=name, calibset=None, calib_steps=8,
+                                  bit_width=bits, symmetrical=symmetrical, mapsave_dir=root, recipe="fast",
+                                  analysis_steps=1, unsigned_nonnegative=unsigned)
+        return made[name]
+
+    return get
 
 
 class TwoInTwoOut(torch.nn.Module):

@@ -55,18 +55,18 @@ def test_quantize_sources(source, tiny_onnx, tmp_path, calib_npy, capsys):
     assert png.format == "PNG" and png.size[0] > 300
 
 
-def test_inspect_lists_every_conv(resnet18_onnx, tmp_path, capsys):
-    mapsave = tmp_path / "mapsave"
-    assert main(["quantize", str(resnet18_onnx), "--input", "input:1,3,224,224", "--mapname", "r18", "--bits", "4",
-                 "--calib-steps", "8", "--mapsave-dir", str(mapsave), "--recipe", "fast"]) == 0
-    capsys.readouterr()
-    assert main(["inspect", "r18", "--mapsave-dir", str(mapsave)]) == 0
+@pytest.mark.slow
+def test_inspect_lists_every_conv(resnet18_onnx, resnet18_maps, capsys):
+    # the shared map of `maptools quantize resnet18.onnx --bits 4 --calib-steps 8 --recipe fast`
+    result = resnet18_maps(4)
+    mapsave, mapname = str(result.directory.parent), result.mapname
+    assert main(["inspect", mapname, "--mapsave-dir", mapsave]) == 0
     table = capsys.readouterr().out
     convs = [n.name for n in onnx.load(str(resnet18_onnx)).graph.node if n.op_type == "Conv"]
     lines = table.splitlines()
     for name in convs:
         assert any(line.startswith(name + " ") and " Conv " in line for line in lines), name
-    assert main(["inspect", "r18", "--json", "--mapsave-dir", str(mapsave)]) == 0
+    assert main(["inspect", mapname, "--json", "--mapsave-dir", mapsave]) == 0
     parsed = json.loads(capsys.readouterr().out)
     rows = {row["node"]: row for row in parsed["operators"]}
     assert set(convs) <= set(rows)

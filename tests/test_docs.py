@@ -31,6 +31,7 @@ def test_pages_with_examples_exist():
     assert {p.name for p in PAGES} >= {"guide.rst", "results.rst"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
 def test_examples_run(page, tmp_path):
     script = "\n\n".join(runnable_blocks(page))

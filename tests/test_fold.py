@@ -1,4 +1,4 @@
-"""Folding of shape arithmetic (:func:`maptools.quantization.model.fold_shape_computations`) on a hand-made graph."""
+"""Folding of shape arithmetic (:func:`maptools.quantization.folding.fold_shape_computations`) on a hand-made graph."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from maptools.quantization.model import check_input_shapes, fold_shape_computations, load_model, prepare_model
+from maptools.quantization.folding import fold_shape_computations
+from maptools.quantization.model import check_input_shapes, load_model, prepare_model
 
 SHAPE_OPS = {"Shape", "Gather", "Slice", "Mod", "Mul", "Concat"}
 

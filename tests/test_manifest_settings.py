@@ -33,7 +33,7 @@ def _unsigned_tensors(root: Path, mapname: str) -> set[str]:
     ({"symmetrical": False}, "with symmetrical=False (asymmetric activations use 0..2^b-1 with a zero point)"),
 ])
 def test_recipe_unsigned_ranges_turned_off_are_recorded_off(tmp_path, caplog, tiny_onnx, kwargs, reason):
-    with caplog.at_level(logging.INFO, logger="maptools.quantization.api"):
+    with caplog.at_level(logging.INFO, logger="maptools.quantization"):
         settings = _quantize(tmp_path, "m", tiny_onnx, bit_width=8, **kwargs)
     assert settings["recipe"] == "default" and settings["unsigned_nonnegative"] is False
     assert settings["observer"] == kwargs.get("observer", "mse")

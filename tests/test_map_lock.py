@@ -17,7 +17,7 @@ import pytest
 from maptools import MapBusyError
 from maptools.cli import main
 from maptools.examples import digits
-from maptools.quantization import artifacts, read_quantinfo, read_quantparams
+from maptools.quantization import mapdir, read_quantinfo, read_quantparams
 from maptools.quantization.artifacts import MANIFEST, QUANTINFO, dump_pickle, sha256_of, write_map
 
 WRITER = textwrap.dedent("""
@@ -46,6 +46,7 @@ def _names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
+@pytest.mark.slow
 def test_two_processes_writing_the_same_map(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
@@ -75,7 +76,7 @@ def _dead_pid() -> int:
 def test_only_staging_directories_of_writers_that_are_gone_are_removed(tmp_path):
     root = tmp_path / "mapsave"
     root.mkdir()
-    hour_ago = time.time() - 2 * artifacts.STALE_SECONDS
+    hour_ago = time.time() - 2 * mapdir.STALE_SECONDS
     folders = {
         f".m.tmp-{os.getpid()}-abcdefgh": True,  # a live writer (this process): kept
         f".m.tmp-{_dead_pid()}-abcdefgh": False,  # its writer is gone
@@ -113,7 +114,7 @@ def test_a_busy_map_makes_the_second_writer_give_up(held_lock, tiny_onnx, monkey
         write_map(root / "m", {QUANTINFO: dump_pickle({"x": 1})}, {}, lock_timeout=0.2)
     assert 0.2 <= time.monotonic() - started < 5
     assert _names(root) == [".m.lock"]  # nothing written, its staging directory removed
-    monkeypatch.setattr(artifacts, "LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(mapdir, "LOCK_TIMEOUT", 0.2)
     code = main(["quantize", str(tiny_onnx), "--input", "input:2,3,8,8", "--mapname", "m", "--calib-steps", "8",
                  "--recipe", "fast", "--mapsave-dir", str(root)])
     assert code == 2
@@ -131,7 +132,7 @@ def test_readers_rename_nothing_and_wait_for_a_swap(tmp_path, monkeypatch):
     assert _names(root) == [".m.lock", ".m.old-abcdefgh"]  # and nothing renamed
     fd = os.open(root / ".m.lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the writer is still at it
-    monkeypatch.setattr(artifacts, "READ_WAIT", 0.2)
+    monkeypatch.setattr(mapdir, "READ_WAIT", 0.2)
     try:
         with pytest.raises(MapBusyError, match="map 'm' at .* is being written by another process"):
             read_quantinfo("m", root)

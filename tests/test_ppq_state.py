@@ -79,6 +79,7 @@ def assert_same_simulation(original: PPQSession, rebuilt: PPQSession, batches: l
     assert differs_from_fp32, "the rebuilt session does not quantize"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_rebuilt_ppq_session_equals_the_original(case, tmp_path, sessions, digits_batches):
     model, kwargs = CASES[case]

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import write_images
+from conftest import R18, write_images
 
 from maptools.errors import InvalidArgumentError
 from maptools.examples import digits
@@ -25,21 +26,15 @@ from maptools.quantization import (
     read_quantparams,
 )
 from maptools.quantization.engine import LowBitSpec, PPQSession
+from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.intmath import cosine_of, int_range
 from maptools.quantization.model import check_input_shapes, load_model, prepare_model
-
-R18 = {"input": [1, 3, 224, 224]}
-
 
 pytestmark = pytest.mark.stack  # also run on the oldest supported stack (make test)
 
 def run_ort(path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def dequantized_weight(cfg: OperatorQuantConfig, integers: np.ndarray) -> np.ndarray:
@@ -49,25 +44,25 @@ def dequantized_weight(cfg: OperatorQuantConfig, integers: np.ndarray) -> np.nda
     return integers.astype(np.float32) * cfg.weight_scale.astype(np.float32).reshape(shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
-def test_resnet18_artifacts(resnet18_onnx, mapsave, bits):
-    result = quantize(R18, "cpu", resnet18_onnx, mapname=f"r18_{bits}", calib_steps=8, bit_width=bits,
-                      mapsave_dir=mapsave, recipe="fast")
-    info = read_quantinfo(f"r18_{bits}", mapsave)
-    params = read_quantparams(f"r18_{bits}", mapsave)
+def test_resnet18_artifacts(resnet18_onnx, resnet18_maps, bits):
+    result = resnet18_maps(bits)  # quantize(..., calib_steps=8, bit_width=bits, recipe="fast"), shared
+    info = read_quantinfo(result.mapname, result.directory.parent)
+    params = read_quantparams(result.mapname, result.directory.parent)
     convs = [n for n in onnx.load(str(resnet18_onnx)).graph.node if n.op_type == "Conv"]
     inits = {i.name: i for i in onnx.load(str(resnet18_onnx)).graph.initializer}
     assert len(convs) == 20
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    low, high = int_range(bits)
     for node in convs:
         cfg = info[node.name]
         assert cfg.op_type == "Conv" and cfg.weight_bits == bits and cfg.input_bits == bits
         assert (cfg.weight_min, cfg.weight_max) == (low, high)
-        w = params[f"{node.name}_conv_weight"]
+        w = params[weight_key(node.name, "Conv")]
         assert w.shape == tuple(inits[node.input[1]].dims)
         assert np.issubdtype(w.dtype, np.integer) and low <= w.min() and w.max() <= high
         assert cfg.weight_scale.shape == (w.shape[0],) and np.all(cfg.weight_scale > 0)
-        bias = params[f"{node.name}_conv_bias"]
+        bias = params[bias_key(node.name, "Conv")]
         assert bias.dtype == np.int32 and bias.shape == (w.shape[0],)
         np.testing.assert_allclose(cfg.bias_scale, cfg.input_scale * cfg.weight_scale, rtol=1e-6)
     fc = info["/fc/Gemm"]
@@ -79,10 +74,10 @@ def test_resnet18_artifacts(resnet18_onnx, mapsave, bits):
     quant = run_ort(result.model_path, {"input": x})[0]
     assert quant.shape == fp32.shape == (1, 1000)
     if bits == 8:
-        assert cosine(fp32, quant) >= 0.99
+        assert cosine_of(fp32, quant) >= 0.99
         assert result.output_snr_db["output"] > 15
     else:
-        assert cosine(fp32, quant) >= 0.8
+        assert cosine_of(fp32, quant) >= 0.8
 
 
 def _session(path, shapes, bits, symmetrical=True) -> PPQSession:
@@ -93,9 +88,23 @@ def _session(path, shapes, bits, symmetrical=True) -> PPQSession:
     return session
 
 
+@pytest.fixture(scope="module")
+def resnet18_sessions(resnet18_onnx) -> Callable[[int], PPQSession]:
+    """``get(bits)``: a quantized PPQ session of resnet18, made once per module (tests only read it)."""
+    made: dict[int, PPQSession] = {}
+
+    def get(bits: int) -> PPQSession:
+        if bits not in made:
+            made[bits] = _session(resnet18_onnx, R18, bits)
+        return made[bits]
+
+    return get
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
-def test_dequantized_weights_equal_ppq(resnet18_onnx, bits):
-    session = _session(resnet18_onnx, R18, bits)
+def test_dequantized_weights_equal_ppq(resnet18_sessions, bits):
+    session = resnet18_sessions(bits)
     info, params, fake = session.quantinfo(), session.quantparams(), session.fake_quantized_parameters()
     assert set(fake) == {k for k, v in params.items() if v is not None} and len(fake) == 42
     for key, ppq_value in fake.items():
@@ -108,8 +117,9 @@ def test_dequantized_weights_equal_ppq(resnet18_onnx, bits):
         np.testing.assert_array_equal(ours, ppq_value, err_msg=key)
 
 
-def test_quant_model_matches_ppq_simulation_at_4_bits(resnet18_onnx):
-    session = _session(resnet18_onnx, R18, 4)
+@pytest.mark.slow
+def test_quant_model_matches_ppq_simulation_at_4_bits(resnet18_sessions):
+    session = resnet18_sessions(4)
     model = session.export_qdq()
     batch = random_calibset({"input": (1, 3, 224, 224)}, 1, seed=11)[0]
     ppq_out = session.forward(batch)["output"]
@@ -150,7 +160,7 @@ def test_two_inputs_two_outputs(two_io_onnx, mapsave):
     q_cls, q_seg = run_ort(result.model_path, feeds)  # batch 5: dynamic batch kept from the float model
     assert q_cls.shape == (5, 5) and q_seg.shape == (5, 4, 8, 8)
     # random weights and random data: a loose bound; the accuracy claims are made on the trained example
-    assert cosine(fp_cls, q_cls) > 0.95 and cosine(fp_seg, q_seg) > 0.98, result.output_snr_db
+    assert cosine_of(fp_cls, q_cls) > 0.95 and cosine_of(fp_seg, q_seg) > 0.98, result.output_snr_db
 
 
 @pytest.mark.parametrize("mode,channels", [("RGB", 3), ("L", 1)])
@@ -177,6 +187,7 @@ def test_imagefolder_grayscale_model_quantizes(tmp_path, mapsave, tiny_onnx):
     assert result.output_snr_db["out"] > 5
 
 
+@pytest.mark.slow
 def test_same_seed_same_artifacts(tiny_onnx, tmp_path):
     """Byte-identical artifacts from two processes with different string hashing (PPQ iterates sets of names:
     quant_model.onnx's initializers came out in another order in each process before they were sorted)."""
@@ -224,6 +235,7 @@ def test_exports_at_opset13(tmp_path, tiny_onnx, mapsave):
         assert onnx.load(str(result.model_path)).opset_import[0].version == 13, name
 
 
+@pytest.mark.slow
 def test_threads_change_no_artifact_byte_and_are_restored(tmp_path):
     """quantize(threads=...) sets torch's CPU threads for its own work only; the map does not depend on it."""
     torch.set_num_threads(2)

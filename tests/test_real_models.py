@@ -22,6 +22,8 @@ from corpus import registry, tasks  # noqa: E402
 from maptools.errors import UnsupportedOperatorError  # noqa: E402
 from maptools.quantization import quantize, read_quantinfo, verify  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trained models of the corpus, quantized and scored
+
 
 def _corpus(name: str) -> registry.CorpusModel:
     if not registry.available(name):

@@ -7,6 +7,8 @@ would produce, built directly from ``load_split('train')`` to save time).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -14,8 +16,10 @@ import torch
 
 from maptools import InvalidArgumentError
 from maptools.examples import digits, mobile
-from maptools.quantization import OBSERVERS, RECIPES, quantize, read_quantinfo, read_quantparams
+from maptools.quantization import OBSERVERS, RECIPES, quantize, read_quantinfo, read_quantparams, verify
 from maptools.quantization.engine.recipes import build_setting
+from maptools.quantization.format import weight_key
+from maptools.quantization.intmath import snr_db_of
 
 SHAPES = {digits.INPUT_NAME: list(digits.INPUT_SHAPE)}
 FIRST_CONV = "/stem/stem.0/Conv"
@@ -56,10 +60,6 @@ def _top1(result, digits_test) -> float:
     return digits.onnx_top1(result.model_path, images, labels)
 
 
-def _weight_key(name: str, op_type: str) -> str:
-    return f"{name}_{'conv' if op_type == 'Conv' else 'gemm'}_weight"
-
-
 @pytest.mark.parametrize(("w_bits", "a_bits"), [(4, 8), (2, 4)])
 def test_bit_split_in_quantinfo_and_quantparams(mapsave, calib32, w_bits, a_bits):
     name = f"split_w{w_bits}a{a_bits}"
@@ -76,7 +76,7 @@ def test_bit_split_in_quantinfo_and_quantparams(mapsave, calib32, w_bits, a_bits
     for cfg in weighted:
         assert (cfg.weight_bits, cfg.input_bits) == (w_bits, a_bits), cfg
         assert (cfg.weight_min, cfg.weight_max) == (w_low, w_high)
-        weight = params[_weight_key(cfg.name, cfg.op_type)]
+        weight = params[weight_key(cfg.name, cfg.op_type)]
         assert np.issubdtype(weight.dtype, np.integer)
         assert weight.min() == w_low or weight.max() == w_high  # min-max weights reach the range end
         assert w_low <= weight.min() and weight.max() <= w_high
@@ -91,14 +91,14 @@ def test_layer_bits_first_conv_and_last_gemm_at_8_bits(mapsave, calib32, digits_
     for node in (FIRST_CONV, LAST_GEMM):
         cfg = info[node]
         assert (cfg.weight_bits, cfg.input_bits, cfg.weight_min, cfg.weight_max) == (8, 8, -128, 127), cfg
-        weight = params[_weight_key(node, cfg.op_type)]
+        weight = params[weight_key(node, cfg.op_type)]
         assert weight.min() < -8 or weight.max() > 7  # really 8-bit integers, not 4-bit ones
     assert info[LAST_GEMM].output_bits == 8
     others = [cfg for cfg in info.values() if cfg.op_type in WEIGHTED and cfg.name not in (FIRST_CONV, LAST_GEMM)]
     assert len(others) == 7
     for cfg in others:
         assert (cfg.weight_bits, cfg.input_bits, cfg.output_bits) == (4, 4, 4), cfg
-        weight = params[_weight_key(cfg.name, cfg.op_type)]
+        weight = params[weight_key(cfg.name, cfg.op_type)]
         assert weight.min() >= -8 and weight.max() <= 7
     assert result.operators[FIRST_CONV].weight_bits == 8
     assert _top1(result, digits_test) >= fp32_top1["digits"] - 3.0  # percentile observer, W4A4 elsewhere
@@ -144,12 +144,31 @@ def test_build_setting_rejects_bad_arguments(recipe, calib_batches, observer):
         build_setting(recipe, "cpu", calib_batches, observer=observer)
 
 
+@pytest.mark.slow
+def test_best_recipe_on_a_tiny_model(tmp_path, tiny_onnx):
+    """``best`` end to end (LSQ on top of ``default``) on the hand-built Conv -> Relu -> pool -> Gemm model."""
+    kwargs = {"calib_steps": 8, "bit_width": 4, "analysis_steps": 1, "mapsave_dir": tmp_path}
+    default = quantize({"input": [4, 3, 8, 8]}, "cpu", tiny_onnx, mapname="default", recipe="default", **kwargs)
+    best = quantize({"input": [4, 3, 8, 8]}, "cpu", tiny_onnx, mapname="best", recipe="best", **kwargs)
+    settings = json.loads(best.manifest_path.read_text())["settings"]
+    assert (settings["recipe"], settings["observer"], settings["weight_observer"]) == ("best", "mse", "mse")
+    assert settings["unsigned_nonnegative"] is True
+    # LSQ trained the weights and scales: another map than default's, whose executions still agree
+    assert best.quantparams_path.read_bytes() != default.quantparams_path.read_bytes()
+    report = verify("best", mapsave_dir=tmp_path)
+    assert not report.failures and report.get("fp32", "onnxruntime").snr_db > 8.0
+    assert report.get("ppq", "onnxruntime").within_one_step >= 0.995
+    assert report.get("ppq", "integer").within_one_step >= 0.995
+
+
+@pytest.mark.slow
 def test_default_recipe_digits_w4a4_within_1_point(mapsave, calib32, digits_test, fp32_top1):
     result = _quantize(digits.MODEL_PATH, mapsave, "default_w4a4", calib32, steps=32, bit_width=4,
                        recipe="default")
     assert _top1(result, digits_test) >= fp32_top1["digits"] - 1.0
 
 
+@pytest.mark.slow
 def test_mobile_w8a8_default(mapsave, calib32, digits_test, fp32_top1):
     assert fp32_top1["mobile"] >= 98.5
     result = _quantize(mobile.MODEL_PATH, mapsave, "mobile_w8a8", calib32, steps=32, bit_width=8,
@@ -175,6 +194,7 @@ def test_mobile_w8a8_default(mapsave, calib32, digits_test, fp32_top1):
         assert (info[gate.name].outputs[0].qmin, info[gate.name].outputs[0].qmax) == (0, 255)
 
 
+@pytest.mark.slow
 def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
     # W4A4: at W8A4 the gain shrank to noise (+-0.3 dB on one analysis batch) once HardSwish stopped being
     # quantized as x, HardSigmoid(x) and the product (the hard-sigmoid outputs were the unsigned tensors
@@ -204,13 +224,13 @@ def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
     fp32 = _logits(mobile.MODEL_PATH, images)
 
     def snr(result) -> float:
-        noise = _logits(result.model_path, images) - fp32
-        return float(10 * np.log10(np.sum(fp32.astype(np.float64) ** 2) / np.sum(noise.astype(np.float64) ** 2)))
+        return snr_db_of(fp32, _logits(result.model_path, images))
 
     gain = snr(unsigned) - snr(signed)
     assert gain > 0.3, gain
 
 
+@pytest.mark.slow
 def test_first_last_bits_is_layer_bits_on_the_first_and_last_mac(mapsave, calib32):
     """first_last_bits=8 gives the same map as layer_bits on the first Conv and the last Gemm; layer_bits wins."""
     by_option = _quantize(digits.MODEL_PATH, mapsave, "first_last", calib32, bit_width=4, first_last_bits=8)

@@ -32,6 +32,7 @@ from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits, mobile
 from maptools.quantization import quantize, read_quantinfo, read_quantparams
 from maptools.quantization.artifacts import QUANTMODEL, map_directory
+from maptools.quantization.intmath import snr_db_of
 from maptools.quantization.reference import ReferenceExecutor, simulate
 from maptools.quantization.reference import values as reference_values
 
@@ -89,9 +90,7 @@ def _agreement(candidate: np.ndarray, reference: np.ndarray, step: float) -> tup
     """(% of elements within one step of the reference, SNR in dB of the candidate against the reference)."""
     c, r = np.asarray(candidate, np.float64), np.asarray(reference, np.float64)
     within = float(np.mean(np.abs(c - r) <= step * (1 + 1e-5)) * 100.0)
-    noise = float(np.sum((c - r) ** 2))
-    snr = float("inf") if noise == 0.0 else float(10.0 * np.log10(np.sum(r * r) / noise))
-    return within, snr
+    return within, snr_db_of(r, c)
 
 
 def _fmt(within: float, snr: float) -> str:
@@ -241,27 +240,13 @@ def digits_run(request, mapsave, test_images) -> Run:
     return run
 
 
-@pytest.fixture(scope="module")
-def resnet18_onnx(tmp_path_factory) -> Path:
-    torchvision = pytest.importorskip("torchvision")
-    path = tmp_path_factory.mktemp("models") / "resnet18.onnx"
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
-    torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(path), input_names=["input"], output_names=["output"],
-                      opset_version=13, dynamo=False)
-    return path
-
-
 @pytest.fixture(scope="module", params=list(RESNET_CASES))
-def resnet18_run(request, mapsave, resnet18_onnx) -> Run:
-    mapname = f"resnet18_{request.param}"
+def resnet18_run(request, resnet18_maps) -> Run:
     bits, symmetrical, unsigned = RESNET_CASES[request.param]
-    quantize({"input": [1, 3, 224, 224]}, "cpu", resnet18_onnx, mapname=mapname, calibset=None, calib_steps=8,
-             bit_width=bits, symmetrical=symmetrical, mapsave_dir=mapsave, recipe="fast", analysis_steps=1,
-             unsigned_nonnegative=unsigned)
+    result = resnet18_maps(bits, symmetrical, unsigned)  # shared with the other tests of resnet18
     generator = np.random.default_rng(2024)
     batches = [generator.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(RESNET_BATCHES)]
-    return _execute(mapname, mapsave, "output", batches, layers=True)
+    return _execute(result.mapname, result.directory.parent, "output", batches, layers=True)
 
 
 @pytest.fixture(scope="module", params=list(MOBILE_CASES))
@@ -305,6 +290,7 @@ def _low_bit(run: Run) -> bool:
     return RESNET_CASES[run.mapname.removeprefix("resnet18_")][0] <= 4
 
 
+@pytest.mark.slow
 def test_resnet18_ort_matches_ppq(resnet18_run: Run, record_property) -> None:
     _record(resnet18_run, record_property, ("ort", "ppq"), ("ort_optimized", "ppq"))
     for candidate in ("ort", "ort_optimized"):
@@ -320,6 +306,7 @@ def test_resnet18_ort_matches_ppq(resnet18_run: Run, record_property) -> None:
             assert np.array_equal(resnet18_run.outputs[candidate].argmax(1), resnet18_run.outputs["ppq"].argmax(1))
 
 
+@pytest.mark.slow
 def test_resnet18_integer_matches_ppq(resnet18_run: Run, record_property) -> None:
     _record(resnet18_run, record_property, ("integer", "ppq"), ("integer", "ort"))
     _check_disagreement_starts_at_ties(resnet18_run)
@@ -331,6 +318,7 @@ def test_resnet18_integer_matches_ppq(resnet18_run: Run, record_property) -> Non
         assert np.array_equal(resnet18_run.outputs["integer"].argmax(1), resnet18_run.outputs["ppq"].argmax(1))
 
 
+@pytest.mark.slow
 def test_resnet18_integer_ranges(resnet18_run: Run) -> None:
     _check_integer_ranges(resnet18_run)
 
@@ -457,6 +445,7 @@ class _Activations(torch.nn.Module):
         return torch.sigmoid(self.fc(functional.adaptive_avg_pool2d(c, 1).flatten(1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("opset", "bits"), [(13, 4), (14, 4), (14, 8)])
 def test_fused_activations_match_onnxruntime(mapsave: Path, tmp_path: Path, record_property, opset: int,
                                              bits: int) -> None:

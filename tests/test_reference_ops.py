@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from maptools.errors import UnsupportedOperatorError
 from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS, dump_pickle, write_map
+from maptools.quantization.format import bias_key, weight_key
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import SUPPORTED_OPS, ReferenceExecutor, simulate
 from maptools.quantization.reference.generic import CANDIDATE_OPS, GENERIC_OPS
@@ -172,8 +173,7 @@ def _mac_graph(op_type: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...],
     q = rng.integers(-127, 128, w_shape)
     w_scale = rng.uniform(0.002, 0.01, channels).astype(np.float32)
     inputs = [x, g.weight("w", q, w_scale, axis)]
-    family = "conv" if op_type in ("Conv", "ConvTranspose") else "gemm"
-    g.quantparams[f"mac_{family}_weight"] = q.astype(np.int8)
+    g.quantparams[weight_key("mac", op_type)] = q.astype(np.int8)
     out_channels = channels * int(node_attrs.get("group", 1)) if op_type == "ConvTranspose" else channels
     bias_scale = (np.float32(x_t.scale) * np.tile(w_scale, out_channels // channels)).astype(np.float32)
     if bias:
@@ -183,7 +183,7 @@ def _mac_graph(op_type: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...],
         g.const("b_zp", np.zeros(out_channels, np.int32))
         g.nodes.append(helper.make_node("DequantizeLinear", ["b_int", "b_scale", "b_zp"], ["b"], name="b_dq", axis=0))
         inputs.append("b")
-        g.quantparams[f"mac_{family}_bias"] = b.astype(np.int32)
+        g.quantparams[bias_key("mac", op_type)] = b.astype(np.int32)
     (y,) = g.op(op_type, inputs, name="mac", ins=[x_t, None, None], outs=[out_t], **node_attrs)
     record = g.quantinfo["mac"]
     record.weight_scale, record.weight_axis, record.weight_bits = w_scale, axis, 8

@@ -20,6 +20,7 @@ FILES = ("quantinfo.pkl", "quantparams.pkl", "quant_model.onnx")
     {"recipe": "default", "bit_width": 4},
     {"recipe": "default", "bit_width": 4, "symmetrical": False},
 ])
+@pytest.mark.slow
 def test_speedups_change_no_artifact_byte(tiny_onnx, tmp_path, monkeypatch, kwargs):
     def run(name):
         result = quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname=name, calib_steps=8,

@@ -19,6 +19,8 @@ import pytest
 from maptools.examples import digits, mobile
 from maptools.quantization.artifacts import PPQSTATE, QUANTINFO, QUANTMODEL, QUANTPARAMS
 
+pytestmark = pytest.mark.slow  # quantizes in a second interpreter on the oldest stack
+
 OLDEST_PYTHON = os.environ.get("MAPTOOLS_OLDEST_PYTHON")
 ARTIFACTS = (QUANTINFO, QUANTPARAMS, QUANTMODEL, PPQSTATE)
 #: (model, input shape, extra CLI arguments): the default recipe at 4 bits on both bundled models, one of

@@ -51,6 +51,7 @@ def test_all_zero_channel_scale_is_zero_for_the_caller() -> None:
     assert weight_scales(weight, 0, -8, 7, "minmax").tolist() == [pytest.approx(2.0 / 8), 0.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "observer"), [("fast", "ppq"), ("default", "minmax"), ("best", "mse")])
 def test_each_recipe_records_and_applies_its_weight_observer(tmp_path, recipe: str, observer: str) -> None:
     images, _ = digits.load_split("train")

@@ -19,6 +19,8 @@ from conftest import export_onnx
 
 from maptools.quantization import quantize, read_quantinfo
 
+pytestmark = pytest.mark.slow  # torchvision models at full size
+
 SIZE = 64
 SHAPE = [1, 3, SIZE, SIZE]
 # Lowest output cosine (quant_model.onnx vs FP32 in onnxruntime, 4 random inputs) accepted at W4A4; measured

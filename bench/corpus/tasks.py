@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from maptools.quantization.intmath import snr_db_of
+
 __all__ = [
     "Detections", "box_iou", "classifier_metrics", "decode_yolov8", "detection_metrics", "evaluate",
     "face_decision_metrics", "is_probability", "kl_divergence", "match_detections", "nms", "pnet_metrics",
@@ -34,18 +36,15 @@ Outputs = Sequence[Sequence[np.ndarray]]  # per feed, the list of model outputs
 
 
 def snr_db(ref: np.ndarray | Sequence[np.ndarray], cand: np.ndarray | Sequence[np.ndarray]) -> float:
-    """Signal-to-noise ratio in dB: ``10 log10(sum ref^2 / sum (ref - cand)^2)``; ``inf`` if identical."""
+    """Signal-to-noise ratio in dB: ``10 log10(sum ref^2 / sum (ref - cand)^2)``; ``inf`` if identical.
+
+    All arrays flattened and joined, then :func:`maptools.quantization.intmath.snr_db`.
+    """
     r = np.concatenate([np.asarray(a, np.float64).ravel() for a in _as_list(ref)])
     c = np.concatenate([np.asarray(a, np.float64).ravel() for a in _as_list(cand)])
     if r.shape != c.shape:
         raise ValueError(f"shapes differ: {r.shape} vs {c.shape}")
-    noise = float(np.sum((r - c) ** 2))
-    signal = float(np.sum(r ** 2))
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * float(np.log10(signal / noise))
+    return snr_db_of(r, c)
 
 
 def _as_list(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -17,12 +17,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["FIGURE_PIXELS", "KINDS", "REPORT_JSON", "REPORT_PNG", "WORST_SHOWN", "render_report", "worst_operators"]
+from maptools.quantization.format import MAC_TYPES, REPORT_JSON, REPORT_PNG
 
-#: Settings, timings and per-operator error.
-REPORT_JSON = "report.json"
-#: Per-operator SNR figure.
-REPORT_PNG = "report.png"
+__all__ = ["FIGURE_PIXELS", "KINDS", "REPORT_JSON", "REPORT_PNG", "WORST_SHOWN", "render_report", "worst_operators"]
 
 
 def _finite(value: float) -> float | str:
@@ -37,7 +34,7 @@ _DPI = 100
 
 #: Operator kinds and their colours in ``report.png``; a type not listed is "other".
 KINDS: dict[str, tuple[str, frozenset[str]]] = {
-    "conv / matmul": ("tab:blue", frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})),
+    "conv / matmul": ("tab:blue", MAC_TYPES),
     "activation": ("tab:orange", frozenset({"Relu", "Clip", "PRelu", "LeakyRelu", "Sigmoid", "HardSigmoid",
                                             "HardSwish", "Tanh", "Softmax", "Elu", "Selu", "Gelu", "Swish",
                                             "Mish", "Softplus"})),

@@ -29,6 +29,7 @@ import numpy as np
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts
+from maptools.quantization.intmath import cosine, error_sums, snr_db
 from maptools.quantization.reference import ReferenceExecutor
 from maptools.quantization.replay import float_model_path, ppq_session
 
@@ -54,8 +55,10 @@ class PairMetrics:
         output: Graph output name.
         reference: Name of the reference execution.
         candidate: Name of the compared execution.
-        snr_db: ``10 log10(|ref|^2 / |ref - cand|^2)``; None when the pair was not run.
-        cosine: Cosine similarity; None when the pair was not run.
+        snr_db: ``10 log10(|ref|^2 / |ref - cand|^2)`` (:func:`~maptools.quantization.intmath.snr_db`); None
+            when the pair was not run.
+        cosine: Cosine similarity (:func:`~maptools.quantization.intmath.cosine`, within ``[-1, 1]``, 1 for
+            equal outputs); None when the pair was not run.
         top1_agreement: Fraction of samples with the same argmax along axis 1, for class-score outputs only
             (shape ``[N, C]`` with ``C > 1``); None for any other output (a detector's ``[1, 22, 2100]``, a
             segmentation map, a scalar), where an argmax along axis 1 means nothing.
@@ -147,11 +150,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray, step: float | None = N
     """
     r = np.asarray(reference, dtype=np.float64)
     c = np.asarray(candidate, dtype=np.float64)
-    noise = float(np.sum((r - c) ** 2))
-    signal = float(np.sum(r * r))
-    snr = float("inf") if noise == 0 else (float("-inf") if signal == 0 else float(10 * np.log10(signal / noise)))
-    denom = float(np.linalg.norm(r) * np.linalg.norm(c))
-    cos = min(1.0, max(-1.0, float(np.sum(r * c) / denom))) if denom > 0 else float(noise == 0)  # no 1 + 2e-16
+    signal, noise, dot, power = error_sums(r, c)
+    snr = snr_db(signal, noise)
+    # equal arrays (all zeros included) agree fully; otherwise no 1 + 2e-16
+    cos = 1.0 if noise == 0 else min(1.0, max(-1.0, cosine(dot, signal, power)))
     top1 = float(np.mean(r.argmax(axis=1) == c.argmax(axis=1))) if r.ndim == 2 and r.shape[1] > 1 else None
     within = float(np.mean(np.abs(r - c) <= step * (1 + 1e-6) + 1e-12)) if step is not None else None
     return {"snr_db": snr, "cosine": cos, "top1": top1, "within": within}

@@ -14,9 +14,17 @@ only 89% of outputs within one quantization step of PPQ; with the Clip, identica
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq
+from maptools.errors import EngineError
+from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
+from maptools.quantization.format import QUANTMODEL
+from maptools.quantization.intmath import container_dtype
 
 import_ppq()
 
@@ -25,7 +33,10 @@ from ppq.IR import BaseGraph, Operation, QuantableOperation, Variable  # noqa: E
 from ppq.parser.onnxruntime_exporter import ONNXRUNTIMExporter, QDQHelper  # noqa: E402
 from ppq.utils.round import ppq_tensor_round  # noqa: E402
 
-__all__ = ["FaithfulQDQExporter", "quantize_to_int"]
+__all__ = ["FaithfulQDQExporter", "export_qdq", "quantize_to_int"]
+
+#: The torch dtype of each integer container of :func:`~maptools.quantization.intmath.container_dtype`.
+_TORCH_DTYPES = {np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8, np.dtype(np.int32): torch.int32}
 
 
 def quantize_to_int(value: torch.Tensor, config: TensorQuantizationConfig) -> torch.Tensor:
@@ -43,12 +54,12 @@ def quantize_to_int(value: torch.Tensor, config: TensorQuantizationConfig) -> to
 
 
 def _container(config: TensorQuantizationConfig) -> torch.dtype:
-    """Integer container of a quantized tensor: int32 for biases, uint8 when asymmetric, else int8."""
-    if config.num_of_bits > 8:
-        return torch.int32
-    if config.policy.has_property(QuantizationProperty.ASYMMETRICAL):
-        return torch.uint8
-    return torch.int8
+    """Integer container of a quantized tensor (:func:`~maptools.quantization.intmath.container_dtype`).
+
+    int32 for biases, uint8 when asymmetric (unsigned ranges included), else int8.
+    """
+    signed = not config.policy.has_property(QuantizationProperty.ASYMMETRICAL)
+    return _TORCH_DTYPES[container_dtype(int(config.num_of_bits), signed)]
 
 
 class FaithfulQDQExporter(ONNXRUNTIMExporter):
@@ -131,3 +142,57 @@ class FaithfulQDQExporter(ONNXRUNTIMExporter):
                     and torch.max(torch.abs(offset.float() - config.offset.float())).item() < 0.1):
                 return True
         return False
+
+
+def _copy_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """Give ``target`` the graph inputs/outputs of ``source``: same order, same types (dynamic dims kept)."""
+    for kind in ("input", "output"):
+        declared = {vi.name: vi for vi in getattr(source.graph, kind)}
+        present = {vi.name: vi for vi in getattr(target.graph, kind)}
+        order = [name for name in declared if name in present] + [n for n in present if n not in declared]
+        merged = []
+        for name in order:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(present[name])
+            if name in declared:
+                vi.type.CopyFrom(declared[name].type)
+            merged.append(vi)
+        container = getattr(target.graph, kind)
+        del container[:]
+        container.extend(merged)
+    del target.graph.value_info[:]
+
+
+def export_qdq(graph: BaseGraph, opset: int, io_like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The faithful QDQ model of a quantized graph (``quant_model.onnx``), checked by ``onnx.checker``.
+
+    Args:
+        graph: The quantized PPQ graph (a copy is exported; the graph is not changed).
+        opset: The float model's opset (the export uses at least 13).
+        io_like: The original model: its graph input and output types (dynamic dims included) are
+            copied onto the export, and intermediate shapes are dropped, so the QDQ model accepts
+            the same shapes as the float one.
+
+    Raises:
+        EngineError: the exported model fails ``onnx.checker``. PPQ's own errors while exporting propagate.
+    """
+    exporter = FaithfulQDQExporter()
+    exporter.opset = opset
+    with tempfile.TemporaryDirectory(prefix="maptools-") as tmp:
+        path = Path(tmp) / QUANTMODEL
+        with ppq_silenced():
+            exporter.export(file_path=str(path), graph=graph.copy(), quantized_param=True)
+        model = onnx.load(str(path))
+    model.producer_name = "maptools"
+    # PPQ writes the initializers in the iteration order of a set of names, which follows Python's
+    # per-process string hashing: sorted, the same map is the same bytes in every process
+    initializers = sorted(model.graph.initializer, key=lambda tensor: tensor.name)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    if io_like is not None:
+        _copy_io_types(io_like, model)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise EngineError(f"the exported QDQ model fails onnx.checker: {exc}") from exc
+    return model

@@ -17,6 +17,8 @@ from functools import partial
 import torch
 
 from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.format import BIAS_TYPES, MAC_TYPES
+from maptools.quantization.intmath import BIAS_BITS, ROUNDING, bias_range, int_range, unsigned_range
 
 import_ppq()
 
@@ -26,6 +28,7 @@ from ppq.core import (  # noqa: E402
     QuantizationPolicy,
     QuantizationProperty,
     QuantizationStates,
+    RoundingPolicy,
     TargetPlatform,
 )
 from ppq.IR import BaseGraph, Operation  # noqa: E402
@@ -43,18 +46,12 @@ from maptools.quantization.engine.fusion import (  # noqa: E402
 )
 from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E402
 
-__all__ = ["LowBitQuantizer", "LowBitSpec", "int_range"]
+__all__ = ["BIAS_BITS", "BIAS_TYPES", "WEIGHTED_TYPES", "LowBitQuantizer", "LowBitSpec", "int_range"]
 
-WEIGHTED_TYPES = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-BIAS_TYPES = {"Conv", "ConvTranspose", "Gemm"}
-BIAS_BITS = 32
-
-
-def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer range of a ``bits``-bit tensor: signed when symmetric, unsigned otherwise."""
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+#: Operator types whose constant weight (input 1) is quantized per output channel: the MAC operators.
+WEIGHTED_TYPES = MAC_TYPES
+#: PPQ's rounding policy for :data:`~maptools.quantization.intmath.ROUNDING`.
+_ROUNDING_POLICIES = {"half_even": RoundingPolicy.ROUND_HALF_EVEN}
 
 
 @dataclass(frozen=True)
@@ -274,6 +271,11 @@ class LowBitQuantizer(TensorRTQuantizer):
         return self._unsigned
 
     @property
+    def rounding_policy(self) -> RoundingPolicy:
+        """Round half to even (:data:`~maptools.quantization.intmath.ROUNDING`), as PPQ's TensorRT quantizer."""
+        return _ROUNDING_POLICIES[ROUNDING]
+
+    @property
     def activation_fusion_types(self) -> set[str]:
         """Activations applied to the accumulator of the MAC before them: PPQ's TensorRT set plus HardSwish."""
         return set(FUSED_ACTIVATION_TYPES)
@@ -313,7 +315,7 @@ class LowBitQuantizer(TensorRTQuantizer):
             tqc.policy = self._policy(
                 QuantizationProperty.ASYMMETRICAL + QuantizationProperty.LINEAR + QuantizationProperty.PER_TENSOR
             )
-            tqc.quant_min, tqc.quant_max = int_range(tqc.num_of_bits, False)
+            tqc.quant_min, tqc.quant_max = unsigned_range(tqc.num_of_bits)
 
     def _bits_of(self, operation: Operation) -> tuple[int, int]:
         """Bits of an operator; an activation fused into an overridden Conv/Gemm inherits its override.
@@ -366,8 +368,7 @@ class LowBitQuantizer(TensorRTQuantizer):
                 bias = config.input_quantization_config[2]
                 bias.policy = self._policy(QuantizationProperty.SYMMETRICAL + QuantizationProperty.LINEAR + granularity)
                 bias.num_of_bits = BIAS_BITS
-                bias.quant_max = 2 ** (BIAS_BITS - 1) - 1
-                bias.quant_min = -(2 ** (BIAS_BITS - 1)) + 1
+                bias.quant_min, bias.quant_max = bias_range(BIAS_BITS)
                 bias.state = QuantizationStates.PASSIVE_INIT
                 if self._spec.per_channel:
                     bias.channel_axis = 0

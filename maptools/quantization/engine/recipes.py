@@ -5,7 +5,8 @@
   parameter baking).
 * ``default``: calibration with PPQ's MSE observer (a histogram search of the clipping range that
   minimises the quantization error), and never-negative activations on the unsigned range
-  (:data:`RECIPE_UNSIGNED`, see :mod:`maptools.quantization.engine.unsigned`). Still calibration only.
+  (:data:`~maptools.quantization.options.RECIPE_UNSIGNED`, see :mod:`maptools.quantization.engine.unsigned`).
+  Still calibration only.
 * ``best``: ``default`` plus PPQ's LSQ fine-tuning of weights, biases and scales on the calibration data,
   block by block (4 operators), against the FP32 outputs of each block, with a learning rate that depends
   on the activation bits (:func:`lsq_learning_rate`); zero points are not trained
@@ -49,6 +50,13 @@ from __future__ import annotations
 
 from maptools.errors import InvalidArgumentError
 from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.options import (
+    OBSERVERS,
+    RECIPE_OBSERVERS,
+    RECIPE_UNSIGNED,
+    RECIPE_WEIGHT_OBSERVERS,
+    RECIPES,
+)
 
 import_ppq()
 
@@ -64,20 +72,9 @@ __all__ = [
     "RECIPE_UNSIGNED",
     "RECIPE_WEIGHT_OBSERVERS",
     "build_setting",
+    "default_setting",
     "lsq_learning_rate",
 ]
-
-#: Recipe names accepted by ``quantize(recipe=...)``.
-RECIPES = ("fast", "default", "best")
-
-#: Activation observer each recipe calibrates with; None means the ``observer`` given to ``quantize``.
-RECIPE_OBSERVERS: dict[str, str | None] = {"fast": None, "default": "mse", "best": "mse"}
-
-#: Whether each recipe quantizes non-negative activations over the unsigned range (see ``quantize``).
-RECIPE_UNSIGNED: dict[str, bool] = {"fast": False, "default": True, "best": True}
-
-#: How each recipe chooses weight scales (see :func:`~maptools.quantization.engine.quantizer.weight_scales`).
-RECIPE_WEIGHT_OBSERVERS: dict[str, str] = {"fast": "ppq", "default": "minmax", "best": "mse"}
 
 #: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate (activations wider than 4
 #: bits, and 4 bits or fewer), operators per block.
@@ -85,6 +82,11 @@ LSQ_STEPS = 300
 LSQ_LR = 1e-4
 LSQ_LR_LOW_BIT = 1e-3
 LSQ_BLOCK_SIZE = 4
+
+
+def default_setting() -> QuantizationSetting:
+    """PPQ's TensorRT setting, the baseline every recipe starts from."""
+    return QuantizationSettingFactory.trt_setting()
 
 
 def lsq_learning_rate(activation_bits: int) -> float:
@@ -105,30 +107,28 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
     """Build the PPQ ``QuantizationSetting`` of a recipe.
 
     Args:
-        recipe: One of :data:`RECIPES`.
+        recipe: One of :data:`~maptools.quantization.options.RECIPES`.
         device: Execution device (``'cpu'`` or ``'cuda'``); LSQ caches its training data there.
         calib_batches: Number of calibration batches; LSQ trains on all of them, cycling when it takes
             more steps than there are batches.
         observer: Activation observer every recipe calibrates with (one of ``quantize``'s
-            ``OBSERVERS``); None for the recipe's own (:data:`RECIPE_OBSERVERS`).
+            ``OBSERVERS``); None for the recipe's own (:data:`~maptools.quantization.options.RECIPE_OBSERVERS`).
         activation_bits: The map's (default) activation bit width; sets ``best``'s LSQ learning rate.
 
     Returns:
         A fresh setting (the caller may modify it).
 
     Raises:
-        InvalidArgumentError: ``recipe`` is not one of :data:`RECIPES`, ``calib_batches`` < 1 or
-            ``observer`` is unknown.
+        InvalidArgumentError: ``recipe`` is not one of :data:`~maptools.quantization.options.RECIPES`,
+            ``calib_batches`` < 1 or ``observer`` is unknown.
     """
-    from maptools.quantization.api import OBSERVERS
-
     if recipe not in RECIPES:
         raise InvalidArgumentError(f"recipe: expected one of {list(RECIPES)}, got {recipe!r}")
     if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
         raise InvalidArgumentError(f"calib_batches: expected a positive int, got {calib_batches!r}")
     if observer is not None and observer not in OBSERVERS:
         raise InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)} or None, got {observer!r}")
-    setting = QuantizationSettingFactory.trt_setting()
+    setting = default_setting()
     observer = observer if observer is not None else RECIPE_OBSERVERS[recipe]
     if observer is not None:
         setting.quantize_activation_setting.calib_algorithm = observer

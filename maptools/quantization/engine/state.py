@@ -35,6 +35,7 @@ import torch
 
 from maptools.errors import ArtifactError, EngineError
 from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.format import bias_key, weight_key
 
 import_ppq()
 
@@ -183,8 +184,6 @@ def _dequantized(q: np.ndarray, like: torch.Tensor, config: TensorQuantizationCo
 
 def _integer_sources(graph: BaseGraph, quantparams: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
     """Parameter variable name -> (quantparams key, its config) for weights and biases with integers saved."""
-    from maptools.quantization.engine.session import bias_key, weight_key
-
     sources: dict[str, tuple[str, Any]] = {}
     for op in graph.operations.values():
         if not isinstance(op, QuantableOperation):

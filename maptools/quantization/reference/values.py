@@ -8,7 +8,8 @@ A tensor between two operators is one of:
   accumulator handed to a fused activation) or an integer/bool tensor (shapes, indices, masks).
 
 The helpers here quantize and requantize (round half to even, clip) and choose the dtype that makes a
-matrix product of integers exact.
+matrix product of integers exact; the rounding rule and the integer dtypes are those of
+:mod:`maptools.quantization.intmath`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from maptools.quantization.intmath import round_half_even
+from maptools.quantization.intmath import smallest_int_dtype as int_dtype
 from maptools.quantization.records import TensorQuant
 
 __all__ = [
@@ -144,7 +147,7 @@ def quantize(values: np.ndarray, tq: TensorQuant) -> np.ndarray:
     values = np.asarray(values)
     single = values.dtype == np.float32
     scaled = values / np.float32(tq.scale) if single else values.astype(np.float64) / float(tq.scale)
-    q = np.rint(scaled).astype(np.int64) + int(tq.zero_point)
+    q = round_half_even(scaled).astype(np.int64) + int(tq.zero_point)
     return np.clip(q, tq.qmin, tq.qmax)
 
 
@@ -155,15 +158,6 @@ def requantize(value: Value, tq: TensorQuant) -> Ints:
     else:
         q = quantize(real(value), tq)
     return Ints(q=q, scale=float(tq.scale), zero_point=int(tq.zero_point), qmin=int(tq.qmin), qmax=int(tq.qmax))
-
-
-def int_dtype(qmin: int, qmax: int) -> np.dtype:
-    """The smallest numpy integer dtype holding ``[qmin, qmax]``."""
-    for dtype in (np.int8, np.uint8, np.int16, np.uint16, np.int32):
-        info = np.iinfo(dtype)
-        if info.min <= qmin and qmax <= info.max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
 
 
 def exact_dtype(bound: float) -> np.dtype:

@@ -1,0 +1,117 @@
+"""What ``maptools inspect`` shows of a map: each quantized operator's bits, scales and integer ranges.
+
+Reading a map imports neither torch nor PPQ (:func:`inspect_map`); :func:`listing_table` and
+:func:`listing_json` render it for the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from maptools.quantization.artifacts import (
+    float_operators,
+    read_manifest,
+    read_quantinfo,
+    read_quantparams,
+    resolve_map,
+)
+from maptools.quantization.format import bias_key, weight_key
+
+__all__ = ["MapListing", "inspect_map", "listing_json", "listing_table"]
+
+
+@dataclass
+class MapListing:
+    """A map as ``maptools inspect`` lists it.
+
+    Attributes:
+        manifest: The map's manifest.
+        operators: One row per quantized operator (node, type, bits, scales, integer ranges), in graph order.
+        float_operators: The operators of ``quant_model.onnx`` left in float (node, type).
+    """
+
+    manifest: dict[str, Any]
+    operators: list[dict[str, Any]]
+    float_operators: list[dict[str, str]]
+
+
+def _range(values: np.ndarray | None) -> list[int] | None:
+    if values is None or values.size == 0:
+        return None
+    return [int(values.min()), int(values.max())]
+
+
+def _scale_text(scale: object) -> str:
+    if scale is None:
+        return "-"
+    arr = np.asarray(scale, dtype=np.float64).reshape(-1)
+    return f"{arr[0]:.4g}" if arr.size == 1 else f"{arr.min():.3g}..{arr.max():.3g}({arr.size})"
+
+
+def _range_text(values: list[int] | None) -> str:
+    return "-" if values is None else f"[{values[0]},{values[1]}]"
+
+
+def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapListing:
+    """Read a map's records, integers and manifest into a :class:`MapListing`.
+
+    Raises:
+        MapNotFoundError: no such map.
+        ArtifactError: a file is missing, modified or unreadable.
+    """
+    info = read_quantinfo(mapname, mapsave_dir)
+    params = read_quantparams(mapname, mapsave_dir)
+    manifest = read_manifest(resolve_map(mapname, mapsave_dir))
+    rows = []
+    for name, cfg in info.items():
+        first_in = next((t for t in cfg.inputs or [] if t is not None), None)
+        first_out = cfg.outputs[0] if cfg.outputs else None
+        rows.append({
+            "node": name, "op_type": cfg.op_type, "input_bits": cfg.input_bits, "output_bits": cfg.output_bits,
+            "input_scale": cfg.input_scale, "output_scale": cfg.output_scale,
+            "input_range": None if first_in is None else [first_in.qmin, first_in.qmax],
+            "output_range": None if first_out is None else [first_out.qmin, first_out.qmax],
+            "weight_bits": cfg.weight_bits,
+            "weight_scale": None if cfg.weight_scale is None else [float(v) for v in cfg.weight_scale],
+            "weight_range": _range(params.get(weight_key(name, cfg.op_type))),
+            "bias_range": _range(params.get(bias_key(name, cfg.op_type))),
+        })
+    return MapListing(manifest, rows, float_operators(mapname, mapsave_dir))
+
+
+def listing_json(listing: MapListing) -> str:
+    """``maptools inspect --json``: the manifest, the operator rows and the float operators."""
+    return json.dumps({"manifest": listing.manifest, "operators": listing.operators,
+                       "float_operators": listing.float_operators}, indent=2)
+
+
+def listing_table(listing: MapListing) -> str:
+    """``maptools inspect``: a table of the quantized operators, those left in float, and a summary line."""
+    rows, floats, manifest = listing.operators, listing.float_operators, listing.manifest
+    width = max([len("node")] + [len(row["node"]) for row in rows])
+    header = f"{'node':{width}} {'type':18} {'in':>3} {'out':>3} {'in scale':>10} {'out scale':>10} " \
+             f"{'in range':>10} {'out range':>10} {'w':>2} {'w scale':>22} {'w range':>12} {'bias range':>24}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['node']:{width}} {row['op_type'][:18]:18} {row['input_bits'] or '-':>3} "
+                     f"{row['output_bits'] or '-':>3} {_scale_text(row['input_scale']):>10} "
+                     f"{_scale_text(row['output_scale']):>10} {_range_text(row['input_range']):>10} "
+                     f"{_range_text(row['output_range']):>10} {row['weight_bits'] or '-':>2} "
+                     f"{_scale_text(row['weight_scale']):>22} {str(row['weight_range'] or '-'):>12} "
+                     f"{str(row['bias_range'] or '-'):>24}")
+    lines.append(f"\noperators left in float: {len(floats)}")
+    if floats:
+        float_width = max(len("node"), *(len(f["node"]) for f in floats))
+        lines.append(f"{'node':{float_width}} type")
+        lines.extend(f"{f['node']:{float_width}} {f['op_type']}" for f in floats)
+    settings = manifest.get("settings", {})
+    bits = f"W{settings.get('weight_bits')}A{settings.get('activation_bits')}"
+    lines.append(f"\n{len(rows)} quantized operators; model {manifest['model']['path']} (sha256 "
+                 f"{manifest['model']['sha256'][:12]}); {bits} recipe {settings.get('recipe')}; maptools "
+                 f"{manifest['versions']['maptools']}, ppq {manifest['versions']['ppq']}")
+    return "\n".join(lines)

@@ -1,0 +1,260 @@
+"""What :func:`~maptools.quantization.quantize` was asked for and what it applied: :class:`QuantizeOptions`.
+
+The keyword arguments of ``quantize`` are checked once, before anything is loaded or written
+(:meth:`QuantizeOptions.check`); the model then resolves the per-layer bits
+(:meth:`QuantizeOptions.with_layer_bits`), and the PPQ setting that will run decides the activation
+observer and the unsigned ranges applied (:meth:`QuantizeOptions.applied`). The manifest's ``settings``
+are :meth:`QuantizeOptions.settings` of the applied options.
+
+The recipes' choices made in maptools (:data:`RECIPE_OBSERVERS`, :data:`RECIPE_UNSIGNED`,
+:data:`RECIPE_WEIGHT_OBSERVERS`) live here, as plain data, so that checking arguments imports neither torch
+nor PPQ; :mod:`maptools.quantization.engine.recipes` builds the PPQ settings and explains the choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.quantization.mapdir import check_mapname, map_directory
+from maptools.quantization.validation import (
+    check_bits,
+    check_bool,
+    check_device,
+    check_layer_bits,
+    check_positive_int,
+    check_writable_dir,
+)
+
+__all__ = [
+    "OBSERVERS",
+    "RECIPES",
+    "RECIPE_OBSERVERS",
+    "RECIPE_UNSIGNED",
+    "RECIPE_WEIGHT_OBSERVERS",
+    "QuantizeOptions",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Activation observers (PPQ calibration algorithms) accepted by ``observer=``.
+OBSERVERS = ("percentile", "minmax", "kl", "mse")
+#: Recipe names accepted by ``recipe=`` (see :mod:`maptools.quantization.engine.recipes`).
+RECIPES = ("fast", "default", "best")
+#: Activation observer each recipe calibrates with; None means the ``observer`` given to ``quantize``.
+RECIPE_OBSERVERS: dict[str, str | None] = {"fast": None, "default": "mse", "best": "mse"}
+#: Whether each recipe quantizes non-negative activations over the unsigned range (see ``quantize``).
+RECIPE_UNSIGNED: dict[str, bool] = {"fast": False, "default": True, "best": True}
+#: How each recipe chooses weight scales (see :func:`~maptools.quantization.engine.quantizer.weight_scales`).
+RECIPE_WEIGHT_OBSERVERS: dict[str, str] = {"fast": "ppq", "default": "minmax", "best": "mse"}
+
+_SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."
+                 "build_setting) or None, got {}")
+_KL_UNSIGNED = ("unsigned_nonnegative: True cannot be used with {source} (PPQ's KL observer calibrates signed "
+                "ranges only); choose another observer or drop unsigned_nonnegative")
+
+
+def check_setting_type(setting: Any, setting_class: type | None = None) -> None:
+    """Reject a ``setting`` that is not a PPQ ``QuantizationSetting``.
+
+    Args:
+        setting: The ``setting`` argument (None passes).
+        setting_class: PPQ's ``QuantizationSetting`` once PPQ is imported; before, the check is by attribute.
+
+    Raises:
+        InvalidTypeError: ``setting`` is something else.
+    """
+    if setting is None:
+        return
+    valid = isinstance(setting, setting_class) if setting_class is not None else hasattr(
+        setting, "quantize_activation_setting")
+    if not valid:
+        raise InvalidTypeError(_SETTING_TYPE.format(type(setting).__name__))
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """The checked arguments of one ``quantize`` run, and the choices it applied.
+
+    Build it with :meth:`check`. Until :meth:`applied`, ``observer`` and ``unsigned_nonnegative`` hold what
+    was asked (None: the recipe's choice) and ``threads`` may be None; afterwards, what runs.
+
+    Attributes:
+        device: ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.
+        mapname: The map's name.
+        target: ``<mapsave>/<mapname>``, whose parent is writable.
+        calib_steps: Calibration batches asked for.
+        bit_width: Default bit width.
+        weight_bits: Weight bit width.
+        activation_bits: Activation bit width.
+        symmetrical: Symmetric activations.
+        per_channel: Per-output-channel weight scales.
+        seed: Seed of the random data and generators.
+        analysis_steps: Batches the error is measured on.
+        layerwise_analysis: Whether the layer-wise error is measured.
+        threads: torch CPU threads (None: the engine's default, until :meth:`applied`).
+        layer_bits: Node name -> ``(weight_bits, activation_bits)``.
+        first_last_bits: Bits of the first and last MAC operator, or None.
+        recipe: The recipe name; ``'custom'`` for a ``setting`` without a recipe.
+        observer: The activation observer (asked, then applied).
+        unsigned_nonnegative: Unsigned ranges for never-negative activations (asked, then applied).
+        weight_observer: How weight scales are chosen (the recipe's).
+        setting: The expert's PPQ ``QuantizationSetting``, or None for the recipe's.
+    """
+
+    device: str
+    mapname: str
+    target: Path
+    calib_steps: int
+    bit_width: int
+    weight_bits: int
+    activation_bits: int
+    symmetrical: bool
+    per_channel: bool
+    seed: int
+    analysis_steps: int
+    layerwise_analysis: bool
+    threads: int | None
+    layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    first_last_bits: int | None = None
+    recipe: str = "default"
+    observer: str | None = None
+    unsigned_nonnegative: bool | None = None
+    weight_observer: str = "ppq"
+    setting: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def check(cls, *, device: object, mapname: object, calib_steps: object, bit_width: object,
+              weight_bits: object, activation_bits: object, symmetrical: object, per_channel: object, seed: object,
+              analysis_steps: object, layerwise_analysis: object, threads: object, layer_bits: object,
+              first_last_bits: object, observer: object, recipe: object, unsigned_nonnegative: object,
+              setting: Any, mapsave_dir: str | os.PathLike | None) -> QuantizeOptions:
+        """Check every argument of ``quantize`` but the model and the data, in the order of its signature.
+
+        Raises:
+            maptools.MaptoolsError: a subclass naming the first bad argument.
+        """
+        device = check_device(device)
+        mapname = check_mapname(mapname)
+        calib_steps = check_positive_int(calib_steps, "calib_steps")
+        bit_width = check_bits(bit_width, "bit_width")
+        w_bits = check_bits(weight_bits, "weight_bits") if weight_bits is not None else bit_width
+        a_bits = check_bits(activation_bits, "activation_bits") if activation_bits is not None else bit_width
+        symmetrical = check_bool(symmetrical, "symmetrical")
+        per_channel = check_bool(per_channel, "per_channel")
+        seed = check_positive_int(seed, "seed", minimum=0)
+        analysis_steps = check_positive_int(analysis_steps, "analysis_steps")
+        layerwise_analysis = check_bool(layerwise_analysis, "layerwise_analysis")
+        threads = check_positive_int(threads, "threads") if threads is not None else None
+        overrides = check_layer_bits(layer_bits)
+        if first_last_bits is not None:
+            first_last_bits = check_bits(first_last_bits, "first_last_bits")
+        if observer is not None and observer not in OBSERVERS:
+            raise InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)} or None, got {observer!r}")
+        if recipe is not None and recipe not in RECIPES:
+            raise InvalidArgumentError(f"recipe: expected one of {list(RECIPES)} or None, got {recipe!r}")
+        recipe_name = recipe if recipe is not None else "custom" if setting is not None else "default"
+        check_setting_type(setting)  # by attribute: PPQ is not imported yet
+        if unsigned_nonnegative is not None:
+            unsigned_nonnegative = check_bool(unsigned_nonnegative, "unsigned_nonnegative")
+        if unsigned_nonnegative and not symmetrical:
+            raise InvalidArgumentError(
+                "unsigned_nonnegative: True needs symmetric activations, but symmetrical=False was given (asymmetric "
+                "activations already use the unsigned range 0..2^b-1, with a zero point); drop one of the two")
+        if unsigned_nonnegative and observer == "kl":
+            raise InvalidArgumentError(_KL_UNSIGNED.format(source="observer='kl'"))
+        target = map_directory(mapname, mapsave_dir)
+        check_writable_dir(target.parent, "mapsave_dir")
+        return cls(device=device, mapname=mapname, target=target, calib_steps=calib_steps, bit_width=bit_width,
+                   weight_bits=w_bits, activation_bits=a_bits, symmetrical=symmetrical, per_channel=per_channel,
+                   seed=seed, analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads,
+                   layer_bits=overrides, first_last_bits=first_last_bits, recipe=recipe_name,
+                   observer=observer, unsigned_nonnegative=unsigned_nonnegative,
+                   weight_observer=RECIPE_WEIGHT_OBSERVERS.get(recipe_name, "ppq"), setting=setting)
+
+    def with_layer_bits(self, node_names: Sequence[str], first_and_last: Sequence[str]) -> QuantizeOptions:
+        """The options for a model: ``layer_bits`` checked against its nodes, ``first_last_bits`` added.
+
+        Args:
+            node_names: The names of the prepared model's nodes.
+            first_and_last: Its first and last MAC operators (given ``first_last_bits`` to those without a
+                ``layer_bits`` entry).
+
+        Raises:
+            InvalidArgumentError: a ``layer_bits`` node is not in the model.
+        """
+        unknown = sorted(set(self.layer_bits) - set(node_names))
+        if unknown:
+            raise InvalidArgumentError(f"layer_bits: nodes {unknown} are not in the model")
+        overrides = dict(self.layer_bits)
+        if self.first_last_bits is not None:
+            for name in first_and_last:
+                overrides.setdefault(name, (self.first_last_bits, self.first_last_bits))
+        return dataclasses.replace(self, layer_bits=overrides)
+
+    def applied(self, setting: Any, default_threads: int) -> QuantizeOptions:
+        """The options as they run with the PPQ ``setting``: observer, unsigned ranges and threads decided.
+
+        PPQ calibrates every activation with the setting's ``calib_algorithm`` when it has one, else with each
+        config's observer (the explicit ``observer``, else the recipe's, else ``percentile``). The recipe's
+        unsigned ranges are turned off, with an INFO line, where they cannot apply; an explicit
+        ``unsigned_nonnegative=True`` that cannot apply is an error.
+
+        Args:
+            setting: The PPQ setting that will run.
+            default_threads: The threads when none were given.
+
+        Raises:
+            InvalidArgumentError: ``observer`` contradicts the setting's calibration algorithm, or
+                ``unsigned_nonnegative=True`` meets the setting's ``kl`` calibration.
+        """
+        observer, unsigned, recipe = self.observer, self.unsigned_nonnegative, self.recipe
+        forced = setting.quantize_activation_setting.calib_algorithm
+        if forced is not None:
+            forced = str(forced).lower()
+            if observer is not None and observer != forced:
+                raise InvalidArgumentError(
+                    f"observer: {observer!r} given, but setting.quantize_activation_setting.calib_algorithm is "
+                    f"{forced!r}, which PPQ applies to every activation; give only one of them (or the same)")
+        applied = forced or observer or RECIPE_OBSERVERS.get(recipe) or "percentile"
+        if unsigned and applied == "kl":
+            raise InvalidArgumentError(_KL_UNSIGNED.format(
+                source="setting.quantize_activation_setting.calib_algorithm='kl'"))
+        if unsigned is None and RECIPE_UNSIGNED.get(recipe, False):
+            reasons = ((["symmetrical=False (asymmetric activations use 0..2^b-1 with a zero point)"]
+                        if not self.symmetrical else [])
+                       + (["the kl observer (PPQ calibrates it on signed ranges only)"] if applied == "kl" else []))
+            if reasons:
+                logger.info("unsigned_nonnegative: the %r recipe's unsigned ranges for non-negative activations are "
+                            "off with %s", recipe, " and ".join(reasons))
+            unsigned = not reasons
+        return dataclasses.replace(self, observer=applied, unsigned_nonnegative=bool(unsigned),
+                                   threads=self.threads or default_threads)
+
+    def settings(self, input_shapes: Mapping[str, Sequence[int]], calibration: str,
+                 calib_batches: int) -> dict[str, Any]:
+        """The manifest's (and ``report.json``'s) ``settings`` of the applied options.
+
+        Args:
+            input_shapes: The checked input shapes.
+            calibration: ``'random'`` or ``'user'``.
+            calib_batches: The number of calibration batches used.
+        """
+        return {
+            "input_shapes": {k: list(v) for k, v in input_shapes.items()}, "device": self.device,
+            "weight_bits": self.weight_bits, "activation_bits": self.activation_bits, "bit_width": self.bit_width,
+            "symmetrical": self.symmetrical, "per_channel": self.per_channel, "observer": self.observer,
+            "weight_observer": self.weight_observer,
+            "unsigned_nonnegative": self.unsigned_nonnegative,
+            "recipe": self.recipe, "ppq_setting": "custom" if self.setting is not None else "recipe",
+            "layer_bits": {k: list(v) for k, v in self.layer_bits.items()},
+            "calibration": calibration, "calib_steps": self.calib_steps, "calib_batches": calib_batches,
+            "seed": self.seed, "layerwise_analysis": self.layerwise_analysis, "analysis_steps": self.analysis_steps,
+            "threads": self.threads,
+        }

@@ -1,0 +1,270 @@
+"""The stages of :func:`~maptools.quantization.quantize`, each a function of what the earlier ones made.
+
+1. :meth:`QuantizeOptions.check <maptools.quantization.options.QuantizeOptions.check>`: every argument;
+2. :func:`load`: the model loaded and prepared for PPQ (:mod:`.model`), the per-layer bits resolved;
+3. :func:`calibration_data`: the calibration batches and those the error is measured on (:mod:`.calibration`);
+4. :func:`configure_engine`: the PPQ setting and the choices it applies (PPQ is imported only now), and
+   :func:`run_engine`: PPQ with the low-bit quantizer (:mod:`.engine`);
+5. :func:`extract`: the records, the integers, the QDQ model and PPQ's state;
+6. :func:`analyse`: the graph-wise error and the warnings (:mod:`.diagnostics`);
+7. :func:`artifact_files`: the manifest, the files and the report (:mod:`.report`), written by
+   :func:`~maptools.quantization.mapdir.write_map`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+import maptools
+from maptools.errors import CalibrationError, ModelError
+from maptools.quantization import artifacts
+from maptools.quantization.diagnostics import output_warnings
+from maptools.quantization.model import (
+    LoadedModel,
+    check_input_shapes,
+    first_and_last_macs,
+    load_model,
+    prepare_model,
+)
+from maptools.quantization.options import QuantizeOptions, check_setting_type
+from maptools.quantization.report import render_report
+
+if TYPE_CHECKING:
+    import os
+
+    from maptools.quantization.engine import PPQSession
+    from maptools.quantization.engine.analysis import ErrorAnalysis
+
+__all__ = [
+    "CalibrationData",
+    "Extracted",
+    "Prepared",
+    "analyse",
+    "artifact_files",
+    "calibration_data",
+    "configure_engine",
+    "extract",
+    "load",
+    "run_engine",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """The model of a run: as loaded, its checked input shapes, and prepared for PPQ."""
+
+    model: LoadedModel
+    shapes: dict[str, tuple[int, ...]]
+    proto: onnx.ModelProto
+
+
+@dataclass
+class CalibrationData:
+    """The batches of a run.
+
+    Attributes:
+        batches: The calibration batches.
+        held_out: The batches the error is measured on.
+        analysis_data: What ``held_out`` is: ``'random (held-out)'``, ``'held-out'``, ``'in-sample'`` or
+            ``'evalset'``.
+        calibration: ``'random'`` or ``'user'``.
+    """
+
+    batches: list[Any]
+    held_out: list[Any]
+    analysis_data: str
+    calibration: str
+
+
+@dataclass
+class Extracted:
+    """What a quantized session gives the map: records, integers, QDQ model and PPQ's state."""
+
+    quantinfo: dict[str, Any]
+    quantparams: dict[str, np.ndarray | None]
+    qdq: onnx.ModelProto
+    state: dict[str, Any]
+
+
+def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
+         input_shapes: Mapping[str, Sequence[int]]) -> tuple[Prepared, QuantizeOptions]:
+    """Load and prepare the model; the options with ``layer_bits`` checked against it and ``first_last_bits`` added."""
+    model = load_model(onnx_path)
+    shapes = check_input_shapes(input_shapes, model)
+    proto = prepare_model(model, shapes)
+    first_and_last = first_and_last_macs(proto) if options.first_last_bits is not None else []
+    options = options.with_layer_bits([node.name for node in proto.graph.node], first_and_last)
+    return Prepared(model, shapes, proto), options
+
+
+def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Iterable[Any] | None,
+                     evalset: Iterable[Any] | None) -> CalibrationData:
+    """The calibration batches and the held-out ones (see ``quantize``'s ``calibset`` and ``evalset``).
+
+    Raises:
+        CalibrationError: fewer calibration batches than PPQ needs.
+    """
+    from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
+
+    model, shapes = prepared.model, prepared.shapes
+    calib_steps, analysis_steps = options.calib_steps, options.analysis_steps
+    if calibset is None:
+        if calib_steps < MIN_CALIB_BATCHES:
+            raise CalibrationError(
+                f"calib_steps: {calib_steps} given, but PPQ needs at least {MIN_CALIB_BATCHES} calibration batches"
+            )
+        batches = random_calibset(shapes, calib_steps, options.seed)
+        held_out, analysis_data = random_calibset(shapes, analysis_steps, options.seed + 1), "random (held-out)"
+        calibration = "random"
+    else:
+        batches = prepare_calibset(calibset, model, shapes, calib_steps + analysis_steps)
+        batches, held_out = batches[:calib_steps], batches[calib_steps:]
+        if len(batches) < calib_steps:
+            logger.warning(
+                "calibset: holds %d batches, fewer than calib_steps=%d; calibrating on those %d batches",
+                len(batches), calib_steps, len(batches))
+        if len(batches) < MIN_CALIB_BATCHES:
+            raise CalibrationError(
+                f"calibset: holds {len(batches)} batches, but PPQ needs at least {MIN_CALIB_BATCHES} calibration "
+                "batches; give more batches")
+        analysis_data = "held-out" if held_out else "in-sample"
+        held_out = held_out or batches[:analysis_steps]
+        calibration = "user"
+    if evalset is not None:
+        held_out = prepare_calibset(evalset, model, shapes, analysis_steps, argument="evalset", minimum=1)
+        analysis_data = "evalset"
+    return CalibrationData(batches, held_out, analysis_data, calibration)
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[QuantizeOptions, Any]:
+    """The PPQ setting that will run (the expert's or the recipe's) and the options it applies; seeds every generator.
+
+    Raises:
+        InvalidTypeError: ``setting`` is not a PPQ ``QuantizationSetting``.
+        InvalidArgumentError: see :meth:`QuantizeOptions.applied`.
+    """
+    from maptools.quantization.engine.recipes import build_setting
+    from maptools.quantization.engine.threads import DEFAULT_THREADS
+
+    if options.setting is not None:
+        from ppq.api.setting import QuantizationSetting  # PPQ is imported by now
+
+        check_setting_type(options.setting, QuantizationSetting)
+        setting = options.setting
+    else:
+        setting = build_setting(options.recipe, options.device, len(data.batches), observer=options.observer,
+                                activation_bits=options.activation_bits)
+    options = options.applied(setting, DEFAULT_THREADS)
+    _seed_everything(options.seed)
+    return options, setting
+
+
+def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data: CalibrationData) -> PPQSession:
+    """Load the prepared model into PPQ and quantize it on the calibration batches."""
+    from maptools.quantization.engine import LowBitSpec, PPQSession
+
+    spec = LowBitSpec(weight_bits=options.weight_bits, activation_bits=options.activation_bits,
+                      symmetrical=options.symmetrical, per_channel=options.per_channel,
+                      layer_bits=options.layer_bits, observer=options.observer,
+                      unsigned_nonnegative=options.unsigned_nonnegative, weight_observer=options.weight_observer)
+    session = PPQSession.from_onnx(prepared.proto, spec, options.device, setting, threads=options.threads)
+    session.quantize(data.batches)
+    return session
+
+
+def extract(session: PPQSession, prepared: Prepared) -> Extracted:
+    """The records, the integers, the QDQ model and PPQ's state of a quantized session.
+
+    Raises:
+        ModelError: PPQ quantized no MAC operator.
+    """
+    quantinfo = session.quantinfo()
+    if not any(record.weight_bits is not None for record in quantinfo.values()):
+        # PPQ's dispatcher keeps some graphs entirely in float (one Conv that is both the first and the last
+        # operator): artifacts without a single quantized MAC would map nothing
+        raise ModelError(
+            f"onnx_path: PPQ quantized no Conv/Gemm/MatMul of {prepared.model.path} ({len(quantinfo)} operators "
+            "quantized); a graph of a single operator is kept in float, add the layers around it"
+        )
+    quantparams = session.quantparams()
+    qdq = session.export_qdq(io_like=prepared.model.proto)
+    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams))
+
+
+def _warnings(errors: ErrorAnalysis, data: str) -> list[str]:
+    return output_warnings(errors.output_snr_db, errors.part_snr_db, errors.fp32_span, errors.quant_span,
+                           errors.isolated_snr_db, data)
+
+
+def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData) -> tuple[ErrorAnalysis, list[str]]:
+    """The graph-wise error on the held-out batches and the warnings; layer-wise too when an output is wrecked."""
+    errors = session.error_analysis(data.held_out, layerwise=options.layerwise_analysis)
+    warnings = _warnings(errors, data.analysis_data)
+    if warnings and not errors.isolated_snr_db:  # name the operators to blame
+        errors.isolated_snr_db, errors.isolated_cosine = session.layerwise(data.held_out[0])
+        warnings = _warnings(errors, data.analysis_data)
+    return errors, warnings
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _parts_report(errors: ErrorAnalysis) -> dict[str, dict[str, dict[str, float | str]]]:
+    """report.json's ``output_parts``: output -> part -> SNR and cosine."""
+    return {output: {part: {"snr_db": snr if math.isfinite(snr) else str(snr),
+                            "cosine": errors.part_cosine[output][part]}
+                     for part, snr in parts.items()}
+            for output, parts in errors.part_snr_db.items()}
+
+
+def artifact_files(options: QuantizeOptions, prepared: Prepared, data: CalibrationData, extracted: Extracted,
+                   errors: ErrorAnalysis, warnings: list[str],
+                   timings: Mapping[str, float]) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The files of the map (file name -> bytes, the report included) and its manifest."""
+    import torch
+
+    settings = options.settings(prepared.shapes, data.calibration, len(data.batches))
+    manifest = {
+        "mapname": options.mapname,
+        "versions": {"maptools": maptools.__version__, "ppq": _version("ppq"), "torch": torch.__version__,
+                     "onnx": onnx.__version__, "numpy": np.__version__, "protobuf": _version("protobuf"),
+                     "onnxruntime": _version("onnxruntime")},
+        "model": {"path": str(prepared.model.path), "sha256": prepared.model.sha256},
+        "settings": settings,
+    }
+    files = {
+        artifacts.QUANTINFO: artifacts.dump_pickle(extracted.quantinfo),
+        artifacts.QUANTPARAMS: artifacts.dump_pickle(extracted.quantparams),
+        artifacts.QUANTMODEL: extracted.qdq.SerializeToString(),
+        artifacts.PPQSTATE: artifacts.dump_json(extracted.state),
+    }
+    files.update(render_report(options.mapname, settings, timings, errors.output_snr_db, errors.output_cosine,
+                               errors.layer_snr_db, errors.layer_cosine,
+                               {name: cfg.op_type for name, cfg in extracted.quantinfo.items()},
+                               errors.isolated_snr_db, errors.isolated_cosine,
+                               extra={"analysis": {"data": data.analysis_data, "batches": len(data.held_out)},
+                                      "output_parts": _parts_report(errors), "warnings": warnings}))
+    return files, manifest
