@@ -122,6 +122,8 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--analysis-steps", type=_positive_int, default=4, metavar="N",
                    help="number of batches the graph-wise error (report.json, summary) is measured on, held out "
                         "after the first --calib-steps ones (default 4)")
+    q.add_argument("--power-of-two", action="store_true",
+                   help="every scale a power of two, for requantization by shifts (default: off)")
     q.add_argument("--first-last-bits", type=int, default=None, metavar="B",
                    help="keep the first and the last Conv/Gemm/MatMul at B bits, weights and activations "
                         "(default: off)")
@@ -202,7 +204,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                       per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
                       recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
                       unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
-                      threads=args.threads, first_last_bits=args.first_last_bits)
+                      threads=args.threads, first_last_bits=args.first_last_bits,
+                      power_of_two=args.power_of_two)
     if replacing:
         print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
     print(result.summary())

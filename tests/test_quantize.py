@@ -251,3 +251,24 @@ def test_threads_change_no_artifact_byte_and_are_restored(tmp_path):
     with pytest.raises(InvalidArgumentError, match=r"threads: expected an int >= 1, got 0"):
         quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname="t0", mapsave_dir=tmp_path,
                  threads=0)
+
+
+def test_power_of_two_scales_are_bit_true(tmp_path):
+    """power_of_two=True: every scale is a power of two, and onnxruntime and the integer executor compute what
+    PPQ simulated, as for any map."""
+    from maptools.quantization import simulate, verify
+
+    result = quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname="p2", calib_steps=8,
+                      bit_width=4, mapsave_dir=tmp_path, power_of_two=True)
+    info = read_quantinfo("p2", tmp_path)
+    scales = [t.scale for r in info.values() for t in [*r.inputs, *r.outputs] if t is not None]
+    scales += [float(s) for r in info.values() for s in (r.weight_scale if r.weight_scale is not None else [])]
+    scales += [float(s) for r in info.values() for s in (r.bias_scale if r.bias_scale is not None else [])]
+    exponents = np.log2(np.asarray(scales, np.float64))
+    assert len(scales) > 100 and np.array_equal(exponents, np.round(exponents))
+    assert json.loads(result.manifest_path.read_text())["settings"]["power_of_two"] is True
+    images, _ = digits.load_split("test")
+    report = verify("p2", {"input": images[:64]}, mapsave_dir=tmp_path)
+    assert report.get("onnxruntime", "integer").snr_db == float("inf")
+    assert report.get("ppq", "onnxruntime").within_one_step == 1.0
+    assert simulate("p2", {"input": images[:4]}, mapsave_dir=tmp_path)["logits"].shape == (4, 10)

@@ -48,6 +48,7 @@ def quantize(
     evalset: Iterable[Any] | None = None,
     threads: int | None = None,
     first_last_bits: int | None = None,
+    power_of_two: bool = False,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
@@ -105,6 +106,9 @@ def quantize(
         first_last_bits: Keep the first and the last MAC operator (Conv/Gemm/MatMul with a constant weight, in
             graph order) at this many bits, weights and activations, the usual way to protect a network's most
             sensitive layers; a ``layer_bits`` entry for either wins. Recorded in the manifest's ``layer_bits``.
+        power_of_two: Make every scale (activations, weights, and so biases) a power of two, rounded up from the
+            calibrated one (PPQ's ``POWER_OF_2`` policy), for hardware that requantizes by shifting only: the
+            multiplier ``s_in * s_w / s_out`` of every requantization is then a power of two.
         threads: torch CPU threads while quantizing; None for 1, measured the fastest for PPQ's
             calibration on small batches and the one that holds its speed beside other CPU-bound jobs (see
             :mod:`maptools.quantization.engine.threads`).
@@ -122,7 +126,7 @@ def quantize(
         activation_bits=activation_bits, symmetrical=symmetrical, per_channel=per_channel, seed=seed,
         analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads, layer_bits=layer_bits,
         first_last_bits=first_last_bits, observer=observer, recipe=recipe, unsigned_nonnegative=unsigned_nonnegative,
-        setting=setting, mapsave_dir=mapsave_dir)
+        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two)
     prepared, options = pipeline.load(options, onnx_path, input_shapes)
     data = pipeline.calibration_data(options, prepared, calibset, evalset)
     options, ppq_setting = pipeline.configure_engine(options, data)

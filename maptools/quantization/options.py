@@ -105,6 +105,7 @@ class QuantizeOptions:
         observer: The activation observer (asked, then applied).
         unsigned_nonnegative: Unsigned ranges for never-negative activations (asked, then applied).
         weight_observer: How weight scales are chosen (the recipe's).
+        power_of_two: Every scale a power of two.
         setting: The expert's PPQ ``QuantizationSetting``, or None for the recipe's.
     """
 
@@ -127,6 +128,7 @@ class QuantizeOptions:
     observer: str | None = None
     unsigned_nonnegative: bool | None = None
     weight_observer: str = "ppq"
+    power_of_two: bool = False
     setting: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -134,7 +136,7 @@ class QuantizeOptions:
               weight_bits: object, activation_bits: object, symmetrical: object, per_channel: object, seed: object,
               analysis_steps: object, layerwise_analysis: object, threads: object, layer_bits: object,
               first_last_bits: object, observer: object, recipe: object, unsigned_nonnegative: object,
-              setting: Any, mapsave_dir: str | os.PathLike | None) -> QuantizeOptions:
+              setting: Any, mapsave_dir: str | os.PathLike | None, power_of_two: object = False) -> QuantizeOptions:
         """Check every argument of ``quantize`` but the model and the data, in the order of its signature.
 
         Raises:
@@ -169,6 +171,7 @@ class QuantizeOptions:
                 "activations already use the unsigned range 0..2^b-1, with a zero point); drop one of the two")
         if unsigned_nonnegative and observer == "kl":
             raise InvalidArgumentError(_KL_UNSIGNED.format(source="observer='kl'"))
+        power_of_two = check_bool(power_of_two, "power_of_two")
         target = map_directory(mapname, mapsave_dir)
         check_writable_dir(target.parent, "mapsave_dir")
         return cls(device=device, mapname=mapname, target=target, calib_steps=calib_steps, bit_width=bit_width,
@@ -176,7 +179,8 @@ class QuantizeOptions:
                    seed=seed, analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads,
                    layer_bits=overrides, first_last_bits=first_last_bits, recipe=recipe_name,
                    observer=observer, unsigned_nonnegative=unsigned_nonnegative,
-                   weight_observer=RECIPE_WEIGHT_OBSERVERS.get(recipe_name, "ppq"), setting=setting)
+                   weight_observer=RECIPE_WEIGHT_OBSERVERS.get(recipe_name, "ppq"), power_of_two=power_of_two,
+                   setting=setting)
 
     def with_layer_bits(self, node_names: Sequence[str], first_and_last: Sequence[str]) -> QuantizeOptions:
         """The options for a model: ``layer_bits`` checked against its nodes, ``first_last_bits`` added.
@@ -250,7 +254,7 @@ class QuantizeOptions:
             "input_shapes": {k: list(v) for k, v in input_shapes.items()}, "device": self.device,
             "weight_bits": self.weight_bits, "activation_bits": self.activation_bits, "bit_width": self.bit_width,
             "symmetrical": self.symmetrical, "per_channel": self.per_channel, "observer": self.observer,
-            "weight_observer": self.weight_observer,
+            "weight_observer": self.weight_observer, "power_of_two": self.power_of_two,
             "unsigned_nonnegative": self.unsigned_nonnegative,
             "recipe": self.recipe, "ppq_setting": "custom" if self.setting is not None else "recipe",
             "layer_bits": {k: list(v) for k, v in self.layer_bits.items()},

@@ -185,7 +185,8 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
     spec = LowBitSpec(weight_bits=options.weight_bits, activation_bits=options.activation_bits,
                       symmetrical=options.symmetrical, per_channel=options.per_channel,
                       layer_bits=options.layer_bits, observer=options.observer,
-                      unsigned_nonnegative=options.unsigned_nonnegative, weight_observer=options.weight_observer)
+                      unsigned_nonnegative=options.unsigned_nonnegative, weight_observer=options.weight_observer,
+                      power_of_two=options.power_of_two)
     session = PPQSession.from_onnx(prepared.proto, spec, options.device, setting, threads=options.threads)
     session.quantize(data.batches)
     return session
