@@ -275,8 +275,12 @@ class ReferenceExecutor:
         spec: CIMSpec | None = None
         if cim is True or (isinstance(cim, CIMSpec) and adc is None and cim.adc_bits is not None
                            and cim.adc_range == "calibrated"):
-            from maptools.quantization.cim.mapcal import read_map_calibration  # imports this module
+            from maptools.quantization.cim.mapcal import has_map_calibration, read_map_calibration  # imports us
 
+            if cim is not True and not has_map_calibration(mapname, mapsave_dir):
+                raise InvalidArgumentError(
+                    f"cim: spec {cim} has adc_range='calibrated' but no adc= was given and map {mapname!r} stores no "
+                    "ADC calibration; pass adc=maptools.quantization.cim.calibrate_map(...) or use adc_range='full'")
             stored = read_map_calibration(mapname, mapsave_dir)
             spec = stored.spec if cim is True else cim
             adc = stored
