@@ -150,6 +150,8 @@ class ReferenceExecutor:
         }
         self._states = [None if h.prepare is None else h.prepare(self, node)
                         for node, h in zip(self._nodes, self._handlers, strict=True)]
+        self._mac_states = {node.name: state for node, state in zip(self._nodes, self._states, strict=True)
+                            if isinstance(state, MacWeights)}
         #: The crossbar simulated (None: exact MACs).
         self.cim: CimMode | None = None
         #: Called with every crossbar MAC's operands, weights and columns (None: no hook).
@@ -169,10 +171,10 @@ class ReferenceExecutor:
         Raises:
             InvalidArgumentError: not a crossbar node of this executor.
         """
-        for candidate, state in zip(self._nodes, self._states, strict=True):
-            if candidate.name == node.name and isinstance(state, MacWeights):
-                return state
-        raise InvalidArgumentError(f"{describe(node)} is not a MAC with a constant weight of this map")
+        state = self._mac_states.get(node.name)
+        if state is None:
+            raise InvalidArgumentError(f"{describe(node)} is not a MAC with a constant weight of this map")
+        return state
 
     def crossbar_operands(self) -> list[tuple[onnx.NodeProto, MacOperands]]:
         """Every crossbar node with its operands (:func:`~.crossbar.mac_operands`), in graph order."""
