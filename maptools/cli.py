@@ -1,6 +1,6 @@
 """The ``maptools`` command line (also ``python -m maptools``).
 
-Sub-commands: ``quantize``, ``inspect``, ``verify`` and ``demo``. Exit codes: 0 success; 2 bad usage or
+Sub-commands: ``quantize``, ``inspect``, ``verify``, ``demo`` and ``cim-sweep``. Exit codes: 0 success; 2 bad usage or
 bad input (a one-line error on stderr, no traceback); 1 an unexpected internal error. ``verify`` exits 0
 when at least one pair of executions ran (the table says which could not and why), 2 when none could.
 Results go to stdout; logs, notices and, when stderr is not a terminal, a progress line every
@@ -171,6 +171,32 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
                    help="quantization recipe (default: default)")
     d.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
+
+    c = sub.add_parser("cim-sweep", help="agreement of a map on a grid of CIM crossbars (ADC bits x rows x cell bits)")
+    c.add_argument("mapname", help="the map to sweep")
+    c.add_argument("--adc-bits", default="4-10", metavar="LIST", help="ADC bits, e.g. 4-10 or 4,6,8 (default 4-10)")
+    c.add_argument("--rows", default="128,256,512", metavar="LIST", help="crossbar rows (default 128,256,512)")
+    c.add_argument("--cell-bits", default="1,2,4", metavar="LIST", help="bits per cell (default 1,2,4)")
+    c.add_argument("--dac-bits", type=_positive_int, default=1, metavar="N", help="bits per DAC cycle (default 1)")
+    c.add_argument("--encoding", default="differential", choices=["differential", "offset"],
+                   help="signed weight encoding (default differential)")
+    c.add_argument("--requant", default="float", choices=["float", "fixed_point", "power_of_two"],
+                   help="requantization arithmetic (default float)")
+    c.add_argument("--method", default="mse", choices=["mse", "percentile"], help="ADC calibration (default mse)")
+    c.add_argument("--inputs", metavar="DIR", default=None,
+                   help="evaluation inputs: .npy files or images, as verify --inputs (default: random standard-normal "
+                        "batches of the map's input shapes)")
+    c.add_argument("--calib", metavar="DIR", default=None,
+                   help="ADC calibration inputs, like --inputs (default: the --inputs, else other random batches)")
+    c.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]", help=_MEAN_HELP)
+    c.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]", help=_STD_HELP)
+    c.add_argument("--batches", type=_positive_int, default=2, metavar="N", help="random batches (default 2)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
+    c.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                   help="worker processes (default: the number of CPUs)")
+    c.add_argument("--out", default=None, metavar="FILE.json", help="write every point's metrics (default: none)")
+    c.add_argument("--plot", default=None, metavar="FILE.png", help="plot agreement vs ADC bits (default: none)")
+    c.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
     return parser
 
 
@@ -265,9 +291,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"quantize": _cmd_quantize, "inspect": _cmd_inspect, "verify": _cmd_verify, "demo": _cmd_demo}
+def _cmd_cim_sweep(args: argparse.Namespace) -> int:
+    from maptools.quantization.cim.sweep import run_cli
+
+    return run_cli(args)
+
+
+_COMMANDS = {"quantize": _cmd_quantize, "inspect": _cmd_inspect, "verify": _cmd_verify, "demo": _cmd_demo,
+             "cim-sweep": _cmd_cim_sweep}
 #: Commands that print a progress line on stderr every :data:`HEARTBEAT_SECONDS` when it is not a terminal.
-_LONG_COMMANDS = {"quantize", "verify", "demo"}
+_LONG_COMMANDS = {"quantize", "verify", "demo", "cim-sweep"}
 #: Seconds between two progress lines.
 HEARTBEAT_SECONDS = 5.0
 #: Third-party loggers that are noisy at DEBUG (PIL: a line per PNG chunk; matplotlib: font matching).

@@ -19,7 +19,22 @@ with numpy only (no PPQ, no torch), for the integer reference executor and for t
 * :mod:`~maptools.quantization.cim.requant`: integer-only requantization (fixed-point and power-of-two
   multipliers).
 
-Everything is re-exported here: ``from maptools.quantization.cim import CIMSpec, cim_accumulate``.
+Map level, on the integer reference executor (numpy and onnx, still no PPQ or torch):
+
+* :mod:`~maptools.quantization.cim.mapcal`: the ADC calibration of every MAC of a map
+  (:func:`~maptools.quantization.cim.mapcal.calibrate_map`,
+  :class:`~maptools.quantization.cim.mapcal.MapCalibration`), its storage in the map
+  (:func:`~maptools.quantization.cim.mapcal.write_map_calibration`,
+  :func:`~maptools.quantization.cim.mapcal.read_map_calibration`) and the weight slices of every MAC
+  (:func:`~maptools.quantization.cim.mapcal.map_weight_slices`);
+* :mod:`~maptools.quantization.cim.sweep`: the agreement of a map on a grid of crossbars
+  (``maptools cim-sweep``).
+
+The executor runs a map on a crossbar with ``simulate(mapname, inputs, cim=spec)`` (see
+:mod:`maptools.quantization.reference.crossbar`).
+
+Everything is re-exported here: ``from maptools.quantization.cim import CIMSpec, cim_accumulate``; the map-level
+names are imported on first use (PEP 562), so that importing this package needs numpy only.
 
 .. code-block:: python
 
@@ -34,11 +49,14 @@ Everything is re-exported here: ``from maptools.quantization.cim import CIMSpec,
 
 See :doc:`/cim` for the hardware model, every formula and a worked example.
 
-This package imports only numpy and :mod:`maptools.errors` (its parent package
+The arithmetic modules import only numpy and :mod:`maptools.errors` (its parent package
 :mod:`maptools.quantization` currently imports the PPQ/torch front end on import).
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from maptools.quantization.cim.adc import (
     ADC_FRACTION_BITS,
@@ -56,7 +74,7 @@ from maptools.quantization.cim.arithmetic import (
     input_format,
     partial_sums,
 )
-from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, calibrate_adc, choose_range
+from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, AdcHistogram, calibrate_adc, choose_range
 from maptools.quantization.cim.mapping import (
     MAC_OPS,
     ArrayTile,
@@ -78,6 +96,21 @@ from maptools.quantization.cim.requant import (
 )
 from maptools.quantization.cim.spec import ADC_RANGES, REQUANT_MODES, WEIGHT_ENCODINGS, CIMSpec
 
+#: Map-level names imported on first use (PEP 562), with their module: these import the reference executor.
+_LAZY = {
+    "CIM_FILE": "maptools.quantization.cim.mapcal",
+    "MapCalibration": "maptools.quantization.cim.mapcal",
+    "MapHistograms": "maptools.quantization.cim.mapcal",
+    "calibrate_map": "maptools.quantization.cim.mapcal",
+    "collect_histograms": "maptools.quantization.cim.mapcal",
+    "has_map_calibration": "maptools.quantization.cim.mapcal",
+    "map_weight_slices": "maptools.quantization.cim.mapcal",
+    "read_map_calibration": "maptools.quantization.cim.mapcal",
+    "write_map_calibration": "maptools.quantization.cim.mapcal",
+    "SweepResult": "maptools.quantization.cim.sweep",
+    "cim_sweep": "maptools.quantization.cim.sweep",
+}
+
 __all__ = [
     "ADC_FRACTION_BITS",
     "ADC_RANGES",
@@ -86,6 +119,7 @@ __all__ = [
     "REQUANT_MODES",
     "WEIGHT_ENCODINGS",
     "AdcCalibration",
+    "AdcHistogram",
     "ArrayTile",
     "CIMSpec",
     "InputFormat",
@@ -113,4 +147,18 @@ __all__ = [
     "slice_weights",
     "tile_layout",
     "weight_format",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

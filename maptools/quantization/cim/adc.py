@@ -69,7 +69,9 @@ def adc_codes(psum: np.ndarray, adc_max: np.ndarray | float, levels: int) -> np.
         The codes, float64 (integers in ``0 .. L``), of the broadcast shape.
     """
     step = np.asarray(adc_max, dtype=np.float64) / float(levels)
-    out = np.divide(np.asarray(psum, dtype=np.float64), step)
+    psum = np.asarray(psum)
+    out = np.empty(np.broadcast_shapes(psum.shape, step.shape), dtype=np.float64)
+    np.divide(psum, step, out=out)  # float64 division (float32 partial sums are cast exactly in the loop)
     np.rint(out, out=out)
     return np.clip(out, 0.0, float(levels), out=out)
 

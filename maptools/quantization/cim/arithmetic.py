@@ -219,10 +219,12 @@ def _tile_psums(prep: _Prepared, t: int, planes: np.ndarray, rows: int) -> np.nd
 
 def _input_planes(prep: _Prepared, block: slice) -> np.ndarray:
     """The DAC planes of a block of positions, ``(..., K, planes, n)`` in the partial-sum dtype."""
-    u = prep.u[..., block]
+    u = prep.u[..., block].astype(np.uint16)  # 0 <= u < 2^16: shifts on 2 bytes, not 8
     d, mask = prep.inp.dac_bits, 2**prep.inp.dac_bits - 1
-    planes = np.stack([(u >> (d * p)) & mask for p in range(prep.inp.planes)], axis=-2)
-    return planes.astype(prep.dtype)
+    planes = np.empty((*u.shape[:-1], prep.inp.planes, u.shape[-1]), dtype=prep.dtype)
+    for p in range(prep.inp.planes):
+        planes[..., p, :] = (u >> (d * p)) & mask
+    return planes
 
 
 def partial_sums(weights: np.ndarray, columns: np.ndarray, *, input_bits: int, input_signed: bool, weight_bits: int,

@@ -40,7 +40,7 @@ from maptools.quantization.cim.adc import AdcCalibration, adc_convert
 from maptools.quantization.cim.arithmetic import adc_grid, partial_sums
 from maptools.quantization.cim.spec import CIMSpec
 
-__all__ = ["CALIBRATION_METHODS", "calibrate_adc", "choose_range"]
+__all__ = ["CALIBRATION_METHODS", "AdcHistogram", "calibrate_adc", "choose_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,109 @@ def choose_range(values: np.ndarray, counts: np.ndarray, levels: int, *, method:
     return r, float(errors[chosen] / total), clipped
 
 
+class AdcHistogram:
+    """The histograms of one MAC's column partial sums, filled batch by batch; the ranges come at the end.
+
+    :func:`calibrate_adc` is one :meth:`add` per batch and one :meth:`calibration`. Filled on its own, a
+    histogram lets a caller feed columns as they appear (the executor's hook at the accumulate step, see
+    :func:`~maptools.quantization.cim.mapcal.calibrate_map`) and choose ranges for several ADC widths from
+    one pass: the partial sums, and so the histograms, do not depend on ``adc_bits``.
+
+    Args:
+        weights: Integer weights ``(..., M, K)``, as for
+            :func:`~maptools.quantization.cim.arithmetic.cim_accumulate`.
+        input_bits: Input bit width.
+        input_signed: Whether the input integers are signed.
+        weight_bits: Weight bit width.
+        spec: The crossbar (``adc_bits`` and ``adc_range`` are not used: any value, None included).
+        input_zero_point: The input zero point.
+        weight_min: The smallest weight integer; None for ``-2^(b-1)``.
+
+    Raises:
+        InvalidArgumentError: Invalid bit widths or weights (as
+            :func:`~maptools.quantization.cim.arithmetic.cim_accumulate`).
+    """
+
+    def __init__(self, weights: np.ndarray, *, input_bits: int, input_signed: bool, weight_bits: int,
+                 spec: CIMSpec, input_zero_point: int = 0, weight_min: int | None = None) -> None:
+        self.weights = np.asarray(weights)
+        self.operands = {"input_bits": input_bits, "input_signed": input_signed, "weight_bits": weight_bits,
+                         "spec": spec, "input_zero_point": input_zero_point, "weight_min": weight_min}
+        self.spec = spec
+        self.weight_bits = int(weight_bits)
+        self.input_bits = int(input_bits)
+        #: ``(T, S, P)``: row tiles, weight slices, input planes.
+        self.grid = adc_grid(self.weights.shape[-1], input_bits, weight_bits, spec, weight_min=weight_min)
+        n_tiles, n_slices, n_planes = self.grid
+        #: Integers per histogram bin (1 while ``full_scale < 2^16``).
+        self.width = max(1, math.ceil((spec.full_scale + 1) / MAX_BINS))
+        self.bins = spec.full_scale // self.width + 1
+        self._hist = np.zeros((n_tiles, n_slices * n_planes * self.bins), dtype=np.int64)
+        self._set_index = (np.arange(n_slices)[:, None, None, None] * n_planes
+                           + np.arange(n_planes)[None, None, :, None]) * self.bins  # broadcasts on the psums
+        #: Partial sums counted so far.
+        self.seen = 0
+
+    def add(self, columns: np.ndarray) -> None:
+        """Count the partial sums of one batch of centred input columns ``(..., K, P)``."""
+        for part in partial_sums(self.weights, columns, **self.operands):
+            index = self._set_index + (part.values.astype(np.int64) // self.width)
+            self._hist[part.tile] += np.bincount(index.ravel(), minlength=self._hist.shape[1])
+            self.seen += part.values.size
+
+    @property
+    def counts(self) -> np.ndarray:
+        """The histograms, ``(T, S, P, bins)`` int64 (bin ``i`` counts ``i * width .. (i + 1) * width - 1``)."""
+        return self._hist.reshape(*self.grid, self.bins)
+
+    def calibration(self, adc_bits: int | None = None, *, method: str = "mse",
+                    percentile: float = 99.99) -> AdcCalibration:
+        """Choose the ranges from the partial sums counted so far.
+
+        Args:
+            adc_bits: The ADC width to choose ranges for; None for the spec's ``adc_bits``.
+            method: ``'mse'`` or ``'percentile'`` (see the module docstring).
+            percentile: The percentile of ``method='percentile'``, in ``(0, 100]``.
+
+        Returns:
+            The ranges, for the histogram's spec with ``adc_bits`` set.
+
+        Raises:
+            InvalidArgumentError: No ADC width (``adc_bits`` and the spec's both None), an unknown method, a
+                percentile outside ``(0, 100]``, or no partial sums counted.
+        """
+        spec = self.spec if adc_bits is None else self.spec.replace(adc_bits=adc_bits)
+        if spec.adc_bits is None:
+            raise InvalidArgumentError("spec.adc_bits: None (an ideal ADC has no range to calibrate)")
+        _check_method(method, percentile)
+        if self.seen == 0:
+            raise InvalidArgumentError("column_batches: no partial sums (no batches, or batches without columns)")
+        grid, levels = self.grid, spec.adc_levels
+        hist = self.counts
+        centres = np.arange(self.bins) * self.width + (self.width - 1) / 2.0
+        ranges, mse, clipped = np.empty(grid), np.empty(grid), np.empty(grid)
+        max_seen = np.zeros(grid)
+        for index in np.ndindex(*grid):
+            counts = hist[index]
+            nonzero = np.flatnonzero(counts)
+            if nonzero.size:
+                max_seen[index] = centres[nonzero[-1]]
+            ranges[index], mse[index], clipped[index] = choose_range(
+                centres[nonzero], counts[nonzero], levels, method=method, percentile=percentile,
+                upper=max(spec.full_scale, levels))
+        logger.debug("calibrate_adc: %s ranges by %s, %.3g %% of partial sums clipped", grid, method,
+                     100 * float((clipped * hist.sum(-1)).sum() / max(1, hist.sum())))
+        return AdcCalibration(ranges=ranges, spec=spec, weight_bits=self.weight_bits, input_bits=self.input_bits,
+                              method=method, samples=hist.sum(-1), clipped=clipped, mse=mse, max_seen=max_seen)
+
+
+def _check_method(method: str, percentile: float) -> None:
+    if method not in CALIBRATION_METHODS:
+        raise InvalidArgumentError(f"method: got {method!r}, expected one of {', '.join(CALIBRATION_METHODS)}")
+    if not 0 < percentile <= 100:
+        raise InvalidArgumentError(f"percentile: got {percentile!r}, expected a number in (0, 100]")
+
+
 def calibrate_adc(weights: np.ndarray, column_batches: np.ndarray | Iterable[np.ndarray], *, input_bits: int,
                   input_signed: bool, weight_bits: int, spec: CIMSpec, input_zero_point: int = 0,
                   weight_min: int | None = None, method: str = "mse", percentile: float = 99.99) -> AdcCalibration:
@@ -126,43 +229,10 @@ def calibrate_adc(weights: np.ndarray, column_batches: np.ndarray | Iterable[np.
     """
     if spec.adc_bits is None:
         raise InvalidArgumentError("spec.adc_bits: None (an ideal ADC has no range to calibrate)")
-    if method not in CALIBRATION_METHODS:
-        raise InvalidArgumentError(f"method: got {method!r}, expected one of {', '.join(CALIBRATION_METHODS)}")
-    if not 0 < percentile <= 100:
-        raise InvalidArgumentError(f"percentile: got {percentile!r}, expected a number in (0, 100]")
+    _check_method(method, percentile)
     batches = [column_batches] if isinstance(column_batches, np.ndarray) else column_batches
-    w = np.asarray(weights)
-    grid = adc_grid(w.shape[-1], input_bits, weight_bits, spec, weight_min=weight_min)
-    n_tiles, n_slices, n_planes = grid
-    width = max(1, math.ceil((spec.full_scale + 1) / MAX_BINS))
-    bins = spec.full_scale // width + 1
-    hist = np.zeros((n_tiles, n_slices * n_planes * bins), dtype=np.int64)
-    set_index = (np.arange(n_slices)[:, None, None, None] * n_planes
-                 + np.arange(n_planes)[None, None, :, None]) * bins  # (S, 1, planes, 1) -> broadcast on psums
-    seen = 0
+    histogram = AdcHistogram(weights, input_bits=input_bits, input_signed=input_signed, weight_bits=weight_bits,
+                             spec=spec, input_zero_point=input_zero_point, weight_min=weight_min)
     for columns in batches:
-        for part in partial_sums(w, columns, input_bits=input_bits, input_signed=input_signed,
-                                 weight_bits=weight_bits, spec=spec, input_zero_point=input_zero_point,
-                                 weight_min=weight_min):
-            index = set_index + (part.values.astype(np.int64) // width)
-            hist[part.tile] += np.bincount(index.ravel(), minlength=hist.shape[1])
-            seen += part.values.size
-    if seen == 0:
-        raise InvalidArgumentError("column_batches: no partial sums (no batches, or batches without columns)")
-
-    hist = hist.reshape(n_tiles, n_slices, n_planes, bins)
-    centres = np.arange(bins) * width + (width - 1) / 2.0
-    ranges, mse, clipped = np.empty(grid), np.empty(grid), np.empty(grid)
-    max_seen = np.zeros(grid)
-    for index in np.ndindex(*grid):
-        counts = hist[index]
-        nonzero = np.flatnonzero(counts)
-        if nonzero.size:
-            max_seen[index] = centres[nonzero[-1]]
-        ranges[index], mse[index], clipped[index] = choose_range(
-            centres[nonzero], counts[nonzero], spec.adc_levels, method=method, percentile=percentile,
-            upper=max(spec.full_scale, spec.adc_levels))
-    logger.debug("calibrate_adc: %s ranges by %s, %.3g %% of partial sums clipped", grid, method,
-                 100 * float((clipped * hist.sum(-1)).sum() / max(1, hist.sum())))
-    return AdcCalibration(ranges=ranges, spec=spec, weight_bits=int(weight_bits), input_bits=int(input_bits),
-                          method=method, samples=hist.sum(-1), clipped=clipped, mse=mse, max_seen=max_seen)
+        histogram.add(columns)
+    return histogram.calibration(method=method, percentile=percentile)

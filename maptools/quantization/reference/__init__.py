@@ -60,6 +60,17 @@ Every tensor between operators is an integer tensor ``q`` with ``real = scale * 
 Inputs of the graph are float32 and quantized in float32 arithmetic, like ONNX ``QuantizeLinear``; every
 internal requantization divides in float64.
 
+Compute-in-memory mode
+----------------------
+
+``simulate(mapname, inputs, cim=spec)`` (or ``ReferenceExecutor.load(mapname, cim=spec)``) runs every MAC
+with a constant weight (``Conv``, ``ConvTranspose``, ``Gemm``, ``MatMul``) through the crossbar model of
+:mod:`maptools.quantization.cim` with the operands of the node's record, and requantizes in the spec's
+``requant`` arithmetic; ``cim=True`` uses the map's own spec and ADC calibration (``cim.json``). With an ideal
+ADC (``adc_bits=None``) and ``requant='float'`` the results are bit-identical to the exact mode.
+:mod:`~maptools.quantization.reference.crossbar` states what goes through the crossbar and how the zero
+points and the bias enter.
+
 Relation to PPQ's simulation
 ----------------------------
 

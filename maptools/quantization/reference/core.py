@@ -8,11 +8,12 @@ every operator that has a record, its outputs are requantized to the record's ``
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
-from collections.abc import Mapping
-from typing import Any, Literal, overload
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import onnx
@@ -27,6 +28,8 @@ from maptools.errors import (
     UnsupportedOperatorError,
 )
 from maptools.quantization.artifacts import QUANTMODEL, read_artifact_bytes, read_quantinfo, read_quantparams
+from maptools.quantization.cim.adc import AdcCalibration
+from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import (  # noqa: F401 - importing them registers their handlers
     activations,
@@ -38,7 +41,16 @@ from maptools.quantization.reference import (  # noqa: F401 - importing them reg
     pooling,
     resize,
 )
-from maptools.quantization.reference.registry import HANDLERS, OpHandler, describe
+from maptools.quantization.reference.crossbar import (
+    CimMode,
+    MacAccumulator,
+    MacHook,
+    MacOperands,
+    crossbar_fingerprint,
+    mac_operands,
+)
+from maptools.quantization.reference.mac import MacWeights
+from maptools.quantization.reference.registry import HANDLERS, OpHandler, attrs, describe
 from maptools.quantization.reference.values import Ints, Param, Value, int_dtype, real, requantize, same_scale
 
 __all__ = ["SUPPORTED_OPS", "ReferenceExecutor", "simulate"]
@@ -51,6 +63,9 @@ logger = logging.getLogger(__name__)
 SUPPORTED_OPS: frozenset[str] = frozenset(HANDLERS)
 
 Outputs = dict[str, np.ndarray]
+
+if TYPE_CHECKING:
+    from maptools.quantization.cim.mapcal import MapCalibration
 
 
 def _declared_type(value_info: onnx.ValueInfoProto) -> tuple[list[int | None] | None, np.dtype]:
@@ -66,24 +81,47 @@ def _declared_type(value_info: onnx.ValueInfoProto) -> tuple[list[int | None] | 
     return dims, dtype
 
 
+def _mac_depth(node: onnx.NodeProto, weight: np.ndarray) -> int:
+    """The dot-product length ``K`` of a crossbar MAC (see :func:`~maptools.quantization.cim.mapping.mac_matrix`)."""
+    if node.op_type == "Conv":
+        return int(np.prod(weight.shape[1:]))
+    if node.op_type == "ConvTranspose":
+        group = int(attrs(node).get("group", 1))
+        return int(weight.shape[0] // group * np.prod(weight.shape[2:]))
+    if node.op_type == "Gemm" and int(attrs(node).get("transB", 0)):
+        return int(weight.shape[1])
+    return int(weight.shape[0])
+
+
 class ReferenceExecutor:
     """The integer executor of one map, loaded once and run on any number of batches.
 
     Every node is checked and prepared here, before anything is computed: an operator the executor cannot
     run is refused now, naming the node.
 
+    With ``cim`` it simulates a compute-in-memory chip: every MAC with a constant weight goes through the
+    crossbar model (see :mod:`~maptools.quantization.reference.crossbar`).
+
     Args:
         model: ``quant_model.onnx`` of the map.
         quantinfo: ``quantinfo.pkl`` of the map (node name -> :class:`OperatorQuantConfig`).
         quantparams: ``quantparams.pkl`` of the map (integer weights and biases).
+        cim: None for exact MACs, or the :class:`~maptools.quantization.cim.spec.CIMSpec` of the crossbar.
+        adc: The ADC calibration of a spec with ``adc_range='calibrated'`` (and ``adc_bits`` set): a
+            :class:`~maptools.quantization.cim.mapcal.MapCalibration` or a dict node name ->
+            :class:`~maptools.quantization.cim.adc.AdcCalibration`; ignored otherwise.
 
     Raises:
         UnsupportedOperatorError: the graph holds an operator this executor cannot run.
         ArtifactError: the three files disagree (a missing record, weight or mismatched quantization).
+        InvalidArgumentError: a calibrated ``cim`` spec without a calibration for every crossbar MAC, or one
+            made for another crossbar.
+        InvalidTypeError: ``cim`` is not a CIMSpec (``cim=True`` is for :meth:`load`).
     """
 
     def __init__(self, model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuantConfig],
-                 quantparams: Mapping[str, np.ndarray | None]) -> None:
+                 quantparams: Mapping[str, np.ndarray | None], cim: CIMSpec | None = None,
+                 adc: MapCalibration | Mapping[str, AdcCalibration] | None = None) -> None:
         self.model = model
         self.quantinfo = dict(quantinfo)
         self.quantparams = dict(quantparams)
@@ -112,27 +150,145 @@ class ReferenceExecutor:
         }
         self._states = [None if h.prepare is None else h.prepare(self, node)
                         for node, h in zip(self._nodes, self._handlers, strict=True)]
+        self._mac_states = {node.name: state for node, state in zip(self._nodes, self._states, strict=True)
+                            if isinstance(state, MacWeights)}
+        #: The crossbar simulated (None: exact MACs).
+        self.cim: CimMode | None = None
+        #: Called with every crossbar MAC's operands, weights and columns (None: no hook).
+        self.mac_hook: MacHook | None = None
+        self._accumulators: dict[str, MacAccumulator] = {}
+        self._configure(cim, adc, None)
+
+    # -- CIM mode ---------------------------------------------------------------------------------
+    @property
+    def crossbar_nodes(self) -> list[onnx.NodeProto]:
+        """The MAC nodes with a constant, quantized weight: those a CIM chip runs on crossbars."""
+        return [node for node, state in zip(self._nodes, self._states, strict=True) if isinstance(state, MacWeights)]
+
+    def mac_weights(self, node: onnx.NodeProto) -> MacWeights:
+        """The integer weight and bias of a crossbar node (one of :attr:`crossbar_nodes`).
+
+        Raises:
+            InvalidArgumentError: not a crossbar node of this executor.
+        """
+        state = self._mac_states.get(node.name)
+        if state is None:
+            raise InvalidArgumentError(f"{describe(node)} is not a MAC with a constant weight of this map")
+        return state
+
+    def crossbar_operands(self) -> list[tuple[onnx.NodeProto, MacOperands]]:
+        """Every crossbar node with its operands (:func:`~.crossbar.mac_operands`), in graph order."""
+        return [(node, mac_operands(node, self.record(node))) for node in self.crossbar_nodes]
+
+    @property
+    def fingerprint(self) -> str:
+        """The SHA-256 of every crossbar MAC's operands and weights (:func:`~.crossbar.crossbar_fingerprint`).
+
+        An ADC calibration records the fingerprint of the executor it was made on, and is refused by an
+        executor of another one.
+        """
+        return crossbar_fingerprint((ops, self.mac_weights(node).weight) for node, ops in self.crossbar_operands())
+
+    def _configure(self, cim: CIMSpec | None, adc: MapCalibration | Mapping[str, AdcCalibration] | None,
+                   hook: MacHook | None) -> None:
+        if cim is True:
+            raise InvalidTypeError("cim=True reads the map's CIM calibration: use ReferenceExecutor.load(mapname, "
+                                   "cim=True) or simulate(mapname, inputs, cim=True); here pass a CIMSpec or None")
+        if cim is not None and not isinstance(cim, CIMSpec):
+            raise InvalidTypeError(f"cim: got {type(cim).__name__}, expected None, a CIMSpec or (when loading a "
+                                   "map) True")
+        calibrations: Mapping[str, AdcCalibration] = getattr(adc, "adc", adc) or {}
+        if not isinstance(calibrations, Mapping):
+            raise InvalidTypeError(f"adc: got {type(adc).__name__}, expected a MapCalibration, a dict node name -> "
+                                   "AdcCalibration, or None")
+        self.cim = None if cim is None else CimMode(cim, dict(calibrations))
+        self.mac_hook = hook
+        made_on = getattr(adc, "fingerprint", "")
+        if self.cim is not None and self.cim.calibrated and made_on and made_on != self.fingerprint:
+            raise InvalidArgumentError("adc: the ADC calibration was made on another map (its crossbar weights or "
+                                       "operands differ from this one's); calibrate this map")
+        self._accumulators = {}
+        if self.cim is None and hook is None:
+            return  # exact MACs through mac.accumulate, as always
+        for node in self.crossbar_nodes:
+            record = self.record(node)
+            operands = mac_operands(node, record)
+            if self.cim is not None:
+                self.cim.calibration(operands, _mac_depth(node, self.mac_weights(node).weight))
+            self._accumulators[node.name] = MacAccumulator(operands, self.cim, hook)
+        if self.cim is not None:
+            logger.debug("CIM mode %s on %d crossbar MACs", self.cim.spec, len(self._accumulators))
+
+    def with_cim(self, cim: CIMSpec | None, adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *,
+                 mac_hook: MacHook | None = None) -> ReferenceExecutor:
+        """A copy of this executor in another mode, sharing the loaded map (nothing is re-read or re-checked).
+
+        Args:
+            cim: None for exact MACs, or a CIMSpec (see the class arguments).
+            adc: The ADC calibration of a calibrated spec (see the class arguments).
+            mac_hook: Called with the operands, integer weights and centred columns of every crossbar MAC
+                before it is accumulated (see :data:`~maptools.quantization.reference.crossbar.MacHook`); it
+                must not modify them. None for no hook.
+
+        Raises:
+            InvalidArgumentError: as the class.
+            InvalidTypeError: as the class.
+        """
+        twin = copy.copy(self)
+        twin._configure(cim, adc, mac_hook)
+        return twin
+
+    def mac_accumulator(self, node: onnx.NodeProto) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """The accumulation step of a MAC node: None for the exact :func:`~.mac.accumulate`, else the crossbar's."""
+        return self._accumulators.get(node.name)
+
+    @property
+    def requant_mode(self) -> str:
+        """How MAC accumulators are requantized: ``'float'`` (exact mode), else the CIM spec's ``requant``."""
+        return "float" if self.cim is None else self.cim.spec.requant
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, mapname: str, mapsave_dir: str | os.PathLike | None = None) -> ReferenceExecutor:
+    def load(cls, mapname: str, mapsave_dir: str | os.PathLike | None = None, cim: CIMSpec | bool | None = None,
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = None) -> ReferenceExecutor:
         """Load ``mapsave/<mapname>`` (each file checked against the manifest).
 
         Args:
             mapname: The map name given to ``quantize``.
             mapsave_dir: The mapsave directory (default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``).
+            cim: None for exact MACs; a :class:`~maptools.quantization.cim.spec.CIMSpec` for the crossbar
+                model; True for the map's own CIM spec and ADC calibration (its ``cim.json``, see
+                :func:`~maptools.quantization.cim.mapcal.write_map_calibration`).
+            adc: The ADC calibration of a spec with ``adc_range='calibrated'``; None for the map's stored one
+                (which must then exist and match the spec).
 
         Raises:
             MapNotFoundError: no such map.
-            ArtifactError: a file is missing, modified, corrupt, or the files disagree.
+            ArtifactError: a file is missing, modified, corrupt, or the files disagree; ``cim=True`` on a map
+                without a CIM calibration.
             UnsupportedOperatorError: the graph holds an operator this executor cannot run.
+            InvalidArgumentError: a calibrated spec without a matching calibration.
         """
         data = read_artifact_bytes(mapname, QUANTMODEL, mapsave_dir)
         try:
             model = onnx.load_from_string(data)
         except Exception as exc:
             raise ArtifactError(f"{QUANTMODEL} of map {mapname!r}: not a readable ONNX model ({exc})") from None
-        return cls(model, read_quantinfo(mapname, mapsave_dir), read_quantparams(mapname, mapsave_dir))
+        spec: CIMSpec | None = None
+        if cim is True or (isinstance(cim, CIMSpec) and adc is None and cim.adc_bits is not None
+                           and cim.adc_range == "calibrated"):
+            from maptools.quantization.cim.mapcal import has_map_calibration, read_map_calibration  # imports us
+
+            if cim is not True and not has_map_calibration(mapname, mapsave_dir):
+                raise InvalidArgumentError(
+                    f"cim: spec {cim} has adc_range='calibrated' but no adc= was given and map {mapname!r} stores no "
+                    "ADC calibration; pass adc=maptools.quantization.cim.calibrate_map(...) or use adc_range='full'")
+            stored = read_map_calibration(mapname, mapsave_dir)
+            spec = stored.spec if cim is True else cim
+            adc = stored
+        elif cim is not False:
+            spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
+        return cls(model, read_quantinfo(mapname, mapsave_dir), read_quantparams(mapname, mapsave_dir), spec, adc)
 
     @staticmethod
     def _handler(node: onnx.NodeProto) -> OpHandler:
@@ -315,12 +471,15 @@ class ReferenceExecutor:
 
 @overload
 def simulate(mapname: str, inputs: Mapping[str, Any] | Any, *, mapsave_dir: str | os.PathLike | None = ...,
-             return_integers: Literal[False] = ...) -> dict[str, np.ndarray]: ...
+             return_integers: Literal[False] = ..., cim: CIMSpec | bool | None = ...,
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = ...) -> dict[str, np.ndarray]: ...
 
 
 @overload
 def simulate(mapname: str, inputs: Mapping[str, Any] | Any, *, mapsave_dir: str | os.PathLike | None = ...,
-             return_integers: Literal[True]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
+             return_integers: Literal[True], cim: CIMSpec | bool | None = ...,
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = ...,
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
 
 
 def simulate(
@@ -329,6 +488,8 @@ def simulate(
     *,
     mapsave_dir: str | os.PathLike | None = None,
     return_integers: bool = False,
+    cim: CIMSpec | bool | None = None,
+    adc: MapCalibration | Mapping[str, AdcCalibration] | None = None,
 ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Run a quantized map with integer arithmetic, as the chip would.
 
@@ -343,6 +504,13 @@ def simulate(
             for calibration when the model's batch axis is dynamic.
         mapsave_dir: The mapsave directory (default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``).
         return_integers: Also return every operator's integer output.
+        cim: None (default) for exact MACs; a :class:`~maptools.quantization.cim.spec.CIMSpec` to run every
+            MAC with a constant weight through the crossbar model and requantize in the spec's ``requant``
+            arithmetic (see :mod:`~maptools.quantization.reference.crossbar`); True for the map's own spec and
+            ADC calibration (its ``cim.json``).
+        adc: For a spec with ``adc_bits`` set and ``adc_range='calibrated'``: the ADC calibration
+            (a :class:`~maptools.quantization.cim.mapcal.MapCalibration`, e.g. from
+            :func:`~maptools.quantization.cim.mapcal.calibrate_map`); None for the map's stored one.
 
     Returns:
         With ``return_integers=False``: ``outputs``, a dict graph output name -> float32 array (the
@@ -365,5 +533,5 @@ def simulate(
             input of the wrong rank.
         InvalidTypeError: an input is neither a numpy array nor a torch tensor.
     """
-    executor = ReferenceExecutor.load(mapname, mapsave_dir)
+    executor = ReferenceExecutor.load(mapname, mapsave_dir, cim=cim, adc=adc)
     return executor.run(inputs, return_integers=return_integers)

@@ -5,12 +5,17 @@ recorded scales (``real = acc * (s_in * s_w[channel])``). All four reduce to one
 the product of an integer weight matrix (a crossbar of M columns of K rows) with columns of centred
 integer inputs: a Conv builds its columns by im2col, a ConvTranspose runs as the Conv of its zero-inserted
 input with the flipped kernel, Gemm and MatMul hand their input rows directly. A model of the
-compute-in-memory array (row tiles, weight bit slices, ADC rounding) replaces :func:`accumulate` only.
+compute-in-memory array (row tiles, weight bit slices, ADC rounding) replaces :func:`accumulate` only: in
+the executor's CIM mode (see :mod:`~maptools.quantization.reference.crossbar`) the handlers take the node's
+accumulation step from :meth:`ReferenceExecutor.mac_accumulator
+<maptools.quantization.reference.core.ReferenceExecutor.mac_accumulator>` and requantize in the spec's
+arithmetic (``requant_acc(..., mode=)``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +26,7 @@ from maptools.errors import ArtifactError, UnsupportedOperatorError
 from maptools.quantization.artifacts import QUANTMODEL
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import values
+from maptools.quantization.reference.crossbar import requant_integer
 from maptools.quantization.reference.registry import attrs, describe, register, string_attr
 from maptools.quantization.reference.spatial import spatial_pads, window_slices
 from maptools.quantization.reference.values import Ints, Value, real, requantize
@@ -65,12 +71,18 @@ def accumulate(weights: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return values.exact_matmul(weights, columns)
 
 
-def _matmul_acc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` (ONNX MatMul broadcasting) through :func:`accumulate`, ``b`` in the weight position."""
+#: An accumulation step ``(weights, columns) -> acc``: :func:`accumulate` or the crossbar's
+#: (:class:`~maptools.quantization.reference.crossbar.MacAccumulator`).
+Accumulate = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _matmul_acc(a: np.ndarray, b: np.ndarray, accumulate_fn: Accumulate | None = None) -> np.ndarray:
+    """``a @ b`` (ONNX MatMul broadcasting) through :func:`accumulate` (or ``accumulate_fn``), ``b`` the weights."""
+    fn = accumulate if accumulate_fn is None else accumulate_fn
     squeeze_a, squeeze_b = a.ndim == 1, b.ndim == 1
     a = a[None, :] if squeeze_a else a
     b = b[:, None] if squeeze_b else b
-    acc = np.swapaxes(accumulate(np.swapaxes(b, -1, -2), np.swapaxes(a, -1, -2)), -1, -2)
+    acc = np.swapaxes(fn(np.swapaxes(b, -1, -2), np.swapaxes(a, -1, -2)), -1, -2)
     if squeeze_a:
         acc = acc[..., 0, :]
     return acc[..., 0] if squeeze_b else acc
@@ -91,8 +103,12 @@ def im2col(xp: np.ndarray, kernel: list[int], strides: list[int], dilations: lis
 
 
 def conv_accumulator(xc: np.ndarray, weight: np.ndarray, strides: list[int], dilations: list[int],
-                     pads: list[int], group: int, node: onnx.NodeProto) -> np.ndarray:
-    """The integer accumulator (without bias) of a 1-D or 2-D Conv of centred integers ``xc``: ``(N, M, *out)``."""
+                     pads: list[int], group: int, node: onnx.NodeProto,
+                     accumulate_fn: Accumulate | None = None) -> np.ndarray:
+    """The integer accumulator (without bias) of a 1-D or 2-D Conv of centred integers ``xc``: ``(N, M, *out)``.
+
+    The columns are summed by :func:`accumulate`, or by ``accumulate_fn`` when given (the CIM mode).
+    """
     if xc.ndim not in (3, 4) or weight.ndim != xc.ndim:
         raise UnsupportedOperatorError(f"{describe(node)}: only 1-D and 2-D convolutions are supported")
     one_d = xc.ndim == 3
@@ -109,7 +125,8 @@ def conv_accumulator(xc: np.ndarray, weight: np.ndarray, strides: list[int], dil
     out_h = (h + pads[0] + pads[2] - ((kh - 1) * dilations[0] + 1)) // strides[0] + 1
     out_w = (wd + pads[1] + pads[3] - ((kw - 1) * dilations[1] + 1)) // strides[1] + 1
     cols = im2col(xp, [kh, kw], strides, dilations, [out_h, out_w], group)
-    acc = accumulate(weight.reshape(group, m // group, cg * kh * kw), cols).reshape(n, m, out_h, out_w)
+    fn = accumulate if accumulate_fn is None else accumulate_fn
+    acc = fn(weight.reshape(group, m // group, cg * kh * kw), cols).reshape(n, m, out_h, out_w)
     return acc[:, :, 0, :] if one_d else acc
 
 
@@ -130,17 +147,26 @@ def _channel_scale(record: OperatorQuantConfig, channels: int, ndim: int, channe
 
 
 def requant_acc(acc: np.ndarray, s_in: float, record: OperatorQuantConfig, channel_axis: int,
-                real_bias: np.ndarray | None = None) -> Ints | np.ndarray:
+                real_bias: np.ndarray | None = None, mode: str = "float") -> Ints | np.ndarray:
     """``real = acc * (s_in * s_w[channel])`` (+ a real bias), requantized to the output record.
 
     Without an output record (the MAC feeds a fused activation that reads the accumulator), the real
-    values themselves.
+    values themselves. ``mode`` ``'fixed_point'`` or ``'power_of_two'`` (a CIM spec's ``requant``) requantizes
+    an integer accumulator with integers only
+    (:func:`~maptools.quantization.reference.crossbar.requant_integer`); the float path stays where that
+    does not apply (no output record, a real bias, a float accumulator).
     """
+    has_output = bool(record.outputs) and record.outputs[0] is not None
+    if mode != "float":
+        if has_output and real_bias is None and acc.dtype.kind in "iu":
+            w_scale = _channel_scale(record, acc.shape[channel_axis], 1, 0)
+            return requant_integer(acc, s_in, record, channel_axis, w_scale, mode)
+        logger.debug("%s: requantized in float (no output record, a real bias or alpha/beta)", record.name)
     w_scale = _channel_scale(record, acc.shape[channel_axis], acc.ndim, channel_axis)
     values_real = acc.astype(np.float64) * (float(s_in) * w_scale)
     if real_bias is not None:
         values_real = values_real + real_bias
-    if not record.outputs or record.outputs[0] is None:
+    if not has_output:
         return values_real
     return requantize(values_real, record.outputs[0])
 
@@ -244,13 +270,14 @@ def conv(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | N
     kernel = list(state.weight.shape[2:])
     strides, dilations = _strides_dilations(node_attrs, len(kernel))
     pads = spatial_pads(node_attrs, list(xc.shape[2:]), kernel, strides, dilations)
-    acc = conv_accumulator(xc, state.weight, strides, dilations, pads, int(node_attrs.get("group", 1)), node)
+    acc = conv_accumulator(xc, state.weight, strides, dilations, pads, int(node_attrs.get("group", 1)), node,
+                           executor.mac_accumulator(node))
     if state.bias is not None:
         acc = acc + state.bias.reshape((1, -1) + (1,) * (acc.ndim - 2))
     real_bias = None if state.bias is not None else _real_bias(node, args)
     if real_bias is not None:
         real_bias = real_bias.reshape((1, -1) + (1,) * (acc.ndim - 2))
-    return [requant_acc(acc, tq_in.scale, record, 1, real_bias)]
+    return [requant_acc(acc, tq_in.scale, record, 1, real_bias, executor.requant_mode)]
 
 
 @register("ConvTranspose", kind="integer", prepare=prepare_mac)
@@ -287,13 +314,14 @@ def conv_transpose(executor: ReferenceExecutor, node: onnx.NodeProto, args: list
     crop = tuple(slice(max(0, -b), n - max(0, -e)) for b, e, n in zip(begin, end, sizes, strict=True))
     inserted = inserted[(slice(None), slice(None)) + crop]
     conv_pads = [max(0, b) for b in begin] + [max(0, e) for e in end]
-    acc = conv_accumulator(inserted, conv_weight, [1] * dims, dilations, conv_pads, group, node)
+    acc = conv_accumulator(inserted, conv_weight, [1] * dims, dilations, conv_pads, group, node,
+                           executor.mac_accumulator(node))
     if state.bias is not None:
         acc = acc + state.bias.reshape((1, -1) + (1,) * dims)
     real_bias = None if state.bias is not None else _real_bias(node, args)
     if real_bias is not None:
         real_bias = real_bias.reshape((1, -1) + (1,) * dims)
-    return [requant_acc(acc, tq_in.scale, record, 1, real_bias)]
+    return [requant_acc(acc, tq_in.scale, record, 1, real_bias, executor.requant_mode)]
 
 
 @register("Gemm", kind="integer", prepare=prepare_mac)
@@ -316,7 +344,7 @@ def gemm(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | N
     a = mac_input(node, args[0], tq_in).centred_int()
     a = a.T if trans_a else a
     b = state.weight.T if trans_b else state.weight
-    acc = _matmul_acc(a, b)
+    acc = _matmul_acc(a, b, executor.mac_accumulator(node))
     real_bias = None
     if alpha == 1.0 and beta == 1.0:
         if state.bias is not None:
@@ -328,7 +356,7 @@ def gemm(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | N
             real_bias = beta * state.bias.reshape(1, -1).astype(np.float64) * acc_scale
     if state.bias is None:
         real_bias = _real_bias(node, args, beta)
-    return [requant_acc(acc, tq_in.scale, record, 1, real_bias)]
+    return [requant_acc(acc, tq_in.scale, record, 1, real_bias, executor.requant_mode)]
 
 
 @register("MatMul", kind="integer", prepare=prepare_mac)
@@ -339,8 +367,8 @@ def matmul(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value |
     if state is not None:
         tq_in = record.inputs[0]
         a = mac_input(node, args[0], tq_in).centred_int()
-        acc = _matmul_acc(a, state.weight)
-        return [requant_acc(acc, tq_in.scale, record, channel_axis=acc.ndim - 1)]
+        acc = _matmul_acc(a, state.weight, executor.mac_accumulator(node))
+        return [requant_acc(acc, tq_in.scale, record, acc.ndim - 1, None, executor.requant_mode)]
     xa = mac_input(node, args[0], record.inputs[0])
     xb = mac_input(node, args[1], record.inputs[1])
     acc = _matmul_acc(xa.centred_int(), xb.centred_int())
