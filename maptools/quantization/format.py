@@ -10,6 +10,8 @@ A map directory holds:
   :func:`~maptools.quantization.verify` to rebuild PPQ's simulation from the float model (see
   :mod:`maptools.quantization.engine.state`)
 * :data:`REPORT_JSON`, :data:`REPORT_PNG` (``report.json``, ``report.png``) -- the quantization report
+* :data:`CIM_FILE` (``cim.json``, optional) -- the compute-in-memory ADC calibration of the map's crossbars,
+  written by :func:`~maptools.quantization.cim.mapcal.write_map_calibration`
 * :data:`MANIFEST` (``manifest.json``) -- :data:`FORMAT_VERSION`, the rounding rule (:data:`ROUNDING`),
   versions, settings, the input model's path and SHA-256, and every file's SHA-256
 
@@ -39,6 +41,7 @@ __all__ = [
     "QUANTPARAMS",
     "REPORT_JSON",
     "REPORT_PNG",
+    "CIM_FILE",
     "ROUNDING",
     "bias_key",
     "param_family",
@@ -64,6 +67,8 @@ PPQGRAPH = "ppq_graph.pkl"
 REPORT_JSON = "report.json"
 #: Per-operator SNR figure.
 REPORT_PNG = "report.png"
+#: The map's compute-in-memory ADC calibration (JSON), present once one is stored.
+CIM_FILE = "cim.json"
 #: Environment variable naming the default mapsave directory.
 MAPSAVE_ENV = "MAPTOOLS_MAPSAVE"
 #: Pickle protocol of ``quantinfo.pkl`` and ``quantparams.pkl``.

@@ -59,11 +59,12 @@ from typing import Any
 import numpy as np
 
 from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
-from maptools.quantization import artifacts
+from maptools.quantization import artifacts, mapdir
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, AdcHistogram
 from maptools.quantization.cim.mapping import slice_weights
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.format import CIM_FILE
 from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands
 
@@ -81,8 +82,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The file of a map holding its CIM spec and ADC calibration.
-CIM_FILE = "cim.json"
 #: Version of :data:`CIM_FILE`'s layout.
 CIM_FORMAT = 1
 
@@ -418,8 +417,8 @@ def write_map_calibration(mapname: str, calibration: MapCalibration, *, mapsave_
     if not isinstance(calibration, MapCalibration):
         raise InvalidTypeError(f"calibration: got {type(calibration).__name__}, expected a MapCalibration")
     directory = artifacts.resolve_map(mapname, mapsave_dir)
-    timeout = artifacts.LOCK_TIMEOUT if lock_timeout is None else lock_timeout
-    with artifacts.map_lock(directory, timeout):
+    timeout = mapdir.LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+    with mapdir.map_lock(directory, timeout):
         fingerprint = ReferenceExecutor.load(mapname, mapsave_dir).fingerprint
         if calibration.fingerprint and calibration.fingerprint != fingerprint:
             raise InvalidArgumentError(f"calibration: made on another map than {mapname!r} (its crossbar weights or "
@@ -447,7 +446,7 @@ def read_map_calibration(mapname: str, mapsave_dir: str | os.PathLike | None = N
         ArtifactError: the map has no ``cim.json``, or it is modified or malformed.
     """
     directory = artifacts.resolve_map(mapname, mapsave_dir)
-    with artifacts.map_lock(directory, artifacts.READ_WAIT, shared=True):
+    with mapdir.map_lock(directory, mapdir.READ_WAIT, shared=True):
         if CIM_FILE not in artifacts.read_manifest(directory).get("files", {}):
             raise ArtifactError(
                 f"map {mapname!r} has no CIM calibration ({CIM_FILE}); make one with "
