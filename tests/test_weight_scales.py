@@ -67,3 +67,32 @@ def test_each_recipe_records_and_applies_its_weight_observer(tmp_path, recipe: s
     if observer == "minmax":  # each channel reaches one of its range's ends exactly, the other is never passed
         reach = np.maximum(integers.max(axis=1) / 7, integers.min(axis=1) / -8)
         assert np.allclose(reach[integers.any(axis=1)], 1.0, atol=1 / 8)
+
+
+def test_minmax_observer_keeps_ppqs_scales_for_2_bit_weights(tmp_path) -> None:
+    """``default`` (minmax weights) at 2-bit weights: PPQ's clipped scale ``max|w| / 1.5``, not the unclipped one."""
+    images, _ = digits.load_split("train")
+    calib = [{"input": torch.from_numpy(images[i:i + 16])} for i in range(0, 16 * 8, 16)]
+    quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname="w2", calibset=calib,
+             calib_steps=8, weight_bits=2, activation_bits=4, recipe="default", layer_bits={"/stem/stem.0/Conv": 4},
+             mapsave_dir=tmp_path)
+    info, params = read_quantinfo("w2", tmp_path), read_quantparams("w2", tmp_path)
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(digits.MODEL_PATH)).graph.initializer}
+    checked = 0
+    for name, record in info.items():
+        key = f"{name}_conv_weight"
+        if key not in params or record.weight_bits is None:
+            continue
+        node = next(n for n in onnx.load(str(digits.MODEL_PATH)).graph.node if n.name == name)
+        w = weights[node.input[1]].reshape(record.weight_scale.size, -1).astype(np.float64)
+        live = np.abs(w).max(axis=1) > 0
+        if record.weight_bits == 2:  # PPQ's rule: max|w| over (qmax - qmin) / 2
+            expected = np.abs(w).max(axis=1) / 1.5
+        else:  # the 4-bit stem: minmax, both extremes fit
+            expected = np.maximum(w.max(axis=1) / 7, -w.min(axis=1) / 8)
+        assert np.allclose(record.weight_scale[live], expected[live], rtol=1e-5), name
+        checked += 1
+    assert checked >= 3
