@@ -45,12 +45,12 @@ def _quantize_digits(mapsave: Path) -> None:
         logging.info("quantized %s in %.1f s", name, time.perf_counter() - started)
 
 
-def _sweep_digits(mapsave: Path, out: Path, jobs: int) -> dict[str, SweepResult]:
+def _sweep_digits(mapsave: Path, out: Path, jobs: int, grid: dict) -> dict[str, SweepResult]:
     train, _ = digits.load_split("train")
     test, labels = digits.load_split("test")
     results = {}
     for name in MAPS:
-        result = cim_sweep(name, [test], calib=[train], labels=labels, jobs=jobs, mapsave_dir=mapsave, **DIGITS_GRID)
+        result = cim_sweep(name, [test], calib=[train], labels=labels, jobs=jobs, mapsave_dir=mapsave, **grid)
         result.save(out / f"{name}.json")
         result.plot(out / f"{name}.png")
         print(result.table(), flush=True)
@@ -58,7 +58,7 @@ def _sweep_digits(mapsave: Path, out: Path, jobs: int) -> dict[str, SweepResult]
     return results
 
 
-def _sweep_corpus(name: str, mapsave: Path, out: Path, jobs: int) -> dict[str, SweepResult]:
+def _sweep_corpus(name: str, mapsave: Path, out: Path, jobs: int, grid: dict) -> dict[str, SweepResult]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from corpus import registry
 
@@ -69,7 +69,7 @@ def _sweep_corpus(name: str, mapsave: Path, out: Path, jobs: int) -> dict[str, S
     quantize(model.input_shapes, "cpu", model.path, mapname=f"{name}_w8a8", calibset=calib, calib_steps=16,
              bit_width=8, mapsave_dir=mapsave, analysis_steps=1, evalset=evaluation[:1])
     logging.info("quantized %s in %.1f s", name, time.perf_counter() - started)
-    result = cim_sweep(f"{name}_w8a8", evaluation, calib=calib, jobs=jobs, mapsave_dir=mapsave, **CORPUS_GRID)
+    result = cim_sweep(f"{name}_w8a8", evaluation, calib=calib, jobs=jobs, mapsave_dir=mapsave, **grid)
     result.save(out / f"{name}_w8a8.json")
     result.plot(out / f"{name}_w8a8.png")
     print(result.table(), flush=True)
@@ -112,6 +112,8 @@ def main() -> int:
     parser.add_argument("--mapsave-dir", type=Path, default=None, help="where the maps go (default: <out>/mapsave)")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: the CPUs)")
     parser.add_argument("--corpus", default=None, help="sweep this corpus classifier instead of the digits maps")
+    parser.add_argument("--rows", default=None, help="crossbar rows, comma-separated (default: the grid above)")
+    parser.add_argument("--cell-bits", default=None, help="cell bits, comma-separated (default: the grid above)")
     parser.add_argument("--skip-quantize", action="store_true", help="reuse the maps already in --mapsave-dir")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -119,12 +121,17 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     mapsave = args.mapsave_dir or args.out / "mapsave"
     started = time.perf_counter()
+    grid = dict(CORPUS_GRID if args.corpus else DIGITS_GRID)
+    if args.rows:
+        grid["rows"] = tuple(int(r) for r in args.rows.split(","))
+    if args.cell_bits:
+        grid["cell_bits"] = tuple(int(c) for c in args.cell_bits.split(","))
     if args.corpus:
-        results = _sweep_corpus(args.corpus, mapsave, args.out, args.jobs)
+        results = _sweep_corpus(args.corpus, mapsave, args.out, args.jobs, grid)
     else:
         if not args.skip_quantize:
             _quantize_digits(mapsave)
-        results = _sweep_digits(mapsave, args.out, args.jobs)
+        results = _sweep_digits(mapsave, args.out, args.jobs, grid)
     print(rst_tables(results))
     summary = {name: {"seconds": r.seconds, "jobs": r.jobs, "points": len(r.points)} for name, r in results.items()}
     print(json.dumps(summary), f"total {time.perf_counter() - started:.0f} s")

@@ -80,7 +80,7 @@ def headline(model: registry.CorpusModel, metrics: dict[str, float]) -> tuple[st
 
 METRIC_NAMES = {
     "classifier": "top-1 agreement all / confident / mean KL",
-    "yolov8": "FP32 detections kept (matched class, IoU >= 0.5)",
+    "yolov8": "recall of FP32 detections (matched class, IoU >= 0.5) (detections made / FP32's)",
     "mtcnn_pnet": "IoU of face-positive cells (p > 0.6)",
     "mtcnn_rnet": "face decision agreement (p > 0.7)",
     "mtcnn_onet": "face decision agreement (p > 0.7)",
@@ -130,8 +130,14 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
 def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], recipes: Sequence[str],
               peers: Sequence[str], calib_count: int, eval_count: int, workdir: Path,
               raw_settings: Sequence[str] = ("PPQ trt",), ort_methods: Sequence[str] = ("MinMax", "Percentile"),
-              ) -> list[dict]:
-    """Every method at every bit pair on one model."""
+              done: dict[tuple[str, str, str], dict] | None = None,
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every method at every bit pair on one model.
+
+    ``done`` holds rows measured earlier, keyed by (model, bits, method): they are kept, not run again.
+    ``on_row`` is called with each new row as soon as it is measured (to save progress).
+    """
+    done = done or {}
     calib = registry.inputs_for(model, "calib", count=calib_count, seed=0)
     evaluate, labels = registry.labeled_inputs(model, "eval", count=eval_count, seed=1)
     rows: list[dict] = []
@@ -159,6 +165,11 @@ def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], reci
                 methods[f"ORT {method}"] = functools.partial(run_ort, model.path, w_bits, a_bits, method, calib,
                                                              evaluate)
         for name, run in methods.items():
+            key = (model.name, f"W{w_bits}A{a_bits}", name)
+            if key in done:
+                rows.append(done[key])
+                print(f"[real] {model.name} W{w_bits}A{a_bits} {name:24s} kept from --resume", flush=True)
+                continue
             result = measure(model, ref, labels, run)
             if name.startswith("raw ") and "error" in result:  # again on maptools' prepared graph, to compare
                 prepared = prepared or prepared_copy(model, workdir)
@@ -167,6 +178,8 @@ def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], reci
                 if "error" not in retry:
                     result = {**retry, "note": f"on maptools' prepared graph; as given: {result['error']}"}
             rows.append({"model": model.name, "bits": f"W{w_bits}A{a_bits}", "method": name, **result})
+            if on_row is not None:
+                on_row(rows[-1])
             shown = result.get("cell", result.get("error"))
             print(f"[real] {model.name} W{w_bits}A{a_bits} {name:24s} {shown}  SNR "
                   f"{result.get('snr_db', float('nan')):.1f} dB  {result['seconds']:.1f} s", flush=True)
@@ -239,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=64, help="held-out evaluation feeds per model")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="RST fragment to write ('-': none)")
     parser.add_argument("--workdir", default=None, help="maps and prepared graphs (default: a temporary dir)")
+    parser.add_argument("--resume", default=None,
+                        help="a JSON of an interrupted run: its rows are kept, only the missing ones are measured "
+                             "(progress is saved to OUT's .json.partial after every row)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
@@ -256,10 +272,28 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    done: dict[tuple[str, str, str], dict] = {}
+    resumed_minutes = 0.0
+    if args.resume:
+        earlier = json.loads(Path(args.resume).read_text())
+        done = {(row["model"], row["bits"], row["method"]): row for row in earlier["rows"] if "error" not in row}
+        resumed_minutes = earlier.get("meta", {}).get("minutes", 0.0)
+        command = earlier.get("command", command)
+    partial = Path(args.out).with_suffix(".json.partial") if args.out != "-" else None
+    saved: list[dict] = list(done.values())
+
+    def save(row: dict) -> None:
+        saved.append(row)
+        if partial is not None:
+            minutes = resumed_minutes + (time.perf_counter() - started) / 60
+            partial.write_text(json.dumps({"command": command, "meta": {"minutes": minutes}, "rows": saved},
+                                          indent=1, default=float) + "\n")
+
     for name in names:
         try:
             rows += run_model(registry.get(name), bits, recipes, peers, args.calib, args.eval, workdir,
-                              raw_settings=args.raw_settings.split(","), ort_methods=args.ort_methods.split(","))
+                              raw_settings=args.raw_settings.split(","), ort_methods=args.ort_methods.split(","),
+                              done=done, on_row=save)
         except Exception:  # a broken model must not lose the others' rows
             traceback.print_exc()
             rows.append({"model": name, "bits": "-", "method": "maptools", "error": "benchmark crashed"})
@@ -267,13 +301,15 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"calib": args.calib, "eval": args.eval, "cores": os.cpu_count(), "torch": torch.__version__,
             "onnx": version("onnx"), "onnxruntime": version("onnxruntime"),
-            "minutes": (time.perf_counter() - started) / 60}
+            "minutes": resumed_minutes + (time.perf_counter() - started) / 60}
     if args.out != "-":
         out = Path(args.out)
         out.write_text(render(rows, command, meta))
         out.with_suffix(".json").write_text(json.dumps({"command": command, "meta": meta, "rows": rows}, indent=1,
                                                        default=float) + "\n")
         print(f"[real] wrote {out}", flush=True)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     if tmp is not None:
         tmp.cleanup()
     return 0
