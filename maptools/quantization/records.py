@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,12 @@ class OperatorQuantConfig:
         weight_axis: The weight axis that ``weight_scale`` runs along (the output channel axis).
         bias_bits: Bias bit width (32) when the operator has a bias.
         bias_scale: Bias scale, ``input_scale * weight_scale``.
+        cim: For a crossbar MAC of a map quantized with ``cim=`` (format 1.2), its place on the crossbars as
+            plain data (dicts, lists, numbers, strings): the crossbar spec, the tile layout, the ADC
+            parameters of every (row tile, weight slice, input plane) and the ``quantparams.pkl`` keys of
+            its weight slices and requantization multipliers (see :doc:`/cim`); None otherwise. A record
+            whose ``cim`` is None pickles exactly as in format 1.1 (the field is left out of the pickle),
+            and records of 1.0 and 1.1 maps load with ``cim`` None.
     """
 
     name: str
@@ -106,6 +113,14 @@ class OperatorQuantConfig:
     weight_axis: int | None = None
     bias_bits: int | None = None
     bias_scale: np.ndarray | None = None
+    cim: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The pickled state: every field, ``cim`` only when set (so maps without CIM keep the 1.1 bytes)."""
+        state = dict(self.__dict__)
+        if state.get("cim") is None:
+            state.pop("cim", None)
+        return state
 
     @property
     def has_weight(self) -> bool:
