@@ -82,9 +82,12 @@ def maps(tmp_path_factory: pytest.TempPathFactory, data) -> dict[str, object]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(artifacts_module, "write_map", counting)
         for name, spec in SPECS.items():
-            quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname=name,
+            result = quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname=name,
                      calibset=data["calib"], calib_steps=8, bit_width=4, mapsave_dir=mapsave, recipe="fast",
                      analysis_steps=1, cim=spec)
+            assert (result.cim_path is None) == (spec is None)
+            assert (CIM_FILE in {p.name for p in result.files}) == (spec is not None)
+            assert all(p.is_file() for p in result.files)
     return {"mapsave": mapsave, "writes": writes}
 
 

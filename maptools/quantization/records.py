@@ -170,6 +170,7 @@ class QuantizationResult:
             ``calib_steps``), ``'evalset'``, ``'random (held-out)'`` or ``'in-sample'`` (the calibration
             batches themselves, which overstates the accuracy).
         part_snr_db: Outputs built by a final Concat -> each part's SNR in dB.
+        cim_path: Path of ``cim.json`` for a map quantized with ``cim=``, else None.
     """
 
     mapname: str
@@ -188,18 +189,19 @@ class QuantizationResult:
     warnings: list[str] = field(default_factory=list)
     analysis_data: str = "in-sample"
     part_snr_db: dict[str, dict[str, float]] = field(default_factory=dict)
+    cim_path: Path | None = None
 
     @property
     def files(self) -> list[Path]:
         """Every file written in :attr:`directory`.
 
-        The three artifacts for the mapper, ``ppq_state.json``, the report (``report.json``, ``report.png``) and
-        ``manifest.json``, in that order.
+        The three artifacts for the mapper, ``ppq_state.json``, the report (``report.json``, ``report.png``),
+        ``cim.json`` (with ``cim=``) and ``manifest.json``, in that order.
         """
         from maptools.quantization.artifacts import PPQSTATE
 
         paths = [self.quantinfo_path, self.quantparams_path, self.model_path, self.directory / PPQSTATE,
-                 self.report_path, self.plot_path, self.manifest_path]
+                 self.report_path, self.plot_path, self.cim_path, self.manifest_path]
         return [path for path in paths if path is not None]
 
     def summary(self) -> str:
