@@ -27,7 +27,7 @@ Maps of format 1.0 also hold :data:`PPQGRAPH` (``ppq_graph.pkl``), PPQ's graph a
 nothing reads any more. Writing, locking and safe loading are in :mod:`maptools.quantization.artifacts`;
 the integer arithmetic the files follow is in :mod:`maptools.quantization.intmath`.
 
-This module imports nothing but :mod:`~maptools.quantization.intmath` (numpy).
+This module imports nothing but the standard library and :mod:`~maptools.quantization.intmath` (numpy).
 """
 
 from __future__ import annotations
