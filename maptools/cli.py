@@ -72,6 +72,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cim_spec(text: str) -> object:
+    """``--cim KEY=VALUE,...``: a CIMSpec; a bad item names itself and the valid keys."""
+    import dataclasses
+
+    from maptools.quantization.cim.spec import CIMSpec
+    from maptools.quantization.options import check_cim
+
+    keys = ", ".join(f.name for f in dataclasses.fields(CIMSpec))
+    try:
+        return check_cim(CIMSpec.parse(text), [])
+    except MaptoolsError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (in {text!r}; valid keys: {keys}; e.g. "
+                                         "rows=256,cell_bits=2,adc_bits=6,dac_bits=1,weight_encoding=differential,"
+                                         "requant=fixed_point)") from None
+
+
 def _stds(text: str) -> list[float]:
     values = _floats(text)
     if any(v <= 0 for v in values):
@@ -124,6 +140,12 @@ def _build_parser() -> argparse.ArgumentParser:
                         "after the first --calib-steps ones (default 4)")
     q.add_argument("--power-of-two", action="store_true",
                    help="every scale a power of two, for requantization by shifts (default: off)")
+    q.add_argument("--cim", type=_cim_spec, default=None, metavar="KEY=VALUE,...",
+                   help="also make the map for a compute-in-memory crossbar, e.g. rows=256,cell_bits=2,adc_bits=6,"
+                        "dac_bits=1,weight_encoding=differential,requant=fixed_point; keys rows, cols, cell_bits, "
+                        "dac_bits, adc_bits (none: ideal), weight_encoding (differential, offset), adc_range (full, "
+                        "calibrated: ranges calibrated on the calibration batches), requant (float, fixed_point, "
+                        "power_of_two), as CIMSpec.parse (default: none)")
     q.add_argument("--first-last-bits", type=int, default=None, metavar="B",
                    help="keep the first and the last Conv/Gemm/MatMul at B bits, weights and activations "
                         "(default: off)")
@@ -231,7 +253,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                       recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
                       unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
                       threads=args.threads, first_last_bits=args.first_last_bits,
-                      power_of_two=args.power_of_two)
+                      power_of_two=args.power_of_two, cim=args.cim)
     if replacing:
         print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
     print(result.summary())

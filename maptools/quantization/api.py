@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from maptools.quantization import artifacts, pipeline
+from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.options import OBSERVERS, RECIPES, QuantizeOptions
 from maptools.quantization.records import QuantizationResult
 
@@ -49,6 +50,7 @@ def quantize(
     threads: int | None = None,
     first_last_bits: int | None = None,
     power_of_two: bool = False,
+    cim: CIMSpec | None = None,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
@@ -109,6 +111,16 @@ def quantize(
         power_of_two: Make every scale (activations, weights, and so biases) a power of two, rounded up from the
             calibrated one (PPQ's ``POWER_OF_2`` policy), for hardware that requantizes by shifting only: the
             multiplier ``s_in * s_w / s_out`` of every requantization is then a power of two.
+        cim: None (default) for a map as always; a :class:`~maptools.quantization.cim.CIMSpec` to make the map
+            for that compute-in-memory crossbar as well. After PPQ, the integer reference executor is built from
+            the artifacts in memory; for ``adc_range='calibrated'`` (``adc_bits`` must then be set) the ADC ranges
+            of every crossbar MAC are calibrated on the first 8 calibration batches
+            (:data:`~maptools.quantization.cim.content.CIM_CALIB_BATCHES`). Written with the map, in the same
+            atomic write: ``cim.json`` (the spec and the ADC calibration, listed in the manifest), each
+            crossbar MAC record's ``cim`` field (tile layout, per-tile ADC parameters), the weight slices in
+            ``quantparams.pkl`` and, for ``requant`` other than ``'float'``, the int32 multipliers and shifts;
+            the manifest's settings record the spec (``cim``) and the format version is 1.2. Then
+            ``simulate(mapname, inputs, cim=True)`` runs the map on that crossbar. See :doc:`/cim`.
         threads: torch CPU threads while quantizing; None for 1, measured the fastest for PPQ's
             calibration on small batches and the one that holds its speed beside other CPU-bound jobs (see
             :mod:`maptools.quantization.engine.threads`).
@@ -126,7 +138,7 @@ def quantize(
         activation_bits=activation_bits, symmetrical=symmetrical, per_channel=per_channel, seed=seed,
         analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads, layer_bits=layer_bits,
         first_last_bits=first_last_bits, observer=observer, recipe=recipe, unsigned_nonnegative=unsigned_nonnegative,
-        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two)
+        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two, cim=cim)
     prepared, options = pipeline.load(options, onnx_path, input_shapes)
     data = pipeline.calibration_data(options, prepared, calibset, evalset)
     options, ppq_setting = pipeline.configure_engine(options, data)
@@ -140,13 +152,17 @@ def quantize(
     extracted = pipeline.extract(session, prepared)
     timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
     errors, warnings = pipeline.analyse(options, session, data)
-    timings["error_analysis"] = time.perf_counter() - mark
+    timings["error_analysis"], mark = time.perf_counter() - mark, time.perf_counter()
+    cim_content = pipeline.cim_content(options, data, extracted)
+    if cim_content is not None:
+        timings["cim"] = time.perf_counter() - mark
     for name, snr in errors.output_snr_db.items():
         logger.info("graph-wise error of output %r on %s data: SNR %.2f dB, cosine %.5f", name, data.analysis_data,
                     snr, errors.output_cosine[name])
     for warning in warnings:
         logger.warning("%s", warning)
-    files, manifest = pipeline.artifact_files(options, prepared, data, extracted, errors, warnings, timings)
+    files, manifest = pipeline.artifact_files(options, prepared, data, extracted, errors, warnings, timings,
+                                              cim_content)
     target = options.target
     artifacts.write_map(target, files, manifest)
     result = QuantizationResult(
@@ -156,6 +172,7 @@ def quantize(
         output_cosine=errors.output_cosine, layer_snr_db=errors.layer_snr_db, seconds=time.perf_counter() - started,
         report_path=target / artifacts.REPORT_JSON, plot_path=target / artifacts.REPORT_PNG, warnings=warnings,
         analysis_data=data.analysis_data, part_snr_db=errors.part_snr_db,
+        cim_path=None if cim_content is None else target / artifacts.CIM_FILE,
     )
     logger.info("wrote %s in %.1f s", target, result.seconds)
     return result

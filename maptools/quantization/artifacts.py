@@ -22,6 +22,8 @@ from typing import Any
 
 from maptools.errors import ArtifactError, UnsafeArtifactError
 from maptools.quantization.format import (
+    CIM_FILE,
+    CIM_FORMAT_VERSION,
     FORMAT_VERSION,
     MANIFEST,
     MAPSAVE_ENV,
@@ -50,6 +52,8 @@ from maptools.quantization.mapdir import (
 )
 
 __all__ = [
+    "CIM_FILE",
+    "CIM_FORMAT_VERSION",
     "FORMAT_VERSION",
     "LOCK_TIMEOUT",
     "MANIFEST",

@@ -10,19 +10,29 @@ A map directory holds:
   :func:`~maptools.quantization.verify` to rebuild PPQ's simulation from the float model (see
   :mod:`maptools.quantization.engine.state`)
 * :data:`REPORT_JSON`, :data:`REPORT_PNG` (``report.json``, ``report.png``) -- the quantization report
-* :data:`CIM_FILE` (``cim.json``, optional) -- the compute-in-memory ADC calibration of the map's crossbars,
-  written by :func:`~maptools.quantization.cim.mapcal.write_map_calibration`
-* :data:`MANIFEST` (``manifest.json``) -- :data:`FORMAT_VERSION`, the rounding rule (:data:`ROUNDING`),
+* :data:`CIM_FILE` (``cim.json``, optional) -- the compute-in-memory crossbar and ADC calibration of the map's
+  crossbars, written by ``quantize(..., cim=)`` or later by
+  :func:`~maptools.quantization.cim.mapcal.write_map_calibration`
+* :data:`MANIFEST` (``manifest.json``) -- the format version (:data:`FORMAT_VERSION`, or
+  :data:`CIM_FORMAT_VERSION` for a map quantized with ``cim=``), the rounding rule (:data:`ROUNDING`),
   versions, settings, the input model's path and SHA-256, and every file's SHA-256
+
+A map quantized with ``cim=`` (format :data:`CIM_FORMAT_VERSION`, 1.2) also holds, besides ``cim.json``, the
+``cim`` field of every crossbar MAC's record and, in ``quantparams.pkl``, the weight slices
+(:func:`weight_slices_key`) and, unless the spec's ``requant`` is ``'float'``, the int32 requantization
+multipliers and shifts (:func:`requant_multiplier_key`, :func:`requant_shift_key`). Everything else is laid out
+as in 1.1, and loaders read every 1.x map.
 
 Maps of format 1.0 also hold :data:`PPQGRAPH` (``ppq_graph.pkl``), PPQ's graph as a plain pickle, which
 nothing reads any more. Writing, locking and safe loading are in :mod:`maptools.quantization.artifacts`;
 the integer arithmetic the files follow is in :mod:`maptools.quantization.intmath`.
 
-This module imports nothing but :mod:`~maptools.quantization.intmath` (numpy).
+This module imports nothing but the standard library and :mod:`~maptools.quantization.intmath` (numpy).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from maptools.quantization.intmath import ROUNDING
 
@@ -42,15 +52,24 @@ __all__ = [
     "REPORT_JSON",
     "REPORT_PNG",
     "CIM_FILE",
+    "CIM_FORMAT_VERSION",
     "ROUNDING",
     "bias_key",
+    "format_version",
     "param_family",
+    "requant_multiplier_key",
+    "requant_shift_key",
     "weight_key",
+    "weight_slices_key",
 ]
 
 #: Version of the artifact format; loaders refuse other major versions. 1.1: ``ppq_state.json`` replaces
 #: ``ppq_graph.pkl``.
 FORMAT_VERSION = "1.1"
+#: Version of a map quantized with ``cim=``: 1.1 plus the CIM content (``cim.json``, the records' ``cim`` field,
+#: the weight slices and requantization multipliers in ``quantparams.pkl``). A map without CIM content is
+#: written as :data:`FORMAT_VERSION`, byte for byte as before.
+CIM_FORMAT_VERSION = "1.2"
 #: Per-operator quantization configs.
 QUANTINFO = "quantinfo.pkl"
 #: Integer weights and biases.
@@ -96,3 +115,23 @@ def weight_key(op_name: str, op_type: str) -> str:
 def bias_key(op_name: str, op_type: str) -> str:
     """``quantparams.pkl`` key of an operator's integer bias: ``<node>_conv_bias`` or ``<node>_gemm_bias``."""
     return f"{op_name}_{param_family(op_type)}_bias"
+
+
+def weight_slices_key(op_name: str, op_type: str) -> str:
+    """``quantparams.pkl`` key of a crossbar MAC's weight slices (cell digits): ``<weight key>_slices``."""
+    return f"{weight_key(op_name, op_type)}_slices"
+
+
+def requant_multiplier_key(op_name: str, op_type: str) -> str:
+    """``quantparams.pkl`` key of a MAC's int32 requantization multipliers: ``<node>_conv_requant_multiplier``."""
+    return f"{op_name}_{param_family(op_type)}_requant_multiplier"
+
+
+def requant_shift_key(op_name: str, op_type: str) -> str:
+    """``quantparams.pkl`` key of a MAC's int32 requantization shifts: ``<node>_conv_requant_shift``."""
+    return f"{op_name}_{param_family(op_type)}_requant_shift"
+
+
+def format_version(file_names: Iterable[str]) -> str:
+    """The format version of a map made of these files: :data:`CIM_FORMAT_VERSION` with ``cim.json``."""
+    return CIM_FORMAT_VERSION if CIM_FILE in set(file_names) else FORMAT_VERSION

@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from maptools.quantization.artifacts import (
+    CIM_FILE,
     float_operators,
+    read_artifact_bytes,
+    read_json,
     read_manifest,
     read_quantinfo,
     read_quantparams,
     resolve_map,
 )
+from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.format import bias_key, weight_key
 
 __all__ = ["MapListing", "inspect_map", "listing_json", "listing_table"]
@@ -33,11 +37,15 @@ class MapListing:
         manifest: The map's manifest.
         operators: One row per quantized operator (node, type, bits, scales, integer ranges), in graph order.
         float_operators: The operators of ``quant_model.onnx`` left in float (node, type).
+        cim: The compute-in-memory crossbar of a map that stores one (``cim.json``): ``spec`` (the
+            :class:`~maptools.quantization.cim.CIMSpec` fields), ``calibrated_macs`` (the MACs with calibrated
+            ADC ranges), ``batches`` and ``method`` of the calibration; None for a map without ``cim.json``.
     """
 
     manifest: dict[str, Any]
     operators: list[dict[str, Any]]
     float_operators: list[dict[str, str]]
+    cim: dict[str, Any] | None = None
 
 
 def _range(values: np.ndarray | None) -> list[int] | None:
@@ -81,13 +89,27 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> M
             "weight_range": _range(params.get(weight_key(name, cfg.op_type))),
             "bias_range": _range(params.get(bias_key(name, cfg.op_type))),
         })
-    return MapListing(manifest, rows, float_operators(mapname, mapsave_dir))
+        layout = (getattr(cfg, "cim", None) or {}).get("layout")
+        if layout is not None:
+            rows[-1]["crossbar_arrays"] = layout["arrays"]
+    cim = _cim_summary(mapname, mapsave_dir, manifest)
+    return MapListing(manifest, rows, float_operators(mapname, mapsave_dir), cim)
+
+
+def _cim_summary(mapname: str, mapsave_dir: str | os.PathLike | None,
+                 manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The crossbar of ``cim.json`` (checked against the manifest), None when the map has none."""
+    if CIM_FILE not in manifest.get("files", {}):
+        return None
+    data = read_json(read_artifact_bytes(mapname, CIM_FILE, mapsave_dir), CIM_FILE)
+    return {"spec": data.get("spec"), "calibrated_macs": len(data.get("adc", {})), "batches": data.get("batches"),
+            "method": data.get("method")}
 
 
 def listing_json(listing: MapListing) -> str:
     """``maptools inspect --json``: the manifest, the operator rows and the float operators."""
     return json.dumps({"manifest": listing.manifest, "operators": listing.operators,
-                       "float_operators": listing.float_operators}, indent=2)
+                       "float_operators": listing.float_operators, "cim": listing.cim}, indent=2)
 
 
 def listing_table(listing: MapListing) -> str:
@@ -114,4 +136,11 @@ def listing_table(listing: MapListing) -> str:
     lines.append(f"\n{len(rows)} quantized operators; model {manifest['model']['path']} (sha256 "
                  f"{manifest['model']['sha256'][:12]}); {bits} recipe {settings.get('recipe')}; maptools "
                  f"{manifest['versions']['maptools']}, ppq {manifest['versions']['ppq']}")
+    if listing.cim is not None:
+        cim = listing.cim
+        text = str(CIMSpec.from_dict(dict(cim["spec"] or {})))
+        arrays = sum(row.get("crossbar_arrays", 0) for row in rows)
+        calibrated = (f"ADC ranges of {cim['calibrated_macs']} MACs calibrated on {cim['batches']} batches "
+                      f"({cim['method']})" if cim["calibrated_macs"] else "no calibrated ADC ranges")
+        lines.append(f"CIM crossbar: {text}; {arrays or '-'} arrays; {calibrated} (cim.json)")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError, MapBusyError, MapNotFoundError
-from maptools.quantization.format import FORMAT_VERSION, MANIFEST, MAPSAVE_ENV, ROUNDING
+from maptools.quantization.format import MANIFEST, MAPSAVE_ENV, ROUNDING, format_version
 
 try:
     import fcntl
@@ -215,7 +215,8 @@ def write_map(target: Path, files: Mapping[str, bytes], manifest: dict[str, Any]
     Args:
         target: ``<mapsave>/<mapname>``.
         files: File name -> bytes (the manifest is added with every file's SHA-256).
-        manifest: Manifest fields; ``files``, ``format_version`` and ``rounding`` are filled in here.
+        manifest: Manifest fields; ``files``, ``format_version`` (:func:`~maptools.quantization.format.format_version`
+            of the files) and ``rounding`` are filled in here.
         before_swap: Test hook called with the staging directory once everything is written (before the lock
             is taken).
         lock_timeout: Seconds to wait for another writer's swap of the same map; None for
@@ -227,7 +228,7 @@ def write_map(target: Path, files: Mapping[str, bytes], manifest: dict[str, Any]
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     manifest = dict(manifest)
-    manifest["format_version"] = FORMAT_VERSION
+    manifest["format_version"] = format_version(files)
     manifest["rounding"] = ROUNDING
     manifest["files"] = {name: {"sha256": sha256_of(data), "bytes": len(data)} for name, data in files.items()}
     payload = dict(files)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.quantization.cim.mapping import weight_format
+from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.mapdir import check_mapname, map_directory
 from maptools.quantization.validation import (
     check_bits,
@@ -58,6 +60,35 @@ _SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptool
                  "build_setting) or None, got {}")
 _KL_UNSIGNED = ("unsigned_nonnegative: True cannot be used with {source} (PPQ's KL observer calibrates signed "
                 "ranges only); choose another observer or drop unsigned_nonnegative")
+
+
+def check_cim(cim: object, weight_bits: Sequence[int]) -> CIMSpec | None:
+    """Check ``quantize``'s ``cim`` argument.
+
+    Args:
+        cim: None or a :class:`~maptools.quantization.cim.spec.CIMSpec`.
+        weight_bits: Every weight bit width the run may use (one output channel's columns must fit in an array).
+
+    Raises:
+        InvalidTypeError: ``cim`` is not a CIMSpec.
+        InvalidArgumentError: ``adc_range='calibrated'`` without ``adc_bits``, or arrays narrower than one
+            output channel's columns.
+    """
+    if cim is None:
+        return None
+    if not isinstance(cim, CIMSpec):
+        raise InvalidTypeError(f"cim: got {type(cim).__name__} ({cim!r:.80}), expected None or a "
+                               "maptools.quantization.cim.CIMSpec, e.g. "
+                               "CIMSpec.parse('rows=256,cell_bits=2,adc_bits=6')")
+    if cim.adc_range == "calibrated" and cim.adc_bits is None:
+        raise InvalidArgumentError(f"cim: got adc_range='calibrated' with adc_bits=None ({cim}), expected adc_bits "
+                                   "set (an ideal ADC has no range to calibrate) or adc_range='full'")
+    for bits in sorted(set(weight_bits)):
+        needed = weight_format(bits, cim).columns_per_weight
+        if cim.cols < needed:
+            raise InvalidArgumentError(f"cim: got cols={cim.cols}, expected at least {needed} (the columns of one "
+                                       f"{bits}-bit {cim.weight_encoding} weight in {cim.cell_bits}-bit cells)")
+    return cim
 
 
 def check_setting_type(setting: Any, setting_class: type | None = None) -> None:
@@ -106,6 +137,7 @@ class QuantizeOptions:
         unsigned_nonnegative: Unsigned ranges for never-negative activations (asked, then applied).
         weight_observer: How weight scales are chosen (the recipe's).
         power_of_two: Every scale a power of two.
+        cim: The compute-in-memory crossbar the map is made for (see ``quantize``'s ``cim``), or None.
         setting: The expert's PPQ ``QuantizationSetting``, or None for the recipe's.
     """
 
@@ -129,6 +161,7 @@ class QuantizeOptions:
     unsigned_nonnegative: bool | None = None
     weight_observer: str = "ppq"
     power_of_two: bool = False
+    cim: CIMSpec | None = None
     setting: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -136,7 +169,8 @@ class QuantizeOptions:
               weight_bits: object, activation_bits: object, symmetrical: object, per_channel: object, seed: object,
               analysis_steps: object, layerwise_analysis: object, threads: object, layer_bits: object,
               first_last_bits: object, observer: object, recipe: object, unsigned_nonnegative: object,
-              setting: Any, mapsave_dir: str | os.PathLike | None, power_of_two: object = False) -> QuantizeOptions:
+              setting: Any, mapsave_dir: str | os.PathLike | None, power_of_two: object = False,
+              cim: object = None) -> QuantizeOptions:
         """Check every argument of ``quantize`` but the model and the data, in the order of its signature.
 
         Raises:
@@ -172,6 +206,8 @@ class QuantizeOptions:
         if unsigned_nonnegative and observer == "kl":
             raise InvalidArgumentError(_KL_UNSIGNED.format(source="observer='kl'"))
         power_of_two = check_bool(power_of_two, "power_of_two")
+        all_weight_bits = [w_bits, *(w for w, _ in overrides.values())]
+        cim_spec = check_cim(cim, all_weight_bits + ([first_last_bits] if first_last_bits is not None else []))
         target = map_directory(mapname, mapsave_dir)
         check_writable_dir(target.parent, "mapsave_dir")
         return cls(device=device, mapname=mapname, target=target, calib_steps=calib_steps, bit_width=bit_width,
@@ -180,7 +216,7 @@ class QuantizeOptions:
                    layer_bits=overrides, first_last_bits=first_last_bits, recipe=recipe_name,
                    observer=observer, unsigned_nonnegative=unsigned_nonnegative,
                    weight_observer=RECIPE_WEIGHT_OBSERVERS.get(recipe_name, "ppq"), power_of_two=power_of_two,
-                   setting=setting)
+                   cim=cim_spec, setting=setting)
 
     def with_layer_bits(self, node_names: Sequence[str], first_and_last: Sequence[str]) -> QuantizeOptions:
         """The options for a model: ``layer_bits`` checked against its nodes, ``first_last_bits`` added.

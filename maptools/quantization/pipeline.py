@@ -7,7 +7,9 @@
    :func:`run_engine`: PPQ with the low-bit quantizer (:mod:`.engine`);
 5. :func:`extract`: the records, the integers, the QDQ model and PPQ's state;
 6. :func:`analyse`: the graph-wise error and the warnings (:mod:`.diagnostics`);
-7. :func:`artifact_files`: the manifest, the files and the report (:mod:`.report`), written by
+7. :func:`cim_content`: with ``cim=``, the crossbar content (ADC calibration, records' ``cim`` fields, weight
+   slices, integer multipliers) computed from the in-memory artifacts (:mod:`.cim.content`);
+8. :func:`artifact_files`: the manifest, the files and the report (:mod:`.report`), written by
    :func:`~maptools.quantization.mapdir.write_map`.
 """
 
@@ -41,6 +43,7 @@ from maptools.quantization.report import render_report
 if TYPE_CHECKING:
     import os
 
+    from maptools.quantization.cim.content import CimContent
     from maptools.quantization.engine import PPQSession
     from maptools.quantization.engine.analysis import ErrorAnalysis
 
@@ -51,6 +54,7 @@ __all__ = [
     "analyse",
     "artifact_files",
     "calibration_data",
+    "cim_content",
     "configure_engine",
     "extract",
     "load",
@@ -226,6 +230,24 @@ def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData
     return errors, warnings
 
 
+def cim_content(options: QuantizeOptions, data: CalibrationData, extracted: Extracted) -> CimContent | None:
+    """With ``options.cim``: the map's crossbar content, computed from the in-memory artifacts; else None.
+
+    The integer reference executor is built from ``extracted`` (nothing is written yet) and, for a spec with
+    calibrated ADC ranges, calibrates them on the first
+    :data:`~maptools.quantization.cim.content.CIM_CALIB_BATCHES` calibration batches (those PPQ calibrated on).
+    ``extracted`` is updated in place: the records gain their ``cim`` field and ``quantparams`` the weight slices
+    and requantization multipliers.
+    """
+    if options.cim is None:
+        return None
+    from maptools.quantization.cim.content import map_cim_content
+
+    content = map_cim_content(extracted.qdq, extracted.quantinfo, extracted.quantparams, options.cim, data.batches)
+    extracted.quantinfo, extracted.quantparams = content.quantinfo, content.quantparams
+    return content
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -242,12 +264,20 @@ def _parts_report(errors: ErrorAnalysis) -> dict[str, dict[str, dict[str, float 
 
 
 def artifact_files(options: QuantizeOptions, prepared: Prepared, data: CalibrationData, extracted: Extracted,
-                   errors: ErrorAnalysis, warnings: list[str],
-                   timings: Mapping[str, float]) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """The files of the map (file name -> bytes, the report included) and its manifest."""
+                   errors: ErrorAnalysis, warnings: list[str], timings: Mapping[str, float],
+                   cim: CimContent | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The files of the map (file name -> bytes, the report included) and its manifest.
+
+    With ``cim`` (:func:`cim_content`), ``cim.json`` is among the files and the settings record the crossbar
+    (``cim``, the spec's fields) and the batches its ADC ranges were calibrated on (``cim_calib_batches``);
+    without it, nothing of either appears.
+    """
     import torch
 
     settings = options.settings(prepared.shapes, data.calibration, len(data.batches))
+    if cim is not None:
+        settings["cim"] = (options.cim or cim.calibration.spec).to_dict()
+        settings["cim_calib_batches"] = cim.calib_batches
     manifest = {
         "mapname": options.mapname,
         "versions": {"maptools": maptools.__version__, "ppq": _version("ppq"), "torch": torch.__version__,
@@ -262,6 +292,8 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
         artifacts.QUANTMODEL: extracted.qdq.SerializeToString(),
         artifacts.PPQSTATE: artifacts.dump_json(extracted.state),
     }
+    if cim is not None:
+        files[artifacts.CIM_FILE] = cim.calibration.to_json()
     files.update(render_report(options.mapname, settings, timings, errors.output_snr_db, errors.output_cosine,
                                errors.layer_snr_db, errors.layer_cosine,
                                {name: cfg.op_type for name, cfg in extracted.quantinfo.items()},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,12 @@ class OperatorQuantConfig:
         weight_axis: The weight axis that ``weight_scale`` runs along (the output channel axis).
         bias_bits: Bias bit width (32) when the operator has a bias.
         bias_scale: Bias scale, ``input_scale * weight_scale``.
+        cim: For a crossbar MAC of a map quantized with ``cim=`` (format 1.2), its place on the crossbars as
+            plain data (dicts, lists, numbers, strings): the crossbar spec, the tile layout, the ADC
+            parameters of every (row tile, weight slice, input plane) and the ``quantparams.pkl`` keys of
+            its weight slices and requantization multipliers (see :doc:`/cim`); None otherwise. A record
+            whose ``cim`` is None pickles exactly as in format 1.1 (the field is left out of the pickle),
+            and records of 1.0 and 1.1 maps load with ``cim`` None.
     """
 
     name: str
@@ -106,6 +113,14 @@ class OperatorQuantConfig:
     weight_axis: int | None = None
     bias_bits: int | None = None
     bias_scale: np.ndarray | None = None
+    cim: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The pickled state: every field, ``cim`` only when set (so maps without CIM keep the 1.1 bytes)."""
+        state = dict(self.__dict__)
+        if state.get("cim") is None:
+            state.pop("cim", None)
+        return state
 
     @property
     def has_weight(self) -> bool:
@@ -155,6 +170,7 @@ class QuantizationResult:
             ``calib_steps``), ``'evalset'``, ``'random (held-out)'`` or ``'in-sample'`` (the calibration
             batches themselves, which overstates the accuracy).
         part_snr_db: Outputs built by a final Concat -> each part's SNR in dB.
+        cim_path: Path of ``cim.json`` for a map quantized with ``cim=``, else None.
     """
 
     mapname: str
@@ -173,18 +189,19 @@ class QuantizationResult:
     warnings: list[str] = field(default_factory=list)
     analysis_data: str = "in-sample"
     part_snr_db: dict[str, dict[str, float]] = field(default_factory=dict)
+    cim_path: Path | None = None
 
     @property
     def files(self) -> list[Path]:
         """Every file written in :attr:`directory`.
 
-        The three artifacts for the mapper, ``ppq_state.json``, the report (``report.json``, ``report.png``) and
-        ``manifest.json``, in that order.
+        The three artifacts for the mapper, ``ppq_state.json``, the report (``report.json``, ``report.png``),
+        ``cim.json`` (with ``cim=``) and ``manifest.json``, in that order.
         """
         from maptools.quantization.artifacts import PPQSTATE
 
         paths = [self.quantinfo_path, self.quantparams_path, self.model_path, self.directory / PPQSTATE,
-                 self.report_path, self.plot_path, self.manifest_path]
+                 self.report_path, self.plot_path, self.cim_path, self.manifest_path]
         return [path for path in paths if path is not None]
 
     def summary(self) -> str:

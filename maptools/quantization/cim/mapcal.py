@@ -64,7 +64,7 @@ from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, AdcHistogram
 from maptools.quantization.cim.mapping import slice_weights
 from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.format import CIM_FILE
+from maptools.quantization.format import CIM_FILE, weight_slices_key
 from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands
 
@@ -93,8 +93,12 @@ MapSource = str | ReferenceExecutor
 class MapCalibration:
     """The ADC ranges of every crossbar MAC of a map, for one crossbar.
 
+    A calibration without ranges (``adc`` empty) may hold a spec with an ideal ADC or ``adc_range='full'``:
+    it records the crossbar only, as ``quantize(..., cim=spec)`` stores it for such a spec, so that
+    ``simulate(mapname, inputs, cim=True)`` runs the map's crossbar.
+
     Attributes:
-        spec: The crossbar (``adc_bits`` set, ``adc_range='calibrated'``).
+        spec: The crossbar (``adc_bits`` set, ``adc_range='calibrated'``, when ``adc`` holds ranges).
         adc: Node name -> the MAC's :class:`~maptools.quantization.cim.adc.AdcCalibration`.
         method: How the ranges were chosen (``'mse'`` or ``'percentile'``).
         batches: Calibration batches run.
@@ -111,10 +115,11 @@ class MapCalibration:
     def __post_init__(self) -> None:
         if not isinstance(self.spec, CIMSpec):
             raise InvalidTypeError(f"MapCalibration.spec: got {type(self.spec).__name__}, expected a CIMSpec")
-        if self.spec.adc_bits is None:
-            raise InvalidArgumentError("MapCalibration.spec: adc_bits is None (an ideal ADC has no range)")
-        if self.spec.adc_range != "calibrated":
-            object.__setattr__(self, "spec", self.spec.replace(adc_range="calibrated"))
+        if self.adc or (self.spec.adc_bits is not None and self.spec.adc_range == "calibrated"):
+            if self.spec.adc_bits is None:
+                raise InvalidArgumentError("MapCalibration.spec: adc_bits is None (an ideal ADC has no range)")
+            if self.spec.adc_range != "calibrated":
+                object.__setattr__(self, "spec", self.spec.replace(adc_range="calibrated"))
         for node, adc in self.adc.items():
             if not isinstance(adc, AdcCalibration):
                 raise InvalidTypeError(f"MapCalibration.adc[{node!r}]: got {type(adc).__name__}, expected an "
@@ -343,7 +348,8 @@ def map_weight_slices(source: MapSource, spec: CIMSpec, *,
 
     Returns:
         ``{<node>_conv_weight_slices | <node>_gemm_weight_slices: uint8 digits}`` (the quantparams key of the
-        weight with ``_slices`` appended), each ``(signs, S, *weight.shape)`` in the ONNX layout of the weight
+        weight with ``_slices`` appended, :func:`~maptools.quantization.format.weight_slices_key`), each
+        ``(signs, S, *weight.shape)`` in the ONNX layout of the weight
         (:func:`~maptools.quantization.cim.mapping.slice_weights`; place them on arrays with
         :func:`~maptools.quantization.cim.mapping.tile_layout`).
 
@@ -356,10 +362,9 @@ def map_weight_slices(source: MapSource, spec: CIMSpec, *,
     executor = _executor(source, mapsave_dir)
     slices = {}
     for node, operands in executor.crossbar_operands():
-        family = "conv" if node.op_type in ("Conv", "ConvTranspose") else "gemm"
         weight = executor.mac_weights(node).weight
-        slices[f"{node.name}_{family}_weight_slices"] = slice_weights(weight, operands.weight_bits, spec,
-                                                                      weight_min=operands.weight_min)
+        slices[weight_slices_key(node.name, node.op_type)] = slice_weights(weight, operands.weight_bits, spec,
+                                                                          weight_min=operands.weight_min)
     return slices
 
 
