@@ -1,0 +1,70 @@
+"""``maptools cim-sweep``: the command-line glue of :func:`~maptools.quantization.cim.sweep.grid.cim_sweep`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maptools.errors import InvalidArgumentError
+from maptools.quantization import artifacts
+from maptools.quantization.cim.sweep.grid import cim_sweep, parse_int_list
+from maptools.quantization.cim.sweep.worker import Batch
+
+__all__ = ["run_cli"]
+
+
+def _folder_batches(folder: str, option: str, mapname: str, mapsave_dir: str | None, mean: Sequence[float],
+                    std: Sequence[float]) -> list[Batch]:
+    """The batches of a folder of .npy files or images, shaped as the map's (single) input."""
+    from maptools.quantization import imagefolder_calibset, npy_calibset
+    from maptools.quantization.verify import map_input_shapes
+
+    shapes = map_input_shapes(mapname, mapsave_dir)
+    path = Path(folder)
+    if not path.is_dir():
+        raise InvalidArgumentError(f"{option}: {folder!r} is not a directory; expected a folder of .npy files or "
+                                   "images")
+    if len(shapes) != 1:
+        raise InvalidArgumentError(f"{option}: map {mapname!r} has {len(shapes)} inputs {list(shapes)}; a folder of "
+                                   "inputs serves single-input maps only (from Python, pass cim_sweep(inputs=...))")
+    data = npy_calibset(path, shapes) if any(path.glob("*.npy")) else imagefolder_calibset(path, shapes, mean=mean,
+                                                                                           std=std)
+    batches = [{name: np.asarray(value.numpy() if hasattr(value, "numpy") else value) for name, value in b.items()}
+               for b in data]
+    if not batches:
+        raise InvalidArgumentError(f"{option}: {folder!r} holds less than one batch of the map's input shape "
+                                   f"{next(iter(shapes.values()))}")
+    return batches
+
+
+def run_cli(args: Any) -> int:
+    """``maptools cim-sweep``: the sweep of :func:`cim_sweep` from the parsed arguments; prints the tables.
+
+    Returns:
+        0 (errors raise :class:`~maptools.errors.MaptoolsError`, which the command line turns into exit code 2).
+    """
+    if args.out is not None and not Path(args.out).parent.is_dir():
+        raise InvalidArgumentError(f"--out: the folder of {args.out!r} does not exist")
+    if args.plot is not None and not Path(args.plot).parent.is_dir():
+        raise InvalidArgumentError(f"--plot: the folder of {args.plot!r} does not exist")
+    grid = {"adc_bits": parse_int_list(args.adc_bits, "--adc-bits", 1, 16),
+            "rows": parse_int_list(args.rows, "--rows", 1),
+            "cell_bits": parse_int_list(args.cell_bits, "--cell-bits", 1, 8)}
+    artifacts.resolve_map(args.mapname, args.mapsave_dir)  # no such map: exit 2 before reading any folder
+    inputs = calib = None
+    if args.inputs is not None:
+        inputs = _folder_batches(args.inputs, "--inputs", args.mapname, args.mapsave_dir, args.mean, args.std)
+    if args.calib is not None:
+        calib = _folder_batches(args.calib, "--calib", args.mapname, args.mapsave_dir, args.mean, args.std)
+    result = cim_sweep(args.mapname, inputs, calib=calib, dac_bits=args.dac_bits, weight_encoding=args.encoding,
+                       requant=args.requant, method=args.method, jobs=args.jobs, mapsave_dir=args.mapsave_dir,
+                       batches=args.batches, seed=args.seed, **grid)
+    print(result.table())
+    if args.out is not None:
+        print(f"wrote {result.save(args.out)}")
+    if args.plot is not None:
+        print(f"wrote {result.plot(args.plot)}")
+    return 0

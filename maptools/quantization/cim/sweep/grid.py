@@ -1,0 +1,270 @@
+"""The grid runner: :func:`cim_sweep` runs a map on every crossbar of a grid.
+
+See :mod:`~maptools.quantization.cim.sweep` for what is measured and on which data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from typing import Any
+
+import numpy as np
+
+from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.quantization import artifacts
+from maptools.quantization.cim.mapcal import MapCalibration
+from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.cim.sweep import worker
+from maptools.quantization.cim.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
+from maptools.quantization.cim.sweep.worker import (
+    Batch,
+    Outputs,
+    _calibrate_task,
+    _class_scores,
+    _evaluate_task,
+    _init_worker,
+    _run,
+    _State,
+)
+from maptools.quantization.reference.core import ReferenceExecutor
+from maptools.quantization.verify import compare
+
+__all__ = ["cim_sweep", "parse_int_list"]
+
+logger = logging.getLogger("maptools.quantization.cim.sweep")
+
+#: Random batches when no inputs are given.
+DEFAULT_BATCHES = 2
+_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def parse_int_list(text: str | Iterable[int], what: str, low: int = 1, high: int | None = None) -> list[int]:
+    """Integers from ``"4-10"``, ``"128,256,512"``, ``"3-5,8"`` or an iterable of ints, sorted and unique.
+
+    Raises:
+        InvalidArgumentError: Not such a list, or a value outside ``low .. high``.
+    """
+    values: list[int] = []
+    if isinstance(text, str):
+        try:
+            for part in (p.strip() for p in text.split(",")):
+                first, sep, last = part.partition("-")
+                values.extend(range(int(first), int(last) + 1) if sep else [int(part)])
+        except ValueError:
+            raise InvalidArgumentError(f"{what}: expected integers like 4-10 or 128,256,512, got {text!r}") from None
+    else:
+        try:
+            values = [int(v) for v in text]
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"{what}: expected integers, got {text!r}") from None
+    bound = f"{low}..{high}" if high is not None else f">= {low}"
+    if not values or any(v < low or (high is not None and v > high) for v in values):
+        raise InvalidArgumentError(f"{what}: expected integers in {bound}, got {text!r}")
+    return sorted(set(values))
+
+
+# -- the sweep ------------------------------------------------------------------------------------------------
+def _as_batches(data: Any, executor: ReferenceExecutor, what: str) -> list[Batch]:
+    """Checked numpy batches (torch tensors converted) of a batch or an iterable of batches."""
+    if isinstance(data, (Mapping, np.ndarray)) or hasattr(data, "detach"):
+        data = [data]
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise InvalidTypeError(f"{what}: got {type(data).__name__}, expected a batch (dict input name -> array, or an "
+                               "array) or an iterable of batches")
+    batches = [executor.check_inputs(batch) for batch in data]
+    if not batches:
+        raise InvalidArgumentError(f"{what}: holds no batch; expected at least one batch of the map's inputs")
+    return batches
+
+
+def _random_batches(mapname: str, mapsave_dir: str | os.PathLike | None, count: int, seed: int) -> list[Batch]:
+    manifest = artifacts.read_manifest(artifacts.resolve_map(mapname, mapsave_dir))
+    shapes = manifest["settings"]["input_shapes"]
+    generator = np.random.default_rng(seed)
+    return [{name: generator.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+            for _ in range(count)]
+
+
+def _fp32_outputs(mapname: str, mapsave_dir: str | os.PathLike | None, batches: list[Batch]) -> Outputs:
+    """The float model's outputs (onnxruntime), the model being the one the manifest records."""
+    import onnxruntime as ort
+
+    from maptools.quantization.replay import float_model_path
+
+    directory = artifacts.resolve_map(mapname, mapsave_dir)
+    path = float_model_path(mapname, artifacts.read_manifest(directory), directory)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    runs = [dict(zip(names, session.run(names, batch), strict=True)) for batch in batches]
+    return {name: np.concatenate([r[name] for r in runs]) for name in names}
+
+
+@contextlib.contextmanager
+def _one_blas_thread(enabled: bool) -> Iterator[None]:
+    """Worker processes inherit one BLAS/OpenMP thread each (the environment is restored afterwards)."""
+    saved = {name: os.environ.get(name) for name in _BLAS_ENV}
+    if enabled:
+        os.environ.update(dict.fromkeys(_BLAS_ENV, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Sequence[int] | np.ndarray | None = None,
+              adc_bits: Iterable[int] | str = range(4, 11), rows: Iterable[int] | str = (128, 256, 512),
+              cell_bits: Iterable[int] | str = (1, 2, 4), dac_bits: int = 1, weight_encoding: str = "differential",
+              requant: str = "float", method: str = "mse", jobs: int | None = None,
+              mapsave_dir: str | os.PathLike | None = None, batches: int = DEFAULT_BATCHES,
+              seed: int = 0) -> SweepResult:
+    """Run a map on every crossbar of a grid, with calibrated and full-range ADCs, against FP32 and exact MACs.
+
+    Args:
+        mapname: The map.
+        inputs: The evaluation data: a batch (dict input name -> array, or an array for a single-input map)
+            or an iterable of batches; None for ``batches`` random standard-normal batches of the map's shapes.
+        calib: The calibration data of the ADC ranges, like ``inputs``; None for ``inputs`` (in-sample) when
+            given, else random batches (seed ``seed + 1``).
+        labels: Class labels of the evaluation samples (in batch order), for the top-1 accuracy; optional.
+        adc_bits: ADC widths (1..16): ints or a string like ``"4-10"``.
+        rows: Crossbar rows: ints or ``"128,256,512"``.
+        cell_bits: Bits per cell (1..8): ints or ``"1,2,4"``.
+        dac_bits: Bits per DAC cycle (1..8).
+        weight_encoding: ``'differential'`` or ``'offset'``.
+        requant: The requantization of every point (``'float'``, ``'fixed_point'``, ``'power_of_two'``).
+        method: ADC calibration method, ``'mse'`` or ``'percentile'``.
+        jobs: Worker processes (default ``os.cpu_count()``); 1 runs in this process.
+        mapsave_dir: The mapsave directory.
+        batches: Random batches when ``inputs`` is None.
+        seed: Seed of the random batches.
+
+    Returns:
+        Every point's metrics, the references, and what the data was.
+
+    Raises:
+        MapNotFoundError: no such map.
+        InvalidArgumentError: a bad grid value, inputs the map does not take, labels of another length.
+    """
+    started = time.perf_counter()
+    grid_bits = parse_int_list(adc_bits, "adc_bits", 1, 16)
+    grid_rows = parse_int_list(rows, "rows", 1)
+    grid_cells = parse_int_list(cell_bits, "cell_bits", 1, 8)
+    base = CIMSpec(dac_bits=dac_bits, weight_encoding=weight_encoding, requant=requant)  # validates them
+    if jobs is None:
+        jobs = os.cpu_count() or 1
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InvalidArgumentError(f"jobs: got {jobs!r}, expected a positive integer")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise InvalidArgumentError(f"batches: got {batches!r}, expected a positive integer")
+    executor = ReferenceExecutor.load(mapname, mapsave_dir)
+    if inputs is None:
+        eval_batches = _random_batches(mapname, mapsave_dir, batches, seed)
+        inputs_data = f"random ({batches} batches, seed {seed})"
+    else:
+        eval_batches = _as_batches(inputs, executor, "inputs")
+        inputs_data = "inputs"
+    if calib is not None:
+        calib_batches, calibration_data = _as_batches(calib, executor, "calib"), "calib"
+    elif inputs is not None:
+        calib_batches, calibration_data = eval_batches, "inputs (in-sample)"
+    else:
+        calib_batches = _random_batches(mapname, mapsave_dir, batches, seed + 1)
+        calibration_data = f"random ({batches} batches, seed {seed + 1}, held out)"
+    exact = _run(executor, eval_batches)
+    samples = int(next(iter(exact.values())).shape[0]) if exact else 0
+    label_array = None
+    if labels is not None:
+        label_array = np.asarray(labels).reshape(-1)
+        if label_array.size != samples:
+            raise InvalidArgumentError(f"labels: {label_array.size} labels for {samples} evaluation samples")
+    fp32, fp32_error = None, None
+    try:
+        fp32 = _fp32_outputs(mapname, mapsave_dir, eval_batches)
+    except Exception as exc:  # the float model gone or unreadable: the integer comparisons still run
+        fp32_error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        logger.warning("cim-sweep %r: FP32 could not run: %s", mapname, fp32_error)
+    reference: dict[str, Any] = {}
+    for name, out in exact.items():
+        if fp32 is not None and name in fp32 and fp32[name].shape == out.shape:
+            m = compare(fp32[name], out)
+            reference[name] = {"top1": m["top1"], "snr_db": m["snr_db"]}
+    if label_array is not None:
+        first = next((n for n, o in exact.items() if _class_scores(o)), None)
+        if first is not None:
+            reference["labels"] = {"integer": float(np.mean(exact[first].argmax(1) == label_array))}
+            if fp32 is not None and first in fp32:
+                reference["labels"]["fp32"] = float(np.mean(fp32[first].argmax(1) == label_array))
+
+    state_args = (mapname, None if mapsave_dir is None else str(mapsave_dir), eval_batches, calib_batches, exact, fp32,
+                  label_array)
+    geometries = [(r, c) for r in grid_rows for c in grid_cells]
+    logger.info("cim-sweep %r: %d crossbars x %d ADC widths x 2 ranges on %d samples, %d process(es)", mapname,
+                len(geometries), len(grid_bits), samples, jobs)
+    points: list[SweepPoint] = []
+
+    def record(spec: CIMSpec, metrics: dict[str, Any], top1: float | None, seconds: float,
+               calibration: MapCalibration | None) -> None:
+        clipped = None
+        if calibration is not None:
+            values = list(calibration.clipped.values())
+            clipped = float(np.mean(values)) if values else 0.0
+        points.append(SweepPoint(spec.rows, spec.cell_bits, spec.dac_bits, spec.weight_encoding,
+                                 int(spec.adc_bits or 0), spec.adc_range, str(spec), spec.lossless_adc_bits, metrics,
+                                 top1, clipped, seconds))
+        logger.info("cim-sweep %r: %s done in %.1f s", mapname, spec, seconds)
+
+    def spec_of(r: int, c: int, bits: int, kind: str) -> CIMSpec:
+        return base.replace(rows=r, cell_bits=c, adc_bits=bits, adc_range=kind)
+
+    if jobs == 1:
+        saved = worker._STATE
+        try:
+            worker._STATE = _State(executor, eval_batches, calib_batches, exact, fp32, label_array)
+            for r, c in geometries:
+                _, _, calibrations, _ = _calibrate_task(r, c, base, grid_bits, method)
+                for bits in grid_bits:
+                    for kind in ADC_RANGE_KINDS:
+                        cal = calibrations[bits] if kind == "calibrated" else None
+                        spec, metrics, top1, seconds = _evaluate_task(spec_of(r, c, bits, kind), cal)
+                        record(spec, metrics, top1, seconds, cal)
+        finally:
+            worker._STATE = saved
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding BLAS threads
+        with _one_blas_thread(True), ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                                         initializer=_init_worker, initargs=state_args) as pool:
+            pending: dict[Future[Any], tuple[str, MapCalibration | None]] = {}
+            for r, c in geometries:
+                pending[pool.submit(_calibrate_task, r, c, base, grid_bits, method)] = ("calibrate", None)
+                for bits in grid_bits:
+                    pending[pool.submit(_evaluate_task, spec_of(r, c, bits, "full"), None)] = ("evaluate", None)
+            while pending:
+                done = next(as_completed(pending))
+                kind, cal = pending.pop(done)
+                if kind == "calibrate":
+                    r, c, calibrations, _ = done.result()
+                    for bits in grid_bits:
+                        future = pool.submit(_evaluate_task, spec_of(r, c, bits, "calibrated"), calibrations[bits])
+                        pending[future] = ("evaluate", calibrations[bits])
+                else:
+                    record(*done.result(), cal)
+    order = {(r, c, b, k): i for i, (r, c, b, k) in enumerate(
+        (r, c, b, k) for r, c in geometries for b in grid_bits for k in ADC_RANGE_KINDS)}
+    points.sort(key=lambda p: order[(p.rows, p.cell_bits, p.adc_bits, p.adc_range)])
+    return SweepResult(mapname=mapname, samples=samples, inputs_data=inputs_data, calibration_data=calibration_data,
+                       method=method, reference=reference, fp32_error=fp32_error, points=points,
+                       seconds=time.perf_counter() - started, jobs=jobs)

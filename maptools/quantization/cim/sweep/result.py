@@ -1,0 +1,250 @@
+"""What :func:`~maptools.quantization.cim.sweep.grid.cim_sweep` measured: the grid points and the result.
+
+:class:`SweepResult` holds every :class:`SweepPoint` and shows them as plain-text tables (:meth:`SweepResult.table`),
+a PNG (:meth:`SweepResult.plot`) or JSON (:meth:`SweepResult.save`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ADC_RANGE_KINDS", "SweepPoint", "SweepResult"]
+
+#: The two ADC range choices compared at every grid point.
+ADC_RANGE_KINDS: tuple[str, ...] = ("calibrated", "full")
+
+
+@dataclass
+class SweepPoint:
+    """One crossbar of the grid with one ADC range choice, and how the map fared on it.
+
+    Attributes:
+        rows: Crossbar rows.
+        cell_bits: Bits per cell.
+        dac_bits: Bits per DAC cycle.
+        weight_encoding: ``'differential'`` or ``'offset'``.
+        adc_bits: ADC bits.
+        adc_range: ``'calibrated'`` or ``'full'``.
+        spec: The full spec, in :meth:`CIMSpec.parse <maptools.quantization.cim.spec.CIMSpec.parse>`'s form.
+        lossless_adc_bits: The ADC bits from which a full-range ADC is exact (:attr:`CIMSpec.lossless_adc_bits
+            <maptools.quantization.cim.spec.CIMSpec.lossless_adc_bits>`).
+        outputs: Graph output name -> ``{"vs_integer": {...}, "vs_fp32": {...}}``: ``top1`` (class scores only,
+            else None), ``snr_db`` (``inf`` when identical) and, against the integer executor, ``equal`` (the
+            fraction of identical output elements); ``vs_fp32`` is None when FP32 could not run.
+        top1_labels: Top-1 accuracy of the first class-score output against the labels (None without labels).
+        clipped: The mean fraction of calibration partial sums above their ADC range (calibrated points only).
+        seconds: Wall time of the point (its calibration excluded).
+    """
+
+    rows: int
+    cell_bits: int
+    dac_bits: int
+    weight_encoding: str
+    adc_bits: int
+    adc_range: str
+    spec: str
+    lossless_adc_bits: int
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    top1_labels: float | None = None
+    clipped: float | None = None
+    seconds: float = 0.0
+
+    def metric(self, against: str, name: str, output: str | None = None) -> float | None:
+        """One metric of one output (the first one by default): ``against`` ``'integer'`` or ``'fp32'``."""
+        values = self.outputs[output] if output is not None else next(iter(self.outputs.values()))
+        block = values.get(f"vs_{against}")
+        return None if block is None else block.get(name)
+
+
+@dataclass
+class SweepResult:
+    """What :func:`cim_sweep` measured.
+
+    Attributes:
+        mapname: The map.
+        samples: Evaluation samples (the batch dimension summed over the batches).
+        inputs_data: What the evaluation ran on (``'inputs'`` or ``'random (N batches, seed S)'``).
+        calibration_data: What the ADC ranges were calibrated on (``'calib'``, ``'inputs (in-sample)'`` or
+            ``'random (N batches, seed S, held out)'``).
+        method: The calibration method.
+        reference: Graph output name -> the exact integer executor against FP32 (``top1``, ``snr_db``), and
+            ``"labels"`` -> the top-1 accuracy of ``fp32`` and ``integer`` when labels were given.
+        fp32_error: Why FP32 could not run (None when it ran).
+        points: Every grid point, ``2 * len(adc_bits) * len(rows) * len(cell_bits)`` of them.
+        seconds: Wall time of the sweep.
+        jobs: Worker processes used.
+    """
+
+    mapname: str
+    samples: int
+    inputs_data: str
+    calibration_data: str
+    method: str
+    reference: dict[str, Any]
+    fp32_error: str | None
+    points: list[SweepPoint]
+    seconds: float = 0.0
+    jobs: int = 1
+
+    def point(self, rows: int, cell_bits: int, adc_bits: int, adc_range: str) -> SweepPoint:
+        """The point of one crossbar and range choice.
+
+        Raises:
+            KeyError: not in the grid.
+        """
+        for p in self.points:
+            if (p.rows, p.cell_bits, p.adc_bits, p.adc_range) == (rows, cell_bits, adc_bits, adc_range):
+                return p
+        raise KeyError(f"no point rows={rows}, cell_bits={cell_bits}, adc_bits={adc_bits}, adc_range={adc_range}")
+
+    @property
+    def geometries(self) -> list[tuple[int, int]]:
+        """The ``(rows, cell_bits)`` of the grid, in sweep order."""
+        return list(dict.fromkeys((p.rows, p.cell_bits) for p in self.points))
+
+    @property
+    def adc_bits(self) -> list[int]:
+        """The ADC widths of the grid, ascending."""
+        return sorted({p.adc_bits for p in self.points})
+
+    def ideal_from(self, rows: int, cell_bits: int, adc_range: str) -> int | None:
+        """The fewest ADC bits of the grid from which every output equals the exact integer executor's.
+
+        "From": at that width and at every larger one of the grid. None when the largest width does not reach it.
+        """
+        found = None
+        for bits in sorted(self.adc_bits, reverse=True):
+            p = self.point(rows, cell_bits, bits, adc_range)
+            if all(values["vs_integer"]["equal"] == 1.0 for values in p.outputs.values()):
+                found = bits
+            else:
+                break
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (infinite SNRs as the string ``"inf"``)."""
+        data = asdict(self)
+        data["ideal_from"] = [{"rows": r, "cell_bits": c, "adc_range": kind, "adc_bits": self.ideal_from(r, c, kind)}
+                              for r, c in self.geometries for kind in ADC_RANGE_KINDS]
+        return _json_safe(data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_dict` as JSON; returns the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        return path
+
+    def _headline(self) -> tuple[str, str, Callable[[SweepPoint, str], float | None]]:
+        """The metric the tables show: top-1 agreement for class scores, else the SNR."""
+        first = self.points[0]
+        if first.metric("integer", "top1") is not None:
+            return "top-1 agreement (%)", "%", lambda p, against: p.metric(against, "top1")
+        return "SNR (dB)", "dB", lambda p, against: p.metric(against, "snr_db")
+
+    def table(self) -> str:
+        """Plain-text tables: the headline metric against the exact integer executor and FP32, per ADC width."""
+        if not self.points:
+            return f"cim-sweep {self.mapname!r}: no grid point"
+        title, unit, metric = self._headline()
+        output = next(iter(self.points[0].outputs))
+        bits = self.adc_bits
+        lines = [f"cim-sweep {self.mapname!r} on {self.samples} samples ({self.inputs_data}); ADC ranges calibrated on "
+                 f"{self.calibration_data} ({self.method}); output {output!r}, {title}"]
+        ref = self.reference.get(output, {})
+        ref_value = ref.get("top1") if unit == "%" else ref.get("snr_db")
+        if self.fp32_error is None:
+            lines.append(f"exact integer executor vs FP32: {_fmt(ref_value, unit)} {unit}")
+        else:
+            lines.append(f"FP32 could not run: {self.fp32_error}")
+        labels = self.reference.get("labels")
+        if labels:
+            lines.append("top-1 vs labels: " + ", ".join(f"{k} {_fmt(v, '%')} %" for k, v in labels.items()))
+        against = [("integer", "vs exact integer")] + ([("fp32", "vs FP32")] if self.fp32_error is None else [])
+        if any(p.top1_labels is not None for p in self.points):
+            against.append(("labels", "vs labels"))
+        for key, caption in against:
+            lines.append("")
+            lines.append(f"{caption}: {title if key != 'labels' else 'top-1 accuracy (%)'}")
+            header = f"{'rows':>5} {'cell':>4} {'ADC range':10} " + " ".join(f"{b:>6}" for b in bits) + \
+                     f" {'= int from':>10}"
+            lines.append(header)
+            lines.append("-" * len(header))
+            for rows, cell in self.geometries:
+                for kind in ADC_RANGE_KINDS:
+                    cells = []
+                    for b in bits:
+                        p = self.point(rows, cell, b, kind)
+                        value = p.top1_labels if key == "labels" else metric(p, key)
+                        cells.append(f"{_fmt(value, '%' if key == 'labels' else unit):>6}")
+                    ideal = self.ideal_from(rows, cell, kind)
+                    lines.append(f"{rows:>5} {cell:>4} {kind:10} " + " ".join(cells)
+                                 + f" {'-' if ideal is None else ideal:>10}")
+        lines.append("")
+        lines.append(f"= int from: the fewest ADC bits from which every output equals the exact integer executor's; "
+                     f"{len(self.points)} points in {self.seconds:.1f} s on {self.jobs} process(es)")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """A PNG: the headline metric against ADC bits, per geometry, calibrated (solid) and full range (dashed)."""
+        from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+        from matplotlib.ticker import MaxNLocator
+
+        title, unit, metric = self._headline()
+        panels = [("integer", "vs exact integer executor")]
+        if self.fp32_error is None:
+            panels.append(("fp32", "vs FP32"))
+        fig = Figure(figsize=(6.0 * len(panels), 4.4), dpi=110)
+        bits = self.adc_bits
+        colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+        output = next(iter(self.points[0].outputs)) if self.points else ""
+        for index, (key, caption) in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), index + 1)
+            for g, (rows, cell) in enumerate(self.geometries):
+                for kind, style in zip(ADC_RANGE_KINDS, ("-", "--"), strict=True):
+                    values = [metric(self.point(rows, cell, b, kind), key) for b in bits]
+                    shown = [np.nan if v is None or not math.isfinite(v) else (100 * v if unit == "%" else v)
+                             for v in values]
+                    ax.plot(bits, shown, style, marker="o", markersize=3, color=colors[g % len(colors)],
+                            label=f"R={rows}, c={cell}, {kind}")
+            if key == "fp32":
+                ref = self.reference.get(output, {})
+                ref_value = ref.get("top1") if unit == "%" else ref.get("snr_db")
+                if ref_value is not None and math.isfinite(ref_value):
+                    ax.axhline(100 * ref_value if unit == "%" else ref_value, color="k", linewidth=0.8,
+                               linestyle=":", label="exact integer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("ADC bits")
+            ax.set_ylabel(title)
+            ax.set_title(f"{self.mapname}: {caption}", fontsize=10)
+            ax.grid(alpha=0.3)
+        fig.axes[-1].legend(fontsize=6, loc="best")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, format="png", metadata={"Software": None})
+        return path
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "%":
+        return f"{100 * value:.1f}"
+    return "inf" if math.isinf(value) else f"{value:.1f}"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "-inf" if value < 0 else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,98 @@
+"""The work of one process of a sweep: calibrating one crossbar geometry and evaluating one grid point.
+
+The state (the map, the data, the reference outputs) is set once per worker process by :func:`_init_worker`
+(or by :func:`~maptools.quantization.cim.sweep.grid.cim_sweep` itself with ``jobs=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from maptools.quantization.cim.mapcal import MapCalibration, collect_histograms
+from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.reference.core import ReferenceExecutor
+from maptools.quantization.verify import compare
+
+logger = logging.getLogger("maptools.quantization.cim.sweep")
+
+Batch = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class _State:
+    """What a worker needs: the map, the data, the reference outputs."""
+
+    executor: ReferenceExecutor
+    inputs: list[Batch]
+    calib: list[Batch]
+    exact: Outputs
+    fp32: Outputs | None
+    labels: np.ndarray | None
+
+
+_STATE: _State | None = None
+
+
+def _init_worker(mapname: str, mapsave_dir: str | None, inputs: list[Batch], calib: list[Batch], exact: Outputs,
+                 fp32: Outputs | None, labels: np.ndarray | None) -> None:
+    global _STATE
+    with contextlib.suppress(ImportError):  # the environment already asked for one thread; make sure
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    _STATE = _State(ReferenceExecutor.load(mapname, mapsave_dir), inputs, calib, exact, fp32, labels)
+    logger.debug("cim-sweep worker %d ready", os.getpid())
+
+
+def _run(executor: ReferenceExecutor, batches: list[Batch]) -> Outputs:
+    runs = [executor.run(batch) for batch in batches]
+    return {name: np.concatenate([np.asarray(r[name]) for r in runs]) if runs[0][name].ndim else
+            np.stack([r[name] for r in runs]) for name in runs[0]}
+
+
+def _class_scores(array: np.ndarray) -> bool:
+    return array.ndim == 2 and array.shape[1] > 1
+
+
+def _calibrate_task(rows: int, cell_bits: int, base: CIMSpec, adc_bits: list[int],
+                    method: str) -> tuple[int, int, dict[int, MapCalibration], float]:
+    state = _STATE
+    assert state is not None
+    started = time.perf_counter()
+    spec = base.replace(rows=rows, cell_bits=cell_bits, adc_bits=None)
+    histograms = collect_histograms(state.executor, state.calib, spec)
+    calibrations = {bits: histograms.calibration(bits, method=method) for bits in adc_bits}
+    return rows, cell_bits, calibrations, time.perf_counter() - started
+
+
+def _evaluate_task(spec: CIMSpec, calibration: MapCalibration | None) -> tuple[CIMSpec, dict[str, Any],
+                                                                                float | None, float]:
+    state = _STATE
+    assert state is not None
+    started = time.perf_counter()
+    outputs = _run(state.executor.with_cim(spec, calibration), state.inputs)
+    metrics: dict[str, Any] = {}
+    top1_labels = None
+    for name, out in outputs.items():
+        exact = state.exact[name]
+        vs_int = compare(exact, out)
+        entry: dict[str, Any] = {"vs_integer": {"top1": vs_int["top1"], "snr_db": vs_int["snr_db"],
+                                                "equal": float(np.mean(out == exact)) if out.size else 1.0}}
+        if state.fp32 is not None and name in state.fp32 and state.fp32[name].shape == out.shape:
+            vs_fp = compare(state.fp32[name], out)
+            entry["vs_fp32"] = {"top1": vs_fp["top1"], "snr_db": vs_fp["snr_db"]}
+        else:
+            entry["vs_fp32"] = None
+        metrics[name] = entry
+        if top1_labels is None and state.labels is not None and _class_scores(out):
+            top1_labels = float(np.mean(out.argmax(axis=1) == state.labels))
+    return spec, metrics, top1_labels, time.perf_counter() - started
+
