@@ -8,8 +8,9 @@ with numpy only (no PPQ, no torch), for the integer reference executor and for t
 * :mod:`~maptools.quantization.cim.spec`: :class:`~maptools.quantization.cim.spec.CIMSpec`, the crossbar
   parameters;
 * :mod:`~maptools.quantization.cim.mapping`: the placement of a MAC's weights on arrays
-  (:func:`~maptools.quantization.cim.mapping.tile_layout`) and their slices
-  (:func:`~maptools.quantization.cim.mapping.slice_weights`);
+  (:func:`~maptools.quantization.cim.mapping.tile_layout`, defined in :mod:`~maptools.quantization.cim.tiles`)
+  and their slices (:func:`~maptools.quantization.cim.mapping.slice_weights`, defined in
+  :mod:`~maptools.quantization.cim.slicing`);
 * :mod:`~maptools.quantization.cim.arithmetic`:
   :func:`~maptools.quantization.cim.arithmetic.cim_accumulate`, the accumulator the chip computes, a
   drop-in for :func:`maptools.quantization.reference.mac.accumulate`;

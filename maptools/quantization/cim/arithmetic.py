@@ -68,7 +68,7 @@ import numpy as np
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.adc import ADC_FRACTION_BITS, AdcCalibration, adc_codes, adc_gain, full_scale_ranges
-from maptools.quantization.cim.mapping import WeightFormat, as_int_weights, weight_digits, weight_format
+from maptools.quantization.cim.slicing import WeightFormat, as_int_weights, weight_digits, weight_format
 from maptools.quantization.cim.spec import CIMSpec
 
 __all__ = ["InputFormat", "PartialSums", "adc_grid", "cim_accumulate", "input_format", "partial_sums"]

@@ -1,0 +1,238 @@
+"""Where a MAC's weight matrices go on crossbar arrays: :func:`mac_matrix` and :func:`tile_layout`.
+
+The rules (the weight matrix of each operator type, row and column tiles) are described in
+:mod:`~maptools.quantization.cim.mapping`. Numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from maptools.errors import InvalidArgumentError
+from maptools.quantization.cim.slicing import WeightFormat, weight_format
+from maptools.quantization.cim.spec import CIMSpec
+
+__all__ = ["MAC_OPS", "ArrayTile", "TileLayout", "mac_matrix", "tile_layout"]
+
+#: The operator types whose constant weight is mapped onto crossbars.
+MAC_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def mac_matrix(weight: np.ndarray, op_type: str, group: int = 1, *, trans_b: bool = False) -> np.ndarray:
+    """The ``(G, M, K)`` weight matrices of a MAC operator, in the order the executor accumulates them.
+
+    Args:
+        weight: The ONNX weight tensor (any dtype; pass ``np.arange(size).reshape(shape)`` to follow
+            positions).
+        op_type: ``'Conv'``, ``'ConvTranspose'``, ``'Gemm'`` or ``'MatMul'``.
+        group: The Conv/ConvTranspose ``group`` attribute (1 for Gemm and MatMul).
+        trans_b: The Gemm ``transB`` attribute.
+
+    Raises:
+        InvalidArgumentError: An unknown operator type, or a weight shape that does not fit it.
+    """
+    w = np.asarray(weight)
+    if op_type not in MAC_OPS:
+        raise InvalidArgumentError(f"op_type: got {op_type!r}, expected one of {', '.join(MAC_OPS)}")
+    if isinstance(group, bool) or not isinstance(group, int | np.integer) or group < 1:
+        raise InvalidArgumentError(f"group: got {group!r}, expected an integer >= 1")
+    if op_type in ("Conv", "ConvTranspose"):
+        if w.ndim < 3 or w.shape[0] % group:
+            raise InvalidArgumentError(f"{op_type} weight: got shape {list(w.shape)} with group {group}, expected "
+                                       f"(channels, channels per group, *kernel) with channels divisible by group")
+        if op_type == "Conv":
+            return w.reshape(group, w.shape[0] // group, -1)
+        kernel = w.shape[2:]
+        cg, mg = w.shape[0] // group, w.shape[1]
+        flipped = w[(slice(None), slice(None)) + (slice(None, None, -1),) * len(kernel)]
+        return flipped.reshape(group, cg, mg, *kernel).swapaxes(1, 2).reshape(group, mg, -1)
+    if group != 1:
+        raise InvalidArgumentError(f"group: got {group} for {op_type}, expected 1")
+    if op_type == "Gemm":
+        if w.ndim != 2:
+            raise InvalidArgumentError(f"Gemm weight: got shape {list(w.shape)}, expected 2-D")
+        return (w if trans_b else w.T)[None]
+    if w.ndim < 2:
+        raise InvalidArgumentError(f"MatMul weight: got shape {list(w.shape)}, expected (..., K, N)")
+    return np.swapaxes(w, -1, -2).reshape(-1, w.shape[-1], w.shape[-2])
+
+
+@dataclass(frozen=True)
+class ArrayTile:
+    """One crossbar array of a layer: which weights it holds.
+
+    Cell ``(r, j)`` holds digit ``slices[column_sign[j], column_slice[j]]`` of the weight at matrix entry
+    ``(group, column_channel[j], rows[r])``; rows and columns past ``len(rows)`` and ``len(column_channel)``
+    are unused (cells at 0).
+
+    Attributes:
+        index: Position in :attr:`TileLayout.arrays`, ``(group * T + row_tile) * U + col_tile``.
+        group: The weight matrix (Conv group) ``g``.
+        row_tile: The row tile ``t``.
+        col_tile: The column tile ``u``.
+        rows: im2col index ``k`` on each used crossbar row (consecutive).
+        column_channel: Output channel (within the group) of each used column.
+        column_slice: Weight slice of each used column (0 = least significant).
+        column_sign: Sign of each used column (0: positive or offset weight, 1: negative weight).
+    """
+
+    index: int
+    group: int
+    row_tile: int
+    col_tile: int
+    rows: np.ndarray
+    column_channel: np.ndarray
+    column_slice: np.ndarray
+    column_sign: np.ndarray
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """The placement of one MAC's weights on crossbar arrays (see the module docstring for the rules).
+
+    Attributes:
+        op_type: The operator type.
+        weight_shape: The ONNX weight shape.
+        spec: The crossbar.
+        format: Bits, signs and slices of the weights.
+        groups: Number of weight matrices ``G``.
+        out_channels: Output channels per matrix ``M``.
+        depth: Dot-product length ``K``.
+        row_tiles: ``T = ceil(K / rows)``.
+        channels_per_array: ``Q = floor(cols / columns_per_weight)``.
+        col_tiles: ``U = ceil(M / Q)``.
+        source_index: ``(G, M, K)`` flat (C-order) index into the ONNX weight of each matrix entry.
+    """
+
+    op_type: str
+    weight_shape: tuple[int, ...]
+    spec: CIMSpec
+    format: WeightFormat
+    groups: int
+    out_channels: int
+    depth: int
+    row_tiles: int
+    channels_per_array: int
+    col_tiles: int
+    source_index: np.ndarray
+
+    @property
+    def columns_per_weight(self) -> int:
+        """Columns per output channel ``W = signs * S``."""
+        return self.format.columns_per_weight
+
+    @property
+    def num_arrays(self) -> int:
+        """Arrays the layer needs, ``G * T * U``."""
+        return self.groups * self.row_tiles * self.col_tiles
+
+    @property
+    def utilization(self) -> float:
+        """Fraction of the cells of all its arrays that hold a weight digit."""
+        used = self.groups * self.depth * self.out_channels * self.columns_per_weight
+        return used / (self.num_arrays * self.spec.rows * self.spec.cols)
+
+    def row_range(self, row_tile: int) -> tuple[int, int]:
+        """The im2col indices ``start, stop`` of row tile ``t`` (``stop`` exclusive)."""
+        if not 0 <= row_tile < self.row_tiles:
+            raise InvalidArgumentError(f"row_tile: got {row_tile}, expected 0..{self.row_tiles - 1}")
+        return row_tile * self.spec.rows, min(self.depth, (row_tile + 1) * self.spec.rows)
+
+    def row_of(self, k: int) -> tuple[int, int]:
+        """``(row tile, crossbar row)`` of im2col index ``k``."""
+        if not 0 <= k < self.depth:
+            raise InvalidArgumentError(f"k: got {k}, expected 0..{self.depth - 1}")
+        return divmod(k, self.spec.rows)
+
+    def column_of(self, channel: int, slice_index: int, sign: int = 0) -> tuple[int, int]:
+        """``(column tile, crossbar column)`` of one slice and sign of output channel ``channel``."""
+        fmt = self.format
+        if not (0 <= channel < self.out_channels and 0 <= slice_index < fmt.slices and 0 <= sign < fmt.signs):
+            raise InvalidArgumentError(
+                f"column_of({channel}, {slice_index}, {sign}): expected channel 0..{self.out_channels - 1}, "
+                f"slice 0..{fmt.slices - 1}, sign 0..{fmt.signs - 1}"
+            )
+        col_tile, local = divmod(channel, self.channels_per_array)
+        return col_tile, local * fmt.columns_per_weight + slice_index * fmt.signs + sign
+
+    @property
+    def arrays(self) -> list[ArrayTile]:
+        """Every array of the layer, group-major, then row tile, then column tile."""
+        fmt, q = self.format, self.channels_per_array
+        tiles = []
+        for g in range(self.groups):
+            for t in range(self.row_tiles):
+                start, stop = self.row_range(t)
+                for u in range(self.col_tiles):
+                    channels = np.arange(u * q, min(self.out_channels, (u + 1) * q))
+                    local = np.arange(fmt.columns_per_weight)
+                    tiles.append(ArrayTile(
+                        index=len(tiles), group=g, row_tile=t, col_tile=u, rows=np.arange(start, stop),
+                        column_channel=np.repeat(channels, fmt.columns_per_weight),
+                        column_slice=np.tile(local // fmt.signs, channels.size),
+                        column_sign=np.tile(local % fmt.signs, channels.size),
+                    ))
+        return tiles
+
+    def crossbar(self, slices: np.ndarray, tile: ArrayTile) -> np.ndarray:
+        """The digits array ``tile`` is programmed with, ``(len(tile.rows), len(tile.column_channel))``.
+
+        Args:
+            slices: :func:`slice_weights` of the ONNX weight, ``(signs, S, *weight_shape)``.
+            tile: One of :attr:`arrays`.
+        """
+        d = np.asarray(slices)
+        if d.shape != (self.format.signs, self.format.slices, *self.weight_shape):
+            raise InvalidArgumentError(f"slices: got shape {list(d.shape)}, expected "
+                                       f"{[self.format.signs, self.format.slices, *self.weight_shape]}")
+        flat = d.reshape(self.format.signs, self.format.slices, -1)
+        src = self.source_index[tile.group][np.ix_(tile.column_channel, tile.rows)].T  # (rows, columns)
+        return flat[tile.column_sign[None, :], tile.column_slice[None, :], src]
+
+    def __str__(self) -> str:
+        fmt, spec = self.format, self.spec
+        groups = f" ({self.groups} groups)" if self.groups > 1 else ""
+        return (f"{self.op_type} {self.out_channels} x {self.depth}{groups}: {_count(self.row_tiles, 'row tile')} x "
+                f"{_count(self.col_tiles, 'column tile')} = {_count(self.num_arrays, 'array')} of {spec.rows} x "
+                f"{spec.cols}, "
+                f"{fmt.columns_per_weight} columns per weight ({fmt.encoding}, {fmt.slices} slices of "
+                f"{fmt.cell_bits} bits), {100 * self.utilization:.1f} % of cells used")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def tile_layout(weight_shape: tuple[int, ...] | list[int], op_type: str, group: int, weight_bits: int,
+                spec: CIMSpec, *, trans_b: bool = False, weight_min: int | None = None) -> TileLayout:
+    """The placement of a MAC operator's weights on ``spec``'s arrays.
+
+    Args:
+        weight_shape: The ONNX weight shape (as in quantparams).
+        op_type: ``'Conv'``, ``'ConvTranspose'``, ``'Gemm'`` or ``'MatMul'``.
+        group: The ``group`` attribute (1 for Gemm and MatMul).
+        weight_bits: Weight bit width (the record's ``weight_bits``).
+        spec: The crossbar.
+        trans_b: The Gemm ``transB`` attribute.
+        weight_min: The smallest weight integer (the record's ``weight_min``); None for ``-2^(b-1)``.
+
+    Raises:
+        InvalidArgumentError: A weight shape that does not fit the operator, invalid bits, or an array with
+            fewer columns than one output channel needs.
+    """
+    fmt = weight_format(weight_bits, spec, weight_min)
+    shape = tuple(int(n) for n in weight_shape)
+    if any(n < 1 for n in shape):
+        raise InvalidArgumentError(f"weight_shape: got {list(shape)}, expected positive sizes")
+    source = mac_matrix(np.arange(math.prod(shape), dtype=np.int64).reshape(shape), op_type, group, trans_b=trans_b)
+    groups, m, k = source.shape
+    q = spec.cols // fmt.columns_per_weight
+    if q == 0:
+        raise InvalidArgumentError(f"spec.cols: got {spec.cols}, expected at least {fmt.columns_per_weight} (the "
+                                   f"columns of one {fmt.bits}-bit {fmt.encoding} weight in {fmt.cell_bits}-bit cells)")
+    return TileLayout(op_type=op_type, weight_shape=shape, spec=spec, format=fmt, groups=groups, out_channels=m,
+                      depth=k, row_tiles=math.ceil(k / spec.rows), channels_per_array=q, col_tiles=math.ceil(m / q),
+                      source_index=np.ascontiguousarray(source))
