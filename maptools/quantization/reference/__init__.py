@@ -86,7 +86,10 @@ onnxruntime's on such maps.
 Package layout
 --------------
 
-:mod:`~maptools.quantization.reference.core` loads the map and walks the graph;
+:mod:`~maptools.quantization.reference.core` holds :func:`simulate`;
+:mod:`~maptools.quantization.reference.executor` walks the graph (:class:`ReferenceExecutor`), which
+:mod:`~maptools.quantization.reference.loading` loads from a map and
+:mod:`~maptools.quantization.reference.cim_mode` switches to the crossbar model;
 :mod:`~maptools.quantization.reference.values` holds the value types and the (re)quantization arithmetic;
 :mod:`~maptools.quantization.reference.registry` maps operator types to handlers, which live in one
 module per family (``boundary``, ``mac``, ``activations``, ``elementwise``, ``layout``, ``pooling``,

@@ -1,0 +1,69 @@
+"""Loading a map into a :class:`~maptools.quantization.reference.ReferenceExecutor`: :meth:`MapLoadingMixin.load`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import onnx
+
+from maptools.errors import ArtifactError, InvalidArgumentError
+from maptools.quantization.artifacts import QUANTMODEL, read_artifact_bytes, read_quantinfo, read_quantparams
+from maptools.quantization.cim.adc import AdcCalibration
+from maptools.quantization.cim.spec import CIMSpec
+
+if TYPE_CHECKING:
+    from maptools.quantization.cim.mapcal import MapCalibration
+    from maptools.quantization.reference.executor import ReferenceExecutor
+
+__all__ = ["MapLoadingMixin"]
+
+
+class MapLoadingMixin:
+    """``ReferenceExecutor.load``: the executor of a map on disk (each file checked against the manifest)."""
+
+    @classmethod
+    def load(cls, mapname: str, mapsave_dir: str | os.PathLike | None = None, cim: CIMSpec | bool | None = None,
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = None) -> ReferenceExecutor:
+        """Load ``mapsave/<mapname>`` (each file checked against the manifest).
+
+        Args:
+            mapname: The map name given to ``quantize``.
+            mapsave_dir: The mapsave directory (default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``).
+            cim: None for exact MACs; a :class:`~maptools.quantization.cim.spec.CIMSpec` for the crossbar
+                model; True for the map's own CIM spec and ADC calibration (its ``cim.json``, see
+                :func:`~maptools.quantization.cim.mapcal.write_map_calibration`).
+            adc: The ADC calibration of a spec with ``adc_range='calibrated'``; None for the map's stored one
+                (which must then exist and match the spec).
+
+        Raises:
+            MapNotFoundError: no such map.
+            ArtifactError: a file is missing, modified, corrupt, or the files disagree; ``cim=True`` on a map
+                without a CIM calibration.
+            UnsupportedOperatorError: the graph holds an operator this executor cannot run.
+            InvalidArgumentError: a calibrated spec without a matching calibration.
+        """
+        data = read_artifact_bytes(mapname, QUANTMODEL, mapsave_dir)
+        try:
+            model = onnx.load_from_string(data)
+        except Exception as exc:
+            raise ArtifactError(f"{QUANTMODEL} of map {mapname!r}: not a readable ONNX model ({exc})") from None
+        spec: CIMSpec | None = None
+        if cim is True or (isinstance(cim, CIMSpec) and adc is None and cim.adc_bits is not None
+                           and cim.adc_range == "calibrated"):
+            from maptools.quantization.cim.mapcal.read import (  # mapcal imports us
+                has_map_calibration,
+                read_map_calibration,
+            )
+
+            if cim is not True and not has_map_calibration(mapname, mapsave_dir):
+                raise InvalidArgumentError(
+                    f"cim: spec {cim} has adc_range='calibrated' but no adc= was given and map {mapname!r} stores no "
+                    "ADC calibration; pass adc=maptools.quantization.cim.calibrate_map(...) or use adc_range='full'")
+            stored = read_map_calibration(mapname, mapsave_dir)
+            spec = stored.spec if cim is True else cim
+            adc = stored
+        elif cim is not False:
+            spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
+        return cls(model, read_quantinfo(mapname, mapsave_dir), read_quantparams(mapname, mapsave_dir), spec, adc)
