@@ -1,0 +1,116 @@
+"""The bodies of the ``maptools`` sub-commands, each importing what it calls on first use.
+
+Argument checks come before any heavy import: torch and PPQ are imported only by a ``quantize`` run that can go
+ahead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from maptools.errors import InvalidArgumentError
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    # the argument checks come first: torch and PPQ are imported only for a run that can go ahead
+    from maptools.quantization import quantize
+    from maptools.quantization.artifacts import map_directory
+    from maptools.quantization.progress import show_progress  # not the engine's module: that imports PPQ
+
+    show_progress(sys.stderr.isatty())  # PPQ's calibration progress bars, on a terminal only
+
+    shapes = dict(args.input)
+    if len(shapes) != len(args.input):
+        raise InvalidArgumentError("--input: the same input name was given twice")
+    if not Path(args.model).is_file():
+        raise InvalidArgumentError(f"model: file {args.model!r} does not exist; expected an .onnx model file")
+    target = map_directory(args.mapname, args.mapsave_dir)
+    replacing = target.is_dir()
+    calibset = None
+    if args.calib_dir:
+        from maptools.quantization.calibration import imagefolder_calibset
+
+        calibset = imagefolder_calibset(args.calib_dir, shapes, mean=args.mean, std=args.std, seed=args.seed)
+    elif args.calib_npy:
+        from maptools.quantization.calibration import npy_calibset
+
+        calibset = npy_calibset(args.calib_npy, shapes)
+    result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
+                      calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
+                      activation_bits=args.act_bits, symmetrical=not args.asymmetric,
+                      per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
+                      recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
+                      unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
+                      threads=args.threads, first_last_bits=args.first_last_bits,
+                      power_of_two=args.power_of_two, cim=args.cim)
+    if replacing:
+        print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from maptools.quantization.inspection import inspect_map, listing_json, listing_table
+
+    listing = inspect_map(args.mapname, args.mapsave_dir)
+    print(listing_json(listing) if args.json else listing_table(listing))
+    return 0
+
+
+def _folder_inputs(args: argparse.Namespace) -> object:
+    """The batches of ``verify --inputs DIR``: .npy files or images, shaped as the map's (single) input."""
+    from maptools.quantization import imagefolder_calibset, npy_calibset
+    from maptools.quantization.verify import map_input_shapes
+
+    shapes = map_input_shapes(args.mapname, args.mapsave_dir)
+    folder = Path(args.inputs)
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"--inputs: {args.inputs!r} is not a directory; expected a folder of .npy files "
+                                   "or images")
+    if len(shapes) != 1:
+        raise InvalidArgumentError(f"--inputs: map {args.mapname!r} has {len(shapes)} inputs {list(shapes)}; a folder "
+                                   "of inputs serves single-input maps only (from Python, pass verify(inputs=...))")
+    if any(folder.glob("*.npy")):
+        batches = npy_calibset(folder, shapes)
+    else:
+        batches = imagefolder_calibset(folder, shapes, mean=args.mean, std=args.std)
+    if len(batches) == 0:
+        raise InvalidArgumentError(f"--inputs: {args.inputs!r} holds less than one batch of the map's input shape "
+                                   f"{next(iter(shapes.values()))}")
+    return batches
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from maptools.quantization import verify
+
+    inputs = _folder_inputs(args) if args.inputs is not None else None
+    report = verify(args.mapname, inputs, mapsave_dir=args.mapsave_dir, batches=args.batches)
+    print(report.table())
+    if not report.ran_pairs:  # every execution but at most one failed: nothing was compared
+        print(f"maptools verify: error: no pair of executions could run on map {args.mapname!r}; "
+              + "; ".join(f"{e}: {r}" for e, r in report.failures.items()), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from maptools.examples.demo import run_demo
+
+    outcome = run_demo(bits=args.bits, recipe=args.recipe, mapsave_dir=args.mapsave_dir)
+    for line in outcome.lines():
+        print(line)
+    return 0
+
+
+def _cmd_cim_sweep(args: argparse.Namespace) -> int:
+    from maptools.quantization.cim.sweep import run_cli
+
+    return run_cli(args)
+
+
+_COMMANDS = {"quantize": _cmd_quantize, "inspect": _cmd_inspect, "verify": _cmd_verify, "demo": _cmd_demo,
+             "cim-sweep": _cmd_cim_sweep}
+#: Commands that print a progress line on stderr every :data:`HEARTBEAT_SECONDS` when it is not a terminal.
+_LONG_COMMANDS = {"quantize", "verify", "demo", "cim-sweep"}
