@@ -46,8 +46,8 @@ The spec stored is the one given with ``adc_range='calibrated'``; the ranges dep
 
 from __future__ import annotations
 
-from maptools.quantization.cim.mapcal.calibration import CIM_FORMAT as CIM_FORMAT
-from maptools.quantization.cim.mapcal.calibration import MapCalibration
+from maptools.quantization.cim.mapcal.calibration_data import CIM_FORMAT as CIM_FORMAT
+from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
 from maptools.quantization.cim.mapcal.histograms import MapHistograms, calibrate_map, collect_histograms
 from maptools.quantization.cim.mapcal.histograms import MapSource as MapSource
 from maptools.quantization.cim.mapcal.read import has_map_calibration, read_map_calibration

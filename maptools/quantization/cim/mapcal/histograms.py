@@ -11,7 +11,7 @@ import numpy as np
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, AdcHistogram
-from maptools.quantization.cim.mapcal.calibration import MapCalibration
+from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands

@@ -6,7 +6,7 @@ import os
 
 from maptools.errors import ArtifactError
 from maptools.quantization import artifacts, mapdir
-from maptools.quantization.cim.mapcal.calibration import MapCalibration
+from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
 from maptools.quantization.format import CIM_FILE
 
 __all__ = ["has_map_calibration", "read_map_calibration"]

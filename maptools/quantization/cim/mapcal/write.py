@@ -10,7 +10,7 @@ from pathlib import Path
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts, mapdir
 from maptools.quantization.cim.mapcal.atomic import _atomic_write
-from maptools.quantization.cim.mapcal.calibration import MapCalibration
+from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
 from maptools.quantization.format import CIM_FILE
 from maptools.quantization.reference.core import ReferenceExecutor
 
