@@ -51,7 +51,7 @@ from maptools.quantization.engine.state import (  # noqa: E402
     restore_state,
     spec_from_state,
 )
-from maptools.quantization.engine.threads import DEFAULT_THREADS, torch_threads  # noqa: E402
+from maptools.quantization.engine.threads import DEFAULT_THREADS, compute_threads  # noqa: E402
 
 __all__ = ["Batch", "PPQSession", "bias_key", "default_setting", "weight_key"]
 
@@ -192,7 +192,7 @@ class PPQSession:
             return {name: tensor.to(device) for name, tensor in batch.items()}
 
         try:
-            with ppq_silenced(), fast_observers(), operator_fixes(), torch_threads(self.threads):
+            with ppq_silenced(), fast_observers(), operator_fixes(), compute_threads(self.threads):
                 quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=list(batches),
                                    executor=self.executor, setting=self.setting,
                                    calib_steps=len(batches), collate_fn=collate)
@@ -228,7 +228,7 @@ class PPQSession:
         """One silent forward of the graph in its current state; PPQ errors become :class:`EngineError`."""
         feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
         try:
-            with ppq_silenced(), operator_fixes(), torch_threads(self.threads):
+            with ppq_silenced(), operator_fixes(), compute_threads(self.threads):
                 outputs = self.executor.forward(inputs=feed, output_names=list(names))
         except Exception as exc:
             raise self._engine_error(stage, exc) from exc
