@@ -147,15 +147,18 @@ def quantize(
                 len(data.batches), data.calibration, options.device)
     timings = {"validation_and_data": time.perf_counter() - started}
     mark = time.perf_counter()
-    session = pipeline.run_engine(options, ppq_setting, prepared, data)
-    timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
-    extracted = pipeline.extract(session, prepared)
-    timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
-    errors, warnings = pipeline.analyse(options, session, data)
-    timings["error_analysis"], mark = time.perf_counter() - mark, time.perf_counter()
-    cim_content = pipeline.cim_content(options, data, extracted)
-    if cim_content is not None:
-        timings["cim"] = time.perf_counter() - mark
+    from maptools.quantization.engine.threads import compute_threads  # torch is imported by now
+
+    with compute_threads(options.threads):  # every stage that computes, not only PPQ's calibration
+        session = pipeline.run_engine(options, ppq_setting, prepared, data)
+        timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
+        extracted = pipeline.extract(session, prepared)
+        timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
+        errors, warnings = pipeline.analyse(options, session, data)
+        timings["error_analysis"], mark = time.perf_counter() - mark, time.perf_counter()
+        cim_content = pipeline.cim_content(options, data, extracted)
+        if cim_content is not None:
+            timings["cim"] = time.perf_counter() - mark
     for name, snr in errors.output_snr_db.items():
         logger.info("graph-wise error of output %r on %s data: SNR %.2f dB, cosine %.5f", name, data.analysis_data,
                     snr, errors.output_cosine[name])
