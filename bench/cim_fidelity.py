@@ -8,9 +8,12 @@ against the labels, agreement with FP32 and with the exact integer executor)::
     python bench/cim_fidelity.py --out /tmp/cim_fidelity --jobs 2
     python bench/cim_fidelity.py --out /tmp/cim_fidelity --jobs 2 --corpus efficientnet_lite1
 
-``--corpus NAME`` sweeps a corpus ImageNet classifier instead (``make corpus``; W8A8, 16 calibration feeds,
-32 held-out evaluation feeds, a smaller grid). Each sweep writes ``<out>/<map>.json`` and ``<map>.png`` and
-prints its tables; the reStructuredText tables of the docs are printed at the end.
+``--resnet18`` sweeps torchvision's ResNet-18 (random weights, 224x224, W8A8 and W4A4 with the ``fast`` recipe on
+8 random batches; 2 other random images evaluated, ADC ranges calibrated on 4 more) and tabulates the output SNR
+against the exact integer executor. ``--corpus NAME`` sweeps a corpus ImageNet classifier instead (``make
+corpus``; W8A8, 16 calibration feeds, 32 held-out evaluation feeds, a smaller grid). Each sweep writes
+``<out>/<map>.json`` and ``<map>.png`` and prints its tables; the reStructuredText tables of the docs are
+printed at the end.
 """
 
 from __future__ import annotations
@@ -76,6 +79,51 @@ def _sweep_corpus(name: str, mapsave: Path, out: Path, jobs: int, grid: dict) ->
     return {f"{name}_w8a8": result}
 
 
+def _sweep_resnet18(mapsave: Path, out: Path, jobs: int, grid: dict) -> dict[str, SweepResult]:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    path = out / "resnet18.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), input_names=["input"], output_names=["output"],
+                      opset_version=13, dynamo=False)
+    rng = np.random.default_rng(1)
+    evaluation = [{"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(2)]
+    calib = [{"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(4)]
+    results = {}
+    for bits in (8, 4):
+        name = f"resnet18_w{bits}a{bits}"
+        quantize({"input": [1, 3, 224, 224]}, "cpu", path, mapname=name, calibset=None, calib_steps=8, bit_width=bits,
+                 recipe="fast", mapsave_dir=mapsave, analysis_steps=1)
+        result = cim_sweep(name, evaluation, calib=calib, jobs=jobs, mapsave_dir=mapsave, **grid)
+        result.save(out / f"{name}.json")
+        print(result.table(), flush=True)
+        results[name] = result
+    return results
+
+
+def snr_tables(results: dict[str, SweepResult]) -> str:
+    """The docs' tables for maps without labels: output SNR (dB) against the exact integer executor per ADC width."""
+    lines = []
+    for name, result in results.items():
+        bits = result.adc_bits
+        lines += [f"{name}: output SNR (dB) against the exact integer executor", "", ".. list-table::",
+                  "   :header-rows: 1", "", "   * - rows, cell bits, ADC range"]
+        lines += [f"     - {b}" for b in bits] + ["     - = int from"]
+        for rows, cell in result.geometries:
+            for kind in ("calibrated", "full"):
+                row = [f"   * - {rows}, {cell}, {kind}"]
+                for b in bits:
+                    snr = result.point(rows, cell, b, kind).metric("integer", "snr_db")
+                    row.append("     - " + ("-" if snr is None else "inf" if snr == float("inf") else f"{snr:.1f}"))
+                ideal = result.ideal_from(rows, cell, kind)
+                row.append(f"     - {'-' if ideal is None else ideal}")
+                lines += row
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -112,6 +160,7 @@ def main() -> int:
     parser.add_argument("--mapsave-dir", type=Path, default=None, help="where the maps go (default: <out>/mapsave)")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: the CPUs)")
     parser.add_argument("--corpus", default=None, help="sweep this corpus classifier instead of the digits maps")
+    parser.add_argument("--resnet18", action="store_true", help="sweep torchvision's ResNet-18 (random weights)")
     parser.add_argument("--rows", default=None, help="crossbar rows, comma-separated (default: the grid above)")
     parser.add_argument("--cell-bits", default=None, help="cell bits, comma-separated (default: the grid above)")
     parser.add_argument("--skip-quantize", action="store_true", help="reuse the maps already in --mapsave-dir")
@@ -121,18 +170,20 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     mapsave = args.mapsave_dir or args.out / "mapsave"
     started = time.perf_counter()
-    grid = dict(CORPUS_GRID if args.corpus else DIGITS_GRID)
+    grid = dict(CORPUS_GRID if args.corpus or args.resnet18 else DIGITS_GRID)
     if args.rows:
         grid["rows"] = tuple(int(r) for r in args.rows.split(","))
     if args.cell_bits:
         grid["cell_bits"] = tuple(int(c) for c in args.cell_bits.split(","))
-    if args.corpus:
+    if args.resnet18:
+        results = _sweep_resnet18(mapsave, args.out, args.jobs, grid)
+    elif args.corpus:
         results = _sweep_corpus(args.corpus, mapsave, args.out, args.jobs, grid)
     else:
         if not args.skip_quantize:
             _quantize_digits(mapsave)
         results = _sweep_digits(mapsave, args.out, args.jobs, grid)
-    print(rst_tables(results))
+    print(snr_tables(results) if args.resnet18 else rst_tables(results))
     summary = {name: {"seconds": r.seconds, "jobs": r.jobs, "points": len(r.points)} for name, r in results.items()}
     print(json.dumps(summary), f"total {time.perf_counter() - started:.0f} s")
     return 0
