@@ -41,7 +41,7 @@ EVAL_IMAGES = 256
 CALIB_IMAGES = 256
 # W8A8 and W4A4 of the residual digits CNN, W4A4 of the mobile CNN (fused HardSwish/Sigmoid, ReLU6)
 MAPS = {"digits_w8a8": (digits.MODEL_PATH, 8), "digits_w4a4": (digits.MODEL_PATH, 4),
-        "mobile_w4a4": (mobile.MODEL_PATH, 4)}
+        "mobile_w8a8": (mobile.MODEL_PATH, 8), "mobile_w4a4": (mobile.MODEL_PATH, 4)}
 # crossbars whose ideal-ADC results must equal the exact executor's: tiles, slices, planes, both encodings
 IDEAL_SPECS = [CIMSpec(rows=64, cell_bits=2, dac_bits=1),
                CIMSpec(rows=37, cell_bits=3, dac_bits=2, weight_encoding="offset"),
