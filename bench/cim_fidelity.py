@@ -61,13 +61,14 @@ def _sweep_digits(mapsave: Path, out: Path, jobs: int, grid: dict) -> dict[str, 
     return results
 
 
-def _sweep_corpus(name: str, mapsave: Path, out: Path, jobs: int, grid: dict) -> dict[str, SweepResult]:
+def _sweep_corpus(name: str, mapsave: Path, out: Path, jobs: int, grid: dict,
+                  count: int = 32) -> dict[str, SweepResult]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from corpus import registry
 
     model = registry.get(name)
     calib = registry.inputs_for(model, "calib", count=16, seed=0)
-    evaluation = registry.inputs_for(model, "eval", count=32, seed=0)
+    evaluation = registry.inputs_for(model, "eval", count=count, seed=0)
     started = time.perf_counter()
     quantize(model.input_shapes, "cpu", model.path, mapname=f"{name}_w8a8", calibset=calib, calib_steps=16,
              bit_width=8, mapsave_dir=mapsave, analysis_steps=1, evalset=evaluation[:1])
@@ -161,6 +162,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: the CPUs)")
     parser.add_argument("--corpus", default=None, help="sweep this corpus classifier instead of the digits maps")
     parser.add_argument("--resnet18", action="store_true", help="sweep torchvision's ResNet-18 (random weights)")
+    parser.add_argument("--eval", type=int, default=32, help="evaluation feeds of --corpus (default: 32)")
+    parser.add_argument("--adc-bits", default=None, help="ADC widths FIRST-LAST (default: the grid above)")
     parser.add_argument("--rows", default=None, help="crossbar rows, comma-separated (default: the grid above)")
     parser.add_argument("--cell-bits", default=None, help="cell bits, comma-separated (default: the grid above)")
     parser.add_argument("--skip-quantize", action="store_true", help="reuse the maps already in --mapsave-dir")
@@ -171,6 +174,9 @@ def main() -> int:
     mapsave = args.mapsave_dir or args.out / "mapsave"
     started = time.perf_counter()
     grid = dict(CORPUS_GRID if args.corpus or args.resnet18 else DIGITS_GRID)
+    if args.adc_bits:
+        first, last = (int(b) for b in args.adc_bits.split("-"))
+        grid["adc_bits"] = range(first, last + 1)
     if args.rows:
         grid["rows"] = tuple(int(r) for r in args.rows.split(","))
     if args.cell_bits:
@@ -178,12 +184,12 @@ def main() -> int:
     if args.resnet18:
         results = _sweep_resnet18(mapsave, args.out, args.jobs, grid)
     elif args.corpus:
-        results = _sweep_corpus(args.corpus, mapsave, args.out, args.jobs, grid)
+        results = _sweep_corpus(args.corpus, mapsave, args.out, args.jobs, grid, args.eval)
     else:
         if not args.skip_quantize:
             _quantize_digits(mapsave)
         results = _sweep_digits(mapsave, args.out, args.jobs, grid)
-    print(snr_tables(results) if args.resnet18 else rst_tables(results))
+    print(snr_tables(results) if args.resnet18 or args.corpus else rst_tables(results))
     summary = {name: {"seconds": r.seconds, "jobs": r.jobs, "points": len(r.points)} for name, r in results.items()}
     print(json.dumps(summary), f"total {time.perf_counter() - started:.0f} s")
     return 0
