@@ -16,9 +16,7 @@ checked, and the calibration-set helpers (:func:`random_calibset`, :func:`npy_ca
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from maptools._lazy import lazy_attributes
 from maptools.quantization.api import OBSERVERS, RECIPES, quantize
 from maptools.quantization.artifacts import read_quantinfo, read_quantparams
 from maptools.quantization.records import OperatorQuantConfig, QuantizationResult, TensorQuant
@@ -49,15 +47,4 @@ _LAZY = {
     "random_calibset": "maptools.quantization.calibration",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)

@@ -56,9 +56,7 @@ The arithmetic modules import only numpy and :mod:`maptools.errors` (its parent 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from maptools._lazy import lazy_attributes
 from maptools.quantization.cim.adc import (
     ADC_FRACTION_BITS,
     AdcCalibration,
@@ -151,15 +149,4 @@ __all__ = [
     *_LAZY,
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)
