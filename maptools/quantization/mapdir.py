@@ -46,7 +46,11 @@ __all__ = [
     "mapsave_root",
     "recover_interrupted",
     "resolve_map",
+    "add_map_file",
+    "file_entry",
+    "manifest_bytes",
     "sha256_of",
+    "write_file_atomically",
     "write_map",
 ]
 
@@ -107,6 +111,49 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_entry(data: bytes) -> dict[str, Any]:
+    """A file's entry in the manifest's ``files``: its SHA-256 and size."""
+    return {"sha256": sha256_of(data), "bytes": len(data)}
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """``manifest.json`` as written: indented, keys sorted, a final newline."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file in its folder, renamed over it once complete (mode 0644)."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def add_map_file(target: Path, name: str, data: bytes, manifest: Mapping[str, Any]) -> Path:
+    """Add (or replace) one file of an existing map and list it in its manifest, each file atomically.
+
+    The caller holds the map's writer lock (:func:`map_lock`) and passes the manifest it read under it; every
+    other entry is kept.
+
+    Returns:
+        The file's path.
+    """
+    updated = dict(manifest)
+    updated["files"] = {**manifest.get("files", {}), name: file_entry(data)}
+    write_file_atomically(target / name, data)
+    write_file_atomically(target / MANIFEST, manifest_bytes(updated))
+    return target / name
 
 
 def _lock_path(target: Path) -> Path:
@@ -230,9 +277,9 @@ def write_map(target: Path, files: Mapping[str, bytes], manifest: dict[str, Any]
     manifest = dict(manifest)
     manifest["format_version"] = format_version(files)
     manifest["rounding"] = ROUNDING
-    manifest["files"] = {name: {"sha256": sha256_of(data), "bytes": len(data)} for name, data in files.items()}
+    manifest["files"] = {name: file_entry(data) for name, data in files.items()}
     payload = dict(files)
-    payload[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    payload[MANIFEST] = manifest_bytes(manifest)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=parent))
     umask = os.umask(0)
     os.umask(umask)

@@ -11,8 +11,8 @@ from typing import Any
 
 from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.adc import AdcCalibration
-from maptools.quantization.cim.mapcal.atomic import _atomic_write
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.mapdir import write_file_atomically
 
 __all__ = ["CIM_FORMAT", "MapCalibration"]
 
@@ -114,7 +114,7 @@ class MapCalibration:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the calibration as JSON to ``path`` (atomically); returns the path."""
         path = Path(path)
-        _atomic_write(path, self.to_json())
+        write_file_atomically(path, self.to_json())
         return path
 
     @classmethod

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts, mapdir
-from maptools.quantization.cim.mapcal.atomic import _atomic_write
 from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
 from maptools.quantization.format import CIM_FILE
 from maptools.quantization.reference.core import ReferenceExecutor
@@ -52,10 +50,6 @@ def write_map_calibration(mapname: str, calibration: MapCalibration, *, mapsave_
         if calibration.fingerprint and calibration.fingerprint != fingerprint:
             raise InvalidArgumentError(f"calibration: made on another map than {mapname!r} (its crossbar weights or "
                                        "operands differ); calibrate this map")
-        data = calibration.to_json()
-        manifest = artifacts.read_manifest(directory)
-        _atomic_write(directory / CIM_FILE, data)
-        manifest.setdefault("files", {})[CIM_FILE] = {"sha256": artifacts.sha256_of(data), "bytes": len(data)}
-        _atomic_write(directory / artifacts.MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        mapdir.add_map_file(directory, CIM_FILE, calibration.to_json(), artifacts.read_manifest(directory))
     logger.info("wrote the CIM calibration (%s) of map %r to %s", calibration.spec, mapname, directory / CIM_FILE)
     return directory / CIM_FILE
