@@ -59,33 +59,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _folder_inputs(args: argparse.Namespace) -> object:
-    """The batches of ``verify --inputs DIR``: .npy files or images, shaped as the map's (single) input."""
-    from maptools.quantization import imagefolder_calibset, npy_calibset
-    from maptools.quantization.verify import map_input_shapes
-
-    shapes = map_input_shapes(args.mapname, args.mapsave_dir)
-    folder = Path(args.inputs)
-    if not folder.is_dir():
-        raise InvalidArgumentError(f"--inputs: {args.inputs!r} is not a directory; expected a folder of .npy files "
-                                   "or images")
-    if len(shapes) != 1:
-        raise InvalidArgumentError(f"--inputs: map {args.mapname!r} has {len(shapes)} inputs {list(shapes)}; a folder "
-                                   "of inputs serves single-input maps only (from Python, pass verify(inputs=...))")
-    if any(folder.glob("*.npy")):
-        batches = npy_calibset(folder, shapes)
-    else:
-        batches = imagefolder_calibset(folder, shapes, mean=args.mean, std=args.std)
-    if len(batches) == 0:
-        raise InvalidArgumentError(f"--inputs: {args.inputs!r} holds less than one batch of the map's input shape "
-                                   f"{next(iter(shapes.values()))}")
-    return batches
-
-
 def _cmd_verify(args: argparse.Namespace) -> int:
     from maptools.quantization import verify
+    from maptools.quantization.verify import map_folder_inputs
 
-    inputs = _folder_inputs(args) if args.inputs is not None else None
+    inputs = None
+    if args.inputs is not None:
+        inputs = map_folder_inputs(args.mapname, args.inputs, "--inputs", args.mean, args.std,
+                                   mapsave_dir=args.mapsave_dir)
     report = verify(args.mapname, inputs, mapsave_dir=args.mapsave_dir, batches=args.batches)
     print(report.table())
     if not report.ran_pairs:  # every execution but at most one failed: nothing was compared

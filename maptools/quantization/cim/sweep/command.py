@@ -18,26 +18,12 @@ __all__ = ["run_cli"]
 
 def _folder_batches(folder: str, option: str, mapname: str, mapsave_dir: str | None, mean: Sequence[float],
                     std: Sequence[float]) -> list[Batch]:
-    """The batches of a folder of .npy files or images, shaped as the map's (single) input."""
-    from maptools.quantization import imagefolder_calibset, npy_calibset
-    from maptools.quantization.verify import map_input_shapes
+    """The batches of a folder (:func:`~maptools.quantization.verify.map_folder_inputs`) as numpy arrays."""
+    from maptools.quantization.verify import map_folder_inputs
 
-    shapes = map_input_shapes(mapname, mapsave_dir)
-    path = Path(folder)
-    if not path.is_dir():
-        raise InvalidArgumentError(f"{option}: {folder!r} is not a directory; expected a folder of .npy files or "
-                                   "images")
-    if len(shapes) != 1:
-        raise InvalidArgumentError(f"{option}: map {mapname!r} has {len(shapes)} inputs {list(shapes)}; a folder of "
-                                   "inputs serves single-input maps only (from Python, pass cim_sweep(inputs=...))")
-    data = npy_calibset(path, shapes) if any(path.glob("*.npy")) else imagefolder_calibset(path, shapes, mean=mean,
-                                                                                           std=std)
-    batches = [{name: np.asarray(value.numpy() if hasattr(value, "numpy") else value) for name, value in b.items()}
-               for b in data]
-    if not batches:
-        raise InvalidArgumentError(f"{option}: {folder!r} holds less than one batch of the map's input shape "
-                                   f"{next(iter(shapes.values()))}")
-    return batches
+    data = map_folder_inputs(mapname, folder, option, mean, std, mapsave_dir=mapsave_dir, python_call="cim_sweep")
+    return [{name: np.asarray(value.numpy() if hasattr(value, "numpy") else value) for name, value in b.items()}
+            for b in data]
 
 
 def run_cli(args: Any) -> int:
