@@ -80,13 +80,15 @@ def test_minmax_observer_keeps_ppqs_scales_for_2_bit_weights(tmp_path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(digits.MODEL_PATH)).graph.initializer}
+    graph = onnx.load(str(digits.MODEL_PATH)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
     checked = 0
     for name, record in info.items():
         key = f"{name}_conv_weight"
         if key not in params or record.weight_bits is None:
             continue
-        node = next(n for n in onnx.load(str(digits.MODEL_PATH)).graph.node if n.name == name)
+        node = nodes[name]
         w = weights[node.input[1]].reshape(record.weight_scale.size, -1).astype(np.float64)
         live = np.abs(w).max(axis=1) > 0
         if record.weight_bits == 2:  # PPQ's rule: max|w| over (qmax - qmin) / 2
