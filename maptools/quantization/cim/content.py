@@ -53,12 +53,12 @@ from maptools.quantization.cim.adc import ADC_FRACTION_BITS, adc_gain, full_scal
 from maptools.quantization.cim.arithmetic import adc_grid
 from maptools.quantization.cim.mapcal import MapCalibration, calibrate_map, map_weight_slices
 from maptools.quantization.cim.mapping import TileLayout, tile_layout
-from maptools.quantization.cim.requant import requant_multiplier, requant_multipliers
+from maptools.quantization.cim.requant import requant_multiplier
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.format import CIM_FILE, requant_multiplier_key, requant_shift_key, weight_slices_key
 from maptools.quantization.records import OperatorQuantConfig
 from maptools.quantization.reference.core import ReferenceExecutor
-from maptools.quantization.reference.crossbar import MacOperands
+from maptools.quantization.reference.crossbar import MacOperands, record_multipliers
 from maptools.quantization.reference.registry import attrs
 
 __all__ = ["CIM_CALIB_BATCHES", "CimContent", "mac_layout", "map_cim_content", "record_cim",
@@ -124,9 +124,7 @@ def requant_arrays(record: OperatorQuantConfig, mode: str) -> tuple[np.ndarray, 
     ``m = s_in * s_w / s_out`` with the record's input, weight and output scales, one per entry of
     ``weight_scale``, as the executor requantizes.
     """
-    tq_in, tq_out = record.inputs[0], record.outputs[0]
-    m = requant_multipliers(tq_in.scale, np.asarray(record.weight_scale, np.float64).reshape(-1), tq_out.scale)
-    multiplier, shift = requant_multiplier(m, mode)
+    multiplier, shift = requant_multiplier(record_multipliers(record.inputs[0].scale, record), mode)
     return multiplier.astype(np.int32), shift.astype(np.int32)
 
 

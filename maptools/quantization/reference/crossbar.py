@@ -77,7 +77,7 @@ from maptools.quantization.reference.registry import describe
 from maptools.quantization.reference.values import Ints, exact_matmul
 
 __all__ = ["CimMode", "MacAccumulator", "MacHook", "MacOperands", "crossbar_fingerprint", "fold_batch", "mac_operands",
-           "requant_integer"]
+           "record_multipliers", "requant_integer"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,18 @@ def fold_batch(weights: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, Ca
     return folded, unfold
 
 
+def record_multipliers(s_in: float, record: OperatorQuantConfig, w_scale: np.ndarray | None = None) -> np.ndarray:
+    """The real requantization multipliers ``m = s_in * s_w / s_out`` of a MAC, one per weight scale.
+
+    Args:
+        s_in: The input scale.
+        record: The MAC's record (its ``outputs[0]`` is the target).
+        w_scale: The weight scales (default: the record's ``weight_scale``).
+    """
+    scales = record.weight_scale if w_scale is None else w_scale
+    return requant_multipliers(s_in, np.asarray(scales, np.float64).reshape(-1), record.outputs[0].scale)
+
+
 def requant_integer(acc: np.ndarray, s_in: float, record: OperatorQuantConfig, channel_axis: int,
                     w_scale: np.ndarray, mode: str) -> Ints:
     """Integer-only requantization of an integer accumulator (bias included) to the output record.
@@ -246,7 +258,7 @@ def requant_integer(acc: np.ndarray, s_in: float, record: OperatorQuantConfig, c
         The output integers at the record's quantization.
     """
     tq = record.outputs[0]
-    m = requant_multipliers(s_in, np.asarray(w_scale, np.float64).reshape(-1), tq.scale)
+    m = record_multipliers(s_in, record, w_scale)
     axis: int | None = channel_axis % acc.ndim
     if m.size == 1:
         m, axis = m.reshape(()), None
