@@ -348,3 +348,23 @@ def test_resnet18_ideal_adc_is_the_exact_executor(resnet18_onnx, mapsave) -> Non
     assert got.keys() == expected.keys() and len(got) > 40
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_integer_requant_saturates_the_accumulator_to_int32() -> None:
+    """A chip's 32-bit accumulator saturates: a bias clipped to -2^31 at quantization plus a negative partial sum
+    (EfficientNet-Lite1's stem, near-zero filters with large biases) passes the int32 range; fixed-point
+    requantization then refused the whole map. The saturated accumulator requantizes as int32 extremes do."""
+    from maptools.quantization.cim.requant import INT32_MAX, INT32_MIN, fixed_point_multiplier, requantize_fixed
+    from maptools.quantization.records import OperatorQuantConfig, TensorQuant
+    from maptools.quantization.reference.crossbar import requant_integer
+
+    out = TensorQuant(name="y", bits=8, scale=0.05, zero_point=3, qmin=-128, qmax=127)
+    record = OperatorQuantConfig(name="conv", op_type="Conv", outputs=[out], weight_scale=np.array([2e-4, 5e-9]))
+    acc = np.array([[INT32_MIN - 89_039, 12_345], [INT32_MAX + 7, -4_000_000]], np.int64)  # (channels, positions)
+    got = requant_integer(acc, 0.02, record, 0, record.weight_scale, "fixed_point")
+    m = 0.02 * record.weight_scale / out.scale
+    mult, shift = fixed_point_multiplier(m)
+    expected = requantize_fixed(np.clip(acc, INT32_MIN, INT32_MAX), mult, shift, out.zero_point, out.qmin, out.qmax,
+                                channel_axis=0)
+    np.testing.assert_array_equal(got.q, expected)
+    assert got.q.tolist() == [[-128, 4], [7, 3]]  # 2^31 * 0.02 * 5e-9 / 0.05 = 4.29 -> 4, + zero point 3

@@ -42,6 +42,8 @@ import numpy as np
 from maptools.errors import InvalidArgumentError
 
 __all__ = [
+    "INT32_MAX",
+    "INT32_MIN",
     "fixed_point_multiplier",
     "power_of_two_multiplier",
     "requant_multiplier",
@@ -50,7 +52,8 @@ __all__ = [
     "requantize_fixed",
 ]
 
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+#: The range of the chip's 32-bit accumulator and of the fixed-point multiplier.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def requant_multipliers(s_in: float, s_w: np.ndarray | float, s_out: float) -> np.ndarray:
@@ -169,13 +172,13 @@ def requantize_fixed(acc: np.ndarray, multiplier: np.ndarray | int, shift: np.nd
     if a.dtype.kind not in "iu" and not (a.dtype.kind == "f" and np.array_equal(a, np.rint(a))):
         raise InvalidArgumentError(f"acc: expected integer accumulators, got dtype {a.dtype}")
     a = a.astype(np.int64)
-    if a.size and (int(a.min()) < _INT32_MIN or int(a.max()) > _INT32_MAX):
+    if a.size and (int(a.min()) < INT32_MIN or int(a.max()) > INT32_MAX):
         raise InvalidArgumentError(f"acc: got {int(a.min())}..{int(a.max())}, expected the int32 range")
     if channel_axis is not None:
         channel_axis = channel_axis % a.ndim
     mult = _per_channel(multiplier, a.ndim, channel_axis, "multiplier")
     sh = _per_channel(shift, a.ndim, channel_axis, "shift")
-    if np.any(mult < 0) or np.any(mult > _INT32_MAX) or np.any(sh < -31) or np.any(sh > 31):
+    if np.any(mult < 0) or np.any(mult > INT32_MAX) or np.any(sh < -31) or np.any(sh > 31):
         raise InvalidArgumentError("multiplier/shift: expected multipliers in 0 .. 2^31 - 1 and shifts in -31 .. 31")
     total = 31 + sh
     rounding = np.where(total > 0, np.left_shift(np.int64(1), np.maximum(total - 1, 0)), 0)

@@ -70,7 +70,7 @@ import onnx
 from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.arithmetic import adc_grid, cim_accumulate
-from maptools.quantization.cim.requant import requant_multipliers, requantize
+from maptools.quantization.cim.requant import INT32_MAX, INT32_MIN, requant_multipliers, requantize
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference.registry import describe
@@ -246,6 +246,10 @@ def requant_integer(acc: np.ndarray, s_in: float, record: OperatorQuantConfig, c
                     w_scale: np.ndarray, mode: str) -> Ints:
     """Integer-only requantization of an integer accumulator (bias included) to the output record.
 
+    The accumulator is first saturated to int32, as a chip's 32-bit accumulator does: a channel whose bias
+    saturated at quantization (tiny weights, a large bias: EfficientNet-Lite1's stem) plus a partial sum of
+    the same sign can pass ``-2^31``, which the int32 x int32 multiplier cannot take.
+
     Args:
         acc: The int64 accumulator, bias added.
         s_in: The input scale.
@@ -258,6 +262,10 @@ def requant_integer(acc: np.ndarray, s_in: float, record: OperatorQuantConfig, c
         The output integers at the record's quantization.
     """
     tq = record.outputs[0]
+    saturated = np.clip(acc, INT32_MIN, INT32_MAX)
+    if not np.array_equal(saturated, acc):
+        logger.debug("%s: %d accumulator values saturated to int32", record.name, int((saturated != acc).sum()))
+    acc = saturated
     m = record_multipliers(s_in, record, w_scale)
     axis: int | None = channel_axis % acc.ndim
     if m.size == 1:
