@@ -51,7 +51,7 @@ from maptools.quantization.engine.state import (  # noqa: E402
     restore_state,
     spec_from_state,
 )
-from maptools.quantization.engine.threads import DEFAULT_THREADS, compute_threads  # noqa: E402
+from maptools.quantization.engine.threads import DEFAULT_THREADS, compute_threads, torch_threads  # noqa: E402
 
 __all__ = ["Batch", "PPQSession", "bias_key", "default_setting", "weight_key"]
 
@@ -227,8 +227,9 @@ class PPQSession:
     def execute(self, batch: Batch, names: Sequence[str], stage: str) -> dict[str, np.ndarray]:
         """One silent forward of the graph in its current state; PPQ errors become :class:`EngineError`."""
         feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
-        try:
-            with ppq_silenced(), operator_fixes(), compute_threads(self.threads):
+        try:  # torch's threads only: one forward per batch (and per operator in the layer-wise analysis) must not
+            # pay threadpoolctl's library scan (~1 ms); quantize() limits numpy's BLAS around the whole run
+            with ppq_silenced(), operator_fixes(), torch_threads(self.threads):
                 outputs = self.executor.forward(inputs=feed, output_names=list(names))
         except Exception as exc:
             raise self._engine_error(stage, exc) from exc
