@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 from maptools.examples import digits, mobile
 from maptools.quantization import quantize
 from maptools.quantization.cim import cim_sweep
-from maptools.quantization.cim.sweep import SweepResult
+from maptools.quantization.cim.sweep import SweepPoint, SweepResult
 
 MAPS = {"digits_w8a8": (digits.MODEL_PATH, 8), "digits_w4a4": (digits.MODEL_PATH, 4),
         "mobile_w8a8": (mobile.MODEL_PATH, 8), "mobile_w4a4": (mobile.MODEL_PATH, 4)}
@@ -104,54 +105,48 @@ def _sweep_resnet18(mapsave: Path, out: Path, jobs: int, grid: dict) -> dict[str
     return results
 
 
-def snr_tables(results: dict[str, SweepResult]) -> str:
-    """The docs' tables for maps without labels: output SNR (dB) against the exact integer executor per ADC width."""
-    lines = []
-    for name, result in results.items():
-        bits = result.adc_bits
-        lines += [f"{name}: output SNR (dB) against the exact integer executor", "", ".. list-table::",
-                  "   :header-rows: 1", "", "   * - rows, cell bits, ADC range"]
-        lines += [f"     - {b}" for b in bits] + ["     - = int from"]
-        for rows, cell in result.geometries:
-            for kind in ("calibrated", "full"):
-                row = [f"   * - {rows}, {cell}, {kind}"]
-                for b in bits:
-                    snr = result.point(rows, cell, b, kind).metric("integer", "snr_db")
-                    row.append("     - " + ("-" if snr is None else "inf" if snr == float("inf") else f"{snr:.1f}"))
-                ideal = result.ideal_from(rows, cell, kind)
-                row.append(f"     - {'-' if ideal is None else ideal}")
-                lines += row
-        lines.append("")
-    return "\n".join(lines)
+def _sweep_table(head: str, result: SweepResult, cell: Callable[[SweepPoint], str]) -> list[str]:
+    """One list-table: a row per crossbar and ADC range, a column per ADC width, then ``= int from``."""
+    lines = [head, "", ".. list-table::", "   :header-rows: 1", "", "   * - rows, cell bits, ADC range"]
+    lines += [f"     - {b}" for b in result.adc_bits] + ["     - = int from"]
+    for rows, cell_bits in result.geometries:
+        for kind in ("calibrated", "full"):
+            lines.append(f"   * - {rows}, {cell_bits}, {kind}")
+            lines += [f"     - {cell(result.point(rows, cell_bits, b, kind))}" for b in result.adc_bits]
+            ideal = result.ideal_from(rows, cell_bits, kind)
+            lines.append(f"     - {'-' if ideal is None else ideal}")
+    return [*lines, ""]
+
+
+def _snr(point: SweepPoint) -> str:
+    snr = point.metric("integer", "snr_db")
+    return "-" if snr is None else "inf" if snr == float("inf") else f"{snr:.1f}"
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _top1(point: SweepPoint) -> str:
+    return _pct(point.top1_labels if point.top1_labels is not None else point.metric("fp32", "top1"))
+
+
+def snr_tables(results: dict[str, SweepResult]) -> str:
+    """The docs' tables for maps without labels: output SNR (dB) against the exact integer executor per ADC width."""
+    return "\n".join(line for name, result in results.items() for line in _sweep_table(
+        f"{name}: output SNR (dB) against the exact integer executor", result, _snr))
+
+
 def rst_tables(results: dict[str, SweepResult]) -> str:
     """The docs' tables: top-1 per ADC width (calibrated / full) and the widths that reach the exact result."""
     lines = []
     for name, result in results.items():
-        bits = result.adc_bits
         labels = result.reference.get("labels", {})
         head = f"{name}: " + (f"FP32 {_pct(labels.get('fp32'))} %, exact integer {_pct(labels.get('integer'))} % "
                               "top-1 on the labels; " if labels else "")
         out = next(iter(result.points[0].outputs))
         head += f"exact integer vs FP32 top-1 agreement {_pct(result.reference[out]['top1'])} %"
-        lines += [head, "", ".. list-table::", "   :header-rows: 1", "", "   * - rows, cell bits, ADC range"]
-        lines += [f"     - {b}" for b in bits] + ["     - = int from"]
-        for rows, cell in result.geometries:
-            for kind in ("calibrated", "full"):
-                row = [f"   * - {rows}, {cell}, {kind}"]
-                for b in bits:
-                    p = result.point(rows, cell, b, kind)
-                    value = p.top1_labels if p.top1_labels is not None else p.metric("fp32", "top1")
-                    row.append(f"     - {_pct(value)}")
-                ideal = result.ideal_from(rows, cell, kind)
-                row.append(f"     - {'-' if ideal is None else ideal}")
-                lines += row
-        lines.append("")
+        lines += _sweep_table(head, result, _top1)
     return "\n".join(lines)
 
 
