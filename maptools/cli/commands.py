@@ -61,7 +61,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from maptools.quantization import verify
-    from maptools.quantization.verify import map_folder_inputs
+    from maptools.quantization.mapinputs import map_folder_inputs
 
     inputs = None
     if args.inputs is not None:

@@ -18,8 +18,8 @@ __all__ = ["run_cli"]
 
 def _folder_batches(folder: str, option: str, mapname: str, mapsave_dir: str | None, mean: Sequence[float],
                     std: Sequence[float]) -> list[Batch]:
-    """The batches of a folder (:func:`~maptools.quantization.verify.map_folder_inputs`) as numpy arrays."""
-    from maptools.quantization.verify import map_folder_inputs
+    """The batches of a folder (:func:`~maptools.quantization.mapinputs.map_folder_inputs`) as numpy arrays."""
+    from maptools.quantization.mapinputs import map_folder_inputs
 
     data = map_folder_inputs(mapname, folder, option, mean, std, mapsave_dir=mapsave_dir, python_call="cim_sweep")
     return [{name: np.asarray(value.numpy() if hasattr(value, "numpy") else value) for name, value in b.items()}
