@@ -6,10 +6,20 @@ Bad usage raises :class:`_UsageError` (one line, turned into exit code 2 by :fun
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 
 from maptools.errors import MaptoolsError
+from maptools.quantization.validation import (
+    MAX_BATCHES,
+    MAX_SEED,
+    MAX_THREADS,
+    check_batch_memory,
+    check_batches,
+    check_seed,
+    check_threads,
+)
 
 
 class _UsageError(Exception):
@@ -33,7 +43,34 @@ def _input_spec(text: str) -> tuple[str, list[int]]:
         raise argparse.ArgumentTypeError(
             f"--input: expected NAME:D0,D1,... such as input:1,3,224,224 (NAME: or NAME:scalar for a rank-0 "
             f"input), got {text!r}")
+    if all(d > 0 for d in shape):  # float32, the random batches' type; non-positive dims: quantize names them
+        _checked("--input", check_batch_memory, {name: shape}, {name: 4}, "--input")
     return name, shape
+
+
+def _checked(option: str, check: Callable[..., object], *args: object) -> object:
+    """``check(*args)``, its :class:`MaptoolsError` (whose message starts ``option: ``) as argparse's type error."""
+    try:
+        return check(*args)
+    except MaptoolsError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{option}: ")) from None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _limited(option: str, check: Callable[[object, str], int],
+             parse: Callable[[str], int] = _int) -> Callable[[str], int]:
+    """The argparse type of an integer option: ``parse`` the text, then ``check(value, option)`` its range."""
+
+    def convert(text: str) -> int:
+        return int(_checked(option, check, parse(text), option))  # type: ignore[call-overload]
+
+    return convert
 
 
 def _floats(text: str) -> list[float]:
@@ -117,9 +154,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=_MEAN_HELP + "; for --calib-dir")
     q.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
                    help=_STD_HELP + "; for --calib-dir")
-    q.add_argument("--calib-steps", type=int, default=32, metavar="N",
-                   help="number of calibration batches, at least 8 (default 32)")
-    q.add_argument("--analysis-steps", type=_positive_int, default=4, metavar="N",
+    q.add_argument("--calib-steps", type=_limited("--calib-steps", check_batches), default=32, metavar="N",
+                   help=f"number of calibration batches, 8 to {MAX_BATCHES} (default 32)")
+    q.add_argument("--analysis-steps", type=_limited("--analysis-steps", check_batches, _positive_int), default=4,
+                   metavar="N",
                    help="number of batches the graph-wise error (report.json, summary) is measured on, held out "
                         "after the first --calib-steps ones (default 4)")
     q.add_argument("--power-of-two", action="store_true",
@@ -133,12 +171,13 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--first-last-bits", type=int, default=None, metavar="B",
                    help="keep the first and the last Conv/Gemm/MatMul at B bits, weights and activations "
                         "(default: off)")
-    q.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="torch CPU threads while quantizing (default 1: the fastest for calibration on small "
-                        "batches, and steady beside other jobs)")
+    q.add_argument("--threads", type=_limited("--threads", check_threads, _positive_int), default=None,
+                   metavar="N", help=f"torch CPU threads while quantizing, 1 to {MAX_THREADS} (default 1: the "
+                                     "fastest for calibration on small batches, and steady beside other jobs)")
     q.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    q.add_argument("--seed", type=int, default=0,
-                   help="seed of the random calibration data, the image shuffle and every generator (default 0)")
+    q.add_argument("--seed", type=_limited("--seed", check_seed), default=0,
+                   help="seed of the random calibration data, the image shuffle and every generator, 0 to "
+                        f"{MAX_SEED} (default 0)")
     q.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
                    help="quantization recipe (default: default)")
     q.add_argument("--observer", default=None,
@@ -167,9 +206,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=_MEAN_HELP + "; for image --inputs")
     v.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
                    help=_STD_HELP + "; for image --inputs")
-    v.add_argument("--batches", type=_positive_int, default=None, metavar="N",
-                   help="number of batches, at least 1: with --inputs at most this many (default: all), else the "
-                        "number of random batches (default: 2)")
+    v.add_argument("--batches", type=_limited("--batches", check_batches, _positive_int), default=None, metavar="N",
+                   help=f"number of batches, 1 to {MAX_BATCHES}: with --inputs at most this many (default: all), "
+                        "else the number of random batches (default: 2)")
     v.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
 
     d = sub.add_parser("demo", help="quantize the bundled digits CNN and compare top-1")
@@ -196,8 +235,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="ADC calibration inputs, like --inputs (default: the --inputs, else other random batches)")
     c.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]", help=_MEAN_HELP)
     c.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]", help=_STD_HELP)
-    c.add_argument("--batches", type=_positive_int, default=2, metavar="N", help="random batches (default 2)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
+    c.add_argument("--batches", type=_limited("--batches", check_batches, _positive_int), default=2, metavar="N",
+                   help=f"random batches, 1 to {MAX_BATCHES} (default 2)")
+    c.add_argument("--seed", type=_limited("--seed", check_seed), default=0,
+                   help=f"seed of the random batches, 0 to {MAX_SEED} (default 0)")
     c.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                    help="worker processes (default: the number of CPUs)")
     c.add_argument("--out", default=None, metavar="FILE.json", help="write every point's metrics (default: none)")

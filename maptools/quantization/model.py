@@ -22,6 +22,7 @@ from maptools.errors import InvalidArgumentError, InvalidTypeError, ModelError, 
 from maptools.quantization.folding import fold_shape_computations
 from maptools.quantization.format import MAC_TYPES
 from maptools.quantization.opset import downgrade_to_opset13
+from maptools.quantization.validation import check_batch_memory
 
 __all__ = ["MAC_TYPES", "GraphInput", "LoadedModel", "check_input_shapes", "first_and_last_macs", "load_model",
            "prepare_model"]
@@ -197,7 +198,7 @@ def check_input_shapes(input_shapes: object, model: LoadedModel) -> dict[str, tu
     Raises:
         InvalidTypeError: not a mapping, or a shape that is not a sequence of ints.
         InvalidArgumentError: a missing or unknown input, a non-positive dim, a rank or a fixed dim that
-            contradicts the model.
+            contradicts the model, or one batch larger than the available memory.
     """
     if not isinstance(input_shapes, Mapping):
         raise InvalidTypeError(
@@ -242,6 +243,7 @@ def check_input_shapes(input_shapes: object, model: LoadedModel) -> dict[str, tu
                     f"(model input shape {list(graph_input.dims)})"
                 )
         result[name] = tuple(dims)
+    check_batch_memory(result, {i.name: i.dtype.itemsize for i in model.inputs}, "input_shapes")
     return result
 
 

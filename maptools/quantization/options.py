@@ -26,11 +26,13 @@ from maptools.quantization.cim.mapping import weight_format
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.mapdir import check_mapname, map_directory
 from maptools.quantization.validation import (
+    check_batches,
     check_bits,
     check_bool,
     check_device,
     check_layer_bits,
-    check_positive_int,
+    check_seed,
+    check_threads,
     check_writable_dir,
 )
 
@@ -178,16 +180,16 @@ class QuantizeOptions:
         """
         device = check_device(device)
         mapname = check_mapname(mapname)
-        calib_steps = check_positive_int(calib_steps, "calib_steps")
+        calib_steps = check_batches(calib_steps, "calib_steps")
         bit_width = check_bits(bit_width, "bit_width")
         w_bits = check_bits(weight_bits, "weight_bits") if weight_bits is not None else bit_width
         a_bits = check_bits(activation_bits, "activation_bits") if activation_bits is not None else bit_width
         symmetrical = check_bool(symmetrical, "symmetrical")
         per_channel = check_bool(per_channel, "per_channel")
-        seed = check_positive_int(seed, "seed", minimum=0)
-        analysis_steps = check_positive_int(analysis_steps, "analysis_steps")
+        seed = check_seed(seed)
+        analysis_steps = check_batches(analysis_steps, "analysis_steps")
         layerwise_analysis = check_bool(layerwise_analysis, "layerwise_analysis")
-        threads = check_positive_int(threads, "threads") if threads is not None else None
+        threads = check_threads(threads) if threads is not None else None
         overrides = check_layer_bits(layer_bits)
         if first_last_bits is not None:
             first_last_bits = check_bits(first_last_bits, "first_last_bits")

@@ -6,8 +6,9 @@ given and what is expected. All of them run before anything is computed or writt
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,23 @@ import numpy as np
 from maptools.errors import DeviceError, InvalidArgumentError, InvalidTypeError
 
 __all__ = [
+    "MAX_BATCHES",
     "MAX_BITS",
+    "MAX_SEED",
+    "MAX_THREADS",
     "MIN_BITS",
+    "available_memory",
+    "check_batch_memory",
+    "check_batches",
     "check_bits",
     "check_bool",
     "check_device",
     "check_layer_bits",
     "check_positive_int",
+    "check_seed",
+    "check_threads",
     "check_writable_dir",
+    "format_bytes",
 ]
 
 #: Smallest supported bit width.
@@ -30,15 +40,87 @@ MIN_BITS = 2
 #: Largest supported bit width: quant_model.onnx keeps activations in 8-bit QDQ containers (ONNX < 1.16
 #: has no wider QuantizeLinear output that onnxruntime runs at opset 13).
 MAX_BITS = 8
+#: Most torch / BLAS threads: more than the cores only slows PPQ down (see ``engine.threads``), and thousands of
+#: OpenMP threads hang or crash the process (10,000 hung, 100,000 segfaulted).
+MAX_THREADS = 256
+#: Most batches one argument asks for (``calib_steps``, ``analysis_steps``, ``verify``'s and ``cim-sweep``'s
+#: ``batches``): random batches are made one at a time, but each is at least one forward of the model.
+MAX_BATCHES = 100_000
+#: Largest seed: numpy's legacy ``np.random.seed`` takes 0..2**32-1 (torch takes up to 2**64-1).
+MAX_SEED = 2**32 - 1
 
 
-def check_positive_int(value: object, argument: str, minimum: int = 1) -> int:
-    """Return ``value`` as int if it is an integer >= ``minimum``."""
+def check_positive_int(value: object, argument: str, minimum: int = 1, maximum: int | None = None,
+                       why: str = "") -> int:
+    """Return ``value`` as int if it is an integer >= ``minimum`` (and <= ``maximum``, which ``why`` explains)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidTypeError(f"{argument}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise InvalidArgumentError(f"{argument}: expected an int >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgumentError(f"{argument}: expected an int from {minimum} to {maximum}"
+                                   + (f" ({why})" if why else "") + f", got {value!r}")
     return int(value)
+
+
+def check_threads(value: object, argument: str = "threads") -> int:
+    """Return a thread count in ``1..MAX_THREADS``."""
+    return check_positive_int(value, argument, maximum=MAX_THREADS, why="more threads than cores only slow PPQ down")
+
+
+def check_batches(value: object, argument: str) -> int:
+    """Return a number of batches in ``1..MAX_BATCHES``."""
+    return check_positive_int(value, argument, maximum=MAX_BATCHES, why="each batch is a forward of the model")
+
+
+def check_seed(value: object, argument: str = "seed") -> int:
+    """Return a seed in ``0..MAX_SEED``."""
+    return check_positive_int(value, argument, minimum=0, maximum=MAX_SEED, why="the seeds numpy and torch accept")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def format_bytes(count: int) -> str:
+    """``count`` bytes as a short figure with a binary unit (``'256.0 TiB'``; ``'2^80 B'`` past EiB)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+    if count >= 1024 ** len(units):
+        return f"2^{count.bit_length() - 1} B"
+    power = 0
+    while count >= 1024 ** (power + 1):
+        power += 1
+    return f"{count} B" if power == 0 else f"{count / 1024**power:.1f} {units[power]}"
+
+
+def check_batch_memory(shapes: Mapping[str, Sequence[int]], itemsizes: Mapping[str, int], argument: str) -> int:
+    """Check that one batch of ``shapes`` fits in the available memory; return its bytes.
+
+    One batch is the least a run holds (activations take several times more), so this refuses the absurd before
+    anything is allocated, with the figures: bytes needed and bytes available.
+
+    Raises:
+        InvalidArgumentError: the batch takes more than the available memory.
+    """
+    needed = sum(math.prod(int(d) for d in shape) * int(itemsizes[name]) for name, shape in shapes.items())
+    available = available_memory()
+    if available is not None and needed > available:
+        listed = ", ".join(f"{name}:{','.join(str(int(d)) for d in shape)}" for name, shape in shapes.items())
+        raise InvalidArgumentError(
+            f"{argument}: one batch of {listed} takes {format_bytes(needed)} ({needed} bytes), more than the "
+            f"{format_bytes(available)} ({available} bytes) of memory available; expected smaller shapes")
+    return needed
 
 
 def check_bits(value: object, argument: str) -> int:

@@ -33,6 +33,7 @@ from maptools.quantization.intmath import cosine, error_sums, snr_db
 from maptools.quantization.mapinputs import map_folder_inputs, map_input_shapes  # noqa: F401 (their old home)
 from maptools.quantization.reference import ReferenceExecutor
 from maptools.quantization.replay import float_model_path, ppq_session
+from maptools.quantization.validation import check_batches
 
 __all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "verify"]
 
@@ -171,7 +172,7 @@ def _check_batches(batches: int | None) -> int | None:
         raise InvalidTypeError(f"batches: expected a positive int or None, got {type(batches).__name__}")
     if batches <= 0:
         raise InvalidArgumentError(f"batches: expected a positive number of batches (1 or more), got {batches}")
-    return int(batches)
+    return check_batches(batches, "batches")
 
 
 def _input_batches(inputs: Any, shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, np.dtype], seed: int,

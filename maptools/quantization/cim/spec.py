@@ -25,7 +25,7 @@ from typing import Any
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 
-__all__ = ["ADC_RANGES", "REQUANT_MODES", "WEIGHT_ENCODINGS", "CIMSpec"]
+__all__ = ["ADC_RANGES", "INT_RANGES", "MAX_ARRAY_SIZE", "REQUANT_MODES", "WEIGHT_ENCODINGS", "CIMSpec"]
 
 #: The signed weight encodings, ``'differential'`` (w = w+ - w-) and ``'offset'`` (w + 2^(b-1) stored unsigned).
 WEIGHT_ENCODINGS: tuple[str, ...] = ("differential", "offset")
@@ -35,10 +35,14 @@ ADC_RANGES: tuple[str, ...] = ("calibrated", "full")
 #: The requantization arithmetics (see :mod:`~maptools.quantization.cim.requant`).
 REQUANT_MODES: tuple[str, ...] = ("float", "fixed_point", "power_of_two")
 
-# field -> (smallest, largest) for the integer fields; adc_bits may also be None
-_INT_BOUNDS: dict[str, tuple[int, int | None]] = {
-    "rows": (1, None),
-    "cols": (1, None),
+#: Most rows and columns of one array: 64 times the 1024 x 1024 of the largest crossbars built; it keeps a
+#: column's worst-case partial sum (:attr:`CIMSpec.full_scale`) below 2^32, exact in the float64 and int64
+#: arithmetic of :mod:`~maptools.quantization.cim.arithmetic`.
+MAX_ARRAY_SIZE = 65536
+#: Field -> (smallest, largest) of the integer fields; ``adc_bits`` may also be None.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "rows": (1, MAX_ARRAY_SIZE),
+    "cols": (1, MAX_ARRAY_SIZE),
     "cell_bits": (1, 8),
     "dac_bits": (1, 8),
     "adc_bits": (1, 16),
@@ -56,9 +60,9 @@ class CIMSpec:
     """One crossbar design: array size, cell, DAC and ADC precision, encodings and requantization.
 
     Attributes:
-        rows: Crossbar rows R (word lines): the longest dot product one array sums in one step. Longer
-            dot products are split into row tiles.
-        cols: Crossbar columns C (bit lines), each with its own ADC conversion.
+        rows: Crossbar rows R (word lines, 1..65536): the longest dot product one array sums in one step.
+            Longer dot products are split into row tiles.
+        cols: Crossbar columns C (bit lines, 1..65536), each with its own ADC conversion.
         cell_bits: Bits c stored per cell (1..8): a weight is split into slices of c bits over several
             columns.
         dac_bits: Bits d an input DAC applies per cycle (1..8; 1 is bit-serial): an input is split into
@@ -85,16 +89,16 @@ class CIMSpec:
     requant: str = "float"
 
     def __post_init__(self) -> None:
-        for name, (low, high) in _INT_BOUNDS.items():
+        for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
             if name == "adc_bits" and value is None:
                 continue
-            expected = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+            expected = f"an integer in {low}..{high}"
             if name == "adc_bits":
                 expected += " or None (ideal ADC)"
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidTypeError(f"CIMSpec.{name}: got {value!r} ({type(value).__name__}), expected {expected}")
-            if value < low or (high is not None and value > high):
+            if not low <= value <= high:
                 raise InvalidArgumentError(f"CIMSpec.{name}: got {value}, expected {expected}")
         for name, choices in _CHOICES.items():
             value = getattr(self, name)

@@ -18,7 +18,7 @@ import numpy as np
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts
 from maptools.quantization.cim.mapcal import MapCalibration
-from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.cim.spec import INT_RANGES, CIMSpec
 from maptools.quantization.cim.sweep import worker
 from maptools.quantization.cim.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
 from maptools.quantization.cim.sweep.worker import (
@@ -32,6 +32,7 @@ from maptools.quantization.cim.sweep.worker import (
     _State,
 )
 from maptools.quantization.reference.core import ReferenceExecutor
+from maptools.quantization.validation import check_batches, check_seed
 from maptools.quantization.verify import compare
 
 __all__ = ["cim_sweep", "parse_int_list"]
@@ -47,23 +48,28 @@ def parse_int_list(text: str | Iterable[int], what: str, low: int = 1, high: int
     """Integers from ``"4-10"``, ``"128,256,512"``, ``"3-5,8"`` or an iterable of ints, sorted and unique.
 
     Raises:
-        InvalidArgumentError: Not such a list, or a value outside ``low .. high``.
+        InvalidArgumentError: Not such a list, or a value outside ``low .. high`` (a range's ends are checked
+            before it is expanded).
     """
-    values: list[int] = []
+    bound = f"{low}..{high}" if high is not None else f">= {low}"
+
+    def inside(value: int) -> bool:
+        return value >= low and (high is None or value <= high)
+
     if isinstance(text, str):
         try:
-            for part in (p.strip() for p in text.split(",")):
-                first, sep, last = part.partition("-")
-                values.extend(range(int(first), int(last) + 1) if sep else [int(part)])
+            spans = [tuple(int(v) for v in part.strip().split("-", 1)) for part in text.split(",")]
         except ValueError:
             raise InvalidArgumentError(f"{what}: expected integers like 4-10 or 128,256,512, got {text!r}") from None
+        if not all(inside(v) for span in spans for v in span):  # before a range is expanded
+            raise InvalidArgumentError(f"{what}: expected integers in {bound}, got {text!r}")
+        values = [v for span in spans for v in range(span[0], span[-1] + 1)]
     else:
         try:
             values = [int(v) for v in text]
         except (TypeError, ValueError):
             raise InvalidArgumentError(f"{what}: expected integers, got {text!r}") from None
-    bound = f"{low}..{high}" if high is not None else f">= {low}"
-    if not values or any(v < low or (high is not None and v > high) for v in values):
+    if not values or not all(inside(v) for v in values):
         raise InvalidArgumentError(f"{what}: expected integers in {bound}, got {text!r}")
     return sorted(set(values))
 
@@ -158,16 +164,16 @@ def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Se
         InvalidArgumentError: a bad grid value, inputs the map does not take, labels of another length.
     """
     started = time.perf_counter()
-    grid_bits = parse_int_list(adc_bits, "adc_bits", 1, 16)
-    grid_rows = parse_int_list(rows, "rows", 1)
-    grid_cells = parse_int_list(cell_bits, "cell_bits", 1, 8)
+    grid_bits = parse_int_list(adc_bits, "adc_bits", *INT_RANGES["adc_bits"])
+    grid_rows = parse_int_list(rows, "rows", *INT_RANGES["rows"])
+    grid_cells = parse_int_list(cell_bits, "cell_bits", *INT_RANGES["cell_bits"])
     base = CIMSpec(dac_bits=dac_bits, weight_encoding=weight_encoding, requant=requant)  # validates them
     if jobs is None:
         jobs = os.cpu_count() or 1
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InvalidArgumentError(f"jobs: got {jobs!r}, expected a positive integer")
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise InvalidArgumentError(f"batches: got {batches!r}, expected a positive integer")
+    batches = check_batches(batches, "batches")
+    seed = check_seed(seed)
     executor = ReferenceExecutor.load(mapname, mapsave_dir)
     if inputs is None:
         eval_batches = _random_batches(mapname, mapsave_dir, batches, seed)
