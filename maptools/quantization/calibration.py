@@ -1,7 +1,8 @@
 """Calibration data: random batches, user data checked against the graph, ImageFolder and ``.npy`` folders.
 
 Everything here returns a sequence of batches, each a ``dict[input name -> torch.Tensor]`` of float32 (or
-the graph's integer type), the form the engine consumes: a list, or for folders a
+the graph's integer type), the form the engine consumes: a list, random batches made when iterated
+(:class:`RandomBatches`), or for folders a
 :class:`~maptools.quantization.calibfolders.FolderBatches` that decodes a batch's files only when it is read
 (the folders are read by :mod:`maptools.quantization.calibfolders`, re-exported here).
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import overload
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from maptools.quantization.model import LoadedModel
 __all__ = [
     "MIN_CALIB_BATCHES",
     "FolderBatches",
+    "RandomBatches",
     "imagefolder_calibset",
     "npy_calibset",
     "prepare_calibset",
@@ -36,11 +39,57 @@ MIN_CALIB_BATCHES = 8
 Batch = dict[str, torch.Tensor]
 
 
-def random_calibset(input_shapes: Mapping[str, Sequence[int]], steps: int, seed: int = 0) -> list[Batch]:
-    """Draw ``steps`` batches of standard-normal data with the given shapes.
+class RandomBatches(Sequence[Batch]):
+    """Standard-normal batches made one at a time, each time the sequence is iterated (nothing is kept).
+
+    What :func:`random_calibset` returns: memory holds one batch whatever ``steps`` is. Every iteration restarts
+    the generator from ``seed``, so each pass (PPQ calibrates in several) sees the same batches. Indexing makes the
+    batches before the one asked for again (cheap for the first ones, which is all quantize indexes).
+    """
+
+    def __init__(self, input_shapes: Mapping[str, Sequence[int]], steps: int, seed: int) -> None:
+        self._shapes = {name: tuple(int(d) for d in shape) for name, shape in input_shapes.items()}
+        self._steps = int(steps)
+        self._seed = int(seed)
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        generator = torch.Generator().manual_seed(self._seed)
+        for _ in range(self._steps):
+            yield {name: torch.randn(shape, generator=generator, dtype=torch.float32)
+                   for name, shape in self._shapes.items()}
+
+    @overload
+    def __getitem__(self, index: int) -> Batch: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Batch]: ...
+
+    def __getitem__(self, index: int | slice) -> Batch | list[Batch]:
+        if isinstance(index, slice):
+            wanted = range(*index.indices(self._steps))
+            if not wanted:
+                return []
+            chosen = set(wanted)
+            made = {i: b for i, b in enumerate(itertools.islice(iter(self), max(wanted) + 1)) if i in chosen}
+            return [made[i] for i in wanted]
+        position = index + self._steps if index < 0 else index
+        if not 0 <= position < self._steps:
+            raise IndexError(f"batch {index} of {self._steps}")
+        return next(itertools.islice(iter(self), position, None))
+
+    def __repr__(self) -> str:
+        return f"RandomBatches({self._steps} batches of {self._shapes}, seed {self._seed})"
+
+
+def random_calibset(input_shapes: Mapping[str, Sequence[int]], steps: int, seed: int = 0) -> RandomBatches:
+    """``steps`` batches of standard-normal data with the given shapes, made when iterated.
 
     The generator is seeded with ``seed``, so the same seed gives the same batches (and the same
-    artifacts).
+    artifacts); the batches are made one at a time (:class:`RandomBatches`), so memory holds one whatever
+    ``steps`` is.
 
     Args:
         input_shapes: Input name -> shape (including the batch dimension).
@@ -48,16 +97,9 @@ def random_calibset(input_shapes: Mapping[str, Sequence[int]], steps: int, seed:
         seed: Seed of the random generator.
 
     Returns:
-        The batches.
+        The batches, a sequence made on demand.
     """
-    generator = torch.Generator().manual_seed(int(seed))
-    return [
-        {
-            name: torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-            for name, shape in input_shapes.items()
-        }
-        for _ in range(steps)
-    ]
+    return RandomBatches(input_shapes, steps, seed)
 
 
 def _to_tensor(value: object, where: str) -> torch.Tensor:

@@ -85,8 +85,8 @@ class CalibrationData:
         calibration: ``'random'`` or ``'user'``.
     """
 
-    batches: list[Any]
-    held_out: list[Any]
+    batches: Sequence[Any]
+    held_out: Sequence[Any]
     analysis_data: str
     calibration: str
 

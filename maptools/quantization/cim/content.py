@@ -40,6 +40,7 @@ the executor requantizes in float in every mode (no output record, a bias left i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ def map_cim_content(model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuan
                                    "runs on crossbars); quantize without cim")
     batches = 0
     if spec.adc_bits is not None and spec.adc_range == "calibrated":
-        chosen = list(calibset)[:max_batches]
+        chosen = list(itertools.islice(calibset, max_batches))
         calibration = calibrate_map(executor, chosen, spec, method=method)
         batches = len(chosen)
     else:

@@ -193,7 +193,7 @@ class PPQSession:
 
         try:
             with ppq_silenced(), fast_observers(), operator_fixes(), compute_threads(self.threads):
-                quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=list(batches),
+                quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=batches,
                                    executor=self.executor, setting=self.setting,
                                    calib_steps=len(batches), collate_fn=collate)
         except Exception as exc:
