@@ -18,14 +18,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from maptools.errors import InvalidArgumentError, InvalidTypeError, ModelError, ModelNotFoundError
+from maptools.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    ModelError,
+    ModelNotFoundError,
+    UnsupportedOperatorError,
+)
 from maptools.quantization.folding import fold_shape_computations
 from maptools.quantization.format import MAC_TYPES
 from maptools.quantization.opset import downgrade_to_opset13
+from maptools.quantization.opset_rules import DEFAULT_DOMAINS
 from maptools.quantization.validation import check_batch_memory
 
-__all__ = ["MAC_TYPES", "GraphInput", "LoadedModel", "check_input_shapes", "first_and_last_macs", "load_model",
-           "prepare_model"]
+__all__ = ["MAC_TYPES", "GraphInput", "LoadedModel", "check_domains", "check_input_shapes", "first_and_last_macs",
+           "load_model", "prepare_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +254,20 @@ def check_input_shapes(input_shapes: object, model: LoadedModel) -> dict[str, tu
     return result
 
 
+def check_domains(proto: onnx.ModelProto) -> None:
+    """Refuse a node of another domain than ONNX's own: PPQ would run it as the standard operator of its name.
+
+    Raises:
+        UnsupportedOperatorError: naming the first such node, its operator type and its domain.
+    """
+    for node in proto.graph.node:
+        if node.domain not in DEFAULT_DOMAINS:
+            raise UnsupportedOperatorError(
+                f"node {node.name!r}: operator {node.op_type!r} of domain {node.domain!r}; PPQ 0.6.6 executes only "
+                f"the default ONNX domain ({' or '.join(map(repr, DEFAULT_DOMAINS))}) and would run it as the "
+                f"standard {node.op_type!r}; replace it with a standard operator before quantizing")
+
+
 def prepare_model(model: LoadedModel, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """Return a copy of the model ready for the engine.
 
@@ -263,8 +284,12 @@ def prepare_model(model: LoadedModel, input_shapes: Mapping[str, Sequence[int]])
 
     Returns:
         The prepared model proto.
+
+    Raises:
+        UnsupportedOperatorError: a node cannot be expressed at opset 13, or is outside the default domain.
     """
     proto, _ = downgrade_to_opset13(model.proto)
+    check_domains(proto)
     if proto is model.proto:
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
