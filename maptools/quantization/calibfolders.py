@@ -17,12 +17,19 @@ import numpy as np
 import torch
 
 from maptools.errors import CalibrationError, InvalidArgumentError
+from maptools.quantization.validation import check_seed
 
-__all__ = ["FolderBatches", "imagefolder_calibset", "npy_calibset"]
+__all__ = ["MAX_FOLDER_DEPTH", "MAX_FOLDER_ENTRIES", "FolderBatches", "imagefolder_calibset", "npy_calibset"]
 
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+
+#: Deepest folder level below a calibration folder's root that is read.
+MAX_FOLDER_DEPTH = 32
+#: Most entries (files and folders) listed under a calibration folder: ImageNet's training set (1.28 million images in
+#: 1000 folders) fits; a walk from ``/`` stops.
+MAX_FOLDER_ENTRIES = 2_000_000
 
 
 def _single_input(input_shapes: object) -> tuple[str, tuple[int, ...]]:
@@ -114,14 +121,83 @@ def _has_image_extension(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+class _FolderWalk:
+    """Lists folders below a root, following links but reading each real folder once, within the limits.
+
+    A folder is known by its device and inode (``os.stat``, links followed), so a link back up the tree or two links
+    to one folder are read once (at the first path in sorted depth-first order): the walk reads each folder once,
+    where ``os.walk(followlinks=True)`` branches exponentially through link loops. Only regular files (links
+    followed) are listed: no FIFO, device or socket is ever opened.
+    """
+
+    def __init__(self, root: Path, argument: str) -> None:
+        self.root = root
+        self.argument = argument
+        self.visited: set[tuple[int, int]] = set()
+        self.entries = 0
+
+    def scan(self, directory: Path, depth: int = 0) -> tuple[list[str], list[str]] | None:
+        """The sub-folder and regular file names of ``directory``; None when it was read already or is unreadable.
+
+        Raises:
+            InvalidArgumentError: ``directory`` is deeper than :data:`MAX_FOLDER_DEPTH` below the root, or the walk
+                has listed more than :data:`MAX_FOLDER_ENTRIES` entries.
+        """
+        try:
+            info = os.stat(directory)
+        except OSError:
+            return None
+        if (info.st_dev, info.st_ino) in self.visited:
+            return None
+        self.visited.add((info.st_dev, info.st_ino))
+        if depth > MAX_FOLDER_DEPTH:
+            raise InvalidArgumentError(
+                f"{self.argument}: {str(directory)!r} is {depth} folders deep below {str(self.root)!r}, deeper than "
+                f"{MAX_FOLDER_DEPTH}; expected class sub-folders of images (ImageFolder) or a flat folder")
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError:  # unreadable: skipped, as os.walk does
+            return None
+        self.entries += len(entries)
+        if self.entries > MAX_FOLDER_ENTRIES:
+            raise InvalidArgumentError(
+                f"{self.argument}: more than {MAX_FOLDER_ENTRIES} files and folders under {str(self.root)!r}; "
+                "expected a calibration folder (a few thousand images are plenty), not a whole disk")
+        folders: list[str] = []
+        files: list[str] = []
+        for entry in entries:
+            if entry.is_dir():
+                folders.append(entry.name)
+            elif entry.is_file():
+                files.append(entry.name)
+        return folders, files
+
+    def tree(self, top: Path, depth: int = 1) -> list[tuple[str, list[str]]]:
+        """``(folder, regular file names)`` of ``top`` and every folder below it, sorted by path like ``os.walk``'s."""
+        found: list[tuple[str, list[str]]] = []
+        stack = [(top, depth)]
+        while stack:
+            directory, level = stack.pop()
+            listed = self.scan(directory, level)
+            if listed is None:
+                continue
+            folders, files = listed
+            found.append((str(directory), files))
+            stack.extend((directory / name, level + 1) for name in sorted(folders, reverse=True))
+        return sorted(found)
+
+
 def _list_images(root: Path) -> tuple[list[Path], str]:
     """The images of an ImageFolder root (class sub-folders, torchvision's order) or of a flat folder."""
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    walk = _FolderWalk(root, "root")
+    folders, files = walk.scan(root) or ([], [])
+    classes = sorted(folders)
     in_classes: list[Path] = []
     for cls in classes:  # the order of torchvision.datasets.ImageFolder: class by class, sorted walk
-        for dirpath, _, names in sorted(os.walk(root / cls, followlinks=True)):
+        for dirpath, names in walk.tree(root / cls):
             in_classes += [Path(dirpath) / n for n in sorted(names) if _has_image_extension(n)]
-    flat = sorted(p for p in root.iterdir() if p.is_file() and _has_image_extension(p.name))
+    flat = sorted(root / name for name in files if _has_image_extension(name))
     if in_classes:
         if flat:
             logger.warning("%s: %d image(s) beside the class sub-folders are not used (ImageFolder layout: one "
@@ -176,6 +252,7 @@ def imagefolder_calibset(
         raise InvalidArgumentError(f"input_shapes[{name!r}]: images have 1 or 3 channels, got {channels}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise InvalidArgumentError(f"limit: expected a positive int or None, got {limit!r}")
+    seed = check_seed(seed)
     if not isinstance(root, (str, Path)) or not Path(root).is_dir():
         raise InvalidArgumentError(f"root: {root!r} is not a directory; expected an ImageFolder root or a folder "
                                    "of images")
@@ -260,7 +337,8 @@ def npy_calibset(directory: str | Path, input_shapes: Mapping[str, Sequence[int]
     shape = tuple(int(d) for d in shape)
     if not isinstance(directory, (str, Path)) or not Path(directory).is_dir():
         raise InvalidArgumentError(f"calib_npy: {directory!r} is not a directory; expected a folder of .npy files")
-    files = sorted(Path(directory).glob("*.npy"))
+    _, names = _FolderWalk(Path(directory), "calib_npy").scan(Path(directory)) or ([], [])
+    files = sorted(Path(directory) / name for name in names if name.endswith(".npy") and not name.startswith("."))
     if not files:
         raise InvalidArgumentError(f"calib_npy: no .npy files in {str(directory)!r}")
     whole: list[list[Path]] = []
