@@ -155,7 +155,7 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
                    help=_STD_HELP + "; for --calib-dir")
     q.add_argument("--calib-steps", type=_limited("--calib-steps", check_batches), default=32, metavar="N",
-                   help=f"number of calibration batches, 8 to {MAX_BATCHES} (default 32)")
+                   help=f"number of calibration batches (default 32), 8 to {MAX_BATCHES}")
     q.add_argument("--analysis-steps", type=_limited("--analysis-steps", check_batches, _positive_int), default=4,
                    metavar="N",
                    help="number of batches the graph-wise error (report.json, summary) is measured on, held out "

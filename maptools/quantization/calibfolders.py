@@ -7,6 +7,7 @@ files only when it is read. Both are re-exported by :mod:`maptools.quantization.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -125,18 +126,27 @@ class _FolderWalk:
     """Lists folders below a root, following links but reading each real folder once, within the limits.
 
     A folder is known by its device and inode (``os.stat``, links followed), so a link back up the tree or two links
-    to one folder are read once (at the first path in sorted depth-first order): the walk reads each folder once,
-    where ``os.walk(followlinks=True)`` branches exponentially through link loops. Only regular files (links
-    followed) are listed: no FIFO, device or socket is ever opened.
+    to one folder are read once (at the first path in sorted depth-first order; a link to a class folder is not
+    followed, the class reads it): the walk reads each folder once, where ``os.walk(followlinks=True)`` branches
+    exponentially through link loops. Only regular files (links followed) are listed: no FIFO, device or socket is
+    ever opened.
     """
 
     def __init__(self, root: Path, argument: str) -> None:
         self.root = root
         self.argument = argument
         self.visited: set[tuple[int, int]] = set()
+        self.reserved: set[tuple[int, int]] = set()
         self.entries = 0
 
-    def scan(self, directory: Path, depth: int = 0) -> tuple[list[str], list[str]] | None:
+    def reserve(self, folders: list[Path]) -> None:
+        """Read ``folders`` only as the tops of :meth:`tree` (the class folders), never through a link."""
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                info = os.stat(folder)
+                self.reserved.add((info.st_dev, info.st_ino))
+
+    def scan(self, directory: Path, depth: int = 0, top: bool = True) -> tuple[list[str], list[str]] | None:
         """The sub-folder and regular file names of ``directory``; None when it was read already or is unreadable.
 
         Raises:
@@ -147,9 +157,10 @@ class _FolderWalk:
             info = os.stat(directory)
         except OSError:
             return None
-        if (info.st_dev, info.st_ino) in self.visited:
+        key = (info.st_dev, info.st_ino)
+        if key in self.visited or (key in self.reserved and not top):
             return None
-        self.visited.add((info.st_dev, info.st_ino))
+        self.visited.add(key)
         if depth > MAX_FOLDER_DEPTH:
             raise InvalidArgumentError(
                 f"{self.argument}: {str(directory)!r} is {depth} folders deep below {str(self.root)!r}, deeper than "
@@ -179,7 +190,7 @@ class _FolderWalk:
         stack = [(top, depth)]
         while stack:
             directory, level = stack.pop()
-            listed = self.scan(directory, level)
+            listed = self.scan(directory, level, top=directory == top)
             if listed is None:
                 continue
             folders, files = listed
@@ -193,6 +204,7 @@ def _list_images(root: Path) -> tuple[list[Path], str]:
     walk = _FolderWalk(root, "root")
     folders, files = walk.scan(root) or ([], [])
     classes = sorted(folders)
+    walk.reserve([root / cls for cls in classes])
     in_classes: list[Path] = []
     for cls in classes:  # the order of torchvision.datasets.ImageFolder: class by class, sorted walk
         for dirpath, names in walk.tree(root / cls):
