@@ -474,7 +474,7 @@ def test_power_of_two_requant():
 
 # -- (f) CIMSpec ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value,expected", [
-    ("rows", 0, ">= 1"), ("cols", -3, ">= 1"), ("cell_bits", 9, "1..8"), ("cell_bits", 0, "1..8"),
+    ("rows", 0, "1..65536"), ("cols", -3, "1..65536"), ("cell_bits", 9, "1..8"), ("cell_bits", 0, "1..8"),
     ("dac_bits", 9, "1..8"), ("adc_bits", 0, "1..16"), ("adc_bits", 17, "1..16"),
     ("weight_encoding", "twos", "'differential', 'offset'"), ("adc_range", "auto", "'calibrated', 'full'"),
     ("requant", "int", "'float', 'fixed_point', 'power_of_two'"),
