@@ -102,7 +102,8 @@ def test_cli_limit_exits_2_naming_the_option(options, option, expected, tiny_onn
 
 @pytest.mark.parametrize(("command", "option", "value"), [("verify", "--batches", MAX_BATCHES + 1),
                                                           ("cim-sweep", "--batches", MAX_BATCHES + 1),
-                                                          ("cim-sweep", "--seed", MAX_SEED + 1)])
+                                                          ("cim-sweep", "--seed", MAX_SEED + 1),
+                                                          ("cim-sweep", "--jobs", MAX_THREADS + 1)])
 def test_map_commands_limit_their_batches_and_seed(command, option, value, tmp_path, capsys):
     assert main([command, "nomap", option, str(value), "--mapsave-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"maptools {command}: argument {option}: expected an int from ")
@@ -118,6 +119,8 @@ def test_python_verify_and_sweep_limit_batches_and_seed(tmp_path):
         cim_sweep("nomap", mapsave_dir=tmp_path, batches=MAX_BATCHES + 1)
     with pytest.raises(InvalidArgumentError, match=rf"^seed: expected an int from 0 to {MAX_SEED}"):
         cim_sweep("nomap", mapsave_dir=tmp_path, seed=MAX_SEED + 1)
+    with pytest.raises(InvalidArgumentError, match=rf"^jobs: expected an int from 1 to {MAX_THREADS}"):
+        cim_sweep("nomap", mapsave_dir=tmp_path, jobs=100_000)
     # a range is checked before it is expanded (1-10^11 made a list of 10^11 ints)
     started = time.perf_counter()
     with pytest.raises(InvalidArgumentError, match=rf"^rows: expected integers in 1\.\.{MAX_ARRAY_SIZE}"):

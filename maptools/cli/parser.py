@@ -17,6 +17,7 @@ from maptools.quantization.validation import (
     MAX_THREADS,
     check_batch_memory,
     check_batches,
+    check_jobs,
     check_seed,
     check_threads,
 )
@@ -239,8 +240,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"random batches, 1 to {MAX_BATCHES} (default 2)")
     c.add_argument("--seed", type=_limited("--seed", check_seed), default=0,
                    help=f"seed of the random batches, 0 to {MAX_SEED} (default 0)")
-    c.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
-                   help="worker processes (default: the number of CPUs)")
+    c.add_argument("--jobs", type=_limited("--jobs", check_jobs, _positive_int), default=None, metavar="N",
+                   help=f"worker processes, 1 to {MAX_THREADS} (default: the number of CPUs)")
     c.add_argument("--out", default=None, metavar="FILE.json", help="write every point's metrics (default: none)")
     c.add_argument("--plot", default=None, metavar="FILE.png", help="plot agreement vs ADC bits (default: none)")
     c.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)

@@ -27,6 +27,7 @@ __all__ = [
     "check_bits",
     "check_bool",
     "check_device",
+    "check_jobs",
     "check_layer_bits",
     "check_positive_int",
     "check_seed",
@@ -40,8 +41,8 @@ MIN_BITS = 2
 #: Largest supported bit width: quant_model.onnx keeps activations in 8-bit QDQ containers (ONNX < 1.16
 #: has no wider QuantizeLinear output that onnxruntime runs at opset 13).
 MAX_BITS = 8
-#: Most torch / BLAS threads: more than the cores only slows PPQ down (see ``engine.threads``), and thousands of
-#: OpenMP threads hang or crash the process (10,000 hung, 100,000 segfaulted).
+#: Most torch / BLAS threads (and ``cim-sweep`` worker processes): more than the cores only slows PPQ down (see
+#: ``engine.threads``), and thousands of OpenMP threads hang or crash the process (10,000 hung, 100,000 segfaulted).
 MAX_THREADS = 256
 #: Most batches one argument asks for (``calib_steps``, ``analysis_steps``, ``verify``'s and ``cim-sweep``'s
 #: ``batches``): random batches are made one at a time, but each is at least one forward of the model.
@@ -66,6 +67,11 @@ def check_positive_int(value: object, argument: str, minimum: int = 1, maximum: 
 def check_threads(value: object, argument: str = "threads") -> int:
     """Return a thread count in ``1..MAX_THREADS``."""
     return check_positive_int(value, argument, maximum=MAX_THREADS, why="more threads than cores only slow PPQ down")
+
+
+def check_jobs(value: object, argument: str = "jobs") -> int:
+    """Return a number of worker processes in ``1..MAX_THREADS``."""
+    return check_positive_int(value, argument, maximum=MAX_THREADS, why="more processes than cores only slow it down")
 
 
 def check_batches(value: object, argument: str) -> int:

@@ -32,7 +32,7 @@ from maptools.quantization.cim.sweep.worker import (
     _State,
 )
 from maptools.quantization.reference.core import ReferenceExecutor
-from maptools.quantization.validation import check_batches, check_seed
+from maptools.quantization.validation import MAX_THREADS, check_batches, check_jobs, check_seed
 from maptools.quantization.verify import compare
 
 __all__ = ["cim_sweep", "parse_int_list"]
@@ -169,9 +169,8 @@ def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Se
     grid_cells = parse_int_list(cell_bits, "cell_bits", *INT_RANGES["cell_bits"])
     base = CIMSpec(dac_bits=dac_bits, weight_encoding=weight_encoding, requant=requant)  # validates them
     if jobs is None:
-        jobs = os.cpu_count() or 1
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise InvalidArgumentError(f"jobs: got {jobs!r}, expected a positive integer")
+        jobs = min(os.cpu_count() or 1, MAX_THREADS)
+    jobs = check_jobs(jobs)
     batches = check_batches(batches, "batches")
     seed = check_seed(seed)
     executor = ReferenceExecutor.load(mapname, mapsave_dir)
