@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import overload
 
 import numpy as np
 import torch
@@ -61,13 +60,7 @@ class RandomBatches(Sequence[Batch]):
             yield {name: torch.randn(shape, generator=generator, dtype=torch.float32)
                    for name, shape in self._shapes.items()}
 
-    @overload
-    def __getitem__(self, index: int) -> Batch: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Batch]: ...
-
-    def __getitem__(self, index: int | slice) -> Batch | list[Batch]:
+    def __getitem__(self, index: int | slice) -> Batch | list[Batch]:  # type: ignore[override]
         if isinstance(index, slice):
             wanted = range(*index.indices(self._steps))
             if not wanted:
