@@ -150,6 +150,22 @@ def test_input_shape_larger_than_memory_is_refused_with_the_figures(tiny_onnx, t
     assert not mapsave.exists()
 
 
+def test_folder_batches_to_decode_must_fit_in_memory(tiny_onnx, tmp_path, monkeypatch):
+    """The checked batches of a folder are kept: their decoded bytes are checked before any image is decoded."""
+    from maptools.quantization import imagefolder_calibset, validation
+
+    calibset = imagefolder_calibset(write_images(tmp_path / "images", "RGB", (8, 8), per_class=8), SHAPES)
+    decoded = []
+    monkeypatch.setattr(calibset, "_decode", lambda files: decoded.append(files))
+    monkeypatch.setattr(validation, "available_memory", lambda: 10_000)
+    mapsave = tmp_path / "mapsave"
+    with pytest.raises(InvalidArgumentError) as caught:  # 8 batches (12 asked, 8 in the folder) of 1536 bytes
+        quantize(SHAPES, "cpu", tiny_onnx, mapname="m", calibset=calibset, calib_steps=8, mapsave_dir=mapsave)
+    assert str(caught.value).startswith("calib_steps: 8 batches of input:2,3,8,8 take 12.0 KiB (12288 bytes), more "
+                                        "than the 9.8 KiB (10000 bytes) of memory available")
+    assert decoded == [] and not mapsave.exists()
+
+
 def test_cli_reproducers_exit_2_in_under_10_s(tiny_onnx, tmp_path):
     """The issue's command lines, as a user runs them: a one-line error, exit 2, nothing written."""
     mapsave = tmp_path / "mapsave"

@@ -39,6 +39,7 @@ from maptools.quantization.model import (
 )
 from maptools.quantization.options import QuantizeOptions, check_setting_type
 from maptools.quantization.report import render_report
+from maptools.quantization.validation import check_batch_memory
 
 if TYPE_CHECKING:
     import os
@@ -118,8 +119,14 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
 
     Raises:
         CalibrationError: fewer calibration batches than PPQ needs.
+        InvalidArgumentError: the batches of a folder to decode take more than the available memory.
     """
-    from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
+    from maptools.quantization.calibration import (
+        MIN_CALIB_BATCHES,
+        FolderBatches,
+        prepare_calibset,
+        random_calibset,
+    )
 
     model, shapes = prepared.model, prepared.shapes
     calib_steps, analysis_steps = options.calib_steps, options.analysis_steps
@@ -132,6 +139,9 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
         held_out, analysis_data = random_calibset(shapes, analysis_steps, options.seed + 1), "random (held-out)"
         calibration = "random"
     else:
+        if isinstance(calibset, FolderBatches):  # the checked batches are kept: decoded files must fit in memory
+            check_batch_memory(shapes, {i.name: i.dtype.itemsize for i in model.inputs}, "calib_steps",
+                               batches=min(len(calibset), calib_steps + analysis_steps))
         batches = prepare_calibset(calibset, model, shapes, calib_steps + analysis_steps)
         batches, held_out = batches[:calib_steps], batches[calib_steps:]
         if len(batches) < calib_steps:

@@ -110,22 +110,25 @@ def format_bytes(count: int) -> str:
     return f"{count} B" if power == 0 else f"{count / 1024**power:.1f} {units[power]}"
 
 
-def check_batch_memory(shapes: Mapping[str, Sequence[int]], itemsizes: Mapping[str, int], argument: str) -> int:
-    """Check that one batch of ``shapes`` fits in the available memory; return its bytes.
+def check_batch_memory(shapes: Mapping[str, Sequence[int]], itemsizes: Mapping[str, int], argument: str,
+                       batches: int = 1) -> int:
+    """Check that ``batches`` batches of ``shapes`` fit in the available memory; return their bytes.
 
     One batch is the least a run holds (activations take several times more), so this refuses the absurd before
     anything is allocated, with the figures: bytes needed and bytes available.
 
     Raises:
-        InvalidArgumentError: the batch takes more than the available memory.
+        InvalidArgumentError: the batches take more than the available memory.
     """
-    needed = sum(math.prod(int(d) for d in shape) * int(itemsizes[name]) for name, shape in shapes.items())
+    needed = batches * sum(math.prod(int(d) for d in shape) * int(itemsizes[name]) for name, shape in shapes.items())
     available = available_memory()
     if available is not None and needed > available:
         listed = ", ".join(f"{name}:{','.join(str(int(d)) for d in shape)}" for name, shape in shapes.items())
+        count = "one batch" if batches == 1 else f"{batches} batches"
         raise InvalidArgumentError(
-            f"{argument}: one batch of {listed} takes {format_bytes(needed)} ({needed} bytes), more than the "
-            f"{format_bytes(available)} ({available} bytes) of memory available; expected smaller shapes")
+            f"{argument}: {count} of {listed} take{'s' if batches == 1 else ''} {format_bytes(needed)} ({needed} "
+            f"bytes), more than the {format_bytes(available)} ({available} bytes) of memory available; expected "
+            f"{'smaller shapes' if batches == 1 else 'fewer or smaller batches'}")
     return needed
 
 
