@@ -130,6 +130,9 @@ def quantize(
 
     Raises:
         maptools.MaptoolsError: a subclass naming the bad argument, raised before anything is written;
+            :class:`~maptools.NotAMapError` when ``<mapsave>/<mapname>`` exists and is not a map maptools
+            wrote (checked before the model is loaded; nothing there is touched);
+            :class:`~maptools.MapWriteError` when the OS refuses the write (the earlier map is unchanged);
             or :class:`~maptools.EngineError` when PPQ fails (naming the node when known).
     """
     started = time.perf_counter()

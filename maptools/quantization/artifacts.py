@@ -4,6 +4,9 @@ The files of ``mapsave/<mapname>`` and their keys are defined in :mod:`maptools.
 writing, locking and finding a map directory in :mod:`maptools.quantization.mapdir`. Both are re-exported
 here, the module user code imports.
 
+:func:`read_map` reads every artifact of a map from one snapshot (:mod:`.snapshot`), all of one map even
+while another process replaces it; the single-file readers read through the same snapshot.
+
 Loading never runs code from a map: the two pickles go through a restricted unpickler that only rebuilds
 maptools records, numpy arrays and builtins, the JSON files through :mod:`json`, and every file is checked
 against the manifest's SHA-256 (which proves the files are those ``quantize`` wrote together, not who
