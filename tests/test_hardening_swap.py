@@ -4,11 +4,13 @@ clear errors, readers see one consistent map, map names end where they seem to."
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from maptools.quantization.artifacts import (
     REPORT_JSON,
     dump_json,
     dump_pickle,
+    read_manifest,
     write_map,
 )
 
@@ -403,3 +406,25 @@ def test_read_map_still_detects_a_modified_file(tmp_path):
     (root / "m" / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(maptools.ArtifactError, match="lists '../outside', which is not a file name inside the map"):
         read_map("m", root)
+
+
+def test_read_manifest_waits_for_a_swap_in_progress(tmp_path):
+    root = tmp_path / "mapsave"
+    _small_map(root, 1)
+    _small_map(root / "next", 2)
+    fd = os.open(root / ".m.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer between its two renames
+    os.replace(root / "m", root / ".m.old-abcdefgh")
+
+    def finish() -> None:
+        time.sleep(0.3)
+        os.replace(root / "next" / "m", root / "m")
+        os.close(fd)
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    try:
+        manifest = read_manifest(root / "m")  # the path the reader resolved before the swap began
+    finally:
+        writer.join()
+    assert manifest == json.loads((root / "m" / MANIFEST).read_text())

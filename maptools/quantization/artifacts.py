@@ -46,6 +46,7 @@ from maptools.quantization.format import (
 )
 from maptools.quantization.mapdir import (
     LOCK_TIMEOUT,
+    READ_WAIT,
     check_mapname,
     check_replaceable,
     map_directory,
@@ -158,8 +159,11 @@ def read_json(data: bytes, what: str) -> Any:
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """Load and check ``manifest.json`` of a map directory."""
+    """Load and check ``manifest.json`` of a map directory (a writer's swap in progress is waited for)."""
     path = directory / MANIFEST
+    if not path.is_file():
+        with map_lock(directory, READ_WAIT, shared=True):  # between a swap's two renames: wait for the writer
+            pass
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; the map is incomplete or was written by another tool. "
                             "Re-run maptools.quantization.quantize to produce it")
