@@ -428,3 +428,26 @@ def test_read_manifest_waits_for_a_swap_in_progress(tmp_path):
     finally:
         writer.join()
     assert manifest == json.loads((root / "m" / MANIFEST).read_text())
+
+
+def test_simulate_loads_one_map_while_it_is_replaced(tmp_path, tiny_onnx, monkeypatch):
+    import onnx
+
+    from maptools.quantization.reference import ReferenceExecutor
+
+    root = tmp_path / "mapsave"
+    _quantize(tiny_onnx, root, bit_width=8)
+    _quantize(tiny_onnx, root / "next", bit_width=4)
+    real = onnx.load_from_string
+
+    def swap_then_parse(data: bytes):  # another quantize swaps the map in while the loader is at work
+        if (root / "next" / "m").exists():
+            os.replace(root / "m", root / ".m.old-abcdefgh")
+            os.replace(root / "next" / "m", root / "m")
+        return real(data)
+
+    monkeypatch.setattr(onnx, "load_from_string", swap_then_parse)
+    executor = ReferenceExecutor.load("m", root)
+    assert not (root / "next" / "m").exists()  # the swap did happen meanwhile
+    assert {cfg.weight_bits for cfg in executor.quantinfo.values() if cfg.has_weight} == {8}  # the 8-bit map's
+    assert abs(executor.quantparams["conv_conv_weight"]).max() > 8  # its 8-bit weights, not the 4-bit ones

@@ -170,7 +170,7 @@ def _os_errors(target: Path) -> Iterator[None]:
 
 
 #: Largest ``manifest.json`` read to decide whether a folder is a map (a map's manifest is a few KiB).
-_MANIFEST_LIMIT = 1 << 20
+_MANIFEST_LIMIT = 16 << 20
 
 
 def _read_small_file(path: Path, limit: int) -> bytes | None:
@@ -348,13 +348,13 @@ def map_lock(target: Path, timeout: float, shared: bool = False) -> Iterator[boo
         yield False
         return
     except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.EISDIR):
+        if exc.errno not in (errno.ELOOP, errno.EISDIR) and not (shared and exc.errno == errno.EACCES):
             raise
         fd = -1
     if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
         if fd >= 0:
             os.close(fd)
-        if shared:  # no maptools writer can lock it either: nothing to wait for
+        if shared:  # not a lock a maptools writer can hold (or one this reader may not open): no wait
             yield False
             return
         raise _foreign_lock(target)

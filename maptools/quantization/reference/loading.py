@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from maptools.errors import ArtifactError, InvalidArgumentError
-from maptools.quantization.artifacts import QUANTMODEL, read_artifact_bytes, read_quantinfo, read_quantparams
+from maptools.quantization.artifacts import QUANTMODEL, read_map
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.spec import CIMSpec
 
@@ -26,7 +26,7 @@ class MapLoadingMixin:
     @classmethod
     def load(cls, mapname: str, mapsave_dir: str | os.PathLike | None = None, cim: CIMSpec | bool | None = None,
              adc: MapCalibration | Mapping[str, AdcCalibration] | None = None) -> ReferenceExecutor:
-        """Load ``mapsave/<mapname>`` (each file checked against the manifest).
+        """Load ``mapsave/<mapname>`` (each file checked against the manifest, all of one map: :func:`read_map`).
 
         Args:
             mapname: The map name given to ``quantize``.
@@ -44,9 +44,9 @@ class MapLoadingMixin:
             UnsupportedOperatorError: the graph holds an operator this executor cannot run.
             InvalidArgumentError: a calibrated spec without a matching calibration.
         """
-        data = read_artifact_bytes(mapname, QUANTMODEL, mapsave_dir)
+        contents = read_map(mapname, mapsave_dir)  # the graph, records and parameters of the same quantize run
         try:
-            model = onnx.load_from_string(data)
+            model = onnx.load_from_string(contents.quant_model)
         except Exception as exc:
             raise ArtifactError(f"{QUANTMODEL} of map {mapname!r}: not a readable ONNX model ({exc})") from None
         spec: CIMSpec | None = None
@@ -66,4 +66,4 @@ class MapLoadingMixin:
             adc = stored
         elif cim is not False:
             spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
-        return cls(model, read_quantinfo(mapname, mapsave_dir), read_quantparams(mapname, mapsave_dir), spec, adc)
+        return cls(model, contents.quantinfo, contents.quantparams, spec, adc)
