@@ -20,7 +20,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,8 @@ __all__ = [
     "dump_json",
     "dump_pickle",
     "float_operators",
+    "load_quantinfo",
+    "load_quantparams",
     "map_directory",
     "map_lock",
     "mapsave_root",
@@ -89,6 +91,7 @@ __all__ = [
     "parse_manifest",
     "read_manifest",
     "read_map",
+    "read_map_files",
     "read_pickle",
     "read_quantinfo",
     "read_quantparams",
@@ -189,9 +192,15 @@ def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_map_files(mapname: str, filenames: Iterable[str], mapsave_dir: str | os.PathLike | None = None
+                   ) -> dict[str, bytes]:
+    """Read some artifact files of a map, all of one map (one snapshot), each checked against the manifest."""
+    return read_files(mapname, filenames, mapsave_dir, parse_manifest).files
+
+
 def read_artifact_bytes(mapname: str, filename: str, mapsave_dir: str | os.PathLike | None = None) -> bytes:
     """Read one artifact file, checked against the manifest read with it (never mixed up by a concurrent swap)."""
-    return read_files(mapname, [filename], mapsave_dir, parse_manifest).files[filename]
+    return read_map_files(mapname, [filename], mapsave_dir)[filename]
 
 
 #: Name of the nodes the QDQ exporter inserts (QuantizeLinear, DequantizeLinear and their Clip).
@@ -242,8 +251,7 @@ def read_quantinfo(mapname: str, mapsave_dir: str | os.PathLike | None = None) -
         ArtifactError: a file is missing, modified, corrupt or of an incompatible format version.
         UnsafeArtifactError: the pickle holds anything but maptools records, numpy arrays and builtins.
     """
-    data = read_artifact_bytes(mapname, QUANTINFO, mapsave_dir)
-    return read_pickle(data, QUANTINFO)
+    return load_quantinfo(read_artifact_bytes(mapname, QUANTINFO, mapsave_dir))
 
 
 def read_quantparams(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> dict:
@@ -259,7 +267,16 @@ def read_quantparams(mapname: str, mapsave_dir: str | os.PathLike | None = None)
         ArtifactError: a file is missing, modified, corrupt or of an incompatible format version.
         UnsafeArtifactError: the pickle holds anything but numpy arrays and builtins.
     """
-    data = read_artifact_bytes(mapname, QUANTPARAMS, mapsave_dir)
+    return load_quantparams(read_artifact_bytes(mapname, QUANTPARAMS, mapsave_dir))
+
+
+def load_quantinfo(data: bytes) -> dict:
+    """``quantinfo.pkl`` from its checked bytes (what every reader of it shares)."""
+    return read_pickle(data, QUANTINFO)
+
+
+def load_quantparams(data: bytes) -> dict:
+    """``quantparams.pkl`` from its checked bytes (what every reader of it shares)."""
     return read_pickle(data, QUANTPARAMS)
 
 
@@ -315,7 +332,6 @@ def read_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapC
 
     return MapContents(
         mapname=mapname, directory=snapshot.directory, manifest=snapshot.manifest,
-        quantinfo=read_pickle(snapshot.files[QUANTINFO], QUANTINFO),
-        quantparams=read_pickle(snapshot.files[QUANTPARAMS], QUANTPARAMS),
+        quantinfo=load_quantinfo(snapshot.files[QUANTINFO]), quantparams=load_quantparams(snapshot.files[QUANTPARAMS]),
         ppq_state=parsed_json(PPQSTATE), report=parsed_json(REPORT_JSON), cim=parsed_json(CIM_FILE),
         files=snapshot.files)
