@@ -28,8 +28,8 @@ __all__ = ["MapFiles", "ManifestParser", "read_files"]
 #: Checks the bytes of a manifest read from a path, returns it (:func:`.artifacts.parse_manifest`).
 ManifestParser = Callable[[bytes, Path], dict[str, Any]]
 
-#: Reads of a map before an error is final: one without the lock, then under it (a second one unlocked only
-#: when no lock file existed, i.e. a first writer may have just created it).
+#: Reads of a map before an error is final: one without the lock, then under the shared lock (again without it
+#: only while no lock file exists: a first writer may be creating it).
 _ATTEMPTS = 3
 
 
@@ -109,8 +109,8 @@ def read_files(mapname: str, names: Iterable[str] | None, mapsave_dir: str | os.
                parse_manifest: ManifestParser) -> MapFiles:
     """Read files of map ``mapname`` (None: every file its manifest lists) and its manifest as one snapshot.
 
-    ``parse_manifest`` checks the manifest (:func:`maptools.quantization.artifacts.parse_manifest`, which reads
-    through this module).
+    ``parse_manifest`` checks the manifest: :func:`maptools.quantization.artifacts.parse_manifest` (passed in, as
+    that module builds on this one).
 
     Raises:
         MapNotFoundError: no such map.
