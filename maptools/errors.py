@@ -18,9 +18,11 @@ __all__ = [
     "InvalidTypeError",
     "MapBusyError",
     "MapNotFoundError",
+    "MapWriteError",
     "MaptoolsError",
     "ModelError",
     "ModelNotFoundError",
+    "NotAMapError",
     "UnsafeArtifactError",
     "UnsupportedOperatorError",
 ]
@@ -60,6 +62,17 @@ class MapNotFoundError(MaptoolsError, FileNotFoundError):
 
 class MapBusyError(MaptoolsError, TimeoutError):
     """Another process is writing the same map and did not finish its swap in time."""
+
+
+class NotAMapError(MaptoolsError, FileExistsError):
+    """Where maptools would write a map (its folder or its lock file) lies something maptools did not write.
+
+    Replacing it would destroy someone's data, so nothing there is moved, deleted or written through.
+    """
+
+
+class MapWriteError(MaptoolsError, OSError):
+    """The operating system refused a write of a map (disk full, permissions...); the earlier map is unchanged."""
 
 
 class ArtifactError(MaptoolsError, ValueError):

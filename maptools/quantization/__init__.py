@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from maptools._lazy import lazy_attributes
 from maptools.quantization.api import OBSERVERS, RECIPES, quantize
-from maptools.quantization.artifacts import read_quantinfo, read_quantparams
+from maptools.quantization.artifacts import MapContents, read_map, read_quantinfo, read_quantparams
 from maptools.quantization.records import OperatorQuantConfig, QuantizationResult, TensorQuant
 from maptools.quantization.reference import simulate
 from maptools.quantization.verify import VerifyReport, verify
@@ -26,6 +26,7 @@ from maptools.quantization.verify import VerifyReport, verify
 __all__ = [
     "OBSERVERS",
     "RECIPES",
+    "MapContents",
     "OperatorQuantConfig",
     "QuantizationResult",
     "TensorQuant",
@@ -33,6 +34,7 @@ __all__ = [
     "npy_calibset",
     "quantize",
     "random_calibset",
+    "read_map",
     "read_quantinfo",
     "read_quantparams",
     "simulate",

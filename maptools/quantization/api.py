@@ -130,6 +130,9 @@ def quantize(
 
     Raises:
         maptools.MaptoolsError: a subclass naming the bad argument, raised before anything is written;
+            :class:`~maptools.NotAMapError` when ``<mapsave>/<mapname>`` exists and is not a map maptools
+            wrote (checked before the model is loaded; nothing there is touched);
+            :class:`~maptools.MapWriteError` when the OS refuses the write (the earlier map is unchanged);
             or :class:`~maptools.EngineError` when PPQ fails (naming the node when known).
     """
     started = time.perf_counter()
@@ -139,6 +142,7 @@ def quantize(
         analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads, layer_bits=layer_bits,
         first_last_bits=first_last_bits, observer=observer, recipe=recipe, unsigned_nonnegative=unsigned_nonnegative,
         setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two, cim=cim)
+    artifacts.check_replaceable(options.target)  # a folder that is not a map: refused before PPQ runs
     prepared, options = pipeline.load(options, onnx_path, input_shapes)
     data = pipeline.calibration_data(options, prepared, calibset, evalset)
     options, ppq_setting = pipeline.configure_engine(options, data)

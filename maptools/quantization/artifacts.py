@@ -4,6 +4,9 @@ The files of ``mapsave/<mapname>`` and their keys are defined in :mod:`maptools.
 writing, locking and finding a map directory in :mod:`maptools.quantization.mapdir`. Both are re-exported
 here, the module user code imports.
 
+:func:`read_map` reads every artifact of a map from one snapshot (:mod:`.snapshot`), all of one map even
+while another process replaces it; the single-file readers read through the same snapshot.
+
 Loading never runs code from a map: the two pickles go through a restricted unpickler that only rebuilds
 maptools records, numpy arrays and builtins, the JSON files through :mod:`json`, and every file is checked
 against the manifest's SHA-256 (which proves the files are those ``quantize`` wrote together, not who
@@ -17,6 +20,8 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,9 @@ from maptools.quantization.format import (
 )
 from maptools.quantization.mapdir import (
     LOCK_TIMEOUT,
+    READ_WAIT,
     check_mapname,
+    check_replaceable,
     map_directory,
     map_lock,
     mapsave_root,
@@ -50,6 +57,7 @@ from maptools.quantization.mapdir import (
     sha256_of,
     write_map,
 )
+from maptools.quantization.snapshot import read_files
 
 __all__ = [
     "CIM_FILE",
@@ -57,6 +65,7 @@ __all__ = [
     "FORMAT_VERSION",
     "LOCK_TIMEOUT",
     "MANIFEST",
+    "MapContents",
     "MAPSAVE_ENV",
     "PPQGRAPH",
     "PPQSTATE",
@@ -68,15 +77,21 @@ __all__ = [
     "ROUNDING",
     "bias_key",
     "check_mapname",
+    "check_replaceable",
     "dump_json",
     "dump_pickle",
     "float_operators",
+    "load_quantinfo",
+    "load_quantparams",
     "map_directory",
     "map_lock",
     "mapsave_root",
     "read_artifact_bytes",
     "read_json",
+    "parse_manifest",
     "read_manifest",
+    "read_map",
+    "read_map_files",
     "read_pickle",
     "read_quantinfo",
     "read_quantparams",
@@ -147,14 +162,26 @@ def read_json(data: bytes, what: str) -> Any:
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """Load and check ``manifest.json`` of a map directory."""
+    """Load and check ``manifest.json`` of a map directory (a writer's swap in progress is waited for)."""
     path = directory / MANIFEST
+    if not path.is_file():
+        with map_lock(directory, READ_WAIT, shared=True):  # between a swap's two renames: wait for the writer
+            pass
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; the map is incomplete or was written by another tool. "
                             "Re-run maptools.quantization.quantize to produce it")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
+    """Check the bytes of ``manifest.json`` (read from ``path``): JSON of a compatible format version."""
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
     version = str(manifest.get("format_version", ""))
     if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
@@ -165,27 +192,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_map_files(mapname: str, filenames: Iterable[str], mapsave_dir: str | os.PathLike | None = None
+                   ) -> dict[str, bytes]:
+    """Read some artifact files of a map, all of one map (one snapshot), each checked against the manifest."""
+    return read_files(mapname, filenames, mapsave_dir, parse_manifest).files
+
+
 def read_artifact_bytes(mapname: str, filename: str, mapsave_dir: str | os.PathLike | None = None) -> bytes:
-    """Read one artifact file, checked against the manifest's SHA-256."""
-    directory = resolve_map(mapname, mapsave_dir)
-    manifest = read_manifest(directory)
-    path = directory / filename
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing; re-run quantize for map {mapname!r}")
-    data = path.read_bytes()
-    expected = manifest.get("files", {}).get(filename, {}).get("sha256")
-    if expected is None:
-        raise ArtifactError(f"{path}: not listed in {directory / MANIFEST}")
-    if sha256_of(data) != expected:
-        raise ArtifactError(
-            f"{path} was modified after quantize wrote it (SHA-256 differs from {MANIFEST}); "
-            f"re-run quantize for map {mapname!r}"
-        )
-    return data
+    """Read one artifact file, checked against the manifest read with it (never mixed up by a concurrent swap)."""
+    return read_map_files(mapname, [filename], mapsave_dir)[filename]
 
 
 #: Name of the nodes the QDQ exporter inserts (QuantizeLinear, DequantizeLinear and their Clip).
-_EXPORTER_NODE = re.compile(r"^PPQ_Operation_\d+$")
+_EXPORTER_NODE = re.compile(r"^PPQ_Operation_\d+\Z")
 _EXPORTER_TYPES = {"QuantizeLinear", "DequantizeLinear", "Clip"}
 
 
@@ -232,8 +251,7 @@ def read_quantinfo(mapname: str, mapsave_dir: str | os.PathLike | None = None) -
         ArtifactError: a file is missing, modified, corrupt or of an incompatible format version.
         UnsafeArtifactError: the pickle holds anything but maptools records, numpy arrays and builtins.
     """
-    data = read_artifact_bytes(mapname, QUANTINFO, mapsave_dir)
-    return read_pickle(data, QUANTINFO)
+    return load_quantinfo(read_artifact_bytes(mapname, QUANTINFO, mapsave_dir))
 
 
 def read_quantparams(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> dict:
@@ -249,6 +267,71 @@ def read_quantparams(mapname: str, mapsave_dir: str | os.PathLike | None = None)
         ArtifactError: a file is missing, modified, corrupt or of an incompatible format version.
         UnsafeArtifactError: the pickle holds anything but numpy arrays and builtins.
     """
-    data = read_artifact_bytes(mapname, QUANTPARAMS, mapsave_dir)
+    return load_quantparams(read_artifact_bytes(mapname, QUANTPARAMS, mapsave_dir))
+
+
+def load_quantinfo(data: bytes) -> dict:
+    """``quantinfo.pkl`` from its checked bytes (what every reader of it shares)."""
+    return read_pickle(data, QUANTINFO)
+
+
+def load_quantparams(data: bytes) -> dict:
+    """``quantparams.pkl`` from its checked bytes (what every reader of it shares)."""
     return read_pickle(data, QUANTPARAMS)
 
+
+@dataclass(frozen=True)
+class MapContents:
+    """Every artifact of one map, read by :func:`read_map` from one snapshot (the files: :mod:`.format`).
+
+    ``files`` holds the checked bytes of every file the manifest lists (``quant_model.onnx``, ``report.png``...);
+    the pickles and JSON files are also given parsed (None for an optional file the map does not have).
+    """
+
+    mapname: str
+    directory: Path
+    manifest: dict[str, Any]
+    quantinfo: dict
+    quantparams: dict
+    ppq_state: dict | None
+    report: dict | None
+    cim: dict | None
+    files: Mapping[str, bytes] = field(repr=False)
+
+    @property
+    def quant_model(self) -> bytes:
+        """``quant_model.onnx`` as bytes (``onnx.load_from_string`` reads it)."""
+        return self.files[QUANTMODEL]
+
+
+def read_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapContents:
+    """Read every artifact of a map at once, all of the same map even while another process replaces it.
+
+    Unlike a sequence of :func:`~maptools.quantization.read_quantinfo`, :func:`~maptools.quantization.read_quantparams`
+    ... calls, between which a writer may swap the map, everything here comes from one snapshot, every file
+    checked against the manifest read with it. Loading runs no code from the map (the restricted unpickler).
+
+    Args:
+        mapname: The map name given to ``quantize``.
+        mapsave_dir: The mapsave directory (default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``).
+
+    Raises:
+        MapNotFoundError: no such map.
+        MapBusyError: a writer held the map's lock for :data:`~maptools.quantization.mapdir.READ_WAIT` seconds.
+        ArtifactError: a file is missing, modified, corrupt or of an incompatible format version.
+        UnsafeArtifactError: a pickle holds anything but maptools records, numpy arrays and builtins.
+    """
+    snapshot = read_files(mapname, None, mapsave_dir, parse_manifest)
+    for name in (QUANTINFO, QUANTPARAMS, QUANTMODEL):
+        if name not in snapshot.files:
+            raise ArtifactError(f"{snapshot.directory / name}: not listed in {snapshot.directory / MANIFEST}; "
+                                f"re-run quantize for map {mapname!r}")
+
+    def parsed_json(name: str) -> Any:
+        return read_json(snapshot.files[name], name) if name in snapshot.files else None
+
+    return MapContents(
+        mapname=mapname, directory=snapshot.directory, manifest=snapshot.manifest,
+        quantinfo=load_quantinfo(snapshot.files[QUANTINFO]), quantparams=load_quantparams(snapshot.files[QUANTPARAMS]),
+        ppq_state=parsed_json(PPQSTATE), report=parsed_json(REPORT_JSON), cim=parsed_json(CIM_FILE),
+        files=snapshot.files)

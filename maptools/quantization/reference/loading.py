@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 import onnx
 
 from maptools.errors import ArtifactError, InvalidArgumentError
-from maptools.quantization.artifacts import QUANTMODEL, read_artifact_bytes, read_quantinfo, read_quantparams
+from maptools.quantization.artifacts import (
+    QUANTINFO,
+    QUANTMODEL,
+    QUANTPARAMS,
+    load_quantinfo,
+    load_quantparams,
+    read_map_files,
+)
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.spec import CIMSpec
 
@@ -26,7 +33,7 @@ class MapLoadingMixin:
     @classmethod
     def load(cls, mapname: str, mapsave_dir: str | os.PathLike | None = None, cim: CIMSpec | bool | None = None,
              adc: MapCalibration | Mapping[str, AdcCalibration] | None = None) -> ReferenceExecutor:
-        """Load ``mapsave/<mapname>`` (each file checked against the manifest).
+        """Load ``mapsave/<mapname>`` (each file checked against the manifest, all three of one snapshot).
 
         Args:
             mapname: The map name given to ``quantize``.
@@ -44,9 +51,10 @@ class MapLoadingMixin:
             UnsupportedOperatorError: the graph holds an operator this executor cannot run.
             InvalidArgumentError: a calibrated spec without a matching calibration.
         """
-        data = read_artifact_bytes(mapname, QUANTMODEL, mapsave_dir)
+        # the graph, records and parameters of the same quantize run, even while the map is being replaced
+        files = read_map_files(mapname, [QUANTMODEL, QUANTINFO, QUANTPARAMS], mapsave_dir)
         try:
-            model = onnx.load_from_string(data)
+            model = onnx.load_from_string(files[QUANTMODEL])
         except Exception as exc:
             raise ArtifactError(f"{QUANTMODEL} of map {mapname!r}: not a readable ONNX model ({exc})") from None
         spec: CIMSpec | None = None
@@ -66,4 +74,4 @@ class MapLoadingMixin:
             adc = stored
         elif cim is not False:
             spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
-        return cls(model, read_quantinfo(mapname, mapsave_dir), read_quantparams(mapname, mapsave_dir), spec, adc)
+        return cls(model, load_quantinfo(files[QUANTINFO]), load_quantparams(files[QUANTPARAMS]), spec, adc)
