@@ -51,6 +51,7 @@ import onnx
 from maptools.errors import InvalidArgumentError
 from maptools.quantization.cim.adc import ADC_FRACTION_BITS, adc_gain, full_scale_ranges
 from maptools.quantization.cim.arithmetic import adc_grid
+from maptools.quantization.cim.cost import MapCost
 from maptools.quantization.cim.mapcal import MapCalibration, calibrate_map, map_weight_slices
 from maptools.quantization.cim.mapping import TileLayout, tile_layout
 from maptools.quantization.cim.requant import requant_multiplier
@@ -80,12 +81,15 @@ class CimContent:
         quantinfo: The records, crossbar MACs with their ``cim`` field set (the others unchanged).
         quantparams: The integers, with the weight slices and the requantization multipliers added.
         calib_batches: The batches the ADC ranges were calibrated on (0 when nothing was calibrated).
+        cost: The crossbar cost of every MAC per input sample (``report.json``'s ``cim_cost``), counted on the
+            first calibration batch.
     """
 
     calibration: MapCalibration
     quantinfo: dict[str, OperatorQuantConfig]
     quantparams: dict[str, np.ndarray | None]
     calib_batches: int
+    cost: MapCost | None = None
 
 
 def mac_layout(node: onnx.NodeProto, operands: MacOperands, weight: np.ndarray, spec: CIMSpec) -> TileLayout:
@@ -185,9 +189,13 @@ def map_cim_content(model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuan
     if not executor.crossbar_nodes:
         raise InvalidArgumentError("cim: the quantized model has no MAC with a constant, quantized weight (nothing "
                                    "runs on crossbars); quantize without cim")
+    from maptools.quantization.cim.mapcost import map_cost  # it uses mac_layout, defined here
+
     batches = 0
+    chosen = list(calibset)[:max_batches]
+    if not chosen:
+        raise InvalidArgumentError("calibset: holds no batch; expected at least one batch of the map's inputs")
     if spec.adc_bits is not None and spec.adc_range == "calibrated":
-        chosen = list(calibset)[:max_batches]
         calibration = calibrate_map(executor, chosen, spec, method=method)
         batches = len(chosen)
     else:
@@ -208,4 +216,5 @@ def map_cim_content(model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuan
     logger.info("CIM content for %s: %d crossbar MACs, %d arrays, ADC ranges %s", spec, len(executor.crossbar_nodes),
                 sum(info[n.name].cim["layout"]["arrays"] for n in executor.crossbar_nodes),
                 f"calibrated on {batches} batches" if batches else spec.adc_range if spec.adc_bits else "ideal")
-    return CimContent(calibration=calibration, quantinfo=info, quantparams=params, calib_batches=batches)
+    cost = map_cost(executor, spec, batch=chosen[0])
+    return CimContent(calibration=calibration, quantinfo=info, quantparams=params, calib_batches=batches, cost=cost)
