@@ -53,7 +53,8 @@ from maptools.quantization.cim.adc import ADC_FRACTION_BITS, adc_gain, full_scal
 from maptools.quantization.cim.arithmetic import adc_grid
 from maptools.quantization.cim.cost import MapCost
 from maptools.quantization.cim.mapcal import MapCalibration, calibrate_map, map_weight_slices
-from maptools.quantization.cim.mapping import TileLayout, tile_layout
+from maptools.quantization.cim.mapcost import mac_layout, map_cost
+from maptools.quantization.cim.mapping import TileLayout
 from maptools.quantization.cim.requant import requant_multiplier
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.format import CIM_FILE, requant_multiplier_key, requant_shift_key, weight_slices_key
@@ -90,14 +91,6 @@ class CimContent:
     quantparams: dict[str, np.ndarray | None]
     calib_batches: int
     cost: MapCost | None = None
-
-
-def mac_layout(node: onnx.NodeProto, operands: MacOperands, weight: np.ndarray, spec: CIMSpec) -> TileLayout:
-    """The tile layout of one crossbar MAC (its ``group`` and ``transB`` attributes read from the node)."""
-    node_attrs = attrs(node)
-    group = int(node_attrs.get("group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1
-    return tile_layout(weight.shape, node.op_type, group, operands.weight_bits, spec,
-                       trans_b=bool(int(node_attrs.get("transB", 0))), weight_min=operands.weight_min)
 
 
 def _layout_dict(layout: TileLayout, trans_b: bool) -> dict[str, Any]:
@@ -189,8 +182,6 @@ def map_cim_content(model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuan
     if not executor.crossbar_nodes:
         raise InvalidArgumentError("cim: the quantized model has no MAC with a constant, quantized weight (nothing "
                                    "runs on crossbars); quantize without cim")
-    from maptools.quantization.cim.mapcost import map_cost  # it uses mac_layout, defined here
-
     batches = 0
     chosen = list(calibset)[:max_batches]
     if not chosen:

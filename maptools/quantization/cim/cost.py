@@ -2,7 +2,7 @@
 
 A chip team sizes a design by its ADC conversions and energy, not by BitOps; the counts here are derived from
 the tile layout the simulation uses (:func:`~maptools.quantization.cim.mapping.tile_layout`,
-:func:`~maptools.quantization.cim.arithmetic.adc_grid`), so they describe the crossbar the arithmetic models.
+:func:`~maptools.quantization.cim.arithmetic.input_format`), so they describe the crossbar the arithmetic models.
 Numpy only; :mod:`~maptools.quantization.cim.mapcost` counts the output positions of a map's MACs. Every
 formula, the parameters and their sources: :doc:`/cim`, "Cost model".
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
-from maptools.quantization.cim.arithmetic import adc_grid
+from maptools.quantization.cim.arithmetic import input_format
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.cim.tiles import TileLayout
 
@@ -207,7 +207,7 @@ def layer_cost(layout: TileLayout, *, input_bits: int, positions: int, params: C
     if isinstance(out_bits, bool) or not isinstance(out_bits, int) or not 1 <= out_bits <= 32:
         raise InvalidArgumentError(f"output_bits: got {output_bits!r}, expected an integer in 1..32")
     spec, fmt = layout.spec, layout.format
-    row_tiles, slices, planes = adc_grid(layout.depth, input_bits, fmt.bits, spec, weight_min=fmt.weight_min)
+    row_tiles, slices, planes = layout.row_tiles, fmt.slices, input_format(input_bits, False, spec).planes
     g, m, k, u = layout.groups, layout.out_channels, layout.depth, layout.col_tiles
     columns = g * m * fmt.signs * slices  # used columns of one row tile
     conversions = positions * columns * row_tiles * planes

@@ -14,19 +14,29 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import onnx
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
-from maptools.quantization.cim.content import mac_layout
 from maptools.quantization.cim.cost import CIMCostParams, MapCost, layer_cost
-from maptools.quantization.cim.mapcal import read_map_calibration
+from maptools.quantization.cim.mapcal import has_map_calibration, read_map_calibration
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.cim.tiles import TileLayout, tile_layout
 from maptools.quantization.mapinputs import map_input_shapes
 from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands
+from maptools.quantization.reference.registry import attrs
 
-__all__ = ["mac_positions", "map_cost"]
+__all__ = ["mac_layout", "mac_positions", "map_cost"]
 
 logger = logging.getLogger(__name__)
+
+
+def mac_layout(node: onnx.NodeProto, operands: MacOperands, weight: np.ndarray, spec: CIMSpec) -> TileLayout:
+    """The tile layout of one crossbar MAC (its ``group`` and ``transB`` attributes read from the node)."""
+    node_attrs = attrs(node)
+    group = int(node_attrs.get("group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1
+    return tile_layout(weight.shape, node.op_type, group, operands.weight_bits, spec,
+                       trans_b=bool(int(node_attrs.get("transB", 0))), weight_min=operands.weight_min)
 
 
 def mac_positions(executor: ReferenceExecutor, batch: Mapping[str, Any] | Any) -> dict[str, int]:
@@ -91,6 +101,9 @@ def map_cost(source: str | ReferenceExecutor, spec: CIMSpec | None = None, param
             raise InvalidArgumentError("map_cost: an executor needs batch= (one batch of its inputs) and spec=")
     elif isinstance(source, str):
         if spec is None:
+            if not has_map_calibration(source, mapsave_dir):
+                raise InvalidArgumentError(f"spec: got None for map {source!r}, which has no cim.json; expected a "
+                                           "CIMSpec (the crossbar to cost it on)")
             spec = read_map_calibration(source, mapsave_dir).spec
         executor = ReferenceExecutor.load(source, mapsave_dir)
         if batch is None:
