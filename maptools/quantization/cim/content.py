@@ -63,7 +63,7 @@ from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands, record_multipliers
 from maptools.quantization.reference.registry import attrs
 
-__all__ = ["CIM_CALIB_BATCHES", "CimContent", "mac_layout", "map_cim_content", "record_cim",
+__all__ = ["CIM_CALIB_BATCHES", "CimContent", "map_cim_content", "record_cim",
            "requant_arrays"]
 
 logger = logging.getLogger(__name__)
