@@ -56,19 +56,14 @@ def mac_positions(executor: ReferenceExecutor, batch: Mapping[str, Any] | Any) -
 
 
 def _sample_batch(executor: ReferenceExecutor, shapes: Mapping[str, list[int]]) -> tuple[dict[str, np.ndarray], int]:
-    """Zeros of the map's input shapes, with one sample when the model allows it; and the samples in it."""
-    for batch_size in (1, None):
-        batch = {name: np.zeros([batch_size or shape[0], *shape[1:]] if shape else [], np.float32)
-                 for name, shape in shapes.items()}
-        try:
-            executor.check_inputs(batch)
-        except InvalidArgumentError:
-            if batch_size is None:
-                raise
-            continue
-        first = next(iter(shapes.values()), [])
-        return batch, (batch_size or (first[0] if first else 1))
-    raise AssertionError("unreachable")
+    """Zeros of the map's input shapes with one sample (the whole batch if the model fixes it), and its samples."""
+    one = {name: np.zeros([1, *shape[1:]], np.float32) for name, shape in shapes.items()}
+    try:
+        executor.check_inputs(one)
+        return one, 1
+    except InvalidArgumentError:  # a fixed batch axis: count the map's batch and divide by it
+        first = next(iter(shapes.values()))
+        return {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}, int(first[0])
 
 
 def map_cost(source: str | ReferenceExecutor, spec: CIMSpec | None = None, params: CIMCostParams | None = None, *,
