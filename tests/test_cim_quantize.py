@@ -244,6 +244,8 @@ def test_without_cim_the_artifacts_are_unchanged(maps) -> None:
     assert "cim" not in manifest["settings"] and "cim_calib_batches" not in manifest["settings"]
     assert CIM_FILE not in manifest["files"] and not (plain / CIM_FILE).exists()
     assert "cim" not in json.loads((plain / "report.json").read_text())["timings_seconds"]
+    assert "cim_cost" not in json.loads((plain / "report.json").read_text())
+    assert "cim_cost" in json.loads((with_cim / "report.json").read_text())
     # the QDQ model and PPQ's state are the same bytes either way
     for name in (QUANTMODEL, PPQSTATE):
         assert (plain / name).read_bytes() == (with_cim / name).read_bytes(), name

@@ -54,7 +54,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from maptools.quantization.inspection import inspect_map, listing_json, listing_table
 
-    listing = inspect_map(args.mapname, args.mapsave_dir)
+    listing = inspect_map(args.mapname, args.mapsave_dir, cim=args.cim)
     print(listing_json(listing) if args.json else listing_table(listing))
     return 0
 

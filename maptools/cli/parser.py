@@ -195,6 +195,9 @@ def _build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="list the quantized operators of a map")
     i.add_argument("mapname", help="the map to show")
     i.add_argument("--json", action="store_true", help="machine-readable output (default: off, a table)")
+    i.add_argument("--cim", type=_cim_spec, default=None, metavar="KEY=VALUE,...",
+                   help="show the crossbar cost of every MAC on this crossbar, as quantize --cim (default: the map's "
+                        "own crossbar when it has cim.json, else no cost)")
     i.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
 
     v = sub.add_parser("verify", help="compare FP32, PPQ, onnxruntime and the integer executor")

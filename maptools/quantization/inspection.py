@@ -1,7 +1,8 @@
 """What ``maptools inspect`` shows of a map: each quantized operator's bits, scales and integer ranges.
 
 Reading a map imports neither torch nor PPQ (:func:`inspect_map`); :func:`listing_table` and
-:func:`listing_json` render it for the command line.
+:func:`listing_json` render it for the command line. A map with ``cim.json`` (or any map given a crossbar)
+also gets the crossbar cost of every MAC (:func:`~maptools.quantization.cim.mapcost.map_cost`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from maptools.errors import InvalidTypeError
 from maptools.quantization.artifacts import (
     CIM_FILE,
     float_operators,
@@ -23,10 +25,11 @@ from maptools.quantization.artifacts import (
     read_quantparams,
     resolve_map,
 )
+from maptools.quantization.cim.cost import MapCost
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.format import bias_key, weight_key
 
-__all__ = ["MapListing", "inspect_map", "listing_json", "listing_table"]
+__all__ = ["MapListing", "cost_table", "inspect_map", "listing_json", "listing_table"]
 
 
 @dataclass
@@ -40,12 +43,15 @@ class MapListing:
         cim: The compute-in-memory crossbar of a map that stores one (``cim.json``): ``spec`` (the
             :class:`~maptools.quantization.cim.CIMSpec` fields), ``calibrated_macs`` (the MACs with calibrated
             ADC ranges), ``batches`` and ``method`` of the calibration; None for a map without ``cim.json``.
+        cost: The crossbar cost of every MAC (the map's crossbar, or the one given to :func:`inspect_map`);
+            None for a map without ``cim.json`` inspected without a crossbar.
     """
 
     manifest: dict[str, Any]
     operators: list[dict[str, Any]]
     float_operators: list[dict[str, str]]
     cim: dict[str, Any] | None = None
+    cost: MapCost | None = None
 
 
 def _range(values: np.ndarray | None) -> list[int] | None:
@@ -65,13 +71,21 @@ def _range_text(values: list[int] | None) -> str:
     return "-" if values is None else f"[{values[0]},{values[1]}]"
 
 
-def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapListing:
+def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None, cim: CIMSpec | None = None) -> MapListing:
     """Read a map's records, integers and manifest into a :class:`MapListing`.
+
+    Args:
+        mapname: The map.
+        mapsave_dir: The mapsave directory.
+        cim: A crossbar to cost the map on; None for the map's own (``cim.json``), or no cost without one.
 
     Raises:
         MapNotFoundError: no such map.
         ArtifactError: a file is missing, modified or unreadable.
+        InvalidTypeError: ``cim`` is not a CIMSpec.
     """
+    if cim is not None and not isinstance(cim, CIMSpec):
+        raise InvalidTypeError(f"cim: got {type(cim).__name__}, expected a CIMSpec or None")
     info = read_quantinfo(mapname, mapsave_dir)
     params = read_quantparams(mapname, mapsave_dir)
     manifest = read_manifest(resolve_map(mapname, mapsave_dir))
@@ -92,8 +106,17 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> M
         layout = (getattr(cfg, "cim", None) or {}).get("layout")
         if layout is not None:
             rows[-1]["crossbar_arrays"] = layout["arrays"]
-    cim = _cim_summary(mapname, mapsave_dir, manifest)
-    return MapListing(manifest, rows, float_operators(mapname, mapsave_dir), cim)
+    summary = _cim_summary(mapname, mapsave_dir, manifest)
+    cost = None
+    if cim is not None or summary is not None:
+        from maptools.quantization.cim.mapcost import map_cost
+
+        cost = map_cost(mapname, cim, mapsave_dir=mapsave_dir)
+        by_node = {layer.node: layer for layer in cost.layers}
+        for row in rows:
+            if row["node"] in by_node:
+                row["cim_cost"] = {k: v for k, v in by_node[row["node"]].to_dict().items() if k != "node"}
+    return MapListing(manifest, rows, float_operators(mapname, mapsave_dir), summary, cost)
 
 
 def _cim_summary(mapname: str, mapsave_dir: str | os.PathLike | None,
@@ -108,8 +131,11 @@ def _cim_summary(mapname: str, mapsave_dir: str | os.PathLike | None,
 
 def listing_json(listing: MapListing) -> str:
     """``maptools inspect --json``: the manifest, the operator rows and the float operators."""
-    return json.dumps({"manifest": listing.manifest, "operators": listing.operators,
-                       "float_operators": listing.float_operators, "cim": listing.cim}, indent=2)
+    data = {"manifest": listing.manifest, "operators": listing.operators,
+            "float_operators": listing.float_operators, "cim": listing.cim}
+    if listing.cost is not None:
+        data["cim_cost"] = {k: v for k, v in listing.cost.to_dict().items() if k != "layers"}
+    return json.dumps(data, indent=2)
 
 
 def listing_table(listing: MapListing) -> str:
@@ -143,4 +169,29 @@ def listing_table(listing: MapListing) -> str:
         calibrated = (f"ADC ranges of {cim['calibrated_macs']} MACs calibrated on {cim['batches']} batches "
                       f"({cim['method']})" if cim["calibrated_macs"] else "no calibrated ADC ranges")
         lines.append(f"CIM crossbar: {text}; {arrays or '-'} arrays; {calibrated} (cim.json)")
+    if listing.cost is not None:
+        lines.append(cost_table(listing.cost))
+    return "\n".join(lines)
+
+
+def cost_table(cost: MapCost) -> str:
+    """The crossbar cost per MAC and its total, per input sample (``maptools inspect``)."""
+    width = max([len("node"), len("total")] + [len(layer.node) for layer in cost.layers])
+    header = (f"{'node':{width}} {'type':13} {'arrays':>6} {'cells':>9} {'ADC conv':>11} {'DAC drives':>11} "
+              f"{'energy nJ':>10} {'ADC %':>5} {'latency us':>10}")
+    lines = [f"\nCIM cost per input sample on {cost.spec} (ADC of {cost.layers[0].adc_bits if cost.layers else '-'} "
+             f"bits costed; estimates: docs/cim.rst, Cost model)", header, "-" * len(header)]
+
+    def line(name: str, op_type: str, arrays: int, cells: int, conv: int, dac: int, adc_j: float, total_j: float,
+             latency: float) -> str:
+        share = 100 * adc_j / total_j if total_j else 0.0
+        return (f"{name:{width}} {op_type[:13]:13} {arrays:>6} {cells:>9} {conv:>11} {dac:>11} "
+                f"{total_j * 1e9:>10.4g} {share:>5.1f} {latency * 1e6:>10.4g}")
+
+    for layer in cost.layers:
+        lines.append(line(layer.node, layer.op_type, layer.arrays, layer.weight_cells, layer.adc_conversions,
+                          layer.dac_drives, layer.energy_j["adc"], layer.total_energy_j, layer.latency_s))
+    lines.append(line("total", "", cost.total("arrays"), cost.total("weight_cells"), cost.total("adc_conversions"),
+                      cost.total("dac_drives"), cost.total("adc"), cost.total("energy_j"), cost.total("latency_s")))
+    lines.append(f"area {cost.total('area_m2') * 1e6:.4g} mm^2")
     return "\n".join(lines)

@@ -302,12 +302,15 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
         artifacts.QUANTMODEL: extracted.qdq.SerializeToString(),
         artifacts.PPQSTATE: artifacts.dump_json(extracted.state),
     }
+    extra: dict[str, Any] = {"analysis": {"data": data.analysis_data, "batches": len(data.held_out)},
+                             "output_parts": _parts_report(errors), "warnings": warnings}
     if cim is not None:
         files[artifacts.CIM_FILE] = cim.calibration.to_json()
+        if cim.cost is not None:
+            extra["cim_cost"] = cim.cost.to_dict()
     files.update(render_report(options.mapname, settings, timings, errors.output_snr_db, errors.output_cosine,
                                errors.layer_snr_db, errors.layer_cosine,
                                {name: cfg.op_type for name, cfg in extracted.quantinfo.items()},
                                errors.isolated_snr_db, errors.isolated_cosine,
-                               extra={"analysis": {"data": data.analysis_data, "batches": len(data.held_out)},
-                                      "output_parts": _parts_report(errors), "warnings": warnings}))
+                               extra=extra))
     return files, manifest

@@ -18,7 +18,9 @@ with numpy only (no PPQ, no torch), for the integer reference executor and for t
   calibration of its ranges from data (:func:`~maptools.quantization.cim.calibrate.calibrate_adc`,
   :class:`~maptools.quantization.cim.adc.AdcCalibration`);
 * :mod:`~maptools.quantization.cim.requant`: integer-only requantization (fixed-point and power-of-two
-  multipliers).
+  multipliers);
+* :mod:`~maptools.quantization.cim.cost`: what a layer costs on crossbars (arrays, cells, ADC conversions, DAC
+  drives, energy, latency and area estimates).
 
 Map level, on the integer reference executor (numpy and onnx, still no PPQ or torch):
 
@@ -28,6 +30,8 @@ Map level, on the integer reference executor (numpy and onnx, still no PPQ or to
   (:func:`~maptools.quantization.cim.mapcal.write_map_calibration`,
   :func:`~maptools.quantization.cim.mapcal.read_map_calibration`) and the weight slices of every MAC
   (:func:`~maptools.quantization.cim.mapcal.map_weight_slices`);
+* :mod:`~maptools.quantization.cim.mapcost`: the cost of every crossbar MAC of a map
+  (:func:`~maptools.quantization.cim.mapcost.map_cost`);
 * :mod:`~maptools.quantization.cim.sweep`: the agreement of a map on a grid of crossbars
   (``maptools cim-sweep``).
 
@@ -74,6 +78,16 @@ from maptools.quantization.cim.arithmetic import (
     partial_sums,
 )
 from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, AdcHistogram, calibrate_adc, choose_range
+from maptools.quantization.cim.cost import (
+    CIMCostParams,
+    LayerCost,
+    MapCost,
+    adc_area,
+    adc_energy,
+    adc_latency,
+    cell_read_energy,
+    layer_cost,
+)
 from maptools.quantization.cim.mapping import (
     MAC_OPS,
     ArrayTile,
@@ -106,6 +120,8 @@ _LAZY = {
     "map_weight_slices": "maptools.quantization.cim.mapcal",
     "read_map_calibration": "maptools.quantization.cim.mapcal",
     "write_map_calibration": "maptools.quantization.cim.mapcal",
+    "map_cost": "maptools.quantization.cim.mapcost",
+    "mac_positions": "maptools.quantization.cim.mapcost",
     "SweepResult": "maptools.quantization.cim.sweep",
     "cim_sweep": "maptools.quantization.cim.sweep",
 }
@@ -120,22 +136,30 @@ __all__ = [
     "AdcCalibration",
     "AdcHistogram",
     "ArrayTile",
+    "CIMCostParams",
     "CIMSpec",
     "InputFormat",
+    "LayerCost",
+    "MapCost",
     "PartialSums",
     "TileLayout",
     "WeightFormat",
+    "adc_area",
     "adc_codes",
     "adc_convert",
+    "adc_energy",
     "adc_gain",
     "adc_grid",
+    "adc_latency",
     "calibrate_adc",
+    "cell_read_energy",
     "choose_range",
     "cim_accumulate",
     "combine_slices",
     "fixed_point_multiplier",
     "full_scale_ranges",
     "input_format",
+    "layer_cost",
     "mac_matrix",
     "partial_sums",
     "power_of_two_multiplier",

@@ -52,8 +52,10 @@ import onnx
 from maptools.errors import InvalidArgumentError
 from maptools.quantization.cim.adc import ADC_FRACTION_BITS, adc_gain, full_scale_ranges
 from maptools.quantization.cim.arithmetic import adc_grid
+from maptools.quantization.cim.cost import MapCost
 from maptools.quantization.cim.mapcal import MapCalibration, calibrate_map, map_weight_slices
-from maptools.quantization.cim.mapping import TileLayout, tile_layout
+from maptools.quantization.cim.mapcost import mac_layout, map_cost
+from maptools.quantization.cim.mapping import TileLayout
 from maptools.quantization.cim.requant import requant_multiplier
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.format import CIM_FILE, requant_multiplier_key, requant_shift_key, weight_slices_key
@@ -62,7 +64,7 @@ from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands, record_multipliers
 from maptools.quantization.reference.registry import attrs
 
-__all__ = ["CIM_CALIB_BATCHES", "CimContent", "mac_layout", "map_cim_content", "record_cim",
+__all__ = ["CIM_CALIB_BATCHES", "CimContent", "map_cim_content", "record_cim",
            "requant_arrays"]
 
 logger = logging.getLogger(__name__)
@@ -81,20 +83,15 @@ class CimContent:
         quantinfo: The records, crossbar MACs with their ``cim`` field set (the others unchanged).
         quantparams: The integers, with the weight slices and the requantization multipliers added.
         calib_batches: The batches the ADC ranges were calibrated on (0 when nothing was calibrated).
+        cost: The crossbar cost of every MAC per input sample (``report.json``'s ``cim_cost``), counted on the
+            first calibration batch.
     """
 
     calibration: MapCalibration
     quantinfo: dict[str, OperatorQuantConfig]
     quantparams: dict[str, np.ndarray | None]
     calib_batches: int
-
-
-def mac_layout(node: onnx.NodeProto, operands: MacOperands, weight: np.ndarray, spec: CIMSpec) -> TileLayout:
-    """The tile layout of one crossbar MAC (its ``group`` and ``transB`` attributes read from the node)."""
-    node_attrs = attrs(node)
-    group = int(node_attrs.get("group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1
-    return tile_layout(weight.shape, node.op_type, group, operands.weight_bits, spec,
-                       trans_b=bool(int(node_attrs.get("transB", 0))), weight_min=operands.weight_min)
+    cost: MapCost | None = None
 
 
 def _layout_dict(layout: TileLayout, trans_b: bool) -> dict[str, Any]:
@@ -187,8 +184,10 @@ def map_cim_content(model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuan
         raise InvalidArgumentError("cim: the quantized model has no MAC with a constant, quantized weight (nothing "
                                    "runs on crossbars); quantize without cim")
     batches = 0
+    chosen = list(itertools.islice(calibset, max_batches))
+    if not chosen:
+        raise InvalidArgumentError("calibset: holds no batch; expected at least one batch of the map's inputs")
     if spec.adc_bits is not None and spec.adc_range == "calibrated":
-        chosen = list(itertools.islice(calibset, max_batches))
         calibration = calibrate_map(executor, chosen, spec, method=method)
         batches = len(chosen)
     else:
@@ -209,4 +208,5 @@ def map_cim_content(model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuan
     logger.info("CIM content for %s: %d crossbar MACs, %d arrays, ADC ranges %s", spec, len(executor.crossbar_nodes),
                 sum(info[n.name].cim["layout"]["arrays"] for n in executor.crossbar_nodes),
                 f"calibrated on {batches} batches" if batches else spec.adc_range if spec.adc_bits else "ideal")
-    return CimContent(calibration=calibration, quantinfo=info, quantparams=params, calib_batches=batches)
+    cost = map_cost(executor, spec, batch=chosen[0])
+    return CimContent(calibration=calibration, quantinfo=info, quantparams=params, calib_batches=batches, cost=cost)

@@ -130,10 +130,14 @@ class TileLayout:
         return self.groups * self.row_tiles * self.col_tiles
 
     @property
+    def used_cells(self) -> int:
+        """Cells that hold a weight digit, ``G * K * M * W``."""
+        return self.groups * self.depth * self.out_channels * self.columns_per_weight
+
+    @property
     def utilization(self) -> float:
         """Fraction of the cells of all its arrays that hold a weight digit."""
-        used = self.groups * self.depth * self.out_channels * self.columns_per_weight
-        return used / (self.num_arrays * self.spec.rows * self.spec.cols)
+        return self.used_cells / (self.num_arrays * self.spec.rows * self.spec.cols)
 
     def row_range(self, row_tile: int) -> tuple[int, int]:
         """The im2col indices ``start, stop`` of row tile ``t`` (``stop`` exclusive)."""
