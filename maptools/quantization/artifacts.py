@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from maptools.errors import ArtifactError, UnsafeArtifactError
+from maptools.quantization.boundedio import MAX_ARTIFACT_BYTES, MAX_MANIFEST_BYTES, read_regular
 from maptools.quantization.format import (
     CIM_FILE,
     CIM_FORMAT_VERSION,
@@ -50,6 +52,14 @@ from maptools.quantization.mapdir import (
     sha256_of,
     write_map,
 )
+from maptools.quantization.schemas import (
+    MAX_DEPTH,
+    check_depth,
+    check_manifest,
+    check_ppq_state,
+    check_quantinfo,
+    check_quantparams,
+)
 
 __all__ = [
     "CIM_FILE",
@@ -78,6 +88,7 @@ __all__ = [
     "read_json",
     "read_manifest",
     "read_pickle",
+    "read_ppq_state",
     "read_quantinfo",
     "read_quantparams",
     "recover_interrupted",
@@ -138,44 +149,65 @@ def dump_json(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]}... does not fit a float64")
+    return value
+
+
 def read_json(data: bytes, what: str) -> Any:
-    """Parse a JSON artifact (plain data: nothing in it is executed)."""
+    """Parse a JSON artifact (plain data: nothing in it is executed), nested at most :data:`.schemas.MAX_DEPTH`.
+
+    ``NaN``, ``Infinity`` and numbers beyond float64 are refused (maptools never writes them).
+    """
     try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise ArtifactError(f"{what}: not valid JSON ({exc})") from None
+        parsed = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ArtifactError(f"{what}: nested deeper than {MAX_DEPTH} levels; a maptools artifact is not") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise ArtifactError(f"{what}: not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+    check_depth(parsed, what)
+    return parsed
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """Load and check ``manifest.json`` of a map directory."""
+    """Load and check ``manifest.json`` of a map directory (a regular file of at most 16 MiB, its schema)."""
     path = directory / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ArtifactError(f"{path} is missing; the map is incomplete or was written by another tool. "
                             "Re-run maptools.quantization.quantize to produce it")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
-    version = str(manifest.get("format_version", ""))
-    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+    manifest = read_json(read_regular(path, MANIFEST, MAX_MANIFEST_BYTES, follow_links=False), f"{path}")
+    version = manifest.get("format_version", "") if isinstance(manifest, dict) else ""
+    if not isinstance(version, str) or version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
         raise ArtifactError(
-            f"{path}: artifact format version {version or 'unknown'!r} is not compatible with this maptools "
-            f"(format {FORMAT_VERSION}); re-run quantize with this version"
+            f"{path}: artifact format version {str(version)[:20] or 'unknown'!r} is not compatible with this "
+            f"maptools (format {FORMAT_VERSION}); re-run quantize with this version"
         )
-    return manifest
+    return check_manifest(manifest, f"{path}")
 
 
 def read_artifact_bytes(mapname: str, filename: str, mapsave_dir: str | os.PathLike | None = None) -> bytes:
-    """Read one artifact file, checked against the manifest's SHA-256."""
+    """Read one artifact file, checked against the manifest's size and SHA-256.
+
+    The file is opened only if it is a regular file (not a link) of the size the manifest records, at most
+    :data:`~.boundedio.MAX_ARTIFACT_BYTES`.
+    """
     directory = resolve_map(mapname, mapsave_dir)
     manifest = read_manifest(directory)
     path = directory / filename
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ArtifactError(f"{path} is missing; re-run quantize for map {mapname!r}")
-    data = path.read_bytes()
-    expected = manifest.get("files", {}).get(filename, {}).get("sha256")
-    if expected is None:
+    entry = manifest["files"].get(filename)
+    if entry is None:
         raise ArtifactError(f"{path}: not listed in {directory / MANIFEST}")
+    expected = entry["sha256"]
+    data = read_regular(path, f"{filename} of map {mapname!r}", MAX_ARTIFACT_BYTES, follow_links=False,
+                        expected_size=entry.get("bytes"))
     if sha256_of(data) != expected:
         raise ArtifactError(
             f"{path} was modified after quantize wrote it (SHA-256 differs from {MANIFEST}); "
@@ -233,7 +265,7 @@ def read_quantinfo(mapname: str, mapsave_dir: str | os.PathLike | None = None) -
         UnsafeArtifactError: the pickle holds anything but maptools records, numpy arrays and builtins.
     """
     data = read_artifact_bytes(mapname, QUANTINFO, mapsave_dir)
-    return read_pickle(data, QUANTINFO)
+    return check_quantinfo(read_pickle(data, QUANTINFO))
 
 
 def read_quantparams(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> dict:
@@ -250,5 +282,15 @@ def read_quantparams(mapname: str, mapsave_dir: str | os.PathLike | None = None)
         UnsafeArtifactError: the pickle holds anything but numpy arrays and builtins.
     """
     data = read_artifact_bytes(mapname, QUANTPARAMS, mapsave_dir)
-    return read_pickle(data, QUANTPARAMS)
+    return check_quantparams(read_pickle(data, QUANTPARAMS))
+
+
+def read_ppq_state(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Load ``ppq_state.json`` of a map, its structure checked (:func:`~.schemas.check_ppq_state`).
+
+    Raises:
+        MapNotFoundError: no such map.
+        ArtifactError: the file is missing, modified, not JSON or of the wrong structure.
+    """
+    return check_ppq_state(read_json(read_artifact_bytes(mapname, PPQSTATE, mapsave_dir), PPQSTATE))
 

@@ -25,6 +25,7 @@ from maptools.quantization.artifacts import (
 )
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.schemas import check_cim_file
 
 __all__ = ["MapListing", "inspect_map", "listing_json", "listing_table"]
 
@@ -101,7 +102,7 @@ def _cim_summary(mapname: str, mapsave_dir: str | os.PathLike | None,
     """The crossbar of ``cim.json`` (checked against the manifest), None when the map has none."""
     if CIM_FILE not in manifest.get("files", {}):
         return None
-    data = read_json(read_artifact_bytes(mapname, CIM_FILE, mapsave_dir), CIM_FILE)
+    data = check_cim_file(read_json(read_artifact_bytes(mapname, CIM_FILE, mapsave_dir), CIM_FILE))
     return {"spec": data.get("spec"), "calibrated_macs": len(data.get("adc", {})), "batches": data.get("batches"),
             "method": data.get("method")}
 
@@ -135,7 +136,7 @@ def listing_table(listing: MapListing) -> str:
     bits = f"W{settings.get('weight_bits')}A{settings.get('activation_bits')}"
     lines.append(f"\n{len(rows)} quantized operators; model {manifest['model']['path']} (sha256 "
                  f"{manifest['model']['sha256'][:12]}); {bits} recipe {settings.get('recipe')}; maptools "
-                 f"{manifest['versions']['maptools']}, ppq {manifest['versions']['ppq']}")
+                 f"{manifest['versions'].get('maptools', '?')}, ppq {manifest['versions'].get('ppq', '?')}")
     if listing.cim is not None:
         cim = listing.cim
         text = str(CIMSpec.from_dict(dict(cim["spec"] or {})))
