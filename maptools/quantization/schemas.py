@@ -35,8 +35,11 @@ MAX_DEPTH = 64
 MAX_INPUT_ELEMENTS = 1 << 28
 #: Largest absolute integer accepted in a record (int32: bits, zero points, integer ranges, axes).
 _INT_LIMIT = 1 << 31
-_BITS_FIELDS = frozenset({"bits", "input_bits", "output_bits", "io_bits", "weight_bits", "bias_bits", "activation_bits"})
+_BITS_FIELDS = frozenset({"bits", "input_bits", "output_bits", "io_bits", "weight_bits", "bias_bits",
+                          "activation_bits"})
 _MAX_BITS = 32
+#: Scales: positive; the array ones (per output channel) one-dimensional and not empty.
+_SCALE_FIELDS = frozenset({"scale", "input_scale", "output_scale", "weight_scale", "bias_scale"})
 _MAX_NDIM = 8
 
 
@@ -196,6 +199,17 @@ def _describe(hint: Any) -> str:
     return text.replace("maptools.quantization.records.", "")
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of dtype {value.dtype}, shape {list(value.shape)}"
+    return f"{_type_name(value)} {str(value)[:40]}"
+
+
+def _positive_scale(value: Any) -> bool:
+    array = np.asarray(value)
+    return (array.ndim == 0 or (array.ndim == 1 and array.size > 0)) and bool((array > 0).all())
+
+
 def check_record(record: Any, cls: type, what: str, where: str) -> None:
     """Check every field of a record (an :class:`OperatorQuantConfig`, a :class:`TensorQuant`, a dataclass) by type.
 
@@ -215,10 +229,11 @@ def check_record(record: Any, cls: type, what: str, where: str) -> None:
             continue
         value = state[field.name]
         if not _matches(value, hint, field.name):
-            shown = f"{_type_name(value)} {str(value)[:40]}" if not isinstance(value, np.ndarray) else \
-                f"an array of dtype {value.dtype}, shape {list(value.shape)}"
-            raise ArtifactError(f"{what}: {where}: field {field.name!r} is {shown}, expected {_describe(hint)}"
+            raise ArtifactError(f"{what}: {where}: field {field.name!r} is {_shown(value)}, expected {_describe(hint)}"
                                 + (f" within 1..{_MAX_BITS}" if field.name in _BITS_FIELDS else ""))
+        if field.name in _SCALE_FIELDS and value is not None and not _positive_scale(value):
+            raise ArtifactError(f"{what}: {where}: field {field.name!r} is {_shown(value)}, expected a positive "
+                                "scale (an array: one-dimensional, one or more entries)")
         if isinstance(value, list):
             for index, item in enumerate(value):
                 if item is not None and dataclasses.is_dataclass(item):
