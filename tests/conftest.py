@@ -123,6 +123,21 @@ def digits_test() -> tuple[np.ndarray, np.ndarray]:
     return digits.load_split("test")
 
 
+@pytest.fixture(scope="session")
+def digits_cim_map(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mapsave directory holding map ``m``: the digits CNN at W4A4 with a crossbar, so every artifact file exists.
+
+    Made once per session (``fast`` recipe, 8 random calibration batches); tests copy it before changing it.
+    """
+    from maptools.quantization import quantize
+    from maptools.quantization.cim import CIMSpec
+
+    root = tmp_path_factory.mktemp("digits_cim_map")
+    quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname="m", calib_steps=8, bit_width=4,
+             mapsave_dir=root, recipe="fast", analysis_steps=1, cim=CIMSpec(rows=64, cell_bits=2, adc_bits=6))
+    return root
+
+
 @pytest.fixture
 def mapsave(tmp_path: Path) -> Path:
     """A fresh mapsave directory."""

@@ -182,7 +182,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is missing; the map is incomplete or was written by another tool. "
                             "Re-run maptools.quantization.quantize to produce it")
     manifest = read_json(read_regular(path, MANIFEST, MAX_MANIFEST_BYTES, follow_links=False), f"{path}")
-    version = manifest.get("format_version", "") if isinstance(manifest, dict) else ""
+    if not isinstance(manifest, dict):
+        check_manifest(manifest, f"{path}")  # raises: names what the top level is
+    version = manifest.get("format_version", "")
     if not isinstance(version, str) or version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
         raise ArtifactError(
             f"{path}: artifact format version {str(version)[:20] or 'unknown'!r} is not compatible with this "

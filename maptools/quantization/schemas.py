@@ -77,6 +77,8 @@ def check_depth(value: Any, what: str, limit: int = MAX_DEPTH) -> None:
 
 def _mapping(value: Any, what: str, field: str, expected: str = "an object") -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
+        if not field:
+            raise ArtifactError(f"{what}: expected {expected}, got {_type_name(value)}")
         raise _fail(what, field, f"is {_type_name(value)}, expected {expected}")
     return value
 
