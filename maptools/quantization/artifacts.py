@@ -175,8 +175,14 @@ def read_json(data: bytes, what: str) -> Any:
     return parsed
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """Load and check ``manifest.json`` of a map directory (a regular file of at most 16 MiB, its schema)."""
+def read_manifest(directory: Path, complete: bool = False) -> dict[str, Any]:
+    """Load and check ``manifest.json`` of a map directory (a regular file of at most 16 MiB, its schema).
+
+    Args:
+        directory: The map directory.
+        complete: Also require the ``model``, ``settings`` and ``versions`` sections ``quantize`` writes
+            (:func:`~.schemas.check_manifest`), for the readers that use them.
+    """
     path = directory / MANIFEST
     if not os.path.lexists(path):
         raise ArtifactError(f"{path} is missing; the map is incomplete or was written by another tool. "
@@ -190,7 +196,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{path}: artifact format version {str(version)[:20] or 'unknown'!r} is not compatible with this "
             f"maptools (format {FORMAT_VERSION}); re-run quantize with this version"
         )
-    return check_manifest(manifest, f"{path}")
+    return check_manifest(manifest, f"{path}", complete)
 
 
 def read_artifact_bytes(mapname: str, filename: str, mapsave_dir: str | os.PathLike | None = None) -> bytes:

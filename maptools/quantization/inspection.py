@@ -75,7 +75,7 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> M
     """
     info = read_quantinfo(mapname, mapsave_dir)
     params = read_quantparams(mapname, mapsave_dir)
-    manifest = read_manifest(resolve_map(mapname, mapsave_dir))
+    manifest = read_manifest(resolve_map(mapname, mapsave_dir), complete=True)
     rows = []
     for name, cfg in info.items():
         first_in = next((t for t in cfg.inputs or [] if t is not None), None)

@@ -69,7 +69,7 @@ def ppq_session(mapname: str, mapsave_dir: str | os.PathLike | None = None, devi
     from maptools.quantization.model import check_input_shapes, load_model, prepare_model
 
     directory = artifacts.resolve_map(mapname, mapsave_dir)
-    manifest = artifacts.read_manifest(directory)
+    manifest = artifacts.read_manifest(directory, complete=True)
     files = manifest.get("files", {})
     if artifacts.PPQSTATE not in files:
         if artifacts.PPQGRAPH in files:

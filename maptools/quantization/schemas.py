@@ -26,8 +26,8 @@ from maptools.errors import ArtifactError
 from maptools.quantization.format import CIM_FILE, MANIFEST, PPQSTATE, QUANTINFO, QUANTPARAMS
 from maptools.quantization.records import OperatorQuantConfig
 
-__all__ = ["MAX_DEPTH", "MAX_INPUT_ELEMENTS", "check_cim_file", "check_depth", "check_manifest", "check_quantinfo",
-           "check_quantparams", "check_ppq_state", "check_record"]
+__all__ = ["MAP_SECTIONS", "MAX_DEPTH", "MAX_INPUT_ELEMENTS", "check_cim_file", "check_depth", "check_manifest",
+           "check_quantinfo", "check_quantparams", "check_ppq_state", "check_record"]
 
 #: Deepest nesting of lists and dicts accepted in a JSON artifact or a pickle (maptools writes at most 8).
 MAX_DEPTH = 64
@@ -116,12 +116,18 @@ def _check_shape(value: Any, what: str, field: str) -> None:
         raise _fail(what, field, f"is {value}: {elements} elements, more than the {MAX_INPUT_ELEMENTS} accepted")
 
 
-def check_manifest(manifest: Any, what: str = MANIFEST) -> dict[str, Any]:
+#: The sections of a manifest that ``quantize`` always writes, beyond the ``format_version`` and ``files`` every
+#: reader needs: required by the readers that use them (``check_manifest(..., complete=True)``).
+MAP_SECTIONS = ("model", "settings", "versions")
+
+
+def check_manifest(manifest: Any, what: str = MANIFEST, complete: bool = False) -> dict[str, Any]:
     """Check the fields of ``manifest.json`` that readers use; returns it.
 
-    Required: ``format_version`` (str), ``files`` (name -> ``{"sha256": str, "bytes": int}``), ``model``
-    (``path``, ``sha256``: str), ``settings`` (an object with ``input_shapes``: input name -> shape, and
-    ``seed``: int), ``versions`` (name -> str).
+    Always required: ``format_version`` (str) and ``files`` (name -> ``{"sha256": str, "bytes": int}``).
+    ``model`` (``path``, ``sha256``: str), ``settings`` (``input_shapes``: input name -> shape, ``seed``: int)
+    and ``versions`` (name -> str) are checked when present, and required with ``complete`` (the readers of
+    the float model, the input shapes or the versions: ``verify``, ``cim-sweep``, ``inspect``).
 
     Raises:
         ArtifactError: naming the field that is missing or of the wrong type.
@@ -134,20 +140,25 @@ def check_manifest(manifest: Any, what: str = MANIFEST) -> dict[str, Any]:
         _str(_get(entry, "sha256", what, f"files.{name}."), what, f"files.{name}.sha256")
         if "bytes" in entry:
             _int(entry["bytes"], what, f"files.{name}.bytes", 0, 1 << 62)
-    model = _mapping(_get(manifest, "model", what), what, "model")
-    for key in ("path", "sha256"):
-        if not _str(_get(model, key, what, "model."), what, f"model.{key}"):
-            raise _fail(what, f"model.{key}", "is empty")
-    settings = _mapping(_get(manifest, "settings", what), what, "settings")
-    shapes = _mapping(_get(settings, "input_shapes", what, "settings."), what, "settings.input_shapes")
-    if not shapes:
-        raise _fail(what, "settings.input_shapes", "is empty, expected input name -> shape")
-    for name, shape in shapes.items():
-        _check_shape(shape, what, f"settings.input_shapes.{name}")
-    _int(_get(settings, "seed", what, "settings."), what, "settings.seed", -(1 << 63), (1 << 63) - 2)
-    versions = _mapping(_get(manifest, "versions", what), what, "versions")
-    for key, value in versions.items():
-        _str(value, what, f"versions.{key}")
+    for section in MAP_SECTIONS:
+        if complete:
+            _get(manifest, section, what)
+    if "model" in manifest:
+        model = _mapping(manifest["model"], what, "model")
+        for key in ("path", "sha256"):
+            if not _str(_get(model, key, what, "model."), what, f"model.{key}"):
+                raise _fail(what, f"model.{key}", "is empty")
+    if "settings" in manifest:
+        settings = _mapping(manifest["settings"], what, "settings")
+        shapes = _mapping(_get(settings, "input_shapes", what, "settings."), what, "settings.input_shapes")
+        if not shapes:
+            raise _fail(what, "settings.input_shapes", "is empty, expected input name -> shape")
+        for name, shape in shapes.items():
+            _check_shape(shape, what, f"settings.input_shapes.{name}")
+        _int(_get(settings, "seed", what, "settings."), what, "settings.seed", -(1 << 63), (1 << 63) - 2)
+    if "versions" in manifest:
+        for key, value in _mapping(manifest["versions"], what, "versions").items():
+            _str(value, what, f"versions.{key}")
     check_depth(manifest, what)
     return manifest
 
