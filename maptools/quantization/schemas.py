@@ -38,7 +38,8 @@ _INT_LIMIT = 1 << 31
 _BITS_FIELDS = frozenset({"bits", "input_bits", "output_bits", "io_bits", "weight_bits", "bias_bits",
                           "activation_bits"})
 _MAX_BITS = 32
-#: Scales: positive; the array ones (per output channel) one-dimensional and not empty.
+#: Scales: finite numbers; the array ones (per output channel) one-dimensional and not empty. Not required
+#: positive: LSQ (recipe ``best``) trains weight scales, and the mobile example at W4A4 ``best`` holds one <= 0.
 _SCALE_FIELDS = frozenset({"scale", "input_scale", "output_scale", "weight_scale", "bias_scale"})
 _MAX_NDIM = 8
 
@@ -218,9 +219,9 @@ def _shown(value: Any) -> str:
     return f"{_type_name(value)} {str(value)[:40]}"
 
 
-def _positive_scale(value: Any) -> bool:
+def _scale_shaped(value: Any) -> bool:
     array = np.asarray(value)
-    return (array.ndim == 0 or (array.ndim == 1 and array.size > 0)) and bool((array > 0).all())
+    return array.ndim == 0 or (array.ndim == 1 and array.size > 0)
 
 
 def check_record(record: Any, cls: type, what: str, where: str) -> None:
@@ -244,9 +245,9 @@ def check_record(record: Any, cls: type, what: str, where: str) -> None:
         if not _matches(value, hint, field.name):
             raise ArtifactError(f"{what}: {where}: field {field.name!r} is {_shown(value)}, expected {_describe(hint)}"
                                 + (f" within 1..{_MAX_BITS}" if field.name in _BITS_FIELDS else ""))
-        if field.name in _SCALE_FIELDS and value is not None and not _positive_scale(value):
-            raise ArtifactError(f"{what}: {where}: field {field.name!r} is {_shown(value)}, expected a positive "
-                                "scale (an array: one-dimensional, one or more entries)")
+        if field.name in _SCALE_FIELDS and value is not None and not _scale_shaped(value):
+            raise ArtifactError(f"{what}: {where}: field {field.name!r} is {_shown(value)}, expected a scale (a "
+                                "number, or a one-dimensional array of one or more entries)")
         if isinstance(value, list):
             for index, item in enumerate(value):
                 if item is not None and dataclasses.is_dataclass(item):
