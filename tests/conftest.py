@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -144,6 +147,25 @@ def mapsave(tmp_path: Path) -> Path:
     path = tmp_path / "mapsave"
     path.mkdir()
     return path
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str = "the block") -> Iterator[None]:
+    """Raise TimeoutError in this thread after ``seconds``, and every second after until the block ends.
+
+    SIGALRM interrupts a blocking ``open`` or ``read`` (a FIFO), so a reader that hangs fails its test instead of
+    stopping the run; the repeats also interrupt a second blocking call after the first was caught.
+    """
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"{what}: still running after {seconds} s (a hang)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def write_images(root: Path, mode: str, size: tuple[int, int], per_class: int = 12, classes: int = 2) -> Path:

@@ -7,14 +7,13 @@ import io
 import json
 import os
 import shutil
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import onnx
 import pytest
+from conftest import deadline
 
 from maptools.cli import main
 from maptools.errors import ArtifactError, ModelError
@@ -36,21 +35,6 @@ from maptools.quantization.model import load_model, model_sha256
 #: A reader still running after this many seconds hangs.
 LIMIT = 20
 SWEEP = ["--adc-bits", "4", "--rows", "64", "--cell-bits", "2", "--jobs", "1", "--batches", "1"]
-
-
-@contextlib.contextmanager
-def deadline(seconds: float = LIMIT) -> Iterator[None]:
-    """Fail (TimeoutError) a block still running after ``seconds``: SIGALRM interrupts a blocking open or read."""
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"still running after {seconds} s: the reader hangs")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
@@ -76,7 +60,7 @@ def _replace(root: Path, filename: str, data: bytes) -> None:
 
 
 def _cli(*args: str, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    with contextlib.redirect_stdout(io.StringIO()), deadline():
+    with contextlib.redirect_stdout(io.StringIO()), deadline(LIMIT):
         code = main(list(args))
     return code, " ".join(capsys.readouterr().err.split())
 
@@ -100,7 +84,7 @@ def test_external_data_fifo_of_the_recorded_model_does_not_hang_verify_or_cim_sw
     manifest["model"]["path"] = str(model)
     _write_manifest(root, manifest)
     started = time.monotonic()
-    with deadline():
+    with deadline(LIMIT):
         report = verify("m", mapsave_dir=root, batches=1)
     assert "is a FIFO; expected a regular file" in report.failures["fp32"]
     assert report.failures["fp32"].startswith("ArtifactError: ")
@@ -125,9 +109,9 @@ def test_external_data_device_or_outside_the_folder_is_refused_before_reading(ro
                     entry.value = "/dev/zero"
         model.write_bytes(proto.SerializeToString())
         expected = "refers to external data at '/dev/zero'; expected a path inside the model's folder"
-    with deadline(), pytest.raises(ArtifactError, match=expected):
+    with deadline(LIMIT), pytest.raises(ArtifactError, match=expected):
         model_sha256(model, "model.path", ArtifactError)
-    with deadline(), pytest.raises(ModelError, match=expected):  # quantize's loader checks before onnx reads
+    with deadline(LIMIT), pytest.raises(ModelError, match=expected):  # quantize's loader checks before onnx reads
         load_model(model)
 
 
@@ -137,10 +121,10 @@ def test_model_path_that_is_a_device_or_fifo_is_refused(root, tmp_path, capsys):
         manifest = _manifest(root)
         manifest["model"]["path"] = str(path)
         _write_manifest(root, manifest)
-        with deadline():
+        with deadline(LIMIT):
             report = verify("m", mapsave_dir=root, batches=1)
         assert f"{path} is {kind}; expected a regular file" in report.failures["fp32"]
-    with deadline(), pytest.raises(ModelError, match="onnx_path: .*fifo.onnx is a FIFO"):
+    with deadline(LIMIT), pytest.raises(ModelError, match="onnx_path: .*fifo.onnx is a FIFO"):
         load_model(tmp_path / "fifo.onnx")
 
 
@@ -160,7 +144,7 @@ def test_map_file_that_is_not_the_regular_file_the_manifest_records_is_refused(r
         with path.open("ab") as handle:
             handle.write(b"\0" * 4096)
         expected = f"holds {size + 4096} bytes, the manifest records {size}"
-    with deadline(), pytest.raises(ArtifactError, match=expected):
+    with deadline(LIMIT), pytest.raises(ArtifactError, match=expected):
         read_quantparams("m", root)
 
 

@@ -22,7 +22,6 @@ import io
 import json
 import math
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import deadline
 
 import maptools.errors
 from maptools.cli import main
@@ -65,25 +65,6 @@ VERIFY_READS = frozenset({MANIFEST, QUANTINFO, QUANTPARAMS, PPQSTATE})
 MAP = "m"
 SWEEP = ["--adc-bits", "4", "--rows", "64", "--cell-bits", "2", "--jobs", "1", "--batches", "1"]
 _MAPTOOLS_ERRORS = frozenset(maptools.errors.__all__)
-
-
-class HangError(Exception):
-    """A case ran past :data:`CASE_SECONDS`."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float, case: str) -> Iterator[None]:
-    """Raise :class:`HangError` in this thread after ``seconds`` (SIGALRM interrupts blocking reads)."""
-    def expire(signum: int, frame: Any) -> None:
-        raise HangError(f"{case}: still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def open_regular(path: str | os.PathLike, what: str, limit: int, *, error: type[
             another size than ``expected_size`` (a missing file raises :class:`FileNotFoundError` wrapped as
             ``error`` with "is missing" in the message).
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # a FIFO opens at once
     if not follow_links:
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
