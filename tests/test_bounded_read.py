@@ -36,6 +36,8 @@ from maptools.quantization.model import load_model, model_sha256
 LIMIT = 20
 SWEEP = ["--adc-bits", "4", "--rows", "64", "--cell-bits", "2", "--jobs", "1", "--batches", "1"]
 
+pytestmark = pytest.mark.stack  # also run on the oldest supported stack (make test)
+
 
 @pytest.fixture
 def root(digits_cim_map: Path, tmp_path: Path) -> Path:
