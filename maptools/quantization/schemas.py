@@ -156,7 +156,8 @@ def check_manifest(manifest: Any, what: str = MANIFEST, complete: bool = False) 
             raise _fail(what, "settings.input_shapes", "is empty, expected input name -> shape")
         for name, shape in shapes.items():
             _check_shape(shape, what, f"settings.input_shapes.{name}")
-        _int(_get(settings, "seed", what, "settings."), what, "settings.seed", -(1 << 63), (1 << 63) - 2)
+        # torch.manual_seed accepts -2^63 .. 2^64-1; verify seeds its random batches with seed + 1
+        _int(_get(settings, "seed", what, "settings."), what, "settings.seed", -(1 << 63), (1 << 64) - 2)
     if "versions" in manifest:
         for key, value in _mapping(manifest["versions"], what, "versions").items():
             _str(value, what, f"versions.{key}")
