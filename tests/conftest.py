@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -123,12 +126,46 @@ def digits_test() -> tuple[np.ndarray, np.ndarray]:
     return digits.load_split("test")
 
 
+@pytest.fixture(scope="session")
+def digits_cim_map(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mapsave directory holding map ``m``: the digits CNN at W4A4 with a crossbar, so every artifact file exists.
+
+    Made once per session (``fast`` recipe, 8 random calibration batches); tests copy it before changing it.
+    """
+    from maptools.quantization import quantize
+    from maptools.quantization.cim import CIMSpec
+
+    root = tmp_path_factory.mktemp("digits_cim_map")
+    quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname="m", calib_steps=8, bit_width=4,
+             mapsave_dir=root, recipe="fast", analysis_steps=1, cim=CIMSpec(rows=64, cell_bits=2, adc_bits=6))
+    return root
+
+
 @pytest.fixture
 def mapsave(tmp_path: Path) -> Path:
     """A fresh mapsave directory."""
     path = tmp_path / "mapsave"
     path.mkdir()
     return path
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str = "the block") -> Iterator[None]:
+    """Raise TimeoutError in this thread after ``seconds``, and every second after until the block ends.
+
+    SIGALRM interrupts a blocking ``open`` or ``read`` (a FIFO), so a reader that hangs fails its test instead of
+    stopping the run; the repeats also interrupt a second blocking call after the first was caught.
+    """
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"{what}: still running after {seconds} s (a hang)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def write_images(root: Path, mode: str, size: tuple[int, int], per_class: int = 12, classes: int = 2) -> Path:

@@ -32,7 +32,8 @@ def saved(tmp_path, tiny_onnx) -> Path:
 
 def rewrite_manifest(directory: Path, filename: str) -> None:
     manifest = json.loads((directory / MANIFEST).read_text())
-    manifest["files"][filename]["sha256"] = sha256_of((directory / filename).read_bytes())
+    data = (directory / filename).read_bytes()
+    manifest["files"][filename] = {"sha256": sha256_of(data), "bytes": len(data)}  # the size is checked too
     (directory / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -19,6 +19,7 @@ from maptools.cli import main
 from maptools.examples import digits
 from maptools.quantization import mapdir, read_quantinfo, read_quantparams
 from maptools.quantization.artifacts import MANIFEST, QUANTINFO, dump_pickle, sha256_of, write_map
+from maptools.quantization.records import OperatorQuantConfig
 
 WRITER = textwrap.dedent("""
     import os, sys, time
@@ -40,6 +41,11 @@ WRITER = textwrap.dedent("""
     quantize({"input": [16, 1, 8, 8]}, "cpu", sys.argv[4], mapname="m", calib_steps=8, analysis_steps=1,
              mapsave_dir=root, recipe="fast", seed=seed)
 """)
+
+
+def _info(bits: int) -> dict[str, OperatorQuantConfig]:
+    """A one-record quantinfo.pkl (what the reader's schema accepts) that tells two writers apart."""
+    return {"x": OperatorQuantConfig("x", "Relu", input_bits=bits)}
 
 
 def _names(root: Path) -> list[str]:
@@ -89,10 +95,10 @@ def test_only_staging_directories_of_writers_that_are_gone_are_removed(tmp_path)
         (root / name).mkdir()
     for name in (f".m.tmp-{os.getpid()}-oldoldol", ".m.tmp-zyxwvuts"):
         os.utime(root / name, (hour_ago, hour_ago))
-    write_map(root / "m", {QUANTINFO: dump_pickle({"x": 1})}, {})
+    write_map(root / "m", {QUANTINFO: dump_pickle(_info(1))}, {})
     kept = {name for name, keep in folders.items() if keep}
     assert set(_names(root)) == kept | {".m.lock", "m"}
-    assert read_quantinfo("m", root) == {"x": 1}
+    assert read_quantinfo("m", root) == _info(1)
 
 
 @pytest.fixture
@@ -111,7 +117,7 @@ def test_a_busy_map_makes_the_second_writer_give_up(held_lock, tiny_onnx, monkey
     started = time.monotonic()
     with pytest.raises(MapBusyError, match=r"mapname: map 'm' at .* is being written by another process \(it held "
                                            r".*\.m\.lock for 0\.2 s\)"):
-        write_map(root / "m", {QUANTINFO: dump_pickle({"x": 1})}, {}, lock_timeout=0.2)
+        write_map(root / "m", {QUANTINFO: dump_pickle(_info(1))}, {}, lock_timeout=0.2)
     assert 0.2 <= time.monotonic() - started < 5
     assert _names(root) == [".m.lock"]  # nothing written, its staging directory removed
     monkeypatch.setattr(mapdir, "LOCK_TIMEOUT", 0.2)
@@ -126,9 +132,9 @@ def test_a_busy_map_makes_the_second_writer_give_up(held_lock, tiny_onnx, monkey
 
 def test_readers_rename_nothing_and_wait_for_a_swap(tmp_path, monkeypatch):
     root = tmp_path / "mapsave"
-    write_map(root / "m", {QUANTINFO: dump_pickle({"x": 1})}, {})
+    write_map(root / "m", {QUANTINFO: dump_pickle(_info(1))}, {})
     os.replace(root / "m", root / ".m.old-abcdefgh")  # a writer between its two renames
-    assert read_quantinfo("m", root) == {"x": 1}  # read where it lies
+    assert read_quantinfo("m", root) == _info(1)  # read where it lies
     assert _names(root) == [".m.lock", ".m.old-abcdefgh"]  # and nothing renamed
     fd = os.open(root / ".m.lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the writer is still at it
@@ -138,5 +144,5 @@ def test_readers_rename_nothing_and_wait_for_a_swap(tmp_path, monkeypatch):
             read_quantinfo("m", root)
     finally:
         os.close(fd)
-    write_map(root / "m", {QUANTINFO: dump_pickle({"x": 2})}, {})  # the next writer finishes the swap first
-    assert read_quantinfo("m", root) == {"x": 2} and _names(root) == [".m.lock", "m"]
+    write_map(root / "m", {QUANTINFO: dump_pickle(_info(2))}, {})  # the next writer finishes the swap first
+    assert read_quantinfo("m", root) == _info(2) and _names(root) == [".m.lock", "m"]

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from maptools.errors import ArtifactError, UnsafeArtifactError
+from maptools.quantization.boundedio import MAX_MANIFEST_BYTES, read_regular
 from maptools.quantization.format import (
     CIM_FILE,
     CIM_FORMAT_VERSION,
@@ -56,6 +58,15 @@ from maptools.quantization.mapdir import (
     resolve_map,
     sha256_of,
     write_map,
+)
+from maptools.quantization.schemas import (
+    MAX_DEPTH,
+    check_cim_file,
+    check_depth,
+    check_manifest,
+    check_ppq_state,
+    check_quantinfo,
+    check_quantparams,
 )
 from maptools.quantization.snapshot import read_files
 
@@ -93,6 +104,7 @@ __all__ = [
     "read_map",
     "read_map_files",
     "read_pickle",
+    "read_ppq_state",
     "read_quantinfo",
     "read_quantparams",
     "recover_interrupted",
@@ -153,43 +165,62 @@ def dump_json(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]}... does not fit a float64")
+    return value
+
+
 def read_json(data: bytes, what: str) -> Any:
-    """Parse a JSON artifact (plain data: nothing in it is executed)."""
+    """Parse a JSON artifact (plain data: nothing in it is executed), nested at most :data:`.schemas.MAX_DEPTH`.
+
+    ``NaN``, ``Infinity`` and numbers beyond float64 are refused (maptools never writes them).
+    """
     try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise ArtifactError(f"{what}: not valid JSON ({exc})") from None
+        parsed = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ArtifactError(f"{what}: nested deeper than {MAX_DEPTH} levels; a maptools artifact is not") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise ArtifactError(f"{what}: not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+    check_depth(parsed, what)
+    return parsed
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """Load and check ``manifest.json`` of a map directory (a writer's swap in progress is waited for)."""
+def read_manifest(directory: Path, complete: bool = False) -> dict[str, Any]:
+    """Load and check ``manifest.json`` of a map directory (a writer's swap in progress is waited for).
+
+    Args:
+        directory: The map directory.
+        complete: Also require the ``model``, ``settings`` and ``versions`` sections ``quantize`` writes
+            (:func:`~.schemas.check_manifest`), for the readers that use them.
+    """
     path = directory / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         with map_lock(directory, READ_WAIT, shared=True):  # between a swap's two renames: wait for the writer
             pass
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ArtifactError(f"{path} is missing; the map is incomplete or was written by another tool. "
                             "Re-run maptools.quantization.quantize to produce it")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
-    return parse_manifest(data, path)
+    return parse_manifest(read_regular(path, MANIFEST, MAX_MANIFEST_BYTES, follow_links=False), path, complete)
 
 
-def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
-    """Check the bytes of ``manifest.json`` (read from ``path``): JSON of a compatible format version."""
-    try:
-        manifest = json.loads(data)
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
-    version = str(manifest.get("format_version", ""))
-    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+def parse_manifest(data: bytes, path: Path, complete: bool = False) -> dict[str, Any]:
+    """Check the bytes of ``manifest.json`` (read from ``path``): its schema, of a compatible format version."""
+    manifest = read_json(data, f"{path}")
+    if not isinstance(manifest, dict):
+        check_manifest(manifest, f"{path}")  # raises: names what the top level is
+    version = manifest.get("format_version", "")
+    if not isinstance(version, str) or version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
         raise ArtifactError(
-            f"{path}: artifact format version {version or 'unknown'!r} is not compatible with this maptools "
-            f"(format {FORMAT_VERSION}); re-run quantize with this version"
+            f"{path}: artifact format version {str(version)[:20] or 'unknown'!r} is not compatible with this "
+            f"maptools (format {FORMAT_VERSION}); re-run quantize with this version"
         )
-    return manifest
+    return check_manifest(manifest, f"{path}", complete)
 
 
 def read_map_files(mapname: str, filenames: Iterable[str], mapsave_dir: str | os.PathLike | None = None
@@ -199,7 +230,11 @@ def read_map_files(mapname: str, filenames: Iterable[str], mapsave_dir: str | os
 
 
 def read_artifact_bytes(mapname: str, filename: str, mapsave_dir: str | os.PathLike | None = None) -> bytes:
-    """Read one artifact file, checked against the manifest read with it (never mixed up by a concurrent swap)."""
+    """Read one artifact file, checked against the manifest read with it (never mixed up by a concurrent swap).
+
+    The file is opened only if it is a regular file (not a link) of the size the manifest records, at most
+    :data:`~.boundedio.MAX_ARTIFACT_BYTES` (:mod:`.snapshot`).
+    """
     return read_map_files(mapname, [filename], mapsave_dir)[filename]
 
 
@@ -271,13 +306,23 @@ def read_quantparams(mapname: str, mapsave_dir: str | os.PathLike | None = None)
 
 
 def load_quantinfo(data: bytes) -> dict:
-    """``quantinfo.pkl`` from its checked bytes (what every reader of it shares)."""
-    return read_pickle(data, QUANTINFO)
+    """``quantinfo.pkl`` from its checked bytes, its schema checked (what every reader of it shares)."""
+    return check_quantinfo(read_pickle(data, QUANTINFO))
 
 
 def load_quantparams(data: bytes) -> dict:
-    """``quantparams.pkl`` from its checked bytes (what every reader of it shares)."""
-    return read_pickle(data, QUANTPARAMS)
+    """``quantparams.pkl`` from its checked bytes, its schema checked (what every reader of it shares)."""
+    return check_quantparams(read_pickle(data, QUANTPARAMS))
+
+
+def read_ppq_state(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Load ``ppq_state.json`` of a map, its structure checked (:func:`~.schemas.check_ppq_state`).
+
+    Raises:
+        MapNotFoundError: no such map.
+        ArtifactError: the file is missing, modified, not JSON or of the wrong structure.
+    """
+    return check_ppq_state(read_json(read_artifact_bytes(mapname, PPQSTATE, mapsave_dir), PPQSTATE))
 
 
 @dataclass(frozen=True)
@@ -327,11 +372,12 @@ def read_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapC
             raise ArtifactError(f"{snapshot.directory / name}: not listed in {snapshot.directory / MANIFEST}; "
                                 f"re-run quantize for map {mapname!r}")
 
-    def parsed_json(name: str) -> Any:
-        return read_json(snapshot.files[name], name) if name in snapshot.files else None
+    def parsed_json(name: str, check: Callable[[Any, str], Any] = lambda value, _what: value) -> Any:
+        return check(read_json(snapshot.files[name], name), name) if name in snapshot.files else None
 
     return MapContents(
         mapname=mapname, directory=snapshot.directory, manifest=snapshot.manifest,
         quantinfo=load_quantinfo(snapshot.files[QUANTINFO]), quantparams=load_quantparams(snapshot.files[QUANTPARAMS]),
-        ppq_state=parsed_json(PPQSTATE), report=parsed_json(REPORT_JSON), cim=parsed_json(CIM_FILE),
+        ppq_state=parsed_json(PPQSTATE, check_ppq_state), report=parsed_json(REPORT_JSON),
+        cim=parsed_json(CIM_FILE, check_cim_file),
         files=snapshot.files)

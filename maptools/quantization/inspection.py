@@ -28,6 +28,7 @@ from maptools.quantization.artifacts import (
 from maptools.quantization.cim.cost import MapCost
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.schemas import check_cim_file
 
 __all__ = ["MapListing", "cost_table", "inspect_map", "listing_json", "listing_table"]
 
@@ -88,7 +89,7 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None, cim:
         raise InvalidTypeError(f"cim: got {type(cim).__name__}, expected a CIMSpec or None")
     info = read_quantinfo(mapname, mapsave_dir)
     params = read_quantparams(mapname, mapsave_dir)
-    manifest = read_manifest(resolve_map(mapname, mapsave_dir))
+    manifest = read_manifest(resolve_map(mapname, mapsave_dir), complete=True)
     rows = []
     for name, cfg in info.items():
         first_in = next((t for t in cfg.inputs or [] if t is not None), None)
@@ -124,7 +125,7 @@ def _cim_summary(mapname: str, mapsave_dir: str | os.PathLike | None,
     """The crossbar of ``cim.json`` (checked against the manifest), None when the map has none."""
     if CIM_FILE not in manifest.get("files", {}):
         return None
-    data = read_json(read_artifact_bytes(mapname, CIM_FILE, mapsave_dir), CIM_FILE)
+    data = check_cim_file(read_json(read_artifact_bytes(mapname, CIM_FILE, mapsave_dir), CIM_FILE))
     return {"spec": data.get("spec"), "calibrated_macs": len(data.get("adc", {})), "batches": data.get("batches"),
             "method": data.get("method")}
 
@@ -161,7 +162,7 @@ def listing_table(listing: MapListing) -> str:
     bits = f"W{settings.get('weight_bits')}A{settings.get('activation_bits')}"
     lines.append(f"\n{len(rows)} quantized operators; model {manifest['model']['path']} (sha256 "
                  f"{manifest['model']['sha256'][:12]}); {bits} recipe {settings.get('recipe')}; maptools "
-                 f"{manifest['versions']['maptools']}, ppq {manifest['versions']['ppq']}")
+                 f"{manifest['versions'].get('maptools', '?')}, ppq {manifest['versions'].get('ppq', '?')}")
     if listing.cim is not None:
         cim = listing.cim
         text = str(CIMSpec.from_dict(dict(cim["spec"] or {})))

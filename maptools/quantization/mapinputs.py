@@ -19,7 +19,7 @@ def map_input_shapes(mapname: str, mapsave_dir: str | os.PathLike | None = None)
         MapNotFoundError: no such map.
         ArtifactError: the manifest is missing, unreadable or of another format version.
     """
-    manifest = artifacts.read_manifest(artifacts.resolve_map(mapname, mapsave_dir))
+    manifest = artifacts.read_manifest(artifacts.resolve_map(mapname, mapsave_dir), complete=True)
     return {name: list(shape) for name, shape in manifest["settings"]["input_shapes"].items()}
 
 

@@ -21,10 +21,12 @@ from onnx import TensorProto
 from maptools.errors import (
     InvalidArgumentError,
     InvalidTypeError,
+    MaptoolsError,
     ModelError,
     ModelNotFoundError,
     UnsupportedOperatorError,
 )
+from maptools.quantization.boundedio import MAX_EXTERNAL_DATA_BYTES, MAX_MODEL_BYTES, hash_regular, read_regular
 from maptools.quantization.folding import fold_shape_computations
 from maptools.quantization.format import MAC_TYPES
 from maptools.quantization.opset import downgrade_to_opset13
@@ -115,13 +117,27 @@ def _external_locations(proto: onnx.ModelProto) -> list[str]:
     return sorted(locations)
 
 
-def model_sha256(path: str | Path) -> str:
+def _external_path(path: Path, location: str, what: str, error: type[MaptoolsError]) -> Path:
+    """The file of an external-data location, refused if it leaves the model's folder (as onnx's loader does)."""
+    relative = Path(location)
+    if not location or relative.is_absolute() or ".." in relative.parts:
+        raise error(f"{what}: {str(path)!r} refers to external data at {location!r}; expected a path inside the "
+                    "model's folder")
+    return path.parent / relative
+
+
+def model_sha256(path: str | Path, what: str = "onnx_path", error: type[MaptoolsError] = ModelError) -> str:
     """SHA-256 of a model file and of the external data files it refers to (in sorted order), hex.
 
     The same model gives the same digest wherever its folder is; a change to any of its files changes it.
+    Every file is checked before it is read (a regular file, at most :data:`~.boundedio.MAX_MODEL_BYTES`, its
+    external data at most :data:`~.boundedio.MAX_EXTERNAL_DATA_BYTES` each, inside the model's folder).
+
+    Raises:
+        error: a file is missing, not a regular file, too large, or external data outside the model's folder.
     """
     path = Path(path)
-    data = path.read_bytes()
+    data = read_regular(path, what, MAX_MODEL_BYTES, error=error)
     digest = hashlib.sha256(data)
     try:
         locations = _external_locations(onnx.load_from_string(data))
@@ -129,7 +145,8 @@ def model_sha256(path: str | Path) -> str:
         locations = []
     for location in locations:
         digest.update(b"\0" + location.encode() + b"\0")
-        digest.update((path.parent / location).read_bytes())
+        hash_regular(digest, _external_path(path, location, what, error), f"{what} (external data {location!r})",
+                     MAX_EXTERNAL_DATA_BYTES, error=error)
     return digest.hexdigest()
 
 
@@ -156,9 +173,10 @@ def load_model(onnx_path: str | Path) -> LoadedModel:
         raise ModelNotFoundError(f"onnx_path: file {str(path)!r} does not exist; expected an .onnx model file")
     if path.is_dir():
         raise ModelNotFoundError(f"onnx_path: {str(path)!r} is a directory; expected an .onnx model file")
-    data = path.read_bytes()
+    data = read_regular(path, "onnx_path", MAX_MODEL_BYTES, error=ModelError)
     if not data:
         raise ModelError(f"onnx_path: file {str(path)!r} is empty; expected an ONNX model")
+    sha256 = model_sha256(path)  # checks the external data files (regular, inside the folder) before onnx reads them
     try:
         proto = onnx.load_from_string(data)
         if _external_locations(proto):  # weights in files beside the model (torch's default exporter does this)
@@ -186,7 +204,7 @@ def load_model(onnx_path: str | Path) -> LoadedModel:
     return LoadedModel(
         path=path.resolve(),
         proto=proto,
-        sha256=model_sha256(path),
+        sha256=sha256,
         inputs=inputs,
         outputs=outputs,
     )

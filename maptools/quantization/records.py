@@ -198,7 +198,7 @@ class QuantizationResult:
         The three artifacts for the mapper, ``ppq_state.json``, the report (``report.json``, ``report.png``),
         ``cim.json`` (with ``cim=``) and ``manifest.json``, in that order.
         """
-        from maptools.quantization.artifacts import PPQSTATE
+        from maptools.quantization.format import PPQSTATE
 
         paths = [self.quantinfo_path, self.quantparams_path, self.model_path, self.directory / PPQSTATE,
                  self.report_path, self.plot_path, self.cim_path, self.manifest_path]

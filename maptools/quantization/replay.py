@@ -25,16 +25,21 @@ __all__ = ["float_model_path", "legacy_graph_reason", "ppq_session"]
 def float_model_path(mapname: str, manifest: Mapping[str, Any], directory: Path) -> Path:
     """The float model a map was quantized from, checked against the manifest's SHA-256.
 
+    The model and its external data are hashed only after their own checks
+    (:func:`~maptools.quantization.model.model_sha256`: regular files of a bounded size).
+
     Raises:
-        ArtifactError: the model is gone or changed since the map was made.
+        ArtifactError: the model is gone, not a regular file, too large, or changed since the map was made.
     """
     from maptools.quantization.model import model_sha256
 
     model_path = Path(manifest["model"]["path"])
-    if not model_path.is_file():
+    if not model_path.exists():
         raise ArtifactError(f"the float model {model_path} recorded in {directory / artifacts.MANIFEST} is gone; "
                             "it is needed to run FP32 and to rebuild PPQ's simulation")
-    if model_sha256(model_path) != manifest["model"]["sha256"]:
+    # bounded: a regular file (and external data inside its folder) of a sane size, or an ArtifactError
+    what = f"the float model of map {mapname!r} (model.path in {artifacts.MANIFEST})"
+    if model_sha256(model_path, what, ArtifactError) != manifest["model"]["sha256"]:
         raise ArtifactError(f"the float model {model_path} changed since map {mapname!r} was made; re-run quantize")
     return model_path
 
@@ -64,14 +69,13 @@ def ppq_session(mapname: str, mapsave_dir: str | os.PathLike | None = None, devi
     from maptools.quantization.model import check_input_shapes, load_model, prepare_model
 
     directory = artifacts.resolve_map(mapname, mapsave_dir)
-    manifest = artifacts.read_manifest(directory)
+    manifest = artifacts.read_manifest(directory, complete=True)
     files = manifest.get("files", {})
     if artifacts.PPQSTATE not in files:
         if artifacts.PPQGRAPH in files:
             raise ArtifactError(legacy_graph_reason(manifest))
         raise ArtifactError(f"map {mapname!r} has no {artifacts.PPQSTATE}; re-quantize to compare with PPQ")
-    state = artifacts.read_json(artifacts.read_artifact_bytes(mapname, artifacts.PPQSTATE, mapsave_dir),
-                                artifacts.PPQSTATE)
+    state = artifacts.read_ppq_state(mapname, mapsave_dir)
     quantparams = artifacts.read_quantparams(mapname, mapsave_dir)
     model = load_model(float_model_path(mapname, manifest, directory))
     shapes = check_input_shapes({name: list(shape) for name, shape in manifest["settings"]["input_shapes"].items()},

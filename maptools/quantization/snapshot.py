@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from maptools.errors import ArtifactError, MaptoolsError
 from maptools.quantization import mapdir
+from maptools.quantization.boundedio import MAX_ARTIFACT_BYTES, MAX_MANIFEST_BYTES, read_regular
 from maptools.quantization.format import MANIFEST
 
 __all__ = ["MapFiles", "ManifestParser", "read_files"]
@@ -50,16 +50,17 @@ class _ChangedError(Exception):
         self.error = error
 
 
-def _read_at(directory_fd: int, name: str, path: Path, limit: int | None) -> bytes | None:
-    """File ``name`` of the open directory (at most ``limit + 1`` bytes); None if it is gone."""
+class _ReadError(ArtifactError):
+    """A file of the map missing, not a regular file, or not of its manifest's size: final if it persists."""
+
+
+def _read_at(directory_fd: int, name: str, path: Path, limit: int, size: int | None = None) -> bytes:
+    """File ``name`` of the open directory: a regular file (no link) of at most ``limit`` bytes and ``size``."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ArtifactError(f"{path}: not a regular file; a map holds regular files only")
-        return handle.read() if limit is None else handle.read(limit + 1)
+        return read_regular(name, str(path), limit, follow_links=False, expected_size=size, dir_fd=directory_fd,
+                            error=_ReadError)
+    except _ReadError as exc:
+        raise _ChangedError(ArtifactError(str(exc))) from None
 
 
 def _plain_name(name: object, manifest_path: Path) -> str:
@@ -77,10 +78,7 @@ def _read_once(mapname: str, mapsave_dir: str | os.PathLike | None, names: list[
     except FileNotFoundError:
         raise _ChangedError(ArtifactError(f"{directory} vanished while it was read")) from None
     try:
-        data = _read_at(directory_fd, MANIFEST, manifest_path, None)
-        if data is None:
-            raise _ChangedError(ArtifactError(f"{manifest_path} is missing; the map is incomplete or was written by "
-                                         "another tool. Re-run maptools.quantization.quantize to produce it"))
+        data = _read_at(directory_fd, MANIFEST, manifest_path, MAX_MANIFEST_BYTES)
         manifest = parse_manifest(data, manifest_path)
         listed = manifest.get("files")
         listed = listed if isinstance(listed, dict) else {}
@@ -90,11 +88,9 @@ def _read_once(mapname: str, mapsave_dir: str | os.PathLike | None, names: list[
             entry = listed.get(name)
             expected = entry.get("sha256") if isinstance(entry, dict) else None
             size = entry.get("bytes") if isinstance(entry, dict) else None
-            content = _read_at(directory_fd, name, path, size if isinstance(size, int) and size >= 0 else None)
-            if content is None:
-                raise _ChangedError(ArtifactError(f"{path} is missing; re-run quantize for map {mapname!r}"))
             if expected is None:
                 raise _ChangedError(ArtifactError(f"{path}: not listed in {manifest_path}"))
+            content = _read_at(directory_fd, name, path, MAX_ARTIFACT_BYTES, size if isinstance(size, int) else None)
             if mapdir.sha256_of(content) != expected:
                 raise _ChangedError(ArtifactError(
                     f"{path} was modified after quantize wrote it (SHA-256 differs from {MANIFEST}); "

@@ -306,7 +306,7 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
     batches = _check_batches(batches)
     quantinfo = artifacts.read_quantinfo(mapname, mapsave_dir)
     directory = artifacts.resolve_map(mapname, mapsave_dir)
-    manifest = artifacts.read_manifest(directory)
+    manifest = artifacts.read_manifest(directory, complete=True)
     shapes = manifest["settings"]["input_shapes"]
     data = _input_batches(inputs, shapes, _input_dtypes(mapname, mapsave_dir), int(manifest["settings"]["seed"]) + 1,
                           batches)

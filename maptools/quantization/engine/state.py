@@ -36,6 +36,7 @@ import torch
 from maptools.errors import ArtifactError, EngineError
 from maptools.quantization.engine.quiet import import_ppq
 from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.schemas import check_record
 
 import_ppq()
 
@@ -250,9 +251,11 @@ def spec_from_state(state: Mapping[str, Any]) -> LowBitSpec:
     try:
         fields = dict(state["spec"])
         fields["layer_bits"] = {str(k): (int(v[0]), int(v[1])) for k, v in fields.get("layer_bits", {}).items()}
-        return LowBitSpec(**fields)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        spec = LowBitSpec(**fields)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise ArtifactError(f"ppq_state.json: malformed spec ({type(exc).__name__}: {exc})") from None
+    check_record(spec, LowBitSpec, "ppq_state.json", "spec")  # every field of the type LowBitSpec declares
+    return spec
 
 
 def _scale_value(entry: Any, what: str) -> Any:

@@ -209,7 +209,7 @@ def prepare_mac(executor: ReferenceExecutor, node: onnx.NodeProto) -> MacWeights
         )
     family = "conv" if node.op_type in ("Conv", "ConvTranspose") else "gemm"
     w_key, b_key = f"{node.name}_{family}_weight", f"{node.name}_{family}_bias"
-    if w_key not in executor.quantparams:
+    if executor.quantparams.get(w_key) is None:  # missing, or None (a weight is never None)
         if node.op_type in ("MatMul", "Gemm") and node.input[1] not in executor.dq_sources:
             _quantized_activations(executor, node, 2)  # a product of two activations
             return None

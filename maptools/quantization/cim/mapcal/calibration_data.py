@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
+from maptools.quantization.artifacts import read_json
+from maptools.quantization.boundedio import MAX_ARTIFACT_BYTES, read_regular
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.mapdir import write_file_atomically
+from maptools.quantization.schemas import check_cim_file
 
 __all__ = ["CIM_FORMAT", "MapCalibration"]
 
@@ -103,13 +106,7 @@ class MapCalibration:
         Raises:
             ArtifactError: Not JSON, or malformed.
         """
-        try:
-            parsed = json.loads(data)
-        except ValueError as exc:
-            raise ArtifactError(f"{what}: not valid JSON ({exc})") from None
-        if not isinstance(parsed, dict):
-            raise ArtifactError(f"{what}: expected a JSON object")
-        return cls.from_dict(parsed)
+        return cls.from_dict(check_cim_file(read_json(data.encode() if isinstance(data, str) else data, what), what))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the calibration as JSON to ``path`` (atomically); returns the path."""
@@ -125,8 +122,5 @@ class MapCalibration:
             ArtifactError: The file is unreadable or malformed.
         """
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ArtifactError(f"{path}: cannot read the CIM calibration ({exc})") from None
+        data = read_regular(path, "CIM calibration", MAX_ARTIFACT_BYTES)
         return cls.from_json(data, str(path))

@@ -89,7 +89,7 @@ def _as_batches(data: Any, executor: ReferenceExecutor, what: str) -> list[Batch
 
 
 def _random_batches(mapname: str, mapsave_dir: str | os.PathLike | None, count: int, seed: int) -> list[Batch]:
-    manifest = artifacts.read_manifest(artifacts.resolve_map(mapname, mapsave_dir))
+    manifest = artifacts.read_manifest(artifacts.resolve_map(mapname, mapsave_dir), complete=True)
     shapes = manifest["settings"]["input_shapes"]
     generator = np.random.default_rng(seed)
     return [{name: generator.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
@@ -103,7 +103,7 @@ def _fp32_outputs(mapname: str, mapsave_dir: str | os.PathLike | None, batches: 
     from maptools.quantization.replay import float_model_path
 
     directory = artifacts.resolve_map(mapname, mapsave_dir)
-    path = float_model_path(mapname, artifacts.read_manifest(directory), directory)
+    path = float_model_path(mapname, artifacts.read_manifest(directory, complete=True), directory)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
