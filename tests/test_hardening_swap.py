@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import maptools
@@ -31,6 +32,7 @@ from maptools.quantization.artifacts import (
     read_manifest,
     write_map,
 )
+from maptools.quantization.records import OperatorQuantConfig
 
 REPO = Path(maptools.__file__).resolve().parents[1]
 SHAPES = {"input": [2, 3, 8, 8]}
@@ -40,8 +42,23 @@ def _names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
+def _info(value: int) -> dict[str, OperatorQuantConfig]:
+    """A quantinfo of one record that carries ``value`` (readers check the records' schema)."""
+    return {"v": OperatorQuantConfig("v", "Relu", input_scale=float(value))}
+
+
+def _params(value: int) -> dict[str, np.ndarray]:
+    return {"v": np.array([value], dtype=np.int64)}
+
+
+def _value(contents: dict) -> int:
+    """The value a map of :func:`_small_map` was written with (from its quantinfo or its quantparams)."""
+    item = contents["v"]
+    return int(item.input_scale) if isinstance(item, OperatorQuantConfig) else int(item[0])
+
+
 def _small_map(root: Path, value: int, name: str = "m") -> None:
-    write_map(root / name, {QUANTINFO: dump_pickle({"v": value}), QUANTPARAMS: dump_pickle({"v": value}),
+    write_map(root / name, {QUANTINFO: dump_pickle(_info(value)), QUANTPARAMS: dump_pickle(_params(value)),
                             QUANTMODEL: str(value).encode()}, {})
 
 
@@ -163,10 +180,10 @@ def test_a_folder_appearing_during_the_run_is_refused_under_the_lock(tmp_path):
         (root / "m" / "main.py").write_text("print('mine')\n")
 
     with pytest.raises(NotAMapError, match="it holds 'main.py'"):
-        write_map(root / "m", {QUANTINFO: dump_pickle({"v": 2})}, {}, before_swap=replace_by_user)
+        write_map(root / "m", {QUANTINFO: dump_pickle(_info(2))}, {}, before_swap=replace_by_user)
     assert _names(root) == [".m.lock", "m"]  # the staging folder is gone
     assert (root / "m" / "main.py").read_text() == "print('mine')\n"
-    assert read_quantinfo("m", root) == {"v": 1}
+    assert _value(read_quantinfo("m", root)) == 1
 
 
 def test_a_map_is_still_replaced(tmp_path):
@@ -174,7 +191,7 @@ def test_a_map_is_still_replaced(tmp_path):
     _small_map(root, 1)
     (root / "m" / ".quantinfo.pkl.tmp-abcdefgh").write_bytes(b"left by a killed add_map_file")
     _small_map(root, 2)
-    assert read_quantinfo("m", root) == {"v": 2} and _names(root) == [".m.lock", "m"]
+    assert _value(read_quantinfo("m", root)) == 2 and _names(root) == [".m.lock", "m"]
 
 
 def test_recovery_moves_and_removes_only_maptools_folders(tmp_path):
@@ -192,7 +209,7 @@ def test_recovery_moves_and_removes_only_maptools_folders(tmp_path):
     _small_map(root, 1)
     after = _snapshot(root)
     assert {k: v for k, v in after.items() if k in before} == before  # all left as they were
-    assert read_quantinfo("m", root) == {"v": 1}
+    assert _value(read_quantinfo("m", root)) == 1
 
 
 # -- 6. disk full and other OS errors while writing ---------------------------------------------------------
@@ -222,7 +239,7 @@ def test_disk_full_while_writing_is_a_clear_error_and_keeps_the_earlier_map(tmp_
     assert isinstance(caught.value, maptools.MaptoolsError) and isinstance(caught.value, OSError)
     monkeypatch.undo()
     assert _snapshot(root) == before  # no staging folder left, the earlier map whole
-    assert read_map("m", root).quantinfo == {"v": 1}
+    assert _value(read_map("m", root).quantinfo) == 1
 
 
 def test_a_failed_rename_puts_the_earlier_map_back(tmp_path, monkeypatch):
@@ -239,7 +256,7 @@ def test_a_failed_rename_puts_the_earlier_map_back(tmp_path, monkeypatch):
     with pytest.raises(MapWriteError, match=r"could not write map 'm' .*: Input/output error \(EIO\) at "):
         _small_map(root, 2)
     monkeypatch.undo()
-    assert _names(root) == [".m.lock", "m"] and read_quantinfo("m", root) == {"v": 1}
+    assert _names(root) == [".m.lock", "m"] and _value(read_quantinfo("m", root)) == 1
 
 
 def test_disk_full_adding_a_file_changes_nothing(tmp_path, monkeypatch):
@@ -304,7 +321,7 @@ def test_a_lock_file_that_is_not_a_regular_file_is_refused(tmp_path, make):
         _small_map(root, 2)
     with pytest.raises(NotAMapError, match="is not a regular file"), mapdir.map_lock(root / "m", 1.0):
         pass  # the lock itself refuses it too, past the early check
-    assert read_map("m", root).quantinfo == {"v": 1}  # readers neither hang nor fail
+    assert _value(read_map("m", root).quantinfo) == 1  # readers neither hang nor fail
     assert time.monotonic() - started < 10
     assert not victim.exists() and _snapshot(root) == before
 
@@ -343,15 +360,18 @@ def test_exporter_node_names_end_where_they_seem_to():
 SWAPPER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    import numpy as np
     from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS, dump_pickle, write_map
+    from maptools.quantization.records import OperatorQuantConfig
 
     root, seconds = Path(sys.argv[1]), float(sys.argv[2])
     pad = bytes(200_000)  # files big enough for reads to overlap swaps
     value, stop = 0, time.monotonic() + seconds
     while time.monotonic() < stop:
         value += 1
-        write_map(root / "m", {QUANTINFO: dump_pickle({"v": value, "pad": pad}),
-                               QUANTPARAMS: dump_pickle({"v": value, "pad": pad}),
+        info = {"v": OperatorQuantConfig("v", "Relu", input_scale=float(value))}
+        params = {"v": np.array([value], dtype=np.int64), "pad": np.frombuffer(pad, dtype=np.int8)}
+        write_map(root / "m", {QUANTINFO: dump_pickle(info), QUANTPARAMS: dump_pickle(params),
                                QUANTMODEL: str(value).encode() + pad}, {})
     print(value)
 """)
@@ -369,11 +389,11 @@ def test_readers_racing_a_writer_see_one_map(tmp_path):
     try:
         while writer.poll() is None:
             contents = read_map("m", root)
-            value = contents.quantinfo["v"]
-            assert contents.quantparams["v"] == value  # both pickles of the same map
+            value = _value(contents.quantinfo)
+            assert _value(contents.quantparams) == value  # both pickles of the same map
             assert contents.quant_model.split(b"\0")[0] == str(value).encode()
-            assert read_quantinfo("m", root)["v"] >= value  # never a false "modified" or "missing" error
-            assert read_quantparams("m", root)["v"] >= value
+            assert _value(read_quantinfo("m", root)) >= value  # never a false "modified" or "missing" error
+            assert _value(read_quantparams("m", root)) >= value
             reads, seen = reads + 1, seen | {value}
     finally:
         out, err = writer.communicate(timeout=60)
@@ -398,7 +418,7 @@ def test_read_map_returns_every_artifact(tmp_path, tiny_onnx):
 def test_read_map_still_detects_a_modified_file(tmp_path):
     root = tmp_path / "mapsave"
     _small_map(root, 1)
-    (root / "m" / QUANTPARAMS).write_bytes(dump_pickle({"v": 9}))
+    (root / "m" / QUANTPARAMS).write_bytes(dump_pickle(_params(9)))
     with pytest.raises(maptools.ArtifactError, match="quantparams.pkl was modified after quantize wrote it"):
         read_map("m", root)
     manifest = json.loads((root / "m" / MANIFEST).read_text())
