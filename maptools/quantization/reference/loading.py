@@ -11,6 +11,8 @@ import onnx
 from maptools.errors import ArtifactError, InvalidArgumentError
 from maptools.quantization.artifacts import QUANTMODEL, read_artifact_bytes, read_quantinfo, read_quantparams
 from maptools.quantization.cim.adc import AdcCalibration
+from maptools.quantization.cim.analog import SeedLike, check_device
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.spec import CIMSpec
 
 if TYPE_CHECKING:
@@ -25,7 +27,8 @@ class MapLoadingMixin:
 
     @classmethod
     def load(cls, mapname: str, mapsave_dir: str | os.PathLike | None = None, cim: CIMSpec | bool | None = None,
-             adc: MapCalibration | Mapping[str, AdcCalibration] | None = None) -> ReferenceExecutor:
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *, device: DeviceModel | None = None,
+             seed: SeedLike = 0) -> ReferenceExecutor:
         """Load ``mapsave/<mapname>`` (each file checked against the manifest).
 
         Args:
@@ -36,6 +39,8 @@ class MapLoadingMixin:
                 :func:`~maptools.quantization.cim.mapcal.write_map_calibration`).
             adc: The ADC calibration of a spec with ``adc_range='calibrated'``; None for the map's stored one
                 (which must then exist and match the spec).
+            device: The analog non-idealities of the chip (needs ``cim``); None for exact cells.
+            seed: The chip's seed (an int or a SeedSequence).
 
         Raises:
             MapNotFoundError: no such map.
@@ -44,6 +49,7 @@ class MapLoadingMixin:
             UnsupportedOperatorError: the graph holds an operator this executor cannot run.
             InvalidArgumentError: a calibrated spec without a matching calibration.
         """
+        check_device(device, seed, cim)  # before reading anything (cim=True: the cells are checked once known)
         data = read_artifact_bytes(mapname, QUANTMODEL, mapsave_dir)
         try:
             model = onnx.load_from_string(data)
@@ -66,4 +72,5 @@ class MapLoadingMixin:
             adc = stored
         elif cim is not False:
             spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
-        return cls(model, read_quantinfo(mapname, mapsave_dir), read_quantparams(mapname, mapsave_dir), spec, adc)
+        return cls(model, read_quantinfo(mapname, mapsave_dir), read_quantparams(mapname, mapsave_dir), spec, adc,
+                   device=device, seed=seed)
