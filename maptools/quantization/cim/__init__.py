@@ -18,7 +18,10 @@ with numpy only (no PPQ, no torch), for the integer reference executor and for t
   calibration of its ranges from data (:func:`~maptools.quantization.cim.calibrate.calibrate_adc`,
   :class:`~maptools.quantization.cim.adc.AdcCalibration`);
 * :mod:`~maptools.quantization.cim.requant`: integer-only requantization (fixed-point and power-of-two
-  multipliers).
+  multipliers);
+* :mod:`~maptools.quantization.cim.device` and :mod:`~maptools.quantization.cim.analog`: the analog cells'
+  non-idealities (:class:`~maptools.quantization.cim.device.DeviceModel`) and one MAC's cells on a simulated
+  chip (:class:`~maptools.quantization.cim.analog.AnalogMac`).
 
 Map level, on the integer reference executor (numpy and onnx, still no PPQ or torch):
 
@@ -29,7 +32,9 @@ Map level, on the integer reference executor (numpy and onnx, still no PPQ or to
   :func:`~maptools.quantization.cim.mapcal.read_map_calibration`) and the weight slices of every MAC
   (:func:`~maptools.quantization.cim.mapcal.map_weight_slices`);
 * :mod:`~maptools.quantization.cim.sweep`: the agreement of a map on a grid of crossbars
-  (``maptools cim-sweep``).
+  (``maptools cim-sweep``);
+* :mod:`~maptools.quantization.cim.montecarlo`: a figure's distribution over simulated chips
+  (:func:`~maptools.quantization.cim.montecarlo.monte_carlo`).
 
 The executor runs a map on a crossbar with ``simulate(mapname, inputs, cim=spec)`` (see
 :mod:`maptools.quantization.reference.crossbar`).
@@ -65,6 +70,7 @@ from maptools.quantization.cim.adc import (
     adc_gain,
     full_scale_ranges,
 )
+from maptools.quantization.cim.analog import AnalogMac, child_seed
 from maptools.quantization.cim.arithmetic import (
     InputFormat,
     PartialSums,
@@ -74,6 +80,7 @@ from maptools.quantization.cim.arithmetic import (
     partial_sums,
 )
 from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, AdcHistogram, calibrate_adc, choose_range
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapping import (
     MAC_OPS,
     ArrayTile,
@@ -106,6 +113,10 @@ _LAZY = {
     "map_weight_slices": "maptools.quantization.cim.mapcal",
     "read_map_calibration": "maptools.quantization.cim.mapcal",
     "write_map_calibration": "maptools.quantization.cim.mapcal",
+    "MonteCarloResult": "maptools.quantization.cim.montecarlo",
+    "Top1Accuracy": "maptools.quantization.cim.montecarlo",
+    "Top1Agreement": "maptools.quantization.cim.montecarlo",
+    "monte_carlo": "maptools.quantization.cim.montecarlo",
     "SweepResult": "maptools.quantization.cim.sweep",
     "cim_sweep": "maptools.quantization.cim.sweep",
 }
@@ -119,8 +130,10 @@ __all__ = [
     "WEIGHT_ENCODINGS",
     "AdcCalibration",
     "AdcHistogram",
+    "AnalogMac",
     "ArrayTile",
     "CIMSpec",
+    "DeviceModel",
     "InputFormat",
     "PartialSums",
     "TileLayout",
@@ -130,6 +143,7 @@ __all__ = [
     "adc_gain",
     "adc_grid",
     "calibrate_adc",
+    "child_seed",
     "choose_range",
     "cim_accumulate",
     "combine_slices",
