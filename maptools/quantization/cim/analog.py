@@ -90,7 +90,7 @@ def check_device(device: DeviceModel | None, seed: SeedLike, cim: CIMSpec | bool
 class _Tile:
     """The programmed cells of one row tile: effective conductances in digit units and read variances."""
 
-    g: np.ndarray        # (..., signs*S*M, rows_t) float64: G_e / dG - G_min / dG (the digit it reads as)
+    g: np.ndarray        # (..., signs*S*M, rows_t): G_e / dG - G_min / dG (the digit it reads as)
     read_var: np.ndarray | None  # same shape: the read-noise variance per cell (digit units), None without
 
 
@@ -150,7 +150,8 @@ class AnalogMac:
         tiles, total_t, total_0 = [], 0.0, 0.0
         for digits in prep.tiles:
             g_t, g_0, read_var = self._program_tile(digits, columns, streams)
-            tiles.append(_Tile(g_t, read_var))
+            # the partial sums' dtype (float32 below 2^24): a noiseless cell's g rounds to its digit exactly
+            tiles.append(_Tile(g_t.astype(prep.dtype), None if read_var is None else read_var.astype(prep.dtype)))
             total_t += float(g_t.sum(dtype=np.float64))
             total_0 += float(g_0.sum(dtype=np.float64))
         if dev.drift_compensation and total_t > 0 and total_0 > 0:
@@ -197,6 +198,9 @@ class AnalogMac:
     def partial_sums(self, prep: _Prepared, t: int, planes: np.ndarray) -> np.ndarray:
         """Analog partial sums of row tile ``t``, ``(..., signs, S, M, planes, n)`` float64 in digit units.
 
+        Summed in the exact path's dtype (float32 below ``2^24``: its rounding is far below any noise, and a
+        noiseless cell is its digit exactly).
+
         Args:
             prep: The MAC's prepared operands (:func:`~maptools.quantization.cim.arithmetic.cim_accumulate`).
             t: The row tile.
@@ -208,10 +212,11 @@ class AnalogMac:
         k0 = t * self.spec.rows
         block = planes[..., k0:k0 + tile.g.shape[-1], :, :]
         n_planes, n = block.shape[-2:]
-        flat = block.reshape(*block.shape[:-2], n_planes * n).astype(np.float64)
+        flat = block.reshape(*block.shape[:-2], n_planes * n).astype(tile.g.dtype, copy=False)
         psum = np.matmul(tile.g, flat)
         if tile.read_var is not None:
             std = np.sqrt(np.matmul(tile.read_var, flat * flat))
-            psum += std * self._read.standard_normal(psum.shape)
+            psum += std * self._read.standard_normal(psum.shape, dtype=psum.dtype)
+        psum = psum.astype(np.float64, copy=False)
         fmt = prep.fmt
         return psum.reshape(*psum.shape[:-2], fmt.signs, fmt.slices, prep.w.shape[-2], n_planes, n)
