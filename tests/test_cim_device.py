@@ -65,13 +65,15 @@ def test_programming_error_statistics() -> None:
 
 
 def test_read_noise_std() -> None:
-    """Per read: plane p's column sum gets N(0, sqrt(K) * s); acc = sum_p 2^p psum_p: std s sqrt(K * 85)."""
+    """2-bit DACs, u = 15: planes u_0 = u_1 = 3; plane p's column sum gets N(0, s sqrt(K) u_p), acc = psum_0 +
+    4 psum_1: std s sqrt(K * 9 * 17)."""
     m, k, s = 4000, 64, 0.02
     w, x = _ones_layer(m, k)
-    analog = AnalogMac(DeviceModel(read_sigma_rel=s), SPEC, seed=2)
-    first = (_acc(w, x, SPEC, analog) - w @ x).ravel()
-    second = (_acc(w, x, SPEC, analog) - w @ x).ravel()
-    predicted = math.sqrt(s * s * k * sum(4**p for p in range(4)) + 1 / 12)
+    spec = SPEC.replace(dac_bits=2)
+    analog = AnalogMac(DeviceModel(read_sigma_rel=s), spec, seed=2)
+    first = (_acc(w, x, spec, analog) - w @ x).ravel()
+    second = (_acc(w, x, spec, analog) - w @ x).ravel()
+    predicted = math.sqrt(s * s * k * 9 * (1 + 16) + 1 / 12)
     for error in (first, second):
         assert abs(error.std() / predicted - 1) < 0.05, (error.std(), predicted)
     assert not np.array_equal(first, second)  # fresh noise at every read
