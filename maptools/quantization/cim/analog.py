@@ -205,8 +205,11 @@ class AnalogMac:
             prep: The MAC's prepared operands (:func:`~maptools.quantization.cim.arithmetic.cim_accumulate`).
             t: The row tile.
             planes: The DAC planes of a block of positions, ``(..., K, planes, n)``.
+
+        The cells are programmed on the first call; :meth:`program` checks the weights of later calls.
         """
-        self.program(prep)
+        if self._tiles is None:
+            self.program(prep)
         assert self._tiles is not None
         tile = self._tiles[t]
         k0 = t * self.spec.rows

@@ -42,6 +42,10 @@ Notation: weights ``w`` of ``b`` bits, inputs of ``a`` bits, cells of ``c`` bits
 With an ideal ADC the steps compose to ``sum_k w_k x_k`` exactly. The result is int64; in the executor the
 bias is added and the accumulator requantized afterwards, as for the exact MAC.
 
+With ``analog=`` (an :class:`~maptools.quantization.cim.analog.AnalogMac`) step 5 reads the partial sums from
+programmed, noisy cells (:mod:`~maptools.quantization.cim.device`), steps 6 and 7 run on them in float64, the
+sum is divided by the drift compensation factor and rounded once, ``floor(x + 1/2)``.
+
 Numerics: partial sums are computed by BLAS in float32 when ``full_scale < 2^24`` (else float64), which
 is exact; the ADC works in float64; the shift-and-add is exact in float64 (checked) or int64. Only the
 loops over row tiles and blocks of output positions are in Python.
@@ -352,6 +356,7 @@ def _analog_accumulate(prep: _Prepared, analog: AnalogMac, ranges: np.ndarray | 
     ADC), summed in float64: with noiseless cells every term is the exact path's integer.
     """
     m, positions = prep.w.shape[-2], prep.u.shape[-1]
+    analog.program(prep)  # once per call: programs the cells, or checks that they hold these weights
     acc = np.zeros((*prep.lead, m, positions), dtype=np.float64)
     for block in _blocks(prep):
         planes = _input_planes(prep, block)

@@ -47,6 +47,14 @@ has no record (a fused activation such as ``Sigmoid`` or ``HardSwish`` reads the
 the map left in float, and a ``Gemm`` with ``alpha`` or ``beta`` other than 1 (their real factors apply to
 the real values). Such nodes are logged at DEBUG level.
 
+Analog cells
+------------
+
+With a :class:`~maptools.quantization.cim.device.DeviceModel` (``simulate(..., cim=spec, device=model,
+seed=s)``) every crossbar MAC gets its own :class:`~maptools.quantization.cim.analog.AnalogMac`, seeded with
+``child_seed(s, i)`` for the ``i``-th crossbar node in graph order: its cells are programmed on the first run
+and read with noise on every run (see :doc:`/cim`, "Device non-idealities").
+
 The calibration hook
 --------------------
 
