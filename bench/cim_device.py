@@ -31,6 +31,8 @@ DEVICES: dict[str, DeviceModel] = {
     "programming error 10 %": DeviceModel(prog_sigma_rel=0.10),
     "read noise 2 %": DeviceModel(read_sigma_rel=0.02),
     "stuck-at 0.1 % off, 0.1 % on": DeviceModel(stuck_off_rate=0.001, stuck_on_rate=0.001),
+    "IR drop r_wire/r_on 2.5e-5": DeviceModel(ir_drop=2.5e-5),
+    "IR drop r_wire/r_on 2.5e-4": DeviceModel(ir_drop=2.5e-4),
     "IR drop r_wire/r_on 1e-3": DeviceModel(ir_drop=1e-3),
     "PCM, 20 s": DeviceModel.pcm(2, 20.0),
     "PCM, 1 day, no compensation": DeviceModel.pcm(2, DAY, drift_compensation=False),
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=540)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="", help="run only the devices whose name contains this text")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +68,8 @@ def main() -> None:
     print(f"exact top-1 {float((exact.argmax(1) == labels).mean()):.4f}; ideal cells agreement "
           f"{rows['ideal cells']['mean']:.4f}", flush=True)
     for name, device in DEVICES.items():
+        if args.only not in name:
+            continue
         started = time.perf_counter()
         result = monte_carlo(MAP, test, cim=SPEC, adc=calibration, device=device, chips=args.chips, metric=metric,
                              seed=args.seed, jobs=args.jobs, mapsave_dir=mapsave)

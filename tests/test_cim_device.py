@@ -194,6 +194,8 @@ def test_bad_arguments_are_refused_naming_them(mapsave: Path, images: np.ndarray
         DeviceModel(stuck_on_rate=1.5)
     with pytest.raises(InvalidArgumentError, match="on_off_ratio"):
         DeviceModel(on_off_ratio=0.5)
+    with pytest.raises(InvalidArgumentError, match="DeviceModel.from_dict: unknown field.*'sigma'"):
+        DeviceModel.from_dict({"sigma": 0.1})
     with pytest.raises(InvalidTypeError, match="prog_sigma_abs"):
         DeviceModel(prog_sigma_abs="big")
     with pytest.raises(InvalidArgumentError, match="read_sigma_rel.*expected values >= 0"):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.quantization.cim.spec import known_fields
 
 __all__ = ["PCM_G_MAX", "PCM_T0", "PCM_T_READ", "DeviceModel"]
 
@@ -190,14 +191,7 @@ class DeviceModel:
             InvalidTypeError: ``data`` is not a dict.
             InvalidArgumentError: An unknown field or an invalid value.
         """
-        if not isinstance(data, dict):
-            raise InvalidTypeError(f"DeviceModel.from_dict: got {type(data).__name__}, expected a dict")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise InvalidArgumentError(f"DeviceModel.from_dict: unknown field(s) {', '.join(map(repr, unknown))}, "
-                                       f"expected some of {', '.join(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known_fields(cls, data).items()})
 
     @classmethod
     def pcm(cls, cell_bits: int, time: float = PCM_T0, *, drift_compensation: bool = True,
