@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -181,6 +182,12 @@ def test_monte_carlo_is_reproducible_across_processes(mapsave: Path, images: np.
     assert serial.std == pytest.approx(np.std(serial.values, ddof=1))
     pooled = monte_carlo(MAP, images, jobs=2, **kwargs)
     assert np.array_equal(pooled.values, serial.values)
+    loaded = ReferenceExecutor.load(MAP, mapsave)
+    in_memory = monte_carlo(loaded, images, **{k: v for k, v in kwargs.items() if k != "mapsave_dir"})
+    assert np.array_equal(in_memory.values, serial.values)
+    record = json.loads(json.dumps(serial.to_dict()))
+    assert record["values"] == serial.values.tolist() and record["worst"] == serial.worst
+    assert DeviceModel.from_dict(record["device"]) == device and CIMSpec.from_dict(record["spec"]) == SPEC
     # chip i is simulate(..., seed=child_seed(seed, i))
     from maptools.quantization.cim import child_seed
 
