@@ -20,7 +20,10 @@ with numpy only (no PPQ, no torch), for the integer reference executor and for t
 * :mod:`~maptools.quantization.cim.requant`: integer-only requantization (fixed-point and power-of-two
   multipliers);
 * :mod:`~maptools.quantization.cim.cost`: what a layer costs on crossbars (arrays, cells, ADC conversions, DAC
-  drives, energy, latency and area estimates).
+  drives, energy, latency and area estimates);
+* :mod:`~maptools.quantization.cim.device` and :mod:`~maptools.quantization.cim.analog`: the analog cells'
+  non-idealities (:class:`~maptools.quantization.cim.device.DeviceModel`) and one MAC's cells on a simulated
+  chip (:class:`~maptools.quantization.cim.analog.AnalogMac`).
 
 Map level, on the integer reference executor (numpy and onnx, still no PPQ or torch):
 
@@ -33,7 +36,9 @@ Map level, on the integer reference executor (numpy and onnx, still no PPQ or to
 * :mod:`~maptools.quantization.cim.mapcost`: the cost of every crossbar MAC of a map
   (:func:`~maptools.quantization.cim.mapcost.map_cost`);
 * :mod:`~maptools.quantization.cim.sweep`: the agreement of a map on a grid of crossbars
-  (``maptools cim-sweep``).
+  (``maptools cim-sweep``);
+* :mod:`~maptools.quantization.cim.montecarlo`: a figure's distribution over simulated chips
+  (:func:`~maptools.quantization.cim.montecarlo.monte_carlo`).
 
 The executor runs a map on a crossbar with ``simulate(mapname, inputs, cim=spec)`` (see
 :mod:`maptools.quantization.reference.crossbar`).
@@ -69,6 +74,7 @@ from maptools.quantization.cim.adc import (
     adc_gain,
     full_scale_ranges,
 )
+from maptools.quantization.cim.analog import AnalogMac, child_seed
 from maptools.quantization.cim.arithmetic import (
     InputFormat,
     PartialSums,
@@ -88,6 +94,7 @@ from maptools.quantization.cim.cost import (
     cell_read_energy,
     layer_cost,
 )
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapping import (
     MAC_OPS,
     ArrayTile,
@@ -122,6 +129,10 @@ _LAZY = {
     "write_map_calibration": "maptools.quantization.cim.mapcal",
     "map_cost": "maptools.quantization.cim.mapcost",
     "mac_positions": "maptools.quantization.cim.mapcost",
+    "MonteCarloResult": "maptools.quantization.cim.montecarlo",
+    "Top1Accuracy": "maptools.quantization.cim.montecarlo",
+    "Top1Agreement": "maptools.quantization.cim.montecarlo",
+    "monte_carlo": "maptools.quantization.cim.montecarlo",
     "SweepResult": "maptools.quantization.cim.sweep",
     "cim_sweep": "maptools.quantization.cim.sweep",
 }
@@ -135,9 +146,11 @@ __all__ = [
     "WEIGHT_ENCODINGS",
     "AdcCalibration",
     "AdcHistogram",
+    "AnalogMac",
     "ArrayTile",
     "CIMCostParams",
     "CIMSpec",
+    "DeviceModel",
     "InputFormat",
     "LayerCost",
     "MapCost",
@@ -153,6 +166,7 @@ __all__ = [
     "adc_latency",
     "calibrate_adc",
     "cell_read_energy",
+    "child_seed",
     "choose_range",
     "cim_accumulate",
     "combine_slices",

@@ -42,6 +42,10 @@ Notation: weights ``w`` of ``b`` bits, inputs of ``a`` bits, cells of ``c`` bits
 With an ideal ADC the steps compose to ``sum_k w_k x_k`` exactly. The result is int64; in the executor the
 bias is added and the accumulator requantized afterwards, as for the exact MAC.
 
+With ``analog=`` (an :class:`~maptools.quantization.cim.analog.AnalogMac`) step 5 reads the partial sums from
+programmed, noisy cells (:mod:`~maptools.quantization.cim.device`), steps 6 and 7 run on them in float64, the
+sum is divided by the drift compensation factor and rounded once, ``floor(x + 1/2)``.
+
 Numerics: partial sums are computed by BLAS in float32 when ``full_scale < 2^24`` (else float64), which
 is exact; the ADC works in float64; the shift-and-add is exact in float64 (checked) or int64. Only the
 loops over row tiles and blocks of output positions are in Python.
@@ -68,6 +72,7 @@ import numpy as np
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.adc import ADC_FRACTION_BITS, AdcCalibration, adc_codes, adc_gain, full_scale_ranges
+from maptools.quantization.cim.analog import AnalogMac
 from maptools.quantization.cim.slicing import WeightFormat, as_int_weights, weight_digits, weight_format
 from maptools.quantization.cim.spec import CIMSpec
 
@@ -265,7 +270,7 @@ def _adc_ranges(spec: CIMSpec, adc: AdcCalibration | None, grid: tuple[int, int,
 
 def cim_accumulate(weights: np.ndarray, columns: np.ndarray, *, input_bits: int, input_signed: bool,
                    weight_bits: int, spec: CIMSpec, adc: AdcCalibration | None = None, input_zero_point: int = 0,
-                   weight_min: int | None = None) -> np.ndarray:
+                   weight_min: int | None = None, analog: AnalogMac | None = None) -> np.ndarray:
     """The accumulator a CIM crossbar computes for ``weights @ columns`` (see the module docstring).
 
     Args:
@@ -279,10 +284,12 @@ def cim_accumulate(weights: np.ndarray, columns: np.ndarray, *, input_bits: int,
             set), else None.
         input_zero_point: The input zero point (``columns + input_zero_point`` are the input integers).
         weight_min: The smallest weight integer (the record's ``weight_min``); None for ``-2^(b-1)``.
+        analog: The MAC's cells on a simulated chip (:class:`~maptools.quantization.cim.analog.AnalogMac`):
+            partial sums are read from its programmed, noisy conductances; None for exact cells.
 
     Returns:
         int64 ``(..., M, P)`` (leading axes broadcast like ``numpy.matmul``); equal to
-        ``weights @ columns`` when ``spec.adc_bits`` is None.
+        ``weights @ columns`` when ``spec.adc_bits`` is None and ``analog`` is None.
 
     Raises:
         InvalidArgumentError: Shapes that do not multiply, non-integer values, weights or inputs outside
@@ -307,6 +314,9 @@ def cim_accumulate(weights: np.ndarray, columns: np.ndarray, *, input_bits: int,
     if tile_bound * max(1, len(prep.tiles)) >= 2.0**62:
         raise InvalidArgumentError(f"spec {spec}: the shift-and-add of {input_bits}-bit inputs and {weight_bits}-bit "
                                    f"weights would overflow int64")
+    if analog is not None:
+        acc = _analog_accumulate(prep, analog, ranges, gains, coef, levels)
+        return _corrections(acc, prep)
     exact_float = tile_bound < _EXACT_FLOAT64  # else sum in int64
     if not exact_float:
         coef = coef.astype(np.int64)
@@ -324,11 +334,41 @@ def cim_accumulate(weights: np.ndarray, columns: np.ndarray, *, input_bits: int,
             acc[..., block] += np.einsum("...jsmpn,jsp->...mn", values, coef).astype(np.int64)
     if gains is not None:  # round half up: floor(acc_fx / 2^16 + 1/2)
         acc = (acc + (1 << (ADC_FRACTION_BITS - 1))) >> ADC_FRACTION_BITS
-
-    if fmt.encoding == "offset":
-        acc -= fmt.offset * prep.u.sum(axis=-2, keepdims=True)
-    if inp.offset:
-        acc -= inp.offset * prep.w.sum(axis=-1, keepdims=True)
     logger.debug("cim_accumulate: %s x %s, %d row tiles, %d slices, %d planes, ADC %s", list(prep.w.shape),
                  list(prep.u.shape), len(prep.tiles), fmt.slices, inp.planes, spec.adc_bits)
+    return _corrections(acc, prep)
+
+
+def _corrections(acc: np.ndarray, prep: _Prepared) -> np.ndarray:
+    """Step 8 of the module docstring: the digital offset corrections of the shift-and-add's result."""
+    if prep.fmt.encoding == "offset":
+        acc -= prep.fmt.offset * prep.u.sum(axis=-2, keepdims=True)
+    if prep.inp.offset:
+        acc -= prep.inp.offset * prep.w.sum(axis=-1, keepdims=True)
     return acc
+
+
+def _analog_accumulate(prep: _Prepared, analog: AnalogMac, ranges: np.ndarray | None, gains: np.ndarray | None,
+                       coef: np.ndarray, levels: int | None) -> np.ndarray:
+    """The shift-and-add of analog partial sums (float64), scaled by the drift compensation, rounded once.
+
+    The same steps as the exact path (ADC codes times gains, or the partial sums themselves for an ideal
+    ADC), summed in float64: with noiseless cells every term is the exact path's integer.
+    """
+    m, positions = prep.w.shape[-2], prep.u.shape[-1]
+    analog.program(prep)  # once per call: programs the cells, or checks that they hold these weights
+    acc = np.zeros((*prep.lead, m, positions), dtype=np.float64)
+    for block in _blocks(prep):
+        planes = _input_planes(prep, block)
+        for t in range(len(prep.tiles)):
+            values = analog.partial_sums(prep, t, planes)
+            if gains is not None:
+                assert ranges is not None and levels is not None
+                values = adc_codes(values, ranges[t][:, None, :, None], levels)
+                values *= gains[t][:, None, :, None]
+            acc[..., block] += np.einsum("...jsmpn,jsp->...mn", values, coef)
+    if analog.compensation != 1.0:
+        acc *= analog.compensation
+    if gains is not None:
+        acc = np.ldexp(acc, -ADC_FRACTION_BITS)
+    return np.floor(acc + 0.5).astype(np.int64)

@@ -147,15 +147,7 @@ class CIMSpec:
             InvalidTypeError: ``data`` is not a dict.
             InvalidArgumentError: An unknown field or an invalid value.
         """
-        if not isinstance(data, dict):
-            raise InvalidTypeError(f"CIMSpec.from_dict: got {type(data).__name__}, expected a dict")
-        unknown = sorted(set(data) - set(_field_names()))
-        if unknown:
-            raise InvalidArgumentError(
-                f"CIMSpec.from_dict: unknown field(s) {', '.join(map(repr, unknown))}, "
-                f"expected some of {', '.join(_field_names())}"
-            )
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
     @classmethod
     def parse(cls, text: str) -> CIMSpec:
@@ -191,6 +183,23 @@ class CIMSpec:
     def __str__(self) -> str:
         """The :meth:`parse`-able form, every field spelled out."""
         return ",".join(f"{k}={'none' if v is None else v}" for k, v in self.to_dict().items())
+
+
+def known_fields(cls: type, data: Any) -> dict[str, Any]:
+    """``data``, a dict of some of the dataclass ``cls``'s fields, checked for ``cls.from_dict``.
+
+    Raises:
+        InvalidTypeError: ``data`` is not a dict.
+        InvalidArgumentError: An unknown field.
+    """
+    if not isinstance(data, dict):
+        raise InvalidTypeError(f"{cls.__name__}.from_dict: got {type(data).__name__}, expected a dict")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise InvalidArgumentError(f"{cls.__name__}.from_dict: unknown field(s) {', '.join(map(repr, unknown))}, "
+                                   f"expected some of {', '.join(names)}")
+    return dict(data)
 
 
 def _field_names() -> tuple[str, ...]:

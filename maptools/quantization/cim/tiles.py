@@ -15,7 +15,7 @@ from maptools.errors import InvalidArgumentError
 from maptools.quantization.cim.slicing import WeightFormat, weight_format
 from maptools.quantization.cim.spec import CIMSpec
 
-__all__ = ["MAC_OPS", "ArrayTile", "TileLayout", "mac_matrix", "tile_layout"]
+__all__ = ["MAC_OPS", "ArrayTile", "TileLayout", "crossbar_column", "mac_matrix", "tile_layout"]
 
 #: The operator types whose constant weight is mapped onto crossbars.
 MAC_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -58,6 +58,16 @@ def mac_matrix(weight: np.ndarray, op_type: str, group: int = 1, *, trans_b: boo
     if w.ndim < 2:
         raise InvalidArgumentError(f"MatMul weight: got shape {list(w.shape)}, expected (..., K, N)")
     return np.swapaxes(w, -1, -2).reshape(-1, w.shape[-1], w.shape[-2])
+
+
+def crossbar_column(fmt: WeightFormat, channels_per_array: int, channel: np.ndarray | int,
+                    slice_index: np.ndarray | int, sign: np.ndarray | int) -> np.ndarray:
+    """The crossbar column (within its array) of a slice and sign of an output channel; broadcasts.
+
+    Channel ``m`` takes ``W = signs * S`` adjacent columns from ``(m % Q) * W``, slice-major and sign-minor.
+    """
+    local = np.asarray(channel) % channels_per_array
+    return local * fmt.columns_per_weight + np.asarray(slice_index) * fmt.signs + np.asarray(sign)
 
 
 @dataclass(frozen=True)
@@ -160,7 +170,7 @@ class TileLayout:
                 f"slice 0..{fmt.slices - 1}, sign 0..{fmt.signs - 1}"
             )
         col_tile, local = divmod(channel, self.channels_per_array)
-        return col_tile, local * fmt.columns_per_weight + slice_index * fmt.signs + sign
+        return col_tile, int(crossbar_column(fmt, self.channels_per_array, channel, slice_index, sign))
 
     @property
     def arrays(self) -> list[ArrayTile]:

@@ -17,6 +17,8 @@ import onnx
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.adc import AdcCalibration
+from maptools.quantization.cim.analog import AnalogMac, SeedLike, check_device, child_seed
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.reference.crossbar import (
     CimMode,
@@ -86,7 +88,7 @@ class CimModeMixin:
         return crossbar_fingerprint((ops, self.mac_weights(node).weight) for node, ops in self.crossbar_operands())
 
     def _configure(self, cim: CIMSpec | None, adc: MapCalibration | Mapping[str, AdcCalibration] | None,
-                   hook: MacHook | None) -> None:
+                   hook: MacHook | None, device: DeviceModel | None = None, seed: SeedLike = 0) -> None:
         if cim is True:
             raise InvalidTypeError("cim=True reads the map's CIM calibration: use ReferenceExecutor.load(mapname, "
                                    "cim=True) or simulate(mapname, inputs, cim=True); here pass a CIMSpec or None")
@@ -97,8 +99,10 @@ class CimModeMixin:
         if not isinstance(calibrations, Mapping):
             raise InvalidTypeError(f"adc: got {type(adc).__name__}, expected a MapCalibration, a dict node name -> "
                                    "AdcCalibration, or None")
+        chip = check_device(device, seed, cim)
         self.cim = None if cim is None else CimMode(cim, dict(calibrations))
         self.mac_hook = hook
+        self.device = None if chip is None else device
         made_on = getattr(adc, "fingerprint", "")
         if self.cim is not None and self.cim.calibrated and made_on and made_on != self.fingerprint:
             raise InvalidArgumentError("adc: the ADC calibration was made on another map (its crossbar weights or "
@@ -106,17 +110,19 @@ class CimModeMixin:
         self._accumulators = {}
         if self.cim is None and hook is None:
             return  # exact MACs through mac.accumulate, as always
-        for node in self.crossbar_nodes:
+        for index, node in enumerate(self.crossbar_nodes):
             record = self.record(node)
             operands = mac_operands(node, record)
             if self.cim is not None:
                 self.cim.calibration(operands, _mac_depth(node, self.mac_weights(node).weight))
-            self._accumulators[node.name] = MacAccumulator(operands, self.cim, hook)
+            analog = None if chip is None else AnalogMac(chip, self.cim.spec, child_seed(seed, index))
+            self._accumulators[node.name] = MacAccumulator(operands, self.cim, hook, analog)
         if self.cim is not None:
             logger.debug("CIM mode %s on %d crossbar MACs", self.cim.spec, len(self._accumulators))
 
     def with_cim(self, cim: CIMSpec | None, adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *,
-                 mac_hook: MacHook | None = None) -> ReferenceExecutor:
+                 mac_hook: MacHook | None = None, device: DeviceModel | None = None,
+                 seed: SeedLike = 0) -> ReferenceExecutor:
         """A copy of this executor in another mode, sharing the loaded map (nothing is re-read or re-checked).
 
         Args:
@@ -125,13 +131,19 @@ class CimModeMixin:
             mac_hook: Called with the operands, integer weights and centred columns of every crossbar MAC
                 before it is accumulated (see :data:`~maptools.quantization.reference.crossbar.MacHook`); it
                 must not modify them. None for no hook.
+            device: The analog cells' non-idealities (needs ``cim``); None or an ideal model for exact cells.
+                Each call makes a new chip: its cells are programmed on their first run and kept for the
+                following ones (see :mod:`~maptools.quantization.cim.analog`).
+            seed: The chip's seed (an int or a SeedSequence); crossbar MAC ``i`` (graph order) draws from
+                ``child_seed(seed, i)``.
 
         Raises:
-            InvalidArgumentError: as the class.
-            InvalidTypeError: as the class.
+            InvalidArgumentError: as the class, or a device without ``cim`` or whose per-level parameters do
+                not fit the spec's cells.
+            InvalidTypeError: as the class, or a ``device`` or ``seed`` of the wrong type.
         """
         twin = copy.copy(self)
-        twin._configure(cim, adc, mac_hook)
+        twin._configure(cim, adc, mac_hook, device, seed)
         return twin
 
     def mac_accumulator(self, node: onnx.NodeProto) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:

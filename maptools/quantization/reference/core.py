@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 
 from maptools.quantization.cim.adc import AdcCalibration
+from maptools.quantization.cim.analog import SeedLike
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.reference.executor import SUPPORTED_OPS, ReferenceExecutor
 
@@ -27,14 +29,15 @@ __all__ = ["SUPPORTED_OPS", "ReferenceExecutor", "simulate"]
 @overload
 def simulate(mapname: str, inputs: Mapping[str, Any] | Any, *, mapsave_dir: str | os.PathLike | None = ...,
              return_integers: Literal[False] = ..., cim: CIMSpec | bool | None = ...,
-             adc: MapCalibration | Mapping[str, AdcCalibration] | None = ...) -> dict[str, np.ndarray]: ...
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = ..., device: DeviceModel | None = ...,
+             seed: SeedLike = ...) -> dict[str, np.ndarray]: ...
 
 
 @overload
 def simulate(mapname: str, inputs: Mapping[str, Any] | Any, *, mapsave_dir: str | os.PathLike | None = ...,
              return_integers: Literal[True], cim: CIMSpec | bool | None = ...,
-             adc: MapCalibration | Mapping[str, AdcCalibration] | None = ...,
-             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = ..., device: DeviceModel | None = ...,
+             seed: SeedLike = ...) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
 
 
 def simulate(
@@ -45,6 +48,8 @@ def simulate(
     return_integers: bool = False,
     cim: CIMSpec | bool | None = None,
     adc: MapCalibration | Mapping[str, AdcCalibration] | None = None,
+    device: DeviceModel | None = None,
+    seed: SeedLike = 0,
 ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Run a quantized map with integer arithmetic, as the chip would.
 
@@ -66,6 +71,12 @@ def simulate(
         adc: For a spec with ``adc_bits`` set and ``adc_range='calibrated'``: the ADC calibration
             (a :class:`~maptools.quantization.cim.mapcal.MapCalibration`, e.g. from
             :func:`~maptools.quantization.cim.mapcal.calibrate_map`); None for the map's stored one.
+        device: With ``cim``: the analog non-idealities of the chip
+            (:class:`~maptools.quantization.cim.device.DeviceModel`): its cells are programmed once, then read
+            with noise (see :mod:`~maptools.quantization.cim.analog`). None (or a model with every effect off)
+            for exact cells.
+        seed: The chip's seed (an int or a :class:`numpy.random.SeedSequence`): the same seed gives the same
+            chip and the same outputs, in any process.
 
     Returns:
         With ``return_integers=False``: ``outputs``, a dict graph output name -> float32 array (the
@@ -85,8 +96,10 @@ def simulate(
         UnsupportedOperatorError: the graph holds an operator the executor cannot run (raised before any
             computation; the message names the node and its operator type).
         InvalidArgumentError: a bare array for a multi-input model, missing or unknown input names, or an
-            input of the wrong rank.
-        InvalidTypeError: an input is neither a numpy array nor a torch tensor.
+            input of the wrong rank; a ``device`` without ``cim`` or with per-level parameters that do not
+            fit the spec's cells.
+        InvalidTypeError: an input is neither a numpy array nor a torch tensor; a ``device`` or ``seed`` of
+            the wrong type.
     """
-    executor = ReferenceExecutor.load(mapname, mapsave_dir, cim=cim, adc=adc)
+    executor = ReferenceExecutor.load(mapname, mapsave_dir, cim=cim, adc=adc, device=device, seed=seed)
     return executor.run(inputs, return_integers=return_integers)

@@ -47,6 +47,14 @@ has no record (a fused activation such as ``Sigmoid`` or ``HardSwish`` reads the
 the map left in float, and a ``Gemm`` with ``alpha`` or ``beta`` other than 1 (their real factors apply to
 the real values). Such nodes are logged at DEBUG level.
 
+Analog cells
+------------
+
+With a :class:`~maptools.quantization.cim.device.DeviceModel` (``simulate(..., cim=spec, device=model,
+seed=s)``) every crossbar MAC gets its own :class:`~maptools.quantization.cim.analog.AnalogMac`, seeded with
+``child_seed(s, i)`` for the ``i``-th crossbar node in graph order: its cells are programmed on the first run
+and read with noise on every run (see :doc:`/cim`, "Device non-idealities").
+
 The calibration hook
 --------------------
 
@@ -69,6 +77,7 @@ import onnx
 
 from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.adc import AdcCalibration
+from maptools.quantization.cim.analog import AnalogMac
 from maptools.quantization.cim.arithmetic import adc_grid, cim_accumulate
 from maptools.quantization.cim.requant import INT32_MAX, INT32_MIN, requant_multipliers, requantize
 from maptools.quantization.cim.spec import CIMSpec
@@ -183,12 +192,16 @@ class MacAccumulator:
         operands: The node's crossbar operands.
         mode: The crossbar, or None for the exact accumulation.
         hook: Called before accumulating (see :data:`MacHook`), or None.
+        analog: The node's cells on a simulated chip (see :mod:`~maptools.quantization.cim.analog`), or None
+            for exact cells.
     """
 
-    def __init__(self, operands: MacOperands, mode: CimMode | None, hook: MacHook | None) -> None:
+    def __init__(self, operands: MacOperands, mode: CimMode | None, hook: MacHook | None,
+                 analog: AnalogMac | None = None) -> None:
         self.operands = operands
         self.mode = mode
         self.hook = hook
+        self.analog = analog
 
     def __call__(self, weights: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """The int64 accumulator ``(..., M, P)`` of ``weights (..., M, K)`` and ``columns (..., K, P)``."""
@@ -200,7 +213,8 @@ class MacAccumulator:
         if self.mode is None:
             return exact_matmul(weights, columns)
         adc = self.mode.calibration(self.operands, int(np.shape(weights)[-1]))
-        return unfold(cim_accumulate(weights, folded, spec=self.mode.spec, adc=adc, **self.operands.kwargs()))
+        return unfold(cim_accumulate(weights, folded, spec=self.mode.spec, adc=adc, analog=self.analog,
+                                     **self.operands.kwargs()))
 
 
 def fold_batch(weights: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:

@@ -27,6 +27,8 @@ from maptools.errors import (
 )
 from maptools.quantization.artifacts import QUANTMODEL
 from maptools.quantization.cim.adc import AdcCalibration
+from maptools.quantization.cim.analog import SeedLike
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import (  # noqa: F401 - importing them registers their handlers
@@ -91,6 +93,9 @@ class ReferenceExecutor(CimModeMixin, MapLoadingMixin):
         adc: The ADC calibration of a spec with ``adc_range='calibrated'`` (and ``adc_bits`` set): a
             :class:`~maptools.quantization.cim.mapcal.MapCalibration` or a dict node name ->
             :class:`~maptools.quantization.cim.adc.AdcCalibration`; ignored otherwise.
+        device: The analog non-idealities of the chip (:class:`~maptools.quantization.cim.device.DeviceModel`,
+            needs ``cim``); None for exact cells. See :meth:`with_cim`.
+        seed: The chip's seed (an int or a :class:`numpy.random.SeedSequence`).
 
     Raises:
         UnsupportedOperatorError: the graph holds an operator this executor cannot run.
@@ -102,7 +107,8 @@ class ReferenceExecutor(CimModeMixin, MapLoadingMixin):
 
     def __init__(self, model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuantConfig],
                  quantparams: Mapping[str, np.ndarray | None], cim: CIMSpec | None = None,
-                 adc: MapCalibration | Mapping[str, AdcCalibration] | None = None) -> None:
+                 adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *,
+                 device: DeviceModel | None = None, seed: SeedLike = 0) -> None:
         self.model = model
         self.quantinfo = dict(quantinfo)
         self.quantparams = dict(quantparams)
@@ -137,8 +143,10 @@ class ReferenceExecutor(CimModeMixin, MapLoadingMixin):
         self.cim: CimMode | None = None
         #: Called with every crossbar MAC's operands, weights and columns (None: no hook).
         self.mac_hook: MacHook | None = None
+        #: The analog non-idealities of the simulated chip (None: exact cells).
+        self.device: DeviceModel | None = None
         self._accumulators: dict[str, MacAccumulator] = {}
-        self._configure(cim, adc, None)
+        self._configure(cim, adc, None, device, seed)
 
     # -- the graph and its records ----------------------------------------------------------------
     @staticmethod

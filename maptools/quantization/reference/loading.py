@@ -18,6 +18,8 @@ from maptools.quantization.artifacts import (
     read_map_files,
 )
 from maptools.quantization.cim.adc import AdcCalibration
+from maptools.quantization.cim.analog import SeedLike, check_device
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.spec import CIMSpec
 
 if TYPE_CHECKING:
@@ -32,7 +34,8 @@ class MapLoadingMixin:
 
     @classmethod
     def load(cls, mapname: str, mapsave_dir: str | os.PathLike | None = None, cim: CIMSpec | bool | None = None,
-             adc: MapCalibration | Mapping[str, AdcCalibration] | None = None) -> ReferenceExecutor:
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *, device: DeviceModel | None = None,
+             seed: SeedLike = 0) -> ReferenceExecutor:
         """Load ``mapsave/<mapname>`` (each file checked against the manifest, all three of one snapshot).
 
         Args:
@@ -43,6 +46,8 @@ class MapLoadingMixin:
                 :func:`~maptools.quantization.cim.mapcal.write_map_calibration`).
             adc: The ADC calibration of a spec with ``adc_range='calibrated'``; None for the map's stored one
                 (which must then exist and match the spec).
+            device: The analog non-idealities of the chip (needs ``cim``); None for exact cells.
+            seed: The chip's seed (an int or a SeedSequence).
 
         Raises:
             MapNotFoundError: no such map.
@@ -51,6 +56,7 @@ class MapLoadingMixin:
             UnsupportedOperatorError: the graph holds an operator this executor cannot run.
             InvalidArgumentError: a calibrated spec without a matching calibration.
         """
+        check_device(device, seed, cim)  # before reading anything (cim=True: the cells are checked once known)
         # the graph, records and parameters of the same quantize run, even while the map is being replaced
         files = read_map_files(mapname, [QUANTMODEL, QUANTINFO, QUANTPARAMS], mapsave_dir)
         try:
@@ -74,4 +80,5 @@ class MapLoadingMixin:
             adc = stored
         elif cim is not False:
             spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
-        return cls(model, load_quantinfo(files[QUANTINFO]), load_quantparams(files[QUANTPARAMS]), spec, adc)
+        return cls(model, load_quantinfo(files[QUANTINFO]), load_quantparams(files[QUANTPARAMS]), spec, adc,
+                   device=device, seed=seed)
