@@ -14,6 +14,7 @@ __all__ = [
     "CalibrationError",
     "DeviceError",
     "EngineError",
+    "FloatModelMissingError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "MapBusyError",
@@ -81,6 +82,14 @@ class ArtifactError(MaptoolsError, ValueError):
 
 class UnsafeArtifactError(ArtifactError):
     """A pickle tried to load something other than maptools records, numpy arrays and builtins."""
+
+
+class FloatModelMissingError(ArtifactError):
+    """The float model a map records was moved away or changed since quantize: only the runs needing it are skipped.
+
+    A recorded model that is there but unsafe to read (a FIFO, a device, too large, external data outside its
+    folder) is a plain :class:`ArtifactError` instead, raised before anything runs.
+    """
 
 
 class EngineError(MaptoolsError, RuntimeError):

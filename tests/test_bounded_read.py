@@ -78,22 +78,76 @@ def _external_model(folder: Path) -> Path:
 
 
 # -- 2: bounded readers -------------------------------------------------------------------------------------------
-def test_external_data_fifo_of_the_recorded_model_does_not_hang_verify_or_cim_sweep(root, tmp_path, capsys):
+@pytest.fixture
+def no_execution(monkeypatch) -> list[str]:
+    """Records every onnxruntime session and integer executor built: a crafted map must be refused before."""
+    import onnxruntime
+
+    from maptools.quantization.reference import ReferenceExecutor
+
+    built: list[str] = []
+    session, from_files = onnxruntime.InferenceSession, ReferenceExecutor.from_files.__func__
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda *a, **k: built.append("onnxruntime") or session(*a, **k))
+    monkeypatch.setattr(ReferenceExecutor, "from_files",
+                        classmethod(lambda cls, *a, **k: built.append("integer") or from_files(cls, *a, **k)))
+    return built
+
+
+def _record_model(root: Path, path: Path) -> None:
+    manifest = _manifest(root)
+    manifest["model"]["path"] = str(path)
+    _write_manifest(root, manifest)
+
+
+def _refused_by_every_command(root: Path, expected: str, capsys, built: list[str]) -> None:
+    """verify and cim-sweep refuse the map (ArtifactError, exit 2) before any execution, in seconds."""
+    started = time.monotonic()
+    with deadline(LIMIT), pytest.raises(ArtifactError, match=expected):
+        verify("m", mapsave_dir=root, batches=1)
+    for command in (["verify", "m", "--batches", "1"], ["cim-sweep", "m", *SWEEP]):
+        code, err = _cli(*command, "--mapsave-dir", str(root), capsys=capsys)
+        assert code == 2 and "error: the float model of map 'm'" in err and "internal error" not in err, (command, err)
+    assert built == [] and time.monotonic() - started < LIMIT  # nothing ran
+
+
+def test_external_data_fifo_of_the_recorded_model_is_refused_with_exit_2(root, tmp_path, capsys, no_execution):
     model = _external_model(tmp_path / "model")
     os.unlink(model.parent / "weights.bin")
     os.mkfifo(model.parent / "weights.bin")  # nobody ever writes to it: reading it blocks forever
-    manifest = _manifest(root)
-    manifest["model"]["path"] = str(model)
-    _write_manifest(root, manifest)
-    started = time.monotonic()
+    _record_model(root, model)
+    _refused_by_every_command(root, "weights.bin is a FIFO; expected a regular file", capsys, no_execution)
+
+
+def test_external_data_outside_the_folder_or_too_large_is_refused_with_exit_2(root, tmp_path, capsys, no_execution,
+                                                                               monkeypatch):
+    model = _external_model(tmp_path / "model")
+    _record_model(root, model)
+    monkeypatch.setattr("maptools.quantization.model.MAX_EXTERNAL_DATA_BYTES", 1000)  # the weights hold 10 KiB
+    size = (model.parent / "weights.bin").stat().st_size
+    _refused_by_every_command(root, f"weights.bin holds {size} bytes, more than the 1000 bytes accepted", capsys,
+                              no_execution)
+    monkeypatch.undo()
+    proto = onnx.load(str(model), load_external_data=False)
+    next(iter(proto.graph.initializer)).external_data[0].value = "../elsewhere.bin"
+    model.write_bytes(proto.SerializeToString())
+    _refused_by_every_command(root, "refers to external data at '../elsewhere.bin'", capsys, [])
+
+
+def test_a_float_model_moved_away_only_skips_fp32_and_ppq(root, tmp_path, capsys):
+    model = _external_model(tmp_path / "model")
+    _record_model(root, model)
+    os.unlink(model.parent / "weights.bin")  # the user moved the weights away: not crafted, the map still verifies
     with deadline(LIMIT):
         report = verify("m", mapsave_dir=root, batches=1)
-    assert "is a FIFO; expected a regular file" in report.failures["fp32"]
-    assert report.failures["fp32"].startswith("ArtifactError: ")
-    assert [(p.reference, p.candidate) for p in report.ran_pairs] == [("onnxruntime", "integer")]  # the map's own
+    assert report.failures["fp32"].startswith("FloatModelMissingError: the float model of map 'm'")
+    assert "weights.bin is missing" in report.failures["fp32"] and set(report.failures) == {"fp32", "ppq"}
+    assert [(p.reference, p.candidate) for p in report.ran_pairs] == [("onnxruntime", "integer")]
     code, err = _cli("cim-sweep", "m", *SWEEP, "--mapsave-dir", str(root), capsys=capsys)
-    assert code == 0 and "FP32 could not run: ArtifactError" in err and "weights.bin is a FIFO" in err  # no FP32 row
-    assert time.monotonic() - started < 2 * LIMIT
+    assert code == 0 and "FP32 could not run: FloatModelMissingError" in err
+    _record_model(root, tmp_path / "nowhere.onnx")
+    code, _ = _cli("verify", "m", "--batches", "1", "--mapsave-dir", str(root), capsys=capsys)
+    assert code == 0
 
 
 @pytest.mark.parametrize("link", ["/dev/zero", "absolute"])
@@ -117,15 +171,11 @@ def test_external_data_device_or_outside_the_folder_is_refused_before_reading(ro
         load_model(model)
 
 
-def test_model_path_that_is_a_device_or_fifo_is_refused(root, tmp_path, capsys):
+def test_model_path_that_is_a_device_or_fifo_is_refused_with_exit_2(root, tmp_path, capsys, no_execution):
     os.mkfifo(tmp_path / "fifo.onnx")
     for path, kind in ((tmp_path / "fifo.onnx", "a FIFO"), (Path("/dev/zero"), "a character device")):
-        manifest = _manifest(root)
-        manifest["model"]["path"] = str(path)
-        _write_manifest(root, manifest)
-        with deadline(LIMIT):
-            report = verify("m", mapsave_dir=root, batches=1)
-        assert f"{path} is {kind}; expected a regular file" in report.failures["fp32"]
+        _record_model(root, path)
+        _refused_by_every_command(root, f"{path} is {kind}; expected a regular file", capsys, no_execution)
     with deadline(LIMIT), pytest.raises(ModelError, match="onnx_path: .*fifo.onnx is a FIFO"):
         load_model(tmp_path / "fifo.onnx")
 

@@ -61,13 +61,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from maptools.quantization import verify
+    from maptools.quantization.artifacts import map_contents
     from maptools.quantization.mapinputs import map_folder_inputs
 
+    contents = map_contents(args.mapname, args.mapsave_dir)  # the one snapshot of the map this command reads
     inputs = None
     if args.inputs is not None:
-        inputs = map_folder_inputs(args.mapname, args.inputs, "--inputs", args.mean, args.std,
-                                   mapsave_dir=args.mapsave_dir)
-    report = verify(args.mapname, inputs, mapsave_dir=args.mapsave_dir, batches=args.batches)
+        shapes = {name: list(shape) for name, shape in contents.manifest["settings"]["input_shapes"].items()}
+        inputs = map_folder_inputs(args.mapname, args.inputs, "--inputs", args.mean, args.std, shapes=shapes)
+    report = verify(contents, inputs, batches=args.batches)
     print(report.table())
     if not report.ran_pairs:  # every execution but at most one failed: nothing was compared
         print(f"maptools verify: error: no pair of executions could run on map {args.mapname!r}; "

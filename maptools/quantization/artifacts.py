@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maptools.errors import ArtifactError, UnsafeArtifactError
+from maptools.errors import ArtifactError, InvalidTypeError, UnsafeArtifactError
 from maptools.quantization.boundedio import MAX_MANIFEST_BYTES, read_regular
 from maptools.quantization.format import (
     CIM_FILE,
@@ -92,11 +92,14 @@ __all__ = [
     "dump_json",
     "dump_pickle",
     "float_operators",
+    "load_quant_model",
     "load_quantinfo",
     "load_quantparams",
     "map_directory",
     "map_lock",
+    "map_contents",
     "mapsave_root",
+    "operators_left_in_float",
     "read_artifact_bytes",
     "read_json",
     "parse_manifest",
@@ -223,6 +226,10 @@ def parse_manifest(data: bytes, path: Path, complete: bool = False) -> dict[str,
     return check_manifest(manifest, f"{path}", complete)
 
 
+def _manifest_parser(complete: bool) -> Callable[[bytes, Path], dict[str, Any]]:
+    return lambda data, path: parse_manifest(data, path, complete)
+
+
 def read_map_files(mapname: str, filenames: Iterable[str], mapsave_dir: str | os.PathLike | None = None
                    ) -> dict[str, bytes]:
     """Read some artifact files of a map, all of one map (one snapshot), each checked against the manifest."""
@@ -261,14 +268,23 @@ def float_operators(mapname: str, mapsave_dir: str | os.PathLike | None = None) 
         MapNotFoundError: no such map.
         ArtifactError: a file is missing, modified or unreadable.
     """
+    files = read_map_files(mapname, [QUANTINFO, QUANTMODEL], mapsave_dir)
+    return operators_left_in_float(mapname, load_quantinfo(files[QUANTINFO]), files[QUANTMODEL])
+
+
+def load_quant_model(mapname: str, data: bytes) -> Any:
+    """``quant_model.onnx`` of map ``mapname`` from its checked bytes, as an ``onnx.ModelProto``."""
     import onnx
 
-    quantinfo = read_quantinfo(mapname, mapsave_dir)
-    data = read_artifact_bytes(mapname, QUANTMODEL, mapsave_dir)
     try:
-        model = onnx.load_from_string(data)
+        return onnx.load_from_string(data)
     except Exception as exc:
         raise ArtifactError(f"{QUANTMODEL} of map {mapname!r}: not a readable ONNX model ({exc})") from None
+
+
+def operators_left_in_float(mapname: str, quantinfo: Mapping[str, Any], quant_model: bytes) -> list[dict[str, str]]:
+    """:func:`float_operators` of a map's records and ``quant_model.onnx`` already read (one snapshot)."""
+    model = load_quant_model(mapname, quant_model)
     return [{"node": node.name, "op_type": node.op_type} for node in model.graph.node
             if node.name not in quantinfo
             and not (node.op_type in _EXPORTER_TYPES and _EXPORTER_NODE.match(node.name))]
@@ -349,7 +365,7 @@ class MapContents:
         return self.files[QUANTMODEL]
 
 
-def read_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapContents:
+def read_map(mapname: str, mapsave_dir: str | os.PathLike | None = None, *, complete: bool = False) -> MapContents:
     """Read every artifact of a map at once, all of the same map even while another process replaces it.
 
     Unlike a sequence of :func:`~maptools.quantization.read_quantinfo`, :func:`~maptools.quantization.read_quantparams`
@@ -359,6 +375,8 @@ def read_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapC
     Args:
         mapname: The map name given to ``quantize``.
         mapsave_dir: The mapsave directory (default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``).
+        complete: Also require the manifest's ``model``, ``settings`` and ``versions`` sections (what
+            ``verify``, ``inspect``, ``cim-sweep`` and the replay of PPQ's simulation read).
 
     Raises:
         MapNotFoundError: no such map.
@@ -366,7 +384,7 @@ def read_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapC
         ArtifactError: a file is missing, modified, corrupt or of an incompatible format version.
         UnsafeArtifactError: a pickle holds anything but maptools records, numpy arrays and builtins.
     """
-    snapshot = read_files(mapname, None, mapsave_dir, parse_manifest)
+    snapshot = read_files(mapname, None, mapsave_dir, _manifest_parser(complete))
     for name in (QUANTINFO, QUANTPARAMS, QUANTMODEL):
         if name not in snapshot.files:
             raise ArtifactError(f"{snapshot.directory / name}: not listed in {snapshot.directory / MANIFEST}; "
@@ -381,3 +399,18 @@ def read_map(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapC
         ppq_state=parsed_json(PPQSTATE, check_ppq_state), report=parsed_json(REPORT_JSON),
         cim=parsed_json(CIM_FILE, check_cim_file),
         files=snapshot.files)
+
+
+def map_contents(mapname: str | MapContents, mapsave_dir: str | os.PathLike | None = None) -> MapContents:
+    """A command's one snapshot of a map: :func:`read_map` (``complete``) of a name, or a read map re-checked.
+
+    Raises:
+        InvalidTypeError: ``mapname`` is neither a name nor a :class:`MapContents`.
+        MapNotFoundError, ArtifactError: as :func:`read_map`.
+    """
+    if isinstance(mapname, MapContents):
+        check_manifest(mapname.manifest, f"{mapname.directory / MANIFEST}", True)
+        return mapname
+    if not isinstance(mapname, str):
+        raise InvalidTypeError(f"mapname: got {type(mapname).__name__}, expected a map name or read_map()'s result")
+    return read_map(mapname, mapsave_dir, complete=True)

@@ -48,8 +48,8 @@ def _kind(mode: int) -> str:
 
 @contextlib.contextmanager
 def open_regular(path: str | os.PathLike, what: str, limit: int, *, error: type[MaptoolsError] = ArtifactError,
-                 follow_links: bool = True, expected_size: int | None = None,
-                 dir_fd: int | None = None) -> Iterator[tuple[BinaryIO, int]]:
+                 follow_links: bool = True, expected_size: int | None = None, dir_fd: int | None = None,
+                 missing: type[MaptoolsError] | None = None) -> Iterator[tuple[BinaryIO, int]]:
     """Open ``path`` for reading if it is a regular file of at most ``limit`` bytes; yields (file, size).
 
     Args:
@@ -60,11 +60,12 @@ def open_regular(path: str | os.PathLike, what: str, limit: int, *, error: type[
         follow_links: False to refuse a symbolic link (``O_NOFOLLOW``): a map's own files are never links.
         expected_size: The size the manifest records, or None.
         dir_fd: An open directory ``path`` is relative to (a map read as one snapshot), or None.
+        missing: The error class of a missing file (a dangling link included), if not ``error``.
 
     Raises:
         error: missing, a link (``follow_links=False``), not a regular file, larger than ``limit`` or of
             another size than ``expected_size`` (a missing file raises :class:`FileNotFoundError` wrapped as
-            ``error`` with "is missing" in the message).
+            ``missing`` or ``error`` with "is missing" in the message).
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # a FIFO opens at once
     if not follow_links:
@@ -72,7 +73,7 @@ def open_regular(path: str | os.PathLike, what: str, limit: int, *, error: type[
     try:
         fd = os.open(path, flags, dir_fd=dir_fd)
     except FileNotFoundError:
-        raise error(f"{what}: {path} is missing") from None
+        raise (missing or error)(f"{what}: {path} is missing") from None
     except OSError as exc:
         if not follow_links and _is_link(path, dir_fd):
             raise error(f"{what}: {path} is a symbolic link; expected a regular file (maptools writes no links in "

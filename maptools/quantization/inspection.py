@@ -15,20 +15,10 @@ from typing import Any
 import numpy as np
 
 from maptools.errors import InvalidTypeError
-from maptools.quantization.artifacts import (
-    CIM_FILE,
-    float_operators,
-    read_artifact_bytes,
-    read_json,
-    read_manifest,
-    read_quantinfo,
-    read_quantparams,
-    resolve_map,
-)
+from maptools.quantization.artifacts import operators_left_in_float, read_map
 from maptools.quantization.cim.cost import MapCost
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.format import bias_key, weight_key
-from maptools.quantization.schemas import check_cim_file
 
 __all__ = ["MapListing", "cost_table", "inspect_map", "listing_json", "listing_table"]
 
@@ -87,9 +77,8 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None, cim:
     """
     if cim is not None and not isinstance(cim, CIMSpec):
         raise InvalidTypeError(f"cim: got {type(cim).__name__}, expected a CIMSpec or None")
-    info = read_quantinfo(mapname, mapsave_dir)
-    params = read_quantparams(mapname, mapsave_dir)
-    manifest = read_manifest(resolve_map(mapname, mapsave_dir), complete=True)
+    contents = read_map(mapname, mapsave_dir, complete=True)  # every file of one map, read once
+    info, params, manifest = contents.quantinfo, contents.quantparams, contents.manifest
     rows = []
     for name, cfg in info.items():
         first_in = next((t for t in cfg.inputs or [] if t is not None), None)
@@ -107,25 +96,24 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None, cim:
         layout = (getattr(cfg, "cim", None) or {}).get("layout")
         if layout is not None:
             rows[-1]["crossbar_arrays"] = layout["arrays"]
-    summary = _cim_summary(mapname, mapsave_dir, manifest)
+    summary = _cim_summary(contents.cim)
     cost = None
     if cim is not None or summary is not None:
         from maptools.quantization.cim.mapcost import map_cost
 
-        cost = map_cost(mapname, cim, mapsave_dir=mapsave_dir)
+        cost = map_cost(contents, cim)
         by_node = {layer.node: layer for layer in cost.layers}
         for row in rows:
             if row["node"] in by_node:
                 row["cim_cost"] = {k: v for k, v in by_node[row["node"]].to_dict().items() if k != "node"}
-    return MapListing(manifest, rows, float_operators(mapname, mapsave_dir), summary, cost)
+    floats = operators_left_in_float(mapname, info, contents.quant_model)
+    return MapListing(manifest, rows, floats, summary, cost)
 
 
-def _cim_summary(mapname: str, mapsave_dir: str | os.PathLike | None,
-                 manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The crossbar of ``cim.json`` (checked against the manifest), None when the map has none."""
-    if CIM_FILE not in manifest.get("files", {}):
+def _cim_summary(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The crossbar of a map's checked ``cim.json``, None when the map has none."""
+    if data is None:
         return None
-    data = check_cim_file(read_json(read_artifact_bytes(mapname, CIM_FILE, mapsave_dir), CIM_FILE))
     return {"spec": data.get("spec"), "calibrated_macs": len(data.get("adc", {})), "batches": data.get("batches"),
             "method": data.get("method")}
 

@@ -24,7 +24,8 @@ def map_input_shapes(mapname: str, mapsave_dir: str | os.PathLike | None = None)
 
 
 def map_folder_inputs(mapname: str, folder: str | os.PathLike, option: str, mean: Any, std: Any, *,
-                      mapsave_dir: str | os.PathLike | None = None, python_call: str = "verify") -> Any:
+                      mapsave_dir: str | os.PathLike | None = None, python_call: str = "verify",
+                      shapes: dict[str, list[int]] | None = None) -> Any:
     """The batches of a folder of ``.npy`` files or images, shaped as the map's (single) input.
 
     What the command line's ``--inputs DIR`` (and ``cim-sweep --calib DIR``) read: ``.npy`` files with
@@ -38,13 +39,15 @@ def map_folder_inputs(mapname: str, folder: str | os.PathLike, option: str, mean
         mean, std: Image normalisation.
         mapsave_dir: The mapsave directory.
         python_call: The function to name for multi-input maps (``verify`` or ``cim_sweep``).
+        shapes: The map's input shapes if its manifest was already read (one snapshot), else None to read them.
 
     Raises:
         InvalidArgumentError: not a folder, a map with several inputs, or less than one batch in the folder.
     """
     from maptools.quantization.calibration import imagefolder_calibset, npy_calibset
 
-    shapes = map_input_shapes(mapname, mapsave_dir)
+    if shapes is None:
+        shapes = map_input_shapes(mapname, mapsave_dir)
     path = Path(folder)
     if not path.is_dir():
         raise InvalidArgumentError(f"{option}: {str(folder)!r} is not a directory; expected a folder of .npy files "

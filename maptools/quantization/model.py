@@ -126,7 +126,8 @@ def _external_path(path: Path, location: str, what: str, error: type[MaptoolsErr
     return path.parent / relative
 
 
-def model_sha256(path: str | Path, what: str = "onnx_path", error: type[MaptoolsError] = ModelError) -> str:
+def model_sha256(path: str | Path, what: str = "onnx_path", error: type[MaptoolsError] = ModelError,
+                 missing: type[MaptoolsError] | None = None) -> str:
     """SHA-256 of a model file and of the external data files it refers to (in sorted order), hex.
 
     The same model gives the same digest wherever its folder is; a change to any of its files changes it.
@@ -134,10 +135,11 @@ def model_sha256(path: str | Path, what: str = "onnx_path", error: type[Maptools
     external data at most :data:`~.boundedio.MAX_EXTERNAL_DATA_BYTES` each, inside the model's folder).
 
     Raises:
-        error: a file is missing, not a regular file, too large, or external data outside the model's folder.
+        error: a file is missing (``missing`` if given), not a regular file, too large, or external data outside
+            the model's folder.
     """
     path = Path(path)
-    data = read_regular(path, what, MAX_MODEL_BYTES, error=error)
+    data = read_regular(path, what, MAX_MODEL_BYTES, error=error, missing=missing)
     digest = hashlib.sha256(data)
     try:
         locations = _external_locations(onnx.load_from_string(data))
@@ -146,7 +148,7 @@ def model_sha256(path: str | Path, what: str = "onnx_path", error: type[Maptools
     for location in locations:
         digest.update(b"\0" + location.encode() + b"\0")
         hash_regular(digest, _external_path(path, location, what, error), f"{what} (external data {location!r})",
-                     MAX_EXTERNAL_DATA_BYTES, error=error)
+                     MAX_EXTERNAL_DATA_BYTES, error=error, missing=missing)
     return digest.hexdigest()
 
 

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.errors import FloatModelMissingError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts
 from maptools.quantization.intmath import cosine, error_sums, snr_db
 from maptools.quantization.mapinputs import map_folder_inputs, map_input_shapes  # noqa: F401 (their old home)
 from maptools.quantization.reference import ReferenceExecutor
-from maptools.quantization.replay import float_model_path, ppq_session
+from maptools.quantization.replay import float_model_path, replay_state, session_of
 from maptools.quantization.validation import check_batches
 
 __all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "verify"]
@@ -227,12 +227,12 @@ def _output_steps(quantinfo: Mapping[str, Any], output_names: Sequence[str]) -> 
     return steps
 
 
-def _input_dtypes(mapname: str, mapsave_dir: str | os.PathLike | None) -> dict[str, np.dtype]:
+def _input_dtypes(mapname: str, quant_model: bytes) -> dict[str, np.dtype]:
     """Declared input dtypes of ``quant_model.onnx`` (float32 when it cannot be read: onnxruntime will say why)."""
     import onnx
 
     try:
-        proto = onnx.load_from_string(artifacts.read_artifact_bytes(mapname, artifacts.QUANTMODEL, mapsave_dir))
+        proto = artifacts.load_quant_model(mapname, quant_model)
         dtypes = {}
         for vi in proto.graph.input:
             elem = vi.type.tensor_type.elem_type
@@ -243,9 +243,11 @@ def _input_dtypes(mapname: str, mapsave_dir: str | os.PathLike | None) -> dict[s
         return {}
 
 
-def _loaders(mapname: str, mapsave_dir: str | os.PathLike | None,
-             manifest: Mapping[str, Any], directory: Path) -> dict[str, Callable[[], Runner]]:
-    """For each execution, a function that loads it and returns its runner (batch -> outputs)."""
+def _loaders(contents: artifacts.MapContents, model: Path | FloatModelMissingError) -> dict[str, Callable[[], Runner]]:
+    """For each execution, a function that loads it from the map's snapshot and returns its runner.
+
+    ``model`` is the checked float model, or why it is missing (FP32 and PPQ then record that reason).
+    """
 
     def ort_runner(model: str | bytes) -> Runner:
         import onnxruntime as ort
@@ -256,25 +258,31 @@ def _loaders(mapname: str, mapsave_dir: str | os.PathLike | None,
         names = [o.name for o in session.get_outputs()]
         return lambda batch: dict(zip(names, session.run(names, batch), strict=True))
 
+    def float_model() -> Path:
+        if isinstance(model, FloatModelMissingError):
+            raise model
+        return model
+
     def fp32() -> Runner:
-        return ort_runner(str(float_model_path(mapname, manifest, directory)))
+        return ort_runner(str(float_model()))
 
     def ppq() -> Runner:
-        session = ppq_session(mapname, mapsave_dir)  # from data; a format-1.0 map's ppq_graph.pkl is never read
+        replay_state(contents)  # a format-1.0 map's ppq_graph.pkl is never read: its reason first
+        session = session_of(contents, float_model())
         import torch
 
         return lambda batch: session.forward({k: torch.from_numpy(v) for k, v in batch.items()})
 
     def onnxruntime() -> Runner:
-        return ort_runner(artifacts.read_artifact_bytes(mapname, artifacts.QUANTMODEL, mapsave_dir))
+        return ort_runner(contents.quant_model)
 
     def integer() -> Runner:
-        return ReferenceExecutor.load(mapname, mapsave_dir).run
+        return ReferenceExecutor.from_files(contents.mapname, contents.files).run
 
     return {"fp32": fp32, "ppq": ppq, "onnxruntime": onnxruntime, "integer": integer}
 
 
-def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike | None = None,
+def verify(mapname: str | artifacts.MapContents, inputs: Any = None, *, mapsave_dir: str | os.PathLike | None = None,
            batches: int | None = None) -> VerifyReport:
     """Run FP32, PPQ's simulation, onnxruntime on ``quant_model.onnx`` and the integer executor on the same inputs.
 
@@ -283,7 +291,7 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
     reason in :attr:`PairMetrics.not_run`, and the other pairs are still compared.
 
     Args:
-        mapname: The map to verify.
+        mapname: The map to verify, or the map already read (:func:`~maptools.quantization.read_map`).
         inputs: A batch (dict input name -> array, or an array for single-input models), an iterable of
             batches (a list, or the lazy sequence of :func:`~maptools.quantization.npy_calibset` /
             :func:`~maptools.quantization.imagefolder_calibset`), or None for random batches (standard normal,
@@ -298,18 +306,23 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
 
     Raises:
         MapNotFoundError: no such map.
-        ArtifactError: the map's manifest or ``quantinfo.pkl`` is missing, modified or unreadable.
+        ArtifactError: a file of the map is missing, modified or unreadable, or the float model it records is
+            there but unsafe to read (not a regular file, too large, external data outside its folder): raised
+            before anything runs. A float model moved away or changed only skips FP32 and PPQ.
         InvalidArgumentError: ``batches`` is not positive, or a batch has other input names or shapes than the
             map.
         InvalidTypeError: ``inputs`` or ``batches`` has the wrong type.
     """
     batches = _check_batches(batches)
-    quantinfo = artifacts.read_quantinfo(mapname, mapsave_dir)
-    directory = artifacts.resolve_map(mapname, mapsave_dir)
-    manifest = artifacts.read_manifest(directory, complete=True)
+    contents = artifacts.map_contents(mapname, mapsave_dir)  # every file of one map, read once
+    mapname, quantinfo, manifest = contents.mapname, contents.quantinfo, contents.manifest
+    try:  # a crafted model (a FIFO, a device, too large...) raises here, before anything runs
+        model: Path | FloatModelMissingError = float_model_path(mapname, manifest, contents.directory)
+    except FloatModelMissingError as exc:  # moved away or changed: FP32 and PPQ are skipped with the reason
+        model = exc
     shapes = manifest["settings"]["input_shapes"]
-    data = _input_batches(inputs, shapes, _input_dtypes(mapname, mapsave_dir), int(manifest["settings"]["seed"]) + 1,
-                          batches)
+    data = _input_batches(inputs, shapes, _input_dtypes(mapname, contents.quant_model),
+                          int(manifest["settings"]["seed"]) + 1, batches)
     failures: dict[str, str] = {}
     runners: dict[str, Runner] = {}
     runs: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -322,7 +335,7 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
         logger.info("verify %r: %s could not run (%s): %s", mapname, execution, when, failures[execution])
         logger.debug("%s failed", execution, exc_info=True)
 
-    for execution, load in _loaders(mapname, mapsave_dir, manifest, directory).items():
+    for execution, load in _loaders(contents, model).items():
         try:
             runners[execution] = load()
             runs[execution] = {}

@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.quantization.artifacts import MapContents, read_map
 from maptools.quantization.cim.cost import CIMCostParams, MapCost, layer_cost
-from maptools.quantization.cim.mapcal import has_map_calibration, read_map_calibration
+from maptools.quantization.cim.mapcal import MapCalibration
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.cim.tiles import TileLayout, tile_layout
-from maptools.quantization.mapinputs import map_input_shapes
 from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands
 from maptools.quantization.reference.registry import attrs
@@ -66,14 +66,14 @@ def _sample_batch(executor: ReferenceExecutor, shapes: Mapping[str, list[int]]) 
         return {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}, int(first[0])
 
 
-def map_cost(source: str | ReferenceExecutor, spec: CIMSpec | None = None, params: CIMCostParams | None = None, *,
-             batch: Mapping[str, Any] | Any = None, samples: int | None = None,
+def map_cost(source: str | MapContents | ReferenceExecutor, spec: CIMSpec | None = None,
+             params: CIMCostParams | None = None, *, batch: Mapping[str, Any] | Any = None, samples: int | None = None,
              mapsave_dir: str | os.PathLike | None = None) -> MapCost:
     """The cost per input sample of every crossbar MAC of a map on ``spec``.
 
     Args:
-        source: A map name, or a :class:`~maptools.quantization.reference.core.ReferenceExecutor` (with
-            ``batch``).
+        source: A map name, a map already read (:func:`~maptools.quantization.read_map`), or a
+            :class:`~maptools.quantization.reference.core.ReferenceExecutor` (with ``batch``).
         spec: The crossbar; None for the map's own (its ``cim.json``).
         params: The component parameters (default :class:`~maptools.quantization.cim.cost.CIMCostParams`).
         batch: One batch to count the positions on; None for zeros of the map's input shapes (one sample
@@ -94,15 +94,17 @@ def map_cost(source: str | ReferenceExecutor, spec: CIMSpec | None = None, param
         executor = source
         if batch is None or spec is None:
             raise InvalidArgumentError("map_cost: an executor needs batch= (one batch of its inputs) and spec=")
-    elif isinstance(source, str):
+    elif isinstance(source, (str, MapContents)):
+        # the spec, graph and shapes of one snapshot of the map
+        contents = source if isinstance(source, MapContents) else read_map(source, mapsave_dir, complete=True)
         if spec is None:
-            if not has_map_calibration(source, mapsave_dir):
-                raise InvalidArgumentError(f"spec: got None for map {source!r}, which has no cim.json; expected a "
-                                           "CIMSpec (the crossbar to cost it on)")
-            spec = read_map_calibration(source, mapsave_dir).spec
-        executor = ReferenceExecutor.load(source, mapsave_dir)
+            if contents.cim is None:
+                raise InvalidArgumentError(f"spec: got None for map {contents.mapname!r}, which has no cim.json; "
+                                           "expected a CIMSpec (the crossbar to cost it on)")
+            spec = MapCalibration.from_dict(contents.cim).spec
+        executor = ReferenceExecutor.from_files(contents.mapname, contents.files)
         if batch is None:
-            batch, samples = _sample_batch(executor, map_input_shapes(source, mapsave_dir))
+            batch, samples = _sample_batch(executor, contents.manifest["settings"]["input_shapes"])
     else:
         raise InvalidTypeError(f"map: got {type(source).__name__}, expected a map name or a ReferenceExecutor")
     if not executor.crossbar_nodes:

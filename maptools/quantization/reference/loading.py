@@ -6,13 +6,12 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import onnx
-
-from maptools.errors import ArtifactError, InvalidArgumentError
+from maptools.errors import InvalidArgumentError
 from maptools.quantization.artifacts import (
     QUANTINFO,
     QUANTMODEL,
     QUANTPARAMS,
+    load_quant_model,
     load_quantinfo,
     load_quantparams,
     read_map_files,
@@ -59,10 +58,6 @@ class MapLoadingMixin:
         check_device(device, seed, cim)  # before reading anything (cim=True: the cells are checked once known)
         # the graph, records and parameters of the same quantize run, even while the map is being replaced
         files = read_map_files(mapname, [QUANTMODEL, QUANTINFO, QUANTPARAMS], mapsave_dir)
-        try:
-            model = onnx.load_from_string(files[QUANTMODEL])
-        except Exception as exc:
-            raise ArtifactError(f"{QUANTMODEL} of map {mapname!r}: not a readable ONNX model ({exc})") from None
         spec: CIMSpec | None = None
         if cim is True or (isinstance(cim, CIMSpec) and adc is None and cim.adc_bits is not None
                            and cim.adc_range == "calibrated"):
@@ -80,5 +75,21 @@ class MapLoadingMixin:
             adc = stored
         elif cim is not False:
             spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
-        return cls(model, load_quantinfo(files[QUANTINFO]), load_quantparams(files[QUANTPARAMS]), spec, adc,
-                   device=device, seed=seed)
+        return cls.from_files(mapname, files, spec, adc, device=device, seed=seed)
+
+    @classmethod
+    def from_files(cls, mapname: str, files: Mapping[str, bytes], cim: CIMSpec | None = None,
+                   adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *,
+                   device: DeviceModel | None = None, seed: SeedLike = 0) -> ReferenceExecutor:
+        """The executor of a map's files already read as one snapshot (:func:`~maptools.quantization.read_map`).
+
+        Args:
+            mapname: The map, for errors.
+            files: At least ``quant_model.onnx``, ``quantinfo.pkl`` and ``quantparams.pkl``: their checked bytes.
+            cim, adc, device, seed: As :meth:`load` (``cim`` a spec or None).
+
+        Raises:
+            ArtifactError: a file is corrupt, or the files disagree.
+        """
+        return cls(load_quant_model(mapname, files[QUANTMODEL]), load_quantinfo(files[QUANTINFO]),
+                   load_quantparams(files[QUANTPARAMS]), cim, adc, device=device, seed=seed)

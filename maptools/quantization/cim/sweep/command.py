@@ -9,19 +9,20 @@ from typing import Any
 import numpy as np
 
 from maptools.errors import InvalidArgumentError
-from maptools.quantization import artifacts
+from maptools.quantization.artifacts import MapContents, map_contents
 from maptools.quantization.cim.sweep.grid import cim_sweep, parse_int_list
 from maptools.quantization.cim.sweep.worker import Batch
 
 __all__ = ["run_cli"]
 
 
-def _folder_batches(folder: str, option: str, mapname: str, mapsave_dir: str | None, mean: Sequence[float],
+def _folder_batches(folder: str, option: str, contents: MapContents, mean: Sequence[float],
                     std: Sequence[float]) -> list[Batch]:
     """The batches of a folder (:func:`~maptools.quantization.mapinputs.map_folder_inputs`) as numpy arrays."""
     from maptools.quantization.mapinputs import map_folder_inputs
 
-    data = map_folder_inputs(mapname, folder, option, mean, std, mapsave_dir=mapsave_dir, python_call="cim_sweep")
+    shapes = {name: list(shape) for name, shape in contents.manifest["settings"]["input_shapes"].items()}
+    data = map_folder_inputs(contents.mapname, folder, option, mean, std, python_call="cim_sweep", shapes=shapes)
     return [{name: np.asarray(value.numpy() if hasattr(value, "numpy") else value) for name, value in b.items()}
             for b in data]
 
@@ -39,13 +40,13 @@ def run_cli(args: Any) -> int:
     grid = {"adc_bits": parse_int_list(args.adc_bits, "--adc-bits", 1, 16),
             "rows": parse_int_list(args.rows, "--rows", 1),
             "cell_bits": parse_int_list(args.cell_bits, "--cell-bits", 1, 8)}
-    artifacts.resolve_map(args.mapname, args.mapsave_dir)  # no such map: exit 2 before reading any folder
+    contents = map_contents(args.mapname, args.mapsave_dir)  # read once, before any folder (no map: exit 2)
     inputs = calib = None
     if args.inputs is not None:
-        inputs = _folder_batches(args.inputs, "--inputs", args.mapname, args.mapsave_dir, args.mean, args.std)
+        inputs = _folder_batches(args.inputs, "--inputs", contents, args.mean, args.std)
     if args.calib is not None:
-        calib = _folder_batches(args.calib, "--calib", args.mapname, args.mapsave_dir, args.mean, args.std)
-    result = cim_sweep(args.mapname, inputs, calib=calib, dac_bits=args.dac_bits, weight_encoding=args.encoding,
+        calib = _folder_batches(args.calib, "--calib", contents, args.mean, args.std)
+    result = cim_sweep(contents, inputs, calib=calib, dac_bits=args.dac_bits, weight_encoding=args.encoding,
                        requant=args.requant, method=args.method, jobs=args.jobs, mapsave_dir=args.mapsave_dir,
                        batches=args.batches, seed=args.seed, **grid)
     print(result.table())

@@ -11,12 +11,14 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.errors import FloatModelMissingError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts
+from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS, MapContents
 from maptools.quantization.cim.mapcal import MapCalibration
 from maptools.quantization.cim.spec import INT_RANGES, CIMSpec
 from maptools.quantization.cim.sweep import worker
@@ -32,6 +34,7 @@ from maptools.quantization.cim.sweep.worker import (
     _State,
 )
 from maptools.quantization.reference.core import ReferenceExecutor
+from maptools.quantization.replay import float_model_path
 from maptools.quantization.validation import MAX_THREADS, check_batches, check_jobs, check_seed
 from maptools.quantization.verify import compare
 
@@ -88,22 +91,16 @@ def _as_batches(data: Any, executor: ReferenceExecutor, what: str) -> list[Batch
     return batches
 
 
-def _random_batches(mapname: str, mapsave_dir: str | os.PathLike | None, count: int, seed: int) -> list[Batch]:
-    manifest = artifacts.read_manifest(artifacts.resolve_map(mapname, mapsave_dir), complete=True)
-    shapes = manifest["settings"]["input_shapes"]
+def _random_batches(shapes: Mapping[str, Sequence[int]], count: int, seed: int) -> list[Batch]:
     generator = np.random.default_rng(seed)
     return [{name: generator.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
             for _ in range(count)]
 
 
-def _fp32_outputs(mapname: str, mapsave_dir: str | os.PathLike | None, batches: list[Batch]) -> Outputs:
-    """The float model's outputs (onnxruntime), the model being the one the manifest records."""
+def _fp32_outputs(path: Path, batches: list[Batch]) -> Outputs:
+    """The float model's outputs (onnxruntime), the model being the one the manifest records (checked)."""
     import onnxruntime as ort
 
-    from maptools.quantization.replay import float_model_path
-
-    directory = artifacts.resolve_map(mapname, mapsave_dir)
-    path = float_model_path(mapname, artifacts.read_manifest(directory, complete=True), directory)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
@@ -111,6 +108,10 @@ def _fp32_outputs(mapname: str, mapsave_dir: str | os.PathLike | None, batches: 
     names = [o.name for o in session.get_outputs()]
     runs = [dict(zip(names, session.run(names, batch), strict=True)) for batch in batches]
     return {name: np.concatenate([r[name] for r in runs]) for name in names}
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 @contextlib.contextmanager
@@ -129,7 +130,8 @@ def _one_blas_thread(enabled: bool) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Sequence[int] | np.ndarray | None = None,
+def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = None,
+              labels: Sequence[int] | np.ndarray | None = None,
               adc_bits: Iterable[int] | str = range(4, 11), rows: Iterable[int] | str = (128, 256, 512),
               cell_bits: Iterable[int] | str = (1, 2, 4), dac_bits: int = 1, weight_encoding: str = "differential",
               requant: str = "float", method: str = "mse", jobs: int | None = None,
@@ -138,7 +140,8 @@ def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Se
     """Run a map on every crossbar of a grid, with calibrated and full-range ADCs, against FP32 and exact MACs.
 
     Args:
-        mapname: The map.
+        mapname: The map, or the map already read (:func:`~maptools.quantization.read_map`): every file of the
+            sweep comes from that one snapshot.
         inputs: The evaluation data: a batch (dict input name -> array, or an array for a single-input map)
             or an iterable of batches; None for ``batches`` random standard-normal batches of the map's shapes.
         calib: The calibration data of the ADC ranges, like ``inputs``; None for ``inputs`` (in-sample) when
@@ -161,6 +164,9 @@ def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Se
 
     Raises:
         MapNotFoundError: no such map.
+        ArtifactError: a file of the map is missing, modified or malformed, or the float model it records is
+            there but unsafe to read (not a regular file, too large, external data outside its folder): raised
+            before anything runs. A float model moved away or changed only leaves out the FP32 reference.
         InvalidArgumentError: a bad grid value, inputs the map does not take, labels of another length.
     """
     started = time.perf_counter()
@@ -173,9 +179,18 @@ def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Se
     jobs = check_jobs(jobs)
     batches = check_batches(batches, "batches")
     seed = check_seed(seed)
-    executor = ReferenceExecutor.load(mapname, mapsave_dir)
+    contents = artifacts.map_contents(mapname, mapsave_dir)
+    mapname = contents.mapname
+    shapes = contents.manifest["settings"]["input_shapes"]
+    fp32_error = None
+    try:  # a crafted model (a FIFO, a device, too large...) raises here, before anything runs
+        model_path: Path | None = float_model_path(mapname, contents.manifest, contents.directory)
+    except FloatModelMissingError as exc:  # moved away or changed: no FP32 reference, the rest runs
+        model_path, fp32_error = None, _reason(exc)
+    files = {name: contents.files[name] for name in (QUANTMODEL, QUANTINFO, QUANTPARAMS)}
+    executor = ReferenceExecutor.from_files(mapname, files)
     if inputs is None:
-        eval_batches = _random_batches(mapname, mapsave_dir, batches, seed)
+        eval_batches = _random_batches(shapes, batches, seed)
         inputs_data = f"random ({batches} batches, seed {seed})"
     else:
         eval_batches = _as_batches(inputs, executor, "inputs")
@@ -185,7 +200,7 @@ def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Se
     elif inputs is not None:
         calib_batches, calibration_data = eval_batches, "inputs (in-sample)"
     else:
-        calib_batches = _random_batches(mapname, mapsave_dir, batches, seed + 1)
+        calib_batches = _random_batches(shapes, batches, seed + 1)
         calibration_data = f"random ({batches} batches, seed {seed + 1}, held out)"
     exact = _run(executor, eval_batches)
     samples = int(next(iter(exact.values())).shape[0]) if exact else 0
@@ -194,11 +209,13 @@ def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Se
         label_array = np.asarray(labels).reshape(-1)
         if label_array.size != samples:
             raise InvalidArgumentError(f"labels: {label_array.size} labels for {samples} evaluation samples")
-    fp32, fp32_error = None, None
+    fp32 = None
     try:
-        fp32 = _fp32_outputs(mapname, mapsave_dir, eval_batches)
-    except Exception as exc:  # the float model gone or unreadable: the integer comparisons still run
-        fp32_error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        if model_path is not None:
+            fp32 = _fp32_outputs(model_path, eval_batches)
+    except Exception as exc:  # onnxruntime refused the float model: the integer comparisons still run
+        fp32_error = _reason(exc)
+    if fp32_error is not None:
         logger.warning("cim-sweep %r: FP32 could not run: %s", mapname, fp32_error)
     reference: dict[str, Any] = {}
     for name, out in exact.items():
@@ -212,8 +229,7 @@ def cim_sweep(mapname: str, inputs: Any = None, *, calib: Any = None, labels: Se
             if fp32 is not None and first in fp32:
                 reference["labels"]["fp32"] = float(np.mean(fp32[first].argmax(1) == label_array))
 
-    state_args = (mapname, None if mapsave_dir is None else str(mapsave_dir), eval_batches, calib_batches, exact, fp32,
-                  label_array)
+    state_args = (mapname, files, eval_batches, calib_batches, exact, fp32, label_array)
     geometries = [(r, c) for r in grid_rows for c in grid_cells]
     logger.info("cim-sweep %r: %d crossbars x %d ADC widths x 2 ranges on %d samples, %d process(es)", mapname,
                 len(geometries), len(grid_bits), samples, jobs)

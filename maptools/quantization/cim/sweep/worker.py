@@ -41,14 +41,15 @@ class _State:
 _STATE: _State | None = None
 
 
-def _init_worker(mapname: str, mapsave_dir: str | None, inputs: list[Batch], calib: list[Batch], exact: Outputs,
+def _init_worker(mapname: str, files: dict[str, bytes], inputs: list[Batch], calib: list[Batch], exact: Outputs,
                  fp32: Outputs | None, labels: np.ndarray | None) -> None:
     global _STATE
     with contextlib.suppress(ImportError):  # the environment already asked for one thread; make sure
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)
-    _STATE = _State(ReferenceExecutor.load(mapname, mapsave_dir), inputs, calib, exact, fp32, labels)
+    # the files the parent read as one snapshot: every worker runs the same map
+    _STATE = _State(ReferenceExecutor.from_files(mapname, files), inputs, calib, exact, fp32, labels)
     logger.debug("cim-sweep worker %d ready", os.getpid())
 
 
