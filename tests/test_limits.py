@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import write_images
+from conftest import deadline, write_images
 
-from maptools import InvalidArgumentError, InvalidTypeError, UnsupportedOperatorError
+from maptools import CalibrationError, InvalidArgumentError, InvalidTypeError, UnsupportedOperatorError
 from maptools.cli import main
 from maptools.quantization import calibfolders, pipeline, quantize, random_calibset
 from maptools.quantization.cim import CIMSpec
@@ -304,3 +304,44 @@ def test_folder_walk_limits(tmp_path, monkeypatch):
     monkeypatch.setattr(calibfolders, "MAX_FOLDER_ENTRIES", 2_000_000)
     os.mkfifo(npy / "pipe.npy")  # never opened (reading its header blocked)
     assert len(npy_calibset(npy, {"input": [2, 3, 8, 8]})) == 3
+
+
+def test_folder_files_swapped_for_a_fifo_or_device_after_listing_are_refused(tmp_path):
+    """The walk lists regular files only; each file is opened again without blocking and checked (boundedio)."""
+    from maptools.quantization import imagefolder_calibset, npy_calibset
+
+    root = write_images(tmp_path / "images", "RGB", (8, 8), per_class=2)
+    images = imagefolder_calibset(root, {"input": [4, 3, 8, 8]})
+    first = sorted(root.glob("*/*.png"))
+    for path in first:
+        path.unlink()
+        os.mkfifo(path)  # listed as images, now FIFOs nobody writes to: an open blocked forever
+    with deadline(10), pytest.raises(CalibrationError, match=r"calibset: image: .*\.png is a FIFO; expected a regular"):
+        images[0]
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    np.save(npy / "0.npy", np.zeros((2, 3, 8, 8), np.float32))
+    batches = npy_calibset(npy, {"input": [2, 3, 8, 8]})
+    (npy / "0.npy").unlink()
+    (npy / "0.npy").symlink_to("/dev/zero")  # np.load read it until memory ran out
+    with deadline(10), pytest.raises(CalibrationError, match=r"calib_npy: 0\.npy: .* is a character device"):
+        batches[0]
+    with pytest.raises(InvalidArgumentError, match=r"calib_npy: no \.npy files in "):  # the walk lists regular files
+        npy_calibset(npy, {"input": [2, 3, 8, 8]})
+
+
+def test_npy_files_larger_than_declared_or_than_the_limit_are_refused_before_loading(tmp_path, monkeypatch):
+    from maptools.quantization import npy_calibset
+
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    np.save(npy / "0.npy", np.zeros((3, 8, 8), np.float32))  # 768 bytes of data after a 128-byte header
+    with (npy / "0.npy").open("ab") as handle:
+        handle.write(b"\0" * 4096)  # a small header in front of a huge file: np.load read only the header's count
+    with pytest.raises(InvalidArgumentError, match=r"calib_npy: 0\.npy holds 4992 bytes, its header declares 896 "):
+        npy_calibset(npy, {"input": [1, 3, 8, 8]})
+    np.save(npy / "0.npy", np.zeros((3, 8, 8), np.float32))
+    assert len(npy_calibset(npy, {"input": [1, 3, 8, 8]})) == 1
+    monkeypatch.setattr(calibfolders, "MAX_INPUT_FILE_BYTES", 800)
+    with pytest.raises(InvalidArgumentError, match=r"calib_npy: 0\.npy: .* holds 896 bytes, more than the 800 bytes"):
+        npy_calibset(npy, {"input": [1, 3, 8, 8]})

@@ -48,7 +48,7 @@ def test_verify_without_the_original_model_compares_the_map_executions(tmp_path,
     model.write_bytes(model.read_bytes() + b"\0")
     report = verify("t", mapsave_dir=tmp_path)
     for execution in ("fp32", "ppq"):
-        assert report.failures[execution].startswith("ArtifactError: the float model")
+        assert report.failures[execution].startswith("FloatModelMissingError: the float model")
         assert "changed since map 't' was made" in report.failures[execution]
     assert report.get("onnxruntime", "integer").ran and report.get("onnxruntime", "integer").snr_db > 30
     assert not report.get("fp32", "ppq").ran and set(report.outputs) == {"onnxruntime", "integer"}
@@ -77,11 +77,11 @@ def test_an_execution_that_cannot_run_leaves_the_other_pairs(digits_map, digits_
     from maptools import UnsupportedOperatorError
     from maptools.quantization.reference import ReferenceExecutor
 
-    def refuse(cls, mapname, mapsave_dir=None):
+    def refuse(cls, mapname, files):
         raise UnsupportedOperatorError("node 'head' (Softmax): operator type 'Softmax' is not supported by the "
                                        "integer reference executor")
 
-    monkeypatch.setattr(ReferenceExecutor, "load", classmethod(refuse))
+    monkeypatch.setattr(ReferenceExecutor, "from_files", classmethod(refuse))
     images, _ = digits_test
     report = verify("d4", [{"input": images[i:i + 32]} for i in range(0, 64, 32)], mapsave_dir=digits_map)
     assert report.samples == 64 and list(report.failures) == ["integer"]

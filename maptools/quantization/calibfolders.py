@@ -8,19 +8,23 @@ files only when it is read. Both are re-exported by :mod:`maptools.quantization.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import overload
+from typing import BinaryIO, overload
 
 import numpy as np
 import torch
 
-from maptools.errors import CalibrationError, InvalidArgumentError
+from maptools.errors import CalibrationError, InvalidArgumentError, MaptoolsError
+from maptools.quantization.boundedio import open_regular, read_regular
 from maptools.quantization.validation import check_seed
 
-__all__ = ["MAX_FOLDER_DEPTH", "MAX_FOLDER_ENTRIES", "FolderBatches", "imagefolder_calibset", "npy_calibset"]
+__all__ = ["MAX_FOLDER_DEPTH", "MAX_FOLDER_ENTRIES", "MAX_INPUT_FILE_BYTES", "FolderBatches", "imagefolder_calibset",
+           "npy_calibset"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,10 @@ MAX_FOLDER_DEPTH = 32
 #: Most entries (files and folders) listed under a calibration folder: ImageNet's training set (1.28 million images in
 #: 1000 folders) fits; a walk from ``/`` stops.
 MAX_FOLDER_ENTRIES = 2_000_000
+#: Largest file of a calibration or inputs folder (an image or a ``.npy`` array) that is opened: each file is
+#: opened only if it is a regular file of at most this size (no FIFO or device, even one swapped in after the
+#: folder was listed), and a ``.npy`` file must hold exactly the bytes its header declares.
+MAX_INPUT_FILE_BYTES = 2 << 30
 
 
 def _single_input(input_shapes: object) -> tuple[str, tuple[int, ...]]:
@@ -256,8 +264,8 @@ def imagefolder_calibset(
             ``limit`` do not fit.
         CalibrationError: (when a batch is read) an image cannot be decoded.
     """
+    from PIL import Image
     from torchvision import transforms
-    from torchvision.datasets.folder import default_loader
 
     name, (batch_size, channels, height, width) = _single_input(input_shapes)
     if channels not in (1, 3):
@@ -293,8 +301,10 @@ def imagefolder_calibset(
     def decode(files: list[Path]) -> torch.Tensor:
         samples = []
         for file in files:
+            data = read_regular(file, "calibset: image", MAX_INPUT_FILE_BYTES, error=CalibrationError)
             try:
-                samples.append(transform(default_loader(str(file))))
+                with Image.open(io.BytesIO(data)) as image:  # what torchvision's default loader does, from bytes
+                    samples.append(transform(image.convert("RGB")))
             except Exception as exc:
                 raise CalibrationError(f"calibset: cannot read image {file} ({type(exc).__name__}: {exc})") from None
         return torch.stack(samples)
@@ -304,22 +314,31 @@ def imagefolder_calibset(
     return batches
 
 
-def _npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of a ``.npy`` file from its header (the data is not read)."""
-    try:
-        with open(file, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-            else:  # format 3.0 has no public header reader: a memory map reads the header alone
-                array = np.load(file, mmap_mode="r", allow_pickle=False)
-                shape, dtype = array.shape, array.dtype
-                del array
-    except Exception as exc:
-        raise InvalidArgumentError(f"calib_npy: {file.name} is not a readable .npy file ({exc})") from None
+def _npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an open ``.npy`` file from its header (the data is not read)."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:  # format 3.0 (a UTF-8 header) has no public reader
+        shape, _, dtype = np.lib.format._read_array_header(handle, version)
     return tuple(shape), np.dtype(dtype)
+
+
+@contextlib.contextmanager
+def _open_npy(file: Path, error: type[MaptoolsError]) -> Iterator[tuple[BinaryIO, tuple[int, ...], np.dtype]]:
+    """Open a ``.npy`` file of a folder (a regular file within the limit), read its header, check its size."""
+    with open_regular(file, f"calib_npy: {file.name}", MAX_INPUT_FILE_BYTES, error=error) as (handle, size):
+        try:
+            shape, dtype = _npy_header(handle)
+        except Exception as exc:
+            raise error(f"calib_npy: {file.name} is not a readable .npy file ({exc})") from None
+        declared = handle.tell() + math.prod(shape) * dtype.itemsize
+        if size != declared:
+            raise error(f"calib_npy: {file.name} holds {size} bytes, its header declares {declared} (shape "
+                        f"{list(shape)}, {dtype}); expected a .npy file as numpy.save writes it")
+        yield handle, shape, dtype
 
 
 def npy_calibset(directory: str | Path, input_shapes: Mapping[str, Sequence[int]]) -> FolderBatches:
@@ -356,7 +375,8 @@ def npy_calibset(directory: str | Path, input_shapes: Mapping[str, Sequence[int]
     whole: list[list[Path]] = []
     singles: list[Path] = []
     for file in files:
-        given, dtype = _npy_header(file)
+        with _open_npy(file, InvalidArgumentError) as (_, given, dtype):
+            pass
         if dtype.kind not in "biuf":
             raise InvalidArgumentError(f"calib_npy: {file.name} holds dtype {dtype}, expected numbers")
         if given == shape:
@@ -368,8 +388,15 @@ def npy_calibset(directory: str | Path, input_shapes: Mapping[str, Sequence[int]
                 f"calib_npy: {file.name} has shape {list(given)}, expected {list(shape)} or {list(shape[1:])}"
             )
 
+    def load(file: Path) -> np.ndarray:
+        with _open_npy(file, CalibrationError) as (handle, given, dtype):
+            if given not in (shape, shape[1:]) or dtype.kind not in "biuf":  # replaced since it was listed
+                raise CalibrationError(f"calib_npy: {file.name} now holds {dtype} of shape {list(given)}, expected "
+                                       f"numbers of shape {list(shape)} or {list(shape[1:])}")
+            return np.fromfile(handle, dtype=dtype, count=math.prod(given)).reshape(given)
+
     def decode(group: list[Path]) -> torch.Tensor:
-        arrays = [np.load(file, allow_pickle=False) for file in group]
+        arrays = [load(file) for file in group]
         if len(group) == 1 and tuple(arrays[0].shape) == shape:
             return torch.from_numpy(np.asarray(arrays[0], order="C"))
         return torch.stack([torch.from_numpy(np.asarray(a, order="C")) for a in arrays])
