@@ -402,6 +402,51 @@ def test_readers_racing_a_writer_see_one_map(tmp_path):
     assert _names(root) == [".m.lock", "m"]
 
 
+INSPECT_SWAPPER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from maptools.quantization.artifacts import QUANTINFO, dump_pickle, read_map, write_map
+
+    root, seconds = Path(sys.argv[1]), float(sys.argv[2])
+    base = read_map("m", root)
+    node = next(name for name, record in base.quantinfo.items() if record.input_scale is not None)
+    fields = {k: v for k, v in base.manifest.items() if k not in ("files", "format_version", "rounding")}
+    value, stop = 0, time.monotonic() + seconds
+    while time.monotonic() < stop:
+        value += 1
+        base.quantinfo[node].input_scale = float(value)  # the records and the manifest carry the same value
+        fields["settings"] = dict(fields["settings"], seed=value)
+        write_map(root / "m", {**base.files, QUANTINFO: dump_pickle(base.quantinfo)}, fields)
+    print(value)
+""")
+
+
+def test_inspect_racing_a_writer_reads_one_map(tmp_path, tiny_onnx):
+    """inspect reads the manifest, records and integers of one snapshot (before: three reads, two maps mixed)."""
+    from maptools.quantization.inspection import inspect_map
+
+    root = tmp_path / "mapsave"
+    _quantize(tiny_onnx, root)
+    script = tmp_path / "swapper.py"
+    script.write_text(INSPECT_SWAPPER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    writer = subprocess.Popen([sys.executable, str(script), str(root), "4"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    seen: set[int] = set()
+    try:
+        while writer.poll() is None:
+            listing = inspect_map("m", root)
+            seed = listing.manifest["settings"]["seed"]
+            scales = {row["input_scale"] for row in listing.operators if row["input_scale"] is not None}
+            if seed != 0:  # a swapped map: its record's scale is its seed, from the same snapshot
+                assert float(seed) in scales, (seed, scales)
+            seen.add(seed)
+    finally:
+        out, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err[-2000:]
+    assert int(out) > 10 and len(seen) > 3, (out, seen)  # the reads overlapped many swaps
+
+
 def test_read_map_returns_every_artifact(tmp_path, tiny_onnx):
     root = tmp_path / "mapsave"
     result = _quantize(tiny_onnx, root)
