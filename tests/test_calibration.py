@@ -14,7 +14,7 @@ import torch
 from conftest import write_images
 
 from maptools import CalibrationError, InvalidArgumentError
-from maptools.quantization import imagefolder_calibset, npy_calibset, quantize
+from maptools.quantization import calibfolders, imagefolder_calibset, npy_calibset, quantize
 from maptools.quantization.calibration import FolderBatches
 
 
@@ -40,15 +40,15 @@ def big_imagefolder(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def opened(monkeypatch) -> list[str]:
-    """The files PIL.Image.open is called on, as torchvision's loader calls it."""
+    """The image files read to be decoded (each through boundedio, then PIL from its bytes)."""
     calls: list[str] = []
-    original = PIL.Image.open
+    original = calibfolders.read_regular
 
-    def counting_open(fp, *args, **kwargs):
-        calls.append(str(getattr(fp, "name", fp)))
-        return original(fp, *args, **kwargs)
+    def counting_read(path, *args, **kwargs):
+        calls.append(str(path))
+        return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    monkeypatch.setattr(calibfolders, "read_regular", counting_read)
     return calls
 
 
@@ -117,8 +117,8 @@ def test_npy_files_loaded_on_demand(tmp_path, monkeypatch):
         np.save(folder / f"s{i:02d}.npy", sample)
     np.save(folder / "batch.npy", np.stack(samples[:4]) + 1)  # a whole batch: comes first
     loads: list[str] = []
-    original = np.load
-    monkeypatch.setattr(np, "load", lambda file, *a, **k: loads.append(Path(file).name) or original(file, *a, **k))
+    original = calibfolders._load_npy
+    monkeypatch.setattr(calibfolders, "_load_npy", lambda file, shape: loads.append(file.name) or original(file, shape))
     calib = npy_calibset(folder, {"input": [4, 3, 8, 8]})
     assert len(calib) == 3 and loads == []  # 1 whole batch + 10 samples -> 2 batches of 4 (2 dropped)
     np.testing.assert_array_equal(calib[0]["input"].numpy(), np.stack(samples[:4]) + 1)

@@ -341,6 +341,15 @@ def _open_npy(file: Path, error: type[MaptoolsError]) -> Iterator[tuple[BinaryIO
         yield handle, shape, dtype
 
 
+def _load_npy(file: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The array of a listed ``.npy`` file (a batch of ``shape`` or one sample), opened and checked again."""
+    with _open_npy(file, CalibrationError) as (handle, given, dtype):
+        if given not in (shape, shape[1:]) or dtype.kind not in "biuf":  # replaced since it was listed
+            raise CalibrationError(f"calib_npy: {file.name} now holds {dtype} of shape {list(given)}, expected "
+                                   f"numbers of shape {list(shape)} or {list(shape[1:])}")
+        return np.fromfile(handle, dtype=dtype, count=math.prod(given)).reshape(given)
+
+
 def npy_calibset(directory: str | Path, input_shapes: Mapping[str, Sequence[int]]) -> FolderBatches:
     """Build a calibration set from a folder of ``.npy`` arrays (the layout of PPQ's tutorial).
 
@@ -388,15 +397,8 @@ def npy_calibset(directory: str | Path, input_shapes: Mapping[str, Sequence[int]
                 f"calib_npy: {file.name} has shape {list(given)}, expected {list(shape)} or {list(shape[1:])}"
             )
 
-    def load(file: Path) -> np.ndarray:
-        with _open_npy(file, CalibrationError) as (handle, given, dtype):
-            if given not in (shape, shape[1:]) or dtype.kind not in "biuf":  # replaced since it was listed
-                raise CalibrationError(f"calib_npy: {file.name} now holds {dtype} of shape {list(given)}, expected "
-                                       f"numbers of shape {list(shape)} or {list(shape[1:])}")
-            return np.fromfile(handle, dtype=dtype, count=math.prod(given)).reshape(given)
-
     def decode(group: list[Path]) -> torch.Tensor:
-        arrays = [load(file) for file in group]
+        arrays = [_load_npy(file, shape) for file in group]
         if len(group) == 1 and tuple(arrays[0].shape) == shape:
             return torch.from_numpy(np.asarray(arrays[0], order="C"))
         return torch.stack([torch.from_numpy(np.asarray(a, order="C")) for a in arrays])
