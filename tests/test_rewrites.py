@@ -243,3 +243,25 @@ def test_error_is_measured_on_held_out_data(tmp_path) -> None:
     assert read_quantinfo("in", tmp_path)["conv"].input_scale == read_quantinfo("out", tmp_path)["conv"].input_scale
     report = json.loads(held_out.report_path.read_text())
     assert report["analysis"] == {"data": "held-out", "batches": 4}
+
+
+def test_split_shared_constants_is_the_same_computation():
+    """Each further reader of a shared initializer or Constant gets a copy named after it, in node order."""
+    from maptools.quantization.engine.rewrites import split_shared_constants
+
+    inits = {"s": np.array([1, 1, 2, 2], np.float32), "roi": np.zeros((0,), np.float32)}
+    nodes = [helper.make_node("Constant", [], ["k"], name="kc", value=numpy_helper.from_array(np.float32(0.5))),
+             helper.make_node("Resize", ["x", "roi", "s"], ["a"], name="r1", mode="nearest"),
+             helper.make_node("Mul", ["a", "k"], ["am"], name="m1"),
+             helper.make_node("Resize", ["am", "roi", "s"], ["b"], name="r2", mode="nearest"),
+             helper.make_node("Mul", ["b", "k"], ["y"], name="m2")]
+    model = _model(nodes, {"x": [1, 2, 3, 3]}, ["y"], inits)
+    split = onnx.ModelProto.FromString(model.SerializeToString())
+    assert split_shared_constants(split) == 3
+    onnx.checker.check_model(split)
+    by_name = {node.name: list(node.input) for node in split.graph.node}
+    assert by_name["r1"] == ["x", "roi", "s"] and by_name["r2"] == ["am", "roi__r2_1", "s__r2_2"]
+    assert by_name["m2"] == ["b", "k__m2_1"] and by_name["kc__m2_1"] == []
+    feed = {"x": RNG.normal(size=(1, 2, 3, 3)).astype(np.float32)}
+    np.testing.assert_array_equal(_ort(model, feed)[0], _ort(split, feed)[0])
+    assert split_shared_constants(split) == 0  # nothing shared is left

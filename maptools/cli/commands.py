@@ -73,6 +73,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"maptools verify: error: no pair of executions could run on map {args.mapname!r}; "
               + "; ".join(f"{e}: {r}" for e, r in report.failures.items()), file=sys.stderr)
         return 2
+    if report.errors:  # an execution that should have run did not: the verification is incomplete
+        print(f"maptools verify: error: map {args.mapname!r} was not fully verified; "
+              + "; ".join(f"{e} could not run: {r}" for e, r in report.errors.items()), file=sys.stderr)
+        return 3
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.errors import InvalidArgumentError, InvalidTypeError, UnsupportedOperatorError
 from maptools.quantization import artifacts
 from maptools.quantization.intmath import cosine, error_sums, snr_db
 from maptools.quantization.mapinputs import map_folder_inputs, map_input_shapes  # noqa: F401 (their old home)
@@ -100,6 +100,17 @@ class VerifyReport:
     pairs: list[PairMetrics] = field(default_factory=list)
     outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """The failures that are errors: every one but an execution refusing an operator it does not support.
+
+        The integer executor lacking an operator (an LSTM) is a limitation the table states; PPQ failing to
+        rebuild its graph, onnxruntime refusing ``quant_model.onnx`` or a modified artifact is an error, and the
+        command line exits non-zero for it.
+        """
+        unsupported = f"{UnsupportedOperatorError.__name__}:"
+        return {e: r for e, r in self.failures.items() if not r.startswith(unsupported)}
 
     @property
     def ran_pairs(self) -> list[PairMetrics]:
