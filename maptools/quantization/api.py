@@ -175,6 +175,7 @@ def quantize(
         output_cosine=errors.output_cosine, layer_snr_db=errors.layer_snr_db, seconds=time.perf_counter() - started,
         report_path=target / artifacts.REPORT_JSON, plot_path=target / artifacts.REPORT_PNG, warnings=warnings,
         analysis_data=data.analysis_data, part_snr_db=errors.part_snr_db,
+        float_operators=extracted.float_operators,
         cim_path=None if cim_content is None else target / artifacts.CIM_FILE,
     )
     logger.info("wrote %s in %.1f s", target, result.seconds)

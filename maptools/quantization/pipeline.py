@@ -30,6 +30,7 @@ import maptools
 from maptools.errors import CalibrationError, ModelError
 from maptools.quantization import artifacts
 from maptools.quantization.diagnostics import output_warnings
+from maptools.quantization.floatops import float_summary
 from maptools.quantization.model import (
     LoadedModel,
     check_input_shapes,
@@ -99,6 +100,7 @@ class Extracted:
     quantparams: dict[str, np.ndarray | None]
     qdq: onnx.ModelProto
     state: dict[str, Any]
+    float_operators: list[dict[str, str]]
 
 
 def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
@@ -212,7 +214,7 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
         )
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=prepared.model.proto)
-    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams))
+    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams), session.float_operators())
 
 
 def _warnings(errors: ErrorAnalysis, data: str) -> list[str]:
@@ -299,5 +301,7 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
                                {name: cfg.op_type for name, cfg in extracted.quantinfo.items()},
                                errors.isolated_snr_db, errors.isolated_cosine,
                                extra={"analysis": {"data": data.analysis_data, "batches": len(data.held_out)},
-                                      "output_parts": _parts_report(errors), "warnings": warnings}))
+                                      "output_parts": _parts_report(errors),
+                                      "float_operators": float_summary(extracted.float_operators),
+                                      "warnings": warnings}))
     return files, manifest

@@ -171,6 +171,8 @@ class QuantizationResult:
             batches themselves, which overstates the accuracy).
         part_snr_db: Outputs built by a final Concat -> each part's SNR in dB.
         cim_path: Path of ``cim.json`` for a map quantized with ``cim=``, else None.
+        float_operators: The operators left in float, in graph order: ``{"node", "op_type", "reason"}``
+            (see :mod:`maptools.quantization.floatops`).
     """
 
     mapname: str
@@ -190,6 +192,7 @@ class QuantizationResult:
     analysis_data: str = "in-sample"
     part_snr_db: dict[str, dict[str, float]] = field(default_factory=dict)
     cim_path: Path | None = None
+    float_operators: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def files(self) -> list[Path]:
@@ -206,7 +209,10 @@ class QuantizationResult:
 
     def summary(self) -> str:
         """A few human-readable lines: every file written and the output error."""
+        from maptools.quantization.floatops import float_blocks, float_lines
+
         lines = [f"map {self.mapname!r} in {self.directory}"]
+        lines += [f"  LEFT IN FLOAT: {line}" for line in float_blocks(self.float_operators)]
         for path in self.files:
             lines.append(f"  {path}")
         for name, snr in self.output_snr_db.items():
@@ -214,5 +220,6 @@ class QuantizationResult:
                          f"({self.analysis_data} data)")
             for part, part_snr in self.part_snr_db.get(name, {}).items():
                 lines.append(f"    part {part}: SNR {part_snr:.2f} dB")
+        lines += [f"  {line}" for line in float_lines(self.float_operators)]
         lines += [f"  WARNING: {warning}" for warning in self.warnings]
         return "\n".join(lines)
