@@ -207,10 +207,31 @@ def test_collapsed_output_is_warned_about(tmp_path) -> None:
                       calib_steps=8, mapsave_dir=tmp_path)
     (warning,) = result.warnings
     assert "output 'scores_out' collapsed to a constant" in warning and "held-out data" in warning
-    assert "when quantized alone" in warning and "layer_bits=" in warning
+    assert "when quantized alone" in warning and "recipe='best'" in warning and "Check the task metric" in warning
+    # a W8A8 map: no more bits to suggest (it was told "activation_bits=8" and "layer_bits={...: 8}")
+    assert "activation_bits" not in warning and "layer_bits" not in warning and "first_last_bits" not in warning
     report = json.loads(result.report_path.read_text())
     assert report["warnings"] == result.warnings
     assert "WARNING: output 'scores_out' collapsed" in result.summary()
+
+
+def test_warning_advice_from_the_command_line_uses_its_options(tmp_path, capsys) -> None:
+    """From the CLI, a W4A8 map is advised in CLI options: --recipe best, the worst operators' bits (which the
+    command line cannot set per layer, said so), and never the activation bits it already has."""
+    from maptools.cli import main
+
+    path = _save(_detector_head(final=False), tmp_path / "internal.onnx")
+    (tmp_path / "npy").mkdir()
+    for index, batch in enumerate(_calib([1, 3, 8, 8], 12)):
+        np.save(tmp_path / "npy" / f"{index:02d}.npy", batch["input"])
+    assert main(["quantize", str(path), "--input", "input:1,3,8,8", "--mapname", "cli", "--weight-bits", "4",
+                 "--act-bits", "8", "--calib-npy", str(tmp_path / "npy"), "--calib-steps", "8", "--mapsave-dir",
+                 str(tmp_path / "maps")]) == 0
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+    assert "collapsed to a constant" in warning and "--recipe best" in warning
+    assert "--act-bits" not in warning and "activation_bits" not in warning and "recipe='best'" not in warning
+    assert "in Python; the command line has no per-layer option" in warning
+    assert "Check the task metric" in warning
 
 
 def test_low_snr_output_is_warned_about(tmp_path) -> None:

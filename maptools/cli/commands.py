@@ -37,14 +37,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from maptools.quantization.calibration import npy_calibset
 
         calibset = npy_calibset(args.calib_npy, shapes)
-    result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
-                      calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
-                      activation_bits=args.act_bits, symmetrical=not args.asymmetric,
-                      per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
-                      recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
-                      unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
-                      threads=args.threads, first_last_bits=args.first_last_bits,
-                      power_of_two=args.power_of_two, cim=args.cim)
+    from maptools.quantization.diagnostics import advice_syntax
+
+    with advice_syntax("cli"):  # warnings suggest --options, not keyword arguments
+        result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
+                          calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
+                          activation_bits=args.act_bits, symmetrical=not args.asymmetric,
+                          per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
+                          recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
+                          unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
+                          threads=args.threads, first_last_bits=args.first_last_bits,
+                          power_of_two=args.power_of_two, cim=args.cim)
     if replacing:
         print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
     print(result.summary())

@@ -154,7 +154,7 @@ def quantize(
         timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
         extracted = pipeline.extract(session, prepared)
         timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
-        errors, warnings = pipeline.analyse(options, session, data)
+        errors, warnings = pipeline.analyse(options, session, data, prepared)
         timings["error_analysis"], mark = time.perf_counter() - mark, time.perf_counter()
         cim_content = pipeline.cim_content(options, data, extracted)
         if cim_content is not None:

@@ -29,7 +29,7 @@ import onnx
 import maptools
 from maptools.errors import CalibrationError, ModelError
 from maptools.quantization import artifacts
-from maptools.quantization.diagnostics import output_warnings
+from maptools.quantization.diagnostics import Advice, output_warnings
 from maptools.quantization.floatops import float_summary
 from maptools.quantization.model import (
     LoadedModel,
@@ -217,18 +217,23 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
     return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams), session.float_operators())
 
 
-def _warnings(errors: ErrorAnalysis, data: str) -> list[str]:
+def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice) -> list[str]:
     return output_warnings(errors.output_snr_db, errors.part_snr_db, errors.fp32_span, errors.quant_span,
-                           errors.isolated_snr_db, data)
+                           errors.isolated_snr_db, data.analysis_data, advice)
 
 
-def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData) -> tuple[ErrorAnalysis, list[str]]:
+def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData,
+            prepared: Prepared) -> tuple[ErrorAnalysis, list[str]]:
     """The graph-wise error on the held-out batches and the warnings; layer-wise too when an output is wrecked."""
+    advice = Advice(weight_bits=options.weight_bits, activation_bits=options.activation_bits,
+                    layer_bits=dict(options.layer_bits), first_and_last=first_and_last_macs(prepared.proto),
+                    recipe=options.recipe if options.setting is None else None,
+                    random_calibration=data.calibration == "random")
     errors = session.error_analysis(data.held_out, layerwise=options.layerwise_analysis)
-    warnings = _warnings(errors, data.analysis_data)
+    warnings = _warnings(errors, data, advice)
     if warnings and not errors.isolated_snr_db:  # name the operators to blame
         errors.isolated_snr_db, errors.isolated_cosine = session.layerwise(data.held_out[0])
-        warnings = _warnings(errors, data.analysis_data)
+        warnings = _warnings(errors, data, advice)
     return errors, warnings
 
 
