@@ -180,6 +180,33 @@ def test_final_concat_found_with_layout_tail() -> None:
     assert final_concats(_detector_head(final=False)) == []
 
 
+def _dynamic_reshape_output() -> onnx.ModelProto:
+    """output = Reshape(conv, Concat(Unsqueeze(N), Unsqueeze(C), [-1])): the shape a dynamic-batch export builds."""
+    inits: dict[str, np.ndarray] = {"zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+                                    "minus_one": np.array([-1], np.int64), "axes0": np.array([0], np.int64)}
+    nodes = [_conv("trunk", "input", "t", 3, 4, inits), helper.make_node("Shape", ["t"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["n"], name="gather_n", axis=0),
+             helper.make_node("Gather", ["shape", "one"], ["c"], name="gather_c", axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsqueeze_n"),
+             helper.make_node("Unsqueeze", ["c", "axes0"], ["c1"], name="unsqueeze_c"),
+             helper.make_node("Concat", ["n1", "c1", "minus_one"], ["dims"], name="dims_concat", axis=0),
+             helper.make_node("Reshape", ["t", "dims"], ["output0"], name="flatten")]
+    model = _model(nodes, {"input": [1, 3, 8, 8]}, ["output0"], inits)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4, 64]))
+    return model
+
+
+def test_a_concat_building_a_reshape_shape_is_no_output_part(tmp_path) -> None:
+    """The Unsqueezed dimensions of a final Reshape's shape were reported as output parts (SNR inf dB)."""
+    assert final_concats(_dynamic_reshape_output()) == []
+    path = _save(_dynamic_reshape_output(), tmp_path / "reshape.onnx")
+    result = quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="rs", calibset=_calib([1, 3, 8, 8], 12),
+                      calib_steps=8, mapsave_dir=tmp_path)
+    assert result.part_snr_db == {} and "part " not in result.summary()
+    assert json.loads(result.report_path.read_text())["output_parts"] == {}
+    assert result.output_snr_db["output0"] > 30.0
+
+
 def test_final_concat_keeps_each_part_at_its_own_quantization(tmp_path) -> None:
     """The scores survive (they rounded to 0 at the boxes' scale before) and each part's error is reported."""
     path = _save(_detector_head(final=True), tmp_path / "head.onnx")
