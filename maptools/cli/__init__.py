@@ -25,6 +25,7 @@ from maptools.cli.commands import _COMMANDS, _LONG_COMMANDS
 from maptools.cli.parser import _build_parser, _UsageError
 from maptools.cli.parser import _input_spec as _input_spec
 from maptools.errors import MaptoolsError
+from maptools.quantization.progress import progress_line, reset_progress
 
 __all__ = ["main"]
 
@@ -51,7 +52,11 @@ class _StageHandler(logging.Handler):
 
 @contextlib.contextmanager
 def _heartbeat(command: str, enabled: bool) -> Iterator[None]:
-    """Print ``maptools <command>: <elapsed> s, <stage>`` on stderr every :data:`HEARTBEAT_SECONDS` while it runs."""
+    """Print ``maptools <command>: <elapsed> s, <stage> [<count>]`` on stderr every :data:`HEARTBEAT_SECONDS`.
+
+    ``<count>`` is the loop running (:func:`~maptools.quantization.progress.progress_line`): which pass over the
+    calibration batches, how many of them are done and about how long is left of the pass.
+    """
     if not enabled:
         yield
         return
@@ -65,9 +70,13 @@ def _heartbeat(command: str, enabled: bool) -> Iterator[None]:
     started = time.monotonic()
     stream = sys.stderr
 
+    reset_progress()
+
     def beat() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
-            print(f"maptools {command}: {time.monotonic() - started:.0f} s, {stages.stage}", file=stream, flush=True)
+            count = progress_line()
+            print(f"maptools {command}: {time.monotonic() - started:.0f} s, {stages.stage}"
+                  + (f" [{count}]" if count else ""), file=stream, flush=True)
 
     thread = threading.Thread(target=beat, name="maptools-heartbeat", daemon=True)
     thread.start()

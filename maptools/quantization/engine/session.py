@@ -24,6 +24,7 @@ import torch
 from maptools.errors import ArtifactError, EngineError, UnsupportedOperatorError
 from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
 from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.progress import counted
 from maptools.quantization.records import OperatorQuantConfig
 
 import_ppq()
@@ -197,7 +198,7 @@ class PPQSession:
 
         try:
             with ppq_silenced(), fast_observers(), operator_fixes(), compute_threads(self.threads):
-                quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=list(batches),
+                quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=counted("calibration batch", batches),
                                    executor=self.executor, setting=self.setting,
                                    calib_steps=len(batches), collate_fn=collate)
         except Exception as exc:
