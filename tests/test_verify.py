@@ -194,7 +194,7 @@ def test_cli_inputs_image_folder(digits_map, tmp_path, capsys):
                  str(digits_map)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("verify 'd4' on 32 samples")  # 40 images -> 2 batches of 16
-    fp32_ppq = next(line for line in out.splitlines() if line.startswith("logits           fp32         ppq"))
+    fp32_ppq = next(line for line in out.splitlines() if line.startswith("logits fp32         ppq"))
     assert float(fp32_ppq.split()[-2].rstrip("%")) >= 90.0  # top-1 agreement on real digits
     flat = tmp_path / "flat"  # the same images without class folders
     flat.mkdir()
@@ -324,3 +324,15 @@ def test_a_rebuild_failure_is_an_error_with_a_non_zero_exit(digits_map, monkeypa
     captured = capsys.readouterr()
     assert "ppq could not run: EngineError: the graph rebuilt" in captured.out
     assert "was not fully verified; ppq could not run: EngineError" in captured.err
+
+
+def test_the_table_keeps_full_output_names():
+    """Output names were cut to 16 characters: two detector outputs read the same."""
+    from maptools.quantization.verify import PairMetrics, VerifyReport
+
+    names = ["save_infer_model/scale_0.tmp_1", "save_infer_model/scale_1.tmp_1"]
+    report = VerifyReport("m", 4, pairs=[PairMetrics(n, "fp32", "ppq", 20.0, 0.99, None, None) for n in names])
+    lines = report.table().splitlines()
+    assert lines[1].startswith("output" + " " * (len(names[0]) - len("output") + 1) + "reference")
+    assert [line.split()[0] for line in lines[2:]] == names
+    assert len({line.index("fp32") for line in lines[2:]}) == 1  # the columns stay aligned

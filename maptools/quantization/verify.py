@@ -129,18 +129,19 @@ class VerifyReport:
         raise KeyError(f"no pair {reference} vs {candidate} for output {output!r}")
 
     def table(self) -> str:
-        """A plain-text table of every pair; pairs not run say why, and the full reasons follow the table."""
+        """A plain-text table of every pair (full output names); pairs not run say why, the full reasons follow."""
+        width = max([len("output"), *(len(p.output) for p in self.pairs)])
         lines = [f"verify {self.mapname!r} on {self.samples} samples",
-                 f"{'output':16} {'reference':12} {'candidate':12} {'SNR dB':>8} {'cosine':>9} {'top-1':>7} "
+                 f"{'output':{width}} {'reference':12} {'candidate':12} {'SNR dB':>8} {'cosine':>9} {'top-1':>7} "
                  f"{'<=1 step':>9}"]
         for p in self.pairs:
             if p.not_run is not None:
                 reason = p.not_run if len(p.not_run) <= 72 else p.not_run[:71] + "…"
-                lines.append(f"{p.output[:16]:16} {p.reference:12} {p.candidate:12} not run: {reason}")
+                lines.append(f"{p.output:{width}} {p.reference:12} {p.candidate:12} not run: {reason}")
                 continue
             top1 = "-" if p.top1_agreement is None else f"{100 * p.top1_agreement:.1f}%"
             step = "-" if p.within_one_step is None else f"{100 * p.within_one_step:.2f}%"
-            lines.append(f"{p.output[:16]:16} {p.reference:12} {p.candidate:12} {p.snr_db:8.2f} {p.cosine:9.5f} "
+            lines.append(f"{p.output:{width}} {p.reference:12} {p.candidate:12} {p.snr_db:8.2f} {p.cosine:9.5f} "
                          f"{top1:>7} {step:>9}")
         for execution, reason in self.failures.items():
             lines.append(f"{execution} could not run: {reason}")
