@@ -378,3 +378,28 @@ def test_progress_count_and_estimate():
     assert batches.line(now=batches.started + 10.0) == "calibration batch: 1/4, about 30 s left of it"
     list(batches)
     assert batches.passes == 2 and progress_line() == "calibration batch pass 2: 4/4"
+
+
+@pytest.mark.parametrize(("option", "folder", "expected"), [
+    ("--calib-dir", "missing", "--calib-dir: '{path}' is not a directory; expected an ImageFolder root"),
+    ("--calib-dir", "empty", "--calib-dir: no images under '{path}'"),
+    ("--calib-npy", "missing", "--calib-npy: '{path}' is not a directory; expected a folder of .npy files"),
+    ("--calib-npy", "few", "--calib-npy: holds 2 batches"),
+])
+def test_calibration_folder_errors_name_the_option(option, folder, expected, tiny_onnx, tmp_path, capsys):
+    """The --calib-dir error named the Python argument ('root: ...')."""
+    import numpy as np
+
+    path = tmp_path / folder
+    if folder == "empty":
+        path.mkdir()
+    if folder == "few":
+        path.mkdir()
+        for index in range(2):
+            np.save(path / f"{index}.npy", np.zeros((2, 3, 8, 8), np.float32))
+    mapsave = tmp_path / "mapsave"
+    code = main(["quantize", str(tiny_onnx), "--input", "input:2,3,8,8", "--mapname", "x", option, str(path),
+                 "--mapsave-dir", str(mapsave)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not mapsave.exists()
+    assert err[0].startswith("maptools quantize: error: " + expected.format(path=path)), err[0]

@@ -7,13 +7,50 @@ ahead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from maptools.errors import InvalidArgumentError
+from maptools.errors import InvalidArgumentError, MaptoolsError
+
+#: ``quantize``'s Python argument names (and those of the calibration folder readers) -> its command line options.
+_QUANTIZE_OPTIONS = {
+    "onnx_path": "model", "input_shapes": "--input", "mapname": "--mapname", "bit_width": "--bits",
+    "weight_bits": "--weight-bits", "activation_bits": "--act-bits", "calib_steps": "--calib-steps",
+    "analysis_steps": "--analysis-steps", "first_last_bits": "--first-last-bits", "threads": "--threads",
+    "device": "--device", "seed": "--seed", "recipe": "--recipe", "observer": "--observer",
+    "unsigned_nonnegative": "--unsigned-nonnegative", "mapsave_dir": "--mapsave-dir", "cim": "--cim",
+    "mean": "--mean", "std": "--std", "root": "--calib-dir", "calib_npy": "--calib-npy",
+}
+
+
+@contextlib.contextmanager
+def _cli_names(options: Mapping[str, str]) -> Iterator[None]:
+    """Errors raised within name the command line option, not the Python argument (``--calib-dir``, not ``root``).
+
+    The argument a :class:`~maptools.MaptoolsError` message starts with (``root: ...``, ``input_shapes['x']:
+    ...``) is replaced by its option; the error keeps its type.
+    """
+    try:
+        yield
+    except MaptoolsError as exc:
+        message = str(exc)
+        match = re.match(r"([A-Za-z_]+)(?=[\[:])", message)
+        if match is None or match[1] not in options:
+            raise
+        raise type(exc)(options[match[1]] + message[match.end():]) from exc
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    source = "--calib-dir" if args.calib_dir else "--calib-npy" if args.calib_npy else None
+    options = {**_QUANTIZE_OPTIONS, **({"calibset": source} if source else {})}
+    with _cli_names(options):
+        return _quantize(args)
+
+
+def _quantize(args: argparse.Namespace) -> int:
     # the argument checks come first: torch and PPQ are imported only for a run that can go ahead
     from maptools.quantization import quantize
     from maptools.quantization.artifacts import map_directory
