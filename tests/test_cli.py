@@ -333,7 +333,9 @@ def test_every_option_says_its_default():
     for option in ("--mean", "--std"):
         text = next(a.help for a in subparsers["quantize"]._actions if option in a.option_strings)
         assert "[0,1] pixel scale" in text and "ToTensor" in quantize_help
-    assert "(default 32)" in quantize_help and "(default 4)" in quantize_help
+    assert "(default 32)" in quantize_help
+    steps = next(a.help for a in subparsers["quantize"]._actions if "--analysis-steps" in a.option_strings)
+    assert steps.endswith("(default: enough for 32 samples, at least 4)")
 
 
 def test_vv_no_image_chunk_lines_traceback_once(tmp_path, capsys, monkeypatch):

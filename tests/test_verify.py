@@ -336,3 +336,14 @@ def test_the_table_keeps_full_output_names():
     assert lines[1].startswith("output" + " " * (len(names[0]) - len("output") + 1) + "reference")
     assert [line.split()[0] for line in lines[2:]] == names
     assert len({line.index("fp32") for line in lines[2:]}) == 1  # the columns stay aligned
+
+
+def test_random_inputs_are_said_not_to_be_what_the_model_sees(digits_map, digits_test):
+    report = verify("d4", mapsave_dir=digits_map, batches=1)
+    first = report.table().splitlines()[0]
+    assert report.random_inputs and first.startswith("verify 'd4' on 16 samples of random data: standard-normal "
+                                                     "inputs are not what the model sees")
+    assert "--inputs DIR" in first
+    images, _ = digits_test
+    report = verify("d4", [{"input": images[:16]}], mapsave_dir=digits_map)
+    assert not report.random_inputs and report.table().splitlines()[0] == "verify 'd4' on 16 samples"

@@ -119,9 +119,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=_STD_HELP + "; for --calib-dir")
     q.add_argument("--calib-steps", type=int, default=32, metavar="N",
                    help="number of calibration batches, at least 8 (default 32)")
-    q.add_argument("--analysis-steps", type=_positive_int, default=4, metavar="N",
+    q.add_argument("--analysis-steps", type=_positive_int, default=None, metavar="N",
                    help="number of batches the graph-wise error (report.json, summary) is measured on, held out "
-                        "after the first --calib-steps ones (default 4)")
+                        "after the first --calib-steps ones (default: enough for 32 samples, at least 4)")
     q.add_argument("--power-of-two", action="store_true",
                    help="every scale a power of two, for requantization by shifts (default: off)")
     q.add_argument("--cim", type=_cim_spec, default=None, metavar="KEY=VALUE,...",

@@ -151,7 +151,7 @@ class QuantizeOptions:
     symmetrical: bool
     per_channel: bool
     seed: int
-    analysis_steps: int
+    analysis_steps: int | None
     layerwise_analysis: bool
     threads: int | None
     layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -185,7 +185,7 @@ class QuantizeOptions:
         symmetrical = check_bool(symmetrical, "symmetrical")
         per_channel = check_bool(per_channel, "per_channel")
         seed = check_positive_int(seed, "seed", minimum=0)
-        analysis_steps = check_positive_int(analysis_steps, "analysis_steps")
+        analysis_steps = None if analysis_steps is None else check_positive_int(analysis_steps, "analysis_steps")
         layerwise_analysis = check_bool(layerwise_analysis, "layerwise_analysis")
         threads = check_positive_int(threads, "threads") if threads is not None else None
         overrides = check_layer_bits(layer_bits)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import math
@@ -84,12 +85,14 @@ class CalibrationData:
         analysis_data: What ``held_out`` is: ``'random (held-out)'``, ``'held-out'``, ``'in-sample'`` or
             ``'evalset'``.
         calibration: ``'random'`` or ``'user'``.
+        held_out_samples: Samples in ``held_out``.
     """
 
     batches: list[Any]
     held_out: list[Any]
     analysis_data: str
     calibration: str
+    held_out_samples: int = 0
 
 
 @dataclass
@@ -111,6 +114,10 @@ def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
     proto = prepare_model(model, shapes)
     first_and_last = first_and_last_macs(proto) if options.first_last_bits is not None else []
     options = options.with_layer_bits([node.name for node in proto.graph.node], first_and_last)
+    if options.analysis_steps is None:
+        from maptools.quantization.calibration import default_analysis_steps
+
+        options = dataclasses.replace(options, analysis_steps=default_analysis_steps(shapes))
     return Prepared(model, shapes, proto), options
 
 
@@ -121,7 +128,7 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
     Raises:
         CalibrationError: fewer calibration batches than PPQ needs.
     """
-    from maptools.quantization.calibration import MIN_CALIB_BATCHES, prepare_calibset, random_calibset
+    from maptools.quantization.calibration import MIN_CALIB_BATCHES, batch_samples, prepare_calibset, random_calibset
 
     model, shapes = prepared.model, prepared.shapes
     calib_steps, analysis_steps = options.calib_steps, options.analysis_steps
@@ -150,7 +157,7 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
     if evalset is not None:
         held_out = prepare_calibset(evalset, model, shapes, analysis_steps, argument="evalset", minimum=1)
         analysis_data = "evalset"
-    return CalibrationData(batches, held_out, analysis_data, calibration)
+    return CalibrationData(batches, held_out, analysis_data, calibration, batch_samples(held_out))
 
 
 def _seed_everything(seed: int) -> None:
@@ -305,7 +312,8 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
                                errors.layer_snr_db, errors.layer_cosine,
                                {name: cfg.op_type for name, cfg in extracted.quantinfo.items()},
                                errors.isolated_snr_db, errors.isolated_cosine,
-                               extra={"analysis": {"data": data.analysis_data, "batches": len(data.held_out)},
+                               extra={"analysis": {"data": data.analysis_data, "batches": len(data.held_out),
+                                                   "samples": data.held_out_samples},
                                       "output_parts": _parts_report(errors),
                                       "float_operators": float_summary(extracted.float_operators),
                                       "warnings": warnings}))
