@@ -290,7 +290,8 @@ def test_error_is_measured_on_held_out_data(tmp_path) -> None:
     assert given.output_snr_db[name] == pytest.approx(held_out.output_snr_db[name])
     assert read_quantinfo("in", tmp_path)["conv"].input_scale == read_quantinfo("out", tmp_path)["conv"].input_scale
     report = json.loads(held_out.report_path.read_text())
-    assert report["analysis"] == {"data": "held-out", "batches": 4}
+    assert report["analysis"] == {"data": "held-out", "batches": 4, "samples": 4}
+    assert "NOTE: the error was measured on only 4 samples" in held_out.summary()
 
 
 def test_split_shared_constants_is_the_same_computation():

@@ -32,7 +32,7 @@ from maptools.quantization import artifacts
 from maptools.quantization.intmath import cosine, error_sums, snr_db
 from maptools.quantization.mapinputs import map_folder_inputs, map_input_shapes  # noqa: F401 (their old home)
 from maptools.quantization.reference import ReferenceExecutor
-from maptools.quantization.replay import float_model_path, ppq_session
+from maptools.quantization.replay import LegacyGraphError, float_model_path, ppq_session
 
 __all__ = ["EXECUTIONS", "PairMetrics", "VerifyReport", "compare", "verify"]
 
@@ -99,6 +99,8 @@ class VerifyReport:
         outputs: The raw outputs of the executions that ran: execution name -> output name -> array.
         failures: The executions that could not run: execution name -> ``"<exception type>: <message>"``.
         random_inputs: Whether the inputs were random data (no ``inputs`` given), which the table says.
+        limited: The executions of :attr:`failures` that met a known limitation, not an error: an operator the
+            integer executor does not support, a format-1.0 map's pickled PPQ graph.
     """
 
     mapname: str
@@ -107,17 +109,17 @@ class VerifyReport:
     outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     random_inputs: bool = False
+    limited: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> dict[str, str]:
-        """The failures that are errors: every one but an execution refusing an operator it does not support.
+        """The failures that are errors: every one but those of :attr:`limited`.
 
-        The integer executor lacking an operator (an LSTM) is a limitation the table states; PPQ failing to
-        rebuild its graph, onnxruntime refusing ``quant_model.onnx`` or a modified artifact is an error, and the
-        command line exits non-zero for it.
+        The integer executor lacking an operator (an LSTM) or a format-1.0 map's PPQ graph is a limitation the
+        table states; PPQ failing to rebuild its graph, onnxruntime refusing ``quant_model.onnx`` or a modified
+        artifact is an error, and the command line exits non-zero for it.
         """
-        unsupported = f"{UnsupportedOperatorError.__name__}:"
-        return {e: r for e, r in self.failures.items() if not r.startswith(unsupported)}
+        return {e: r for e, r in self.failures.items() if e not in self.limited}
 
     @property
     def ran_pairs(self) -> list[PairMetrics]:
@@ -330,11 +332,14 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
     data = _input_batches(inputs, shapes, _input_dtypes(mapname, mapsave_dir), int(manifest["settings"]["seed"]) + 1,
                           batches)
     failures: dict[str, str] = {}
+    limited: list[str] = []
     runners: dict[str, Runner] = {}
     runs: dict[str, dict[str, list[np.ndarray]]] = {}
 
     def fail(execution: str, exc: Exception, when: str) -> None:
         failures[execution] = _reason(exc)
+        if isinstance(exc, (UnsupportedOperatorError, LegacyGraphError)):
+            limited.append(execution)
         runners.pop(execution, None)
         runs.pop(execution, None)
         # INFO, not WARNING: the report carries the failure (VerifyReport.failures, table), the log only traces it
@@ -364,7 +369,7 @@ def verify(mapname: str, inputs: Any = None, *, mapsave_dir: str | os.PathLike |
     names = list(dict.fromkeys(name for outs in merged.values() for name in outs))
     steps = _output_steps(quantinfo, names)
     report = VerifyReport(mapname=mapname, samples=samples, outputs=merged, failures=failures,
-                          random_inputs=inputs is None)
+                          random_inputs=inputs is None, limited=limited)
     for name in names:
         for ref, cand in itertools.combinations(EXECUTIONS, 2):
             missing = next((e for e in (ref, cand) if e not in merged or name not in merged[e]), None)
