@@ -75,6 +75,12 @@ def headline(model: registry.CorpusModel, metrics: dict[str, float]) -> tuple[st
                 metrics["recall"])
     if model.task == "mtcnn_pnet":
         return f"IoU {metrics['iou']:.3f}", metrics["iou"]
+    if model.task == "layout":
+        return (f"{metrics['recall']:.3f} / {metrics['precision']:.3f} ({metrics['cand_detections']:.0f}/"
+                f"{metrics['ref_detections']:.0f})", metrics["recall"] + metrics["precision"])
+    if model.task == "text_rec":
+        return (f"{metrics['same_strings']:.0f}/{metrics['lines']:.0f} / {metrics['step_agreement']:.3f}",
+                metrics["string_agreement"])
     return f"{metrics['decision_agreement']:.3f}", metrics["decision_agreement"]
 
 
@@ -84,6 +90,8 @@ METRIC_NAMES = {
     "mtcnn_pnet": "IoU of face-positive cells (p > 0.6)",
     "mtcnn_rnet": "face decision agreement (p > 0.7)",
     "mtcnn_onet": "face decision agreement (p > 0.7)",
+    "layout": "recall / precision of FP32's boxes after rapid_layout's decoding (class, IoU >= 0.5) (boxes / FP32's)",
+    "text_rec": "lines read as FP32 reads them (rapidocr's CTC decoding) / per-step argmax agreement",
 }
 
 

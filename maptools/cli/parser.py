@@ -157,10 +157,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=_STD_HELP + "; for --calib-dir")
     q.add_argument("--calib-steps", type=_limited("--calib-steps", check_batches), default=32, metavar="N",
                    help=f"number of calibration batches (default 32), 8 to {MAX_BATCHES}")
-    q.add_argument("--analysis-steps", type=_limited("--analysis-steps", check_batches, _positive_int), default=4,
-                   metavar="N",
+    q.add_argument("--analysis-steps", type=_limited("--analysis-steps", check_batches, _positive_int),
+                   default=None, metavar="N",
                    help="number of batches the graph-wise error (report.json, summary) is measured on, held out "
-                        "after the first --calib-steps ones (default 4)")
+                        "after the first --calib-steps ones (default: enough for 32 samples, at least 4)")
     q.add_argument("--power-of-two", action="store_true",
                    help="every scale a power of two, for requantization by shifts (default: off)")
     q.add_argument("--cim", type=_cim_spec, default=None, metavar="KEY=VALUE,...",

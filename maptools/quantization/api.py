@@ -44,7 +44,7 @@ def quantize(
     observer: str | None = None,
     recipe: str | None = None,
     unsigned_nonnegative: bool | None = None,
-    analysis_steps: int = 4,
+    analysis_steps: int | None = None,
     layerwise_analysis: bool = False,
     evalset: Iterable[Any] | None = None,
     threads: int | None = None,
@@ -94,7 +94,10 @@ def quantize(
             ranges, weight scales) while the passes are the setting's: ``recipe='default'`` with
             ``build_setting('default', ...)`` plus equalization is the default recipe plus equalization.
         analysis_steps: Number of batches the graph-wise error is measured on, held out from calibration
-            (see ``evalset``).
+            (see ``evalset``); None: enough for 32 samples, at least 4 batches
+            (:func:`~maptools.quantization.calibration.default_analysis_steps`). The summary says how many
+            samples were measured, and warns when fewer than 32: the SNR of a few samples can be several dB
+            off.
         layerwise_analysis: Also measure the layer-wise error (the graph outputs when one operator alone
             is quantized) and write it to ``report.json``. Off by default: it costs one forward of the
             whole graph per quantized operator (on the first analysis batch); it is measured anyway when
@@ -158,7 +161,7 @@ def quantize(
         timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
         extracted = pipeline.extract(session, prepared)
         timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
-        errors, warnings = pipeline.analyse(options, session, data)
+        errors, warnings = pipeline.analyse(options, session, data, prepared)
         timings["error_analysis"], mark = time.perf_counter() - mark, time.perf_counter()
         cim_content = pipeline.cim_content(options, data, extracted)
         if cim_content is not None:
@@ -178,7 +181,8 @@ def quantize(
         manifest_path=target / artifacts.MANIFEST, operators=extracted.quantinfo, output_snr_db=errors.output_snr_db,
         output_cosine=errors.output_cosine, layer_snr_db=errors.layer_snr_db, seconds=time.perf_counter() - started,
         report_path=target / artifacts.REPORT_JSON, plot_path=target / artifacts.REPORT_PNG, warnings=warnings,
-        analysis_data=data.analysis_data, part_snr_db=errors.part_snr_db,
+        analysis_data=data.analysis_data, part_snr_db=errors.part_snr_db, analysis_samples=data.held_out_samples,
+        float_operators=extracted.float_operators,
         cim_path=None if cim_content is None else target / artifacts.CIM_FILE,
     )
     logger.info("wrote %s in %.1f s", target, result.seconds)

@@ -153,7 +153,7 @@ class QuantizeOptions:
     symmetrical: bool
     per_channel: bool
     seed: int
-    analysis_steps: int
+    analysis_steps: int | None
     layerwise_analysis: bool
     threads: int | None
     layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -187,7 +187,7 @@ class QuantizeOptions:
         symmetrical = check_bool(symmetrical, "symmetrical")
         per_channel = check_bool(per_channel, "per_channel")
         seed = check_seed(seed)
-        analysis_steps = check_batches(analysis_steps, "analysis_steps")
+        analysis_steps = None if analysis_steps is None else check_batches(analysis_steps, "analysis_steps")
         layerwise_analysis = check_bool(layerwise_analysis, "layerwise_analysis")
         threads = check_threads(threads) if threads is not None else None
         overrides = check_layer_bits(layer_bits)

@@ -19,7 +19,11 @@ from maptools.quantization import artifacts
 if TYPE_CHECKING:
     from maptools.quantization.engine.session import PPQSession
 
-__all__ = ["float_model_path", "legacy_graph_reason", "ppq_session"]
+__all__ = ["LegacyGraphError", "float_model_path", "legacy_graph_reason", "ppq_session"]
+
+
+class LegacyGraphError(ArtifactError):
+    """A format-1.0 map keeps PPQ's graph as a pickle, which is never unpickled: a limitation, not damage."""
 
 
 def float_model_path(mapname: str, manifest: Mapping[str, Any], directory: Path) -> Path:
@@ -73,7 +77,7 @@ def ppq_session(mapname: str, mapsave_dir: str | os.PathLike | None = None, devi
     files = manifest.get("files", {})
     if artifacts.PPQSTATE not in files:
         if artifacts.PPQGRAPH in files:
-            raise ArtifactError(legacy_graph_reason(manifest))
+            raise LegacyGraphError(legacy_graph_reason(manifest))
         raise ArtifactError(f"map {mapname!r} has no {artifacts.PPQSTATE}; re-quantize to compare with PPQ")
     state = artifacts.read_ppq_state(mapname, mapsave_dir)
     quantparams = artifacts.read_quantparams(mapname, mapsave_dir)
