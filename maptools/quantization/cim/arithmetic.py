@@ -362,7 +362,9 @@ def _analog_accumulate(prep: _Prepared, analog: AnalogMac, ranges: np.ndarray | 
         planes = _input_planes(prep, block)
         for t in range(len(prep.tiles)):
             values = analog.partial_sums(prep, t, planes)
-            if gains is not None:
+            if gains is None:  # the partial sums themselves, summed in float64
+                values = values.astype(np.float64)
+            else:
                 assert ranges is not None and levels is not None
                 values = adc_codes(values, ranges[t][:, None, :, None], levels)
                 values *= gains[t][:, None, :, None]
