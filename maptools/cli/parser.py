@@ -245,6 +245,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"seed of the random batches, 0 to {MAX_SEED} (default 0)")
     c.add_argument("--jobs", type=_limited("--jobs", check_jobs, _positive_int), default=None, metavar="N",
                    help=f"worker processes, 1 to {MAX_THREADS} (default: the number of CPUs)")
+    c.add_argument("--prog-error", default=None, metavar="LIST",
+                   help="device axis: relative programming errors (DeviceModel.prog_sigma_rel), e.g. 0,0.02,0.05; "
+                        "every point then runs on --chips chips (default: exact cells)")
+    c.add_argument("--drift-time", default=None, metavar="LIST",
+                   help="device axis: seconds since programming (DeviceModel.time), e.g. 20,86400; needs --drift-nu")
+    c.add_argument("--drift-nu", type=float, default=None, metavar="NU",
+                   help="drift exponent of every cell (DeviceModel.drift_nu), e.g. 0.05 (default: no drift)")
+    c.add_argument("--drift-compensation", action="store_true",
+                   help="global drift compensation (DeviceModel.drift_compensation; default off)")
+    c.add_argument("--chips", type=_positive_int, default=8, metavar="N",
+                   help="chips per device point, chip i seeded from --seed and i (default 8)")
     c.add_argument("--out", default=None, metavar="FILE.json", help="write every point's metrics (default: none)")
     c.add_argument("--plot", default=None, metavar="FILE.png", help="plot agreement vs ADC bits (default: none)")
     c.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
