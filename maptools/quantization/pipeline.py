@@ -15,12 +15,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -99,6 +100,7 @@ class Extracted:
     quantparams: dict[str, np.ndarray | None]
     qdq: onnx.ModelProto
     state: dict[str, Any]
+    rounding: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
@@ -176,7 +178,7 @@ def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[Q
         setting = options.setting
     else:
         setting = build_setting(options.recipe, options.device, len(data.batches), observer=options.observer,
-                                activation_bits=options.activation_bits)
+                                activation_bits=options.activation_bits, rounding=options.applied_rounding())
     options = options.applied(setting, DEFAULT_THREADS)
     _seed_everything(options.seed)
     return options, setting
@@ -192,7 +194,13 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
                       unsigned_nonnegative=options.unsigned_nonnegative, weight_observer=options.weight_observer,
                       power_of_two=options.power_of_two)
     session = PPQSession.from_onnx(prepared.proto, spec, options.device, setting, threads=options.threads)
-    session.quantize(data.batches)
+    rounding = None
+    if options.rounding == "learned":
+        from maptools.quantization.engine import learned_rounding
+
+        rounding = dataclasses.replace(learned_rounding.DEFAULTS, time_budget=options.time_budget,
+                                       device=options.device, seed=options.seed)
+    session.quantize(data.batches, rounding)
     return session
 
 
@@ -212,7 +220,8 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
         )
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=prepared.model.proto)
-    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams))
+    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams),
+                     [record.to_dict() for record in session.rounding_results])
 
 
 def _warnings(errors: ErrorAnalysis, data: str) -> list[str]:
@@ -299,5 +308,6 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
                                {name: cfg.op_type for name, cfg in extracted.quantinfo.items()},
                                errors.isolated_snr_db, errors.isolated_cosine,
                                extra={"analysis": {"data": data.analysis_data, "batches": len(data.held_out)},
-                                      "output_parts": _parts_report(errors), "warnings": warnings}))
+                                      "output_parts": _parts_report(errors), "warnings": warnings,
+                                      **({"learned_rounding": extracted.rounding} if extracted.rounding else {})}))
     return files, manifest

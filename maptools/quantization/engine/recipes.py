@@ -103,7 +103,7 @@ def _collecting_device(device: str) -> str:
 
 
 def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None,
-                  activation_bits: int = 8) -> QuantizationSetting:
+                  activation_bits: int = 8, rounding: str = "nearest") -> QuantizationSetting:
     """Build the PPQ ``QuantizationSetting`` of a recipe.
 
     Args:
@@ -114,6 +114,9 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         observer: Activation observer every recipe calibrates with (one of ``quantize``'s
             ``OBSERVERS``); None for the recipe's own (:data:`~maptools.quantization.options.RECIPE_OBSERVERS`).
         activation_bits: The map's (default) activation bit width; sets ``best``'s LSQ learning rate.
+        rounding: ``'learned'``: ``best`` learns the weights' rounding
+            (:mod:`~maptools.quantization.engine.learned_rounding`, run by the session) instead of LSQ, which
+            would train the weights off the learned integers.
 
     Returns:
         A fresh setting (the caller may modify it).
@@ -132,7 +135,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
     observer = observer if observer is not None else RECIPE_OBSERVERS[recipe]
     if observer is not None:
         setting.quantize_activation_setting.calib_algorithm = observer
-    if recipe == "best":
+    if recipe == "best" and rounding != "learned":
         setting.lsq_optimization = True
         lsq = setting.lsq_optimization_setting
         lsq.collecting_device = _collecting_device(device)
