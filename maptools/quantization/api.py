@@ -162,6 +162,8 @@ def quantize(
     with compute_threads(options.threads):  # every stage that computes, not only PPQ's calibration
         session = pipeline.run_engine(options, ppq_setting, prepared, data)
         timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
+        if session.rounding_results:  # part of ppq_quantization
+            timings["learned_rounding"] = sum(record.seconds for record in session.rounding_results)
         extracted = pipeline.extract(session, prepared)
         timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
         errors, warnings = pipeline.analyse(options, session, data)

@@ -20,8 +20,10 @@ The cost is kept small on a CPU in three ways:
   once for the FP32 one, never by re-running the network from its input;
 * ``time_budget`` scales the iterations of every layer to fit.
 
-The result is written into PPQ's graph as float weights exactly on the grid (``w = s * q``), before PPQ
-bakes its parameters, so every artifact carries the learned integers.
+The result is written into PPQ's graph as float weights exactly on the grid (``w = s * q``) and marked baked,
+before PPQ bakes the other parameters, so every artifact carries the learned integers, and a later LSQ pass
+(:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`) trains the activation scales and
+biases around them but neither the weights nor their scales.
 """
 
 from __future__ import annotations
@@ -576,6 +578,7 @@ def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budge
     var = layer.op.inputs[1]
     original = torch.as_tensor(var.value)
     var.value = layer.to_weight((learned * scale).cpu()).to(dtype=original.dtype, device=original.device).contiguous()
+    layer.op.config.input_quantization_config[1].state = QuantizationStates.BAKED  # final: LSQ leaves it alone
     changed = float((learned != nearest).float().mean())
     logger.info("learned rounding: layer %d of %d (%s, W%d): held-out error %.4g -> %.4g (%.2fx), %.1f%% of the "
                 "integers changed, %d steps, elapsed %.0f s", i + 1, count, name, layer.bits, error_nearest,

@@ -63,6 +63,7 @@ import_ppq()
 from ppq.api.setting import QuantizationSetting, QuantizationSettingFactory  # noqa: E402
 
 __all__ = [
+    "LEARNED_ROUNDING_LSQ_BITS",
     "LSQ_BLOCK_SIZE",
     "LSQ_LR",
     "LSQ_LR_LOW_BIT",
@@ -82,6 +83,9 @@ LSQ_STEPS = 300
 LSQ_LR = 1e-4
 LSQ_LR_LOW_BIT = 1e-3
 LSQ_BLOCK_SIZE = 4
+#: With learned rounding, ``best`` keeps LSQ (on activation scales and biases) at activations of at most this
+#: many bits.
+LEARNED_ROUNDING_LSQ_BITS = 6
 
 
 def default_setting() -> QuantizationSetting:
@@ -115,8 +119,9 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
             ``OBSERVERS``); None for the recipe's own (:data:`~maptools.quantization.options.RECIPE_OBSERVERS`).
         activation_bits: The map's (default) activation bit width; sets ``best``'s LSQ learning rate.
         rounding: ``'learned'``: ``best`` learns the weights' rounding
-            (:mod:`~maptools.quantization.engine.learned_rounding`, run by the session) instead of LSQ, which
-            would train the weights off the learned integers.
+            (:mod:`~maptools.quantization.engine.learned_rounding`, run by the session); LSQ then runs only
+            with activations of at most :data:`LEARNED_ROUNDING_LSQ_BITS` bits, and trains the activation
+            scales and biases around the learned integers.
 
     Returns:
         A fresh setting (the caller may modify it).
@@ -135,7 +140,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
     observer = observer if observer is not None else RECIPE_OBSERVERS[recipe]
     if observer is not None:
         setting.quantize_activation_setting.calib_algorithm = observer
-    if recipe == "best" and rounding != "learned":
+    if recipe == "best" and (rounding != "learned" or activation_bits <= LEARNED_ROUNDING_LSQ_BITS):
         setting.lsq_optimization = True
         lsq = setting.lsq_optimization_setting
         lsq.collecting_device = _collecting_device(device)
