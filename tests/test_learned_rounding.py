@@ -63,6 +63,25 @@ def test_learned_rounding_reduces_a_trained_layers_error_on_held_out_images():
     assert all(np.array_equal(learned.quantparams()[k], nearest.quantparams()[k]) for k in others)
 
 
+def test_lsq_after_learned_rounding_keeps_the_learned_integers():
+    """best at W4A4: learned rounding, then LSQ on the activation scales and biases; the weights stay learned."""
+    model = load_model(MOBILE)
+    proto = prepare_model(model, check_input_shapes(SHAPES, model))
+    spec = LowBitSpec(4, 4, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
+    setting = build_setting("best", "cpu", 8, activation_bits=4, rounding="learned")
+    assert setting.lsq_optimization
+    setting.lsq_optimization_setting.steps = 20
+    session = PPQSession.from_onnx(proto, spec, "cpu", setting)
+    train, _ = digits.load_split("train")
+    session.quantize([{"input": torch.from_numpy(train[i:i + 16])} for i in range(0, 128, 16)],
+                     RoundingSettings(iterations=50))
+    params = session.quantparams()
+    assert len(session.rounding_results) == 16
+    for record in session.rounding_results:
+        assert np.array_equal(params[weight_key(record.name, record.op_type)], record.integers.numpy()), record.name
+    assert not build_setting("best", "cpu", 8, activation_bits=8, rounding="learned").lsq_optimization
+
+
 def test_artifacts_carry_the_learned_integers(tmp_path):
     train, _ = digits.load_split("train")
     calib = [{"input": train[i:i + 16]} for i in range(0, 16 * 16, 16)]

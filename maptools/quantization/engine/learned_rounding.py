@@ -134,6 +134,8 @@ class LayerRounding:
     changed: float
     seconds: float
     loss: float = math.nan
+    #: The learned integers in the ONNX weight's layout.
+    integers: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, float | int | str]:
         """The JSON-ready record (``report.json``'s ``learned_rounding``)."""
@@ -587,4 +589,4 @@ def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budge
     return LayerRounding(name=name, op_type=layer.op.type, target=layer.target, weight_bits=layer.bits,
                          iterations=steps, sample=min(settings.sample, cache.train), positions=cache.targets.shape[0],
                          error_nearest=error_nearest, error_learned=error_learned, changed=changed, seconds=0.0,
-                         loss=loss)
+                         loss=loss, integers=layer.to_weight(learned.cpu()).to(torch.int32))
