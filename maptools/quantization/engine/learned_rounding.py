@@ -366,7 +366,7 @@ def _beta(step: int, total: int) -> float:
 
 @dataclass
 class _Cache:
-    """Sampled input patches (M, G, Kg) and FP32 targets (M, Cout) of one layer; the last rows held out."""
+    """Sampled input patches (G, M, Kg) and FP32 targets (M, Cout) of one layer; the last rows held out."""
 
     patches: torch.Tensor
     targets: torch.Tensor
@@ -390,20 +390,20 @@ def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequen
     patches = torch.cat(patch_rows).reshape(-1, groups, layer.weight.shape[2])
     targets_ = torch.cat(target_rows)
     order = torch.randperm(patches.shape[0], generator=generator)  # held-out rows from every image
-    patches, targets_ = patches[order].to(device), targets_[order].to(device)
+    patches, targets_ = patches[order].transpose(0, 1).contiguous().to(device), targets_[order].to(device)
     held = max(1, int(round(targets_.shape[0] * HELD_OUT))) if targets_.shape[0] > 1 else 0
     return _Cache(patches, targets_, targets_.shape[0] - held)
 
 
 def _layer_output(layer: _Layer, patches: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """The layer's output after its activation at the positions of ``patches`` (P, G, Kg): (P, Cout)."""
-    if weight.shape[0] == 1:  # a full Conv, Gemm or MatMul: one product
-        out = patches[:, 0] @ weight[0].t()
-    elif weight.shape[1] == 1:  # depthwise: per channel a dot product of its k*k taps
-        out = (patches * weight[:, 0]).sum(dim=-1)
-    else:
-        out = torch.einsum("pgk,gok->pgo", patches, weight).reshape(patches.shape[0], -1)
+    """The layer's output after its activation at the positions of ``patches`` (G, P, Kg): (P, Cout).
+
+    One batched product per group (a depthwise Conv: per channel a dot product of its k*k taps); on a CPU this
+    is about twice as fast as an elementwise product and sum over a (P, G, Kg) layout.
+    """
+    out = torch.bmm(patches, weight.transpose(1, 2))  # (G, P, Og)
+    out = out.transpose(0, 1).reshape(patches.shape[1], -1)
     return layer.activation(out + bias if bias is not None else out)
 
 
@@ -412,7 +412,7 @@ def _error(layer: _Layer, cache: _Cache, weight: torch.Tensor, bias: torch.Tenso
         chunks = []
         for start in range(rows.start, rows.stop, 4096):
             stop = min(start + 4096, rows.stop)
-            out = _layer_output(layer, cache.patches[start:stop], weight, bias)
+            out = _layer_output(layer, cache.patches[:, start:stop], weight, bias)
             chunks.append(((out - cache.targets[start:stop]) ** 2).sum())
         count = rows.stop - rows.start
         return float(torch.stack(chunks).sum() / count) if count else math.nan
@@ -443,7 +443,7 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
         rows = torch.randint(cache.train, (sample,), generator=generator).to(device)
         h = _rectified_sigmoid(v)
         weight = torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale
-        out = _layer_output(layer, cache.patches.index_select(0, rows), weight, bias)
+        out = _layer_output(layer, cache.patches.index_select(1, rows), weight, bias)
         loss = ((out - cache.targets.index_select(0, rows)) ** 2).sum(dim=1).mean()
         if step >= WARMUP * iterations:
             loss = loss + settings.reg_weight * (1 - (2 * h - 1).abs().pow(_beta(step, iterations))).sum()
