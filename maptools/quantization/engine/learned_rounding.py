@@ -96,10 +96,10 @@ class RoundingSettings:
         layers: Only these operators (None: every eligible one).
     """
 
-    iterations: int = 1000
-    sample: int = 1024
+    iterations: int = 300
+    sample: int = 512
     positions: int = 128
-    lr: float = 1e-3
+    lr: float = 1e-2
     reg_weight: float = 0.01
     max_weight_bits: int = 8
     time_budget: float | None = None
