@@ -11,6 +11,10 @@
   block by block (4 operators), against the FP32 outputs of each block, with a learning rate that depends
   on the activation bits (:func:`lsq_learning_rate`); zero points are not trained
   (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`). On the CPU it trains there.
+  At 2- to 6-bit weights ``best`` learns the weights' rounding instead
+  (:mod:`~maptools.quantization.engine.learned_rounding`, chosen by
+  :meth:`~maptools.quantization.options.QuantizeOptions.applied_rounding`), and LSQ then runs only at
+  activations of at most :data:`LEARNED_ROUNDING_LSQ_BITS` bits, on the activation scales and biases.
 
 Why these (measured with ``bench/accuracy.py`` on the two bundled digits models at W8A8, W4A8, W4A4,
 W3A3 and W2A4; the table is on the benchmarks page of the documentation):
