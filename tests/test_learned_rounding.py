@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from maptools import InvalidArgumentError, InvalidTypeError
+from maptools.cli import main
 from maptools.examples import digits
 from maptools.quantization import quantize, read_quantparams, verify
 from maptools.quantization.artifacts import MANIFEST, REPORT_JSON
@@ -131,3 +132,14 @@ def test_bad_rounding_arguments_are_refused_before_anything_is_written(tmp_path,
         quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, mapsave_dir=tmp_path, **kwargs)
     assert message in str(info.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_cli_rounding_options_reach_the_manifest(tmp_path, tiny_onnx, capsys):
+    args = ["quantize", str(tiny_onnx), "--input", "input:2,3,8,8", "--mapname", "c", "--bits", "4",
+            "--mapsave-dir", str(tmp_path)]
+    assert main([*args, "--rounding", "learned", "--time-budget", "3"]) == 0
+    settings = json.loads((tmp_path / "c" / MANIFEST).read_text())["settings"]
+    assert (settings["rounding"], settings["time_budget"]) == ("learned", 3.0)
+    assert main([*args, "--mapname", "d", "--time-budget", "0"]) == 2
+    assert "time_budget: expected a positive finite number of seconds, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
