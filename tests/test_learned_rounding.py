@@ -64,6 +64,7 @@ def test_learned_rounding_reduces_a_trained_layers_error_on_held_out_images():
     assert all(np.array_equal(learned.quantparams()[k], nearest.quantparams()[k]) for k in others)
 
 
+@pytest.mark.slow
 def test_lsq_after_learned_rounding_keeps_the_learned_integers():
     """best at W4A4: learned rounding, then LSQ on the activation scales and biases; the weights stay learned."""
     model = load_model(MOBILE)
@@ -107,6 +108,7 @@ def test_artifacts_carry_the_learned_integers(tmp_path):
     assert check.get("fp32", "ppq").top1_agreement >= 0.95
 
 
+@pytest.mark.slow
 def test_best_learns_rounding_at_low_bits_only(tmp_path, tiny_onnx):
     def settings(**kwargs) -> dict:
         quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, analysis_steps=1,
