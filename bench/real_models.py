@@ -125,25 +125,23 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
 
     ``recipe`` may name a rounding and learned rounding's settings after colons: ``best:nearest``,
     ``best:learned:iterations=500:sample=512`` (fields of :class:`~maptools.quantization.engine.learned_rounding.
-    RoundingSettings`; ``lsq_bits=8``: ``best`` runs LSQ after learned rounding up to 8-bit activations).
+    RoundingSettings`).
     """
-    from maptools.quantization.engine import learned_rounding, recipes
+    from maptools.quantization.engine import learned_rounding
 
     name, *extra = recipe.split(":")
     rounding = extra[0] if extra else None
-    changes = dict(item.split("=") for item in extra[1:])
-    lsq_bits = int(changes.pop("lsq_bits", recipes.LEARNED_ROUNDING_LSQ_BITS))  # LSQ after learned rounding up to
-    changes = {key: type(getattr(learned_rounding.DEFAULTS, key))(value) for key, value in changes.items()}
-    saved, saved_lsq = learned_rounding.DEFAULTS, recipes.LEARNED_ROUNDING_LSQ_BITS
+    changes = {key: type(getattr(learned_rounding.DEFAULTS, key))(value)
+               for key, value in (item.split("=") for item in extra[1:])}
+    saved = learned_rounding.DEFAULTS
     learned_rounding.DEFAULTS = dataclasses.replace(saved, **changes)
-    recipes.LEARNED_ROUNDING_LSQ_BITS = lsq_bits
     try:
         result = quantize(model.input_shapes, "cpu", model.path,
                           mapname=f"{model.name}_{re.sub('[^A-Za-z0-9_.-]', '_', recipe)}", calibset=calib,
                           calib_steps=len(calib), weight_bits=w_bits, activation_bits=a_bits, recipe=name,
                           rounding=rounding, mapsave_dir=workdir, evalset=evaluate[:4])
     finally:
-        learned_rounding.DEFAULTS, recipes.LEARNED_ROUNDING_LSQ_BITS = saved, saved_lsq
+        learned_rounding.DEFAULTS = saved
     session = _session(result.model_path)
     return [session.run(None, feed) for feed in evaluate]
 

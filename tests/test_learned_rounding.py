@@ -70,8 +70,7 @@ def test_lsq_after_learned_rounding_keeps_the_learned_integers():
     model = load_model(MOBILE)
     proto = prepare_model(model, check_input_shapes(SHAPES, model))
     spec = LowBitSpec(4, 4, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
-    setting = build_setting("best", "cpu", 8, activation_bits=4, rounding="learned")
-    assert setting.lsq_optimization
+    setting = build_setting("best", "cpu", 8, activation_bits=4)
     setting.lsq_optimization_setting.steps = 20
     session = PPQSession.from_onnx(proto, spec, "cpu", setting)
     train, _ = digits.load_split("train")
@@ -81,7 +80,6 @@ def test_lsq_after_learned_rounding_keeps_the_learned_integers():
     assert len(session.rounding_results) == 16
     for record in session.rounding_results:
         assert np.array_equal(params[weight_key(record.name, record.op_type)], record.integers.numpy()), record.name
-    assert not build_setting("best", "cpu", 8, activation_bits=8, rounding="learned").lsq_optimization
 
 
 def test_artifacts_carry_the_learned_integers(tmp_path):

@@ -178,7 +178,7 @@ def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[Q
         setting = options.setting
     else:
         setting = build_setting(options.recipe, options.device, len(data.batches), observer=options.observer,
-                                activation_bits=options.activation_bits, rounding=options.applied_rounding())
+                                activation_bits=options.activation_bits)
     options = options.applied(setting, DEFAULT_THREADS)
     _seed_everything(options.seed)
     return options, setting

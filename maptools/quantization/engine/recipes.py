@@ -11,10 +11,11 @@
   block by block (4 operators), against the FP32 outputs of each block, with a learning rate that depends
   on the activation bits (:func:`lsq_learning_rate`); zero points are not trained
   (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`). On the CPU it trains there.
-  At 2- to 6-bit weights ``best`` learns the weights' rounding instead
+  At 2- to 6-bit weights ``best`` first learns the weights' rounding
   (:mod:`~maptools.quantization.engine.learned_rounding`, chosen by
-  :meth:`~maptools.quantization.options.QuantizeOptions.applied_rounding`), and LSQ then runs only at
-  activations of at most :data:`LEARNED_ROUNDING_LSQ_BITS` bits, on the activation scales and biases.
+  :meth:`~maptools.quantization.options.QuantizeOptions.applied_rounding`); LSQ then trains the activation
+  scales and biases around the learned integers (EfficientNet-Lite1 W4A8: better than either alone, see the
+  benchmarks).
 
 Why these (measured with ``bench/accuracy.py`` on the two bundled digits models at W8A8, W4A8, W4A4,
 W3A3 and W2A4; the table is on the benchmarks page of the documentation):
@@ -67,7 +68,6 @@ import_ppq()
 from ppq.api.setting import QuantizationSetting, QuantizationSettingFactory  # noqa: E402
 
 __all__ = [
-    "LEARNED_ROUNDING_LSQ_BITS",
     "LSQ_BLOCK_SIZE",
     "LSQ_LR",
     "LSQ_LR_LOW_BIT",
@@ -87,9 +87,6 @@ LSQ_STEPS = 300
 LSQ_LR = 1e-4
 LSQ_LR_LOW_BIT = 1e-3
 LSQ_BLOCK_SIZE = 4
-#: With learned rounding, ``best`` keeps LSQ (on activation scales and biases) at activations of at most this
-#: many bits.
-LEARNED_ROUNDING_LSQ_BITS = 6
 
 
 def default_setting() -> QuantizationSetting:
@@ -111,7 +108,7 @@ def _collecting_device(device: str) -> str:
 
 
 def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None,
-                  activation_bits: int = 8, rounding: str = "nearest") -> QuantizationSetting:
+                  activation_bits: int = 8) -> QuantizationSetting:
     """Build the PPQ ``QuantizationSetting`` of a recipe.
 
     Args:
@@ -122,10 +119,6 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         observer: Activation observer every recipe calibrates with (one of ``quantize``'s
             ``OBSERVERS``); None for the recipe's own (:data:`~maptools.quantization.options.RECIPE_OBSERVERS`).
         activation_bits: The map's (default) activation bit width; sets ``best``'s LSQ learning rate.
-        rounding: ``'learned'``: ``best`` learns the weights' rounding
-            (:mod:`~maptools.quantization.engine.learned_rounding`, run by the session); LSQ then runs only
-            with activations of at most :data:`LEARNED_ROUNDING_LSQ_BITS` bits, and trains the activation
-            scales and biases around the learned integers.
 
     Returns:
         A fresh setting (the caller may modify it).
@@ -144,7 +137,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
     observer = observer if observer is not None else RECIPE_OBSERVERS[recipe]
     if observer is not None:
         setting.quantize_activation_setting.calib_algorithm = observer
-    if recipe == "best" and (rounding != "learned" or activation_bits <= LEARNED_ROUNDING_LSQ_BITS):
+    if recipe == "best":
         setting.lsq_optimization = True
         lsq = setting.lsq_optimization_setting
         lsq.collecting_device = _collecting_device(device)
