@@ -28,10 +28,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -127,10 +129,27 @@ def prepared_copy(model: registry.CorpusModel, workdir: Path) -> Path:
 
 def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: Sequence[Feed], w_bits: int,
                   a_bits: int, recipe: str, workdir: Path) -> Outputs:
-    """maptools' quantize; onnxruntime's outputs of ``quant_model.onnx`` on the evaluation feeds."""
-    result = quantize(model.input_shapes, "cpu", model.path, mapname=f"{model.name}_{recipe}", calibset=calib,
-                      calib_steps=len(calib), weight_bits=w_bits, activation_bits=a_bits, recipe=recipe,
-                      mapsave_dir=workdir, evalset=evaluate[:4])
+    """maptools' quantize; onnxruntime's outputs of ``quant_model.onnx`` on the evaluation feeds.
+
+    ``recipe`` may name a rounding and learned rounding's settings after colons: ``best:nearest``,
+    ``best:learned:iterations=500:sample=512`` (fields of :class:`~maptools.quantization.engine.learned_rounding.
+    RoundingSettings`).
+    """
+    from maptools.quantization.engine import learned_rounding
+
+    name, *extra = recipe.split(":")
+    rounding = extra[0] if extra else None
+    changes = {key: type(getattr(learned_rounding.DEFAULTS, key))(value)
+               for key, value in (item.split("=") for item in extra[1:])}
+    saved = learned_rounding.DEFAULTS
+    learned_rounding.DEFAULTS = dataclasses.replace(saved, **changes)
+    try:
+        result = quantize(model.input_shapes, "cpu", model.path,
+                          mapname=f"{model.name}_{re.sub('[^A-Za-z0-9_.-]', '_', recipe)}", calibset=calib,
+                          calib_steps=len(calib), weight_bits=w_bits, activation_bits=a_bits, recipe=name,
+                          rounding=rounding, mapsave_dir=workdir, evalset=evaluate[:4])
+    finally:
+        learned_rounding.DEFAULTS = saved
     session = _session(result.model_path)
     return [session.run(None, feed) for feed in evaluate]
 

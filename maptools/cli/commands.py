@@ -84,7 +84,8 @@ def _quantize(args: argparse.Namespace) -> int:
                           recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
                           unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
                           threads=args.threads, first_last_bits=args.first_last_bits,
-                          power_of_two=args.power_of_two, cim=args.cim)
+                          power_of_two=args.power_of_two, cim=args.cim, rounding=args.rounding,
+                          time_budget=args.time_budget)
     if replacing:
         print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
     print(result.summary())

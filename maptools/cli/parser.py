@@ -181,6 +181,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         f"{MAX_SEED} (default 0)")
     q.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
                    help="quantization recipe (default: default)")
+    q.add_argument("--rounding", default=None, choices=["nearest", "learned"],
+                   help="weight rounding: nearest, or learned on the calibration data (AdaRound) (default: the "
+                        "recipe's, learned for best at 2-6-bit weights, else nearest)")
+    q.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="seconds learned rounding may take; its iterations are scaled to fit (default: no limit)")
     q.add_argument("--observer", default=None,
                    help="activation observer: percentile, minmax, kl or mse (default: the recipe's, mse for default "
                         "and best, percentile for fast)")

@@ -51,6 +51,8 @@ def quantize(
     first_last_bits: int | None = None,
     power_of_two: bool = False,
     cim: CIMSpec | None = None,
+    rounding: str | None = None,
+    time_budget: float | None = None,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
@@ -124,6 +126,14 @@ def quantize(
             ``quantparams.pkl`` and, for ``requant`` other than ``'float'``, the int32 multipliers and shifts;
             the manifest's settings record the spec (``cim``) and the format version is 1.2. Then
             ``simulate(mapname, inputs, cim=True)`` runs the map on that crossbar. See :doc:`/cim`.
+        rounding: How weights are rounded to their integers: ``'nearest'``, or ``'learned'`` (AdaRound: per layer,
+            learned on the calibration data to keep the layer's output, see
+            :mod:`maptools.quantization.engine.learned_rounding`); None for the recipe's: ``'learned'`` for
+            ``'best'`` when a weight bit width is 2 to 6 (LSQ then trains activation scales and biases only), else
+            ``'nearest'``. Recorded in
+            the manifest; ``report.json``'s ``learned_rounding`` gives each layer's error before and after.
+        time_budget: Seconds learned rounding may take (None: no limit); each layer's iterations are scaled
+            to fit. Recorded in the manifest.
         threads: torch CPU threads while quantizing; None for 1, measured the fastest for PPQ's
             calibration on small batches and the one that holds its speed beside other CPU-bound jobs (see
             :mod:`maptools.quantization.engine.threads`).
@@ -144,7 +154,8 @@ def quantize(
         activation_bits=activation_bits, symmetrical=symmetrical, per_channel=per_channel, seed=seed,
         analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads, layer_bits=layer_bits,
         first_last_bits=first_last_bits, observer=observer, recipe=recipe, unsigned_nonnegative=unsigned_nonnegative,
-        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two, cim=cim)
+        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two, cim=cim, rounding=rounding,
+        time_budget=time_budget)
     artifacts.check_replaceable(options.target)  # a folder that is not a map: refused before PPQ runs
     prepared, options = pipeline.load(options, onnx_path, input_shapes)
     data = pipeline.calibration_data(options, prepared, calibset, evalset)
@@ -159,6 +170,8 @@ def quantize(
     with compute_threads(options.threads):  # every stage that computes, not only PPQ's calibration
         session = pipeline.run_engine(options, ppq_setting, prepared, data)
         timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
+        if session.rounding_results:  # part of ppq_quantization
+            timings["learned_rounding"] = sum(record.seconds for record in session.rounding_results)
         extracted = pipeline.extract(session, prepared)
         timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
         errors, warnings = pipeline.analyse(options, session, data, prepared)

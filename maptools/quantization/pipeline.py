@@ -21,7 +21,7 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,6 +105,7 @@ class Extracted:
     qdq: onnx.ModelProto
     state: dict[str, Any]
     float_operators: list[dict[str, str]]
+    rounding: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
@@ -212,7 +213,13 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
                       unsigned_nonnegative=options.unsigned_nonnegative, weight_observer=options.weight_observer,
                       power_of_two=options.power_of_two)
     session = PPQSession.from_onnx(prepared.proto, spec, options.device, setting, threads=options.threads)
-    session.quantize(data.batches)
+    rounding = None
+    if options.rounding == "learned":
+        from maptools.quantization.engine import learned_rounding
+
+        rounding = dataclasses.replace(learned_rounding.DEFAULTS, time_budget=options.time_budget,
+                                       device=options.device, seed=options.seed)
+    session.quantize(data.batches, rounding)
     return session
 
 
@@ -232,7 +239,8 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
         )
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=prepared.model.proto)
-    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams), session.float_operators())
+    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams), session.float_operators(),
+                     [record.to_dict() for record in session.rounding_results])
 
 
 def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice) -> list[str]:
@@ -321,6 +329,8 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
                                           "samples": data.held_out_samples},
                              "output_parts": _parts_report(errors),
                              "float_operators": float_summary(extracted.float_operators), "warnings": warnings}
+    if extracted.rounding:
+        extra["learned_rounding"] = extracted.rounding
     if cim is not None:
         files[artifacts.CIM_FILE] = cim.calibration.to_json()
         if cim.cost is not None:

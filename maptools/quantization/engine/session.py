@@ -41,6 +41,12 @@ from maptools.quantization.engine.analysis import ErrorAnalysis  # noqa: E402
 from maptools.quantization.engine.exporter import export_qdq  # noqa: E402
 from maptools.quantization.engine.floats import float_operators  # noqa: E402
 from maptools.quantization.engine.holes import close_quantization_holes  # noqa: E402
+from maptools.quantization.engine.learned_rounding import (  # noqa: E402
+    LayerRounding,
+    LearnedRoundingPass,
+    RoundingSettings,
+    with_learned_rounding,
+)
 from maptools.quantization.engine.operators import operator_fixes  # noqa: E402
 from maptools.quantization.engine.outputs import FinalConcat, final_concats  # noqa: E402
 from maptools.quantization.engine.quantizer import LowBitQuantizer, LowBitSpec  # noqa: E402
@@ -98,6 +104,8 @@ class PPQSession:
         self.threads = threads
         #: Operator types the quantizer quantizes (set by :meth:`quantize`).
         self.quantizable_types: frozenset[str] = frozenset()
+        #: Learned rounding's per-layer records (:meth:`quantize` with ``rounding``), else empty.
+        self.rounding_results: list[LayerRounding] = []
         #: Fingerprints of the parameters as loaded (see :func:`.state.parameter_fingerprints`).
         self.initial_parameters: dict[str, str] = parameter_fingerprints(graph)
 
@@ -180,17 +188,22 @@ class PPQSession:
                 )
 
     # -- quantization -----------------------------------------------------------------------------
-    def quantize(self, batches: Sequence[Batch]) -> None:
+    def quantize(self, batches: Sequence[Batch], rounding: RoundingSettings | None = None) -> None:
         """Calibrate on ``batches`` and quantize the graph in place (PPQ's passes per the setting).
 
         The calibration runs with the speed-ups of :mod:`~maptools.quantization.engine.speedups` (weights
         fake-quantized once instead of on every forward, a faster percentile observer): PPQ's passes,
-        with results identical to the bit.
+        with results identical to the bit. With ``rounding``, the weights are rounded by learned rounding
+        (:mod:`~maptools.quantization.engine.learned_rounding`) before PPQ bakes them; its per-layer records
+        are then in :attr:`rounding_results`.
         """
         quantizer = LowBitQuantizer(graph=self.graph, spec=self.spec)
         quantizer._verbose = False
         self.quantizable_types = frozenset(quantizer.quant_operation_types)
         quantizer.build_quant_pipeline = accelerated_pipeline(quantizer.build_quant_pipeline)
+        rounding_pass = LearnedRoundingPass(rounding) if rounding is not None else None
+        if rounding_pass is not None:
+            quantizer.build_quant_pipeline = with_learned_rounding(quantizer.build_quant_pipeline, rounding_pass)
         device = self.device
 
         def collate(batch: Batch) -> dict[str, torch.Tensor]:
@@ -203,6 +216,8 @@ class PPQSession:
                                    calib_steps=len(batches), collate_fn=collate)
         except Exception as exc:
             raise self._engine_error("quantization", exc) from exc
+        if rounding_pass is not None:
+            self.rounding_results = rounding_pass.results
         closed = close_quantization_holes(self.graph)
         if closed:
             logger.debug("quantized %d fan-out tensors PPQ left in float: %s", len(closed), ", ".join(closed))
