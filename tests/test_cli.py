@@ -281,6 +281,9 @@ def test_quantize_progress_replace_notice_and_every_file(tmp_path, capsys, monke
     beats = [line for line in captured.err.splitlines() if re.match(r"^maptools quantize: \d+ s, ", line)]
     assert len(beats) >= 2 and captured.err.splitlines() == beats  # stderr is not a terminal: progress lines only
     assert any("quantizing" in line and "'dg': W8A8, fast, 8 random calibration batches" in line for line in beats)
+    # counts, not only the stage's name: which loop, how far
+    counts = [re.search(r"\[(calibration batch|error analysis batch)( pass \d+)?: (\d+)/(\d+)", line) for line in beats]
+    assert any(counts) and all(int(m[3]) <= int(m[4]) for m in counts if m)
     # every file of the map directory is listed
     listed = {line.strip() for line in captured.out.splitlines() if line.startswith("  /")}
     assert listed == {str(p) for p in (mapsave / "dg").iterdir()} and len(listed) == 7
@@ -330,7 +333,9 @@ def test_every_option_says_its_default():
     for option in ("--mean", "--std"):
         text = next(a.help for a in subparsers["quantize"]._actions if option in a.option_strings)
         assert "[0,1] pixel scale" in text and "ToTensor" in quantize_help
-    assert "(default 32)" in quantize_help and "(default 4)" in quantize_help
+    assert "(default 32)" in quantize_help
+    steps = next(a.help for a in subparsers["quantize"]._actions if "--analysis-steps" in a.option_strings)
+    assert steps.endswith("(default: enough for 32 samples, at least 4)")
 
 
 def test_vv_no_image_chunk_lines_traceback_once(tmp_path, capsys, monkeypatch):
@@ -357,3 +362,46 @@ def test_vv_no_image_chunk_lines_traceback_once(tmp_path, capsys, monkeypatch):
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["maptools quantize: internal error: RuntimeError: boom (run with -vv for details)"]
+
+
+def test_progress_count_and_estimate():
+    from maptools.quantization.progress import counted, progress_line, reset_progress
+
+    reset_progress()
+    assert progress_line() is None
+    batches = counted("calibration batch", range(4))
+    seen = []
+    for index, _ in enumerate(batches):
+        seen.append(progress_line())
+        if index == 1:
+            break
+    assert seen == ["calibration batch: 0/4", "calibration batch: 1/4, about 0 s left of it"]
+    # 1 of 4 done in 10 s: about 30 s left; a second pass says so
+    assert batches.line(now=batches.started + 10.0) == "calibration batch: 1/4, about 30 s left of it"
+    list(batches)
+    assert batches.passes == 2 and progress_line() == "calibration batch pass 2: 4/4"
+
+
+@pytest.mark.parametrize(("option", "folder", "expected"), [
+    ("--calib-dir", "missing", "--calib-dir: '{path}' is not a directory; expected an ImageFolder root"),
+    ("--calib-dir", "empty", "--calib-dir: no images under '{path}'"),
+    ("--calib-npy", "missing", "--calib-npy: '{path}' is not a directory; expected a folder of .npy files"),
+    ("--calib-npy", "few", "--calib-npy: holds 2 batches"),
+])
+def test_calibration_folder_errors_name_the_option(option, folder, expected, tiny_onnx, tmp_path, capsys):
+    """The --calib-dir error named the Python argument ('root: ...')."""
+    import numpy as np
+
+    path = tmp_path / folder
+    if folder == "empty":
+        path.mkdir()
+    if folder == "few":
+        path.mkdir()
+        for index in range(2):
+            np.save(path / f"{index}.npy", np.zeros((2, 3, 8, 8), np.float32))
+    mapsave = tmp_path / "mapsave"
+    code = main(["quantize", str(tiny_onnx), "--input", "input:2,3,8,8", "--mapname", "x", option, str(path),
+                 "--mapsave-dir", str(mapsave)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not mapsave.exists()
+    assert err[0].startswith("maptools quantize: error: " + expected.format(path=path)), err[0]

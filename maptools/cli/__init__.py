@@ -2,7 +2,8 @@
 
 Sub-commands: ``quantize``, ``inspect``, ``verify``, ``demo`` and ``cim-sweep``. Exit codes: 0 success; 2 bad usage or
 bad input (a one-line error on stderr, no traceback); 1 an unexpected internal error. ``verify`` exits 0
-when at least one pair of executions ran (the table says which could not and why), 2 when none could.
+when every execution ran (or the integer executor refused an operator it does not support: the table says
+which), 3 when another execution could not run (PPQ's graph not rebuilt, a modified artifact), 2 when none could.
 Results go to stdout; logs, notices and, when stderr is not a terminal, a progress line every
 :data:`HEARTBEAT_SECONDS` go to stderr.
 
@@ -24,6 +25,7 @@ from maptools.cli.commands import _COMMANDS, _LONG_COMMANDS
 from maptools.cli.parser import _build_parser, _UsageError
 from maptools.cli.parser import _input_spec as _input_spec
 from maptools.errors import MaptoolsError
+from maptools.quantization.progress import progress_line, reset_progress
 
 __all__ = ["main"]
 
@@ -50,7 +52,11 @@ class _StageHandler(logging.Handler):
 
 @contextlib.contextmanager
 def _heartbeat(command: str, enabled: bool) -> Iterator[None]:
-    """Print ``maptools <command>: <elapsed> s, <stage>`` on stderr every :data:`HEARTBEAT_SECONDS` while it runs."""
+    """Print ``maptools <command>: <elapsed> s, <stage> [<count>]`` on stderr every :data:`HEARTBEAT_SECONDS`.
+
+    ``<count>`` is the loop running (:func:`~maptools.quantization.progress.progress_line`): which pass over the
+    calibration batches, how many of them are done and about how long is left of the pass.
+    """
     if not enabled:
         yield
         return
@@ -64,9 +70,13 @@ def _heartbeat(command: str, enabled: bool) -> Iterator[None]:
     started = time.monotonic()
     stream = sys.stderr
 
+    reset_progress()
+
     def beat() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
-            print(f"maptools {command}: {time.monotonic() - started:.0f} s, {stages.stage}", file=stream, flush=True)
+            count = progress_line()
+            print(f"maptools {command}: {time.monotonic() - started:.0f} s, {stages.stage}"
+                  + (f" [{count}]" if count else ""), file=stream, flush=True)
 
     thread = threading.Thread(target=beat, name="maptools-heartbeat", daemon=True)
     thread.start()

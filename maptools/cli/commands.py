@@ -7,13 +7,50 @@ ahead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from maptools.errors import InvalidArgumentError
+from maptools.errors import InvalidArgumentError, MaptoolsError
+
+#: ``quantize``'s Python argument names (and those of the calibration folder readers) -> its command line options.
+_QUANTIZE_OPTIONS = {
+    "onnx_path": "model", "input_shapes": "--input", "mapname": "--mapname", "bit_width": "--bits",
+    "weight_bits": "--weight-bits", "activation_bits": "--act-bits", "calib_steps": "--calib-steps",
+    "analysis_steps": "--analysis-steps", "first_last_bits": "--first-last-bits", "threads": "--threads",
+    "device": "--device", "seed": "--seed", "recipe": "--recipe", "observer": "--observer",
+    "unsigned_nonnegative": "--unsigned-nonnegative", "mapsave_dir": "--mapsave-dir", "cim": "--cim",
+    "mean": "--mean", "std": "--std", "root": "--calib-dir", "calib_npy": "--calib-npy",
+}
+
+
+@contextlib.contextmanager
+def _cli_names(options: Mapping[str, str]) -> Iterator[None]:
+    """Errors raised within name the command line option, not the Python argument (``--calib-dir``, not ``root``).
+
+    The argument a :class:`~maptools.MaptoolsError` message starts with (``root: ...``, ``input_shapes['x']:
+    ...``) is replaced by its option; the error keeps its type.
+    """
+    try:
+        yield
+    except MaptoolsError as exc:
+        message = str(exc)
+        match = re.match(r"([A-Za-z_]+)(?=[\[:])", message)
+        if match is None or match[1] not in options:
+            raise
+        raise type(exc)(options[match[1]] + message[match.end():]) from exc
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    source = "--calib-dir" if args.calib_dir else "--calib-npy" if args.calib_npy else None
+    options = {**_QUANTIZE_OPTIONS, **({"calibset": source} if source else {})}
+    with _cli_names(options):
+        return _quantize(args)
+
+
+def _quantize(args: argparse.Namespace) -> int:
     # the argument checks come first: torch and PPQ are imported only for a run that can go ahead
     from maptools.quantization import quantize
     from maptools.quantization.artifacts import map_directory
@@ -37,14 +74,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from maptools.quantization.calibration import npy_calibset
 
         calibset = npy_calibset(args.calib_npy, shapes)
-    result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
-                      calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
-                      activation_bits=args.act_bits, symmetrical=not args.asymmetric,
-                      per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
-                      recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
-                      unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
-                      threads=args.threads, first_last_bits=args.first_last_bits,
-                      power_of_two=args.power_of_two, cim=args.cim)
+    from maptools.quantization.diagnostics import advice_syntax
+
+    with advice_syntax("cli"):  # warnings suggest --options, not keyword arguments
+        result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
+                          calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
+                          activation_bits=args.act_bits, symmetrical=not args.asymmetric,
+                          per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
+                          recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
+                          unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
+                          threads=args.threads, first_last_bits=args.first_last_bits,
+                          power_of_two=args.power_of_two, cim=args.cim, rounding=args.rounding,
+                          time_budget=args.time_budget)
     if replacing:
         print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
     print(result.summary())
@@ -75,6 +116,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"maptools verify: error: no pair of executions could run on map {args.mapname!r}; "
               + "; ".join(f"{e}: {r}" for e, r in report.failures.items()), file=sys.stderr)
         return 2
+    if report.errors:  # an execution that should have run did not: the verification is incomplete
+        print(f"maptools verify: error: map {args.mapname!r} was not fully verified; "
+              + "; ".join(f"{e} could not run: {r}" for e, r in report.errors.items()), file=sys.stderr)
+        return 3
     return 0
 
 

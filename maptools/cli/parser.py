@@ -157,10 +157,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=_STD_HELP + "; for --calib-dir")
     q.add_argument("--calib-steps", type=_limited("--calib-steps", check_batches), default=32, metavar="N",
                    help=f"number of calibration batches (default 32), 8 to {MAX_BATCHES}")
-    q.add_argument("--analysis-steps", type=_limited("--analysis-steps", check_batches, _positive_int), default=4,
-                   metavar="N",
+    q.add_argument("--analysis-steps", type=_limited("--analysis-steps", check_batches, _positive_int),
+                   default=None, metavar="N",
                    help="number of batches the graph-wise error (report.json, summary) is measured on, held out "
-                        "after the first --calib-steps ones (default 4)")
+                        "after the first --calib-steps ones (default: enough for 32 samples, at least 4)")
     q.add_argument("--power-of-two", action="store_true",
                    help="every scale a power of two, for requantization by shifts (default: off)")
     q.add_argument("--cim", type=_cim_spec, default=None, metavar="KEY=VALUE,...",
@@ -181,6 +181,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         f"{MAX_SEED} (default 0)")
     q.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
                    help="quantization recipe (default: default)")
+    q.add_argument("--rounding", default=None, choices=["nearest", "learned"],
+                   help="weight rounding: nearest, or learned on the calibration data (AdaRound) (default: the "
+                        "recipe's, learned for best at 2-6-bit weights, else nearest)")
+    q.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="seconds learned rounding may take; its iterations are scaled to fit (default: no limit)")
     q.add_argument("--observer", default=None,
                    help="activation observer: percentile, minmax, kl or mse (default: the recipe's, mse for default "
                         "and best, percentile for fast)")
@@ -245,6 +250,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"seed of the random batches, 0 to {MAX_SEED} (default 0)")
     c.add_argument("--jobs", type=_limited("--jobs", check_jobs, _positive_int), default=None, metavar="N",
                    help=f"worker processes, 1 to {MAX_THREADS} (default: the number of CPUs)")
+    c.add_argument("--prog-error", default=None, metavar="LIST",
+                   help="device axis: relative programming errors (DeviceModel.prog_sigma_rel), e.g. 0,0.02,0.05; "
+                        "every point then runs on --chips chips (default: exact cells)")
+    c.add_argument("--drift-time", default=None, metavar="LIST",
+                   help="device axis: seconds since programming (DeviceModel.time), e.g. 20,86400; needs --drift-nu")
+    c.add_argument("--drift-nu", type=float, default=None, metavar="NU",
+                   help="drift exponent of every cell (DeviceModel.drift_nu), e.g. 0.05 (default: no drift)")
+    c.add_argument("--drift-compensation", action="store_true",
+                   help="global drift compensation (DeviceModel.drift_compensation; default off)")
+    c.add_argument("--chips", type=_positive_int, default=8, metavar="N",
+                   help="chips per device point, chip i seeded from --seed and i (default 8)")
     c.add_argument("--out", default=None, metavar="FILE.json", help="write every point's metrics (default: none)")
     c.add_argument("--plot", default=None, metavar="FILE.png", help="plot agreement vs ADC bits (default: none)")
     c.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)

@@ -44,13 +44,15 @@ def quantize(
     observer: str | None = None,
     recipe: str | None = None,
     unsigned_nonnegative: bool | None = None,
-    analysis_steps: int = 4,
+    analysis_steps: int | None = None,
     layerwise_analysis: bool = False,
     evalset: Iterable[Any] | None = None,
     threads: int | None = None,
     first_last_bits: int | None = None,
     power_of_two: bool = False,
     cim: CIMSpec | None = None,
+    rounding: str | None = None,
+    time_budget: float | None = None,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
@@ -94,7 +96,10 @@ def quantize(
             ranges, weight scales) while the passes are the setting's: ``recipe='default'`` with
             ``build_setting('default', ...)`` plus equalization is the default recipe plus equalization.
         analysis_steps: Number of batches the graph-wise error is measured on, held out from calibration
-            (see ``evalset``).
+            (see ``evalset``); None: enough for 32 samples, at least 4 batches
+            (:func:`~maptools.quantization.calibration.default_analysis_steps`). The summary says how many
+            samples were measured, and warns when fewer than 32: the SNR of a few samples can be several dB
+            off.
         layerwise_analysis: Also measure the layer-wise error (the graph outputs when one operator alone
             is quantized) and write it to ``report.json``. Off by default: it costs one forward of the
             whole graph per quantized operator (on the first analysis batch); it is measured anyway when
@@ -121,6 +126,14 @@ def quantize(
             ``quantparams.pkl`` and, for ``requant`` other than ``'float'``, the int32 multipliers and shifts;
             the manifest's settings record the spec (``cim``) and the format version is 1.2. Then
             ``simulate(mapname, inputs, cim=True)`` runs the map on that crossbar. See :doc:`/cim`.
+        rounding: How weights are rounded to their integers: ``'nearest'``, or ``'learned'`` (AdaRound: per layer,
+            learned on the calibration data to keep the layer's output, see
+            :mod:`maptools.quantization.engine.learned_rounding`); None for the recipe's: ``'learned'`` for
+            ``'best'`` when a weight bit width is 2 to 6 (LSQ then trains activation scales and biases only), else
+            ``'nearest'``. Recorded in
+            the manifest; ``report.json``'s ``learned_rounding`` gives each layer's error before and after.
+        time_budget: Seconds learned rounding may take (None: no limit); each layer's iterations are scaled
+            to fit. Recorded in the manifest.
         threads: torch CPU threads while quantizing; None for 1, measured the fastest for PPQ's
             calibration on small batches and the one that holds its speed beside other CPU-bound jobs (see
             :mod:`maptools.quantization.engine.threads`).
@@ -141,7 +154,8 @@ def quantize(
         activation_bits=activation_bits, symmetrical=symmetrical, per_channel=per_channel, seed=seed,
         analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads, layer_bits=layer_bits,
         first_last_bits=first_last_bits, observer=observer, recipe=recipe, unsigned_nonnegative=unsigned_nonnegative,
-        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two, cim=cim)
+        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two, cim=cim, rounding=rounding,
+        time_budget=time_budget)
     artifacts.check_replaceable(options.target)  # a folder that is not a map: refused before PPQ runs
     prepared, options = pipeline.load(options, onnx_path, input_shapes)
     data = pipeline.calibration_data(options, prepared, calibset, evalset)
@@ -156,9 +170,11 @@ def quantize(
     with compute_threads(options.threads):  # every stage that computes, not only PPQ's calibration
         session = pipeline.run_engine(options, ppq_setting, prepared, data)
         timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
+        if session.rounding_results:  # part of ppq_quantization
+            timings["learned_rounding"] = sum(record.seconds for record in session.rounding_results)
         extracted = pipeline.extract(session, prepared)
         timings["extraction_and_export"], mark = time.perf_counter() - mark, time.perf_counter()
-        errors, warnings = pipeline.analyse(options, session, data)
+        errors, warnings = pipeline.analyse(options, session, data, prepared)
         timings["error_analysis"], mark = time.perf_counter() - mark, time.perf_counter()
         cim_content = pipeline.cim_content(options, data, extracted)
         if cim_content is not None:
@@ -178,7 +194,8 @@ def quantize(
         manifest_path=target / artifacts.MANIFEST, operators=extracted.quantinfo, output_snr_db=errors.output_snr_db,
         output_cosine=errors.output_cosine, layer_snr_db=errors.layer_snr_db, seconds=time.perf_counter() - started,
         report_path=target / artifacts.REPORT_JSON, plot_path=target / artifacts.REPORT_PNG, warnings=warnings,
-        analysis_data=data.analysis_data, part_snr_db=errors.part_snr_db,
+        analysis_data=data.analysis_data, part_snr_db=errors.part_snr_db, analysis_samples=data.held_out_samples,
+        float_operators=extracted.float_operators,
         cim_path=None if cim_content is None else target / artifacts.CIM_FILE,
     )
     logger.info("wrote %s in %.1f s", target, result.seconds)

@@ -21,7 +21,11 @@ from maptools.quantization.calibfolders import FolderBatches, imagefolder_calibs
 from maptools.quantization.model import LoadedModel
 
 __all__ = [
+    "ANALYSIS_SAMPLES",
+    "MIN_ANALYSIS_BATCHES",
     "MIN_CALIB_BATCHES",
+    "batch_samples",
+    "default_analysis_steps",
     "FolderBatches",
     "RandomBatches",
     "imagefolder_calibset",
@@ -34,6 +38,12 @@ logger = logging.getLogger(__name__)
 
 #: PPQ refuses to calibrate on fewer batches than this.
 MIN_CALIB_BATCHES = 8
+#: Held-out samples the graph-wise error is measured on by default (``analysis_steps=None``). The SNR of a few
+#: samples is far from the SNR of many (``bench/analysis_samples.py``, figures in the guide and in
+#: ``docs/benchmarks_analysis_samples.json``).
+ANALYSIS_SAMPLES = 32
+#: The fewest analysis batches by default, whatever the batch size.
+MIN_ANALYSIS_BATCHES = 4
 
 Batch = dict[str, torch.Tensor]
 
@@ -130,6 +140,21 @@ def _check_tensor(
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise CalibrationError(f"{where}: input {name!r} contains NaN or Inf values")
     return tensor
+
+
+def default_analysis_steps(input_shapes: Mapping[str, Sequence[int]]) -> int:
+    """Analysis batches by default: :data:`ANALYSIS_SAMPLES` samples, at least :data:`MIN_ANALYSIS_BATCHES` batches."""
+    batch = next((int(shape[0]) for shape in input_shapes.values() if len(shape) and int(shape[0]) > 0), 1)
+    return max(MIN_ANALYSIS_BATCHES, -(-ANALYSIS_SAMPLES // batch))
+
+
+def batch_samples(batches: Iterable[Mapping[str, object]]) -> int:
+    """Samples in ``batches``: the first dimension of each batch's first input with one (1 for scalars)."""
+    total = 0
+    for batch in batches:
+        shape = next((tuple(getattr(v, "shape", ())) for v in batch.values() if len(getattr(v, "shape", ()))), ())
+        total += int(shape[0]) if shape else 1
+    return total
 
 
 def prepare_calibset(

@@ -11,21 +11,89 @@ final ``Concat``:
   (collapsed to a constant).
 
 Each warning names the operators whose quantization alone hurts the outputs most (the layer-wise analysis)
-and suggests what to try. The warnings go to the log, to ``report.json`` and to the command line summary.
+and suggests what applies to the map (:class:`Advice`): more bits only where they are not already there,
+the first and last MAC at 8 bits when one of them hurts most, the ``best`` recipe when another ran,
+real calibration data after random calibration, and always a check of the task metric on real inputs,
+in the syntax of the interface that ran (keyword arguments from Python, options on the command line:
+:func:`advice_syntax`). The warnings go to the log, to ``report.json`` and to the command line summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
-__all__ = ["SNR_WARNING_DB", "WORST_OPERATORS", "output_warnings", "worst_operators"]
+__all__ = ["SNR_WARNING_DB", "WORST_OPERATORS", "Advice", "advice_syntax", "output_warnings", "worst_operators"]
 
 #: An output (or output part) below this SNR in dB against FP32 gets a warning: at 10 dB the noise amplitude
 #: is about a third of the signal's, where top-1 agreement of a classifier typically falls below 80-90 %.
 SNR_WARNING_DB = 10.0
 #: How many operators a warning names.
 WORST_OPERATORS = 3
+
+
+#: The interface whose syntax the advice uses: ``"python"`` or ``"cli"``.
+_SYNTAX: ContextVar[str] = ContextVar("maptools_advice_syntax", default="python")
+#: Bits beyond which no more are suggested.
+_MAX_BITS = 8
+
+
+@contextlib.contextmanager
+def advice_syntax(interface: str) -> Iterator[None]:
+    """Within the block, warnings suggest settings as ``interface`` (``"python"`` or ``"cli"``) spells them."""
+    token = _SYNTAX.set(interface)
+    try:
+        yield
+    finally:
+        _SYNTAX.reset(token)
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What a map was quantized with, so that a warning suggests only what would change it.
+
+    Attributes:
+        weight_bits: The map's weight bits.
+        activation_bits: The map's activation bits.
+        layer_bits: Node -> ``(weight_bits, activation_bits)`` where it differs (``first_last_bits`` included).
+        first_and_last: The first and last MAC operators.
+        recipe: The recipe that ran (None when a PPQ setting was given).
+        random_calibration: Whether the map was calibrated on random data.
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    layer_bits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    first_and_last: Sequence[str] = ()
+    recipe: str | None = "default"
+    random_calibration: bool = False
+
+    def bits_of(self, node: str) -> tuple[int, int]:
+        """``(weight_bits, activation_bits)`` of a node."""
+        return tuple(self.layer_bits.get(node, (self.weight_bits, self.activation_bits)))  # type: ignore[return-value]
+
+    def suggestions(self, worst: Sequence[str], cli: bool) -> list[str]:
+        """What to try, in the syntax of the command line (``cli``) or of Python."""
+        tries = []
+        below = [name for name in worst if min(self.bits_of(name)) < _MAX_BITS]
+        if worst and worst[0] in self.first_and_last and worst[0] in below:
+            tries.append(f"--first-last-bits {_MAX_BITS}" if cli else f"first_last_bits={_MAX_BITS}")
+            below = [name for name in below if name not in self.first_and_last]
+        if below:
+            example = ", ".join(f"'{name}': {_MAX_BITS}" for name in below)
+            tries.append(f"{', '.join(below)} at {_MAX_BITS} bits (layer_bits={{{example}}} in Python; the command "
+                         "line has no per-layer option)" if cli else f"layer_bits={{{example}}}")
+        if self.activation_bits < _MAX_BITS:
+            tries.append(f"--act-bits {_MAX_BITS}" if cli else f"activation_bits={_MAX_BITS}")
+        if self.recipe is not None and self.recipe != "best":
+            tries.append("--recipe best" if cli else "recipe='best'")
+        if self.random_calibration:
+            tries.append("calibration data like the inputs the model will see ("
+                         + ("--calib-dir or --calib-npy" if cli else "calibset=") + ")")
+        return tries
 
 
 def worst_operators(isolated_snr_db: Mapping[str, float], count: int = WORST_OPERATORS) -> list[tuple[str, float]]:
@@ -46,7 +114,7 @@ def _problems(name: str, snr: float, fp32_span: float | None, quant_span: float 
 def output_warnings(output_snr_db: Mapping[str, float], part_snr_db: Mapping[str, Mapping[str, float]],
                     fp32_span: Mapping[str, float], quant_span: Mapping[str, float],
                     isolated_snr_db: Mapping[str, float], data: str,
-                    layer_bits_example: Sequence[str] = ()) -> list[str]:
+                    advice: Advice | None = None) -> list[str]:
     """One warning per wrecked graph output or output part.
 
     Args:
@@ -56,7 +124,8 @@ def output_warnings(output_snr_db: Mapping[str, float], part_snr_db: Mapping[str
         quant_span: The same for the quantized values.
         isolated_snr_db: Operator -> SNR of the outputs when only it is quantized (may be empty).
         data: What the figures were measured on (``'held-out'``, ``'in-sample'``...), for the message.
-        layer_bits_example: Operator names to suggest for ``layer_bits`` (default: the worst ones).
+        advice: What the map was quantized with (default: W8A8, the ``default`` recipe, user data); the
+            syntax is the interface's of :func:`advice_syntax`.
 
     Returns:
         The warnings, plain sentences.
@@ -71,9 +140,10 @@ def output_warnings(output_snr_db: Mapping[str, float], part_snr_db: Mapping[str
         return []
     worst = worst_operators(isolated_snr_db)
     culprits = ", ".join(f"{name} ({snr:.1f} dB)" for name, snr in worst)
-    names = list(layer_bits_example) or [name for name, _ in worst]
-    example = ", ".join(f"'{name}': 8" for name in names) if names else "'<node>': 8"
-    advice = (f"; the operators hurting the outputs most when quantized alone: {culprits}" if culprits else "")
-    advice += (f". Try more activation bits (activation_bits=8), layer_bits={{{example}}}, recipe='best', or "
-               "calibration data like the inputs the model will see")
-    return [f"{problem} on {data} data{advice}" for problem in problems]
+    message = (f"; the operators hurting the outputs most when quantized alone: {culprits}" if culprits else "")
+    tries = (advice or Advice()).suggestions([name for name, _ in worst], _SYNTAX.get() == "cli")
+    if tries:
+        message += ". Try " + ", ".join(tries)
+    message += ". Check the task metric (accuracy, detections, decoded text) on real held-out inputs: the SNR is " \
+               "only a proxy"
+    return [f"{problem} on {data} data{message}" for problem in problems]

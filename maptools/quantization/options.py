@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,12 +38,15 @@ from maptools.quantization.validation import (
 )
 
 __all__ = [
+    "LEARNED_ROUNDING_BITS",
     "OBSERVERS",
     "RECIPES",
     "RECIPE_OBSERVERS",
     "RECIPE_UNSIGNED",
     "RECIPE_WEIGHT_OBSERVERS",
+    "ROUNDINGS",
     "QuantizeOptions",
+    "check_time_budget",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,12 @@ RECIPE_OBSERVERS: dict[str, str | None] = {"fast": None, "default": "mse", "best
 RECIPE_UNSIGNED: dict[str, bool] = {"fast": False, "default": True, "best": True}
 #: How each recipe chooses weight scales (see :func:`~maptools.quantization.engine.quantizer.weight_scales`).
 RECIPE_WEIGHT_OBSERVERS: dict[str, str] = {"fast": "ppq", "default": "minmax", "best": "mse"}
+
+#: How weights are rounded to their integers: to the nearest, or learned on the calibration data (AdaRound, see
+#: :mod:`maptools.quantization.engine.learned_rounding`).
+ROUNDINGS = ("nearest", "learned")
+#: Weight bit widths at which ``recipe='best'`` learns the rounding (wider weights keep nearest rounding).
+LEARNED_ROUNDING_BITS = (2, 6)
 
 _SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."
                  "build_setting) or None, got {}")
@@ -91,6 +101,23 @@ def check_cim(cim: object, weight_bits: Sequence[int]) -> CIMSpec | None:
             raise InvalidArgumentError(f"cim: got cols={cim.cols}, expected at least {needed} (the columns of one "
                                        f"{bits}-bit {cim.weight_encoding} weight in {cim.cell_bits}-bit cells)")
     return cim
+
+
+def check_time_budget(value: object) -> float | None:
+    """``time_budget``: None or a positive number of seconds, as a float.
+
+    Raises:
+        InvalidTypeError: not a number.
+        InvalidArgumentError: not positive and finite.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTypeError(f"time_budget: expected None or a number of seconds, got {value!r} "
+                               f"({type(value).__name__})")
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(f"time_budget: expected a positive finite number of seconds, got {value!r}")
+    return float(value)
 
 
 def check_setting_type(setting: Any, setting_class: type | None = None) -> None:
@@ -140,6 +167,8 @@ class QuantizeOptions:
         weight_observer: How weight scales are chosen (the recipe's).
         power_of_two: Every scale a power of two.
         cim: The compute-in-memory crossbar the map is made for (see ``quantize``'s ``cim``), or None.
+        rounding: How weights are rounded (one of :data:`ROUNDINGS`; None until :meth:`applied`: the recipe's).
+        time_budget: Seconds learned rounding may take, or None.
         setting: The expert's PPQ ``QuantizationSetting``, or None for the recipe's.
     """
 
@@ -153,7 +182,7 @@ class QuantizeOptions:
     symmetrical: bool
     per_channel: bool
     seed: int
-    analysis_steps: int
+    analysis_steps: int | None
     layerwise_analysis: bool
     threads: int | None
     layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -164,6 +193,8 @@ class QuantizeOptions:
     weight_observer: str = "ppq"
     power_of_two: bool = False
     cim: CIMSpec | None = None
+    rounding: str | None = None
+    time_budget: float | None = None
     setting: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -172,7 +203,7 @@ class QuantizeOptions:
               analysis_steps: object, layerwise_analysis: object, threads: object, layer_bits: object,
               first_last_bits: object, observer: object, recipe: object, unsigned_nonnegative: object,
               setting: Any, mapsave_dir: str | os.PathLike | None, power_of_two: object = False,
-              cim: object = None) -> QuantizeOptions:
+              cim: object = None, rounding: object = None, time_budget: object = None) -> QuantizeOptions:
         """Check every argument of ``quantize`` but the model and the data, in the order of its signature.
 
         Raises:
@@ -187,7 +218,7 @@ class QuantizeOptions:
         symmetrical = check_bool(symmetrical, "symmetrical")
         per_channel = check_bool(per_channel, "per_channel")
         seed = check_seed(seed)
-        analysis_steps = check_batches(analysis_steps, "analysis_steps")
+        analysis_steps = None if analysis_steps is None else check_batches(analysis_steps, "analysis_steps")
         layerwise_analysis = check_bool(layerwise_analysis, "layerwise_analysis")
         threads = check_threads(threads) if threads is not None else None
         overrides = check_layer_bits(layer_bits)
@@ -210,6 +241,9 @@ class QuantizeOptions:
         power_of_two = check_bool(power_of_two, "power_of_two")
         all_weight_bits = [w_bits, *(w for w, _ in overrides.values())]
         cim_spec = check_cim(cim, all_weight_bits + ([first_last_bits] if first_last_bits is not None else []))
+        if rounding is not None and rounding not in ROUNDINGS:
+            raise InvalidArgumentError(f"rounding: expected one of {list(ROUNDINGS)} or None, got {rounding!r}")
+        time_budget = check_time_budget(time_budget)
         target = map_directory(mapname, mapsave_dir)
         check_writable_dir(target.parent, "mapsave_dir")
         return cls(device=device, mapname=mapname, target=target, calib_steps=calib_steps, bit_width=bit_width,
@@ -218,7 +252,7 @@ class QuantizeOptions:
                    layer_bits=overrides, first_last_bits=first_last_bits, recipe=recipe_name,
                    observer=observer, unsigned_nonnegative=unsigned_nonnegative,
                    weight_observer=RECIPE_WEIGHT_OBSERVERS.get(recipe_name, "ppq"), power_of_two=power_of_two,
-                   cim=cim_spec, setting=setting)
+                   cim=cim_spec, rounding=rounding, time_budget=time_budget, setting=setting)
 
     def with_layer_bits(self, node_names: Sequence[str], first_and_last: Sequence[str]) -> QuantizeOptions:
         """The options for a model: ``layer_bits`` checked against its nodes, ``first_last_bits`` added.
@@ -277,7 +311,16 @@ class QuantizeOptions:
                             "off with %s", recipe, " and ".join(reasons))
             unsigned = not reasons
         return dataclasses.replace(self, observer=applied, unsigned_nonnegative=bool(unsigned),
-                                   threads=self.threads or default_threads)
+                                   threads=self.threads or default_threads, rounding=self.applied_rounding())
+
+    def applied_rounding(self) -> str:
+        """The rounding that runs: the one asked, else ``'learned'`` for ``best`` when a weight bit width is in
+        :data:`LEARNED_ROUNDING_BITS`, else ``'nearest'``."""
+        if self.rounding is not None:
+            return self.rounding
+        low, high = LEARNED_ROUNDING_BITS
+        bits = [self.weight_bits, *(w for w, _ in self.layer_bits.values())]
+        return "learned" if self.recipe == "best" and any(low <= b <= high for b in bits) else "nearest"
 
     def settings(self, input_shapes: Mapping[str, Sequence[int]], calibration: str,
                  calib_batches: int) -> dict[str, Any]:
@@ -298,5 +341,5 @@ class QuantizeOptions:
             "layer_bits": {k: list(v) for k, v in self.layer_bits.items()},
             "calibration": calibration, "calib_steps": self.calib_steps, "calib_batches": calib_batches,
             "seed": self.seed, "layerwise_analysis": self.layerwise_analysis, "analysis_steps": self.analysis_steps,
-            "threads": self.threads,
+            "threads": self.threads, "rounding": self.rounding, "time_budget": self.time_budget,
         }

@@ -15,12 +15,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +30,8 @@ import onnx
 import maptools
 from maptools.errors import CalibrationError, ModelError
 from maptools.quantization import artifacts
-from maptools.quantization.diagnostics import output_warnings
+from maptools.quantization.diagnostics import Advice, output_warnings
+from maptools.quantization.floatops import float_summary
 from maptools.quantization.model import (
     LoadedModel,
     check_input_shapes,
@@ -84,12 +86,14 @@ class CalibrationData:
         analysis_data: What ``held_out`` is: ``'random (held-out)'``, ``'held-out'``, ``'in-sample'`` or
             ``'evalset'``.
         calibration: ``'random'`` or ``'user'``.
+        held_out_samples: Samples in ``held_out``.
     """
 
     batches: Sequence[Any]
     held_out: Sequence[Any]
     analysis_data: str
     calibration: str
+    held_out_samples: int = 0
 
 
 @dataclass
@@ -100,6 +104,8 @@ class Extracted:
     quantparams: dict[str, np.ndarray | None]
     qdq: onnx.ModelProto
     state: dict[str, Any]
+    float_operators: list[dict[str, str]]
+    rounding: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
@@ -110,6 +116,10 @@ def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
     proto = prepare_model(model, shapes)
     first_and_last = first_and_last_macs(proto) if options.first_last_bits is not None else []
     options = options.with_layer_bits([node.name for node in proto.graph.node], first_and_last)
+    if options.analysis_steps is None:
+        from maptools.quantization.calibration import default_analysis_steps
+
+        options = dataclasses.replace(options, analysis_steps=default_analysis_steps(shapes))
     return Prepared(model, shapes, proto), options
 
 
@@ -124,6 +134,7 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
     from maptools.quantization.calibration import (
         MIN_CALIB_BATCHES,
         FolderBatches,
+        batch_samples,
         prepare_calibset,
         random_calibset,
     )
@@ -158,7 +169,7 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
     if evalset is not None:
         held_out = prepare_calibset(evalset, model, shapes, analysis_steps, argument="evalset", minimum=1)
         analysis_data = "evalset"
-    return CalibrationData(batches, held_out, analysis_data, calibration)
+    return CalibrationData(batches, held_out, analysis_data, calibration, batch_samples(held_out))
 
 
 def _seed_everything(seed: int) -> None:
@@ -202,7 +213,13 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
                       unsigned_nonnegative=options.unsigned_nonnegative, weight_observer=options.weight_observer,
                       power_of_two=options.power_of_two)
     session = PPQSession.from_onnx(prepared.proto, spec, options.device, setting, threads=options.threads)
-    session.quantize(data.batches)
+    rounding = None
+    if options.rounding == "learned":
+        from maptools.quantization.engine import learned_rounding
+
+        rounding = dataclasses.replace(learned_rounding.DEFAULTS, time_budget=options.time_budget,
+                                       device=options.device, seed=options.seed)
+    session.quantize(data.batches, rounding)
     return session
 
 
@@ -222,21 +239,27 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
         )
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=prepared.model.proto)
-    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams))
+    return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams), session.float_operators(),
+                     [record.to_dict() for record in session.rounding_results])
 
 
-def _warnings(errors: ErrorAnalysis, data: str) -> list[str]:
+def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice) -> list[str]:
     return output_warnings(errors.output_snr_db, errors.part_snr_db, errors.fp32_span, errors.quant_span,
-                           errors.isolated_snr_db, data)
+                           errors.isolated_snr_db, data.analysis_data, advice)
 
 
-def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData) -> tuple[ErrorAnalysis, list[str]]:
+def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData,
+            prepared: Prepared) -> tuple[ErrorAnalysis, list[str]]:
     """The graph-wise error on the held-out batches and the warnings; layer-wise too when an output is wrecked."""
+    advice = Advice(weight_bits=options.weight_bits, activation_bits=options.activation_bits,
+                    layer_bits=dict(options.layer_bits), first_and_last=first_and_last_macs(prepared.proto),
+                    recipe=options.recipe if options.setting is None else None,
+                    random_calibration=data.calibration == "random")
     errors = session.error_analysis(data.held_out, layerwise=options.layerwise_analysis)
-    warnings = _warnings(errors, data.analysis_data)
+    warnings = _warnings(errors, data, advice)
     if warnings and not errors.isolated_snr_db:  # name the operators to blame
         errors.isolated_snr_db, errors.isolated_cosine = session.layerwise(data.held_out[0])
-        warnings = _warnings(errors, data.analysis_data)
+        warnings = _warnings(errors, data, advice)
     return errors, warnings
 
 
@@ -302,8 +325,12 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
         artifacts.QUANTMODEL: extracted.qdq.SerializeToString(),
         artifacts.PPQSTATE: artifacts.dump_json(extracted.state),
     }
-    extra: dict[str, Any] = {"analysis": {"data": data.analysis_data, "batches": len(data.held_out)},
-                             "output_parts": _parts_report(errors), "warnings": warnings}
+    extra: dict[str, Any] = {"analysis": {"data": data.analysis_data, "batches": len(data.held_out),
+                                          "samples": data.held_out_samples},
+                             "output_parts": _parts_report(errors),
+                             "float_operators": float_summary(extracted.float_operators), "warnings": warnings}
+    if extracted.rounding:
+        extra["learned_rounding"] = extracted.rounding
     if cim is not None:
         files[artifacts.CIM_FILE] = cim.calibration.to_json()
         if cim.cost is not None:

@@ -171,6 +171,9 @@ class QuantizationResult:
             batches themselves, which overstates the accuracy).
         part_snr_db: Outputs built by a final Concat -> each part's SNR in dB.
         cim_path: Path of ``cim.json`` for a map quantized with ``cim=``, else None.
+        analysis_samples: Samples the errors were measured on.
+        float_operators: The operators left in float, in graph order: ``{"node", "op_type", "reason"}``
+            (see :mod:`maptools.quantization.floatops`).
     """
 
     mapname: str
@@ -190,6 +193,8 @@ class QuantizationResult:
     analysis_data: str = "in-sample"
     part_snr_db: dict[str, dict[str, float]] = field(default_factory=dict)
     cim_path: Path | None = None
+    float_operators: list[dict[str, str]] = field(default_factory=list)
+    analysis_samples: int = 0
 
     @property
     def files(self) -> list[Path]:
@@ -206,13 +211,24 @@ class QuantizationResult:
 
     def summary(self) -> str:
         """A few human-readable lines: every file written and the output error."""
+        from maptools.quantization.floatops import float_blocks, float_lines
+
         lines = [f"map {self.mapname!r} in {self.directory}"]
+        lines += [f"  LEFT IN FLOAT: {line}" for line in float_blocks(self.float_operators)]
         for path in self.files:
             lines.append(f"  {path}")
+        from maptools.quantization.calibration import ANALYSIS_SAMPLES
+
+        samples = f", {self.analysis_samples} samples" if self.analysis_samples else ""
         for name, snr in self.output_snr_db.items():
             lines.append(f"  output {name}: SNR {snr:.2f} dB, cosine {self.output_cosine[name]:.5f} "
-                         f"({self.analysis_data} data)")
+                         f"({self.analysis_data} data{samples})")
             for part, part_snr in self.part_snr_db.get(name, {}).items():
                 lines.append(f"    part {part}: SNR {part_snr:.2f} dB")
+        if 0 < self.analysis_samples < ANALYSIS_SAMPLES:
+            lines.append(f"  NOTE: the error was measured on only {self.analysis_samples} samples; the SNR of so few "
+                         f"can be several dB from that of many: measure on {ANALYSIS_SAMPLES} or more (more held-out "
+                         "data, more analysis steps)")
+        lines += [f"  {line}" for line in float_lines(self.float_operators)]
         lines += [f"  WARNING: {warning}" for warning in self.warnings]
         return "\n".join(lines)

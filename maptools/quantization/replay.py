@@ -19,7 +19,11 @@ from maptools.quantization import artifacts
 if TYPE_CHECKING:
     from maptools.quantization.engine.session import PPQSession
 
-__all__ = ["float_model_path", "legacy_graph_reason", "ppq_session", "replay_state", "session_of"]
+__all__ = ["LegacyGraphError", "float_model_path", "legacy_graph_reason", "ppq_session", "replay_state", "session_of"]
+
+
+class LegacyGraphError(ArtifactError):
+    """A format-1.0 map keeps PPQ's graph as a pickle, which is never unpickled: a limitation, not damage."""
 
 
 def float_model_path(mapname: str, manifest: Mapping[str, Any], directory: Path) -> Path:
@@ -83,7 +87,7 @@ def replay_state(contents: artifacts.MapContents) -> dict[str, Any]:
     """
     if contents.ppq_state is None:
         if artifacts.PPQGRAPH in contents.files:
-            raise ArtifactError(legacy_graph_reason(contents.manifest))
+            raise LegacyGraphError(legacy_graph_reason(contents.manifest))
         raise ArtifactError(f"map {contents.mapname!r} has no {artifacts.PPQSTATE}; re-quantize to compare with PPQ")
     return contents.ppq_state
 

@@ -196,10 +196,10 @@ class AnalogMac:
         return g / step - offset, g_0 / step - offset, read_var
 
     def partial_sums(self, prep: _Prepared, t: int, planes: np.ndarray) -> np.ndarray:
-        """Analog partial sums of row tile ``t``, ``(..., signs, S, M, planes, n)`` float64 in digit units.
+        """Analog partial sums of row tile ``t``, ``(..., signs, S, M, planes, n)`` in digit units.
 
         Summed in the exact path's dtype (float32 below ``2^24``: its rounding is far below any noise, and a
-        noiseless cell is its digit exactly).
+        noiseless cell is its digit exactly), and returned in it: the ADC casts them to float64 exactly.
 
         Args:
             prep: The MAC's prepared operands (:func:`~maptools.quantization.cim.arithmetic.cim_accumulate`).
@@ -218,8 +218,11 @@ class AnalogMac:
         flat = block.reshape(*block.shape[:-2], n_planes * n).astype(tile.g.dtype, copy=False)
         psum = np.matmul(tile.g, flat)
         if tile.read_var is not None:
-            std = np.sqrt(np.matmul(tile.read_var, flat * flat))
-            psum += std * self._read.standard_normal(psum.shape, dtype=psum.dtype)
-        psum = psum.astype(np.float64, copy=False)
+            # the column's read-noise std sqrt(sum_k var_k u_k^2); 1-bit DAC planes are 0 or 1, so u^2 = u
+            std = np.matmul(tile.read_var, flat if self.spec.dac_bits == 1 else flat * flat)
+            np.sqrt(std, out=std)
+            noise = self._read.standard_normal(psum.shape, dtype=psum.dtype)
+            noise *= std
+            psum += noise
         fmt = prep.fmt
         return psum.reshape(*psum.shape[:-2], fmt.signs, fmt.slices, prep.w.shape[-2], n_planes, n)

@@ -233,20 +233,25 @@ def _input_planes(prep: _Prepared, block: slice) -> np.ndarray:
 
 
 def partial_sums(weights: np.ndarray, columns: np.ndarray, *, input_bits: int, input_signed: bool, weight_bits: int,
-                 spec: CIMSpec, input_zero_point: int = 0, weight_min: int | None = None) -> Iterator[PartialSums]:
-    """The exact column partial sums (before the ADC), one row tile and block of positions at a time.
+                 spec: CIMSpec, input_zero_point: int = 0, weight_min: int | None = None,
+                 analog: AnalogMac | None = None) -> Iterator[PartialSums]:
+    """The column partial sums (before the ADC), one row tile and block of positions at a time.
 
     Takes :func:`cim_accumulate`'s arguments (without ``adc``); the ADC calibration reads its partial sums
-    from here.
+    from here. Exact integers, or with ``analog`` the sums the ADC of that chip sees (programmed cells, read
+    noise; real-valued).
 
     Yields:
         :class:`PartialSums`, for each block of output positions every row tile in order.
     """
     prep = _prepare(weights, columns, input_bits, input_signed, input_zero_point, weight_bits, weight_min, spec)
+    if analog is not None:
+        analog.program(prep)
     for block in _blocks(prep):
         planes = _input_planes(prep, block)
         for t in range(len(prep.tiles)):
-            yield PartialSums(t, block, _tile_psums(prep, t, planes, spec.rows))
+            values = _tile_psums(prep, t, planes, spec.rows) if analog is None else analog.partial_sums(prep, t, planes)
+            yield PartialSums(t, block, values)
 
 
 def _adc_ranges(spec: CIMSpec, adc: AdcCalibration | None, grid: tuple[int, int, int], weight_bits: int,
@@ -362,7 +367,9 @@ def _analog_accumulate(prep: _Prepared, analog: AnalogMac, ranges: np.ndarray | 
         planes = _input_planes(prep, block)
         for t in range(len(prep.tiles)):
             values = analog.partial_sums(prep, t, planes)
-            if gains is not None:
+            if gains is None:  # the partial sums themselves, summed in float64
+                values = values.astype(np.float64)
+            else:
                 assert ranges is not None and levels is not None
                 values = adc_codes(values, ranges[t][:, None, :, None], levels)
                 values *= gains[t][:, None, :, None]

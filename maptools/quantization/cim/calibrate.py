@@ -37,6 +37,7 @@ import numpy as np
 
 from maptools.errors import InvalidArgumentError
 from maptools.quantization.cim.adc import AdcCalibration, adc_convert
+from maptools.quantization.cim.analog import AnalogMac
 from maptools.quantization.cim.arithmetic import adc_grid, partial_sums
 from maptools.quantization.cim.spec import CIMSpec
 
@@ -115,6 +116,8 @@ class AdcHistogram:
         spec: The crossbar (``adc_bits`` and ``adc_range`` are not used: any value, None included).
         input_zero_point: The input zero point.
         weight_min: The smallest weight integer; None for ``-2^(b-1)``.
+        analog: The MAC's cells on a simulated chip: the noisy partial sums it reads are counted (rounded to
+            the nearest integer and clipped to ``0 .. full_scale``), None for the exact sums.
 
     Raises:
         InvalidArgumentError: Invalid bit widths or weights (as
@@ -122,8 +125,10 @@ class AdcHistogram:
     """
 
     def __init__(self, weights: np.ndarray, *, input_bits: int, input_signed: bool, weight_bits: int,
-                 spec: CIMSpec, input_zero_point: int = 0, weight_min: int | None = None) -> None:
+                 spec: CIMSpec, input_zero_point: int = 0, weight_min: int | None = None,
+                 analog: AnalogMac | None = None) -> None:
         self.weights = np.asarray(weights)
+        self.analog = analog
         self.operands = {"input_bits": input_bits, "input_signed": input_signed, "weight_bits": weight_bits,
                          "spec": spec, "input_zero_point": input_zero_point, "weight_min": weight_min}
         self.spec = spec
@@ -143,8 +148,11 @@ class AdcHistogram:
 
     def add(self, columns: np.ndarray) -> None:
         """Count the partial sums of one batch of centred input columns ``(..., K, P)``."""
-        for part in partial_sums(self.weights, columns, **self.operands):
-            index = self._set_index + (part.values.astype(np.int64) // self.width)
+        for part in partial_sums(self.weights, columns, analog=self.analog, **self.operands):
+            values = part.values
+            if self.analog is not None:  # real-valued, may leave 0 .. full_scale
+                values = np.clip(np.rint(values), 0, self.spec.full_scale)
+            index = self._set_index + (values.astype(np.int64) // self.width)
             self._hist[part.tile] += np.bincount(index.ravel(), minlength=self._hist.shape[1])
             self.seen += part.values.size
 

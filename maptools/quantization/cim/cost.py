@@ -102,9 +102,13 @@ class CIMCostParams:
         return dataclasses.asdict(self)
 
 
+#: The widest conversion costed: an ideal ADC is costed at the spec's lossless bits, up to 32 on the largest arrays.
+MAX_COSTED_ADC_BITS = 32
+
+
 def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise InvalidArgumentError(f"adc_bits: got {bits!r}, expected an integer in 1..16")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_COSTED_ADC_BITS:
+        raise InvalidArgumentError(f"adc_bits: got {bits!r}, expected an integer in 1..{MAX_COSTED_ADC_BITS}")
     return bits
 
 

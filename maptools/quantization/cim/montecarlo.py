@@ -25,13 +25,20 @@ from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.reference.core import ReferenceExecutor
 
-__all__ = ["PERCENTILES", "MonteCarloResult", "Top1Accuracy", "Top1Agreement", "monte_carlo"]
+__all__ = ["PERCENTILES", "MonteCarloResult", "Top1Accuracy", "Top1Agreement", "chip_statistics", "monte_carlo"]
 
 logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 #: The percentiles :class:`MonteCarloResult` reports.
 PERCENTILES: tuple[float, ...] = (5.0, 50.0, 95.0)
+
+
+def chip_statistics(values: np.ndarray, higher_is_better: bool = True) -> tuple[float, float, float]:
+    """``(mean, std, worst)`` of one figure over chips: std with ``ddof=1`` (0 for one chip)."""
+    std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+    worst = float(np.min(values) if higher_is_better else np.max(values))
+    return float(np.mean(values)), std, worst
 
 
 def _first_scores(outputs: Outputs, name: str | None) -> np.ndarray:
@@ -105,17 +112,17 @@ class MonteCarloResult:
     @property
     def mean(self) -> float:
         """Mean over chips."""
-        return float(np.mean(self.values))
+        return chip_statistics(self.values, self.higher_is_better)[0]
 
     @property
     def std(self) -> float:
         """Standard deviation over chips (``ddof=1``; 0 for one chip)."""
-        return float(np.std(self.values, ddof=1)) if self.values.size > 1 else 0.0
+        return chip_statistics(self.values, self.higher_is_better)[1]
 
     @property
     def worst(self) -> float:
         """The worst chip's value."""
-        return float(np.min(self.values) if self.higher_is_better else np.max(self.values))
+        return chip_statistics(self.values, self.higher_is_better)[2]
 
     @property
     def percentiles(self) -> dict[float, float]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from maptools.quantization.intmath import cosine, error_sums, snr_db
+from maptools.quantization.progress import counted
 
 if TYPE_CHECKING:
     from maptools.quantization.engine.session import Batch, PPQSession
@@ -57,7 +58,7 @@ def error_analysis(session: PPQSession, batches: Sequence[Batch], layerwise_too:
     names = list(dict.fromkeys(watched + list(layer_vars)))
     sums = {name: np.zeros(4) for name in names}  # signal, noise, dot, candidate power
     spans = {name: [np.inf, -np.inf, np.inf, -np.inf] for name in watched}  # fp32 min/max, quantized min/max
-    for batch in batches:
+    for batch in counted("error analysis batch", batches):
         quant = session.forward(batch, quantized=True, output_names=names)
         ref = session.forward(batch, quantized=False, output_names=names)
         for name in names:
@@ -105,7 +106,7 @@ def layerwise(session: PPQSession, batch: Batch) -> tuple[dict[str, float], dict
     cos: dict[str, float] = {}
     session.graph_dequantize()
     try:
-        for op in session.quantized_operations():
+        for op in counted("layer-wise analysis operator", session.quantized_operations()):
             op.restore_quantize_state()
             try:
                 outputs = session.execute(batch, names, "layer-wise analysis")

@@ -47,7 +47,7 @@ class FinalConcat:
 
 def final_concats(model: onnx.ModelProto) -> list[FinalConcat]:
     """Every ``Concat`` of at least two activation parts whose output reaches a graph output through layout
-    operators only, each tensor on the way read by nothing else.
+    operators only (as their data input, not a ``Reshape``'s shape), each tensor on the way read by nothing else.
 
     Args:
         model: The prepared model (named nodes).
@@ -68,7 +68,8 @@ def final_concats(model: onnx.ModelProto) -> list[FinalConcat]:
         chain, tensor = [node.name], node.output[0]
         while tensor not in outputs:
             readers = consumers.get(tensor, [])
-            if len(readers) != 1 or readers[0].op_type not in LAYOUT_TYPES:
+            # the data input only: a Concat building a Reshape's shape (Unsqueezed dimensions) lays out no data
+            if len(readers) != 1 or readers[0].op_type not in LAYOUT_TYPES or readers[0].input[0] != tensor:
                 break
             chain.append(readers[0].name)
             tensor = readers[0].output[0]

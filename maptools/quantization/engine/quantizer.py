@@ -31,7 +31,7 @@ from ppq.core import (  # noqa: E402
     RoundingPolicy,
     TargetPlatform,
 )
-from ppq.IR import BaseGraph, Operation  # noqa: E402
+from ppq.IR import BaseGraph, Operation, QuantableOperation  # noqa: E402
 from ppq.quantization.optim import training as ppq_training  # noqa: E402
 from ppq.quantization.optim.base import QuantizationOptimizationPipeline  # noqa: E402
 from ppq.quantization.optim.parameters import ParameterQuantizePass, PassiveParameterQuantizePass  # noqa: E402
@@ -152,15 +152,27 @@ def weight_channel_axis(operation: Operation) -> int:
 
 
 class IntegerZeroPointLSQPass(ppq_training.LearnedStepSizePass):
-    """PPQ's LSQ pass training weights, biases and scales but not zero points.
+    """PPQ's LSQ pass training weights, biases and scales but not zero points, nor baked parameters.
 
     PPQ's LSQ learns the offsets of asymmetric configs as floats; a chip needs integer zero points, and an
-    unsigned range must keep zero point 0, so they stay as calibrated.
+    unsigned range must keep zero point 0, so they stay as calibrated. A parameter already baked (the integers
+    of learned rounding, :mod:`~maptools.quantization.engine.learned_rounding`) is final: PPQ would train it as
+    a float off its grid, so it is not trained (its scale, baked too, is not delegated to LSQ either).
     """
 
     def optimize(self, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature
         with _frozen_offsets():
             super().optimize(*args, **kwargs)
+
+    def enable_block_gradient(self, block) -> None:  # noqa: D102 - PPQ's signature
+        super().enable_block_gradient(block)
+        for op in block.rps:
+            if not isinstance(op, QuantableOperation):
+                continue
+            for config, var in op.config_with_variable:
+                baked = config.state == QuantizationStates.BAKED
+                if baked and var.is_parameter and isinstance(var.value, torch.Tensor):
+                    var.value.requires_grad = False
 
 
 @contextmanager

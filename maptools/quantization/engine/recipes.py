@@ -11,6 +11,11 @@
   block by block (4 operators), against the FP32 outputs of each block, with a learning rate that depends
   on the activation bits (:func:`lsq_learning_rate`); zero points are not trained
   (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`). On the CPU it trains there.
+  At 2- to 6-bit weights ``best`` first learns the weights' rounding
+  (:mod:`~maptools.quantization.engine.learned_rounding`, chosen by
+  :meth:`~maptools.quantization.options.QuantizeOptions.applied_rounding`); LSQ then trains the activation
+  scales and biases around the learned integers (EfficientNet-Lite1 W4A8: better than either alone, see the
+  benchmarks).
 
 Why these (measured with ``bench/accuracy.py`` on the two bundled digits models at W8A8, W4A8, W4A4,
 W3A3 and W2A4; the table is on the benchmarks page of the documentation):

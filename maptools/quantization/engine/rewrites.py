@@ -12,6 +12,10 @@ touches only the nodes it names:
   ``save_infer_model/scale_0.tmp_1`` that way) is renamed onto the tensor the ``Identity`` copies, and the
   ``Identity`` removed. PPQ's parser drops ``Identity`` nodes and then cannot find the output ("is not a
   variable name").
+* :func:`split_shared_constants`: an initializer or ``Constant`` output read by several node inputs (two
+  ``Resize`` nodes sharing their ``scales``) gets one copy per further reader, named after it. PPQ splits shared
+  parameters itself, but numbers the copies in the order of a set of names, which changes with the process's
+  string hashing: the graph ``verify`` rebuilt then differed from the quantized one.
 
 :func:`ppq_compatible` applies them all to a copy of the model.
 """
@@ -24,7 +28,7 @@ import numpy as np
 import onnx
 
 __all__ = ["bypass_output_identities", "fill_empty_resize_inputs", "inline_identity_initializers",
-           "ppq_compatible"]
+           "ppq_compatible", "split_shared_constants"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +100,56 @@ def bypass_output_identities(model: onnx.ModelProto) -> int:
         count += 1
 
 
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, suffix = name, 1
+    while candidate in taken:
+        candidate, suffix = f"{name}_{suffix}", suffix + 1
+    taken.add(candidate)
+    return candidate
+
+
+def split_shared_constants(model: onnx.ModelProto) -> int:
+    """Give every further reader of a shared initializer or ``Constant`` output its own copy; return the count.
+
+    The first reader (in node order) keeps the tensor; the others read ``<tensor>__<node>_<input index>``, a
+    copy made in node order, so the names are the same in every process.
+    """
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant" and node.output}
+    taken = {init.name for init in graph.initializer} | {vi.name for vi in graph.input} | \
+        {name for node in graph.node for name in (*node.input, *node.output)} | {node.name for node in graph.node}
+    seen: set[str] = set()
+    added_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (copy, the Constant it copies)
+    count = 0
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name not in inits and name not in constants:
+                continue
+            if name not in seen:
+                seen.add(name)
+                continue
+            copy_name = _unique(f"{name}__{node.name}_{index}", taken)
+            if name in inits:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(inits[name])
+                tensor.name = copy_name
+                graph.initializer.append(tensor)
+            else:
+                constant = onnx.NodeProto()
+                constant.CopyFrom(constants[name])
+                constant.name = _unique(f"{constants[name].name or name}__{node.name}_{index}", taken)
+                del constant.output[:]
+                constant.output.append(copy_name)
+                added_nodes.append((constant, constants[name]))
+            node.input[index] = copy_name
+            count += 1
+    for constant, original in added_nodes:  # right after the Constant it copies: the order stays topological
+        position = list(graph.node).index(original) + 1
+        graph.node.insert(position, constant)
+    return count
+
+
 def ppq_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every rewrite of this module applied (the same computation)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -103,6 +157,7 @@ def ppq_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
         "identity initializers inlined": inline_identity_initializers(model),
         "empty Resize inputs filled": fill_empty_resize_inputs(model),
         "output identities bypassed": bypass_output_identities(model),
+        "shared constants split": split_shared_constants(model),
     }
     done = {what: count for what, count in counts.items() if count}
     if done:

@@ -24,6 +24,7 @@ import torch
 from maptools.errors import ArtifactError, EngineError, UnsupportedOperatorError
 from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
 from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.progress import counted
 from maptools.quantization.records import OperatorQuantConfig
 
 import_ppq()
@@ -38,7 +39,14 @@ from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
 from maptools.quantization.engine import analysis, extract  # noqa: E402
 from maptools.quantization.engine.analysis import ErrorAnalysis  # noqa: E402
 from maptools.quantization.engine.exporter import export_qdq  # noqa: E402
+from maptools.quantization.engine.floats import float_operators  # noqa: E402
 from maptools.quantization.engine.holes import close_quantization_holes  # noqa: E402
+from maptools.quantization.engine.learned_rounding import (  # noqa: E402
+    LayerRounding,
+    LearnedRoundingPass,
+    RoundingSettings,
+    with_learned_rounding,
+)
 from maptools.quantization.engine.operators import operator_fixes  # noqa: E402
 from maptools.quantization.engine.outputs import FinalConcat, final_concats  # noqa: E402
 from maptools.quantization.engine.quantizer import LowBitQuantizer, LowBitSpec  # noqa: E402
@@ -94,6 +102,10 @@ class PPQSession:
         self.final_concats: list[FinalConcat] = []
         #: torch threads while quantizing and executing (see :mod:`~maptools.quantization.engine.threads`).
         self.threads = threads
+        #: Operator types the quantizer quantizes (set by :meth:`quantize`).
+        self.quantizable_types: frozenset[str] = frozenset()
+        #: Learned rounding's per-layer records (:meth:`quantize` with ``rounding``), else empty.
+        self.rounding_results: list[LayerRounding] = []
         #: Fingerprints of the parameters as loaded (see :func:`.state.parameter_fingerprints`).
         self.initial_parameters: dict[str, str] = parameter_fingerprints(graph)
 
@@ -176,16 +188,22 @@ class PPQSession:
                 )
 
     # -- quantization -----------------------------------------------------------------------------
-    def quantize(self, batches: Sequence[Batch]) -> None:
+    def quantize(self, batches: Sequence[Batch], rounding: RoundingSettings | None = None) -> None:
         """Calibrate on ``batches`` and quantize the graph in place (PPQ's passes per the setting).
 
         The calibration runs with the speed-ups of :mod:`~maptools.quantization.engine.speedups` (weights
         fake-quantized once instead of on every forward, a faster percentile observer): PPQ's passes,
-        with results identical to the bit.
+        with results identical to the bit. With ``rounding``, the weights are rounded by learned rounding
+        (:mod:`~maptools.quantization.engine.learned_rounding`) before PPQ bakes them; its per-layer records
+        are then in :attr:`rounding_results`.
         """
         quantizer = LowBitQuantizer(graph=self.graph, spec=self.spec)
         quantizer._verbose = False
+        self.quantizable_types = frozenset(quantizer.quant_operation_types)
         quantizer.build_quant_pipeline = accelerated_pipeline(quantizer.build_quant_pipeline)
+        rounding_pass = LearnedRoundingPass(rounding) if rounding is not None else None
+        if rounding_pass is not None:
+            quantizer.build_quant_pipeline = with_learned_rounding(quantizer.build_quant_pipeline, rounding_pass)
         device = self.device
 
         def collate(batch: Batch) -> dict[str, torch.Tensor]:
@@ -193,11 +211,13 @@ class PPQSession:
 
         try:
             with ppq_silenced(), fast_observers(), operator_fixes(), compute_threads(self.threads):
-                quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=batches,
+                quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=counted("calibration batch", batches),
                                    executor=self.executor, setting=self.setting,
                                    calib_steps=len(batches), collate_fn=collate)
         except Exception as exc:
             raise self._engine_error("quantization", exc) from exc
+        if rounding_pass is not None:
+            self.rounding_results = rounding_pass.results
         closed = close_quantization_holes(self.graph)
         if closed:
             logger.debug("quantized %d fan-out tensors PPQ left in float: %s", len(closed), ", ".join(closed))
@@ -268,6 +288,11 @@ class PPQSession:
     def quantinfo(self) -> dict[str, OperatorQuantConfig]:
         """Per-operator quantization configs, keyed by node name (``quantinfo.pkl``)."""
         return extract.quantinfo(self.graph, self.spec)
+
+    def float_operators(self) -> list[dict[str, str]]:
+        """The operators left in float, in graph order, each with why (see :mod:`.floats`)."""
+        final_nodes = {name for concat in self.final_concats for name in concat.float_nodes}
+        return float_operators(self.graph, self.quantizable_types, final_nodes)
 
     def quantparams(self) -> dict[str, np.ndarray | None]:
         """Integer weights and biases: ``<node>_conv_weight`` / ``_conv_bias`` (``_gemm_`` for Gemm/MatMul)."""

@@ -5,7 +5,9 @@ the column partial sums of every crossbar MAC at the accumulate step (a hook tha
 and changes no result, see :mod:`~maptools.quantization.reference.crossbar`) and chooses each MAC's ADC
 ranges with :func:`~maptools.quantization.cim.calibrate.calibrate_adc`'s method. The ranges are calibrated on
 the exact executor's activations, the ones the quantization was calibrated on, not on those of a chip
-whose earlier layers already carry ADC errors.
+whose earlier layers already carry ADC errors. With ``device=`` (and ``seed=``) the activations stay exact
+but each MAC's partial sums are read from a simulated chip's programmed, noisy cells, so the ranges fit the
+noisy sums (:doc:`/cim`, "Noise-aware ADC calibration").
 
 .. code-block:: python
    :class: needs-files

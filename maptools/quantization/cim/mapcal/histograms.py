@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.quantization.cim.analog import AnalogMac, SeedLike, check_device, child_seed
 from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, AdcHistogram
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.reference.core import ReferenceExecutor
@@ -79,8 +81,13 @@ def _batches(calibset: Any) -> Iterator[Any]:
 
 
 def collect_histograms(source: MapSource, calibset: Any, spec: CIMSpec, *,
-                       mapsave_dir: str | os.PathLike | None = None) -> MapHistograms:
+                       mapsave_dir: str | os.PathLike | None = None, device: DeviceModel | None = None,
+                       seed: SeedLike = 0) -> MapHistograms:
     """Run the exact integer executor on ``calibset`` and histogram every crossbar MAC's partial sums.
+
+    With ``device`` the partial sums are those of one simulated chip (``seed``, crossbar MAC ``i`` seeded
+    ``child_seed(seed, i)`` as in :func:`~maptools.quantization.simulate`): its programmed, noisy cells read
+    the exact executor's activations, and the histograms count the sums its ADCs would see.
 
     Args:
         source: A map name, or a :class:`~maptools.quantization.reference.core.ReferenceExecutor` (e.g.
@@ -89,23 +96,31 @@ def collect_histograms(source: MapSource, calibset: Any, spec: CIMSpec, *,
             of batches (numpy arrays or torch tensors).
         spec: The crossbar (its ``adc_bits``, ``adc_range`` and ``requant`` are not used).
         mapsave_dir: The mapsave directory of a map name.
+        device: The analog cells (:class:`~maptools.quantization.cim.device.DeviceModel`); None (or an ideal
+            model) for the exact partial sums.
+        seed: The simulated chip's seed (with ``device``).
 
     Returns:
         The histograms, one per crossbar MAC.
 
     Raises:
-        InvalidArgumentError: No batch, a map without crossbar MACs, or inputs the map does not take.
-        InvalidTypeError: ``spec`` is not a CIMSpec or ``calibset`` is not batches.
+        InvalidArgumentError: No batch, a map without crossbar MACs, inputs the map does not take, or a device
+            whose per-level parameters do not fit the cells.
+        InvalidTypeError: ``spec`` is not a CIMSpec, ``calibset`` is not batches, or a bad ``device`` or ``seed``.
     """
     if not isinstance(spec, CIMSpec):
         raise InvalidTypeError(f"spec: got {type(spec).__name__}, expected a CIMSpec")
+    chip = check_device(device, seed, spec)
     executor = _executor(source, mapsave_dir)
     histograms: dict[str, AdcHistogram] = {}
+    macs = {node.name: index for index, node in enumerate(executor.crossbar_nodes)}
 
     def hook(operands: MacOperands, weights: np.ndarray, columns: np.ndarray) -> None:
         histogram = histograms.get(operands.node)
         if histogram is None:
-            histogram = histograms[operands.node] = AdcHistogram(weights, spec=spec, **operands.kwargs())
+            analog = None if chip is None else AnalogMac(chip, spec, child_seed(seed, macs[operands.node]))
+            histogram = histograms[operands.node] = AdcHistogram(weights, spec=spec, analog=analog,
+                                                                 **operands.kwargs())
         histogram.add(columns)
 
     hooked = executor.with_cim(None, mac_hook=hook)
@@ -123,7 +138,8 @@ def collect_histograms(source: MapSource, calibset: Any, spec: CIMSpec, *,
 
 
 def calibrate_map(source: MapSource, calibset: Any, spec: CIMSpec, *, mapsave_dir: str | os.PathLike | None = None,
-                  method: str = "mse", percentile: float = 99.99) -> MapCalibration:
+                  method: str = "mse", percentile: float = 99.99, device: DeviceModel | None = None,
+                  seed: SeedLike = 0) -> MapCalibration:
     """Calibrate the ADC ranges of every crossbar MAC of a map on calibration data.
 
     Runs the exact integer executor on ``calibset``; the partial sums of each MAC's columns (before any
@@ -138,6 +154,9 @@ def calibrate_map(source: MapSource, calibset: Any, spec: CIMSpec, *, mapsave_di
         mapsave_dir: The mapsave directory of a map name.
         method: ``'mse'`` or ``'percentile'``.
         percentile: The percentile of ``method='percentile'``, in ``(0, 100]``.
+        device: Noise-aware calibration: the ranges are chosen for the partial sums of a chip of this device
+            (:func:`collect_histograms`); None for the exact sums.
+        seed: The seed of that chip.
 
     Returns:
         The per-node calibrations with the spec, ready for ``simulate(..., cim=calibration.spec,
@@ -156,5 +175,5 @@ def calibrate_map(source: MapSource, calibset: Any, spec: CIMSpec, *, mapsave_di
         raise InvalidArgumentError(f"method: got {method!r}, expected one of {', '.join(CALIBRATION_METHODS)}")
     if not 0 < percentile <= 100:
         raise InvalidArgumentError(f"percentile: got {percentile!r}, expected a number in (0, 100]")
-    return collect_histograms(source, calibset, spec, mapsave_dir=mapsave_dir).calibration(
+    return collect_histograms(source, calibset, spec, mapsave_dir=mapsave_dir, device=device, seed=seed).calibration(
         method=method, percentile=percentile)

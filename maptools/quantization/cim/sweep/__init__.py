@@ -20,6 +20,11 @@ batches of the map's input shapes (seed ``seed``). The calibration data is ``cal
 the evaluation inputs themselves when they were given (in-sample, as the result's ``calibration_data``
 says), else other random batches (seed ``seed + 1``, held out).
 
+Device axes (``device``, ``prog_error``, ``drift_time``, ``chips``): every grid point then runs on ``chips``
+simulated chips of every device (:mod:`~maptools.quantization.cim.device`), chip ``i`` seeded
+``child_seed(seed, i)``, and reports each metric's mean over the chips with every chip's value
+(:meth:`SweepPoint.spread`: mean, std, worst); the ADC ranges are still calibrated on exact cells.
+
 The grid points run in parallel over a :class:`concurrent.futures.ProcessPoolExecutor` (``jobs`` worker
 processes, default ``os.cpu_count()``; each with one BLAS thread); ``jobs=1`` runs in this process.
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from maptools.errors import InvalidArgumentError
 from maptools.quantization.artifacts import MapContents, map_contents
-from maptools.quantization.cim.sweep.grid import cim_sweep, parse_int_list
+from maptools.quantization.cim.device import DeviceModel
+from maptools.quantization.cim.sweep.grid import cim_sweep, parse_float_list, parse_int_list
 from maptools.quantization.cim.sweep.worker import Batch
 
 __all__ = ["run_cli"]
@@ -46,9 +47,14 @@ def run_cli(args: Any) -> int:
         inputs = _folder_batches(args.inputs, "--inputs", contents, args.mean, args.std)
     if args.calib is not None:
         calib = _folder_batches(args.calib, "--calib", contents, args.mean, args.std)
+    device = None
+    if args.drift_nu is not None or args.drift_compensation:
+        device = DeviceModel(drift_nu=args.drift_nu or 0.0, drift_compensation=args.drift_compensation)
+    axes = {"prog_error": None if args.prog_error is None else parse_float_list(args.prog_error, "--prog-error"),
+            "drift_time": None if args.drift_time is None else parse_float_list(args.drift_time, "--drift-time")}
     result = cim_sweep(contents, inputs, calib=calib, dac_bits=args.dac_bits, weight_encoding=args.encoding,
                        requant=args.requant, method=args.method, jobs=args.jobs, mapsave_dir=args.mapsave_dir,
-                       batches=args.batches, seed=args.seed, **grid)
+                       batches=args.batches, seed=args.seed, device=device, chips=args.chips, **axes, **grid)
     print(result.table())
     if args.out is not None:
         print(f"wrote {result.save(args.out)}")

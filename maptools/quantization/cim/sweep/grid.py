@@ -19,6 +19,8 @@ import numpy as np
 from maptools.errors import FloatModelMissingError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts
 from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS, MapContents
+from maptools.quantization.cim.analog import seed_sequence
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapcal import MapCalibration
 from maptools.quantization.cim.spec import INT_RANGES, CIMSpec
 from maptools.quantization.cim.sweep import worker
@@ -27,6 +29,7 @@ from maptools.quantization.cim.sweep.worker import (
     Batch,
     Outputs,
     _calibrate_task,
+    _chips_task,
     _class_scores,
     _evaluate_task,
     _init_worker,
@@ -35,10 +38,10 @@ from maptools.quantization.cim.sweep.worker import (
 )
 from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.replay import float_model_path
-from maptools.quantization.validation import MAX_THREADS, check_batches, check_jobs, check_seed
+from maptools.quantization.validation import MAX_THREADS, check_batches, check_jobs, check_positive_int, check_seed
 from maptools.quantization.verify import compare
 
-__all__ = ["cim_sweep", "parse_int_list"]
+__all__ = ["cim_sweep", "parse_float_list", "parse_int_list"]
 
 logger = logging.getLogger("maptools.quantization.cim.sweep")
 
@@ -75,6 +78,39 @@ def parse_int_list(text: str | Iterable[int], what: str, low: int = 1, high: int
     if not values or not all(inside(v) for v in values):
         raise InvalidArgumentError(f"{what}: expected integers in {bound}, got {text!r}")
     return sorted(set(values))
+
+
+def parse_float_list(text: str | Iterable[float], what: str, low: float = 0.0) -> list[float]:
+    """Numbers from ``"0,0.02,0.05"`` or an iterable of numbers, each finite and ``>= low``, sorted and unique.
+
+    Raises:
+        InvalidArgumentError: Not such a list, or a value below ``low``.
+    """
+    try:
+        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what}: expected numbers like 0,0.02,0.05, got {text!r}") from None
+    if not values or not all(np.isfinite(v) and v >= low for v in values):
+        raise InvalidArgumentError(f"{what}: expected finite numbers >= {low:g}, got {text!r}")
+    return sorted(set(values))
+
+
+def _device_grid(device: DeviceModel | None, prog_error: Iterable[float] | str | None,
+                 drift_time: Iterable[float] | str | None) -> list[DeviceModel]:
+    """The devices of the grid: ``device`` (default ``DeviceModel()``) at every programming error and time."""
+    if device is None and prog_error is None and drift_time is None:
+        return []
+    if device is None:
+        device = DeviceModel()
+    elif not isinstance(device, DeviceModel):
+        raise InvalidTypeError(f"device: got {type(device).__name__}, expected None or a DeviceModel")
+    errors = [device.prog_sigma_rel] if prog_error is None else parse_float_list(prog_error, "prog_error")
+    times = [device.time] if drift_time is None else parse_float_list(drift_time, "drift_time")
+    if drift_time is not None and not any(v != 0 for name in ("drift_nu", "drift_nu_std")
+                                          for v in np.atleast_1d(getattr(device, name))):
+        raise InvalidArgumentError(f"drift_time: got {drift_time!r} for a device without drift (drift_nu 0); pass "
+                                   "device=DeviceModel(drift_nu=...) (--drift-nu)")
+    return [device.replace(prog_sigma_rel=p, time=t) for p in errors for t in times]
 
 
 # -- the sweep ------------------------------------------------------------------------------------------------
@@ -136,7 +172,8 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
               cell_bits: Iterable[int] | str = (1, 2, 4), dac_bits: int = 1, weight_encoding: str = "differential",
               requant: str = "float", method: str = "mse", jobs: int | None = None,
               mapsave_dir: str | os.PathLike | None = None, batches: int = DEFAULT_BATCHES,
-              seed: int = 0) -> SweepResult:
+              seed: int = 0, device: DeviceModel | None = None, prog_error: Iterable[float] | str | None = None,
+              drift_time: Iterable[float] | str | None = None, chips: int = 8) -> SweepResult:
     """Run a map on every crossbar of a grid, with calibrated and full-range ADCs, against FP32 and exact MACs.
 
     Args:
@@ -157,7 +194,14 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
         jobs: Worker processes (default ``os.cpu_count()``); 1 runs in this process.
         mapsave_dir: The mapsave directory.
         batches: Random batches when ``inputs`` is None.
-        seed: Seed of the random batches.
+        seed: Seed of the random batches, and of the chips: chip ``i`` of every device point is
+            ``child_seed(seed, i)`` (:func:`~maptools.quantization.cim.monte_carlo`'s chips).
+        device: The analog cells (:class:`~maptools.quantization.cim.device.DeviceModel`); with it, or with
+            ``prog_error`` or ``drift_time``, every grid point runs on ``chips`` chips of every device.
+        prog_error: Device axis: values of the device's ``prog_sigma_rel`` (ints, floats or ``"0,0.02"``).
+        drift_time: Device axis: values of the device's ``time``, seconds since programming (the device needs
+            a ``drift_nu``).
+        chips: Chips per device point (>= 1).
 
     Returns:
         Every point's metrics, the references, and what the data was.
@@ -179,6 +223,11 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
     jobs = check_jobs(jobs)
     batches = check_batches(batches, "batches")
     seed = check_seed(seed)
+    devices = _device_grid(device, prog_error, drift_time)
+    if devices:
+        chips = check_positive_int(chips, "chips")
+        for cells in grid_cells:
+            devices[0].check(cells)
     contents = artifacts.map_contents(mapname, mapsave_dir)
     mapname = contents.mapname
     shapes = contents.manifest["settings"]["input_shapes"]
@@ -234,20 +283,31 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
     logger.info("cim-sweep %r: %d crossbars x %d ADC widths x 2 ranges on %d samples, %d process(es)", mapname,
                 len(geometries), len(grid_bits), samples, jobs)
     points: list[SweepPoint] = []
+    chip_seed = seed_sequence(seed)
+    # the device points: None (exact cells) without a device grid, else the index of every device
+    device_keys: list[int | None] = list(range(len(devices))) if devices else [None]
 
-    def record(spec: CIMSpec, metrics: dict[str, Any], top1: float | None, seconds: float,
-               calibration: MapCalibration | None) -> None:
+    def record(spec: CIMSpec, metrics: Any, top1: Any, seconds: float, calibration: MapCalibration | None,
+               index: int | None) -> None:
         clipped = None
         if calibration is not None:
             values = list(calibration.clipped.values())
             clipped = float(np.mean(values)) if values else 0.0
-        points.append(SweepPoint(spec.rows, spec.cell_bits, spec.dac_bits, spec.weight_encoding,
-                                 int(spec.adc_bits or 0), spec.adc_range, str(spec), spec.lossless_adc_bits, metrics,
-                                 top1, clipped, seconds))
-        logger.info("cim-sweep %r: %s done in %.1f s", mapname, spec, seconds)
+        point = SweepPoint(spec.rows, spec.cell_bits, spec.dac_bits, spec.weight_encoding, int(spec.adc_bits or 0),
+                           spec.adc_range, str(spec), spec.lossless_adc_bits, metrics, top1, clipped, seconds)
+        if index is not None:
+            point = SweepPoint.over_chips(point, devices[index].to_dict(), index, metrics, top1)
+        points.append(point)
+        logger.info("cim-sweep %r: %s%s done in %.1f s", mapname, spec,
+                    "" if index is None else f" on {chips} chips of device {index}", seconds)
 
     def spec_of(r: int, c: int, bits: int, kind: str) -> CIMSpec:
         return base.replace(rows=r, cell_bits=c, adc_bits=bits, adc_range=kind)
+
+    def task(spec: CIMSpec, cal: MapCalibration | None, index: int | None) -> tuple[Any, ...]:
+        if index is None:
+            return (_evaluate_task, spec, cal)
+        return (_chips_task, spec, cal, devices[index], chips, chip_seed)
 
     if jobs == 1:
         saved = worker._STATE
@@ -258,8 +318,9 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
                 for bits in grid_bits:
                     for kind in ADC_RANGE_KINDS:
                         cal = calibrations[bits] if kind == "calibrated" else None
-                        spec, metrics, top1, seconds = _evaluate_task(spec_of(r, c, bits, kind), cal)
-                        record(spec, metrics, top1, seconds, cal)
+                        for index in device_keys:
+                            function, *args = task(spec_of(r, c, bits, kind), cal, index)
+                            record(*function(*args), cal, index)
         finally:
             worker._STATE = saved
     else:
@@ -268,24 +329,29 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
         context = multiprocessing.get_context("spawn")  # no fork of a process holding BLAS threads
         with _one_blas_thread(True), ProcessPoolExecutor(max_workers=jobs, mp_context=context,
                                                          initializer=_init_worker, initargs=state_args) as pool:
-            pending: dict[Future[Any], tuple[str, MapCalibration | None]] = {}
+            pending: dict[Future[Any], tuple[str, MapCalibration | None, int | None]] = {}
             for r, c in geometries:
-                pending[pool.submit(_calibrate_task, r, c, base, grid_bits, method)] = ("calibrate", None)
+                pending[pool.submit(_calibrate_task, r, c, base, grid_bits, method)] = ("calibrate", None, None)
                 for bits in grid_bits:
-                    pending[pool.submit(_evaluate_task, spec_of(r, c, bits, "full"), None)] = ("evaluate", None)
+                    for index in device_keys:
+                        future = pool.submit(*task(spec_of(r, c, bits, "full"), None, index))
+                        pending[future] = ("evaluate", None, index)
             while pending:
                 done = next(as_completed(pending))
-                kind, cal = pending.pop(done)
+                kind, cal, index = pending.pop(done)
                 if kind == "calibrate":
                     r, c, calibrations, _ = done.result()
                     for bits in grid_bits:
-                        future = pool.submit(_evaluate_task, spec_of(r, c, bits, "calibrated"), calibrations[bits])
-                        pending[future] = ("evaluate", calibrations[bits])
+                        for index in device_keys:
+                            future = pool.submit(*task(spec_of(r, c, bits, "calibrated"), calibrations[bits], index))
+                            pending[future] = ("evaluate", calibrations[bits], index)
                 else:
-                    record(*done.result(), cal)
-    order = {(r, c, b, k): i for i, (r, c, b, k) in enumerate(
-        (r, c, b, k) for r, c in geometries for b in grid_bits for k in ADC_RANGE_KINDS)}
-    points.sort(key=lambda p: order[(p.rows, p.cell_bits, p.adc_bits, p.adc_range)])
+                    record(*done.result(), cal, index)
+    order = {key: i for i, key in enumerate(
+        (r, c, b, k, d) for r, c in geometries for b in grid_bits for k in ADC_RANGE_KINDS for d in device_keys)}
+    points.sort(key=lambda p: order[(p.rows, p.cell_bits, p.adc_bits, p.adc_range, p.device_index)])
     return SweepResult(mapname=mapname, samples=samples, inputs_data=inputs_data, calibration_data=calibration_data,
                        method=method, reference=reference, fp32_error=fp32_error, points=points,
-                       seconds=time.perf_counter() - started, jobs=jobs)
+                       seconds=time.perf_counter() - started, jobs=jobs,
+                       devices=[d.to_dict() for d in devices] if devices else None,
+                       chips=chips if devices else None)

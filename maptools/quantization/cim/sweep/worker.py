@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from maptools.quantization.cim.analog import child_seed
+from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapcal import MapCalibration, collect_histograms
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.reference.core import ReferenceExecutor
@@ -74,12 +76,10 @@ def _calibrate_task(rows: int, cell_bits: int, base: CIMSpec, adc_bits: list[int
     return rows, cell_bits, calibrations, time.perf_counter() - started
 
 
-def _evaluate_task(spec: CIMSpec, calibration: MapCalibration | None) -> tuple[CIMSpec, dict[str, Any],
-                                                                                float | None, float]:
+def _metrics(outputs: Outputs) -> tuple[dict[str, Any], float | None]:
+    """Every output against the exact integer executor and FP32, and the top-1 accuracy against the labels."""
     state = _STATE
     assert state is not None
-    started = time.perf_counter()
-    outputs = _run(state.executor.with_cim(spec, calibration), state.inputs)
     metrics: dict[str, Any] = {}
     top1_labels = None
     for name, out in outputs.items():
@@ -95,5 +95,28 @@ def _evaluate_task(spec: CIMSpec, calibration: MapCalibration | None) -> tuple[C
         metrics[name] = entry
         if top1_labels is None and state.labels is not None and _class_scores(out):
             top1_labels = float(np.mean(out.argmax(axis=1) == state.labels))
+    return metrics, top1_labels
+
+
+def _evaluate_task(spec: CIMSpec, calibration: MapCalibration | None) -> tuple[CIMSpec, dict[str, Any],
+                                                                                float | None, float]:
+    state = _STATE
+    assert state is not None
+    started = time.perf_counter()
+    metrics, top1_labels = _metrics(_run(state.executor.with_cim(spec, calibration), state.inputs))
     return spec, metrics, top1_labels, time.perf_counter() - started
 
+
+def _chips_task(spec: CIMSpec, calibration: MapCalibration | None, device: DeviceModel, chips: int,
+                seed: np.random.SeedSequence) -> tuple[CIMSpec, list[dict[str, Any]], list[float | None], float]:
+    """One grid point on ``chips`` chips of ``device``: chip ``i`` seeded ``child_seed(seed, i)``."""
+    state = _STATE
+    assert state is not None
+    started = time.perf_counter()
+    outputs, labels = [], []
+    for chip in range(chips):
+        executor = state.executor.with_cim(spec, calibration, device=device, seed=child_seed(seed, chip))
+        metrics, top1_labels = _metrics(_run(executor, state.inputs))
+        outputs.append(metrics)
+        labels.append(top1_labels)
+    return spec, outputs, labels, time.perf_counter() - started

@@ -1,0 +1,40 @@
+"""The advice of a warning applies to the map, in the syntax of the interface that ran."""
+
+from __future__ import annotations
+
+from maptools.quantization.diagnostics import Advice, advice_syntax, output_warnings
+
+
+def _warn(advice: Advice, isolated: dict[str, float]) -> str:
+    (warning,) = output_warnings({"out": 6.0}, {}, {"out": 1.0}, {"out": 1.0}, isolated, "held-out", advice)
+    return warning
+
+
+def test_no_bits_suggested_that_the_map_already_has():
+    warning = _warn(Advice(weight_bits=8, activation_bits=8), {"conv1": 12.0, "conv2": 20.0})
+    assert "output 'out': SNR 6.0 dB" in warning and "conv1 (12.0 dB), conv2 (20.0 dB)" in warning
+    assert "activation_bits" not in warning and "layer_bits" not in warning
+    assert warning.endswith(". Try recipe='best'. Check the task metric (accuracy, detections, decoded text) on "
+                            "real held-out inputs: the SNR is only a proxy")
+    # W4A8: the weights of the worst operators can go to 8, the activations are there already
+    warning = _warn(Advice(weight_bits=4, activation_bits=8, recipe="best"), {"conv1": 12.0, "conv2": 20.0})
+    assert "Try layer_bits={'conv1': 8, 'conv2': 8}. Check the task metric" in warning
+    assert "activation_bits" not in warning and "recipe" not in warning
+    # an operator already at 8 bits in a W4A4 map is not suggested again
+    warning = _warn(Advice(weight_bits=4, activation_bits=4, layer_bits={"conv1": (8, 8)}), {"conv1": 9.0, "fc": 11.0})
+    assert "layer_bits={'fc': 8}, activation_bits=8, recipe='best'" in warning
+
+
+def test_first_last_bits_when_the_first_or_last_mac_is_worst():
+    advice = Advice(weight_bits=4, activation_bits=4, first_and_last=("stem", "head"), random_calibration=True)
+    warning = _warn(advice, {"stem": 5.0, "mid": 15.0})
+    assert "Try first_last_bits=8, layer_bits={'mid': 8}, activation_bits=8, recipe='best', calibration data like " \
+           "the inputs the model will see (calibset=)" in warning
+    assert "first_last_bits" not in _warn(advice, {"mid": 5.0, "stem": 15.0})  # the worst is in the middle
+    with advice_syntax("cli"):
+        warning = _warn(advice, {"stem": 5.0, "mid": 15.0})
+    assert "Try --first-last-bits 8, mid at 8 bits (layer_bits={'mid': 8} in Python; the command line has no " \
+           "per-layer option), --act-bits 8, --recipe best, calibration data like the inputs the model will see " \
+           "(--calib-dir or --calib-npy)" in warning
+    assert "=" not in warning.split("Try ")[1].replace("layer_bits={'mid': 8}", "")
+    assert "first_last_bits=8" in _warn(advice, {"stem": 5.0, "mid": 15.0})  # back to Python after the block

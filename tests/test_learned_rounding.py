@@ -1,0 +1,145 @@
+"""Learned rounding (AdaRound on sampled positions): a trained layer's error, the artifacts' integers, the options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from maptools import InvalidArgumentError, InvalidTypeError
+from maptools.cli import main
+from maptools.examples import digits
+from maptools.quantization import quantize, read_quantparams, verify
+from maptools.quantization.artifacts import MANIFEST, REPORT_JSON
+from maptools.quantization.engine import LowBitSpec, PPQSession
+from maptools.quantization.engine.learned_rounding import RoundingSettings
+from maptools.quantization.engine.recipes import build_setting
+from maptools.quantization.format import weight_key
+from maptools.quantization.model import check_input_shapes, load_model, prepare_model
+
+MOBILE = digits.MODEL_PATH.parent / "digits_mobile.onnx"
+#: A trained 1x1 expansion Conv (fused ReLU6) of the bundled mobile CNN.
+LAYER = "/block1/expand/expand.0/Conv"
+SHAPES = {"input": list(digits.INPUT_SHAPE)}
+
+
+def _session(rounding: RoundingSettings | None) -> PPQSession:
+    model = load_model(MOBILE)
+    proto = prepare_model(model, check_input_shapes(SHAPES, model))
+    spec = LowBitSpec(4, 8, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
+    session = PPQSession.from_onnx(proto, spec, "cpu", build_setting("default", "cpu", 16))
+    train, _ = digits.load_split("train")
+    session.quantize([{"input": torch.from_numpy(train[i:i + 16])} for i in range(0, 256, 16)], rounding)
+    return session
+
+
+def _layer_error(session: PPQSession, images: np.ndarray, target: str) -> float:
+    """Mean squared error of the layer's output (after its ReLU6) against FP32 on ``images``."""
+    batch = {"input": torch.from_numpy(images)}
+    quant = session.forward(batch, output_names=[target])[target]
+    ref = session.forward(batch, quantized=False, output_names=[target])[target]
+    return float(np.mean((quant.astype(np.float64) - ref) ** 2))
+
+
+def test_learned_rounding_reduces_a_trained_layers_error_on_held_out_images():
+    """Only LAYER learns its rounding; its output on held-out digits (never seen while learning) is compared with
+    nearest rounding, every other layer identical in both."""
+    nearest = _session(None)
+    learned = _session(RoundingSettings(iterations=500, layers=(LAYER,)))
+    (record,) = learned.rounding_results
+    relu = learned.graph.variables[record.target].source_op
+    assert relu.type == "Clip" and relu.inputs[0].source_op.name == LAYER  # the fused ReLU6 is in the loss
+    images = digits.load_split("test")[0][:256]
+    before, after = _layer_error(nearest, images, record.target), _layer_error(learned, images, record.target)
+    assert before / after >= 1.3, (before, after)
+    assert record.name == LAYER and record.error_nearest / record.error_learned >= 1.3 and record.iterations == 500
+    assert 0.01 < record.changed < 0.5
+    key = weight_key(LAYER, "Conv")
+    learned_q, nearest_q = learned.quantparams()[key], nearest.quantparams()[key]
+    assert learned_q.dtype == nearest_q.dtype and 0.01 < np.mean(learned_q != nearest_q) < 0.5
+    assert np.abs(learned_q.astype(int) - nearest_q).max() == 1  # learned: the other neighbour, never further
+    others = [k for k in nearest.quantparams() if k.endswith("_weight") and k != key]
+    assert all(np.array_equal(learned.quantparams()[k], nearest.quantparams()[k]) for k in others)
+
+
+@pytest.mark.slow
+def test_lsq_after_learned_rounding_keeps_the_learned_integers():
+    """best at W4A4: learned rounding, then LSQ on the activation scales and biases; the weights stay learned."""
+    model = load_model(MOBILE)
+    proto = prepare_model(model, check_input_shapes(SHAPES, model))
+    spec = LowBitSpec(4, 4, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
+    setting = build_setting("best", "cpu", 8, activation_bits=4)
+    setting.lsq_optimization_setting.steps = 20
+    session = PPQSession.from_onnx(proto, spec, "cpu", setting)
+    train, _ = digits.load_split("train")
+    session.quantize([{"input": torch.from_numpy(train[i:i + 16])} for i in range(0, 128, 16)],
+                     RoundingSettings(iterations=50))
+    params = session.quantparams()
+    assert len(session.rounding_results) == 16
+    for record in session.rounding_results:
+        assert np.array_equal(params[weight_key(record.name, record.op_type)], record.integers.numpy()), record.name
+
+
+def test_artifacts_carry_the_learned_integers(tmp_path):
+    train, _ = digits.load_split("train")
+    calib = [{"input": train[i:i + 16]} for i in range(0, 16 * 16, 16)]
+    common = dict(calibset=calib, calib_steps=16, weight_bits=4, activation_bits=8, mapsave_dir=tmp_path,
+                  analysis_steps=1)
+    quantize(SHAPES, "cpu", MOBILE, mapname="near", recipe="default", **common)
+    result = quantize(SHAPES, "cpu", MOBILE, mapname="learned", recipe="default", rounding="learned",
+                      time_budget=15, **common)
+    settings = json.loads((result.directory / MANIFEST).read_text())["settings"]
+    assert (settings["rounding"], settings["time_budget"]) == ("learned", 15.0)
+    report = json.loads((result.directory / REPORT_JSON).read_text())
+    layers = {entry["node"]: entry for entry in report["learned_rounding"]}
+    assert len(layers) == 16 and all(e["error_learned"] <= e["error_nearest"] for e in layers.values())
+    learned, near = read_quantparams("learned", tmp_path), read_quantparams("near", tmp_path)
+    changed = [k for k in learned if k.endswith("_weight") and not np.array_equal(learned[k], near[k])]
+    assert len(changed) >= 8
+    # the QDQ model and PPQ's state rebuilt from the files give the learned integers' outputs
+    images = digits.load_split("test")[0][:128]
+    check = verify("learned", [{"input": images[i:i + 16]} for i in range(0, 128, 16)], mapsave_dir=tmp_path)
+    for pair in (check.get("ppq", "onnxruntime"), check.get("ppq", "integer")):
+        assert pair.within_one_step >= 0.995 and pair.top1_agreement == 1.0, pair
+    assert check.get("fp32", "ppq").top1_agreement >= 0.95
+
+
+@pytest.mark.slow
+def test_best_learns_rounding_at_low_bits_only(tmp_path, tiny_onnx):
+    def settings(**kwargs) -> dict:
+        quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, analysis_steps=1,
+                 mapsave_dir=tmp_path, **kwargs)
+        return json.loads((tmp_path / "m" / MANIFEST).read_text())["settings"]
+
+    assert settings(recipe="best", bit_width=4, time_budget=5)["rounding"] == "learned"
+    assert settings(recipe="best", bit_width=8)["rounding"] == "nearest"
+    assert settings(recipe="default", bit_width=4)["rounding"] == "nearest"
+    assert settings(recipe="best", bit_width=4, rounding="nearest")["rounding"] == "nearest"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"rounding": "adaround"}, InvalidArgumentError, "rounding: expected one of ['nearest', 'learned'] or None, "
+                                                     "got 'adaround'"),
+    ({"time_budget": 0}, InvalidArgumentError, "time_budget: expected a positive finite number of seconds, got 0"),
+    ({"time_budget": float("inf")}, InvalidArgumentError, "time_budget: expected a positive finite number"),
+    ({"time_budget": "60"}, InvalidTypeError, "time_budget: expected None or a number of seconds, got '60' (str)"),
+    ({"time_budget": True}, InvalidTypeError, "time_budget: expected None or a number of seconds, got True"),
+])
+def test_bad_rounding_arguments_are_refused_before_anything_is_written(tmp_path, tiny_onnx, kwargs, error, message):
+    with pytest.raises(error) as info:
+        quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, mapsave_dir=tmp_path, **kwargs)
+    assert message in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_rounding_options_reach_the_manifest(tmp_path, tiny_onnx, capsys):
+    args = ["quantize", str(tiny_onnx), "--input", "input:2,3,8,8", "--mapname", "c", "--bits", "4",
+            "--mapsave-dir", str(tmp_path)]
+    assert main([*args, "--rounding", "learned", "--time-budget", "3"]) == 0
+    settings = json.loads((tmp_path / "c" / MANIFEST).read_text())["settings"]
+    assert (settings["rounding"], settings["time_budget"]) == ("learned", 3.0)
+    assert main([*args, "--mapname", "d", "--time-budget", "0"]) == 2
+    assert "time_budget: expected a positive finite number of seconds, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
