@@ -167,7 +167,7 @@ def test_cli_exits_2_and_keeps_the_folder(tmp_path, tiny_onnx, capsys, kind):
     assert _cli_quantize(tiny_onnx, root, "m") == 2
     assert time.monotonic() - started < 10
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"maptools quantize: error: mapname: {root / 'm'} exists and is not "
+    assert len(err) == 1 and err[0].startswith(f"maptools quantize: error: --mapname: {root / 'm'} exists and is not "
                                                "a map written by maptools")
     assert _snapshot(tmp_path) == before
 
@@ -286,7 +286,7 @@ def test_cli_disk_full_exits_2(tmp_path, tiny_onnx, monkeypatch, capsys):
     monkeypatch.setattr(mapdir, "_write_map", full)
     assert _cli_quantize(tiny_onnx, root, "m") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("maptools quantize: error: mapname: could not write map 'm' at ")
+    assert len(err) == 1 and err[0].startswith("maptools quantize: error: --mapname: could not write map 'm' at ")
     assert "No space left on device (ENOSPC)" in err[0]
     monkeypatch.undo()
     assert _snapshot(root) == before and read_quantinfo("m", root)["conv"].weight_bits == 8
@@ -344,7 +344,7 @@ def test_a_mapname_with_a_newline_is_refused(tmp_path, tiny_onnx, capsys, name):
     with pytest.raises(InvalidArgumentError, match="mapname"):
         _quantize(tiny_onnx, tmp_path / "mapsave", name=name)
     assert _cli_quantize(tiny_onnx, tmp_path / "mapsave", name) == 2
-    assert "error: mapname:" in capsys.readouterr().err
+    assert "error: --mapname:" in capsys.readouterr().err
     assert not (tmp_path / "mapsave").exists()
 
 

@@ -254,7 +254,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="device axis: relative programming errors (DeviceModel.prog_sigma_rel), e.g. 0,0.02,0.05; "
                         "every point then runs on --chips chips (default: exact cells)")
     c.add_argument("--drift-time", default=None, metavar="LIST",
-                   help="device axis: seconds since programming (DeviceModel.time), e.g. 20,86400; needs --drift-nu")
+                   help="device axis: seconds since programming (DeviceModel.time), e.g. 20,86400; needs --drift-nu "
+                        "(default: no drift axis)")
     c.add_argument("--drift-nu", type=float, default=None, metavar="NU",
                    help="drift exponent of every cell (DeviceModel.drift_nu), e.g. 0.05 (default: no drift)")
     c.add_argument("--drift-compensation", action="store_true",
