@@ -114,9 +114,9 @@ CHILD = textwrap.dedent("""
 
     if moment == "calibration":
         original = session.PPQSession.quantize
-        def slow(self, batches):
+        def slow(self, *args, **kwargs):
             pause()
-            return original(self, batches)
+            return original(self, *args, **kwargs)
         session.PPQSession.quantize = slow
     elif moment == "writing":
         calls = []

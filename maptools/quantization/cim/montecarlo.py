@@ -13,7 +13,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.analog import SeedLike, child_seed, seed_sequence
 from maptools.quantization.cim.device import DeviceModel
+from maptools.quantization.cim.pool import process_pool
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.reference.core import ReferenceExecutor
 
@@ -235,15 +235,8 @@ def monte_carlo(mapname: str | ReferenceExecutor, inputs: Any, *, cim: CIMSpec |
     if jobs == 1:
         values = [_run_chip(base, batches, device, seq, i, metric) for i in range(chips)]
     else:
-        import multiprocessing
-
-        from maptools.quantization.cim.sweep.grid import _one_blas_thread
-
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding BLAS threads
         directory = None if mapsave_dir is None else str(mapsave_dir)
-        with _one_blas_thread(True), ProcessPoolExecutor(
-                max_workers=jobs, mp_context=context, initializer=_init_worker,
-                initargs=(mapname, directory, cim, adc, batches, device, seq, metric)) as pool:
+        with process_pool(jobs, _init_worker, (mapname, directory, cim, adc, batches, device, seq, metric)) as pool:
             values = list(pool.map(_worker_chip, range(chips)))
     result = MonteCarloResult(np.asarray(values, dtype=np.float64), base.cim.spec, device,
                               {"entropy": seq.entropy, "spawn_key": list(seq.spawn_key)}, higher_is_better, jobs,

@@ -5,12 +5,11 @@ See :mod:`~maptools.quantization.cim.sweep` for what is measured and on which da
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS, 
 from maptools.quantization.cim.analog import seed_sequence
 from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapcal import MapCalibration
+from maptools.quantization.cim.pool import process_pool
 from maptools.quantization.cim.spec import INT_RANGES, CIMSpec
 from maptools.quantization.cim.sweep import worker
 from maptools.quantization.cim.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
@@ -47,9 +47,6 @@ logger = logging.getLogger("maptools.quantization.cim.sweep")
 
 #: Random batches when no inputs are given.
 DEFAULT_BATCHES = 2
-_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
 def parse_int_list(text: str | Iterable[int], what: str, low: int = 1, high: int | None = None) -> list[int]:
     """Integers from ``"4-10"``, ``"128,256,512"``, ``"3-5,8"`` or an iterable of ints, sorted and unique.
 
@@ -148,22 +145,6 @@ def _fp32_outputs(path: Path, batches: list[Batch]) -> Outputs:
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
-@contextlib.contextmanager
-def _one_blas_thread(enabled: bool) -> Iterator[None]:
-    """Worker processes inherit one BLAS/OpenMP thread each (the environment is restored afterwards)."""
-    saved = {name: os.environ.get(name) for name in _BLAS_ENV}
-    if enabled:
-        os.environ.update(dict.fromkeys(_BLAS_ENV, "1"))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = None,
@@ -324,11 +305,7 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
         finally:
             worker._STATE = saved
     else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding BLAS threads
-        with _one_blas_thread(True), ProcessPoolExecutor(max_workers=jobs, mp_context=context,
-                                                         initializer=_init_worker, initargs=state_args) as pool:
+        with process_pool(jobs, _init_worker, state_args) as pool:
             pending: dict[Future[Any], tuple[str, MapCalibration | None, int | None]] = {}
             for r, c in geometries:
                 pending[pool.submit(_calibrate_task, r, c, base, grid_bits, method)] = ("calibrate", None, None)
