@@ -141,6 +141,22 @@ def digits_cim_map(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def digits_w4a4_mapsave(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mapsave directory holding map ``digits_w4a4`` (the digits CNN at W4A4 on 128 training digits, ``fast``).
+
+    Made once per session for the crossbar device, sweep and calibration tests, which only read it.
+    """
+    from maptools.quantization import quantize
+
+    directory = tmp_path_factory.mktemp("digits_w4a4_mapsave")
+    train, _ = digits.load_split("train")
+    quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname="digits_w4a4", bit_width=4,
+             calibset=[train[i:i + 16] for i in range(0, 128, 16)], calib_steps=8, recipe="fast",
+             mapsave_dir=directory, analysis_steps=1)
+    return directory
+
+
 @pytest.fixture
 def mapsave(tmp_path: Path) -> Path:
     """A fresh mapsave directory."""

@@ -11,7 +11,6 @@ import pytest
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits
-from maptools.quantization import quantize
 from maptools.quantization.cim import AnalogMac, CIMSpec, DeviceModel, cim_accumulate, tile_layout
 from maptools.quantization.cim.montecarlo import Top1Agreement, monte_carlo
 from maptools.quantization.reference import ReferenceExecutor, simulate
@@ -138,13 +137,9 @@ def test_seeded_chips_are_reproducible_and_distinct() -> None:
 
 # -- the map: simulate and monte_carlo ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def mapsave(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("device_mapsave")
-    train, _ = digits.load_split("train")
-    quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname=MAP, bit_width=4,
-             calibset=[train[i:i + 16] for i in range(0, 128, 16)], calib_steps=8, recipe="fast",
-             mapsave_dir=directory, analysis_steps=1)
-    return directory
+def mapsave(digits_w4a4_mapsave: Path) -> Path:
+    """The session's digits W4A4 map (``conftest.digits_w4a4_mapsave``)."""
+    return digits_w4a4_mapsave
 
 
 @pytest.fixture(scope="module")

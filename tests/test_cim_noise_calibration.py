@@ -10,7 +10,6 @@ import pytest
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits
-from maptools.quantization import quantize
 from maptools.quantization.cim import AdcHistogram, AnalogMac, CIMSpec, DeviceModel, calibrate_map
 from maptools.quantization.cim.mapcal import collect_histograms
 
@@ -44,13 +43,9 @@ def test_histogram_of_noisy_sums_has_the_programming_error_spread() -> None:
 
 
 @pytest.fixture(scope="module")
-def mapsave(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("noise_calibration_mapsave")
-    train, _ = digits.load_split("train")
-    quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname=MAP, bit_width=4,
-             calibset=[train[i:i + 16] for i in range(0, 128, 16)], calib_steps=8, recipe="fast",
-             mapsave_dir=directory, analysis_steps=1)
-    return directory
+def mapsave(digits_w4a4_mapsave: Path) -> Path:
+    """The session's digits W4A4 map (``conftest.digits_w4a4_mapsave``)."""
+    return digits_w4a4_mapsave
 
 
 def test_calibrate_map_on_a_noisy_chip(mapsave: Path) -> None:

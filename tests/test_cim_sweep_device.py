@@ -14,7 +14,6 @@ import pytest
 from maptools.cli import main
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits
-from maptools.quantization import quantize
 from maptools.quantization.cim import CIMSpec, DeviceModel, Top1Agreement, child_seed, cim_sweep
 from maptools.quantization.reference import simulate
 
@@ -23,13 +22,9 @@ GRID: dict[str, Any] = {"adc_bits": [6], "rows": [128], "cell_bits": [2]}
 
 
 @pytest.fixture(scope="module")
-def mapsave(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("sweep_device_mapsave")
-    train, _ = digits.load_split("train")
-    quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname=MAP, bit_width=4,
-             calibset=[train[i:i + 16] for i in range(0, 128, 16)], calib_steps=8, recipe="fast",
-             mapsave_dir=directory, analysis_steps=1)
-    return directory
+def mapsave(digits_w4a4_mapsave: Path) -> Path:
+    """The session's digits W4A4 map (``conftest.digits_w4a4_mapsave``)."""
+    return digits_w4a4_mapsave
 
 
 @pytest.fixture(scope="module")
