@@ -5,8 +5,9 @@ exists) by a malformed version: truncated at several offsets, a field swapped fo
 nested deeply, a huge number, NaN, an array of the wrong dtype or shape. Every case runs twice: with the
 manifest's SHA-256 and size left stale (the hash check must refuse it) and updated to match (the parse and
 schema checks must). Every reader must then raise only :class:`~maptools.MaptoolsError`s, ``verify`` must
-record only those as the reason an execution could not run, the command line must exit 0 or 2 (never "internal
-error"), and nothing may run past :data:`CASE_SECONDS`. The cases are drawn with a fixed seed.
+record only those as the reason an execution could not run, the command line must exit 0 or 2 (``verify`` also
+3: a MaptoolsError kept an execution from running; never "internal error"), and nothing may run past
+:data:`CASE_SECONDS`. The cases are drawn with a fixed seed.
 
 The readers and ``maptools inspect`` run on every case, ``verify`` on every case of the files it reads (a
 sample of the others and of the stale-hash cases, which all stop at the hash), ``maptools verify`` and
