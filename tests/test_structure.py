@@ -1,78 +1,160 @@
-"""The structure rules of the package: no import cycle inside maptools."""
+"""The structure of the package: one strict stack of layers, each importing only itself and those below, no cycle.
+
+Every import counts: at module level, inside functions and under ``if TYPE_CHECKING``; ``from pkg import name``
+counts as importing ``pkg.name`` when that is a module, else ``pkg`` (whose ``__init__`` counts as importing what
+it imports). The import of a submodule is not counted as an import of its parent packages' ``__init__``.
+"""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "maptools"
 
+#: The layers, bottom first: a module prefix -> its layer (the longest matching prefix decides).
+LAYERS: dict[str, int] = {
+    # 0: errors, the map format and its files, integer arithmetic, bounded reading, schemas, records
+    "maptools": 0,
+    "maptools.errors": 0,
+    "maptools._lazy": 0,
+    "maptools.quantization.format": 0,
+    "maptools.quantization.intmath": 0,
+    "maptools.quantization.boundedio": 0,
+    "maptools.quantization.schemas": 0,
+    "maptools.quantization.validation": 0,
+    "maptools.quantization.mapdir": 0,
+    "maptools.quantization.snapshot": 0,
+    "maptools.quantization.artifacts": 0,
+    "maptools.quantization.records": 0,
+    "maptools.quantization.progress": 0,
+    "maptools.quantization.floatops": 0,
+    "maptools.quantization.diagnostics": 0,
+    "maptools.quantization.report": 0,
+    # 1: crossbar arithmetic (numpy only)
+    "maptools.quantization.cim.spec": 1,
+    "maptools.quantization.cim.adc": 1,
+    "maptools.quantization.cim.slicing": 1,
+    "maptools.quantization.cim.tiles": 1,
+    "maptools.quantization.cim.requant": 1,
+    "maptools.quantization.cim.arithmetic": 1,
+    "maptools.quantization.cim.calibrate": 1,
+    "maptools.quantization.cim.cost": 1,
+    "maptools.quantization.cim.device": 1,
+    "maptools.quantization.cim.analog": 1,
+    "maptools.quantization.cim.mapping": 1,
+    # 2: the integer reference executor
+    "maptools.quantization.reference": 2,
+    # 3: the float model, its calibration data and PPQ (engine/ is its only door); verify replays PPQ
+    "maptools.quantization.model": 3,
+    "maptools.quantization.opset": 3,
+    "maptools.quantization.opset_rules": 3,
+    "maptools.quantization.folding": 3,
+    "maptools.quantization.calibfolders": 3,
+    "maptools.quantization.calibration": 3,
+    "maptools.quantization.options": 3,
+    "maptools.quantization.engine": 3,
+    "maptools.quantization.lowbit": 3,
+    "maptools.quantization.replay": 3,
+    # 4: map-level features driving the executor
+    "maptools.quantization.cim": 4,
+    "maptools.quantization.verify": 4,
+    "maptools.quantization.inspection": 4,
+    "maptools.quantization.mapinputs": 4,
+    # 5: the quantize pipeline, its API and the examples built on it
+    "maptools.quantization": 5,
+    "maptools.quantization.pipeline": 5,
+    "maptools.quantization.api": 5,
+    "maptools.examples": 5,
+    # 6: the command line
+    "maptools.cli": 6,
+    "maptools.__main__": 6,
+}
 
-def _modules() -> dict[str, Path]:
-    modules = {}
+#: Layer 1 imports nothing but numpy and the standard library outside maptools.
+NUMPY_ONLY_LAYER = 1
+
+
+def modules() -> dict[str, Path]:
+    """Every module of maptools by dotted name (a package by its own name)."""
+    found = {}
     for path in PACKAGE.rglob("*.py"):
         parts = list(path.relative_to(REPO).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        modules[".".join(parts)] = path
-    return modules
-
-
-def _imports(path: Path, name: str, modules: dict[str, Path], lazy: bool) -> set[str]:
-    """The maptools modules ``name`` imports (``from pkg import sub`` counts as ``pkg.sub``); ``lazy`` adds the
-    imports inside functions. Imports under ``if TYPE_CHECKING`` are left out."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-
-    def resolve(node: ast.Import | ast.ImportFrom) -> list[str]:
-        if isinstance(node, ast.Import):
-            out = []
-            for alias in node.names:
-                target = alias.name
-                while target and target not in modules:
-                    target = target.rpartition(".")[0]
-                if target:
-                    out.append(target)
-            return out
-        base = node.module or ""
-        if node.level:
-            parent = package
-            for _ in range(node.level - 1):
-                parent = parent.rpartition(".")[0]
-            base = parent + ("." + base if base else "")
-        return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
-                if f"{base}.{a.name}" in modules or base in modules]
-
-    def walk(body: list[ast.stmt], top: bool) -> None:
-        for node in body:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                continue
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                if top or lazy:
-                    found.update(t for t in resolve(node) if t != name)
-                continue
-            inner = top and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            for field in ("body", "orelse", "finalbody", "handlers"):
-                sub = getattr(node, field, None)
-                if isinstance(sub, list) and sub and isinstance(sub[0], (ast.stmt, ast.excepthandler)):
-                    walk(sub, inner)  # type: ignore[arg-type]
-
-    walk(ast.parse(path.read_text()).body, True)
+        found[".".join(parts)] = path
     return found
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def _import_nodes(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def imports(path: Path, name: str, known: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """The maptools modules and the outside top-level packages that module ``name`` imports, anywhere in it."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    inside: set[str] = set()
+    outside: set[str] = set()
+    for node in _import_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            base = node.module or ""
+            if node.level:
+                parent = package
+                for _ in range(node.level - 1):
+                    parent = parent.rpartition(".")[0]
+                base = parent + ("." + base if base else "")
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        for target in targets:
+            if target.split(".")[0] != "maptools":
+                outside.add(target.split(".")[0])
+                continue
+            while target not in known:
+                target = target.rpartition(".")[0]
+            if target != name:
+                inside.add(target)
+    return inside, outside
+
+
+def graph() -> dict[str, set[str]]:
+    """Module -> the maptools modules it imports."""
+    known = modules()
+    return {name: imports(path, name, known)[0] for name, path in known.items()}
+
+
+def layer(name: str) -> int:
+    """The layer of a module, by the longest prefix of :data:`LAYERS` that names it or a package above it."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in LAYERS:
+            return LAYERS[prefix]
+    raise KeyError(name)
+
+
+def test_every_module_has_a_layer() -> None:
+    """Each module is named in :data:`LAYERS`, or lies in a named package other than the two roots."""
+    roots = {"maptools", "maptools.quantization"}
+    parts = {name: name.split(".") for name in modules()}
+    assert [name for name, p in parts.items()
+            if not any(".".join(p[:end]) in LAYERS and (end == len(p) or ".".join(p[:end]) not in roots)
+                       for end in range(1, len(p) + 1))] == []
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
-    cycles: list[list[str]] = []
+    found: list[list[str]] = []
 
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)
         stack.append(v)
-        for w in graph.get(v, ()):
+        for w in sorted(edges.get(v, ())):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -86,20 +168,44 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if w == v:
                     break
             if len(component) > 1:
-                cycles.append(sorted(component))
+                found.append(sorted(component))
 
-    for v in sorted(graph):
+    for v in sorted(edges):
         if v not in index:
             visit(v)
-    return cycles
+    return found
 
 
-def test_no_import_cycle_inside_maptools() -> None:
-    modules = _modules()
-    for lazy in (False, True):
-        graph = {name: _imports(path, name, modules, lazy) for name, path in modules.items()}
-        assert not _cycles(graph), ("with imports inside functions" if lazy else "module level", _cycles(graph))
+def upward(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The imports that run up the stack: ``(importer, imported)`` with the imported module in a higher layer."""
+    return sorted((a, b) for a, targets in edges.items() for b in targets if layer(b) > layer(a))
 
 
-def test_the_cycle_check_finds_a_cycle() -> None:
-    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+def test_no_import_cycle_at_any_depth() -> None:
+    assert cycles(graph()) == []
+
+
+def test_every_import_runs_down_the_stack() -> None:
+    assert upward(graph()) == []
+
+
+def test_crossbar_arithmetic_imports_numpy_only() -> None:
+    known = modules()
+    outside = {name: imports(path, name, known)[1] - {"__future__", "numpy"} for name, path in known.items()
+               if layer(name) == NUMPY_ONLY_LAYER}
+    assert {name: sorted(found - sys.stdlib_module_names) for name, found in outside.items()
+            if found - sys.stdlib_module_names} == {}
+
+
+def test_the_checks_find_cycles_and_upward_imports() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert upward({"maptools.errors": {"maptools.cli"}, "maptools.cli": {"maptools.errors"}}) == [
+        ("maptools.errors", "maptools.cli")]
+
+
+def test_function_level_and_type_checking_imports_count(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from maptools import cli\n"
+                      "def f():\n    import maptools.quantization.reference\n")
+    known = {"maptools.cli": source, "maptools.quantization.reference": source, "m": source}
+    assert imports(source, "m", known)[0] == {"maptools.cli", "maptools.quantization.reference"}
