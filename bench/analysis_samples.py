@@ -6,7 +6,7 @@ models at W8A8 and W4A8 (32 calibration feeds, the ``default`` recipe), this mea
 ``--eval`` held-out feeds (256; onnxruntime on the float model and on ``quant_model.onnx``), then how far the SNR
 of ``k`` random held-out samples (pooled as the summary pools them) falls from the figure on all, for k = 1 to 64
 (500 random subsets each): the median and the 90th percentile of the absolute difference, per model, over
-outputs. The default number of analysis samples (:data:`maptools.quantization.calibration.ANALYSIS_SAMPLES`)
+outputs. The default number of analysis samples (:data:`maptools.quantization.records.ANALYSIS_SAMPLES`)
 is chosen from it.
 
 Usage: ``python bench/analysis_samples.py [--models mtcnn_onet,...] [--eval 256]

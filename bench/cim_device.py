@@ -2,7 +2,7 @@
 
 Quantizes the bundled digits CNN at W8A8 (default recipe, 32 batches of 16 training digits), calibrates 8-bit
 ADC ranges on the 1257 training digits for 256-row crossbars of 2-bit cells, then runs
-:func:`maptools.quantization.cim.monte_carlo` for each device below on the held-out test digits: top-1
+:func:`maptools.quantization.cimmap.monte_carlo` for each device below on the held-out test digits: top-1
 agreement with the exact integer executor, per chip, and its distribution::
 
     python bench/cim_device.py --out /tmp/cim_device --chips 8 --images 540 --jobs 1
@@ -20,7 +20,8 @@ from pathlib import Path
 
 from maptools.examples import digits
 from maptools.quantization import quantize, simulate
-from maptools.quantization.cim import CIMSpec, DeviceModel, Top1Agreement, calibrate_map, monte_carlo
+from maptools.quantization.cim import CIMSpec, DeviceModel
+from maptools.quantization.cimmap import Top1Agreement, calibrate_map, monte_carlo
 
 MAP = "digits_w8a8"
 SPEC = CIMSpec(rows=256, cell_bits=2, adc_bits=8, adc_range="calibrated")

@@ -1,7 +1,7 @@
 """Compute-in-memory fidelity of quantized maps: the measurements of docs/cim.rst ("Whole maps on crossbars").
 
 Quantizes the bundled digits CNN and the mobile CNN at W8A8 and W4A4 (default recipe, calibrated on 32 batches
-of 16 training digits), then sweeps each map with :func:`maptools.quantization.cim.cim_sweep`: ADC ranges
+of 16 training digits), then sweeps each map with :func:`maptools.quantization.cimmap.cim_sweep`: ADC ranges
 calibrated on all 1257 training digits and full-range ADCs, evaluated on the 540 held-out test digits (top-1
 against the labels, agreement with FP32 and with the exact integer executor)::
 
@@ -30,8 +30,8 @@ import numpy as np
 
 from maptools.examples import digits, mobile
 from maptools.quantization import quantize
-from maptools.quantization.cim import cim_sweep
-from maptools.quantization.cim.sweep import SweepPoint, SweepResult
+from maptools.quantization.cimmap import cim_sweep
+from maptools.quantization.cimmap.sweep import SweepPoint, SweepResult
 
 MAPS = {"digits_w8a8": (digits.MODEL_PATH, 8), "digits_w4a4": (digits.MODEL_PATH, 4),
         "mobile_w8a8": (mobile.MODEL_PATH, 8), "mobile_w4a4": (mobile.MODEL_PATH, 4)}

@@ -3,7 +3,7 @@
 Quantizes the bundled digits CNN at W8A8 as ``bench/cim_device.py`` does, collects the partial-sum histograms
 of the training digits on 256-row crossbars of 2-bit cells once on exact cells and once per programming error
 on a simulated chip of that device (``collect_histograms(..., device=, seed=)``, a chip other than the ones
-evaluated), chooses MSE ranges for each ADC width, and runs :func:`maptools.quantization.cim.monte_carlo` on
+evaluated), chooses MSE ranges for each ADC width, and runs :func:`maptools.quantization.cimmap.monte_carlo` on
 the held-out digits with each calibration: top-1 agreement with the exact integer executor over the chips::
 
     python bench/cim_noise_calibration.py --out /tmp/cim_noise_calibration --chips 8 --images 270 --jobs 2
@@ -21,8 +21,9 @@ from pathlib import Path
 
 from maptools.examples import digits
 from maptools.quantization import quantize, simulate
-from maptools.quantization.cim import CIMSpec, DeviceModel, Top1Agreement, monte_carlo
-from maptools.quantization.cim.mapcal import collect_histograms
+from maptools.quantization.cim import CIMSpec, DeviceModel
+from maptools.quantization.cimmap import Top1Agreement, monte_carlo
+from maptools.quantization.cimmap.mapcal import collect_histograms
 
 MAP = "digits_w8a8"
 SPEC = CIMSpec(rows=256, cell_bits=2)

@@ -28,11 +28,11 @@ from maptools.quantization.cim import (
     adc_latency,
     layer_cost,
     mac_matrix,
-    map_cost,
     partial_sums,
     tile_layout,
 )
 from maptools.quantization.cim.cost import COUNT_FIELDS, ENERGY_PARTS
+from maptools.quantization.cimmap import map_cost
 from maptools.quantization.inspection import inspect_map, listing_json
 
 SPEC = CIMSpec(rows=64, cols=32, cell_bits=2, dac_bits=1)  # 4-bit weights: 2 signs x 2 slices = 4 columns

@@ -12,7 +12,7 @@ import pytest
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits
 from maptools.quantization.cim import AnalogMac, CIMSpec, DeviceModel, cim_accumulate, tile_layout
-from maptools.quantization.cim.montecarlo import Top1Agreement, monte_carlo
+from maptools.quantization.cimmap.montecarlo import Top1Agreement, monte_carlo
 from maptools.quantization.reference import ReferenceExecutor, simulate
 
 SPEC = CIMSpec(rows=256, cols=256, cell_bits=2)

@@ -22,17 +22,9 @@ from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeErro
 from maptools.examples import digits, mobile
 from maptools.quantization import quantize, read_quantinfo, read_quantparams, simulate
 from maptools.quantization.artifacts import QUANTMODEL, map_directory, read_artifact_bytes, read_manifest, sha256_of
-from maptools.quantization.cim import (
-    CIM_FILE,
-    CIMSpec,
-    MapCalibration,
-    calibrate_map,
-    cim_sweep,
-    combine_slices,
-    map_weight_slices,
-    read_map_calibration,
-    write_map_calibration,
-)
+from maptools.quantization.cim import CIMSpec, MapCalibration, combine_slices, read_map_calibration
+from maptools.quantization.cimmap import calibrate_map, cim_sweep, map_weight_slices, write_map_calibration
+from maptools.quantization.format import CIM_FILE
 from maptools.quantization.reference import ReferenceExecutor
 from maptools.quantization.reference import mac as reference_mac
 from maptools.quantization.reference.crossbar import requant_integer

@@ -10,8 +10,9 @@ import pytest
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits
-from maptools.quantization.cim import AdcHistogram, AnalogMac, CIMSpec, DeviceModel, calibrate_map
-from maptools.quantization.cim.mapcal import collect_histograms
+from maptools.quantization.cim import AdcHistogram, AnalogMac, CIMSpec, DeviceModel
+from maptools.quantization.cimmap import calibrate_map
+from maptools.quantization.cimmap.mapcal import collect_histograms
 
 SPEC = CIMSpec(rows=256, cols=256, cell_bits=2, adc_bits=6, adc_range="calibrated")
 MAP = "digits_w4a4"

@@ -36,14 +36,13 @@ from maptools.quantization.cim import (
     CIMSpec,
     MapCalibration,
     adc_gain,
-    calibrate_map,
     full_scale_ranges,
-    map_weight_slices,
     read_map_calibration,
     requant_multiplier,
     requant_multipliers,
     tile_layout,
 )
+from maptools.quantization.cimmap import calibrate_map, map_weight_slices
 from maptools.quantization.format import (
     CIM_FORMAT_VERSION,
     FORMAT_VERSION,

@@ -14,7 +14,8 @@ import pytest
 from maptools.cli import main
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits
-from maptools.quantization.cim import CIMSpec, DeviceModel, Top1Agreement, child_seed, cim_sweep
+from maptools.quantization.cim import CIMSpec, DeviceModel, child_seed
+from maptools.quantization.cimmap import Top1Agreement, cim_sweep
 from maptools.quantization.reference import simulate
 
 MAP = "digits_w4a4"

@@ -49,7 +49,7 @@ from maptools.quantization.artifacts import (
     resolve_map,
     sha256_of,
 )
-from maptools.quantization.cim.mapcal import read_map_calibration
+from maptools.quantization.cim.mapcalibration import read_map_calibration
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 
 SEED = 22

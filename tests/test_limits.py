@@ -111,7 +111,7 @@ def test_map_commands_limit_their_batches_and_seed(command, option, value, tmp_p
 
 def test_python_verify_and_sweep_limit_batches_and_seed(tmp_path):
     from maptools.quantization import verify
-    from maptools.quantization.cim.sweep import cim_sweep
+    from maptools.quantization.cimmap.sweep import cim_sweep
 
     with pytest.raises(InvalidArgumentError, match=rf"^batches: expected an int from 1 to {MAX_BATCHES}"):
         verify("nomap", mapsave_dir=tmp_path, batches=MAX_BATCHES + 1)

@@ -277,7 +277,8 @@ def test_power_of_two_scales_are_bit_true(tmp_path):
 def test_held_out_error_on_enough_samples_or_says_how_few(tiny_onnx, tmp_path):
     """Batch-1 maps measured the error on 4 samples (a recognizer read 14.3 dB on 4, 9.8 dB on 32): by default
     the analysis takes 32 samples (at least 4 batches); with fewer held out, the summary says how few."""
-    from maptools.quantization.calibration import ANALYSIS_SAMPLES, default_analysis_steps
+    from maptools.quantization.calibration import default_analysis_steps
+    from maptools.quantization.records import ANALYSIS_SAMPLES
 
     assert ANALYSIS_SAMPLES == 32
     assert [default_analysis_steps({"x": [b, 3, 8, 8]}) for b in (1, 2, 3, 8, 16, 64)] == [32, 16, 11, 4, 4, 4]

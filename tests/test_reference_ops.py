@@ -21,11 +21,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from maptools.errors import UnsupportedOperatorError
+from maptools.errors import InvalidArgumentError, UnsupportedOperatorError
 from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS, dump_pickle, write_map
+from maptools.quantization.cim import CIMSpec
 from maptools.quantization.format import bias_key, weight_key
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import SUPPORTED_OPS, ReferenceExecutor, simulate
+from maptools.quantization.reference.backends import CrossbarBackend, MacBackend
 from maptools.quantization.reference.generic import CANDIDATE_OPS, GENERIC_OPS
 from maptools.quantization.reference.registry import HANDLERS
 
@@ -826,3 +828,24 @@ def test_supported_ops_are_derived_from_the_registry() -> None:
 
 def test_every_supported_operator_has_a_handler_test() -> None:
     assert set(SUPPORTED_OPS) - COVERED - set(GENERIC_CASES) == set()
+
+
+@covers("Conv")
+def test_the_macs_accumulate_through_the_backend_passed_in() -> None:
+    """One executor class, its MAC backend one object given to it: a crossbar with an ideal ADC gives the exact
+    integers, a coarse ADC does not, a hook sees every crossbar MAC, and a backend with ``cim`` is refused."""
+    g = _mac_graph("Conv", (1, 3, 8, 8), (4, 3, 3, 3), 0)
+    model = g.model()
+    exact = ReferenceExecutor(model, g.quantinfo, g.quantparams)
+    expected = exact.run(g.feeds, return_integers=True)[1]["mac"]
+    ideal = ReferenceExecutor(model, g.quantinfo, g.quantparams, backend=CrossbarBackend(CIMSpec(rows=16, cell_bits=2)))
+    assert ideal.cim is not None and ideal.cim.spec.rows == 16 and ideal.requant_mode == "float"
+    np.testing.assert_array_equal(ideal.run(g.feeds, return_integers=True)[1]["mac"], expected)
+    coarse = exact.with_backend(CrossbarBackend(CIMSpec(rows=16, cell_bits=2, adc_bits=2)))
+    assert not np.array_equal(coarse.run(g.feeds, return_integers=True)[1]["mac"], expected)
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    hooked = exact.with_backend(MacBackend(hook=lambda ops, w, cols: seen.append((ops.node, w.shape))))
+    np.testing.assert_array_equal(hooked.run(g.feeds, return_integers=True)[1]["mac"], expected)
+    assert seen == [("mac", (1, 4, 27))] and exact.cim is None and hooked.mac_hook is not None
+    with pytest.raises(InvalidArgumentError, match="^backend"):
+        ReferenceExecutor(model, g.quantinfo, g.quantparams, CIMSpec(), backend=MacBackend())

@@ -33,18 +33,8 @@ LAYERS: dict[str, int] = {
     "maptools.quantization.floatops": 0,
     "maptools.quantization.diagnostics": 0,
     "maptools.quantization.report": 0,
-    # 1: crossbar arithmetic (numpy only)
-    "maptools.quantization.cim.spec": 1,
-    "maptools.quantization.cim.adc": 1,
-    "maptools.quantization.cim.slicing": 1,
-    "maptools.quantization.cim.tiles": 1,
-    "maptools.quantization.cim.requant": 1,
-    "maptools.quantization.cim.arithmetic": 1,
-    "maptools.quantization.cim.calibrate": 1,
-    "maptools.quantization.cim.cost": 1,
-    "maptools.quantization.cim.device": 1,
-    "maptools.quantization.cim.analog": 1,
-    "maptools.quantization.cim.mapping": 1,
+    # 1: crossbar arithmetic (numpy only), and a map's ADC calibration as data
+    "maptools.quantization.cim": 1,
     # 2: the integer reference executor
     "maptools.quantization.reference": 2,
     # 3: the float model, its calibration data and PPQ (engine/ is its only door); verify replays PPQ
@@ -59,7 +49,7 @@ LAYERS: dict[str, int] = {
     "maptools.quantization.lowbit": 3,
     "maptools.quantization.replay": 3,
     # 4: map-level features driving the executor
-    "maptools.quantization.cim": 4,
+    "maptools.quantization.cimmap": 4,
     "maptools.quantization.verify": 4,
     "maptools.quantization.inspection": 4,
     "maptools.quantization.mapinputs": 4,

@@ -133,7 +133,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_cim_sweep(args: argparse.Namespace) -> int:
-    from maptools.quantization.cim.sweep import run_cli
+    from maptools.quantization.cimmap.sweep import run_cli
 
     return run_cli(args)
 

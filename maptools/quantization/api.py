@@ -120,7 +120,7 @@ def quantize(
             for that compute-in-memory crossbar as well. After PPQ, the integer reference executor is built from
             the artifacts in memory; for ``adc_range='calibrated'`` (``adc_bits`` must then be set) the ADC ranges
             of every crossbar MAC are calibrated on the first 8 calibration batches
-            (:data:`~maptools.quantization.cim.content.CIM_CALIB_BATCHES`). Written with the map, in the same
+            (:data:`~maptools.quantization.cimmap.content.CIM_CALIB_BATCHES`). Written with the map, in the same
             atomic write: ``cim.json`` (the spec and the ADC calibration, listed in the manifest), each
             crossbar MAC record's ``cim`` field (tile layout, per-tile ADC parameters), the weight slices in
             ``quantparams.pkl`` and, for ``requant`` other than ``'float'``, the int32 multipliers and shifts;

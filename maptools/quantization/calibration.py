@@ -19,9 +19,9 @@ import torch
 from maptools.errors import CalibrationError
 from maptools.quantization.calibfolders import FolderBatches, imagefolder_calibset, npy_calibset
 from maptools.quantization.model import LoadedModel
+from maptools.quantization.records import ANALYSIS_SAMPLES
 
 __all__ = [
-    "ANALYSIS_SAMPLES",
     "MIN_ANALYSIS_BATCHES",
     "MIN_CALIB_BATCHES",
     "batch_samples",
@@ -38,10 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: PPQ refuses to calibrate on fewer batches than this.
 MIN_CALIB_BATCHES = 8
-#: Held-out samples the graph-wise error is measured on by default (``analysis_steps=None``). The SNR of a few
-#: samples is far from the SNR of many (``bench/analysis_samples.py``, figures in the guide and in
-#: ``docs/benchmarks_analysis_samples.json``).
-ANALYSIS_SAMPLES = 32
 #: The fewest analysis batches by default, whatever the batch size.
 MIN_ANALYSIS_BATCHES = 4
 
@@ -143,7 +139,8 @@ def _check_tensor(
 
 
 def default_analysis_steps(input_shapes: Mapping[str, Sequence[int]]) -> int:
-    """Analysis batches by default: :data:`ANALYSIS_SAMPLES` samples, at least :data:`MIN_ANALYSIS_BATCHES` batches."""
+    """Analysis batches by default: :data:`~maptools.quantization.records.ANALYSIS_SAMPLES` samples, at least
+    :data:`MIN_ANALYSIS_BATCHES` batches."""
     batch = next((int(shape[0]) for shape in input_shapes.values() if len(shape) and int(shape[0]) > 0), 1)
     return max(MIN_ANALYSIS_BATCHES, -(-ANALYSIS_SAMPLES // batch))
 

@@ -12,7 +12,7 @@ A map directory holds:
 * :data:`REPORT_JSON`, :data:`REPORT_PNG` (``report.json``, ``report.png``) -- the quantization report
 * :data:`CIM_FILE` (``cim.json``, optional) -- the compute-in-memory crossbar and ADC calibration of the map's
   crossbars, written by ``quantize(..., cim=)`` or later by
-  :func:`~maptools.quantization.cim.mapcal.write_map_calibration`
+  :func:`~maptools.quantization.cimmap.mapcal.write_map_calibration`
 * :data:`MANIFEST` (``manifest.json``) -- the format version (:data:`FORMAT_VERSION`, or
   :data:`CIM_FORMAT_VERSION` for a map quantized with ``cim=``), the rounding rule (:data:`ROUNDING`),
   versions, settings, the input model's path and SHA-256, and every file's SHA-256

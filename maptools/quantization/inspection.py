@@ -2,7 +2,7 @@
 
 Reading a map imports neither torch nor PPQ (:func:`inspect_map`); :func:`listing_table` and
 :func:`listing_json` render it for the command line. A map with ``cim.json`` (or any map given a crossbar)
-also gets the crossbar cost of every MAC (:func:`~maptools.quantization.cim.mapcost.map_cost`).
+also gets the crossbar cost of every MAC (:func:`~maptools.quantization.cimmap.mapcost.map_cost`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None, cim:
     summary = _cim_summary(contents.cim)
     cost = None
     if cim is not None or summary is not None:
-        from maptools.quantization.cim.mapcost import map_cost
+        from maptools.quantization.cimmap.mapcost import map_cost
 
         cost = map_cost(contents, cim)
         by_node = {layer.node: layer for layer in cost.layers}

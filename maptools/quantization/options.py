@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
-from maptools.quantization.cim.mapping import weight_format
+from maptools.quantization.cim.slicing import weight_format
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.mapdir import check_mapname, map_directory
 from maptools.quantization.validation import (

@@ -46,7 +46,7 @@ from maptools.quantization.validation import check_batch_memory
 if TYPE_CHECKING:
     import os
 
-    from maptools.quantization.cim.content import CimContent
+    from maptools.quantization.cimmap.content import CimContent
     from maptools.quantization.engine import PPQSession
     from maptools.quantization.engine.analysis import ErrorAnalysis
 
@@ -268,13 +268,13 @@ def cim_content(options: QuantizeOptions, data: CalibrationData, extracted: Extr
 
     The integer reference executor is built from ``extracted`` (nothing is written yet) and, for a spec with
     calibrated ADC ranges, calibrates them on the first
-    :data:`~maptools.quantization.cim.content.CIM_CALIB_BATCHES` calibration batches (those PPQ calibrated on).
+    :data:`~maptools.quantization.cimmap.content.CIM_CALIB_BATCHES` calibration batches (those PPQ calibrated on).
     ``extracted`` is updated in place: the records gain their ``cim`` field and ``quantparams`` the weight slices
     and requantization multipliers.
     """
     if options.cim is None:
         return None
-    from maptools.quantization.cim.content import map_cim_content
+    from maptools.quantization.cimmap.content import map_cim_content
 
     content = map_cim_content(extracted.qdq, extracted.quantinfo, extracted.quantparams, options.cim, data.batches)
     extracted.quantinfo, extracted.quantparams = content.quantinfo, content.quantparams

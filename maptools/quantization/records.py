@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OperatorQuantConfig", "QuantizationResult", "TensorQuant"]
+__all__ = ["ANALYSIS_SAMPLES", "OperatorQuantConfig", "QuantizationResult", "TensorQuant"]
+
+#: Held-out samples the graph-wise error is measured on by default (``analysis_steps=None``). The SNR of a few
+#: samples is far from the SNR of many (``bench/analysis_samples.py``, figures in the guide and in
+#: ``docs/benchmarks_analysis_samples.json``).
+ANALYSIS_SAMPLES = 32
 
 
 def _fmt_scale(scale: float | np.ndarray | None) -> str:
@@ -217,8 +222,6 @@ class QuantizationResult:
         lines += [f"  LEFT IN FLOAT: {line}" for line in float_blocks(self.float_operators)]
         for path in self.files:
             lines.append(f"  {path}")
-        from maptools.quantization.calibration import ANALYSIS_SAMPLES
-
         samples = f", {self.analysis_samples} samples" if self.analysis_samples else ""
         for name, snr in self.output_snr_db.items():
             lines.append(f"  output {name}: SNR {snr:.2f} dB, cosine {self.output_cosine[name]:.5f} "

@@ -376,7 +376,8 @@ def check_ppq_state(state: Any, what: str = PPQSTATE) -> dict[str, Any]:
 
 # -- cim.json ----------------------------------------------------------------------------------------------------
 def check_cim_file(data: Any, what: str = CIM_FILE) -> dict[str, Any]:
-    """Check the top level of ``cim.json`` (:class:`~maptools.quantization.cim.mapcal.MapCalibration` reads the rest).
+    """Check the top level of ``cim.json`` (:class:`~maptools.quantization.cim.mapcalibration.MapCalibration` reads
+    the rest).
 
     Raises:
         ArtifactError: naming the field.

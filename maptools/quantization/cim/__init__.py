@@ -7,10 +7,9 @@ with numpy only (no PPQ, no torch), for the integer reference executor and for t
 
 * :mod:`~maptools.quantization.cim.spec`: :class:`~maptools.quantization.cim.spec.CIMSpec`, the crossbar
   parameters;
-* :mod:`~maptools.quantization.cim.mapping`: the placement of a MAC's weights on arrays
-  (:func:`~maptools.quantization.cim.mapping.tile_layout`, defined in :mod:`~maptools.quantization.cim.tiles`)
-  and their slices (:func:`~maptools.quantization.cim.mapping.slice_weights`, defined in
-  :mod:`~maptools.quantization.cim.slicing`);
+* :mod:`~maptools.quantization.cim.tiles` and :mod:`~maptools.quantization.cim.slicing`: the placement of a
+  MAC's weights on arrays (:func:`~maptools.quantization.cim.tiles.tile_layout`) and their slices
+  (:func:`~maptools.quantization.cim.slicing.slice_weights`);
 * :mod:`~maptools.quantization.cim.arithmetic`:
   :func:`~maptools.quantization.cim.arithmetic.cim_accumulate`, the accumulator the chip computes, a
   drop-in for :func:`maptools.quantization.reference.mac.accumulate`;
@@ -23,28 +22,15 @@ with numpy only (no PPQ, no torch), for the integer reference executor and for t
   drives, energy, latency and area estimates);
 * :mod:`~maptools.quantization.cim.device` and :mod:`~maptools.quantization.cim.analog`: the analog cells'
   non-idealities (:class:`~maptools.quantization.cim.device.DeviceModel`) and one MAC's cells on a simulated
-  chip (:class:`~maptools.quantization.cim.analog.AnalogMac`).
-
-Map level, on the integer reference executor (numpy and onnx, still no PPQ or torch):
-
-* :mod:`~maptools.quantization.cim.mapcal`: the ADC calibration of every MAC of a map
-  (:func:`~maptools.quantization.cim.mapcal.calibrate_map`,
-  :class:`~maptools.quantization.cim.mapcal.MapCalibration`), its storage in the map
-  (:func:`~maptools.quantization.cim.mapcal.write_map_calibration`,
-  :func:`~maptools.quantization.cim.mapcal.read_map_calibration`) and the weight slices of every MAC
-  (:func:`~maptools.quantization.cim.mapcal.map_weight_slices`);
-* :mod:`~maptools.quantization.cim.mapcost`: the cost of every crossbar MAC of a map
-  (:func:`~maptools.quantization.cim.mapcost.map_cost`);
-* :mod:`~maptools.quantization.cim.sweep`: the agreement of a map on a grid of crossbars
-  (``maptools cim-sweep``);
-* :mod:`~maptools.quantization.cim.montecarlo`: a figure's distribution over simulated chips
-  (:func:`~maptools.quantization.cim.montecarlo.monte_carlo`).
+  chip (:class:`~maptools.quantization.cim.analog.AnalogMac`);
+* :mod:`~maptools.quantization.cim.mapcalibration`: the ADC calibration of every MAC of a map as plain data
+  (:class:`~maptools.quantization.cim.mapcalibration.MapCalibration`) and its reading from a map's ``cim.json``.
 
 The executor runs a map on a crossbar with ``simulate(mapname, inputs, cim=spec)`` (see
-:mod:`maptools.quantization.reference.crossbar`).
+:mod:`maptools.quantization.reference.crossbar`); the features that drive it over a whole map (calibration,
+cost, sweeps, Monte-Carlo) are one layer up, in :mod:`maptools.quantization.cimmap`.
 
-Everything is re-exported here: ``from maptools.quantization.cim import CIMSpec, cim_accumulate``; the map-level
-names are imported on first use (PEP 562), so that importing this package needs numpy only.
+The names above are exported here: ``from maptools.quantization.cim import CIMSpec, cim_accumulate``.
 
 .. code-block:: python
 
@@ -59,13 +45,12 @@ names are imported on first use (PEP 562), so that importing this package needs 
 
 See :doc:`/cim` for the hardware model, every formula and a worked example.
 
-The arithmetic modules import only numpy and :mod:`maptools.errors` (its parent package
-:mod:`maptools.quantization` currently imports the PPQ/torch front end on import).
+This package imports numpy and the lowest layer of maptools only (errors, the map format); it sits below the
+reference executor (``tests/test_structure.py`` holds the layer table).
 """
 
 from __future__ import annotations
 
-from maptools._lazy import lazy_attributes
 from maptools.quantization.cim.adc import (
     ADC_FRACTION_BITS,
     AdcCalibration,
@@ -95,16 +80,11 @@ from maptools.quantization.cim.cost import (
     layer_cost,
 )
 from maptools.quantization.cim.device import DeviceModel
-from maptools.quantization.cim.mapping import (
-    MAC_OPS,
-    ArrayTile,
-    TileLayout,
-    WeightFormat,
-    combine_slices,
-    mac_matrix,
-    slice_weights,
-    tile_layout,
-    weight_format,
+from maptools.quantization.cim.mapcalibration import (
+    CIM_FORMAT,
+    MapCalibration,
+    has_map_calibration,
+    read_map_calibration,
 )
 from maptools.quantization.cim.requant import (
     fixed_point_multiplier,
@@ -114,34 +94,16 @@ from maptools.quantization.cim.requant import (
     requantize,
     requantize_fixed,
 )
+from maptools.quantization.cim.slicing import WeightFormat, combine_slices, slice_weights, weight_format
 from maptools.quantization.cim.spec import ADC_RANGES, REQUANT_MODES, WEIGHT_ENCODINGS, CIMSpec
-
-#: Map-level names imported on first use (PEP 562), with their module: these import the reference executor.
-_LAZY = {
-    "CIM_FILE": "maptools.quantization.cim.mapcal",
-    "MapCalibration": "maptools.quantization.cim.mapcal",
-    "MapHistograms": "maptools.quantization.cim.mapcal",
-    "calibrate_map": "maptools.quantization.cim.mapcal",
-    "collect_histograms": "maptools.quantization.cim.mapcal",
-    "has_map_calibration": "maptools.quantization.cim.mapcal",
-    "map_weight_slices": "maptools.quantization.cim.mapcal",
-    "read_map_calibration": "maptools.quantization.cim.mapcal",
-    "write_map_calibration": "maptools.quantization.cim.mapcal",
-    "map_cost": "maptools.quantization.cim.mapcost",
-    "mac_positions": "maptools.quantization.cim.mapcost",
-    "MonteCarloResult": "maptools.quantization.cim.montecarlo",
-    "Top1Accuracy": "maptools.quantization.cim.montecarlo",
-    "Top1Agreement": "maptools.quantization.cim.montecarlo",
-    "monte_carlo": "maptools.quantization.cim.montecarlo",
-    "SweepResult": "maptools.quantization.cim.sweep",
-    "cim_sweep": "maptools.quantization.cim.sweep",
-}
+from maptools.quantization.cim.tiles import MAC_OPS, ArrayTile, TileLayout, mac_matrix, tile_layout
 
 __all__ = [
     "ADC_FRACTION_BITS",
     "ADC_RANGES",
     "CALIBRATION_METHODS",
     "MAC_OPS",
+    "CIM_FORMAT",
     "REQUANT_MODES",
     "WEIGHT_ENCODINGS",
     "AdcCalibration",
@@ -153,6 +115,7 @@ __all__ = [
     "DeviceModel",
     "InputFormat",
     "LayerCost",
+    "MapCalibration",
     "MapCost",
     "PartialSums",
     "TileLayout",
@@ -172,11 +135,13 @@ __all__ = [
     "combine_slices",
     "fixed_point_multiplier",
     "full_scale_ranges",
+    "has_map_calibration",
     "input_format",
     "layer_cost",
     "mac_matrix",
     "partial_sums",
     "power_of_two_multiplier",
+    "read_map_calibration",
     "requant_multiplier",
     "requant_multipliers",
     "requantize",
@@ -184,7 +149,4 @@ __all__ = [
     "slice_weights",
     "tile_layout",
     "weight_format",
-    *_LAZY,
 ]
-
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)

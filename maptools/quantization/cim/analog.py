@@ -16,21 +16,28 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.device import DeviceModel
+from maptools.quantization.cim.slicing import WeightFormat
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.cim.tiles import crossbar_column
-
-if TYPE_CHECKING:
-    from maptools.quantization.cim.arithmetic import _Prepared
 
 __all__ = ["AnalogMac", "SeedLike", "check_device", "child_seed", "seed_sequence"]
 
 logger = logging.getLogger(__name__)
+
+
+class _Prepared(Protocol):
+    """What the cells need of a MAC's checked operands (the arithmetic's own prepared operands have these)."""
+
+    w: np.ndarray  # (..., M, K) int64 weights
+    fmt: WeightFormat
+    tiles: list[np.ndarray]  # per row tile: (..., signs*S*M, rows_t) cell digits
+    dtype: type
 
 #: A seed: a non-negative integer or a :class:`numpy.random.SeedSequence`.
 SeedLike = int | np.random.SeedSequence

@@ -18,7 +18,7 @@ Notation: weights ``w`` of ``b`` bits, inputs of ``a`` bits, cells of ``c`` bits
    ``sum_k w_k x_k = sum_k w_k u_k - o * sum_k w_k``, where ``sum_k w_k`` is a per-channel constant.
 2. **Bit planes.** ``u = sum_p 2^(d*p) * u_p`` with ``u_p = (u >> d*p) & (2^d - 1)``,
    ``p = 0 .. ceil(a / d) - 1``: one input cycle per plane.
-3. **Weight slices** (:mod:`~maptools.quantization.cim.mapping`). Differential:
+3. **Weight slices** (:mod:`~maptools.quantization.cim.tiles`). Differential:
    ``w = sum_s 2^(c*s) * (w+_s - w-_s)``; offset: ``w + 2^(b-1) = sum_s 2^(c*s) * v_s`` and
    ``sum_k w_k u_k = sum_k (w_k + 2^(b-1)) u_k - 2^(b-1) * sum_k u_k``, the last sum computed digitally
    from the applied codes.

@@ -104,7 +104,7 @@ class AdcHistogram:
 
     :func:`calibrate_adc` is one :meth:`add` per batch and one :meth:`calibration`. Filled on its own, a
     histogram lets a caller feed columns as they appear (the executor's hook at the accumulate step, see
-    :func:`~maptools.quantization.cim.mapcal.calibrate_map`) and choose ranges for several ADC widths from
+    :func:`~maptools.quantization.cimmap.mapcal.calibrate_map`) and choose ranges for several ADC widths from
     one pass: the partial sums, and so the histograms, do not depend on ``adc_bits``.
 
     Args:

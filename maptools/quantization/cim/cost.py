@@ -1,9 +1,9 @@
 """What a layer costs on crossbars: counts of arrays, cells, ADC conversions and DAC drives, and estimates.
 
 A chip team sizes a design by its ADC conversions and energy, not by BitOps; the counts here are derived from
-the tile layout the simulation uses (:func:`~maptools.quantization.cim.mapping.tile_layout`,
+the tile layout the simulation uses (:func:`~maptools.quantization.cim.tiles.tile_layout`,
 :func:`~maptools.quantization.cim.arithmetic.input_format`), so they describe the crossbar the arithmetic models.
-Numpy only; :mod:`~maptools.quantization.cim.mapcost` counts the output positions of a map's MACs. Every
+Numpy only; :mod:`~maptools.quantization.cimmap.mapcost` counts the output positions of a map's MACs. Every
 formula, the parameters and their sources: :doc:`/cim`, "Cost model".
 """
 
@@ -201,7 +201,7 @@ def layer_cost(layout: TileLayout, *, input_bits: int, positions: int, params: C
     """The cost of one MAC with layout ``layout`` (see the module docstring for every formula).
 
     Args:
-        layout: The MAC's :func:`~maptools.quantization.cim.mapping.tile_layout` (it carries the spec).
+        layout: The MAC's :func:`~maptools.quantization.cim.tiles.tile_layout` (it carries the spec).
         input_bits: Input bit width ``a``.
         positions: Output positions per input sample ``N`` (>= 1).
         params: The component parameters (default :class:`CIMCostParams`).

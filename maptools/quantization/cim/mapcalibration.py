@@ -1,4 +1,5 @@
-"""The data of a map's ADC calibration: :class:`MapCalibration` and its JSON form (:data:`CIM_FORMAT`)."""
+"""A map's ADC calibration as plain data (:class:`MapCalibration`, its JSON form :data:`CIM_FORMAT`) and its
+reading from a map's ``cim.json``: below the executor, which runs a map on its stored crossbar."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
+from maptools.quantization import artifacts, mapdir
 from maptools.quantization.artifacts import read_json
 from maptools.quantization.boundedio import MAX_ARTIFACT_BYTES, read_regular
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.format import CIM_FILE
 from maptools.quantization.mapdir import write_file_atomically
 from maptools.quantization.schemas import check_cim_file
 
-__all__ = ["CIM_FORMAT", "MapCalibration"]
+__all__ = ["CIM_FORMAT", "MapCalibration", "has_map_calibration", "read_map_calibration"]
 
 #: Version of :data:`CIM_FILE`'s layout.
 CIM_FORMAT = 1
@@ -36,7 +39,7 @@ class MapCalibration:
         adc: Node name -> the MAC's :class:`~maptools.quantization.cim.adc.AdcCalibration`.
         method: How the ranges were chosen (``'mse'`` or ``'percentile'``).
         batches: Calibration batches run.
-        fingerprint: The :attr:`~maptools.quantization.reference.core.ReferenceExecutor.fingerprint` of the
+        fingerprint: The :attr:`~maptools.quantization.reference.executor.ReferenceExecutor.fingerprint` of the
             executor calibrated ("" when unknown: not checked).
     """
 
@@ -124,3 +127,27 @@ class MapCalibration:
         path = Path(path)
         data = read_regular(path, "CIM calibration", MAX_ARTIFACT_BYTES)
         return cls.from_json(data, str(path))
+
+
+def has_map_calibration(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the map's manifest lists a :data:`CIM_FILE`."""
+    directory = artifacts.resolve_map(mapname, mapsave_dir)
+    return CIM_FILE in artifacts.read_manifest(directory).get("files", {})
+
+
+def read_map_calibration(mapname: str, mapsave_dir: str | os.PathLike | None = None) -> MapCalibration:
+    """The calibration stored in a map by :func:`write_map_calibration` (checked against the manifest).
+
+    Raises:
+        MapNotFoundError: no such map.
+        ArtifactError: the map has no ``cim.json``, or it is modified or malformed.
+    """
+    directory = artifacts.resolve_map(mapname, mapsave_dir)
+    with mapdir.map_lock(directory, mapdir.READ_WAIT, shared=True):
+        if CIM_FILE not in artifacts.read_manifest(directory).get("files", {}):
+            raise ArtifactError(
+                f"map {mapname!r} has no CIM calibration ({CIM_FILE}); make one with "
+                "maptools.quantization.cimmap.calibrate_map and store it with write_map_calibration, or pass a CIMSpec "
+                "(and adc=) instead of cim=True")
+        data = artifacts.read_artifact_bytes(mapname, CIM_FILE, mapsave_dir)
+    return MapCalibration.from_json(data, f"{directory / CIM_FILE}")

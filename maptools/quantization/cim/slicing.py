@@ -1,6 +1,6 @@
 """How a ``b``-bit integer weight is split into cell-sized digits: :func:`slice_weights` and its inverse.
 
-The encodings (``'offset'`` and ``'differential'``) are described in :mod:`~maptools.quantization.cim.mapping`,
+The encodings (``'offset'`` and ``'differential'``) are described in :mod:`~maptools.quantization.cim.tiles`,
 under "Slices and signs". Numpy only.
 """
 

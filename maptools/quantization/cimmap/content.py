@@ -2,10 +2,10 @@
 
 :func:`map_cim_content` runs on the artifacts ``quantize`` has built in memory, before anything is written: it
 builds the integer reference executor from them, calibrates the ADC ranges on calibration batches
-(:func:`~maptools.quantization.cim.mapcal.calibrate_map`, only for ``adc_range='calibrated'`` with
+(:func:`~maptools.quantization.cimmap.mapcal.calibrate_map`, only for ``adc_range='calibrated'`` with
 ``adc_bits`` set) and returns
 
-* the :class:`~maptools.quantization.cim.mapcal.MapCalibration` stored as ``cim.json`` (for a spec without
+* the :class:`~maptools.quantization.cim.mapcalibration.MapCalibration` stored as ``cim.json`` (for a spec without
   calibrated ranges, the spec alone: ``simulate(mapname, inputs, cim=True)`` then runs that crossbar);
 * every crossbar MAC's record with its ``cim`` field set (:func:`record_cim`);
 * ``quantparams.pkl`` with the weight slices of every crossbar MAC
@@ -53,15 +53,16 @@ from maptools.errors import InvalidArgumentError
 from maptools.quantization.cim.adc import ADC_FRACTION_BITS, adc_gain, full_scale_ranges
 from maptools.quantization.cim.arithmetic import adc_grid
 from maptools.quantization.cim.cost import MapCost
-from maptools.quantization.cim.mapcal import MapCalibration, calibrate_map, map_weight_slices
-from maptools.quantization.cim.mapcost import mac_layout, map_cost
-from maptools.quantization.cim.mapping import TileLayout
+from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.requant import requant_multiplier
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.cim.tiles import TileLayout
+from maptools.quantization.cimmap.mapcal import calibrate_map, map_weight_slices
+from maptools.quantization.cimmap.mapcost import mac_layout, map_cost
 from maptools.quantization.format import CIM_FILE, requant_multiplier_key, requant_shift_key, weight_slices_key
 from maptools.quantization.records import OperatorQuantConfig
-from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands, record_multipliers
+from maptools.quantization.reference.executor import ReferenceExecutor
 from maptools.quantization.reference.registry import attrs
 
 __all__ = ["CIM_CALIB_BATCHES", "CimContent", "map_cim_content", "record_cim",

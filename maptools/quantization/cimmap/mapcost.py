@@ -19,11 +19,11 @@ import onnx
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.artifacts import MapContents, read_map
 from maptools.quantization.cim.cost import CIMCostParams, MapCost, layer_cost
-from maptools.quantization.cim.mapcal import MapCalibration
+from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.cim.tiles import TileLayout, tile_layout
-from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands
+from maptools.quantization.reference.executor import ReferenceExecutor
 from maptools.quantization.reference.registry import attrs
 
 __all__ = ["mac_layout", "mac_positions", "map_cost"]
@@ -73,7 +73,7 @@ def map_cost(source: str | MapContents | ReferenceExecutor, spec: CIMSpec | None
 
     Args:
         source: A map name, a map already read (:func:`~maptools.quantization.read_map`), or a
-            :class:`~maptools.quantization.reference.core.ReferenceExecutor` (with ``batch``).
+            :class:`~maptools.quantization.reference.executor.ReferenceExecutor` (with ``batch``).
         spec: The crossbar; None for the map's own (its ``cim.json``).
         params: The component parameters (default :class:`~maptools.quantization.cim.cost.CIMCostParams`).
         batch: One batch to count the positions on; None for zeros of the map's input shapes (one sample

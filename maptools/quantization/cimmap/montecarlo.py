@@ -21,9 +21,9 @@ import numpy as np
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.analog import SeedLike, child_seed, seed_sequence
 from maptools.quantization.cim.device import DeviceModel
-from maptools.quantization.cim.pool import process_pool
 from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.reference.core import ReferenceExecutor
+from maptools.quantization.cimmap.pool import process_pool
+from maptools.quantization.reference.executor import ReferenceExecutor
 
 __all__ = ["PERCENTILES", "MonteCarloResult", "Top1Accuracy", "Top1Agreement", "chip_statistics", "monte_carlo"]
 

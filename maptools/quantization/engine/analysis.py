@@ -6,17 +6,30 @@ The measures are those of :mod:`maptools.quantization.intmath` (:func:`~.intmath
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from maptools.quantization.intmath import cosine, error_sums, snr_db
 from maptools.quantization.progress import counted
 
-if TYPE_CHECKING:
-    from maptools.quantization.engine.session import Batch, PPQSession
+#: One batch: input name -> tensor (:data:`maptools.quantization.engine.session.Batch`).
+Batch = Mapping[str, Any]
+
+
+class AnalysedSession(Protocol):
+    """What the analysis calls on a :class:`~maptools.quantization.engine.session.PPQSession` (which imports us)."""
+
+    output_names: list[str]
+    final_concats: Sequence[Any]
+
+    def quantized_operations(self) -> Iterable[Any]: ...
+    def forward(self, batch: Batch, quantized: bool = ..., output_names: Sequence[str] | None = ...) -> Any: ...
+    def execute(self, batch: Batch, names: Sequence[str], what: str) -> Any: ...
+    def graph_dequantize(self) -> None: ...
+    def graph_restore(self) -> None: ...
 
 __all__ = ["ErrorAnalysis", "error_analysis", "layerwise"]
 
@@ -43,7 +56,7 @@ class ErrorAnalysis:
     quant_span: dict[str, float] = field(default_factory=dict)
 
 
-def error_analysis(session: PPQSession, batches: Sequence[Batch], layerwise_too: bool = False) -> ErrorAnalysis:
+def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise_too: bool = False) -> ErrorAnalysis:
     """Graph-wise error of the session's quantized graph against FP32 on ``batches``.
 
     Every quantized operator's output is compared, including the error accumulated from the graph's
@@ -91,7 +104,7 @@ def error_analysis(session: PPQSession, batches: Sequence[Batch], layerwise_too:
     )
 
 
-def layerwise(session: PPQSession, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
+def layerwise(session: AnalysedSession, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
     """Layer-wise error: the graph outputs' SNR and cosine when only one operator is quantized.
 
     As PPQ's ``layerwise_error_analyse``: every other operator runs in FP32, so the figure is the error

@@ -87,17 +87,21 @@ Package layout
 --------------
 
 :mod:`~maptools.quantization.reference.core` holds :func:`simulate`;
-:mod:`~maptools.quantization.reference.executor` walks the graph (:class:`ReferenceExecutor`), which
-:mod:`~maptools.quantization.reference.loading` loads from a map and
-:mod:`~maptools.quantization.reference.cim_mode` switches to the crossbar model;
+:mod:`~maptools.quantization.reference.executor` loads a map and walks its graph (:class:`ReferenceExecutor`,
+one class); its MACs with a constant weight accumulate through one backend object,
+:mod:`~maptools.quantization.reference.backends` (exact, or the crossbar of
+:mod:`~maptools.quantization.reference.crossbar`);
 :mod:`~maptools.quantization.reference.values` holds the value types and the (re)quantization arithmetic;
 :mod:`~maptools.quantization.reference.registry` maps operator types to handlers, which live in one
 module per family (``boundary``, ``mac``, ``activations``, ``elementwise``, ``layout``, ``pooling``,
-``resize``, ``generic``).
+``resize``, ``generic``) and see the executor only through
+:class:`~maptools.quantization.reference.registry.Executor`. The package sits above the crossbar arithmetic
+(:mod:`maptools.quantization.cim`) and below the map-level features (:mod:`maptools.quantization.cimmap`).
 """
 
 from __future__ import annotations
 
-from maptools.quantization.reference.core import SUPPORTED_OPS, ReferenceExecutor, simulate
+from maptools.quantization.reference.core import simulate
+from maptools.quantization.reference.executor import SUPPORTED_OPS, ReferenceExecutor
 
 __all__ = ["SUPPORTED_OPS", "ReferenceExecutor", "simulate"]

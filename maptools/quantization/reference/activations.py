@@ -7,22 +7,19 @@ record (an activation fused into it); the core requantizes their result to the a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
-from maptools.quantization.reference.registry import attrs, register
+from maptools.quantization.reference.registry import Executor, attrs, register
 from maptools.quantization.reference.values import Ints, Value, real
-
-if TYPE_CHECKING:
-    from maptools.quantization.reference.core import ReferenceExecutor
 
 __all__ = ["FLOAT_ACTIVATIONS", "float_activation", "relu"]
 
 
 @register("Relu", kind="integer")
-def relu(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def relu(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """``max(q, zero_point)`` on integers (exact), ``max(x, 0)`` on float tensors."""
     x = args[0]
     if isinstance(x, Ints):
@@ -44,7 +41,7 @@ FLOAT_ACTIVATIONS: dict[str, Callable[[np.ndarray, Mapping[str, Any]], np.ndarra
 
 
 @register(*FLOAT_ACTIVATIONS, kind="float")
-def float_activation(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def float_activation(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                      state: Any) -> list[Value]:
     """The activation in float64 on the real input."""
     return [FLOAT_ACTIVATIONS[node.op_type](real(args[0]).astype(np.float64), attrs(node))]

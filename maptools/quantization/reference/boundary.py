@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -10,21 +10,18 @@ import onnx
 from maptools.errors import ArtifactError
 from maptools.quantization.artifacts import QUANTMODEL
 from maptools.quantization.records import TensorQuant
-from maptools.quantization.reference.registry import attrs, describe, register
+from maptools.quantization.reference.registry import Executor, attrs, describe, register
 from maptools.quantization.reference.values import Ints, Param, Value, real, requantize, same_scale
-
-if TYPE_CHECKING:
-    from maptools.quantization.reference.core import ReferenceExecutor
 
 __all__ = ["clip", "dequantize_linear", "quantize_linear"]
 
 
-def _prepare_quantize(executor: ReferenceExecutor, node: onnx.NodeProto) -> TensorQuant:
+def _prepare_quantize(executor: Executor, node: onnx.NodeProto) -> TensorQuant:
     return executor.resolve_boundary(node)
 
 
 @register("QuantizeLinear", kind="integer", prepare=_prepare_quantize)
-def quantize_linear(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def quantize_linear(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                     state: TensorQuant) -> list[Value]:
     """Quantize to the boundary's record (exact when the input already holds those integers)."""
     out = requantize(args[0], state)
@@ -33,7 +30,7 @@ def quantize_linear(executor: ReferenceExecutor, node: onnx.NodeProto, args: lis
 
 
 @register("DequantizeLinear", kind="integer")
-def dequantize_linear(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def dequantize_linear(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                       state: Any) -> list[Value]:
     """End of a boundary (the integers become an activation), or an integer initializer (a :class:`Param`)."""
     x = args[0]
@@ -56,7 +53,7 @@ def dequantize_linear(executor: ReferenceExecutor, node: onnx.NodeProto, args: l
 
 
 @register("Clip", kind="float")
-def clip(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def clip(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """The integer Clip of a boundary (on the raw integers), else a float64 clip of the real values."""
     x = args[0]
     if isinstance(x, Ints) and x.raw:  # the integer Clip of a QuantizeLinear -> Clip -> DequantizeLinear chain

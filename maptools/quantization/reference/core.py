@@ -1,29 +1,24 @@
-"""The entry point of the integer reference executor: :func:`simulate`, and the executor it loads.
+"""The entry point of the integer reference executor: :func:`simulate`, one call that loads and runs a map.
 
-:class:`~maptools.quantization.reference.ReferenceExecutor` is defined in
-:mod:`~maptools.quantization.reference.executor` (walking the graph, holding outputs at records), with its
-loading in :mod:`~maptools.quantization.reference.loading` and its CIM mode in
-:mod:`~maptools.quantization.reference.cim_mode`; this module re-exports it.
+The executor it loads is :class:`~maptools.quantization.reference.executor.ReferenceExecutor`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.analog import SeedLike
 from maptools.quantization.cim.device import DeviceModel
+from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.reference.executor import SUPPORTED_OPS, ReferenceExecutor
+from maptools.quantization.reference.executor import ReferenceExecutor
 
-if TYPE_CHECKING:
-    from maptools.quantization.cim.mapcal import MapCalibration
-
-__all__ = ["SUPPORTED_OPS", "ReferenceExecutor", "simulate"]
+__all__ = ["simulate"]
 
 
 @overload
@@ -69,8 +64,8 @@ def simulate(
             arithmetic (see :mod:`~maptools.quantization.reference.crossbar`); True for the map's own spec and
             ADC calibration (its ``cim.json``).
         adc: For a spec with ``adc_bits`` set and ``adc_range='calibrated'``: the ADC calibration
-            (a :class:`~maptools.quantization.cim.mapcal.MapCalibration`, e.g. from
-            :func:`~maptools.quantization.cim.mapcal.calibrate_map`); None for the map's stored one.
+            (a :class:`~maptools.quantization.cim.mapcalibration.MapCalibration`, e.g. from
+            :func:`~maptools.quantization.cimmap.mapcal.calibrate_map`); None for the map's stored one.
         device: With ``cim``: the analog non-idealities of the chip
             (:class:`~maptools.quantization.cim.device.DeviceModel`): its cells are programmed once, then read
             with noise (see :mod:`~maptools.quantization.cim.analog`). None (or a model with every effect off)

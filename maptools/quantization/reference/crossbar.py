@@ -1,6 +1,6 @@
 """The CIM mode of the integer reference executor: every crossbar MAC through the crossbar model.
 
-:class:`~maptools.quantization.reference.core.ReferenceExecutor` runs exact MACs by default. Given a
+:class:`~maptools.quantization.reference.executor.ReferenceExecutor` runs exact MACs by default. Given a
 :class:`~maptools.quantization.cim.spec.CIMSpec` (``ReferenceExecutor.load(mapname, cim=spec)``,
 ``simulate(mapname, inputs, cim=spec)``) it hands the accumulation step of every MAC with a constant,
 quantized weight to :func:`~maptools.quantization.cim.arithmetic.cim_accumulate` instead of
@@ -13,7 +13,7 @@ What goes through the crossbar
 * ``Conv``: the im2col columns of its centred input, one weight matrix per group. Padding enters as
   centred zeros (the input zero point), i.e. as real crossbar rows whose DAC code is the input offset.
 * ``ConvTranspose``: the Conv of its zero-inserted input with the flipped kernel (the matrix of
-  :func:`~maptools.quantization.cim.mapping.mac_matrix`); the inserted zeros are centred zeros like the
+  :func:`~maptools.quantization.cim.tiles.mac_matrix`); the inserted zeros are centred zeros like the
   padding, applied to the crossbar like any other input (a chip that skips them computes the same exact
   sum, and partial sums that are no larger).
 * ``Gemm`` with a constant ``B`` and ``MatMul`` with a constant 2-D weight: their input rows are the columns.
@@ -59,9 +59,9 @@ The calibration hook
 --------------------
 
 A :data:`MacHook` set on the executor (:meth:`ReferenceExecutor.with_cim
-<maptools.quantization.reference.core.ReferenceExecutor.with_cim>`) is called with the operands, the
+<maptools.quantization.reference.executor.ReferenceExecutor.with_cim>`) is called with the operands, the
 weights and the columns of every crossbar MAC before it is accumulated; it sees the columns and changes no
-result. :func:`~maptools.quantization.cim.mapcal.calibrate_map` uses it to collect partial sums.
+result. :func:`~maptools.quantization.cimmap.mapcal.calibrate_map` uses it to collect partial sums.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class CimMode:
         if adc is None:
             raise InvalidArgumentError(
                 f"cim: spec {self.spec} has adc_range='calibrated' but the ADC calibration has no entry for node "
-                f"{operands.node!r}; calibrate the map (maptools.quantization.cim.calibrate_map) or use "
+                f"{operands.node!r}; calibrate the map (maptools.quantization.cimmap.calibrate_map) or use "
                 "adc_range='full'")
         grid = adc_grid(depth, operands.input_bits, operands.weight_bits, self.spec, weight_min=operands.weight_min)
         adc.check(self.spec, grid, weight_bits=operands.weight_bits, input_bits=operands.input_bits)

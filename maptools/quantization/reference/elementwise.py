@@ -10,17 +10,14 @@ operators compute in integers, ``Div`` truncating toward zero like ONNX.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
 from maptools.errors import UnsupportedOperatorError
-from maptools.quantization.reference.registry import attrs, describe, register
+from maptools.quantization.reference.registry import Executor, attrs, describe, register
 from maptools.quantization.reference.values import Value, real
-
-if TYPE_CHECKING:
-    from maptools.quantization.reference.core import ReferenceExecutor
 
 __all__ = ["batch_normalization", "binary"]
 
@@ -39,7 +36,7 @@ def _is_plain_integer(value: Value | None) -> bool:
 
 
 @register(*_FLOAT, kind="float")
-def binary(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def binary(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """``a <op> b`` in float64 on the real values, or in integers for two unquantized integer tensors."""
     if _is_plain_integer(args[0]) and _is_plain_integer(args[1]):
         a, b = np.asarray(args[0]), np.asarray(args[1])
@@ -50,13 +47,13 @@ def binary(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value |
     return [_FLOAT[node.op_type](a, b)]
 
 
-def _prepare_batch_normalization(executor: ReferenceExecutor, node: onnx.NodeProto) -> None:
+def _prepare_batch_normalization(executor: Executor, node: onnx.NodeProto) -> None:
     if int(attrs(node).get("training_mode", 0)) or len([name for name in node.output if name]) > 1:
         raise UnsupportedOperatorError(f"{describe(node)}: BatchNormalization in training mode is not supported")
 
 
 @register("BatchNormalization", kind="float", prepare=_prepare_batch_normalization)
-def batch_normalization(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def batch_normalization(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                         state: Any) -> list[Value]:
     """``scale * (x - mean) / sqrt(var + epsilon) + bias`` per channel (axis 1), in float64."""
     x = real(args[0]).astype(np.float64)

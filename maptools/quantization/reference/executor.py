@@ -8,10 +8,12 @@ every operator that has a record, its outputs are requantized to the record's ``
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,10 +27,19 @@ from maptools.errors import (
     ModelError,
     UnsupportedOperatorError,
 )
-from maptools.quantization.artifacts import QUANTMODEL
+from maptools.quantization.artifacts import (
+    QUANTINFO,
+    QUANTMODEL,
+    QUANTPARAMS,
+    load_quant_model,
+    load_quantinfo,
+    load_quantparams,
+    read_map_files,
+)
 from maptools.quantization.cim.adc import AdcCalibration
-from maptools.quantization.cim.analog import SeedLike
+from maptools.quantization.cim.analog import SeedLike, check_device
 from maptools.quantization.cim.device import DeviceModel
+from maptools.quantization.cim.mapcalibration import MapCalibration, has_map_calibration, read_map_calibration
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import (  # noqa: F401 - importing them registers their handlers
@@ -41,9 +52,15 @@ from maptools.quantization.reference import (  # noqa: F401 - importing them reg
     pooling,
     resize,
 )
-from maptools.quantization.reference.cim_mode import CimModeMixin
-from maptools.quantization.reference.crossbar import CimMode, MacAccumulator, MacHook
-from maptools.quantization.reference.loading import MapLoadingMixin
+from maptools.quantization.reference.backends import CrossbarMac, MacBackend, mac_backend
+from maptools.quantization.reference.crossbar import (
+    CimMode,
+    MacAccumulator,
+    MacHook,
+    MacOperands,
+    crossbar_fingerprint,
+    mac_operands,
+)
 from maptools.quantization.reference.mac import MacWeights
 from maptools.quantization.reference.registry import HANDLERS, OpHandler, describe
 from maptools.quantization.reference.values import Ints, Param, Value, int_dtype, real, requantize, same_scale
@@ -59,9 +76,6 @@ SUPPORTED_OPS: frozenset[str] = frozenset(HANDLERS)
 
 Outputs = dict[str, np.ndarray]
 
-if TYPE_CHECKING:
-    from maptools.quantization.cim.mapcal import MapCalibration
-
 
 def _declared_type(value_info: onnx.ValueInfoProto) -> tuple[list[int | None] | None, np.dtype]:
     """Declared dims of a graph input (None for a dynamic dim; None for an unknown rank) and numpy dtype."""
@@ -76,14 +90,16 @@ def _declared_type(value_info: onnx.ValueInfoProto) -> tuple[list[int | None] | 
     return dims, dtype
 
 
-class ReferenceExecutor(CimModeMixin, MapLoadingMixin):
+class ReferenceExecutor:
     """The integer executor of one map, loaded once and run on any number of batches.
 
     Every node is checked and prepared here, before anything is computed: an operator the executor cannot
     run is refused now, naming the node.
 
     With ``cim`` it simulates a compute-in-memory chip: every MAC with a constant weight goes through the
-    crossbar model (see :mod:`~maptools.quantization.reference.crossbar`).
+    crossbar model (see :mod:`~maptools.quantization.reference.crossbar`). The MACs accumulate through one
+    :class:`~maptools.quantization.reference.backends.MacBackend`, built from ``cim``, ``adc``, ``device``
+    and ``seed``, or given as ``backend``.
 
     Args:
         model: ``quant_model.onnx`` of the map.
@@ -91,11 +107,12 @@ class ReferenceExecutor(CimModeMixin, MapLoadingMixin):
         quantparams: ``quantparams.pkl`` of the map (integer weights and biases).
         cim: None for exact MACs, or the :class:`~maptools.quantization.cim.spec.CIMSpec` of the crossbar.
         adc: The ADC calibration of a spec with ``adc_range='calibrated'`` (and ``adc_bits`` set): a
-            :class:`~maptools.quantization.cim.mapcal.MapCalibration` or a dict node name ->
+            :class:`~maptools.quantization.cim.mapcalibration.MapCalibration` or a dict node name ->
             :class:`~maptools.quantization.cim.adc.AdcCalibration`; ignored otherwise.
         device: The analog non-idealities of the chip (:class:`~maptools.quantization.cim.device.DeviceModel`,
             needs ``cim``); None for exact cells. See :meth:`with_cim`.
         seed: The chip's seed (an int or a :class:`numpy.random.SeedSequence`).
+        backend: The MAC backend itself, instead of ``cim``, ``adc``, ``device`` and ``seed``.
 
     Raises:
         UnsupportedOperatorError: the graph holds an operator this executor cannot run.
@@ -108,7 +125,7 @@ class ReferenceExecutor(CimModeMixin, MapLoadingMixin):
     def __init__(self, model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuantConfig],
                  quantparams: Mapping[str, np.ndarray | None], cim: CIMSpec | None = None,
                  adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *,
-                 device: DeviceModel | None = None, seed: SeedLike = 0) -> None:
+                 device: DeviceModel | None = None, seed: SeedLike = 0, backend: MacBackend | None = None) -> None:
         self.model = model
         self.quantinfo = dict(quantinfo)
         self.quantparams = dict(quantparams)
@@ -139,14 +156,167 @@ class ReferenceExecutor(CimModeMixin, MapLoadingMixin):
                         for node, h in zip(self._nodes, self._handlers, strict=True)]
         self._mac_states = {node.name: state for node, state in zip(self._nodes, self._states, strict=True)
                             if isinstance(state, MacWeights)}
-        #: The crossbar simulated (None: exact MACs).
-        self.cim: CimMode | None = None
-        #: Called with every crossbar MAC's operands, weights and columns (None: no hook).
-        self.mac_hook: MacHook | None = None
-        #: The analog non-idealities of the simulated chip (None: exact cells).
-        self.device: DeviceModel | None = None
-        self._accumulators: dict[str, MacAccumulator] = {}
-        self._configure(cim, adc, None, device, seed)
+        if backend is None:
+            backend = mac_backend(cim, adc, device=device, seed=seed)
+        elif cim is not None or adc is not None or device is not None:
+            raise InvalidArgumentError("backend: given with cim, adc or device; pass either a backend or those")
+        self.backend = backend
+        self._accumulators: dict[str, MacAccumulator] = backend.accumulators(self.crossbar_macs(),
+                                                                             lambda: self.fingerprint)
+
+    # -- loading a map ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, mapname: str, mapsave_dir: str | os.PathLike | None = None, cim: CIMSpec | bool | None = None,
+             adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *, device: DeviceModel | None = None,
+             seed: SeedLike = 0) -> ReferenceExecutor:
+        """Load ``mapsave/<mapname>`` (each file checked against the manifest, all three of one snapshot).
+
+        Args:
+            mapname: The map name given to ``quantize``.
+            mapsave_dir: The mapsave directory (default ``$MAPTOOLS_MAPSAVE`` or ``./mapsave``).
+            cim: None for exact MACs; a :class:`~maptools.quantization.cim.spec.CIMSpec` for the crossbar
+                model; True for the map's own CIM spec and ADC calibration (its ``cim.json``, see
+                :func:`~maptools.quantization.cimmap.mapcal.write_map_calibration`).
+            adc: The ADC calibration of a spec with ``adc_range='calibrated'``; None for the map's stored one
+                (which must then exist and match the spec).
+            device: The analog non-idealities of the chip (needs ``cim``); None for exact cells.
+            seed: The chip's seed (an int or a SeedSequence).
+
+        Raises:
+            MapNotFoundError: no such map.
+            ArtifactError: a file is missing, modified, corrupt, or the files disagree; ``cim=True`` on a map
+                without a CIM calibration.
+            UnsupportedOperatorError: the graph holds an operator this executor cannot run.
+            InvalidArgumentError: a calibrated spec without a matching calibration.
+        """
+        check_device(device, seed, cim)  # before reading anything (cim=True: the cells are checked once known)
+        # the graph, records and parameters of the same quantize run, even while the map is being replaced
+        files = read_map_files(mapname, [QUANTMODEL, QUANTINFO, QUANTPARAMS], mapsave_dir)
+        spec: CIMSpec | None = None
+        if cim is True or (isinstance(cim, CIMSpec) and adc is None and cim.adc_bits is not None
+                           and cim.adc_range == "calibrated"):
+            if cim is not True and not has_map_calibration(mapname, mapsave_dir):
+                raise InvalidArgumentError(
+                    f"cim: spec {cim} has adc_range='calibrated' but no adc= was given and map {mapname!r} stores no "
+                    "ADC calibration; pass adc=maptools.quantization.cimmap.calibrate_map(...) or use "
+                    "adc_range='full'")
+            stored = read_map_calibration(mapname, mapsave_dir)
+            spec = stored.spec if cim is True else cim
+            adc = stored
+        elif cim is not False:
+            spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
+        return cls.from_files(mapname, files, spec, adc, device=device, seed=seed)
+
+    @classmethod
+    def from_files(cls, mapname: str, files: Mapping[str, bytes], cim: CIMSpec | None = None,
+                   adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *,
+                   device: DeviceModel | None = None, seed: SeedLike = 0) -> ReferenceExecutor:
+        """The executor of a map's files already read as one snapshot (:func:`~maptools.quantization.read_map`).
+
+        Args:
+            mapname: The map, for errors.
+            files: At least ``quant_model.onnx``, ``quantinfo.pkl`` and ``quantparams.pkl``: their checked bytes.
+            cim, adc, device, seed: As :meth:`load` (``cim`` a spec or None).
+
+        Raises:
+            ArtifactError: a file is corrupt, or the files disagree.
+        """
+        return cls(load_quant_model(mapname, files[QUANTMODEL]), load_quantinfo(files[QUANTINFO]),
+                   load_quantparams(files[QUANTPARAMS]), cim, adc, device=device, seed=seed)
+
+    # -- the crossbar MACs and the MAC backend -----------------------------------------------------
+    @property
+    def crossbar_nodes(self) -> list[onnx.NodeProto]:
+        """The MAC nodes with a constant, quantized weight: those a CIM chip runs on crossbars."""
+        return [node for node, state in zip(self._nodes, self._states, strict=True) if isinstance(state, MacWeights)]
+
+    def mac_weights(self, node: onnx.NodeProto) -> MacWeights:
+        """The integer weight and bias of a crossbar node (one of :attr:`crossbar_nodes`).
+
+        Raises:
+            InvalidArgumentError: not a crossbar node of this executor.
+        """
+        state = self._mac_states.get(node.name)
+        if state is None:
+            raise InvalidArgumentError(f"{describe(node)} is not a MAC with a constant weight of this map")
+        return state
+
+    def crossbar_operands(self) -> list[tuple[onnx.NodeProto, MacOperands]]:
+        """Every crossbar node with its operands (:func:`~.crossbar.mac_operands`), in graph order."""
+        return [(node, mac_operands(node, self.record(node))) for node in self.crossbar_nodes]
+
+    def crossbar_macs(self) -> list[CrossbarMac]:
+        """Every crossbar node with its operands and integer weight, in graph order (what a backend is given)."""
+        return [CrossbarMac(node, ops, self.mac_weights(node).weight) for node, ops in self.crossbar_operands()]
+
+    @property
+    def fingerprint(self) -> str:
+        """The SHA-256 of every crossbar MAC's operands and weights (:func:`~.crossbar.crossbar_fingerprint`).
+
+        An ADC calibration records the fingerprint of the executor it was made on, and is refused by an
+        executor of another one.
+        """
+        return crossbar_fingerprint((ops, self.mac_weights(node).weight) for node, ops in self.crossbar_operands())
+
+    def with_backend(self, backend: MacBackend) -> ReferenceExecutor:
+        """A copy of this executor with another MAC backend, sharing the loaded map (nothing re-read or re-checked).
+
+        Raises:
+            InvalidArgumentError: the backend refuses this map's MACs (a calibration of another map, or one
+                missing a MAC).
+        """
+        twin = copy.copy(self)
+        twin.backend = backend
+        twin._accumulators = backend.accumulators(self.crossbar_macs(), lambda: self.fingerprint)
+        return twin
+
+    def with_cim(self, cim: CIMSpec | None, adc: MapCalibration | Mapping[str, AdcCalibration] | None = None, *,
+                 mac_hook: MacHook | None = None, device: DeviceModel | None = None,
+                 seed: SeedLike = 0) -> ReferenceExecutor:
+        """A copy of this executor in another mode: :meth:`with_backend` of :func:`~.backends.mac_backend`.
+
+        Args:
+            cim: None for exact MACs, or a CIMSpec (see the class arguments).
+            adc: The ADC calibration of a calibrated spec (see the class arguments).
+            mac_hook: Called with the operands, integer weights and centred columns of every crossbar MAC
+                before it is accumulated (see :data:`~maptools.quantization.reference.crossbar.MacHook`); it
+                must not modify them. None for no hook.
+            device: The analog cells' non-idealities (needs ``cim``); None or an ideal model for exact cells.
+                Each call makes a new chip: its cells are programmed on their first run and kept for the
+                following ones (see :mod:`~maptools.quantization.cim.analog`).
+            seed: The chip's seed (an int or a SeedSequence); crossbar MAC ``i`` (graph order) draws from
+                ``child_seed(seed, i)``.
+
+        Raises:
+            InvalidArgumentError: as the class, or a device without ``cim`` or whose per-level parameters do
+                not fit the spec's cells.
+            InvalidTypeError: as the class, or a ``device`` or ``seed`` of the wrong type.
+        """
+        return self.with_backend(mac_backend(cim, adc, hook=mac_hook, device=device, seed=seed))
+
+    @property
+    def cim(self) -> CimMode | None:
+        """The crossbar simulated (None: exact MACs)."""
+        return self.backend.cim
+
+    @property
+    def device(self) -> DeviceModel | None:
+        """The analog non-idealities of the simulated chip (None: exact cells)."""
+        return self.backend.device
+
+    @property
+    def mac_hook(self) -> MacHook | None:
+        """Called with every crossbar MAC's operands, weights and columns (None: no hook)."""
+        return self.backend.hook
+
+    def mac_accumulator(self, node: onnx.NodeProto) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """The accumulation step of a MAC node: None for the exact :func:`~.mac.accumulate`, else the backend's."""
+        return self._accumulators.get(node.name)
+
+    @property
+    def requant_mode(self) -> str:
+        """How MAC accumulators are requantized: ``'float'`` (exact mode), else the CIM spec's ``requant``."""
+        return self.backend.requant_mode
 
     # -- the graph and its records ----------------------------------------------------------------
     @staticmethod

@@ -25,13 +25,12 @@ import onnx
 from onnx import helper
 
 from maptools.errors import UnsupportedOperatorError
-from maptools.quantization.reference.registry import describe, register
+from maptools.quantization.reference.registry import Executor, describe, register
 from maptools.quantization.reference.values import Ints, Param, Value
 
 if TYPE_CHECKING:
     from onnx.reference import ReferenceEvaluator
 
-    from maptools.quantization.reference.core import ReferenceExecutor
 
 __all__ = ["CANDIDATE_OPS", "GENERIC_OPS", "GenericNode", "float_inputs", "prepare_generic", "run_generic"]
 
@@ -105,7 +104,7 @@ class GenericNode:
 _COERCED_TO_2D = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 
 
-def prepare_generic(executor: ReferenceExecutor, node: onnx.NodeProto) -> GenericNode:
+def prepare_generic(executor: Executor, node: onnx.NodeProto) -> GenericNode:
     """Build the single-node evaluator of ``node`` at the model's opset.
 
     Raises:
@@ -136,7 +135,7 @@ def prepare_generic(executor: ReferenceExecutor, node: onnx.NodeProto) -> Generi
         ) from None
 
 
-def run_generic(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def run_generic(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                 state: GenericNode) -> list[Value]:
     """Evaluate ``node`` on float64 (real) inputs with its prepared evaluator."""
     feeds = {name: float_inputs(value) for name, value in zip(node.input, args, strict=False) if name in state.inputs}

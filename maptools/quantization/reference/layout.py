@@ -11,18 +11,15 @@ off the grid fall back to the real values, which the core requantizes to the ope
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from maptools.errors import UnsupportedOperatorError
-from maptools.quantization.reference.registry import attrs, describe, int_list, register, string_attr
+from maptools.quantization.reference.registry import Executor, attrs, describe, int_list, register, string_attr
 from maptools.quantization.reference.values import Ints, Value, real, same_scale
-
-if TYPE_CHECKING:
-    from maptools.quantization.reference.core import ReferenceExecutor
 
 __all__ = ["concat", "constant", "flatten", "identity", "pad", "reshape", "scatter_nd", "slice_", "split",
            "squeeze", "transpose", "unsqueeze"]
@@ -44,13 +41,13 @@ def _axes(node: onnx.NodeProto, args: list[Value | None]) -> list[int] | None:
 
 
 @register("Identity", kind="integer")
-def identity(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def identity(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """The input itself."""
     return [_layout(args[0], lambda a: a)]
 
 
 @register("Flatten", kind="integer")
-def flatten(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def flatten(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Reshape to 2-D at ``axis``."""
     axis = int(attrs(node).get("axis", 1))
 
@@ -62,7 +59,7 @@ def flatten(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value 
 
 
 @register("Reshape", kind="integer")
-def reshape(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def reshape(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Reshape (0 copies the input dim unless ``allowzero``)."""
     shape = int_list(args[1]) or []
     allowzero = int(attrs(node).get("allowzero", 0))
@@ -75,21 +72,21 @@ def reshape(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value 
 
 
 @register("Transpose", kind="integer")
-def transpose(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def transpose(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Permute the axes (reversed without ``perm``)."""
     perm = attrs(node).get("perm")
     return [_layout(args[0], lambda a: np.transpose(a, perm))]
 
 
 @register("Squeeze", kind="integer")
-def squeeze(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def squeeze(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Drop axes of size one."""
     axes = _axes(node, args)
     return [_layout(args[0], lambda a: np.squeeze(a, axis=None if axes is None else tuple(axes)))]
 
 
 @register("Unsqueeze", kind="integer")
-def unsqueeze(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def unsqueeze(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
               state: Any) -> list[Value]:
     """Insert axes of size one."""
     axes = _axes(node, args) or []
@@ -102,7 +99,7 @@ def unsqueeze(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Valu
 
 
 @register("Slice", kind="integer")
-def slice_(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def slice_(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Strided slice (starts, ends, axes, steps from inputs or, before opset 10, attributes)."""
     node_attrs = attrs(node)
 
@@ -126,7 +123,7 @@ def slice_(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value |
 
 
 @register("Split", kind="integer")
-def split(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def split(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Split along ``axis`` by the ``split`` sizes (input or attribute), else into equal parts."""
     node_attrs = attrs(node)
     x = args[0]
@@ -147,7 +144,7 @@ def split(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | 
 
 
 @register("Pad", kind="integer")
-def pad(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def pad(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Pad (or crop, for negative pads) on the integers; a constant off the integer grid pads real values."""
     node_attrs = attrs(node)
     mode = string_attr(node_attrs, "mode", "constant")
@@ -183,7 +180,7 @@ def pad(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | No
 
 
 @register("Concat", kind="integer")
-def concat(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def concat(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Concatenate integers of one quantization; otherwise the real values (requantized to the record)."""
     axis = int(attrs(node)["axis"])
     parts = [a for a in args if a is not None]
@@ -200,7 +197,7 @@ _SCATTER_REDUCTIONS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "mi
 
 
 @register("ScatterND", kind="integer")
-def scatter_nd(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def scatter_nd(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                state: Any) -> list[Value]:
     """Write ``updates`` at ``indices`` (on the integers when data and updates share one quantization).
 
@@ -226,7 +223,7 @@ def scatter_nd(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Val
     return [out]
 
 
-def _prepare_constant(executor: ReferenceExecutor, node: onnx.NodeProto) -> np.ndarray:
+def _prepare_constant(executor: Executor, node: onnx.NodeProto) -> np.ndarray:
     node_attrs = attrs(node)
     if "value" in node_attrs:
         return numpy_helper.to_array(node_attrs["value"])
@@ -238,7 +235,7 @@ def _prepare_constant(executor: ReferenceExecutor, node: onnx.NodeProto) -> np.n
 
 
 @register("Constant", kind="integer", prepare=_prepare_constant)
-def constant(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def constant(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
              state: np.ndarray) -> list[Value]:
     """The constant tensor."""
     return [state]

@@ -8,7 +8,7 @@ input with the flipped kernel, Gemm and MatMul hand their input rows directly. A
 compute-in-memory array (row tiles, weight bit slices, ADC rounding) replaces :func:`accumulate` only: in
 the executor's CIM mode (see :mod:`~maptools.quantization.reference.crossbar`) the handlers take the node's
 accumulation step from :meth:`ReferenceExecutor.mac_accumulator
-<maptools.quantization.reference.core.ReferenceExecutor.mac_accumulator>` and requantize in the spec's
+<maptools.quantization.reference.executor.ReferenceExecutor.mac_accumulator>` and requantize in the spec's
 arithmetic (``requant_acc(..., mode=)``).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,12 +27,9 @@ from maptools.quantization.artifacts import QUANTMODEL
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import values
 from maptools.quantization.reference.crossbar import requant_integer
-from maptools.quantization.reference.registry import attrs, describe, register, string_attr
+from maptools.quantization.reference.registry import Executor, attrs, describe, register, string_attr
 from maptools.quantization.reference.spatial import spatial_pads, window_slices
 from maptools.quantization.reference.values import Ints, Value, real, requantize
-
-if TYPE_CHECKING:
-    from maptools.quantization.reference.core import ReferenceExecutor
 
 __all__ = ["MacWeights", "accumulate", "conv", "conv_accumulator", "conv_transpose", "gemm", "im2col", "matmul"]
 
@@ -181,7 +178,7 @@ def mac_input(node: onnx.NodeProto, value: Value | None, tq: TensorQuant) -> Int
 
 
 # -- load-time checks ----------------------------------------------------------------------------------------
-def _quantized_activations(executor: ReferenceExecutor, node: onnx.NodeProto, count: int) -> None:
+def _quantized_activations(executor: Executor, node: onnx.NodeProto, count: int) -> None:
     """Check that a product of activations has its input and output quantization recorded."""
     record = executor.record(node)
     if record is None or not record.outputs or record.outputs[0] is None:
@@ -190,7 +187,7 @@ def _quantized_activations(executor: ReferenceExecutor, node: onnx.NodeProto, co
         raise UnsupportedOperatorError(f"{describe(node)}: {node.op_type} of an unquantized input")
 
 
-def prepare_mac(executor: ReferenceExecutor, node: onnx.NodeProto) -> MacWeights | None:
+def prepare_mac(executor: Executor, node: onnx.NodeProto) -> MacWeights | None:
     """Fetch and check the integer weight and bias of a MAC operator (None: a product of two activations)."""
     record = executor.record(node)
     node_attrs = attrs(node)
@@ -260,7 +257,7 @@ def _strides_dilations(node_attrs: dict[str, Any], dims: int) -> tuple[list[int]
 
 
 @register("Conv", kind="integer", prepare=prepare_mac)
-def conv(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def conv(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
          state: MacWeights) -> list[Value]:
     """Integer convolution: im2col and :func:`accumulate`, bias added as an integer."""
     record = executor.record(node)
@@ -281,7 +278,7 @@ def conv(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | N
 
 
 @register("ConvTranspose", kind="integer", prepare=prepare_mac)
-def conv_transpose(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def conv_transpose(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                    state: MacWeights) -> list[Value]:
     """Integer transposed convolution, as the Conv of the zero-inserted input with the flipped kernel."""
     record = executor.record(node)
@@ -325,7 +322,7 @@ def conv_transpose(executor: ReferenceExecutor, node: onnx.NodeProto, args: list
 
 
 @register("Gemm", kind="integer", prepare=prepare_mac)
-def gemm(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def gemm(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
          state: MacWeights | None) -> list[Value]:
     """``alpha * A' @ B' + beta * C``: integer accumulator, ``alpha``/``beta`` applied to the real values."""
     record = executor.record(node)
@@ -360,7 +357,7 @@ def gemm(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | N
 
 
 @register("MatMul", kind="integer", prepare=prepare_mac)
-def matmul(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def matmul(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
            state: MacWeights | None) -> list[Value]:
     """Integer matrix product with a constant weight, or of two quantized activations."""
     record = executor.record(node)

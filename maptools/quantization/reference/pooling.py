@@ -6,23 +6,20 @@ core to the operator's record.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
 from maptools.errors import UnsupportedOperatorError
-from maptools.quantization.reference.registry import attrs, describe, register
+from maptools.quantization.reference.registry import Executor, attrs, describe, register
 from maptools.quantization.reference.spatial import pool, spatial_pads
 from maptools.quantization.reference.values import Ints, Value, real
-
-if TYPE_CHECKING:
-    from maptools.quantization.reference.core import ReferenceExecutor
 
 __all__ = ["average_pool", "global_average_pool", "max_pool"]
 
 
-def _prepare_pool(executor: ReferenceExecutor, node: onnx.NodeProto) -> None:
+def _prepare_pool(executor: Executor, node: onnx.NodeProto) -> None:
     kernel = attrs(node).get("kernel_shape")
     if kernel is not None and len(kernel) > 2:
         raise UnsupportedOperatorError(
@@ -43,7 +40,7 @@ def _geometry(node_attrs: dict[str, Any], shape: tuple[int, ...]) -> tuple[list[
 
 
 @register("MaxPool", kind="integer", prepare=_prepare_pool)
-def max_pool(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def max_pool(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Window maximum of the integers (pads never win)."""
     node_attrs = attrs(node)
     x = args[0]
@@ -55,7 +52,7 @@ def max_pool(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value
 
 
 @register("AveragePool", kind="float", prepare=_prepare_pool)
-def average_pool(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def average_pool(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                  state: Any) -> list[Value]:
     """Window mean in float64 (``count_include_pad``, ``ceil_mode`` as ONNX)."""
     node_attrs = attrs(node)
@@ -72,7 +69,7 @@ def average_pool(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[V
 
 
 @register("GlobalAveragePool", kind="float")
-def global_average_pool(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None],
+def global_average_pool(executor: Executor, node: onnx.NodeProto, args: list[Value | None],
                         state: Any) -> list[Value]:
     """Mean over the spatial axes in float64."""
     x = args[0]

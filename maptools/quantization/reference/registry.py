@@ -25,22 +25,39 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import onnx
 
+from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference.values import Value, real
 
-if TYPE_CHECKING:
-    from maptools.quantization.reference.core import ReferenceExecutor
+__all__ = ["HANDLERS", "Executor", "Handler", "OpHandler", "Prepare", "attrs", "describe", "int_list", "register",
+           "string_attr"]
 
-__all__ = ["HANDLERS", "Handler", "OpHandler", "Prepare", "attrs", "describe", "int_list", "register", "string_attr"]
+
+class Executor(Protocol):
+    """What a handler uses of the executor running it, so that handlers sit below the executor that imports them
+    (:class:`~maptools.quantization.reference.executor.ReferenceExecutor` is the one implementation)."""
+
+    initializers: dict[str, np.ndarray]
+    quantparams: dict[str, np.ndarray | None]
+    dq_sources: dict[str, np.ndarray]
+
+    @property
+    def opset(self) -> int: ...
+    @property
+    def requant_mode(self) -> str: ...
+    def record(self, node: onnx.NodeProto) -> OperatorQuantConfig | None: ...
+    def resolve_boundary(self, node: onnx.NodeProto) -> TensorQuant: ...
+    def mac_accumulator(self, node: onnx.NodeProto) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None: ...
+
 
 #: ``run(executor, node, args, state) -> outputs``.
-Handler = Callable[["ReferenceExecutor", onnx.NodeProto, list[Value | None], Any], list[Value]]
+Handler = Callable[[Executor, onnx.NodeProto, list[Value | None], Any], list[Value]]
 #: ``prepare(executor, node) -> state``, called once per node when the map is loaded.
-Prepare = Callable[["ReferenceExecutor", onnx.NodeProto], Any]
+Prepare = Callable[[Executor, onnx.NodeProto], Any]
 Kind = Literal["integer", "float", "generic"]
 
 

@@ -11,17 +11,14 @@ go to the generic float handler.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
 from maptools.quantization.reference.generic import prepare_generic, run_generic
-from maptools.quantization.reference.registry import attrs, int_list, register, string_attr
+from maptools.quantization.reference.registry import Executor, attrs, int_list, register, string_attr
 from maptools.quantization.reference.values import Ints, Value, real
-
-if TYPE_CHECKING:
-    from maptools.quantization.reference.core import ReferenceExecutor
 
 __all__ = ["resize", "source_coordinates"]
 
@@ -38,7 +35,7 @@ def _native(node_attrs: dict[str, Any], opset: int) -> bool:
             and string_attr(node_attrs, "keep_aspect_ratio_policy", "stretch") == "stretch")
 
 
-def _prepare_resize(executor: ReferenceExecutor, node: onnx.NodeProto) -> Any:
+def _prepare_resize(executor: Executor, node: onnx.NodeProto) -> Any:
     """None for the dedicated handler, else the generic handler's evaluator.
 
     An empty constant ``roi`` is left out of the evaluated node (onnx 1.14's reference Resize indexes it).
@@ -99,7 +96,7 @@ def _output_geometry(shape: tuple[int, ...], args: list[Value | None]) -> tuple[
 
 
 @register("Resize", kind="integer", prepare=_prepare_resize)
-def resize(executor: ReferenceExecutor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
+def resize(executor: Executor, node: onnx.NodeProto, args: list[Value | None], state: Any) -> list[Value]:
     """Nearest resize of the integers, linear resize of the real values (see the module documentation)."""
     if state is not None:
         return run_generic(executor, node, args, state)

@@ -14,7 +14,8 @@ noisy sums (:doc:`/cim`, "Noise-aware ADC calibration").
 
     from maptools.examples import digits
     from maptools.quantization import simulate
-    from maptools.quantization.cim import CIMSpec, calibrate_map, write_map_calibration
+    from maptools.quantization.cim import CIMSpec
+    from maptools.quantization.cimmap import calibrate_map, write_map_calibration
 
     images, _ = digits.load_split("train")
     spec = CIMSpec.parse("rows=128,cell_bits=2,adc_bits=5,adc_range=calibrated")
@@ -27,20 +28,22 @@ noisy sums (:doc:`/cim`, "Noise-aware ADC calibration").
 Where a calibration lives
 -------------------------
 
-A :class:`MapCalibration` is plain data, held in memory (``simulate(..., cim=spec, adc=calibration)``),
-saved to and loaded from a JSON file the caller chooses (:meth:`MapCalibration.save`,
-:meth:`MapCalibration.load`), or stored in the map itself as :data:`CIM_FILE` (``cim.json``) by
-:func:`write_map_calibration`: the file is written atomically (a temporary file renamed over it) and
-``manifest.json`` is rewritten atomically with its SHA-256, both under the map's writer lock, so every file
-of the map stays listed with its hash. :func:`read_map_calibration` reads it back under the reader's shared
+A :class:`~maptools.quantization.cim.mapcalibration.MapCalibration` is plain data, held in memory
+(``simulate(..., cim=spec, adc=calibration)``), saved to and loaded from a JSON file the caller chooses
+(:meth:`~maptools.quantization.cim.mapcalibration.MapCalibration.save`,
+:meth:`~maptools.quantization.cim.mapcalibration.MapCalibration.load`), or stored in the map itself as
+:data:`~maptools.quantization.format.CIM_FILE` (``cim.json``) by :func:`write_map_calibration`: the file is
+written atomically (a temporary file renamed over it) and ``manifest.json`` is rewritten atomically with its
+SHA-256, both under the map's writer lock, so every file of the map stays listed with its hash.
+:func:`~maptools.quantization.cim.mapcalibration.read_map_calibration` reads it back under the reader's shared
 lock and checks the hash. A map holds one calibration (a new one replaces it); quantizing the map again
 replaces the whole directory and so drops it. No pickle is involved anywhere.
 
-A calibration records the :attr:`~maptools.quantization.reference.core.ReferenceExecutor.fingerprint` of
+A calibration records the :attr:`~maptools.quantization.reference.executor.ReferenceExecutor.fingerprint` of
 the crossbars it was made for (every MAC's operands and integer weights), and an executor of another map
-refuses it. It is made from a :class:`~maptools.quantization.reference.core.ReferenceExecutor` as well as
+refuses it. It is made from a :class:`~maptools.quantization.reference.executor.ReferenceExecutor` as well as
 from a map name, so it can be computed from in-memory artifacts before a map is written; a caller that
-writes a map can add ``calibration.to_json()`` to its files as :data:`CIM_FILE`.
+writes a map can add ``calibration.to_json()`` to its files as :data:`~maptools.quantization.format.CIM_FILE`.
 
 The spec stored is the one given with ``adc_range='calibrated'``; the ranges depend on ``rows``,
 ``cell_bits``, ``dac_bits``, ``adc_bits`` and ``weight_encoding``, not on ``cols`` or ``requant``.
@@ -48,23 +51,15 @@ The spec stored is the one given with ``adc_range='calibrated'``; the ranges dep
 
 from __future__ import annotations
 
-from maptools.quantization.cim.mapcal.calibration_data import CIM_FORMAT as CIM_FORMAT
-from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
-from maptools.quantization.cim.mapcal.histograms import MapHistograms, calibrate_map, collect_histograms
-from maptools.quantization.cim.mapcal.histograms import MapSource as MapSource
-from maptools.quantization.cim.mapcal.read import has_map_calibration, read_map_calibration
-from maptools.quantization.cim.mapcal.slices import map_weight_slices
-from maptools.quantization.cim.mapcal.write import write_map_calibration
-from maptools.quantization.format import CIM_FILE
+from maptools.quantization.cimmap.mapcal.histograms import MapHistograms, calibrate_map, collect_histograms
+from maptools.quantization.cimmap.mapcal.histograms import MapSource as MapSource
+from maptools.quantization.cimmap.mapcal.slices import map_weight_slices
+from maptools.quantization.cimmap.mapcal.write import write_map_calibration
 
 __all__ = [
-    "CIM_FILE",
-    "MapCalibration",
     "MapHistograms",
     "calibrate_map",
     "collect_histograms",
-    "has_map_calibration",
     "map_weight_slices",
-    "read_map_calibration",
     "write_map_calibration",
 ]

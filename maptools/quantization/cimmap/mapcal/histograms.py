@@ -13,14 +13,14 @@ from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.analog import AnalogMac, SeedLike, check_device, child_seed
 from maptools.quantization.cim.calibrate import CALIBRATION_METHODS, AdcHistogram
 from maptools.quantization.cim.device import DeviceModel
-from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
+from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.reference.core import ReferenceExecutor
 from maptools.quantization.reference.crossbar import MacOperands
+from maptools.quantization.reference.executor import ReferenceExecutor
 
 __all__ = ["MapHistograms", "MapSource", "calibrate_map", "collect_histograms"]
 
-logger = logging.getLogger("maptools.quantization.cim.mapcal")
+logger = logging.getLogger("maptools.quantization.cimmap.mapcal")
 
 #: A map given by name, or an executor built from artifacts in memory.
 MapSource = str | ReferenceExecutor
@@ -90,7 +90,7 @@ def collect_histograms(source: MapSource, calibset: Any, spec: CIMSpec, *,
     the exact executor's activations, and the histograms count the sums its ADCs would see.
 
     Args:
-        source: A map name, or a :class:`~maptools.quantization.reference.core.ReferenceExecutor` (e.g.
+        source: A map name, or a :class:`~maptools.quantization.reference.executor.ReferenceExecutor` (e.g.
             built from in-memory artifacts ``ReferenceExecutor(model, quantinfo, quantparams)``).
         calibset: A batch (dict input name -> array, or an array for a single-input map) or an iterable
             of batches (numpy arrays or torch tensors).
@@ -147,7 +147,7 @@ def calibrate_map(source: MapSource, calibset: Any, spec: CIMSpec, *, mapsave_di
     :func:`~maptools.quantization.cim.calibrate.calibrate_adc` does.
 
     Args:
-        source: A map name, or a :class:`~maptools.quantization.reference.core.ReferenceExecutor` built from
+        source: A map name, or a :class:`~maptools.quantization.reference.executor.ReferenceExecutor` built from
             in-memory artifacts.
         calibset: A batch or an iterable of batches (see :func:`collect_histograms`).
         spec: The crossbar; ``adc_bits`` must be set (``adc_range`` is stored as ``'calibrated'``).

@@ -7,9 +7,9 @@ import os
 import numpy as np
 
 from maptools.errors import InvalidTypeError
-from maptools.quantization.cim.mapcal.histograms import MapSource, _executor
-from maptools.quantization.cim.mapping import slice_weights
+from maptools.quantization.cim.slicing import slice_weights
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.cimmap.mapcal.histograms import MapSource, _executor
 from maptools.quantization.format import weight_slices_key
 
 __all__ = ["map_weight_slices"]
@@ -20,7 +20,7 @@ def map_weight_slices(source: MapSource, spec: CIMSpec, *,
     """The cell digits of every crossbar MAC's weights, as the mapper programs them.
 
     Args:
-        source: A map name or a :class:`~maptools.quantization.reference.core.ReferenceExecutor`.
+        source: A map name or a :class:`~maptools.quantization.reference.executor.ReferenceExecutor`.
         spec: The crossbar (``cell_bits`` and ``weight_encoding`` are used).
         mapsave_dir: The mapsave directory of a map name.
 
@@ -28,8 +28,8 @@ def map_weight_slices(source: MapSource, spec: CIMSpec, *,
         ``{<node>_conv_weight_slices | <node>_gemm_weight_slices: uint8 digits}`` (the quantparams key of the
         weight with ``_slices`` appended, :func:`~maptools.quantization.format.weight_slices_key`), each
         ``(signs, S, *weight.shape)`` in the ONNX layout of the weight
-        (:func:`~maptools.quantization.cim.mapping.slice_weights`; place them on arrays with
-        :func:`~maptools.quantization.cim.mapping.tile_layout`).
+        (:func:`~maptools.quantization.cim.slicing.slice_weights`; place them on arrays with
+        :func:`~maptools.quantization.cim.tiles.tile_layout`).
 
     Raises:
         MapNotFoundError: no such map.

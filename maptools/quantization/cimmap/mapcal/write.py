@@ -8,13 +8,13 @@ from pathlib import Path
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts, mapdir
-from maptools.quantization.cim.mapcal.calibration_data import MapCalibration
+from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.format import CIM_FILE
-from maptools.quantization.reference.core import ReferenceExecutor
+from maptools.quantization.reference.executor import ReferenceExecutor
 
 __all__ = ["write_map_calibration"]
 
-logger = logging.getLogger("maptools.quantization.cim.mapcal")
+logger = logging.getLogger("maptools.quantization.cimmap.mapcal")
 
 
 def write_map_calibration(mapname: str, calibration: MapCalibration, *, mapsave_dir: str | os.PathLike | None = None,

@@ -3,7 +3,7 @@
 For every crossbar of the grid ``adc_bits x rows x cell_bits`` (with one ``dac_bits`` and weight encoding),
 the map runs in the CIM mode of the integer reference executor (:mod:`maptools.quantization.reference.crossbar`)
 twice, with full-range ADCs (``adc_range='full'``) and with ADC ranges calibrated on calibration data
-(:func:`~maptools.quantization.cim.mapcal.calibrate_map`), and its outputs are compared with
+(:func:`~maptools.quantization.cimmap.mapcal.calibrate_map`), and its outputs are compared with
 
 * the **exact integer executor** (the same map with exact MACs): top-1 agreement for class-score outputs
   ``[N, C]``, SNR in dB and the fraction of output elements that are identical ("= int");
@@ -32,7 +32,7 @@ processes, default ``os.cpu_count()``; each with one BLAS thread); ``jobs=1`` ru
    :class: needs-files
 
     from maptools.examples import digits
-    from maptools.quantization.cim import cim_sweep
+    from maptools.quantization.cimmap import cim_sweep
 
     train, _ = digits.load_split("train")
     test, labels = digits.load_split("test")
@@ -45,9 +45,9 @@ processes, default ``os.cpu_count()``; each with one BLAS thread); ``jobs=1`` ru
 
 from __future__ import annotations
 
-from maptools.quantization.cim.sweep.command import run_cli
-from maptools.quantization.cim.sweep.grid import DEFAULT_BATCHES as DEFAULT_BATCHES
-from maptools.quantization.cim.sweep.grid import cim_sweep, parse_int_list
-from maptools.quantization.cim.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
+from maptools.quantization.cimmap.sweep.command import run_cli
+from maptools.quantization.cimmap.sweep.grid import DEFAULT_BATCHES as DEFAULT_BATCHES
+from maptools.quantization.cimmap.sweep.grid import cim_sweep, parse_int_list
+from maptools.quantization.cimmap.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
 
 __all__ = ["ADC_RANGE_KINDS", "SweepPoint", "SweepResult", "cim_sweep", "parse_int_list", "run_cli"]

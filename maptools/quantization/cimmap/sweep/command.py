@@ -1,4 +1,4 @@
-"""``maptools cim-sweep``: the command-line glue of :func:`~maptools.quantization.cim.sweep.grid.cim_sweep`."""
+"""``maptools cim-sweep``: the command-line glue of :func:`~maptools.quantization.cimmap.sweep.grid.cim_sweep`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 from maptools.errors import InvalidArgumentError
 from maptools.quantization.artifacts import MapContents, map_contents
 from maptools.quantization.cim.device import DeviceModel
-from maptools.quantization.cim.sweep.grid import cim_sweep, parse_float_list, parse_int_list
-from maptools.quantization.cim.sweep.worker import Batch
+from maptools.quantization.cimmap.sweep.grid import cim_sweep, parse_float_list, parse_int_list
+from maptools.quantization.cimmap.sweep.worker import Batch
 
 __all__ = ["run_cli"]
 

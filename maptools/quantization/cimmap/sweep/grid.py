@@ -1,6 +1,6 @@
 """The grid runner: :func:`cim_sweep` runs a map on every crossbar of a grid.
 
-See :mod:`~maptools.quantization.cim.sweep` for what is measured and on which data.
+See :mod:`~maptools.quantization.cimmap.sweep` for what is measured and on which data.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from maptools.quantization import artifacts
 from maptools.quantization.artifacts import QUANTINFO, QUANTMODEL, QUANTPARAMS, MapContents
 from maptools.quantization.cim.analog import seed_sequence
 from maptools.quantization.cim.device import DeviceModel
-from maptools.quantization.cim.mapcal import MapCalibration
-from maptools.quantization.cim.pool import process_pool
+from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.spec import INT_RANGES, CIMSpec
-from maptools.quantization.cim.sweep import worker
-from maptools.quantization.cim.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
-from maptools.quantization.cim.sweep.worker import (
+from maptools.quantization.cimmap.pool import process_pool
+from maptools.quantization.cimmap.sweep import worker
+from maptools.quantization.cimmap.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
+from maptools.quantization.cimmap.sweep.worker import (
     Batch,
     Outputs,
     _calibrate_task,
@@ -36,14 +36,14 @@ from maptools.quantization.cim.sweep.worker import (
     _run,
     _State,
 )
-from maptools.quantization.reference.core import ReferenceExecutor
+from maptools.quantization.reference.executor import ReferenceExecutor
 from maptools.quantization.replay import float_model_path
 from maptools.quantization.validation import MAX_THREADS, check_batches, check_jobs, check_positive_int, check_seed
 from maptools.quantization.verify import compare
 
 __all__ = ["cim_sweep", "parse_float_list", "parse_int_list"]
 
-logger = logging.getLogger("maptools.quantization.cim.sweep")
+logger = logging.getLogger("maptools.quantization.cimmap.sweep")
 
 #: Random batches when no inputs are given.
 DEFAULT_BATCHES = 2
@@ -176,7 +176,7 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
         mapsave_dir: The mapsave directory.
         batches: Random batches when ``inputs`` is None.
         seed: Seed of the random batches, and of the chips: chip ``i`` of every device point is
-            ``child_seed(seed, i)`` (:func:`~maptools.quantization.cim.monte_carlo`'s chips).
+            ``child_seed(seed, i)`` (:func:`~maptools.quantization.cimmap.monte_carlo`'s chips).
         device: The analog cells (:class:`~maptools.quantization.cim.device.DeviceModel`); with it, or with
             ``prog_error`` or ``drift_time``, every grid point runs on ``chips`` chips of every device.
         prog_error: Device axis: values of the device's ``prog_sigma_rel`` (ints, floats or ``"0,0.02"``).

@@ -1,4 +1,4 @@
-"""What :func:`~maptools.quantization.cim.sweep.grid.cim_sweep` measured: the grid points and the result.
+"""What :func:`~maptools.quantization.cimmap.sweep.grid.cim_sweep` measured: the grid points and the result.
 
 :class:`SweepResult` holds every :class:`SweepPoint` and shows them as plain-text tables (:meth:`SweepResult.table`),
 a PNG (:meth:`SweepResult.plot`) or JSON (:meth:`SweepResult.save`).
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from maptools.quantization.cim.montecarlo import chip_statistics
+from maptools.quantization.cimmap.montecarlo import chip_statistics
 
 __all__ = ["ADC_RANGE_KINDS", "SweepPoint", "SweepResult"]
 

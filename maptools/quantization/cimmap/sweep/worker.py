@@ -1,7 +1,7 @@
 """The work of one process of a sweep: calibrating one crossbar geometry and evaluating one grid point.
 
 The state (the map, the data, the reference outputs) is set once per worker process by :func:`_init_worker`
-(or by :func:`~maptools.quantization.cim.sweep.grid.cim_sweep` itself with ``jobs=1``).
+(or by :func:`~maptools.quantization.cimmap.sweep.grid.cim_sweep` itself with ``jobs=1``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import numpy as np
 
 from maptools.quantization.cim.analog import child_seed
 from maptools.quantization.cim.device import DeviceModel
-from maptools.quantization.cim.mapcal import MapCalibration, collect_histograms
+from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.reference.core import ReferenceExecutor
+from maptools.quantization.cimmap.mapcal import collect_histograms
+from maptools.quantization.reference.executor import ReferenceExecutor
 from maptools.quantization.verify import compare
 
-logger = logging.getLogger("maptools.quantization.cim.sweep")
+logger = logging.getLogger("maptools.quantization.cimmap.sweep")
 
 Batch = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
