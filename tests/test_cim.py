@@ -608,3 +608,22 @@ def test_package_imports_numpy_only():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_one_integer_check_for_weights_columns_and_accumulators():
+    """Weights, crossbar columns and accumulators are checked by one rule (intmath.holds_integers): integer
+    dtypes and whole floats pass; fractions, NaN, infinities and booleans are refused, naming the argument."""
+    from maptools.quantization.intmath import holds_integers
+
+    assert [holds_integers(np.array(v)) for v in ([1, -2], [1.0, -2.0], [0.5], [np.nan], [np.inf], [True])] == [
+        True, True, False, False, False, False]
+    spec = CIMSpec(rows=8, cell_bits=2)
+    for bad in (np.array([[0.5]]), np.array([[np.nan]]), np.array([[True]])):
+        with pytest.raises(InvalidArgumentError, match="^weights"):
+            cim_accumulate(bad, np.ones((1, 1)), input_bits=4, input_signed=False, weight_bits=4, spec=spec)
+        with pytest.raises(InvalidArgumentError, match="^columns"):
+            cim_accumulate(np.ones((1, 1)), bad, input_bits=4, input_signed=False, weight_bits=4, spec=spec)
+        with pytest.raises(InvalidArgumentError, match="^acc"):
+            requantize_fixed(bad, 1 << 30, 0, 0, -128, 127)
+    assert cim_accumulate(np.full((1, 2), 3.0), np.array([[2.0], [1.0]]), input_bits=4, input_signed=False,
+                          weight_bits=4, spec=spec).tolist() == [[9]]

@@ -40,6 +40,7 @@ __all__ = [
     "BIAS_TYPES",
     "CONV_TYPES",
     "FORMAT_VERSION",
+    "MAC_OPS",
     "MAC_TYPES",
     "MANIFEST",
     "MAPSAVE_ENV",
@@ -95,7 +96,9 @@ PICKLE_PROTOCOL = 4
 
 #: Operators that multiply an input by a constant weight: the layers a crossbar holds, whose integer weights
 #: ``quantparams.pkl`` keeps (:func:`weight_key`).
-MAC_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+MAC_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: The same, as a set.
+MAC_TYPES = frozenset(MAC_OPS)
 #: The MAC operators with a bias input, kept as int32 (:func:`bias_key`).
 BIAS_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm"})
 #: Operator types whose parameters are keyed ``_conv_``; every other MAC (Gemm, MatMul) is ``_gemm_``.

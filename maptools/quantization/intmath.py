@@ -5,7 +5,9 @@ executor, ``verify``, the command line, the benchmarks and the tests agree by co
 
 * integer ranges: :func:`int_range` (signed ``-2^(b-1) .. 2^(b-1)-1`` or unsigned ``0 .. 2^b-1``),
   :func:`unsigned_range`, and :func:`bias_range` (the 32-bit bias, symmetric: ``-(2^31 - 1) .. 2^31 - 1``);
-* rounding: half to even (:data:`ROUNDING`, recorded in the manifest), :func:`round_half_even`;
+* the int32 accumulator: :data:`INT32_MIN` .. :data:`INT32_MAX`;
+* rounding: half to even (:data:`ROUNDING`, recorded in the manifest), :func:`round_half_even`, and
+  :func:`holds_integers`, whether an array holds whole numbers;
 * containers: :func:`container_dtype`, the dtype a quantized tensor is stored in (``quantparams.pkl`` and the
   QDQ model), and :func:`smallest_int_dtype`, the narrowest dtype holding a range (for computing);
 * error measures: :func:`snr_db` and :func:`cosine` from accumulated sums (:func:`error_sums`), and
@@ -20,12 +22,15 @@ import numpy as np
 
 __all__ = [
     "BIAS_BITS",
+    "INT32_MAX",
+    "INT32_MIN",
     "ROUNDING",
     "bias_range",
     "container_dtype",
     "cosine",
     "cosine_of",
     "error_sums",
+    "holds_integers",
     "int_range",
     "round_half_even",
     "smallest_int_dtype",
@@ -40,6 +45,8 @@ __all__ = [
 ROUNDING = "half_even"
 #: Bit width of Conv/ConvTranspose/Gemm biases (added to the int32 accumulator).
 BIAS_BITS = 32
+#: The range of the int32 accumulator of a MAC.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 #: Smallest denominator of :func:`cosine` (two all-zero tensors have cosine 0).
 _COSINE_FLOOR = 1e-30
 
@@ -61,9 +68,16 @@ def bias_range(bits: int = BIAS_BITS) -> tuple[int, int]:
     return -(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1
 
 
-def round_half_even(values: np.ndarray) -> np.ndarray:
-    """Round to the nearest integer, ties to even (:data:`ROUNDING`); the dtype is kept."""
-    return np.rint(values)
+def round_half_even(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Round to the nearest integer, ties to even (:data:`ROUNDING`); the dtype is kept (into ``out`` if given)."""
+    return np.rint(values, out=out)
+
+
+def holds_integers(values: np.ndarray) -> bool:
+    """Whether an array holds integers: an integer dtype, or floats that are all whole numbers (no NaN, no inf)."""
+    if values.dtype.kind in "iu":
+        return True
+    return values.dtype.kind == "f" and bool(np.isfinite(values).all() and np.array_equal(values, np.rint(values)))
 
 
 def container_dtype(bits: int, signed: bool = True) -> np.dtype:

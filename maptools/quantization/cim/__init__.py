@@ -96,13 +96,12 @@ from maptools.quantization.cim.requant import (
 )
 from maptools.quantization.cim.slicing import WeightFormat, combine_slices, slice_weights, weight_format
 from maptools.quantization.cim.spec import ADC_RANGES, REQUANT_MODES, WEIGHT_ENCODINGS, CIMSpec
-from maptools.quantization.cim.tiles import MAC_OPS, ArrayTile, TileLayout, mac_matrix, tile_layout
+from maptools.quantization.cim.tiles import ArrayTile, TileLayout, mac_matrix, tile_layout
 
 __all__ = [
     "ADC_FRACTION_BITS",
     "ADC_RANGES",
     "CALIBRATION_METHODS",
-    "MAC_OPS",
     "CIM_FORMAT",
     "REQUANT_MODES",
     "WEIGHT_ENCODINGS",

@@ -46,6 +46,7 @@ import numpy as np
 
 from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.intmath import round_half_even
 
 __all__ = ["ADC_FRACTION_BITS", "AdcCalibration", "adc_codes", "adc_convert", "adc_gain", "full_scale_ranges"]
 
@@ -72,14 +73,14 @@ def adc_codes(psum: np.ndarray, adc_max: np.ndarray | float, levels: int) -> np.
     psum = np.asarray(psum)
     out = np.empty(np.broadcast_shapes(psum.shape, step.shape), dtype=np.float64)
     np.divide(psum, step, out=out)  # float64 division (float32 partial sums are cast exactly in the loop)
-    np.rint(out, out=out)
+    round_half_even(out, out=out)
     return np.clip(out, 0.0, float(levels), out=out)
 
 
 def adc_gain(adc_max: np.ndarray | float, levels: int) -> np.ndarray:
     """The fixed-point step ``g = round(step * 2^16)`` (round half to even; int64, shape of ``adc_max``)."""
     step = np.asarray(adc_max, dtype=np.float64) / float(levels)
-    return np.rint(np.ldexp(step, ADC_FRACTION_BITS)).astype(np.int64)
+    return round_half_even(np.ldexp(step, ADC_FRACTION_BITS)).astype(np.int64)
 
 
 def adc_convert(psum: np.ndarray, adc_max: np.ndarray | float, levels: int) -> np.ndarray:

@@ -75,6 +75,7 @@ from maptools.quantization.cim.adc import ADC_FRACTION_BITS, AdcCalibration, adc
 from maptools.quantization.cim.analog import AnalogMac
 from maptools.quantization.cim.slicing import WeightFormat, as_int_weights, weight_digits, weight_format
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.intmath import holds_integers
 
 __all__ = ["InputFormat", "PartialSums", "adc_grid", "cim_accumulate", "input_format", "partial_sums"]
 
@@ -176,7 +177,7 @@ def _prepare(weights: np.ndarray, columns: np.ndarray, input_bits: int, input_si
     inp = input_format(input_bits, input_signed, spec, input_zero_point)
     w = as_int_weights(weights, fmt)
     x = np.asarray(columns)
-    if x.dtype.kind not in "iuf" or (x.dtype.kind == "f" and not np.array_equal(x, np.rint(x))):
+    if not holds_integers(x):
         raise InvalidArgumentError(f"columns: expected integer values, got dtype {x.dtype}")
     if w.ndim < 2 or x.ndim < 2 or w.shape[-1] != x.shape[-2]:
         raise InvalidArgumentError(f"weights {list(w.shape)} and columns {list(x.shape)}: expected (..., M, K) and "

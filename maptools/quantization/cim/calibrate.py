@@ -40,6 +40,7 @@ from maptools.quantization.cim.adc import AdcCalibration, adc_convert
 from maptools.quantization.cim.analog import AnalogMac
 from maptools.quantization.cim.arithmetic import adc_grid, partial_sums
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.intmath import round_half_even
 
 __all__ = ["CALIBRATION_METHODS", "AdcHistogram", "calibrate_adc", "choose_range"]
 
@@ -95,7 +96,7 @@ def choose_range(values: np.ndarray, counts: np.ndarray, levels: int, *, method:
     chosen = int(np.flatnonzero(errors <= best * (1 + 1e-12) + 1e-12)[-1])  # ties: the largest range
     r = float(candidates[chosen])
     step = r / levels
-    clipped = float(counts[np.rint(values / step) > levels].sum() / total)
+    clipped = float(counts[round_half_even(values / step) > levels].sum() / total)
     return r, float(errors[chosen] / total), clipped
 
 
@@ -151,7 +152,7 @@ class AdcHistogram:
         for part in partial_sums(self.weights, columns, analog=self.analog, **self.operands):
             values = part.values
             if self.analog is not None:  # real-valued, may leave 0 .. full_scale
-                values = np.clip(np.rint(values), 0, self.spec.full_scale)
+                values = np.clip(round_half_even(values), 0, self.spec.full_scale)
             index = self._set_index + (values.astype(np.int64) // self.width)
             self._hist[part.tile] += np.bincount(index.ravel(), minlength=self._hist.shape[1])
             self.seen += part.values.size

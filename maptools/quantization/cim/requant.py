@@ -40,10 +40,9 @@ from __future__ import annotations
 import numpy as np
 
 from maptools.errors import InvalidArgumentError
+from maptools.quantization.intmath import INT32_MAX, INT32_MIN, holds_integers, round_half_even
 
 __all__ = [
-    "INT32_MAX",
-    "INT32_MIN",
     "fixed_point_multiplier",
     "power_of_two_multiplier",
     "requant_multiplier",
@@ -53,7 +52,6 @@ __all__ = [
 ]
 
 #: The range of the chip's 32-bit accumulator and of the fixed-point multiplier.
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def requant_multipliers(s_in: float, s_w: np.ndarray | float, s_out: float) -> np.ndarray:
@@ -87,14 +85,14 @@ def fixed_point_multiplier(m: np.ndarray | float) -> tuple[np.ndarray, np.ndarra
     arr = _check_m(m)
     f, e = np.frexp(arr)  # arr = f * 2^e, f in [0.5, 1)
     e = e.astype(np.int64)
-    mult = np.rint(np.ldexp(f, 31)).astype(np.int64)
+    mult = round_half_even(np.ldexp(f, 31)).astype(np.int64)
     carry = mult == 2**31
     mult = np.where(carry, 2**30, mult)
     e = e + carry
     shift = -e
     tiny = shift > 31  # m < 2^-32: denormal multiplier at the largest shift
     if np.any(tiny):
-        mult = np.where(tiny, np.rint(np.ldexp(arr, 62)).astype(np.int64), mult)
+        mult = np.where(tiny, round_half_even(np.ldexp(arr, 62)).astype(np.int64), mult)
         shift = np.where(tiny, 31, shift)
     return mult.astype(np.int32), shift.astype(np.int32)
 
@@ -169,7 +167,7 @@ def requantize_fixed(acc: np.ndarray, multiplier: np.ndarray | int, shift: np.nd
             out of range.
     """
     a = np.asarray(acc)
-    if a.dtype.kind not in "iu" and not (a.dtype.kind == "f" and np.array_equal(a, np.rint(a))):
+    if not holds_integers(a):
         raise InvalidArgumentError(f"acc: expected integer accumulators, got dtype {a.dtype}")
     a = a.astype(np.int64)
     if a.size and (int(a.min()) < INT32_MIN or int(a.max()) > INT32_MAX):
@@ -211,7 +209,7 @@ def requantize(acc: np.ndarray, m: np.ndarray | float, zero_point: int, qmin: in
             shape = [1] * np.ndim(acc)
             shape[channel_axis] = -1
             mult = mult.reshape(shape)
-        y = np.rint(np.asarray(acc, dtype=np.float64) * mult)
+        y = round_half_even(np.asarray(acc, dtype=np.float64) * mult)
         return np.clip(y + int(zero_point), int(qmin), int(qmax)).astype(np.int64)
     multiplier, shift = requant_multiplier(m, mode)
     return requantize_fixed(acc, multiplier, shift, zero_point, qmin, qmax, channel_axis=channel_axis)

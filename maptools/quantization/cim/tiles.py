@@ -88,11 +88,9 @@ import numpy as np
 from maptools.errors import InvalidArgumentError
 from maptools.quantization.cim.slicing import WeightFormat, weight_format
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.format import MAC_OPS
 
-__all__ = ["MAC_OPS", "ArrayTile", "TileLayout", "crossbar_column", "mac_matrix", "tile_layout"]
-
-#: The operator types whose constant weight is mapped onto crossbars.
-MAC_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+__all__ = ["ArrayTile", "TileLayout", "crossbar_column", "mac_matrix", "tile_layout"]
 
 
 def mac_matrix(weight: np.ndarray, op_type: str, group: int = 1, *, trans_b: bool = False) -> np.ndarray:

@@ -79,8 +79,9 @@ from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeErro
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.analog import AnalogMac
 from maptools.quantization.cim.arithmetic import adc_grid, cim_accumulate
-from maptools.quantization.cim.requant import INT32_MAX, INT32_MIN, requant_multipliers, requantize
+from maptools.quantization.cim.requant import requant_multipliers, requantize
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.intmath import INT32_MAX, INT32_MIN
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference.registry import describe
 from maptools.quantization.reference.values import Ints, exact_matmul

@@ -24,6 +24,7 @@ import onnx
 
 from maptools.errors import ArtifactError, UnsupportedOperatorError
 from maptools.quantization.artifacts import QUANTMODEL
+from maptools.quantization.format import bias_key, weight_key
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import values
 from maptools.quantization.reference.crossbar import requant_integer
@@ -204,8 +205,7 @@ def prepare_mac(executor: Executor, node: onnx.NodeProto) -> MacWeights | None:
             f"{describe(node)}: ConvTranspose with output_shape or auto_pad SAME_* is not supported "
             "(explicit pads only)"
         )
-    family = "conv" if node.op_type in ("Conv", "ConvTranspose") else "gemm"
-    w_key, b_key = f"{node.name}_{family}_weight", f"{node.name}_{family}_bias"
+    w_key, b_key = weight_key(node.name, node.op_type), bias_key(node.name, node.op_type)
     if executor.quantparams.get(w_key) is None:  # missing, or None (a weight is never None)
         if node.op_type in ("MatMul", "Gemm") and node.input[1] not in executor.dq_sources:
             _quantized_activations(executor, node, 2)  # a product of two activations
