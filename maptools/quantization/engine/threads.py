@@ -1,17 +1,10 @@
 """How many CPU threads torch and numpy's BLAS use while maptools quantizes.
 
-PPQ calibrates on batches of a few images, one operator at a time: each operator's work is too small to
-spread over several threads, and idle OpenMP and OpenBLAS threads spin while they wait. On a quiet 2-core
-machine one thread is faster than two (EfficientNet-Lite1, W8A8 ``default``: see the speed benchmark), and
-beside other CPU-bound jobs (a sweep over bit widths, CI, the mapper) extra threads wait for cores held by
-others and the run slows down several times over. maptools therefore quantizes with :data:`DEFAULT_THREADS`
-thread unless told otherwise (``quantize(threads=...)``, ``maptools quantize --threads``), and restores the
-process's settings afterwards.
-
-Both pools are limited: torch's (``torch.set_num_threads``) and the BLAS library numpy calls (OpenBLAS or
-MKL, through ``threadpoolctl``). With torch alone at one thread, numpy's two OpenBLAS threads made
-``default`` W8A8 on EfficientNet-Lite1 take 8.8 to 15 s beside two busy processes, against 7.4 to 8.5 s for
-raw PPQ; with both limited, 8.6 to 9.0 s.
+PPQ calibrates on small batches one operator at a time, work too small to spread over threads, and idle
+OpenMP and OpenBLAS threads slow the run down beside other CPU-bound jobs; so maptools quantizes with
+:data:`DEFAULT_THREADS` thread unless told otherwise (``quantize(threads=...)``, ``maptools quantize
+--threads``), limits both torch's pool and the BLAS library numpy calls (through ``threadpoolctl``), and
+restores the process's settings afterwards. The timings are on the benchmarks page ("Speed and memory").
 """
 
 from __future__ import annotations
