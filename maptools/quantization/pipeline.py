@@ -15,12 +15,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import logging
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,7 @@ __all__ = [
     "extract",
     "load",
     "run_engine",
+    "seeded_globals",
 ]
 
 logger = logging.getLogger(__name__)
@@ -172,16 +174,26 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
     return CalibrationData(batches, held_out, analysis_data, calibration, batch_samples(held_out))
 
 
-def _seed_everything(seed: int) -> None:
+@contextlib.contextmanager
+def seeded_globals(seed: int) -> Iterator[None]:
+    """Seed Python's, numpy's and torch's global generators for PPQ (which draws from them), and give the
+    caller's states back afterwards: a ``quantize`` call leaves the process's random streams as it found them."""
     import torch
 
+    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.set_rng_state(saved[2])
 
 
 def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[QuantizeOptions, Any]:
-    """The PPQ setting that will run (the expert's or the recipe's) and the options it applies; seeds every generator.
+    """The PPQ setting that will run (the expert's or the recipe's) and the options it applies.
 
     Raises:
         InvalidTypeError: ``setting`` is not a PPQ ``QuantizationSetting``.
@@ -199,12 +211,12 @@ def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[Q
         setting = build_setting(options.recipe, options.device, len(data.batches), observer=options.observer,
                                 activation_bits=options.activation_bits)
     options = options.applied(setting, DEFAULT_THREADS)
-    _seed_everything(options.seed)
     return options, setting
 
 
 def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data: CalibrationData) -> PPQSession:
-    """Load the prepared model into PPQ and quantize it on the calibration batches."""
+    """Load the prepared model into PPQ and quantize it on the calibration batches (global generators seeded
+    with ``options.seed`` meanwhile, see :func:`seeded_globals`)."""
     from maptools.quantization.engine import LowBitSpec, PPQSession
 
     spec = LowBitSpec(weight_bits=options.weight_bits, activation_bits=options.activation_bits,
@@ -212,14 +224,15 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
                       layer_bits=options.layer_bits, observer=options.observer,
                       unsigned_nonnegative=options.unsigned_nonnegative, weight_observer=options.weight_observer,
                       power_of_two=options.power_of_two)
-    session = PPQSession.from_onnx(prepared.proto, spec, options.device, setting, threads=options.threads)
     rounding = None
     if options.rounding == "learned":
         from maptools.quantization.engine import learned_rounding
 
         rounding = dataclasses.replace(learned_rounding.DEFAULTS, time_budget=options.time_budget,
                                        device=options.device, seed=options.seed)
-    session.quantize(data.batches, rounding)
+    with seeded_globals(options.seed):
+        session = PPQSession.from_onnx(prepared.proto, spec, options.device, setting, threads=options.threads)
+        session.quantize(data.batches, rounding)
     return session
 
 
