@@ -8,6 +8,7 @@ analysis -> report -> artifacts written atomically (:mod:`.mapdir`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -15,51 +16,43 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from maptools.quantization import artifacts, pipeline
-from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.options import OBSERVERS, RECIPES, QuantizeOptions
+from maptools.quantization.config import OBSERVERS, OPTIONS, RECIPES, QuantizeConfig, option_named
+from maptools.quantization.options import QuantizeOptions
 from maptools.quantization.records import QuantizationResult
 
-__all__ = ["OBSERVERS", "RECIPES", "quantize"]
+__all__ = ["OBSERVERS", "RECIPES", "QuantizeConfig", "quantize"]
 
 logger = logging.getLogger(__name__)
+
+#: The default of ``quantize``'s positional options: the ``config``'s value (its signature shows the default's).
+_CONFIGS: Any = object()
 
 
 def quantize(
     input_shapes: Mapping[str, Sequence[int]],
     device: str,
     onnx_path: str | os.PathLike,
-    mapname: str = "newmap",
+    mapname: str = _CONFIGS,  # type: ignore[assignment]
     calibset: Iterable[Any] | None = None,
-    calib_steps: int = 32,
+    calib_steps: int = _CONFIGS,  # type: ignore[assignment]
     *,
-    bit_width: int = 8,
-    symmetrical: bool = True,
-    per_channel: bool = True,
-    seed: int = 0,
-    mapsave_dir: str | os.PathLike | None = None,
+    config: QuantizeConfig | None = None,
     setting: Any = None,
-    weight_bits: int | None = None,
-    activation_bits: int | None = None,
-    layer_bits: Mapping[str, int | tuple[int, int]] | None = None,
-    observer: str | None = None,
-    recipe: str | None = None,
-    unsigned_nonnegative: bool | None = None,
-    analysis_steps: int | None = None,
-    layerwise_analysis: bool = False,
     evalset: Iterable[Any] | None = None,
-    threads: int | None = None,
-    first_last_bits: int | None = None,
-    power_of_two: bool = False,
-    cim: CIMSpec | None = None,
-    rounding: str | None = None,
-    time_budget: float | None = None,
+    **options: Any,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
+    The options (every keyword argument but ``config``, ``setting``, ``calibset`` and ``evalset``) are those of
+    :class:`~maptools.quantization.config.QuantizeConfig`, by name; ``config`` gives them all at once, and the
+    keyword arguments given beside it replace its values (``device``, and ``mapname`` and ``calib_steps`` when
+    given). The defaults below are the config's.
+
     Args:
+        config: The options as a :class:`~maptools.quantization.QuantizeConfig` (default: every default).
         input_shapes: Input name -> shape, e.g. ``{'input': [1, 3, 224, 224]}``. Every graph input needs
             one; dynamic dims of the ONNX are resolved by these shapes.
-        device: ``'cpu'`` or ``'cuda'`` (a GPU must be present for ``'cuda'``).
+        device: ``'cpu'`` or ``'cuda'`` (a GPU must be present for ``'cuda'``); it replaces the config's.
         onnx_path: The float ONNX model.
         mapname: Name of the map; results go to ``<mapsave>/<mapname>/``.
         calibset: None to calibrate on ``calib_steps`` random batches drawn with ``seed``; else an
@@ -76,6 +69,9 @@ def quantize(
         setting: Expert override: a full PPQ ``QuantizationSetting`` whose passes run instead of the recipe's
             (see ``recipe``). Its ``quantize_activation_setting.calib_algorithm``, when set, calibrates every
             activation (an explicit ``observer`` must then be the same).
+        weight_observer: How weight scales are chosen: ``'ppq'`` (PPQ's min-max), ``'minmax'`` (each channel's
+            absolute maximum) or ``'mse'`` (the clipping of least squared error); None for the recipe's
+            (:data:`~maptools.quantization.options.RECIPE_WEIGHT_OBSERVERS`). Recorded in the manifest.
         weight_bits: Weight bit width (default ``bit_width``).
         activation_bits: Activation bit width (default ``bit_width``).
         layer_bits: Per-node overrides: node name -> bits, or ``(weight_bits, activation_bits)``.
@@ -149,25 +145,22 @@ def quantize(
             or :class:`~maptools.EngineError` when PPQ fails (naming the node when known).
     """
     started = time.perf_counter()
-    options = QuantizeOptions.check(
-        device=device, mapname=mapname, calib_steps=calib_steps, bit_width=bit_width, weight_bits=weight_bits,
-        activation_bits=activation_bits, symmetrical=symmetrical, per_channel=per_channel, seed=seed,
-        analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads, layer_bits=layer_bits,
-        first_last_bits=first_last_bits, observer=observer, recipe=recipe, unsigned_nonnegative=unsigned_nonnegative,
-        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two, cim=cim, rounding=rounding,
-        time_budget=time_budget)
+    given = {name: value for name, value in (("device", device), ("mapname", mapname), ("calib_steps", calib_steps))
+             if value is not _CONFIGS}
+    options = QuantizeOptions.check(QuantizeConfig.from_options(config, **given, **options), setting)
     artifacts.check_replaceable(options.target)  # a folder that is not a map: refused before PPQ runs
     prepared, options = pipeline.load(options, onnx_path, input_shapes)
     data = pipeline.calibration_data(options, prepared, calibset, evalset)
     options, ppq_setting = pipeline.configure_engine(options, data)
     logger.info("quantizing %s as %r: W%dA%d, %s, %d %s calibration batches on %s",
-                prepared.model.path, options.mapname, options.weight_bits, options.activation_bits, options.recipe,
-                len(data.batches), data.calibration, options.device)
+                prepared.model.path, options.config.output.mapname, options.config.bits.weight_bits,
+                options.config.bits.activation_bits, options.recipe, len(data.batches), data.calibration,
+                options.config.run.device)
     timings = {"validation_and_data": time.perf_counter() - started}
     mark = time.perf_counter()
     from maptools.quantization.engine.threads import compute_threads  # torch is imported by now
 
-    with compute_threads(options.threads):  # every stage that computes, not only PPQ's calibration
+    with compute_threads(options.config.run.threads):  # every stage that computes, not only PPQ's calibration
         session = pipeline.run_engine(options, ppq_setting, prepared, data)
         timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
         if session.rounding_results:  # part of ppq_quantization
@@ -189,7 +182,7 @@ def quantize(
     target = options.target
     artifacts.write_map(target, files, manifest)
     result = QuantizationResult(
-        mapname=options.mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,
+        mapname=options.config.output.mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,
         quantparams_path=target / artifacts.QUANTPARAMS, model_path=target / artifacts.QUANTMODEL,
         manifest_path=target / artifacts.MANIFEST, operators=extracted.quantinfo, output_snr_db=errors.output_snr_db,
         output_cosine=errors.output_cosine, layer_snr_db=errors.layer_snr_db, seconds=time.perf_counter() - started,
@@ -200,3 +193,17 @@ def quantize(
     )
     logger.info("wrote %s in %.1f s", target, result.seconds)
     return result
+
+
+def _signature() -> inspect.Signature:
+    """``quantize``'s signature with every option of :data:`OPTIONS` as a keyword argument and its default."""
+    signature = inspect.signature(quantize)
+    fixed = [p.replace(default=option_named(p.name).default) if p.default is _CONFIGS else p
+             for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    named = {p.name for p in fixed}
+    extra = [inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default)
+             for opt in OPTIONS if opt.name not in named]
+    return signature.replace(parameters=[*fixed, *extra])
+
+
+quantize.__signature__ = _signature()  # type: ignore[attr-defined]
