@@ -151,7 +151,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             continue
         for spelling in (opt.flag, *opt.aliases):
             text = opt.cli_help() if spelling == opt.flag else f"older spelling of {opt.flag} ({opt.default_words()})"
-            parser.add_argument(spelling, type=_option_type(opt, spelling), metavar=opt.metavar or opt.name.upper()
+            convert = _cim_spec if opt.group == "cim" else _option_type(opt, spelling)  # the hint of valid keys
+            parser.add_argument(spelling, type=convert, metavar=opt.metavar or opt.name.upper()
                                 if not opt.choices else "{" + ",".join(opt.choices) + "}",
                                 required=opt.cli_required and spelling == opt.flag, help=text, **common)
 

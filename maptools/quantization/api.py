@@ -8,7 +8,6 @@ analysis -> report -> artifacts written atomically (:mod:`.mapdir`).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from maptools.quantization import artifacts, pipeline
-from maptools.quantization.config import OBSERVERS, OPTIONS, RECIPES, QuantizeConfig, option_named
+from maptools.quantization.config import OBSERVERS, RECIPES, QuantizeConfig
 from maptools.quantization.options import QuantizeOptions
 from maptools.quantization.records import QuantizationResult
 
@@ -24,17 +23,14 @@ __all__ = ["OBSERVERS", "RECIPES", "QuantizeConfig", "quantize"]
 
 logger = logging.getLogger(__name__)
 
-#: The default of ``quantize``'s positional options: the ``config``'s value (its signature shows the default's).
-_CONFIGS: Any = object()
-
 
 def quantize(
     input_shapes: Mapping[str, Sequence[int]],
     device: str,
     onnx_path: str | os.PathLike,
-    mapname: str = _CONFIGS,  # type: ignore[assignment]
+    mapname: str | None = None,
     calibset: Iterable[Any] | None = None,
-    calib_steps: int = _CONFIGS,  # type: ignore[assignment]
+    calib_steps: int | None = None,
     *,
     config: QuantizeConfig | None = None,
     setting: Any = None,
@@ -45,8 +41,8 @@ def quantize(
 
     The options (every keyword argument but ``config``, ``setting``, ``calibset`` and ``evalset``) are those of
     :class:`~maptools.quantization.config.QuantizeConfig`, by name; ``config`` gives them all at once, and the
-    keyword arguments given beside it replace its values (``device``, and ``mapname`` and ``calib_steps`` when
-    given). The defaults below are the config's.
+    keyword arguments given beside it replace its values (``device`` always, ``mapname`` and ``calib_steps``
+    when not None). The defaults below are the config's.
 
     Args:
         config: The options as a :class:`~maptools.quantization.QuantizeConfig` (default: every default).
@@ -54,11 +50,11 @@ def quantize(
             one; dynamic dims of the ONNX are resolved by these shapes.
         device: ``'cpu'`` or ``'cuda'`` (a GPU must be present for ``'cuda'``); it replaces the config's.
         onnx_path: The float ONNX model.
-        mapname: Name of the map; results go to ``<mapsave>/<mapname>/``.
+        mapname: Name of the map; results go to ``<mapsave>/<mapname>/``; None for the config's.
         calibset: None to calibrate on ``calib_steps`` random batches drawn with ``seed``; else an
             iterable of batches, each a dict input name -> ``torch.Tensor`` or numpy array (a bare tensor
             for single-input models), e.g. from :func:`~maptools.quantization.imagefolder_calibset`.
-        calib_steps: Number of calibration batches (at least 8, PPQ's minimum).
+        calib_steps: Number of calibration batches (at least 8, PPQ's minimum); None for the config's.
         bit_width: Bit width of every quantized tensor (2 to 8), unless ``weight_bits`` /
             ``activation_bits`` / ``layer_bits`` say otherwise.
         symmetrical: Symmetric (signed) activations; False for asymmetric (unsigned, with zero point).
@@ -146,7 +142,7 @@ def quantize(
     """
     started = time.perf_counter()
     given = {name: value for name, value in (("device", device), ("mapname", mapname), ("calib_steps", calib_steps))
-             if value is not _CONFIGS}
+             if value is not None}
     options = QuantizeOptions.check(QuantizeConfig.from_options(config, **given, **options), setting)
     artifacts.check_replaceable(options.target)  # a folder that is not a map: refused before PPQ runs
     prepared, options = pipeline.load(options, onnx_path, input_shapes)
@@ -194,16 +190,3 @@ def quantize(
     logger.info("wrote %s in %.1f s", target, result.seconds)
     return result
 
-
-def _signature() -> inspect.Signature:
-    """``quantize``'s signature with every option of :data:`OPTIONS` as a keyword argument and its default."""
-    signature = inspect.signature(quantize)
-    fixed = [p.replace(default=option_named(p.name).default) if p.default is _CONFIGS else p
-             for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    named = {p.name for p in fixed}
-    extra = [inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default)
-             for opt in OPTIONS if opt.name not in named]
-    return signature.replace(parameters=[*fixed, *extra])
-
-
-quantize.__signature__ = _signature()  # type: ignore[attr-defined]

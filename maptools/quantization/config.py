@@ -207,8 +207,8 @@ def check_cim(cim: object, weight_bits: Sequence[int], argument: str = "cim") ->
             raise InvalidArgumentError(f"{argument}: got the keys {sorted(cim)}, expected fields of CIMSpec "
                                        f"{[f.name for f in dataclasses.fields(CIMSpec)]} ({exc})") from None
     if not isinstance(cim, CIMSpec):
-        raise InvalidTypeError(f"{argument}: got {type(cim).__name__} ({cim!r:.80}), expected None, a "
-                               "maptools.quantization.CIMSpec or a mapping of its fields, e.g. "
+        raise InvalidTypeError(f"{argument}: got {type(cim).__name__} ({cim!r:.80}), expected None or a "
+                               "maptools.quantization.CIMSpec (or a mapping of its fields), e.g. "
                                "CIMSpec.parse('rows=256,cell_bits=2,adc_bits=6')")
     if cim.adc_range == "calibrated" and cim.adc_bits is None:
         raise InvalidArgumentError(f"{argument}: got adc_range='calibrated' with adc_bits=None ({cim}), expected "
