@@ -44,6 +44,7 @@ from maptools.quantization.cim import (
     requant_multipliers,
     tile_layout,
 )
+from maptools.quantization.cim.content import resolve_record_cim
 from maptools.quantization.format import (
     CIM_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -207,8 +208,11 @@ def test_records_hold_the_tile_layout_and_per_tile_adc(maps) -> None:
         executor, records = _crossbar_records(name, mapsave)
         info = read_quantinfo(name, mapsave)
         assert [n for n, r in info.items() if r.cim is not None] == [node.name for node, _ in records]
+        map_calibration = read_map_calibration(name, mapsave)
         for node, record in records:
-            entry = record.cim
+            # each fact once: the spec and the ADC ranges live in cim.json, the reader resolves them
+            assert "spec" not in record.cim and "ranges" not in record.cim["adc"]
+            entry = resolve_record_cim(record, map_calibration)
             assert entry["spec"] == spec.to_dict() and entry["file"] == CIM_FILE
             weight = executor.mac_weights(node).weight
             trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)

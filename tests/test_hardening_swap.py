@@ -344,7 +344,7 @@ def test_a_mapname_with_a_newline_is_refused(tmp_path, tiny_onnx, capsys, name):
     with pytest.raises(InvalidArgumentError, match="mapname"):
         _quantize(tiny_onnx, tmp_path / "mapsave", name=name)
     assert _cli_quantize(tiny_onnx, tmp_path / "mapsave", name) == 2
-    assert "error: --mapname:" in capsys.readouterr().err
+    assert "argument --mapname:" in capsys.readouterr().err
     assert not (tmp_path / "mapsave").exists()
 
 

@@ -85,9 +85,10 @@ class OperatorQuantConfig:
         bias_bits: Bias bit width (32) when the operator has a bias.
         bias_scale: Bias scale, ``input_scale * weight_scale``.
         cim: For a crossbar MAC of a map quantized with ``cim=`` (format 1.2), its place on the crossbars as
-            plain data (dicts, lists, numbers, strings): the crossbar spec, the tile layout, the ADC
-            parameters of every (row tile, weight slice, input plane) and the ``quantparams.pkl`` keys of
-            its weight slices and requantization multipliers (see :doc:`/cim`); None otherwise. A record
+            plain data (dicts, lists, numbers, strings): the tile layout, the ADC gains of every (row tile,
+            weight slice, input plane) and the ``quantparams.pkl`` keys of its weight slices and
+            requantization multipliers, the spec and ADC ranges being in ``cim.json`` (see :doc:`/cim`);
+            None otherwise. A record
             whose ``cim`` is None pickles exactly as in format 1.1 (the field is left out of the pickle),
             and records of 1.0 and 1.1 maps load with ``cim`` None.
     """

@@ -1,0 +1,84 @@
+"""Each fact of a map stored once: records refer to cim.json, the format version follows the files a map holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maptools.examples import digits
+from maptools.quantization import CIMSpec, quantize, read_map, read_quantinfo, simulate
+from maptools.quantization.artifacts import MANIFEST
+from maptools.quantization.cim import MapCalibration, read_map_calibration, write_map_calibration
+from maptools.quantization.cim.content import resolve_record_cim
+from maptools.quantization.format import CIM_FORMAT_VERSION, FORMAT_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+#: main's last commit before the records stopped copying the CIM spec and the ADC ranges.
+OLD_WRITER = "1350933"
+SHAPES = {"input": list(digits.INPUT_SHAPE)}
+SPEC_TEXT = "rows=64,cell_bits=2,adc_bits=6,adc_range=calibrated"
+SPEC = CIMSpec.parse(SPEC_TEXT)
+
+
+def test_adding_cim_json_makes_the_map_format_1_2(tiny_onnx, tmp_path):
+    quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, analysis_steps=1,
+             mapsave_dir=tmp_path, recipe="fast")
+    assert json.loads((tmp_path / "m" / MANIFEST).read_text())["format_version"] == FORMAT_VERSION == "1.1"
+    write_map_calibration("m", MapCalibration(spec=CIMSpec(adc_bits=6), adc={}), mapsave_dir=tmp_path)
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    assert manifest["format_version"] == CIM_FORMAT_VERSION == "1.2" and "cim.json" in manifest["files"]
+    assert read_map("m", tmp_path).cim["spec"]["adc_bits"] == 6
+
+
+def _old_maptools(target: Path) -> Path:
+    """The package as main's code at :data:`OLD_WRITER` wrote maps, unpacked under ``target``."""
+    probe = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{OLD_WRITER}^{{commit}}"],
+                           capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"needs the repository's history (commit {OLD_WRITER}) to write a map with the old code")
+    target.mkdir(parents=True)
+    archive = target / "old.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), OLD_WRITER, "maptools"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+@pytest.mark.slow
+def test_a_map_written_by_the_old_code_still_loads_and_resolves_the_same(tmp_path):
+    old = _old_maptools(tmp_path / "old_code")
+    mapsave = tmp_path / "mapsave"
+    script = textwrap.dedent(f"""
+        from maptools.examples import digits
+        from maptools.quantization import quantize
+        from maptools.quantization.cim import CIMSpec
+        quantize({SHAPES!r}, "cpu", digits.MODEL_PATH, mapname="old", calib_steps=8, analysis_steps=1,
+                 bit_width=4, recipe="fast", mapsave_dir={str(mapsave)!r}, cim=CIMSpec.parse({SPEC_TEXT!r}))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(old)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=old, timeout=300)
+    quantize(SHAPES, "cpu", digits.MODEL_PATH, mapname="new", calib_steps=8, analysis_steps=1, bit_width=4,
+             recipe="fast", mapsave_dir=mapsave, cim=SPEC)
+    old_info, new_info = read_quantinfo("old", mapsave), read_quantinfo("new", mapsave)
+    calibration = read_map_calibration("new", mapsave)
+    assert read_map_calibration("old", mapsave).spec == calibration.spec == SPEC
+    crossbar = [name for name, record in new_info.items() if record.cim is not None]
+    assert crossbar and crossbar == [name for name, record in old_info.items() if record.cim is not None]
+    for name in crossbar:
+        assert "spec" in old_info[name].cim and "spec" not in new_info[name].cim  # copied before, once now
+        assert resolve_record_cim(old_info[name], calibration) is old_info[name].cim  # old entries as they are
+        assert resolve_record_cim(new_info[name], calibration) == old_info[name].cim
+    batch = {"input": digits.load_split("test")[0][:16]}
+    old_out = simulate("old", batch, mapsave_dir=mapsave, cim=True)
+    new_out = simulate("new", batch, mapsave_dir=mapsave, cim=True)
+    for key in new_out:
+        np.testing.assert_array_equal(old_out[key], new_out[key])
+
