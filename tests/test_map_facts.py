@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from maptools import InvalidArgumentError
 from maptools.examples import digits
 from maptools.quantization import CIMSpec, quantize, read_map, read_quantinfo, simulate
 from maptools.quantization.artifacts import MANIFEST
@@ -82,3 +83,20 @@ def test_a_map_written_by_the_old_code_still_loads_and_resolves_the_same(tmp_pat
     for key in new_out:
         np.testing.assert_array_equal(old_out[key], new_out[key])
 
+
+
+def test_cim_means_the_same_in_quantize_and_simulate(tiny_onnx, tmp_path):
+    """A CIMSpec or a mapping of its fields, in both; True is simulate's only (the map's own cim.json)."""
+    fields = {"rows": 16, "cell_bits": 2, "adc_bits": 5}
+    quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, analysis_steps=1,
+             mapsave_dir=tmp_path, recipe="fast", cim=fields)
+    assert read_map_calibration("m", tmp_path).spec == CIMSpec(**fields)
+    x = {"input": np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)}
+    by_mapping = simulate("m", x, mapsave_dir=tmp_path, cim=fields)
+    by_spec = simulate("m", x, mapsave_dir=tmp_path, cim=CIMSpec(**fields))
+    own = simulate("m", x, mapsave_dir=tmp_path, cim=True)
+    for name, value in by_spec.items():
+        np.testing.assert_array_equal(by_mapping[name], value)
+        np.testing.assert_array_equal(own[name], value)
+    with pytest.raises(InvalidArgumentError, match=r"^CIMSpec.from_dict: unknown field\(s\) 'cels'"):
+        simulate("m", x, mapsave_dir=tmp_path, cim={"cels": 2})

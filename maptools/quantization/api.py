@@ -108,7 +108,8 @@ def quantize(
         power_of_two: Make every scale (activations, weights, and so biases) a power of two, rounded up from the
             calibrated one (PPQ's ``POWER_OF_2`` policy), for hardware that requantizes by shifting only: the
             multiplier ``s_in * s_w / s_out`` of every requantization is then a power of two.
-        cim: None (default) for a map as always; a :class:`~maptools.quantization.cim.CIMSpec` to make the map
+        cim: None (default) for a map as always; a :class:`~maptools.quantization.CIMSpec` (or a mapping of its
+            fields, as ``simulate``'s ``cim``) to make the map
             for that compute-in-memory crossbar as well. After PPQ, the integer reference executor is built from
             the artifacts in memory; for ``adc_range='calibrated'`` (``adc_bits`` must then be set) the ADC ranges
             of every crossbar MAC are calibrated on the first 8 calibration batches

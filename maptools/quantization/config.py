@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.errors import InvalidArgumentError, InvalidTypeError, MaptoolsError
 from maptools.quantization.cim.mapping import weight_format
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.mapdir import check_mapname
@@ -202,10 +202,9 @@ def check_cim(cim: object, weight_bits: Sequence[int], argument: str = "cim") ->
         return None
     if isinstance(cim, Mapping):
         try:
-            cim = CIMSpec(**cim)
-        except TypeError as exc:
-            raise InvalidArgumentError(f"{argument}: got the keys {sorted(cim)}, expected fields of CIMSpec "
-                                       f"{[f.name for f in dataclasses.fields(CIMSpec)]} ({exc})") from None
+            cim = CIMSpec.from_dict(dict(cim))
+        except MaptoolsError as exc:
+            raise type(exc)(f"{argument}: {exc}") from None
     if not isinstance(cim, CIMSpec):
         raise InvalidTypeError(f"{argument}: got {type(cim).__name__} ({cim!r:.80}), expected None or a "
                                "maptools.quantization.CIMSpec (or a mapping of its fields), e.g. "
