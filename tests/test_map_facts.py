@@ -15,7 +15,15 @@ import pytest
 
 from maptools import InvalidArgumentError
 from maptools.examples import digits
-from maptools.quantization import CIMSpec, quantize, read_map, read_quantinfo, simulate
+from maptools.quantization import (
+    CIMSpec,
+    OperatorQuantConfig,
+    TensorQuant,
+    quantize,
+    read_map,
+    read_quantinfo,
+    simulate,
+)
 from maptools.quantization.artifacts import MANIFEST
 from maptools.quantization.cim import MapCalibration, read_map_calibration, write_map_calibration
 from maptools.quantization.cim.content import resolve_record_cim
@@ -37,6 +45,18 @@ def test_adding_cim_json_makes_the_map_format_1_2(tiny_onnx, tmp_path):
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
     assert manifest["format_version"] == CIM_FORMAT_VERSION == "1.2" and "cim.json" in manifest["files"]
     assert read_map("m", tmp_path).cim["spec"]["adc_bits"] == 6
+
+
+def test_records_hold_the_first_input_once():
+    first = TensorQuant("x", 4, 0.5, 3, 0, 15)
+    record = OperatorQuantConfig("add", "Add", inputs=[None, first, TensorQuant("y", 8, 0.1, 0, -128, 127)])
+    assert (record.input_bits, record.input_scale, record.input_zero_point) == (4, 0.5, 3)
+    assert not {"input_bits", "input_scale", "input_zero_point"} & set(record.__getstate__())
+    older = {**record.__getstate__(), "input_bits": 4, "input_scale": 0.5, "input_zero_point": 3}
+    restored = OperatorQuantConfig.__new__(OperatorQuantConfig)
+    restored.__setstate__(older)  # as the unpickler does with a record of an older map
+    assert restored == record and restored.__getstate__() == record.__getstate__()
+    assert OperatorQuantConfig("relu", "Relu").input_bits is None
 
 
 def _old_maptools(target: Path) -> Path:
@@ -73,6 +93,12 @@ def test_a_map_written_by_the_old_code_still_loads_and_resolves_the_same(tmp_pat
     assert read_map_calibration("old", mapsave).spec == calibration.spec == SPEC
     crossbar = [name for name, record in new_info.items() if record.cim is not None]
     assert crossbar and crossbar == [name for name, record in old_info.items() if record.cim is not None]
+    assert list(old_info) == list(new_info)
+    for name, record in new_info.items():  # input_* read from inputs, as older maps copied them
+        old_record = old_info[name]
+        assert (record.input_bits, record.input_scale, record.input_zero_point) == (
+            old_record.input_bits, old_record.input_scale, old_record.input_zero_point)
+        assert "input_scale" not in old_record.__dict__ and "input_scale" not in record.__getstate__()
     for name in crossbar:
         assert "spec" in old_info[name].cim and "spec" not in new_info[name].cim  # copied before, once now
         assert resolve_record_cim(old_info[name], calibration) is old_info[name].cim  # old entries as they are
