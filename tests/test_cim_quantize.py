@@ -43,6 +43,7 @@ from maptools.quantization.cim import (
     tile_layout,
 )
 from maptools.quantization.cimmap import calibrate_map, map_weight_slices
+from maptools.quantization.cimmap.content import resolve_record_cim
 from maptools.quantization.format import (
     CIM_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -206,8 +207,11 @@ def test_records_hold_the_tile_layout_and_per_tile_adc(maps) -> None:
         executor, records = _crossbar_records(name, mapsave)
         info = read_quantinfo(name, mapsave)
         assert [n for n, r in info.items() if r.cim is not None] == [node.name for node, _ in records]
+        map_calibration = read_map_calibration(name, mapsave)
         for node, record in records:
-            entry = record.cim
+            # each fact once: the spec and the ADC ranges live in cim.json, the reader resolves them
+            assert "spec" not in record.cim and "ranges" not in record.cim["adc"]
+            entry = resolve_record_cim(record, map_calibration)
             assert entry["spec"] == spec.to_dict() and entry["file"] == CIM_FILE
             weight = executor.mac_weights(node).weight
             trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
@@ -263,7 +267,9 @@ def test_without_cim_the_artifacts_are_unchanged(maps) -> None:
 def test_bad_cim_argument_is_refused_before_anything_is_written(tmp_path) -> None:
     mapsave = tmp_path / "mapsave"
     cases = [("rows=256,adc_bits=6", InvalidTypeError, r"cim: got str .*expected None or a .*CIMSpec"),
-             ({"rows": 256}, InvalidTypeError, r"cim: got dict"),
+             ({"rows": 256, "cels": 2}, InvalidArgumentError, r"cim: CIMSpec.from_dict: unknown field\(s\) 'cels'"),
+             ({"rows": 256, "adc_range": "calibrated"}, InvalidArgumentError,  # a mapping is checked as a CIMSpec
+              r"cim: got adc_range='calibrated' with adc_bits=None"),
              (CIMSpec(adc_range="calibrated"), InvalidArgumentError,
               r"cim: got adc_range='calibrated' with adc_bits=None .*expected adc_bits set"),
              (CIMSpec(cols=3, cell_bits=1), InvalidArgumentError, r"cim: got cols=3, expected at least 8")]

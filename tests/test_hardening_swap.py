@@ -44,7 +44,7 @@ def _names(root: Path) -> list[str]:
 
 def _info(value: int) -> dict[str, OperatorQuantConfig]:
     """A quantinfo of one record that carries ``value`` (readers check the records' schema)."""
-    return {"v": OperatorQuantConfig("v", "Relu", input_scale=float(value))}
+    return {"v": OperatorQuantConfig("v", "Relu", output_scale=float(value))}
 
 
 def _params(value: int) -> dict[str, np.ndarray]:
@@ -54,7 +54,7 @@ def _params(value: int) -> dict[str, np.ndarray]:
 def _value(contents: dict) -> int:
     """The value a map of :func:`_small_map` was written with (from its quantinfo or its quantparams)."""
     item = contents["v"]
-    return int(item.input_scale) if isinstance(item, OperatorQuantConfig) else int(item[0])
+    return int(item.output_scale) if isinstance(item, OperatorQuantConfig) else int(item[0])
 
 
 def _small_map(root: Path, value: int, name: str = "m") -> None:
@@ -344,7 +344,7 @@ def test_a_mapname_with_a_newline_is_refused(tmp_path, tiny_onnx, capsys, name):
     with pytest.raises(InvalidArgumentError, match="mapname"):
         _quantize(tiny_onnx, tmp_path / "mapsave", name=name)
     assert _cli_quantize(tiny_onnx, tmp_path / "mapsave", name) == 2
-    assert "error: --mapname:" in capsys.readouterr().err
+    assert "argument --mapname:" in capsys.readouterr().err
     assert not (tmp_path / "mapsave").exists()
 
 
@@ -369,7 +369,7 @@ SWAPPER = textwrap.dedent("""
     value, stop = 0, time.monotonic() + seconds
     while time.monotonic() < stop:
         value += 1
-        info = {"v": OperatorQuantConfig("v", "Relu", input_scale=float(value))}
+        info = {"v": OperatorQuantConfig("v", "Relu", output_scale=float(value))}
         params = {"v": np.array([value], dtype=np.int64), "pad": np.frombuffer(pad, dtype=np.int8)}
         write_map(root / "m", {QUANTINFO: dump_pickle(info), QUANTPARAMS: dump_pickle(params),
                                QUANTMODEL: str(value).encode() + pad}, {})
@@ -409,12 +409,12 @@ INSPECT_SWAPPER = textwrap.dedent("""
 
     root, seconds = Path(sys.argv[1]), float(sys.argv[2])
     base = read_map("m", root)
-    node = next(name for name, record in base.quantinfo.items() if record.input_scale is not None)
+    node = next(name for name, record in base.quantinfo.items() if record.output_scale is not None)
     fields = {k: v for k, v in base.manifest.items() if k not in ("files", "format_version", "rounding")}
     value, stop = 0, time.monotonic() + seconds
     while time.monotonic() < stop:
         value += 1
-        base.quantinfo[node].input_scale = float(value)  # the records and the manifest carry the same value
+        base.quantinfo[node].output_scale = float(value)  # the records and the manifest carry the same value
         fields["settings"] = dict(fields["settings"], seed=value)
         write_map(root / "m", {**base.files, QUANTINFO: dump_pickle(base.quantinfo)}, fields)
     print(value)
@@ -437,7 +437,7 @@ def test_inspect_racing_a_writer_reads_one_map(tmp_path, tiny_onnx):
         while writer.poll() is None:
             listing = inspect_map("m", root)
             seed = listing.manifest["settings"]["seed"]
-            scales = {row["input_scale"] for row in listing.operators if row["input_scale"] is not None}
+            scales = {row["output_scale"] for row in listing.operators if row["output_scale"] is not None}
             if seed != 0:  # a swapped map: its record's scale is its seed, from the same snapshot
                 assert float(seed) in scales, (seed, scales)
             seen.add(seed)

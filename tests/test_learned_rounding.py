@@ -141,5 +141,5 @@ def test_cli_rounding_options_reach_the_manifest(tmp_path, tiny_onnx, capsys):
     settings = json.loads((tmp_path / "c" / MANIFEST).read_text())["settings"]
     assert (settings["rounding"], settings["time_budget"]) == ("learned", 3.0)
     assert main([*args, "--mapname", "d", "--time-budget", "0"]) == 2
-    assert "time_budget: expected a positive finite number of seconds, got 0.0" in capsys.readouterr().err
+    assert "argument --time-budget: expected a positive finite number of seconds, got 0.0" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

@@ -46,7 +46,7 @@ WRITER = textwrap.dedent("""
 
 def _info(bits: int) -> dict[str, OperatorQuantConfig]:
     """A one-record quantinfo.pkl (what the reader's schema accepts) that tells two writers apart."""
-    return {"x": OperatorQuantConfig("x", "Relu", input_bits=bits)}
+    return {"x": OperatorQuantConfig("x", "Relu", output_bits=bits)}
 
 
 def _names(root: Path) -> list[str]:

@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "maptools.quantization.folding": 3,
     "maptools.quantization.calibfolders": 3,
     "maptools.quantization.calibration": 3,
+    "maptools.quantization.config": 3,
     "maptools.quantization.options": 3,
     "maptools.quantization.engine": 3,
     "maptools.quantization.lowbit": 3,

@@ -114,7 +114,7 @@ ROWS = [
     ("mapname-dotdot", {"mapname": ".."}, InvalidArgumentError, "mapname"),
     ("mapname-absolute", {"mapname": "/tmp/m"}, InvalidArgumentError, "mapname"),
     ("mapname-unsafe-chars", {"mapname": "m*?"}, InvalidArgumentError, "mapname"),
-    ("mapname-type", {"mapname": None}, InvalidTypeError, "mapname"),
+    ("mapname-type", {"mapname": 3}, InvalidTypeError, "mapname"),
     ("mapsave-not-writable", {"mapsave_dir": "afile/sub"}, InvalidArgumentError, "mapsave_dir"),
 ]
 

@@ -14,15 +14,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from maptools.errors import InvalidArgumentError, MaptoolsError
+from maptools.quantization.config import OPTIONS, option_named
 
 #: ``quantize``'s Python argument names (and those of the calibration folder readers) -> its command line options.
 _QUANTIZE_OPTIONS = {
-    "onnx_path": "model", "input_shapes": "--input", "mapname": "--mapname", "bit_width": "--bits",
-    "weight_bits": "--weight-bits", "activation_bits": "--act-bits", "calib_steps": "--calib-steps",
-    "analysis_steps": "--analysis-steps", "first_last_bits": "--first-last-bits", "threads": "--threads",
-    "device": "--device", "seed": "--seed", "recipe": "--recipe", "observer": "--observer",
-    "unsigned_nonnegative": "--unsigned-nonnegative", "mapsave_dir": "--mapsave-dir", "cim": "--cim",
-    "mean": "--mean", "std": "--std", "root": "--calib-dir", "calib_npy": "--calib-npy",
+    **{opt.name: opt.flag for opt in OPTIONS}, "onnx_path": "model", "input_shapes": "--input", "mean": "--mean",
+    "std": "--std",
 }
 
 
@@ -45,7 +42,9 @@ def _cli_names(options: Mapping[str, str]) -> Iterator[None]:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     source = "--calib-dir" if args.calib_dir else "--calib-npy" if args.calib_npy else None
-    options = {**_QUANTIZE_OPTIONS, **({"calibset": source} if source else {})}
+    evaluation = "--eval-dir" if args.eval_dir else "--eval-npy" if args.eval_npy else None
+    options = {**_QUANTIZE_OPTIONS, **({"calibset": source} if source else {}),
+               **({"evalset": evaluation} if evaluation else {})}
     with _cli_names(options):
         return _quantize(args)
 
@@ -63,33 +62,36 @@ def _quantize(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--input: the same input name was given twice")
     if not Path(args.model).is_file():
         raise InvalidArgumentError(f"model: file {args.model!r} does not exist; expected an .onnx model file")
-    target = map_directory(args.mapname, args.mapsave_dir)
+    options = {opt.name: getattr(args, opt.name) for opt in OPTIONS if hasattr(args, opt.name)}
+    target = map_directory(args.mapname, options.get("mapsave_dir"))
     replacing = target.is_dir()
-    calibset = None
-    if args.calib_dir:
-        from maptools.quantization.calibration import imagefolder_calibset
-
-        calibset = imagefolder_calibset(args.calib_dir, shapes, mean=args.mean, std=args.std, seed=args.seed)
-    elif args.calib_npy:
-        from maptools.quantization.calibration import npy_calibset
-
-        calibset = npy_calibset(args.calib_npy, shapes)
+    seed = options.get("seed", option_named("seed").default)
+    calibset = _folder_batches(args.calib_dir, args.calib_npy, ("--calib-dir", "--calib-npy"), shapes, args, seed)
+    evalset = _folder_batches(args.eval_dir, args.eval_npy, ("--eval-dir", "--eval-npy"), shapes, args, seed)
     from maptools.quantization.diagnostics import advice_syntax
 
     with advice_syntax("cli"):  # warnings suggest --options, not keyword arguments
-        result = quantize(shapes, args.device, args.model, mapname=args.mapname, calibset=calibset,
-                          calib_steps=args.calib_steps, bit_width=args.bits, weight_bits=args.weight_bits,
-                          activation_bits=args.act_bits, symmetrical=not args.asymmetric,
-                          per_channel=not args.per_tensor, seed=args.seed, mapsave_dir=args.mapsave_dir,
-                          recipe=args.recipe, observer=args.observer, layerwise_analysis=args.layerwise_analysis,
-                          unsigned_nonnegative=args.unsigned_nonnegative, analysis_steps=args.analysis_steps,
-                          threads=args.threads, first_last_bits=args.first_last_bits,
-                          power_of_two=args.power_of_two, cim=args.cim, rounding=args.rounding,
-                          time_budget=args.time_budget)
+        result = quantize(shapes, options.pop("device", option_named("device").default), args.model,
+                          calibset=calibset, evalset=evalset, **options)
     if replacing:
         print(f"maptools quantize: replaced the earlier map {args.mapname!r} in {result.directory}", file=sys.stderr)
     print(result.summary())
     return 0
+
+
+def _folder_batches(images: str | None, arrays: str | None, flags: tuple[str, str], shapes: dict[str, list[int]],
+                    args: argparse.Namespace, seed: int) -> object:
+    """The batches of an image folder (``--calib-dir``, ``--eval-dir``) or an .npy folder, or None."""
+    with _cli_names({"root": flags[0], "calib_npy": flags[1]}):
+        if images:
+            from maptools.quantization.calibration import imagefolder_calibset
+
+            return imagefolder_calibset(images, shapes, mean=args.mean, std=args.std, seed=seed)
+        if arrays:
+            from maptools.quantization.calibration import npy_calibset
+
+            return npy_calibset(arrays, shapes)
+    return None
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from maptools.errors import MaptoolsError
+from maptools.quantization.config import IMAGENET_MEAN, IMAGENET_STD, OPTIONS, RECIPES, Option
 from maptools.quantization.validation import (
     MAX_BATCHES,
     MAX_SEED,
@@ -19,7 +20,6 @@ from maptools.quantization.validation import (
     check_batches,
     check_jobs,
     check_seed,
-    check_threads,
 )
 
 
@@ -99,7 +99,7 @@ def _cim_spec(text: str) -> object:
     import dataclasses
 
     from maptools.quantization.cim.spec import CIMSpec
-    from maptools.quantization.options import check_cim
+    from maptools.quantization.config import check_cim
 
     keys = ", ".join(f.name for f in dataclasses.fields(CIMSpec))
     try:
@@ -117,11 +117,51 @@ def _stds(text: str) -> list[float]:
     return values
 
 
+def _option_type(opt: Option, spelling: str) -> Callable[[str], object]:
+    """The argparse type of a table option: its text parsed, then checked as ``quantize`` checks it."""
+    assert opt.parse is not None
+
+    def convert(text: str) -> object:
+        try:
+            value = opt.parse(text)  # type: ignore[misc]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected {opt.metavar or 'a value'}, got {text!r} ({exc})") from None
+        except MaptoolsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        try:
+            return opt.check(value, spelling)
+        except MaptoolsError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{spelling}: ").removeprefix(f"{opt.name}: ")
+                                             ) from None
+
+    return convert
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """Every option of :data:`~maptools.quantization.config.OPTIONS`, with its help and default, each given one
+    landing in ``args.<name>`` (options not given are absent: ``quantize`` applies their defaults)."""
+    for opt in OPTIONS:
+        common = {"dest": opt.name, "default": argparse.SUPPRESS}
+        if opt.is_flag:
+            parser.add_argument(opt.flag, action="store_const", const=True, help=opt.cli_help(), **common)
+            negatives = ["--no-" + opt.flag.removeprefix("--"), *([opt.negative] if opt.negative else [])]
+            parser.add_argument(*negatives, action="store_const", const=False,
+                                help=f"the opposite of {opt.flag} ({opt.default_words()})",
+                                **common)
+            continue
+        for spelling in (opt.flag, *opt.aliases):
+            text = opt.cli_help() if spelling == opt.flag else f"older spelling of {opt.flag} ({opt.default_words()})"
+            convert = _cim_spec if opt.group == "cim" else _option_type(opt, spelling)  # the hint of valid keys
+            parser.add_argument(spelling, type=convert, metavar=opt.metavar or opt.name.upper()
+                                if not opt.choices else "{" + ",".join(opt.choices) + "}",
+                                required=opt.cli_required and spelling == opt.flag, help=text, **common)
+
+
 _MAPSAVE_HELP = "directory holding the maps (default: $MAPTOOLS_MAPSAVE, else ./mapsave)"
 _MEAN_HELP = ("normalisation mean per channel (one value or one per channel) in [0,1] pixel scale, i.e. after "
-              "ToTensor divides the 0..255 pixels by 255 (default: ImageNet's 0.485,0.456,0.406)")
+              f"ToTensor divides the 0..255 pixels by 255 (default: ImageNet's {','.join(map(str, IMAGENET_MEAN))})")
 _STD_HELP = ("normalisation standard deviation per channel in the same [0,1] pixel scale, every entry > 0 (default: "
-             "ImageNet's 0.229,0.224,0.225)")
+             f"ImageNet's {','.join(map(str, IMAGENET_STD))})")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -136,14 +176,6 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input", action="append", type=_input_spec, required=True, metavar="NAME:SHAPE",
                    help="input name and shape in elements, e.g. input:1,3,224,224; NAME: or NAME:scalar for a rank-0 "
                         "input; repeat for every input (required)")
-    q.add_argument("--mapname", required=True, help="map name; results go to <mapsave>/<mapname>/ (required)")
-    q.add_argument("--bits", type=int, default=8, help="bit width of weights and activations, 2..8 (default 8)")
-    q.add_argument("--weight-bits", type=int, default=None, help="weight bit width, 2..8 (default: --bits)")
-    q.add_argument("--act-bits", type=int, default=None, help="activation bit width, 2..8 (default: --bits)")
-    q.add_argument("--asymmetric", action="store_true",
-                   help="asymmetric (unsigned, with zero point) activations (default: off, symmetric)")
-    q.add_argument("--per-tensor", action="store_true",
-                   help="one weight scale per tensor (default: off, one per output channel)")
     source = q.add_mutually_exclusive_group()
     source.add_argument("--calib-dir", metavar="DIR",
                         help="calibrate on images: an ImageFolder (one sub-folder per class) or a flat folder "
@@ -151,51 +183,18 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("--calib-npy", metavar="DIR",
                         help="calibrate on a folder of .npy arrays, whole batches or single samples (default: none, "
                              "random data)")
-    q.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]",
+    q.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, metavar="M[,M,M]",
                    help=_MEAN_HELP + "; for --calib-dir")
-    q.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
+    q.add_argument("--std", type=_stds, default=IMAGENET_STD, metavar="S[,S,S]",
                    help=_STD_HELP + "; for --calib-dir")
-    q.add_argument("--calib-steps", type=_limited("--calib-steps", check_batches), default=32, metavar="N",
-                   help=f"number of calibration batches (default 32), 8 to {MAX_BATCHES}")
-    q.add_argument("--analysis-steps", type=_limited("--analysis-steps", check_batches, _positive_int),
-                   default=None, metavar="N",
-                   help="number of batches the graph-wise error (report.json, summary) is measured on, held out "
-                        "after the first --calib-steps ones (default: enough for 32 samples, at least 4)")
-    q.add_argument("--power-of-two", action="store_true",
-                   help="every scale a power of two, for requantization by shifts (default: off)")
-    q.add_argument("--cim", type=_cim_spec, default=None, metavar="KEY=VALUE,...",
-                   help="also make the map for a compute-in-memory crossbar, e.g. rows=256,cell_bits=2,adc_bits=6,"
-                        "dac_bits=1,weight_encoding=differential,requant=fixed_point; keys rows, cols, cell_bits, "
-                        "dac_bits, adc_bits (none: ideal), weight_encoding (differential, offset), adc_range (full, "
-                        "calibrated: ranges calibrated on the calibration batches), requant (float, fixed_point, "
-                        "power_of_two), as CIMSpec.parse (default: none)")
-    q.add_argument("--first-last-bits", type=int, default=None, metavar="B",
-                   help="keep the first and the last Conv/Gemm/MatMul at B bits, weights and activations "
-                        "(default: off)")
-    q.add_argument("--threads", type=_limited("--threads", check_threads, _positive_int), default=None,
-                   metavar="N", help=f"torch CPU threads while quantizing, 1 to {MAX_THREADS} (default 1: the "
-                                     "fastest for calibration on small batches, and steady beside other jobs)")
-    q.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    q.add_argument("--seed", type=_limited("--seed", check_seed), default=0,
-                   help="seed of the random calibration data, the image shuffle and every generator, 0 to "
-                        f"{MAX_SEED} (default 0)")
-    q.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
-                   help="quantization recipe (default: default)")
-    q.add_argument("--rounding", default=None, choices=["nearest", "learned"],
-                   help="weight rounding: nearest, or learned on the calibration data (AdaRound) (default: the "
-                        "recipe's, learned for best at 2-6-bit weights, else nearest)")
-    q.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="seconds learned rounding may take; its iterations are scaled to fit (default: no limit)")
-    q.add_argument("--observer", default=None,
-                   help="activation observer: percentile, minmax, kl or mse (default: the recipe's, mse for default "
-                        "and best, percentile for fast)")
-    q.add_argument("--unsigned-nonnegative", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize never-negative activations over 0..2^b-1, not with --asymmetric or --observer kl "
-                        "(default: the recipe's, on for default and best, off for fast)")
-    q.add_argument("--layerwise-analysis", action="store_true",
-                   help="also measure each operator's error when quantized alone, one forward per operator "
-                        "(default: off)")
-    q.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
+    evaluation = q.add_mutually_exclusive_group()
+    evaluation.add_argument("--eval-dir", metavar="DIR",
+                            help="measure the graph-wise error on these images (quantize's evalset), read as "
+                                 "--calib-dir (default: none, the batches after the calibration ones)")
+    evaluation.add_argument("--eval-npy", metavar="DIR",
+                            help="measure the graph-wise error on these .npy arrays (quantize's evalset), read as "
+                                 "--calib-npy (default: none, the batches after the calibration ones)")
+    add_config_options(q)
 
     i = sub.add_parser("inspect", help="list the quantized operators of a map")
     i.add_argument("mapname", help="the map to show")
@@ -211,9 +210,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="folder of real inputs: .npy files (whole batches or single samples, as --calib-npy) or "
                         "images (class sub-folders or flat, as --calib-dir), in batches of the map's input shape "
                         "(default: none, random standard-normal batches)")
-    v.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]",
+    v.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, metavar="M[,M,M]",
                    help=_MEAN_HELP + "; for image --inputs")
-    v.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
+    v.add_argument("--std", type=_stds, default=IMAGENET_STD, metavar="S[,S,S]",
                    help=_STD_HELP + "; for image --inputs")
     v.add_argument("--batches", type=_limited("--batches", check_batches, _positive_int), default=None, metavar="N",
                    help=f"number of batches, 1 to {MAX_BATCHES}: with --inputs at most this many (default: all), "
@@ -222,7 +221,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize the bundled digits CNN and compare top-1")
     d.add_argument("--bits", type=int, default=4, help="bit width of weights and activations, 2..8 (default 4)")
-    d.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
+    d.add_argument("--recipe", default="default", choices=RECIPES,
                    help="quantization recipe (default: default)")
     d.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
 
@@ -242,8 +241,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "batches of the map's input shapes)")
     c.add_argument("--calib", metavar="DIR", default=None,
                    help="ADC calibration inputs, like --inputs (default: the --inputs, else other random batches)")
-    c.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]", help=_MEAN_HELP)
-    c.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]", help=_STD_HELP)
+    c.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, metavar="M[,M,M]", help=_MEAN_HELP)
+    c.add_argument("--std", type=_stds, default=IMAGENET_STD, metavar="S[,S,S]", help=_STD_HELP)
     c.add_argument("--batches", type=_limited("--batches", check_batches, _positive_int), default=2, metavar="N",
                    help=f"random batches, 1 to {MAX_BATCHES} (default 2)")
     c.add_argument("--seed", type=_limited("--seed", check_seed), default=0,

@@ -19,6 +19,15 @@ from __future__ import annotations
 from maptools._lazy import lazy_attributes
 from maptools.quantization.api import OBSERVERS, RECIPES, quantize
 from maptools.quantization.artifacts import MapContents, read_map, read_quantinfo, read_quantparams
+from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.config import (
+    BitsConfig,
+    CalibrationConfig,
+    OutputConfig,
+    QuantizeConfig,
+    RecipeConfig,
+    RunConfig,
+)
 from maptools.quantization.records import OperatorQuantConfig, QuantizationResult, TensorQuant
 from maptools.quantization.reference import simulate
 from maptools.quantization.verify import VerifyReport, verify
@@ -26,6 +35,13 @@ from maptools.quantization.verify import VerifyReport, verify
 __all__ = [
     "OBSERVERS",
     "RECIPES",
+    "BitsConfig",
+    "CIMSpec",
+    "CalibrationConfig",
+    "OutputConfig",
+    "QuantizeConfig",
+    "RecipeConfig",
+    "RunConfig",
     "MapContents",
     "OperatorQuantConfig",
     "QuantizationResult",

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from maptools.quantization import artifacts, pipeline
-from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.options import OBSERVERS, RECIPES, QuantizeOptions
+from maptools.quantization.config import OBSERVERS, RECIPES, QuantizeConfig
+from maptools.quantization.options import QuantizeOptions
 from maptools.quantization.records import QuantizationResult
 
-__all__ = ["OBSERVERS", "RECIPES", "quantize"]
+__all__ = ["OBSERVERS", "RECIPES", "QuantizeConfig", "quantize"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,44 +28,33 @@ def quantize(
     input_shapes: Mapping[str, Sequence[int]],
     device: str,
     onnx_path: str | os.PathLike,
-    mapname: str = "newmap",
+    mapname: str | None = None,
     calibset: Iterable[Any] | None = None,
-    calib_steps: int = 32,
+    calib_steps: int | None = None,
     *,
-    bit_width: int = 8,
-    symmetrical: bool = True,
-    per_channel: bool = True,
-    seed: int = 0,
-    mapsave_dir: str | os.PathLike | None = None,
+    config: QuantizeConfig | None = None,
     setting: Any = None,
-    weight_bits: int | None = None,
-    activation_bits: int | None = None,
-    layer_bits: Mapping[str, int | tuple[int, int]] | None = None,
-    observer: str | None = None,
-    recipe: str | None = None,
-    unsigned_nonnegative: bool | None = None,
-    analysis_steps: int | None = None,
-    layerwise_analysis: bool = False,
     evalset: Iterable[Any] | None = None,
-    threads: int | None = None,
-    first_last_bits: int | None = None,
-    power_of_two: bool = False,
-    cim: CIMSpec | None = None,
-    rounding: str | None = None,
-    time_budget: float | None = None,
+    **options: Any,
 ) -> QuantizationResult:
     """Quantize a float ONNX model with PPQ and write ``mapsave/<mapname>``.
 
+    The options (every keyword argument but ``config``, ``setting``, ``calibset`` and ``evalset``) are those of
+    :class:`~maptools.quantization.config.QuantizeConfig`, by name; ``config`` gives them all at once, and the
+    keyword arguments given beside it replace its values (``device`` always, ``mapname`` and ``calib_steps``
+    when not None). The defaults below are the config's.
+
     Args:
+        config: The options as a :class:`~maptools.quantization.QuantizeConfig` (default: every default).
         input_shapes: Input name -> shape, e.g. ``{'input': [1, 3, 224, 224]}``. Every graph input needs
             one; dynamic dims of the ONNX are resolved by these shapes.
-        device: ``'cpu'`` or ``'cuda'`` (a GPU must be present for ``'cuda'``).
+        device: ``'cpu'`` or ``'cuda'`` (a GPU must be present for ``'cuda'``); it replaces the config's.
         onnx_path: The float ONNX model.
-        mapname: Name of the map; results go to ``<mapsave>/<mapname>/``.
+        mapname: Name of the map; results go to ``<mapsave>/<mapname>/``; None for the config's.
         calibset: None to calibrate on ``calib_steps`` random batches drawn with ``seed``; else an
             iterable of batches, each a dict input name -> ``torch.Tensor`` or numpy array (a bare tensor
             for single-input models), e.g. from :func:`~maptools.quantization.imagefolder_calibset`.
-        calib_steps: Number of calibration batches (at least 8, PPQ's minimum).
+        calib_steps: Number of calibration batches (at least 8, PPQ's minimum); None for the config's.
         bit_width: Bit width of every quantized tensor (2 to 8), unless ``weight_bits`` /
             ``activation_bits`` / ``layer_bits`` say otherwise.
         symmetrical: Symmetric (signed) activations; False for asymmetric (unsigned, with zero point).
@@ -76,6 +65,9 @@ def quantize(
         setting: Expert override: a full PPQ ``QuantizationSetting`` whose passes run instead of the recipe's
             (see ``recipe``). Its ``quantize_activation_setting.calib_algorithm``, when set, calibrates every
             activation (an explicit ``observer`` must then be the same).
+        weight_observer: How weight scales are chosen: ``'ppq'`` (PPQ's min-max), ``'minmax'`` (each channel's
+            absolute maximum) or ``'mse'`` (the clipping of least squared error); None for the recipe's
+            (:data:`~maptools.quantization.options.RECIPE_WEIGHT_OBSERVERS`). Recorded in the manifest.
         weight_bits: Weight bit width (default ``bit_width``).
         activation_bits: Activation bit width (default ``bit_width``).
         layer_bits: Per-node overrides: node name -> bits, or ``(weight_bits, activation_bits)``.
@@ -116,7 +108,8 @@ def quantize(
         power_of_two: Make every scale (activations, weights, and so biases) a power of two, rounded up from the
             calibrated one (PPQ's ``POWER_OF_2`` policy), for hardware that requantizes by shifting only: the
             multiplier ``s_in * s_w / s_out`` of every requantization is then a power of two.
-        cim: None (default) for a map as always; a :class:`~maptools.quantization.cim.CIMSpec` to make the map
+        cim: None (default) for a map as always; a :class:`~maptools.quantization.CIMSpec` (or a mapping of its
+            fields, as ``simulate``'s ``cim``) to make the map
             for that compute-in-memory crossbar as well. After PPQ, the integer reference executor is built from
             the artifacts in memory; for ``adc_range='calibrated'`` (``adc_bits`` must then be set) the ADC ranges
             of every crossbar MAC are calibrated on the first 8 calibration batches
@@ -149,25 +142,22 @@ def quantize(
             or :class:`~maptools.EngineError` when PPQ fails (naming the node when known).
     """
     started = time.perf_counter()
-    options = QuantizeOptions.check(
-        device=device, mapname=mapname, calib_steps=calib_steps, bit_width=bit_width, weight_bits=weight_bits,
-        activation_bits=activation_bits, symmetrical=symmetrical, per_channel=per_channel, seed=seed,
-        analysis_steps=analysis_steps, layerwise_analysis=layerwise_analysis, threads=threads, layer_bits=layer_bits,
-        first_last_bits=first_last_bits, observer=observer, recipe=recipe, unsigned_nonnegative=unsigned_nonnegative,
-        setting=setting, mapsave_dir=mapsave_dir, power_of_two=power_of_two, cim=cim, rounding=rounding,
-        time_budget=time_budget)
+    given = {name: value for name, value in (("device", device), ("mapname", mapname), ("calib_steps", calib_steps))
+             if value is not None}
+    options = QuantizeOptions.check(QuantizeConfig.from_options(config, **given, **options), setting)
     artifacts.check_replaceable(options.target)  # a folder that is not a map: refused before PPQ runs
     prepared, options = pipeline.load(options, onnx_path, input_shapes)
     data = pipeline.calibration_data(options, prepared, calibset, evalset)
     options, ppq_setting = pipeline.configure_engine(options, data)
     logger.info("quantizing %s as %r: W%dA%d, %s, %d %s calibration batches on %s",
-                prepared.model.path, options.mapname, options.weight_bits, options.activation_bits, options.recipe,
-                len(data.batches), data.calibration, options.device)
+                prepared.model.path, options.config.output.mapname, options.config.bits.weight_bits,
+                options.config.bits.activation_bits, options.recipe, len(data.batches), data.calibration,
+                options.config.run.device)
     timings = {"validation_and_data": time.perf_counter() - started}
     mark = time.perf_counter()
     from maptools.quantization.engine.threads import compute_threads  # torch is imported by now
 
-    with compute_threads(options.threads):  # every stage that computes, not only PPQ's calibration
+    with compute_threads(options.config.run.threads):  # every stage that computes, not only PPQ's calibration
         session = pipeline.run_engine(options, ppq_setting, prepared, data)
         timings["ppq_quantization"], mark = time.perf_counter() - mark, time.perf_counter()
         if session.rounding_results:  # part of ppq_quantization
@@ -189,7 +179,7 @@ def quantize(
     target = options.target
     artifacts.write_map(target, files, manifest)
     result = QuantizationResult(
-        mapname=options.mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,
+        mapname=options.config.output.mapname, directory=target, quantinfo_path=target / artifacts.QUANTINFO,
         quantparams_path=target / artifacts.QUANTPARAMS, model_path=target / artifacts.QUANTMODEL,
         manifest_path=target / artifacts.MANIFEST, operators=extracted.quantinfo, output_snr_db=errors.output_snr_db,
         output_cosine=errors.output_cosine, layer_snr_db=errors.layer_snr_db, seconds=time.perf_counter() - started,
@@ -200,3 +190,4 @@ def quantize(
     )
     logger.info("wrote %s in %.1f s", target, result.seconds)
     return result
+

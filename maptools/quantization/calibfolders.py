@@ -21,6 +21,7 @@ import torch
 
 from maptools.errors import CalibrationError, InvalidArgumentError, MaptoolsError
 from maptools.quantization.boundedio import open_regular, read_regular
+from maptools.quantization.config import IMAGENET_MEAN, IMAGENET_STD
 from maptools.quantization.validation import check_seed
 
 __all__ = ["MAX_FOLDER_DEPTH", "MAX_FOLDER_ENTRIES", "MAX_INPUT_FILE_BYTES", "FolderBatches", "imagefolder_calibset",
@@ -229,8 +230,8 @@ def _list_images(root: Path) -> tuple[list[Path], str]:
 def imagefolder_calibset(
     root: str | Path,
     input_shapes: Mapping[str, Sequence[int]],
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     limit: int | None = None,
     seed: int = 0,
 ) -> FolderBatches:

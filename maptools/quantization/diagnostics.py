@@ -84,10 +84,10 @@ class Advice:
             below = [name for name in below if name not in self.first_and_last]
         if below:
             example = ", ".join(f"'{name}': {_MAX_BITS}" for name in below)
-            tries.append(f"{', '.join(below)} at {_MAX_BITS} bits (layer_bits={{{example}}} in Python; the command "
-                         "line has no per-layer option)" if cli else f"layer_bits={{{example}}}")
+            flags = ",".join(f"{name}={_MAX_BITS}" for name in below)
+            tries.append(f"--layer-bits {flags}" if cli else f"layer_bits={{{example}}}")
         if self.activation_bits < _MAX_BITS:
-            tries.append(f"--act-bits {_MAX_BITS}" if cli else f"activation_bits={_MAX_BITS}")
+            tries.append(f"--activation-bits {_MAX_BITS}" if cli else f"activation_bits={_MAX_BITS}")
         if self.recipe is not None and self.recipe != "best":
             tries.append("--recipe best" if cli else "recipe='best'")
         if self.random_calibration:

@@ -14,7 +14,8 @@ A map directory holds:
   crossbars, written by ``quantize(..., cim=)`` or later by
   :func:`~maptools.quantization.cimmap.mapcal.write_map_calibration`
 * :data:`MANIFEST` (``manifest.json``) -- the format version (:data:`FORMAT_VERSION`, or
-  :data:`CIM_FORMAT_VERSION` for a map quantized with ``cim=``), the rounding rule (:data:`ROUNDING`),
+  :data:`CIM_FORMAT_VERSION` for a map holding ``cim.json``: :func:`format_version`), the rounding rule
+  (:data:`ROUNDING`),
   versions, settings, the input model's path and SHA-256, and every file's SHA-256
 
 A map quantized with ``cim=`` (format :data:`CIM_FORMAT_VERSION`, 1.2) also holds, besides ``cim.json``, the

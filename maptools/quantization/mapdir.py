@@ -280,8 +280,9 @@ def add_map_file(target: Path, name: str, data: bytes, manifest: Mapping[str, An
     """Add (or replace) one file of an existing map and list it in its manifest.
 
     The caller holds the map's writer lock (:func:`map_lock`) and passes the manifest it read under it; every
-    other entry is kept. Both files are written in full before either is renamed into place, so a write that
-    fails (a full disk) changes nothing.
+    other entry is kept but ``format_version``, computed from the files the map now holds
+    (:func:`~maptools.quantization.format.format_version`: adding ``cim.json`` makes it 1.2). Both files are
+    written in full before either is renamed into place, so a write that fails (a full disk) changes nothing.
 
     Returns:
         The file's path.
@@ -291,6 +292,7 @@ def add_map_file(target: Path, name: str, data: bytes, manifest: Mapping[str, An
     """
     updated = dict(manifest)
     updated["files"] = {**manifest.get("files", {}), name: file_entry(data)}
+    updated["format_version"] = format_version(updated["files"])
     staged: list[str] = []
     try:
         with _os_errors(target):

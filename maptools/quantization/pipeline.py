@@ -8,7 +8,7 @@
 5. :func:`extract`: the records, the integers, the QDQ model and PPQ's state;
 6. :func:`analyse`: the graph-wise error and the warnings (:mod:`.diagnostics`);
 7. :func:`cim_content`: with ``cim=``, the crossbar content (ADC calibration, records' ``cim`` fields, weight
-   slices, integer multipliers) computed from the in-memory artifacts (:mod:`.cim.content`);
+   slices, integer multipliers) computed from the in-memory artifacts (:mod:`.cimmap.content`);
 8. :func:`artifact_files`: the manifest, the files and the report (:mod:`.report`), written by
    :func:`~maptools.quantization.mapdir.write_map`.
 """
@@ -116,12 +116,12 @@ def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
     model = load_model(onnx_path)
     shapes = check_input_shapes(input_shapes, model)
     proto = prepare_model(model, shapes)
-    first_and_last = first_and_last_macs(proto) if options.first_last_bits is not None else []
+    first_and_last = first_and_last_macs(proto) if options.config.bits.first_last_bits is not None else []
     options = options.with_layer_bits([node.name for node in proto.graph.node], first_and_last)
-    if options.analysis_steps is None:
+    if options.config.calibration.analysis_steps is None:
         from maptools.quantization.calibration import default_analysis_steps
 
-        options = dataclasses.replace(options, analysis_steps=default_analysis_steps(shapes))
+        options = options.replace(analysis_steps=default_analysis_steps(shapes))
     return Prepared(model, shapes, proto), options
 
 
@@ -142,14 +142,15 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
     )
 
     model, shapes = prepared.model, prepared.shapes
-    calib_steps, analysis_steps = options.calib_steps, options.analysis_steps
+    calib_steps, analysis_steps = options.config.calibration.calib_steps, options.config.calibration.analysis_steps
     if calibset is None:
         if calib_steps < MIN_CALIB_BATCHES:
             raise CalibrationError(
                 f"calib_steps: {calib_steps} given, but PPQ needs at least {MIN_CALIB_BATCHES} calibration batches"
             )
-        batches = random_calibset(shapes, calib_steps, options.seed)
-        held_out, analysis_data = random_calibset(shapes, analysis_steps, options.seed + 1), "random (held-out)"
+        seed = options.config.calibration.seed
+        batches = random_calibset(shapes, calib_steps, seed)
+        held_out, analysis_data = random_calibset(shapes, analysis_steps, seed + 1), "random (held-out)"
         calibration = "random"
     else:
         if isinstance(calibset, FolderBatches):  # the checked batches are kept: decoded files must fit in memory
@@ -208,8 +209,9 @@ def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[Q
         check_setting_type(options.setting, QuantizationSetting)
         setting = options.setting
     else:
-        setting = build_setting(options.recipe, options.device, len(data.batches), observer=options.observer,
-                                activation_bits=options.activation_bits)
+        config = options.config
+        setting = build_setting(options.recipe, config.run.device, len(data.batches),
+                                observer=config.calibration.observer, activation_bits=config.bits.activation_bits)
     options = options.applied(setting, DEFAULT_THREADS)
     return options, setting
 
@@ -219,19 +221,19 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
     with ``options.seed`` meanwhile, see :func:`seeded_globals`)."""
     from maptools.quantization.engine import LowBitSpec, PPQSession
 
-    spec = LowBitSpec(weight_bits=options.weight_bits, activation_bits=options.activation_bits,
-                      symmetrical=options.symmetrical, per_channel=options.per_channel,
-                      layer_bits=options.layer_bits, observer=options.observer,
-                      unsigned_nonnegative=options.unsigned_nonnegative, weight_observer=options.weight_observer,
-                      power_of_two=options.power_of_two)
+    bits, config = options.config.bits, options.config
+    spec = LowBitSpec(weight_bits=bits.weight_bits, activation_bits=bits.activation_bits,
+                      symmetrical=bits.symmetrical, per_channel=bits.per_channel, layer_bits=bits.layer_bits,
+                      observer=config.calibration.observer, unsigned_nonnegative=bits.unsigned_nonnegative,
+                      weight_observer=config.recipe.weight_observer, power_of_two=bits.power_of_two)
     rounding = None
-    if options.rounding == "learned":
+    if config.recipe.rounding == "learned":
         from maptools.quantization.engine import learned_rounding
 
-        rounding = dataclasses.replace(learned_rounding.DEFAULTS, time_budget=options.time_budget,
-                                       device=options.device, seed=options.seed)
-    with seeded_globals(options.seed):
-        session = PPQSession.from_onnx(prepared.proto, spec, options.device, setting, threads=options.threads)
+        rounding = dataclasses.replace(learned_rounding.DEFAULTS, time_budget=config.recipe.time_budget,
+                                       device=config.run.device, seed=config.calibration.seed)
+    with seeded_globals(config.calibration.seed):
+        session = PPQSession.from_onnx(prepared.proto, spec, config.run.device, setting, threads=config.run.threads)
         session.quantize(data.batches, rounding)
     return session
 
@@ -264,11 +266,11 @@ def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice) -> l
 def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData,
             prepared: Prepared) -> tuple[ErrorAnalysis, list[str]]:
     """The graph-wise error on the held-out batches and the warnings; layer-wise too when an output is wrecked."""
-    advice = Advice(weight_bits=options.weight_bits, activation_bits=options.activation_bits,
-                    layer_bits=dict(options.layer_bits), first_and_last=first_and_last_macs(prepared.proto),
+    advice = Advice(weight_bits=options.config.bits.weight_bits, activation_bits=options.config.bits.activation_bits,
+                    layer_bits=dict(options.config.bits.layer_bits), first_and_last=first_and_last_macs(prepared.proto),
                     recipe=options.recipe if options.setting is None else None,
                     random_calibration=data.calibration == "random")
-    errors = session.error_analysis(data.held_out, layerwise=options.layerwise_analysis)
+    errors = session.error_analysis(data.held_out, layerwise=options.config.calibration.layerwise_analysis)
     warnings = _warnings(errors, data, advice)
     if warnings and not errors.isolated_snr_db:  # name the operators to blame
         errors.isolated_snr_db, errors.isolated_cosine = session.layerwise(data.held_out[0])
@@ -277,7 +279,7 @@ def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData
 
 
 def cim_content(options: QuantizeOptions, data: CalibrationData, extracted: Extracted) -> CimContent | None:
-    """With ``options.cim``: the map's crossbar content, computed from the in-memory artifacts; else None.
+    """With ``options.config.cim``: the map's crossbar content, computed from the in-memory artifacts; else None.
 
     The integer reference executor is built from ``extracted`` (nothing is written yet) and, for a spec with
     calibrated ADC ranges, calibrates them on the first
@@ -285,11 +287,12 @@ def cim_content(options: QuantizeOptions, data: CalibrationData, extracted: Extr
     ``extracted`` is updated in place: the records gain their ``cim`` field and ``quantparams`` the weight slices
     and requantization multipliers.
     """
-    if options.cim is None:
+    if options.config.cim is None:
         return None
     from maptools.quantization.cimmap.content import map_cim_content
 
-    content = map_cim_content(extracted.qdq, extracted.quantinfo, extracted.quantparams, options.cim, data.batches)
+    content = map_cim_content(extracted.qdq, extracted.quantinfo, extracted.quantparams, options.config.cim,
+                              data.batches)
     extracted.quantinfo, extracted.quantparams = content.quantinfo, content.quantparams
     return content
 
@@ -322,10 +325,9 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
 
     settings = options.settings(prepared.shapes, data.calibration, len(data.batches))
     if cim is not None:
-        settings["cim"] = (options.cim or cim.calibration.spec).to_dict()
         settings["cim_calib_batches"] = cim.calib_batches
     manifest = {
-        "mapname": options.mapname,
+        "mapname": options.config.output.mapname,
         "versions": {"maptools": maptools.__version__, "ppq": _version("ppq"), "torch": torch.__version__,
                      "onnx": onnx.__version__, "numpy": np.__version__, "protobuf": _version("protobuf"),
                      "onnxruntime": _version("onnxruntime")},
@@ -348,8 +350,8 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
         files[artifacts.CIM_FILE] = cim.calibration.to_json()
         if cim.cost is not None:
             extra["cim_cost"] = cim.cost.to_dict()
-    files.update(render_report(options.mapname, settings, timings, errors.output_snr_db, errors.output_cosine,
-                               errors.layer_snr_db, errors.layer_cosine,
+    files.update(render_report(options.config.output.mapname, settings, timings, errors.output_snr_db,
+                               errors.output_cosine, errors.layer_snr_db, errors.layer_cosine,
                                {name: cfg.op_type for name, cfg in extracted.quantinfo.items()},
                                errors.isolated_snr_db, errors.isolated_cosine,
                                extra=extra))

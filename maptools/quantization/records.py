@@ -55,6 +55,10 @@ class TensorQuant:
         return self.scale
 
 
+#: The fields older maps held as copies of the first quantized input (read from ``inputs`` now).
+_INPUT_COPIES = ("input_bits", "input_scale", "input_zero_point")
+
+
 @dataclass
 class OperatorQuantConfig:
     """Quantization settings of one operator, as stored in ``quantinfo.pkl``.
@@ -65,9 +69,6 @@ class OperatorQuantConfig:
     Attributes:
         name: ONNX node name in the input model.
         op_type: ONNX operator type (``Conv``, ``Gemm``, ``Relu``...).
-        input_bits: Bit width of the (first) activation input, None if it is not quantized.
-        input_scale: Scale of the first activation input.
-        input_zero_point: Zero point of the first activation input.
         output_bits: Bit width of the output activation, None if it is not quantized: a ``Conv``/``Gemm``
             whose output feeds an activation fused into it that is not a clip (``Sigmoid``, ``HardSwish``,
             ``x * HardSigmoid(x)``...) hands its accumulator to that activation, and the tensors inside the
@@ -90,18 +91,16 @@ class OperatorQuantConfig:
         bias_bits: Bias bit width (32) when the operator has a bias.
         bias_scale: Bias scale, ``input_scale * weight_scale``.
         cim: For a crossbar MAC of a map quantized with ``cim=`` (format 1.2), its place on the crossbars as
-            plain data (dicts, lists, numbers, strings): the crossbar spec, the tile layout, the ADC
-            parameters of every (row tile, weight slice, input plane) and the ``quantparams.pkl`` keys of
-            its weight slices and requantization multipliers (see :doc:`/cim`); None otherwise. A record
+            plain data (dicts, lists, numbers, strings): the tile layout, the ADC gains of every (row tile,
+            weight slice, input plane) and the ``quantparams.pkl`` keys of its weight slices and
+            requantization multipliers, the spec and ADC ranges being in ``cim.json`` (see :doc:`/cim`);
+            None otherwise. A record
             whose ``cim`` is None pickles exactly as in format 1.1 (the field is left out of the pickle),
             and records of 1.0 and 1.1 maps load with ``cim`` None.
     """
 
     name: str
     op_type: str
-    input_bits: int | None = None
-    input_scale: float | None = None
-    input_zero_point: int = 0
     output_bits: int | None = None
     output_scale: float | None = None
     output_zero_point: int = 0
@@ -126,6 +125,34 @@ class OperatorQuantConfig:
         if state.get("cim") is None:
             state.pop("cim", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Fields from a pickle; the ``input_*`` copies of the first quantized input that older maps hold are
+        dropped (:attr:`input_bits` and the others read ``inputs``)."""
+        self.__dict__.update({k: v for k, v in state.items() if k not in _INPUT_COPIES})
+
+    @property
+    def first_input(self) -> TensorQuant | None:
+        """The first quantized activation input (None when no input is quantized)."""
+        return next((tq for tq in self.inputs if tq is not None), None)
+
+    @property
+    def input_bits(self) -> int | None:
+        """Bit width of the first quantized activation input, None if none is."""
+        first = self.first_input
+        return None if first is None else first.bits
+
+    @property
+    def input_scale(self) -> float | None:
+        """Scale of the first quantized activation input."""
+        first = self.first_input
+        return None if first is None else first.scale
+
+    @property
+    def input_zero_point(self) -> int:
+        """Zero point of the first quantized activation input (0 when none is)."""
+        first = self.first_input
+        return 0 if first is None else first.zero_point
 
     @property
     def has_weight(self) -> bool:

@@ -18,19 +18,22 @@ by the restricted unpickler:
 
 .. code-block:: python
 
-    {"spec": {...},                  # CIMSpec.to_dict()
-     "file": "cim.json",             # where the map's full calibration lives (histogram statistics included)
+    {"file": "cim.json",             # the map's spec and calibration (histogram statistics included)
      "layout": {"op_type": "Conv", "weight_shape": [16, 8, 3, 3], "trans_b": False, "weight_bits": 4,
                 "weight_min": -7, "encoding": "differential", "signs": 2, "slices": 2, "cell_bits": 2,
                 "offset": 0, "columns_per_weight": 4, "groups": 1, "out_channels": 16, "depth": 72,
                 "row_tiles": 1, "channels_per_array": 64, "col_tiles": 1, "arrays": 1, "utilization": 0.07},
      "input_planes": 4,              # P = ceil(input_bits / dac_bits)
      "adc": {"bits": 6, "range": "calibrated", "levels": 63, "fraction_bits": 16,
-             "ranges": [[[...]]],    # (row tiles, slices, planes): the ADC full-scale partial sum r
              "gains": [[[...]]]},    # (row tiles, slices, planes): g = round(r / levels * 2^16), integers
      "weight_slices": "conv1_conv_weight_slices",
      "requant": {"mode": "fixed_point", "multiplier": "conv1_conv_requant_multiplier",
                  "shift": "conv1_conv_requant_shift"}}
+
+Each fact is stored once: the spec and the calibrated ADC ranges ``r`` live in ``cim.json``, and
+:func:`resolve_record_cim` gives a record's entry with its ``spec`` and ``adc.ranges`` (``(row tiles, slices,
+planes)``, the ADC full-scale partial sums) resolved from it. Older 1.2 maps copied both into every record;
+they load as they are.
 
 ``adc`` is None for an ideal ADC (``adc_bits=None``); ``requant`` is None for ``requant='float'`` and for a MAC
 the executor requantizes in float in every mode (no output record, a bias left in float, a Gemm with
@@ -66,7 +69,7 @@ from maptools.quantization.reference.executor import ReferenceExecutor
 from maptools.quantization.reference.registry import attrs
 
 __all__ = ["CIM_CALIB_BATCHES", "CimContent", "map_cim_content", "record_cim",
-           "requant_arrays"]
+           "requant_arrays", "resolve_record_cim"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,34 @@ def requant_arrays(record: OperatorQuantConfig, mode: str) -> tuple[np.ndarray, 
     return multiplier.astype(np.int32), shift.astype(np.int32)
 
 
+def _adc_ranges(name: str, spec: CIMSpec, calibration: MapCalibration, grid: tuple[int, int, int],
+                weight_bits: int, input_bits: int) -> np.ndarray:
+    """A MAC's ADC full-scale ranges: calibrated (from ``cim.json``) or the spec's full scale."""
+    if spec.adc_range == "calibrated":
+        return calibration.adc[name].check(spec, grid, weight_bits=weight_bits, input_bits=input_bits)
+    return full_scale_ranges(spec, grid)
+
+
+def resolve_record_cim(record: OperatorQuantConfig, calibration: MapCalibration) -> dict[str, Any] | None:
+    """A record's ``cim`` entry with the facts kept once in ``cim.json`` filled in: ``spec`` and ``adc.ranges``.
+
+    Args:
+        record: A record of the map (an entry of an older map, which copied both, is returned as it is).
+        calibration: The map's ``cim.json`` (:func:`~maptools.quantization.cim.mapcalibration.read_map_calibration`).
+    """
+    entry = record.cim
+    if entry is None or ("spec" in entry and (entry["adc"] is None or "ranges" in entry["adc"])):
+        return entry
+    spec, layout = calibration.spec, entry["layout"]
+    resolved = {"spec": spec.to_dict(), **entry}
+    if entry["adc"] is not None:
+        input_bits = record.inputs[0].bits
+        grid = adc_grid(layout["depth"], input_bits, layout["weight_bits"], spec, weight_min=layout["weight_min"])
+        ranges = _adc_ranges(record.name, spec, calibration, grid, layout["weight_bits"], input_bits)
+        resolved["adc"] = {**entry["adc"], "ranges": np.asarray(ranges, np.float64).tolist()}
+    return resolved
+
+
 def record_cim(node: onnx.NodeProto, operands: MacOperands, weight: np.ndarray, spec: CIMSpec,
                calibration: MapCalibration, requant: bool) -> dict[str, Any]:
     """A crossbar MAC record's ``cim`` field (see the module docstring).
@@ -144,16 +175,11 @@ def record_cim(node: onnx.NodeProto, operands: MacOperands, weight: np.ndarray, 
     adc: dict[str, Any] | None = None
     if spec.adc_bits is not None:
         levels = int(spec.adc_levels)
-        if spec.adc_range == "calibrated":
-            ranges = calibration.adc[node.name].check(spec, grid, weight_bits=operands.weight_bits,
-                                                      input_bits=operands.input_bits)
-        else:
-            ranges = full_scale_ranges(spec, grid)
+        ranges = _adc_ranges(node.name, spec, calibration, grid, operands.weight_bits, operands.input_bits)
         adc = {"bits": spec.adc_bits, "range": spec.adc_range, "levels": levels, "fraction_bits": ADC_FRACTION_BITS,
-               "ranges": np.asarray(ranges, np.float64).tolist(),
                "gains": [[[int(g) for g in row] for row in plane] for plane in adc_gain(ranges, levels)]}
     entry: dict[str, Any] = {
-        "spec": spec.to_dict(), "file": CIM_FILE, "input_planes": grid[2],
+        "file": CIM_FILE, "input_planes": grid[2],
         "layout": _layout_dict(layout, bool(int(attrs(node).get("transB", 0)))),
         "adc": adc, "weight_slices": weight_slices_key(node.name, node.op_type),
         "requant": None if not requant else {"mode": spec.requant,

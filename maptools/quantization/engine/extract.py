@@ -109,9 +109,6 @@ def quantinfo(graph: BaseGraph, spec: LowBitSpec) -> dict[str, OperatorQuantConf
         ref = first_out or first_in
         record = OperatorQuantConfig(
             name=op.name, op_type=op.type,
-            input_bits=first_in.bits if first_in else None,
-            input_scale=first_in.scale if first_in else None,
-            input_zero_point=first_in.zero_point if first_in else 0,
             output_bits=first_out.bits if first_out else None,
             output_scale=first_out.scale if first_out else None,
             output_zero_point=first_out.zero_point if first_out else 0,

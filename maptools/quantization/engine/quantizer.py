@@ -68,7 +68,8 @@ class LowBitSpec:
         unsigned_nonnegative: With symmetric activations, quantize tensors that cannot be negative over
             ``0 .. 2^b-1`` instead of ``-2^(b-1) .. 2^(b-1)-1`` (not with the ``kl`` observer, which PPQ
             implements for signed ranges only).
-        weight_observer: How each weight channel's scale is chosen (:data:`WEIGHT_OBSERVERS`, see
+        weight_observer: How each weight channel's scale is chosen
+            (:data:`~maptools.quantization.config.WEIGHT_OBSERVERS`, see
             :func:`weight_scales`).
         power_of_two: Every scale (activations, weights, so biases too) a power of two, rounded up from the
             calibrated one (PPQ's ``POWER_OF_2`` policy): requantization is then a shift.
@@ -89,9 +90,6 @@ class LowBitSpec:
         return self.layer_bits.get(op_name, (self.weight_bits, self.activation_bits))
 
 
-#: Weight observers: ``ppq`` (PPQ's own symmetric min-max), ``minmax`` (the extremes fit, nothing clipped),
-#: ``mse`` (the scale with the least squared rounding error per channel).
-WEIGHT_OBSERVERS = ("ppq", "minmax", "mse")
 #: The ``minmax`` weight observer applies from this many weight bits; below (2-bit weights, levels -2..1) a
 #: weight keeps PPQ's scale, ``max|w| / 1.5``. W2A8 ``default`` on trained corpus models (32 calibration / 64
 #: held-out feeds): MTCNN O-Net face agreement 0.906 / 7.1 dB with it, 0.844 / 5.2 dB unclipped; the Paddle
@@ -199,7 +197,8 @@ class WeightScaleParameterQuantizePass(ParameterQuantizePass):
     that floor (they round to 0 at the median scale, an error below ``1e-8 * qmax`` per weight).
     """
 
-    #: The weight observer (one of :data:`WEIGHT_OBSERVERS`); set by :class:`LowBitQuantizer`.
+    #: The weight observer (one of :data:`~maptools.quantization.config.WEIGHT_OBSERVERS`); set by
+    #: :class:`LowBitQuantizer`.
     observer = "ppq"
 
     def optimize(self, graph: BaseGraph, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature

@@ -23,14 +23,14 @@ __all__ = ["simulate"]
 
 @overload
 def simulate(mapname: str, inputs: Mapping[str, Any] | Any, *, mapsave_dir: str | os.PathLike | None = ...,
-             return_integers: Literal[False] = ..., cim: CIMSpec | bool | None = ...,
+             return_integers: Literal[False] = ..., cim: CIMSpec | Mapping[str, Any] | bool | None = ...,
              adc: MapCalibration | Mapping[str, AdcCalibration] | None = ..., device: DeviceModel | None = ...,
              seed: SeedLike = ...) -> dict[str, np.ndarray]: ...
 
 
 @overload
 def simulate(mapname: str, inputs: Mapping[str, Any] | Any, *, mapsave_dir: str | os.PathLike | None = ...,
-             return_integers: Literal[True], cim: CIMSpec | bool | None = ...,
+             return_integers: Literal[True], cim: CIMSpec | Mapping[str, Any] | bool | None = ...,
              adc: MapCalibration | Mapping[str, AdcCalibration] | None = ..., device: DeviceModel | None = ...,
              seed: SeedLike = ...) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
 
@@ -41,7 +41,7 @@ def simulate(
     *,
     mapsave_dir: str | os.PathLike | None = None,
     return_integers: bool = False,
-    cim: CIMSpec | bool | None = None,
+    cim: CIMSpec | Mapping[str, Any] | bool | None = None,
     adc: MapCalibration | Mapping[str, AdcCalibration] | None = None,
     device: DeviceModel | None = None,
     seed: SeedLike = 0,
@@ -61,8 +61,9 @@ def simulate(
         return_integers: Also return every operator's integer output.
         cim: None (default) for exact MACs; a :class:`~maptools.quantization.cim.spec.CIMSpec` to run every
             MAC with a constant weight through the crossbar model and requantize in the spec's ``requant``
-            arithmetic (see :mod:`~maptools.quantization.reference.crossbar`); True for the map's own spec and
-            ADC calibration (its ``cim.json``).
+            arithmetic (see :mod:`~maptools.quantization.reference.crossbar`), or a mapping of its fields, as
+            ``quantize``'s ``cim``; True (here only: ``quantize`` makes the crossbar) for the map's own spec
+            and ADC calibration (its ``cim.json``).
         adc: For a spec with ``adc_bits`` set and ``adc_range='calibrated'``: the ADC calibration
             (a :class:`~maptools.quantization.cim.mapcalibration.MapCalibration`, e.g. from
             :func:`~maptools.quantization.cimmap.mapcal.calibrate_map`); None for the map's stored one.
@@ -96,5 +97,7 @@ def simulate(
         InvalidTypeError: an input is neither a numpy array nor a torch tensor; a ``device`` or ``seed`` of
             the wrong type.
     """
+    if isinstance(cim, Mapping):
+        cim = CIMSpec.from_dict(dict(cim))
     executor = ReferenceExecutor.load(mapname, mapsave_dir, cim=cim, adc=adc, device=device, seed=seed)
     return executor.run(inputs, return_integers=return_integers)
