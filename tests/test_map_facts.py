@@ -25,7 +25,8 @@ from maptools.quantization import (
     simulate,
 )
 from maptools.quantization.artifacts import MANIFEST
-from maptools.quantization.cim import MapCalibration, read_map_calibration, write_map_calibration
+from maptools.quantization.cim import MapCalibration, read_map_calibration
+from maptools.quantization.cimmap import write_map_calibration
 from maptools.quantization.cimmap.content import resolve_record_cim
 from maptools.quantization.format import CIM_FORMAT_VERSION, FORMAT_VERSION
 
