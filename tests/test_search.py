@@ -146,3 +146,21 @@ def test_too_few_calibration_batches(data, tmp_path: Path) -> None:
     calib, held_out = data
     with pytest.raises(InvalidArgumentError, match="calibset: got 3 batches"):
         search(digits.MODEL_PATH, SHAPES, calib[:3], held_out, cache_dir=None, jobs=1)
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["--act-bits", "4,9"], "--act-bits"),
+    (["--budget-adc-fraction", "1.5"], "--budget-adc-fraction"),
+    (["--points", "1"], "--points"),
+    (["--out", "/nonexistent/front.json"], "--out"),
+])
+def test_cli_errors_name_the_option(tmp_path: Path, capsys, argv, option) -> None:
+    from maptools.cli import main
+
+    code = main(["search", str(digits.MODEL_PATH), "--input", "input:16,1,8,8", "--calib-steps", "8",
+                 "--eval-steps", "1", "--cache", str(tmp_path / "cache"), "--mapsave-dir", str(tmp_path / "m"),
+                 "--jobs", "1", *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maptools search: error: ") and option in err
+    assert not (tmp_path / "m").exists() and not list((tmp_path / "cache").glob("*.json"))

@@ -67,6 +67,7 @@ class PointCache:
     def get(self, task: Mapping[str, Any]) -> dict[str, Any] | None:
         """The measurement of ``task``, or None when not cached (or unreadable: then measured again)."""
         if self.directory is None:
+            self.misses += 1
             return None
         path = self.directory / f"{self.key(task)}.json"
         try:
