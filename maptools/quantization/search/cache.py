@@ -25,7 +25,7 @@ __all__ = ["PointCache", "data_digest", "default_cache_dir"]
 logger = logging.getLogger(__name__)
 
 #: Bump when what a cached point holds changes: older entries are then not read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:

@@ -94,14 +94,39 @@ def init_worker(model: bytes, shapes: Mapping[str, Sequence[int]], calib: list[B
                     params, metric, workdir)
 
 
-def _isolated_nsr(report: Path, nodes: Sequence[str]) -> dict[str, float]:
-    """Noise-to-signal power of the graph outputs when only a node is quantized (report.json's layer-wise SNR)."""
-    entries = {e["node"]: e.get("layerwise_snr_db") for e in json.loads(report.read_text())["operators"]}
-    nsr = {}
-    for node in nodes:
-        snr = entries.get(node)
-        nsr[node] = 0.0 if snr is None else float(10.0 ** (-float(snr) / 10.0))  # None: inf SNR (no noise)
-    return nsr
+def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each MAC's noise: the outputs' noise-to-signal power when only it, or only its input's producer, is quantized.
+
+    ``own``: PPQ's layer-wise figure of the MAC (report.json's ``layerwise_snr_db``). ``input``: the same figure of
+    the operator whose output the MAC reads (through Q/DQ pairs and operators without noise of their own, such as
+    a Flatten), when it is not a MAC: PPQ books the quantization of a MAC's input on that operator (a ReLU, an Add,
+    a pooling), so without it a layer's activation bits would look free.
+    """
+    import onnx
+
+    def nsr_of(snr: float | None) -> float:
+        return 0.0 if snr is None else float(10.0 ** (-float(snr) / 10.0))  # None: an infinite SNR (no noise)
+
+    entries = {e["node"]: nsr_of(e.get("layerwise_snr_db")) for e in json.loads(report.read_text())["operators"]}
+    graph = onnx.load(str(model), load_external_data=False).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    by_name = {node.name: node for node in graph.node}
+    macs = set(nodes)
+    noise = {}
+    for name in nodes:
+        upstream = 0.0
+        node = by_name.get(name)
+        tensor = node.input[0] if node is not None and node.input else None
+        for _ in range(16):  # a short chain of Q/DQ and noiseless operators
+            producer = producers.get(tensor) if tensor is not None else None
+            if producer is None or producer.name in macs:
+                break
+            if producer.name in entries and entries[producer.name] > 0:
+                upstream = entries[producer.name]
+                break
+            tensor = producer.input[0] if producer.input else None
+        noise[name] = {"own": entries.get(name, 0.0), "input": upstream}
+    return noise
 
 
 def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tuple[int, int]] | None,
@@ -111,7 +136,8 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
     Returns:
         ``figure``, ``snr_db`` (onnxruntime against FP32 on the held-out batches), ``adc_conversions`` and
         ``energy_j`` per sample on the crossbar, ``layers`` (node -> ``adc_conversions``, ``energy_j`` and, with
-        ``layerwise``, ``nsr``: the output noise-to-signal power when only that layer is quantized).
+        ``layerwise``, ``nsr``: the output noise-to-signal power when only that layer, its weights and its
+        input, is quantized, and ``nsr_input``: the input's part, :func:`_isolated_nsr`).
     """
     from maptools.quantization.api import quantize
     from maptools.quantization.cim.mapcost import map_cost
@@ -129,8 +155,8 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
             layer.node: {"adc_conversions": layer.adc_conversions, "energy_j": layer.total_energy_j}
             for layer in cost.layers}
         if layerwise:
-            for node, nsr in _isolated_nsr(result.report_path, list(layers)).items():
-                layers[node]["nsr"] = nsr
+            for node, noise in _isolated_nsr(result.report_path, result.model_path, list(layers)).items():
+                layers[node].update(nsr=noise["own"] + noise["input"], nsr_input=noise["input"])
     return {"figure": float(state.metric(state.fp32, quantized)),
             "snr_db": snr_db_of([o for b in state.fp32 for o in b], [o for b in quantized for o in b]),
             "adc_conversions": int(cost.total("adc_conversions")), "energy_j": float(cost.total("energy_j")),
