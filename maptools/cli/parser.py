@@ -294,7 +294,8 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("--calib-dir", metavar="DIR",
                         help="images (ImageFolder or flat): the first --calib-steps batches calibrate, the next "
                              "--eval-steps are held out (default: random data)")
-    source.add_argument("--calib-npy", metavar="DIR", help="the same from a folder of .npy arrays")
+    source.add_argument("--calib-npy", metavar="DIR",
+                        help="the same from a folder of .npy arrays (default: none, random data)")
     s.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]",
                    help=_MEAN_HELP + "; for --calib-dir")
     s.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
