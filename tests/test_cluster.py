@@ -49,7 +49,6 @@ def test_search_on_a_dask_cluster_gives_the_pool_json(cluster) -> None:
     assert len(pool.points) >= 2 and all(np.isfinite(p["figure"]) for p in pool.points)
 
 
-@pytest.mark.slow
 def test_sweep_on_a_dask_cluster_gives_the_pool_json(cluster, digits_w4a4_mapsave: Path) -> None:
     test, labels = digits.load_split("test")
     kwargs = dict(inputs=[test[:32]], labels=labels[:32], adc_bits="4-5", rows="64", cell_bits="2",
