@@ -1,9 +1,10 @@
 """The ``maptools`` command line (also ``python -m maptools``).
 
-Sub-commands: ``quantize``, ``inspect``, ``verify``, ``demo`` and ``cim-sweep``. Exit codes: 0 success; 2 bad usage or
-bad input (a one-line error on stderr, no traceback); 1 an unexpected internal error. ``verify`` exits 0
-when every execution ran (or the integer executor refused an operator it does not support: the table says
-which), 3 when another execution could not run (PPQ's graph not rebuilt, a modified artifact), 2 when none could.
+Sub-commands: ``quantize``, ``inspect``, ``verify``, ``demo``, ``cim-sweep`` and ``search``. Exit codes: 0
+success; 2 bad usage or bad input (a one-line error on stderr, no traceback); 1 an unexpected internal error.
+``verify`` exits 0 when every execution ran (or the integer executor refused an operator it does not support:
+the table says which), 3 when another execution could not run (PPQ's graph not rebuilt, a modified artifact), 2
+when none could.
 Results go to stdout; logs, notices and, when stderr is not a terminal, a progress line every
 :data:`HEARTBEAT_SECONDS` go to stderr.
 

@@ -140,7 +140,23 @@ def _cmd_cim_sweep(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+#: ``search``'s Python argument names -> its command line options.
+_SEARCH_OPTIONS = {
+    "onnx_path": "model", "input_shapes": "--input", "weight_bits": "--weight-bits", "activation_bits": "--act-bits",
+    "budget_adc_fraction": "--budget-adc-fraction", "points": "--points", "mapname": "--mapname",
+    "mapsave_dir": "--mapsave-dir", "cache_dir": "--cache", "cluster": "--cluster", "calibset": "--calib-dir",
+    "evalset": "--calib-dir", "objective": "--objective",
+}
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from maptools.quantization.search.command import run_cli
+
+    with _cli_names(_SEARCH_OPTIONS):
+        return run_cli(args)
+
+
 _COMMANDS = {"quantize": _cmd_quantize, "inspect": _cmd_inspect, "verify": _cmd_verify, "demo": _cmd_demo,
-             "cim-sweep": _cmd_cim_sweep}
+             "cim-sweep": _cmd_cim_sweep, "search": _cmd_search}
 #: Commands that print a progress line on stderr every :data:`HEARTBEAT_SECONDS` when it is not a terminal.
-_LONG_COMMANDS = {"quantize", "verify", "demo", "cim-sweep"}
+_LONG_COMMANDS = {"quantize", "verify", "demo", "cim-sweep", "search"}

@@ -164,6 +164,10 @@ _STD_HELP = ("normalisation standard deviation per channel in the same [0,1] pix
              f"ImageNet's {','.join(map(str, IMAGENET_STD))})")
 
 
+_CLUSTER_HELP = ("run the points on the Dask distributed cluster of this scheduler, e.g. tcp://10.0.0.5:8786, "
+                 "with the same results as the local pool (default: local worker processes)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maptools", description="Low-bit quantization of ONNX models for CIM chips.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -249,6 +253,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"seed of the random batches, 0 to {MAX_SEED} (default 0)")
     c.add_argument("--jobs", type=_limited("--jobs", check_jobs, _positive_int), default=None, metavar="N",
                    help=f"worker processes, 1 to {MAX_THREADS} (default: the number of CPUs)")
+    c.add_argument("--cluster", default=None, metavar="ADDRESS", help=_CLUSTER_HELP)
     c.add_argument("--prog-error", default=None, metavar="LIST",
                    help="device axis: relative programming errors (DeviceModel.prog_sigma_rel), e.g. 0,0.02,0.05; "
                         "every point then runs on --chips chips (default: exact cells)")
@@ -264,4 +269,54 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, metavar="FILE.json", help="write every point's metrics (default: none)")
     c.add_argument("--plot", default=None, metavar="FILE.png", help="plot agreement vs ADC bits (default: none)")
     c.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
+
+    s = sub.add_parser("search", help="per-layer bits under a crossbar budget: a front of accuracy against ADC "
+                                      "conversions, and the best point within the budget")
+    s.add_argument("model", help="float ONNX model file")
+    s.add_argument("--input", action="append", type=_input_spec, required=True, metavar="NAME:SHAPE",
+                   help="input name and shape, e.g. input:1,3,224,224; repeat for every input (required)")
+    s.add_argument("--weight-bits", default="2,4,6,8", metavar="LIST",
+                   help="the chip's allowed weight bits, 2..8 (default 2,4,6,8)")
+    s.add_argument("--act-bits", default="4,8", metavar="LIST",
+                   help="the chip's allowed activation bits, 2..8 (default 4,8)")
+    s.add_argument("--cim", type=_cim_spec, default="rows=256,cell_bits=2,adc_bits=8", metavar="KEY=VALUE,...",
+                   help="the crossbar the cost is counted on, as quantize --cim (default rows=256,cell_bits=2,"
+                        "adc_bits=8)")
+    s.add_argument("--budget-adc-fraction", type=float, default=0.7, metavar="F",
+                   help="the budget: ADC conversions per sample as a fraction of uniform at the widest bits, in "
+                        "(0, 1] (default 0.7)")
+    s.add_argument("--objective", default="adc_conversions", choices=["adc_conversions", "energy_j"],
+                   help="the cost the greedy walk lowers (default adc_conversions)")
+    s.add_argument("--points", type=_positive_int, default=10, metavar="N",
+                   help="walk points to quantize and measure, >= 2 (default 10)")
+    source = s.add_mutually_exclusive_group()
+    source.add_argument("--calib-dir", metavar="DIR",
+                        help="images (ImageFolder or flat): the first --calib-steps batches calibrate, the next "
+                             "--eval-steps are held out (default: random data)")
+    source.add_argument("--calib-npy", metavar="DIR",
+                        help="the same from a folder of .npy arrays (default: none, random data)")
+    s.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406), metavar="M[,M,M]",
+                   help=_MEAN_HELP + "; for --calib-dir")
+    s.add_argument("--std", type=_stds, default=(0.229, 0.224, 0.225), metavar="S[,S,S]",
+                   help=_STD_HELP + "; for --calib-dir")
+    s.add_argument("--calib-steps", type=_limited("--calib-steps", check_batches), default=32, metavar="N",
+                   help=f"calibration batches, 8 to {MAX_BATCHES} (default 32)")
+    s.add_argument("--eval-steps", type=_limited("--eval-steps", check_batches, _positive_int), default=8,
+                   metavar="N", help="held-out batches the figure and the sensitivities are measured on (default 8)")
+    s.add_argument("--recipe", default="default", choices=["fast", "default", "best"],
+                   help="quantization recipe of every point (default: default)")
+    s.add_argument("--seed", type=_limited("--seed", check_seed), default=0,
+                   help=f"seed of the random data and of quantization, 0 to {MAX_SEED} (default 0)")
+    s.add_argument("--mapname", default=None,
+                   help="write the chosen point as this map and check it reproduces its figure (default: none)")
+    s.add_argument("--cache", default=None, metavar="DIR",
+                   help="cache of measured points, so a killed search resumes (default: $MAPTOOLS_SEARCH_CACHE, "
+                        "else ~/.cache/maptools-search)")
+    s.add_argument("--no-cache", action="store_true", help="measure every point, cache nothing (default: off)")
+    s.add_argument("--jobs", type=_limited("--jobs", check_jobs, _positive_int), default=None, metavar="N",
+                   help=f"worker processes, 1 to {MAX_THREADS} (default: the number of CPUs)")
+    s.add_argument("--cluster", default=None, metavar="ADDRESS", help=_CLUSTER_HELP)
+    s.add_argument("--out", default=None, metavar="FILE.json", help="write the front as JSON (default: none)")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="plot the front (default: none)")
+    s.add_argument("--mapsave-dir", default=None, metavar="DIR", help=_MAPSAVE_HELP)
     return parser

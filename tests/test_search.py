@@ -1,0 +1,172 @@
+"""Mixed-precision search: the walk, the front, the budget, the verification and the resumable cache (digits CNN)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.examples import digits
+from maptools.quantization.search import evaluate, search
+from maptools.quantization.search.front import greedy_walk, pareto, predicted, spread
+
+SHAPES = {digits.INPUT_NAME: [16, *digits.INPUT_SHAPE[1:]]}
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """8 calibration batches of training digits, 4 held-out batches of test digits (16 each)."""
+    train, _ = digits.load_split("train")
+    test, _ = digits.load_split("test")
+    return [train[i:i + 16] for i in range(0, 128, 16)], [test[i:i + 16] for i in range(0, 64, 16)]
+
+
+def _table() -> dict:
+    # two layers, three candidates; layer b is cheap to lower, layer a is not
+    return {"a": {(8, 8): {"nsr": 0.001, "adc_conversions": 100}, (4, 8): {"nsr": 0.1, "adc_conversions": 50},
+                  (2, 8): {"nsr": 1.0, "adc_conversions": 25}},
+            "b": {(8, 8): {"nsr": 0.001, "adc_conversions": 100}, (4, 8): {"nsr": 0.002, "adc_conversions": 50},
+                  (2, 8): {"nsr": 0.5, "adc_conversions": 25}}}
+
+
+def test_greedy_walk_lowers_the_best_saving_per_noise_first() -> None:
+    walk = greedy_walk(_table(), "adc_conversions")
+    # b to W4 first (50 saved for 0.001 noise), then a to W4 (50 / 0.099) before b to W2 (25 / 0.498)
+    assert walk[0] == {"a": (8, 8), "b": (8, 8)}
+    assert walk[1] == {"a": (8, 8), "b": (4, 8)}
+    assert walk[2] == {"a": (4, 8), "b": (4, 8)}
+    assert walk[-1] == {"a": (2, 8), "b": (2, 8)}
+    costs = [predicted(a, _table(), "adc_conversions")[0] for a in walk]
+    assert costs == sorted(costs, reverse=True) and costs[0] == 200 and costs[-1] == 50
+    assert predicted(walk[1], _table(), "adc_conversions")[1] == pytest.approx(-10 * math.log10(0.003))
+    assert costs == [200, 150, 100, 75, 50]
+    assert spread(costs, 3) == [0, 1, 4]  # targets 200, 125 (150 and 100 tie: the earlier step), 50
+
+
+def test_pareto_keeps_the_non_dominated_points() -> None:
+    points = [{"figure": 99.0, "adc_conversions": 10}, {"figure": 98.0, "adc_conversions": 12},
+              {"figure": 99.5, "adc_conversions": 20}, {"figure": 99.0, "adc_conversions": 10}]
+    assert pareto(points, "adc_conversions") == [True, False, True, True]
+
+
+@pytest.mark.slow  # 8 quantizations of the digits CNN: about 25 s on a quiet 2-core machine
+def test_search_front_budget_verification_and_resume(data, tmp_path: Path, monkeypatch) -> None:
+    calib, held_out = data
+    cache, mapsave = tmp_path / "cache", tmp_path / "mapsave"
+    settings = dict(weight_bits=(4, 8), activation_bits=(8,), points=3, budget_adc_fraction=0.75, jobs=1,
+                    cache_dir=cache, recipe="fast")
+    calls: list[tuple] = []
+    measure = evaluate.measure
+
+    def counted(*args):
+        calls.append(args)
+        return measure(*args)
+
+    monkeypatch.setattr(evaluate, "measure", counted)
+
+    def stop_after_two_walk_points(done: int, total: int, stage: str) -> None:
+        if stage == "walk" and done == 2:
+            raise KeyboardInterrupt  # a killed search
+
+    with pytest.raises(KeyboardInterrupt):
+        search(digits.MODEL_PATH, SHAPES, calib, held_out, progress=stop_after_two_walk_points, **settings)
+    assert len(calls) == 4 and len(list(cache.glob("*.json"))) == 4  # 2 uniform + 2 walk points, each cached
+    calls.clear()
+    result = search(digits.MODEL_PATH, SHAPES, calib, held_out, mapname="chosen", mapsave_dir=mapsave, **settings)
+    # only the walk points not measured before the kill: 3 spread points and the budget's first fitting step
+    assert result.cached == 4 and result.computed == len(calls) == len(result.points) - 2 >= 1
+    assert all(call[2] is not None for call in calls)  # ... walk points (layer_bits), no uniform one again
+
+    data_ = json.loads(result.to_json())
+    # each MAC's sensitivity includes the noise of its input's producer (PPQ books the input quantization there):
+    # every layer but the stem (fed by the graph input) has one, and the total is at least the MAC's own
+    for layer, by_candidate in data_["sensitivity"].items():
+        for entry in by_candidate.values():
+            assert (entry["nsr_input"] > 0) == (layer != "/stem/stem.0/Conv") and entry["nsr"] >= entry["nsr_input"]
+    reference = next(p for p in result.uniform if p["label"] == "W8A8")
+    w4 = next(p for p in result.uniform if p["label"] == "W4A8")
+    assert w4["adc_conversions"] == reference["adc_conversions"] // 2  # 2 weight slices of 2-bit cells, not 4
+    assert len(result.points) in (3, 4) and result.points[0]["adc_conversions"] == reference["adc_conversions"]
+    costs = [p["adc_conversions"] for p in result.points]
+    assert costs == sorted(costs, reverse=True) and costs[-1] == w4["adc_conversions"]
+    for p in result.points:  # every walk point: a full assignment of the crossbar MACs from the candidates
+        assert sorted(p["layer_bits"]) == sorted(data_["layers"]) and len(data_["layers"]) == 9
+        assert {tuple(c) for c in p["layer_bits"].values()} <= {(4, 8), (8, 8)}
+        assert 0.0 <= p["figure"] <= 100.0
+    chosen = result.chosen
+    assert chosen is not None and chosen["adc_conversions"] <= 0.75 * reference["adc_conversions"]
+    assert chosen["figure"] == max(p["figure"] for p in result.points if p["adc_conversions"] <= 0.75 *
+                                   reference["adc_conversions"])
+    verification = data_["verification"]
+    assert verification["reproduced"] and verification["figure"] == chosen["figure"]
+    assert (mapsave / "chosen" / "quant_model.onnx").is_file()
+    # a third run: everything from the cache, the same JSON
+    calls.clear()
+    again = search(digits.MODEL_PATH, SHAPES, calib, held_out, **settings)
+    assert not calls and again.computed == 0
+    assert json.loads(again.to_json())["points"] == data_["points"]
+
+
+def test_cache_key_follows_the_data(data, tmp_path: Path) -> None:
+    from maptools.quantization.search.cache import PointCache, data_digest
+
+    _, held_out = data
+    batches = [{digits.INPUT_NAME: b} for b in held_out]
+    identity = {"model": "m", "evalset": data_digest(batches)}
+    task = {"weight_bits": 8, "activation_bits": 8, "layer_bits": None}
+    cache = PointCache(tmp_path, identity)
+    cache.put(task, {"figure": 1.0})
+    assert cache.get(task) == {"figure": 1.0}
+    changed = [{digits.INPUT_NAME: b[digits.INPUT_NAME].copy()} for b in batches]
+    changed[0][digits.INPUT_NAME][0, 0, 0, 0] += 1.0
+    assert PointCache(tmp_path, {"model": "m", "evalset": data_digest(changed)}).get(task) is None
+    (tmp_path / f"{cache.key(task)}.json").write_text("{not json")  # a torn file: measured again, not trusted
+    assert cache.get(task) is None
+
+
+@pytest.mark.parametrize(("change", "error", "argument"), [
+    ({"budget_adc_fraction": 0.0}, InvalidArgumentError, "budget_adc_fraction"),
+    ({"weight_bits": (4, 9)}, InvalidArgumentError, "weight_bits"),
+    ({"activation_bits": ()}, InvalidArgumentError, "activation_bits"),
+    ({"points": 1}, InvalidArgumentError, "points"),
+    ({"objective": "bitops"}, InvalidArgumentError, "objective"),
+    ({"spec": "256"}, InvalidTypeError, "spec"),
+    ({"calibset": "calib/"}, InvalidTypeError, "calibset"),
+    ({"first_last_bits": 8}, InvalidArgumentError, "quantize_options"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(data, tmp_path: Path, change, error, argument) -> None:
+    calib, held_out = data
+    kwargs = {"calibset": calib, "evalset": held_out, "cache_dir": tmp_path / "cache", "jobs": 1,
+              "mapname": "m", "mapsave_dir": tmp_path / "mapsave", **change}
+    calibset, evalset = kwargs.pop("calibset"), kwargs.pop("evalset")
+    with pytest.raises(error, match=argument):
+        search(digits.MODEL_PATH, SHAPES, calibset, evalset, **kwargs)
+    assert not (tmp_path / "mapsave").exists() and not list((tmp_path / "cache").glob("*.json"))
+
+
+def test_too_few_calibration_batches(data, tmp_path: Path) -> None:
+    calib, held_out = data
+    with pytest.raises(InvalidArgumentError, match="calibset: got 3 batches"):
+        search(digits.MODEL_PATH, SHAPES, calib[:3], held_out, cache_dir=None, jobs=1)
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["--act-bits", "4,9"], "--act-bits"),
+    (["--budget-adc-fraction", "1.5"], "--budget-adc-fraction"),
+    (["--points", "1"], "--points"),
+    (["--out", "/nonexistent/front.json"], "--out"),
+])
+def test_cli_errors_name_the_option(tmp_path: Path, capsys, argv, option) -> None:
+    from maptools.cli import main
+
+    code = main(["search", str(digits.MODEL_PATH), "--input", "input:16,1,8,8", "--calib-steps", "8",
+                 "--eval-steps", "1", "--cache", str(tmp_path / "cache"), "--mapsave-dir", str(tmp_path / "m"),
+                 "--jobs", "1", *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maptools search: error: ") and option in err
+    assert not (tmp_path / "m").exists() and not list((tmp_path / "cache").glob("*.json"))
