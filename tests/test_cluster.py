@@ -61,8 +61,8 @@ def test_sweep_on_a_dask_cluster_gives_the_pool_json(cluster, digits_w4a4_mapsav
 
 
 def test_no_scheduler_is_a_clear_error(monkeypatch) -> None:
-    from maptools.quantization import cluster as module
-    from maptools.quantization.cluster import task_pool
+    from maptools.quantization.cimmap import cluster as module
+    from maptools.quantization.cimmap.cluster import task_pool
 
     monkeypatch.setattr(module, "CONNECT_TIMEOUT_S", 2)
     started = time.perf_counter()
@@ -75,7 +75,7 @@ def test_no_scheduler_is_a_clear_error(monkeypatch) -> None:
 def test_multi_threaded_workers_are_refused_for_the_search() -> None:
     from distributed import LocalCluster
 
-    from maptools.quantization.cluster import task_pool
+    from maptools.quantization.cimmap.cluster import task_pool
 
     with LocalCluster(n_workers=1, processes=False, threads_per_worker=2, dashboard_address=None) as local, \
             pytest.raises(InvalidArgumentError, match=r"cluster: workers with \[2\] threads"), \

@@ -54,8 +54,6 @@ LAYERS: dict[str, int] = {
     "maptools.quantization.verify": 4,
     "maptools.quantization.inspection": 4,
     "maptools.quantization.mapinputs": 4,
-    "maptools.quantization.cluster": 4,
-    "maptools.quantization.daskplugin": 4,
     # 5: the quantize pipeline, its API and the examples built on it
     "maptools.quantization": 5,
     "maptools.quantization.pipeline": 5,

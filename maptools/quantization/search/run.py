@@ -9,7 +9,7 @@
    again: its figure must be the one the search reported.
 
 Every measurement goes through a content-hashed cache (:mod:`~maptools.quantization.search.cache`), and runs on
-the local process pool or a Dask cluster (:func:`~maptools.quantization.cluster.task_pool`).
+the local process pool or a Dask cluster (:func:`~maptools.quantization.cimmap.cluster.task_pool`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from maptools.errors import InvalidArgumentError, InvalidTypeError, ModelNotFoundError
 from maptools.quantization.cim.cost import CIMCostParams
 from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.cluster import task_pool
+from maptools.quantization.cimmap.cluster import task_pool
 from maptools.quantization.search import evaluate
 from maptools.quantization.search.cache import PointCache, data_digest, default_cache_dir
 from maptools.quantization.search.front import Candidate, greedy_walk, pareto, predicted, spread

@@ -22,6 +22,7 @@ from maptools.quantization.cim.analog import seed_sequence
 from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.spec import INT_RANGES, CIMSpec
+from maptools.quantization.cimmap.cluster import task_pool
 from maptools.quantization.cimmap.sweep import worker
 from maptools.quantization.cimmap.sweep.result import ADC_RANGE_KINDS, SweepPoint, SweepResult
 from maptools.quantization.cimmap.sweep.worker import (
@@ -35,7 +36,6 @@ from maptools.quantization.cimmap.sweep.worker import (
     _run,
     _State,
 )
-from maptools.quantization.cluster import task_pool
 from maptools.quantization.reference.executor import ReferenceExecutor
 from maptools.quantization.replay import float_model_path
 from maptools.quantization.validation import MAX_THREADS, check_batches, check_jobs, check_positive_int, check_seed
@@ -185,7 +185,7 @@ def cim_sweep(mapname: str | MapContents, inputs: Any = None, *, calib: Any = No
         chips: Chips per device point (>= 1).
         cluster: None for the local process pool; a Dask scheduler address (``'tcp://host:port'``) or a
             ``distributed.LocalCluster`` to run the points there, with the same results
-            (:func:`~maptools.quantization.cluster.task_pool`).
+            (:func:`~maptools.quantization.cimmap.cluster.task_pool`).
 
     Returns:
         Every point's metrics, the references, and what the data was.

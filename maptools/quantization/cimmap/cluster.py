@@ -76,7 +76,7 @@ def task_pool(jobs: int, initializer: Callable[..., Any], initargs: tuple[Any, .
             raise InvalidArgumentError(f"cluster: workers with {sorted(set(threads.values()))} threads; expected "
                                        "one thread per worker (dask worker ADDRESS --nthreads 1, or "
                                        "LocalCluster(threads_per_worker=1)): the tasks are not thread-safe")
-        from maptools.quantization.daskplugin import Initializer
+        from maptools.quantization.cimmap.daskplugin import Initializer
 
         client.register_plugin(Initializer(initializer, initargs), name=name)
         logger.info("running on the Dask cluster %s: %d workers", client.scheduler.address, len(threads))
