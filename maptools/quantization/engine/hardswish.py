@@ -48,7 +48,6 @@ def fuse_paddle_hardswish(model: onnx.ModelProto) -> int:
     """Rewrite every Paddle2ONNX hard-swish of ``model`` (in place) as ``x * HardSigmoid(x)``; return the count."""
     graph = model.graph
     values = constant_values(model)
-    producer = {out: node for node in graph.node for out in node.output}
     readers = Counter(name for node in graph.node for name in node.input)
     outputs = {vi.name for vi in graph.output}
 
