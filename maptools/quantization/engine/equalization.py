@@ -75,9 +75,9 @@ def _activation(graph: BaseGraph, op: Operation) -> tuple[Operation, Callable[[t
     if op.type == "Relu":
         return op, torch.relu
     if op.type == "Clip":
-        low, high = _param(op, 1), _param(op, 2)  # opset 11 and later; attributes before
-        lo = float(low) if low is not None else float(op.attributes.get("min", -float("inf")))
-        hi = float(high) if high is not None else float(op.attributes.get("max", float("inf")))
+        low, high = _param(op, 1), _param(op, 2)
+        lo = float(low) if low is not None else -float("inf")
+        hi = float(high) if high is not None else float("inf")
         return op, lambda x: torch.clamp(x, lo, hi)
     return None
 
@@ -122,8 +122,8 @@ def _choose(x: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor], w
     best: tuple[float, float, float] | None = None
     for k in CANDIDATES:
         scaled = function(k * x)
-        if k != 1.0 and (float(scaled.max()) > top + step or float(scaled.min()) < bottom - step):
-            break  # the channel would widen the tensor's range
+        if k != 1.0 and (float(scaled.max()) > top or float(scaled.min()) < bottom):
+            break
         shift = float((_depthwise_channel(scaled / k, weight, consumer) - reference).mean()) \
             if k != 1.0 and shift_bias else 0.0
         rounded = torch.round(scaled / step) * step / k

@@ -5,9 +5,7 @@
   parameter baking).
 * ``default``: calibration with PPQ's MSE observer (a histogram search of the clipping range that
   minimises the quantization error), and never-negative activations on the unsigned range
-  (:data:`~maptools.quantization.options.RECIPE_UNSIGNED`, see :mod:`maptools.quantization.engine.unsigned`),
-  after the inputs of depthwise Convs are equalized (:mod:`maptools.quantization.engine.equalization`, run by
-  ``PPQSession.quantize`` for ``default`` and ``best``, not for ``fast`` nor an expert's own setting).
+  (:data:`~maptools.quantization.options.RECIPE_UNSIGNED`, see :mod:`maptools.quantization.engine.unsigned`).
   Still calibration only.
 * ``best``: ``default`` plus PPQ's LSQ fine-tuning of weights, biases and scales on the calibration data,
   block by block (4 operators), against the FP32 outputs of each block, with a learning rate that depends
