@@ -219,8 +219,7 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
 
         rounding = dataclasses.replace(learned_rounding.DEFAULTS, time_budget=options.time_budget,
                                        device=options.device, seed=options.seed)
-    # the recipes' equalization of depthwise inputs (not with an expert's own PPQ setting, nor ``fast``)
-    session.quantize(data.batches, rounding, equalize=options.setting is None and options.recipe != "fast")
+    session.quantize(data.batches, rounding)
     return session
 
 

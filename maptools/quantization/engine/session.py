@@ -38,8 +38,6 @@ from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
 
 from maptools.quantization.engine import analysis, extract  # noqa: E402
 from maptools.quantization.engine.analysis import ErrorAnalysis  # noqa: E402
-from maptools.quantization.engine.equalization import MAX_BATCHES as EQ_BATCHES  # noqa: E402
-from maptools.quantization.engine.equalization import EqualizedPair, equalize_depthwise_inputs  # noqa: E402
 from maptools.quantization.engine.exporter import export_qdq  # noqa: E402
 from maptools.quantization.engine.floats import float_operators  # noqa: E402
 from maptools.quantization.engine.holes import close_quantization_holes  # noqa: E402
@@ -108,8 +106,6 @@ class PPQSession:
         self.quantizable_types: frozenset[str] = frozenset()
         #: Learned rounding's per-layer records (:meth:`quantize` with ``rounding``), else empty.
         self.rounding_results: list[LayerRounding] = []
-        #: The pairs :meth:`quantize` equalized (with ``equalize``; see :mod:`.equalization`).
-        self.equalized: list[EqualizedPair] = []
         #: Fingerprints of the parameters as loaded (see :func:`.state.parameter_fingerprints`).
         self.initial_parameters: dict[str, str] = parameter_fingerprints(graph)
 
@@ -192,8 +188,7 @@ class PPQSession:
                 )
 
     # -- quantization -----------------------------------------------------------------------------
-    def quantize(self, batches: Sequence[Batch], rounding: RoundingSettings | None = None,
-                 equalize: bool = False) -> None:
+    def quantize(self, batches: Sequence[Batch], rounding: RoundingSettings | None = None) -> None:
         """Calibrate on ``batches`` and quantize the graph in place (PPQ's passes per the setting).
 
         The calibration runs with the speed-ups of :mod:`~maptools.quantization.engine.speedups` (weights
@@ -202,10 +197,6 @@ class PPQSession:
         (:mod:`~maptools.quantization.engine.learned_rounding`) before PPQ bakes them; its per-layer records
         are then in :attr:`rounding_results`.
         """
-        if equalize:  # on the float graph, before the quantizer builds its configs
-            self.equalized = equalize_depthwise_inputs(
-                self.graph, lambda names: self._float_tensors(batches[:EQ_BATCHES], names),
-                lambda name: self.spec.bits_of(name)[1])
         quantizer = LowBitQuantizer(graph=self.graph, spec=self.spec)
         quantizer._verbose = False
         self.quantizable_types = frozenset(quantizer.quant_operation_types)
@@ -231,11 +222,6 @@ class PPQSession:
         if closed:
             logger.debug("quantized %d fan-out tensors PPQ left in float: %s", len(closed), ", ".join(closed))
         self._quantized = True
-
-    def _float_tensors(self, batches: Sequence[Batch], names: Sequence[str]) -> list[torch.Tensor]:
-        """The named tensors of the (not yet quantized) graph on ``batches``, each concatenated over them."""
-        outputs = [self.execute(batch, names, "equalization") for batch in batches]
-        return [torch.cat([torch.from_numpy(out[name]) for out in outputs]) for name in names]
 
     def _engine_error(self, stage: str, exc: Exception) -> EngineError:
         message = f"{type(exc).__name__}: {exc}"
