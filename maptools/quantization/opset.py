@@ -40,7 +40,7 @@ from maptools.quantization.opset_rules import (
     unsupported,
 )
 
-__all__ = ["PPQ_MAX_OPSET", "default_opset", "downgrade_to_opset13"]
+__all__ = ["PPQ_MAX_OPSET", "constant_values", "default_opset", "downgrade_to_opset13"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def default_opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=PPQ_MAX_OPSET)
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The small constants of a graph (initializers of up to 4096 values, ``Constant`` outputs): name -> value."""
     values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
               if int(np.prod(init.dims)) <= 4096}
     for node in model.graph.node:
@@ -105,7 +106,7 @@ def downgrade_to_opset13(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         from onnx import inliner
 
         converted = inliner.inline_local_functions(converted)
-    ctx = RewriteContext(model=converted, opset=opset, constants=_constants(converted))
+    ctx = RewriteContext(model=converted, opset=opset, constants=constant_values(converted))
     nodes: list[onnx.NodeProto] = []
     changed = 0
     for node in converted.graph.node:
