@@ -1,4 +1,5 @@
-"""The Dask worker plugin of :func:`~maptools.quantization.cimmap.cluster.task_pool` (imported only with Dask installed).
+"""The Dask worker plugin of :func:`~maptools.quantization.cimmap.cluster.task_pool` (imported only with Dask
+installed).
 
 Dask accepts only subclasses of its ``WorkerPlugin``, so this module imports ``distributed`` at the top and is
 imported when a cluster is named, never by ``import maptools``.
