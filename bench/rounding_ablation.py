@@ -5,11 +5,14 @@ every layer, 300 steps) from the first ``--images`` training digits, and compare
 FP32 on 512 held-out test digits: top-1 agreement and the output SNR. Two seeds each.
 
 * ``augmentation``: W4A8 from 16 digits, ``min_images`` 0 (off) against 64 (48 augmented views added);
-* ``qdrop``: W4A4, ``qdrop`` 0 against 0.5, from 256 digits and from 16 (augmented to 64).
+* ``qdrop``: W4A4, ``qdrop`` 0 against 0.5, from 256 digits and from 16 (augmented to 64);
+* ``lite1``: the corpus' EfficientNet-Lite1 at W4A8 from 32 calibration crops, learned rounding of its first
+  four layers only (``min_images`` 0 against 64; nearest for reference), each layer's output MSE against FP32
+  on 16 held-out crops (needs the corpus, ``make corpus``).
 
 Usage::
 
-    python bench/rounding_ablation.py                 # both, prints one line per run and writes nothing
+    python bench/rounding_ablation.py                 # augmentation and qdrop; one line per run, writes nothing
     python bench/rounding_ablation.py --experiment qdrop --json /tmp/qdrop.json
 """
 
@@ -62,6 +65,47 @@ def score(session: PPQSession) -> dict[str, float]:
             "snr_db": float(10 * np.log10(np.sum(ref ** 2) / np.sum((got - ref) ** 2)))}
 
 
+#: Lite1's first four learnable layers and the variables they reconstruct (after the fused ReLU6).
+LITE1_LAYERS = {"/_conv_stem/Conv": "/_swish/Clip_output_0",
+                "/_blocks.0/_depthwise_conv/Conv": "/_blocks.0/_swish/Clip_output_0",
+                "/_blocks.0/_project_conv/Conv": "/_blocks.0/_project_conv/Conv_output_0",
+                "/_blocks.1/_expand_conv/Conv": "/_blocks.1/_swish/Clip_output_0"}
+
+
+def lite1_layers() -> list[dict]:
+    """Lite1 W4A8: each of the first four layers' held-out output MSE, nearest / learned / learned + augmented."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from corpus import registry
+
+    model = registry.get("efficientnet_lite1")
+    calib = [{k: torch.from_numpy(v) for k, v in f.items()} for f in registry.inputs_for(model, "calib", 32, seed=0)]
+    held = [{k: torch.from_numpy(v) for k, v in f.items()} for f in registry.inputs_for(model, "eval", 16, seed=1)]
+    rows = []
+    for label, rounding in (("nearest", None),
+                            ("learned, 32 crops", RoundingSettings(layers=tuple(LITE1_LAYERS), min_images=0)),
+                            ("learned, 32 crops + 32 augmented views",
+                             RoundingSettings(layers=tuple(LITE1_LAYERS), min_images=64))):
+        started = time.perf_counter()
+        loaded = load_model(model.path)
+        session = PPQSession.from_onnx(prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)),
+                                       LowBitSpec(4, 8, observer="mse", unsigned_nonnegative=True,
+                                                  weight_observer="mse"), "cpu", build_setting("default", "cpu", 32))
+        session.quantize(calib, rounding)
+        names = list(LITE1_LAYERS.values())
+        errors = []
+        for feed in held:
+            got = session.forward(feed, output_names=names)
+            ref = session.forward(feed, quantized=False, output_names=names)
+            errors.append([float(np.mean((got[n].astype(np.float64) - ref[n]) ** 2)) for n in names])
+        mse = dict(zip(LITE1_LAYERS, np.mean(errors, 0).tolist(), strict=True))
+        seconds = round(time.perf_counter() - started, 1)
+        row = {"experiment": "lite1", "run": label, "held_out_mse": mse, "seconds": seconds}
+        rows.append(row)
+        print(f"Lite1 W4A8, {label}: held-out MSE " + ", ".join(f"{e:.4g}" for e in row["held_out_mse"].values())
+              + f", {row['seconds']} s", flush=True)
+    return rows
+
+
 def configurations(experiment: str) -> list[tuple[str, int, int, dict]]:
     """(label, images, activation bits, RoundingSettings fields) of each run of ``experiment``."""
     if experiment == "augmentation":
@@ -71,7 +115,7 @@ def configurations(experiment: str) -> list[tuple[str, int, int, dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", choices=("augmentation", "qdrop", "both"), default="both")
+    parser.add_argument("--experiment", choices=("augmentation", "qdrop", "lite1", "both"), default="both")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -79,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     experiments = ("augmentation", "qdrop") if args.experiment == "both" else (args.experiment,)
     rows = []
     for experiment in experiments:
+        if experiment == "lite1":
+            rows += lite1_layers()
+            continue
         for label, images, bits, fields in configurations(experiment):
             for seed in SEEDS:
                 started = time.perf_counter()
