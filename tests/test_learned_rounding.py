@@ -98,7 +98,9 @@ def test_learned_rounding_caches_augmented_positions_only_with_few_images():
 
 
 def test_qdrop_changes_nothing_at_8_bit_activations_and_the_rounding_at_4():
-    """QDrop mixes FP32 inputs into the reconstruction only where the layer's input has fewer than 8 bits."""
+    """QDrop mixes FP32 inputs into the reconstruction only where the layer's input has fewer than 8 bits.
+
+    Its masks come from their own random stream, so the A4 runs differ by the mixing alone."""
     base = RoundingSettings(iterations=200, layers=(LAYER,), qdrop=0.0)
     (a8_off,) = _session(base, images=64).rounding_results
     (a8_on,) = _session(dataclasses.replace(base, qdrop=0.5), images=64).rounding_results

@@ -437,10 +437,10 @@ def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequen
     return _Cache(patches, targets_, targets_.shape[0] - held, layout(fp_rows) if fp_rows else None)
 
 
-def _step_patches(cache: _Cache, rows: torch.Tensor, qdrop: float, generator: torch.Generator) -> torch.Tensor:
+def _step_patches(cache: _Cache, rows: torch.Tensor, qdrop: float, generator: torch.Generator | None) -> torch.Tensor:
     """The input patches of one step's rows; with QDrop, each element FP32 with probability ``qdrop``."""
     patches = cache.patches.index_select(1, rows)
-    if cache.fp_patches is None:
+    if cache.fp_patches is None or generator is None:
         return patches
     drop = (torch.rand(patches.shape, generator=generator) < qdrop).to(patches.device)
     return torch.where(drop, cache.fp_patches.index_select(1, rows), patches)
@@ -489,12 +489,14 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     v = _initial_v(ratio - floor).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=settings.lr)
     sample = min(settings.sample, cache.train)
+    # QDrop's masks from their own stream: the sampled rows are those of the same run without QDrop
+    drops = torch.Generator().manual_seed(settings.seed + 1) if cache.fp_patches is not None else None
     loss_value, step = math.nan, 0
     for step in range(iterations):
         rows = torch.randint(cache.train, (sample,), generator=generator).to(device)
         h = _rectified_sigmoid(v)
         weight = torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale
-        out = _layer_output(layer, _step_patches(cache, rows, settings.qdrop, generator), weight, bias)
+        out = _layer_output(layer, _step_patches(cache, rows, settings.qdrop, drops), weight, bias)
         loss = ((out - cache.targets.index_select(0, rows)) ** 2).sum(dim=1).mean()
         if step >= WARMUP * iterations:
             loss = loss + settings.reg_weight * (1 - (2 * h - 1).abs().pow(_beta(step, iterations))).sum()
