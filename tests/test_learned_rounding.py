@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from maptools.examples import digits
 from maptools.quantization import quantize, read_quantparams, verify
 from maptools.quantization.artifacts import MANIFEST, REPORT_JSON
 from maptools.quantization.engine import LowBitSpec, PPQSession
+from maptools.quantization.engine.augment import augment_batches, image_count
 from maptools.quantization.engine.learned_rounding import RoundingSettings
 from maptools.quantization.engine.recipes import build_setting
 from maptools.quantization.format import weight_key
@@ -25,13 +27,14 @@ LAYER = "/block1/expand/expand.0/Conv"
 SHAPES = {"input": list(digits.INPUT_SHAPE)}
 
 
-def _session(rounding: RoundingSettings | None) -> PPQSession:
+def _session(rounding: RoundingSettings | None, images: int = 256, activation_bits: int = 8) -> PPQSession:
     model = load_model(MOBILE)
     proto = prepare_model(model, check_input_shapes(SHAPES, model))
-    spec = LowBitSpec(4, 8, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
+    spec = LowBitSpec(4, activation_bits, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
     session = PPQSession.from_onnx(proto, spec, "cpu", build_setting("default", "cpu", 16))
     train, _ = digits.load_split("train")
-    session.quantize([{"input": torch.from_numpy(train[i:i + 16])} for i in range(0, 256, 16)], rounding)
+    size = min(16, images // 8)  # PPQ calibrates on at least 8 batches
+    session.quantize([{"input": torch.from_numpy(train[i:i + size])} for i in range(0, images, size)], rounding)
     return session
 
 
@@ -62,6 +65,52 @@ def test_learned_rounding_reduces_a_trained_layers_error_on_held_out_images():
     assert np.abs(learned_q.astype(int) - nearest_q).max() == 1  # learned: the other neighbour, never further
     others = [k for k in nearest.quantparams() if k.endswith("_weight") and k != key]
     assert all(np.array_equal(learned.quantparams()[k], nearest.quantparams()[k]) for k in others)
+
+
+def test_augmentation_adds_views_up_to_the_count_deterministic_per_seed():
+    train, _ = digits.load_split("train")
+    batches = [{"input": torch.from_numpy(train[i:i + 16])} for i in range(0, 32, 16)]
+    first, again = augment_batches(batches, 64, seed=3), augment_batches(batches, 64, seed=3)
+    other = augment_batches(batches, 64, seed=4)
+    assert image_count(first) == 64 and len(first) == 4 and first[:2] == batches
+    assert all(torch.equal(a["input"], b["input"]) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[2]["input"], other[2]["input"])
+    views = torch.cat([b["input"] for b in first[2:]])
+    assert views.shape == (32, *train.shape[1:]) and views.dtype == batches[0]["input"].dtype
+    originals = torch.cat([b["input"] for b in batches])
+    assert views.min() >= originals.min() and views.max() <= originals.max()  # bilinear: inside the range
+    # every view differs from every original (cropped and resized or flipped): not copies
+    distance = torch.cdist(views.flatten(1), originals.flatten(1))
+    assert distance.min() > 0
+    # enough images, or inputs that are not images: the batches as given
+    assert augment_batches(batches, 32) == batches and augment_batches(batches, 0) == batches
+    rows = [{"x": torch.ones(16, 10)}]
+    assert augment_batches(rows, 64) == rows
+
+
+def test_learned_rounding_caches_augmented_positions_only_with_few_images():
+    """16 calibration digits and ``min_images=64``: the cache holds 64 images' positions; 0 turns it off."""
+    settings = RoundingSettings(iterations=10, positions=16, layers=(LAYER,), min_images=64)
+    (augmented,) = _session(settings, images=16).rounding_results
+    (plain,) = _session(dataclasses.replace(settings, min_images=0), images=16).rounding_results
+    (enough,) = _session(settings, images=64).rounding_results
+    assert (augmented.positions, plain.positions, enough.positions) == (64 * 16, 16 * 16, 64 * 16)
+
+
+def test_qdrop_changes_nothing_at_8_bit_activations_and_the_rounding_at_4():
+    """QDrop mixes FP32 inputs into the reconstruction only where the layer's input has fewer than 8 bits.
+
+    Its masks come from their own random stream, so the A4 runs differ by the mixing alone."""
+    base = RoundingSettings(iterations=200, layers=(LAYER,), qdrop=0.0)
+    (a8_off,) = _session(base, images=64).rounding_results
+    (a8_on,) = _session(dataclasses.replace(base, qdrop=0.5), images=64).rounding_results
+    assert torch.equal(a8_off.integers, a8_on.integers) and a8_off.loss == a8_on.loss
+    (a4_off,) = _session(base, images=64, activation_bits=4).rounding_results
+    (a4_on,) = _session(dataclasses.replace(base, qdrop=0.5), images=64, activation_bits=4).rounding_results
+    changed = float((a4_off.integers != a4_on.integers).float().mean())
+    assert 0.001 < changed < 0.2, changed
+    # both held-out errors are measured on the quantized input and never worse than nearest
+    assert a4_on.error_nearest == a4_off.error_nearest and a4_on.error_learned <= a4_on.error_nearest
 
 
 @pytest.mark.slow

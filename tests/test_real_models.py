@@ -77,9 +77,10 @@ def test_paddle_export_with_identity_output(tmp_path):
     assert metrics["top1_agreement"] >= 0.9 and metrics["mean_kl"] <= 0.05, metrics
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite1_tf"])
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite1_tf", "efficientnet_lite2"])
 def test_imagenet_classifier_at_w8a8(tmp_path, name):
-    """EfficientNet-Lite1 at 240x240 on natural photographs, as exported (legacy) and with tf2onnx's traits."""
+    """EfficientNet-Lite1 at 240x240 on natural photographs, as exported (legacy) and with tf2onnx's traits;
+    Lite2 at 260x260."""
     _, metrics = _quantize_and_score(name, tmp_path, evaluate=24)
     assert metrics["mean_kl"] <= 0.04 and metrics["snr_db"] > 15.0, metrics
     assert metrics["confident_agreement"] == 1.0

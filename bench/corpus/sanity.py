@@ -51,11 +51,13 @@ def _classifier_photo(model: registry.CorpusModel, photo: str) -> dict[str, Any]
 
 
 def efficientnet(count: int) -> dict[str, Any]:
-    """Top-1 on chelsea (ImageNet cat classes 281-285), and agreement of the variants on eval crops."""
+    """Top-1 on chelsea (ImageNet cat classes 281-285; Lite1 and Lite2), and agreement of the variants on eval crops."""
     out: dict[str, Any] = {}
     base = registry.get("efficientnet_lite1")
     for photo in ("chelsea.png", "coffee.png", "astronaut.png"):
         out[photo] = _classifier_photo(base, photo)
+    lite2 = registry.get("efficientnet_lite2")
+    out["efficientnet_lite2"] = {photo: _classifier_photo(lite2, photo) for photo in ("chelsea.png", "coffee.png")}
     ref = _run(base, registry.inputs_for(base, "eval", count, seed=0))
     out["eval_confident_fraction"] = float(np.mean(tasks.softmax(tasks._rows(ref)).max(-1) > 0.5))
     for variant in ("efficientnet_lite1_dynamo", "efficientnet_lite1_tf"):

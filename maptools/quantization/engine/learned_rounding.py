@@ -20,6 +20,16 @@ The cost is kept small on a CPU in three ways:
   once for the FP32 one, never by re-running the network from its input;
 * ``time_budget`` scales the iterations of every layer to fit.
 
+Two levers of the published methods help with little data or low activation bits:
+
+* with fewer than :attr:`RoundingSettings.min_images` calibration images, augmented views of them (random
+  resized crops and flips, :mod:`~maptools.quantization.engine.augment`) are added to the data the caches
+  are sampled from (learned rounding only; calibration and LSQ see the given images);
+* QDrop: where a layer's input is quantized below 8 bits, each step replaces each input element by its FP32
+  value (the FP32 network's, at the same position) with probability :attr:`RoundingSettings.qdrop`, so the
+  rounding is not fitted to one particular pattern of activation rounding errors. The mask is drawn per
+  element of the sampled patches. At 8-bit and float inputs nothing changes.
+
 The result is written into PPQ's graph as float weights exactly on the grid (``w = s * q``) and marked baked,
 before PPQ bakes the other parameters, so every artifact carries the learned integers, and a later LSQ pass
 (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`) trains the activation scales and
@@ -48,6 +58,7 @@ from ppq.quantization.optim import ParameterBakingPass  # noqa: E402
 from ppq.quantization.optim.base import QuantizationOptimizationPass, QuantizationOptimizationPipeline  # noqa: E402
 from ppq.quantization.optim.training import LearnedStepSizePass  # noqa: E402
 
+from maptools.quantization.engine.augment import augment_batches  # noqa: E402
 from maptools.quantization.engine.fusion import (  # noqa: E402
     FUSED_ACTIVATION_TYPES,
     GATES,
@@ -92,8 +103,11 @@ class RoundingSettings:
         max_weight_bits: Only layers with weights of at most this many bits are learned.
         time_budget: Seconds the whole pass may take (None: no limit); scales each layer's iterations.
         device: Where the caches live and the optimisation runs (``'cpu'``, ``'cuda'``).
-        seed: Seed of the position sampling.
+        seed: Seed of the position sampling and of the augmentation.
         layers: Only these operators (None: every eligible one).
+        min_images: With fewer calibration images, augmented views are added up to this many (0: never).
+        qdrop: Probability of replacing an input element by its FP32 value in a step, where the layer's input
+            is quantized below 8 bits (0: QDrop off).
     """
 
     iterations: int = 300
@@ -106,7 +120,12 @@ class RoundingSettings:
     device: str = "cpu"
     seed: int = 0
     layers: tuple[str, ...] | None = None
+    min_images: int = 64
+    qdrop: float = 0.5
 
+
+#: Activation bit widths from which QDrop is off (the layer's input kept quantized in every step).
+QDROP_BELOW_BITS = 8
 
 #: The settings ``quantize(rounding='learned')`` starts from (its ``time_budget``, device and seed replace
 #: theirs); the benchmarks vary it to measure the iterations and sample size.
@@ -167,6 +186,17 @@ class _Layer:
     @property
     def bits(self) -> int:
         return int(self.op.config.input_quantization_config[1].num_of_bits)
+
+    @property
+    def input_bits(self) -> int | None:
+        """Bits of the layer's quantized input (its own or, overlapped, its producer's), None when it is float."""
+        config = self.op.config.input_quantization_config[0].dominated_by
+        return int(config.num_of_bits) if QuantizationStates.is_activated(config.state) else None
+
+    def drops_input_quantization(self, settings: RoundingSettings) -> bool:
+        """Whether QDrop applies: an input quantized below :data:`QDROP_BELOW_BITS` bits and ``qdrop > 0``."""
+        bits = self.input_bits
+        return settings.qdrop > 0 and bits is not None and bits < QDROP_BELOW_BITS
 
 
 def _conv_layer(op: QuantableOperation, weight: torch.Tensor) -> tuple | None:
@@ -366,20 +396,27 @@ def _beta(step: int, total: int) -> float:
 
 @dataclass
 class _Cache:
-    """Sampled input patches (G, M, Kg) and FP32 targets (M, Cout) of one layer; the last rows held out."""
+    """Sampled input patches (G, M, Kg) and FP32 targets (M, Cout) of one layer; the last rows held out.
+
+    ``fp_patches``: the FP32 network's input patches at the same positions, for QDrop (else None).
+    """
 
     patches: torch.Tensor
     targets: torch.Tensor
     train: int
+    fp_patches: torch.Tensor | None = None
 
 
 def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-                  positions: int, generator: torch.Generator, device: str) -> _Cache:
-    """Per image, ``positions`` random output positions: their input patches and FP32 targets."""
-    patch_rows, target_rows = [], []
+                  positions: int, generator: torch.Generator, device: str,
+                  fp_inputs: Sequence[torch.Tensor] | None = None) -> _Cache:
+    """Per image, ``positions`` random output positions: their input patches and FP32 targets (and the FP32
+    input patches when ``fp_inputs`` is given)."""
+    patch_rows, target_rows, fp_rows = [], [], []
     groups = layer.groups
-    for x, y in zip(inputs, targets, strict=True):
+    for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
         patch, out = layer.patches(x.float().cpu()), layer.outputs(y.float().cpu())  # (N, L, G*Kg), (N, L, Cout)
+        fp_patch = layer.patches(fp_inputs[b].float().cpu()) if fp_inputs is not None else None
         if patch.shape[:2] != out.shape[:2]:
             raise ValueError(f"{layer.op.name}: {patch.shape[1]} patches for {out.shape[1]} outputs")
         for n in range(patch.shape[0]):
@@ -387,12 +424,26 @@ def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequen
             index = torch.randperm(patch.shape[1], generator=generator)[:count]
             patch_rows.append(patch[n, index])
             target_rows.append(out[n, index])
-    patches = torch.cat(patch_rows).reshape(-1, groups, layer.weight.shape[2])
+            if fp_patch is not None:
+                fp_rows.append(fp_patch[n, index])
     targets_ = torch.cat(target_rows)
-    order = torch.randperm(patches.shape[0], generator=generator)  # held-out rows from every image
-    patches, targets_ = patches[order].transpose(0, 1).contiguous().to(device), targets_[order].to(device)
+    order = torch.randperm(targets_.shape[0], generator=generator)  # held-out rows from every image
+
+    def layout(rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(rows).reshape(-1, groups, layer.weight.shape[2])[order].transpose(0, 1).contiguous().to(device)
+
+    patches, targets_ = layout(patch_rows), targets_[order].to(device)
     held = max(1, int(round(targets_.shape[0] * HELD_OUT))) if targets_.shape[0] > 1 else 0
-    return _Cache(patches, targets_, targets_.shape[0] - held)
+    return _Cache(patches, targets_, targets_.shape[0] - held, layout(fp_rows) if fp_rows else None)
+
+
+def _step_patches(cache: _Cache, rows: torch.Tensor, qdrop: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The input patches of one step's rows; with QDrop, each element FP32 with probability ``qdrop``."""
+    patches = cache.patches.index_select(1, rows)
+    if cache.fp_patches is None or generator is None:
+        return patches
+    drop = (torch.rand(patches.shape, generator=generator) < qdrop).to(patches.device)
+    return torch.where(drop, cache.fp_patches.index_select(1, rows), patches)
 
 
 def _layer_output(layer: _Layer, patches: torch.Tensor, weight: torch.Tensor,
@@ -438,12 +489,14 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     v = _initial_v(ratio - floor).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=settings.lr)
     sample = min(settings.sample, cache.train)
+    # QDrop's masks from their own stream: the sampled rows are those of the same run without QDrop
+    drops = torch.Generator().manual_seed(settings.seed + 1) if cache.fp_patches is not None else None
     loss_value, step = math.nan, 0
     for step in range(iterations):
         rows = torch.randint(cache.train, (sample,), generator=generator).to(device)
         h = _rectified_sigmoid(v)
         weight = torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale
-        out = _layer_output(layer, cache.patches.index_select(1, rows), weight, bias)
+        out = _layer_output(layer, _step_patches(cache, rows, settings.qdrop, drops), weight, bias)
         loss = ((out - cache.targets.index_select(0, rows)) ** 2).sum(dim=1).mean()
         if step >= WARMUP * iterations:
             loss = loss + settings.reg_weight * (1 - (2 * h - 1).abs().pow(_beta(step, iterations))).sum()
@@ -478,6 +531,7 @@ class LearnedRoundingPass(QuantizationOptimizationPass):
         if not layers or executor is None:
             return
         batches = [collate_fn(batch) if collate_fn is not None else batch for batch in dataloader]
+        batches = augment_batches(batches, settings.min_images, settings.seed)
         self.results = run(graph, executor, layers, batches, settings)
 
 
@@ -518,13 +572,15 @@ def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches
         position = quant.index[layer.op.name]
         tail_end = max([position] + [quant.index[op.name] for op in layer.tail]) + 1
         later_targets = [other.target for other in layers[i:]]
-        fp32.advance(max(fp32.cursor, tail_end), keep=later_targets)
-        quant.advance(position, keep=[layer.op.inputs[0].name])
+        source = layer.op.inputs[0].name
+        qdrop = layer.drops_input_quantization(settings)
+        fp32.advance(max(fp32.cursor, tail_end), keep=later_targets + ([source] if qdrop else []))
+        quant.advance(position, keep=[source])
         input_config = layer.op.config.input_quantization_config[0]
         with torch.no_grad():
-            inputs = [executor.quantize_function(x, input_config) for x in quant.values[layer.op.inputs[0].name]]
+            inputs = [executor.quantize_function(x, input_config) for x in quant.values[source]]
         cache = _sample_cache(layer, inputs, fp32.values[layer.target], settings.positions, generator,
-                              settings.device)
+                              settings.device, fp32.values.get(source) if qdrop else None)
         del inputs
         carry_seconds += time.perf_counter() - layer_started
         budget = _budget(settings, costs, i, started, carry_seconds)

@@ -1,0 +1,87 @@
+"""Augmented calibration images for learned rounding: random resized crops and horizontal flips of the given ones.
+
+Learned rounding fits thousands of rounding decisions per layer to the calibration data; with few images it
+fits those images (the held-out error stops falling while the training loss does). When the calibration
+batches hold fewer than ``count`` images, :func:`augment_batches` adds views of them until there are
+``count``: each a crop of 35-100 % of a random image's area (aspect ratio 3/4 to 4/3) resized back to the
+input's size (bilinear), flipped left-right with probability one half. Only 4-D inputs (N, C, H, W) of at
+least 8x8 are augmented (every input of a feed the same way); other models keep their batches. With enough
+images it returns the batches unchanged. The views depend only on the batches and ``seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AREA", "ASPECT", "augment_batches", "image_count"]
+
+logger = logging.getLogger(__name__)
+
+#: Share of the image's area a crop keeps (uniform in this range).
+AREA = (0.35, 1.0)
+#: Aspect ratio (width / height) of a crop, log-uniform in this range.
+ASPECT = (3 / 4, 4 / 3)
+#: Smallest spatial size augmented (smaller inputs are not images).
+_MIN_SIDE = 8
+
+Batch = dict[str, torch.Tensor]
+
+
+def _images(batch: Batch) -> bool:
+    return all(t.ndim == 4 and t.is_floating_point() and min(t.shape[2:]) >= _MIN_SIDE for t in batch.values())
+
+
+def image_count(batches: Sequence[Batch]) -> int:
+    """Images in ``batches``: the sum of the first input's batch sizes."""
+    return sum(int(next(iter(batch.values())).shape[0]) for batch in batches if batch)
+
+
+def _view(images: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One random resized crop (and flip) of one image, the same window for every input of the feed."""
+    height, width = next(iter(images.values())).shape[-2:]
+    area = height * width * (AREA[0] + (AREA[1] - AREA[0]) * float(torch.rand((), generator=generator)))
+    log_lo, log_hi = math.log(ASPECT[0]), math.log(ASPECT[1])
+    aspect = math.exp(log_lo + (log_hi - log_lo) * float(torch.rand((), generator=generator)))
+    w = max(1, min(width, round(math.sqrt(area * aspect))))
+    h = max(1, min(height, round(math.sqrt(area / aspect))))
+    top = int(torch.randint(height - h + 1, (), generator=generator))
+    left = int(torch.randint(width - w + 1, (), generator=generator))
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    views = {}
+    for name, image in images.items():
+        crop = image[:, :, top:top + h, left:left + w].float()
+        view = F.interpolate(crop, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        views[name] = (view.flip(-1) if flip else view).to(image.dtype)
+    return views
+
+
+def augment_batches(batches: Sequence[Batch], count: int, seed: int = 0) -> list[Batch]:
+    """``batches`` followed by augmented views of their images until there are ``count`` images.
+
+    The views come in batches of the first batch's size; the originals are returned as given (the same
+    objects) when there are already ``count`` images, or when the inputs are not images.
+    """
+    have = image_count(batches)
+    if have >= count or not batches:
+        return list(batches)
+    if not all(_images(batch) for batch in batches):
+        logger.info("learned rounding: %d calibration images, fewer than %d, but the inputs are not images "
+                    "(N, C, H, W of at least %dx%d); not augmented", have, count, _MIN_SIDE, _MIN_SIDE)
+        return list(batches)
+    generator = torch.Generator().manual_seed(seed)
+    sources = [(b, i) for b, batch in enumerate(batches) for i in range(int(next(iter(batch.values())).shape[0]))]
+    size = int(next(iter(batches[0].values())).shape[0])
+    views: list[dict[str, torch.Tensor]] = []
+    for _ in range(count - have):
+        b, i = sources[int(torch.randint(len(sources), (), generator=generator))]
+        views.append(_view({name: t[i:i + 1] for name, t in batches[b].items()}, generator))
+    extra = [{name: torch.cat([v[name] for v in views[start:start + size]]) for name in views[0]}
+             for start in range(0, len(views), size)]
+    logger.info("learned rounding: %d calibration images, fewer than %d; added %d augmented views (random resized "
+                "crops and flips)", have, count, len(views))
+    return list(batches) + extra
