@@ -38,3 +38,29 @@ def test_first_last_bits_when_the_first_or_last_mac_is_worst():
            "(--calib-dir or --calib-npy)" in warning
     assert "=" not in warning.split("Try ")[1].replace("layer_bits={'mid': 8}", "")
     assert "first_last_bits=8" in _warn(advice, {"stem": 5.0, "mid": 15.0})  # back to Python after the block
+
+
+def test_a_sequence_of_class_probabilities_is_held_to_a_higher_snr():
+    """A CTC recognizer's output loses strings at SNRs a classifier's would pass (issue 23: PP-OCRv4 lost 7 of 32
+    lines at 11.6 dB, none at 15.5 dB)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from maptools.quantization.diagnostics import SEQUENCE_WARNING_DB, sequence_outputs
+
+    nodes = [helper.make_node("Softmax", ["x"], ["steps"], axis=2), helper.make_node("Softmax", ["v"], ["classes"]),
+             helper.make_node("Softmax", ["x"], ["channels"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 66]),
+                                           helper.make_tensor_value_info("v", TensorProto.FLOAT, ["N", 10])],
+                              [helper.make_tensor_value_info("steps", TensorProto.FLOAT, ["N", "T", 66]),
+                               helper.make_tensor_value_info("classes", TensorProto.FLOAT, ["N", 10]),
+                               helper.make_tensor_value_info("channels", TensorProto.FLOAT, ["N", "T", 66])], [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    assert sequence_outputs(model) == ["steps"]
+    assert SEQUENCE_WARNING_DB == 14.0
+    snr = {"steps": 12.9, "classes": 12.9, "channels": 12.9}
+    spans = dict.fromkeys(snr, 1.0)
+    (warning,) = output_warnings(snr, {}, spans, spans, {"mm": 20.0}, "held-out", Advice(), ["steps"])
+    assert warning.startswith("output 'steps': SNR 12.9 dB against FP32, below the 14 dB under which")
+    assert output_warnings({"steps": 15.5}, {}, spans, spans, {}, "held-out", Advice(), ["steps"]) == []

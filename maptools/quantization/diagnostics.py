@@ -6,7 +6,8 @@ data can read 22 dB on random data and 3 dB on images. After the error analysis 
 there is any), :func:`output_warnings` checks every graph output and every part of an output built by a
 final ``Concat``:
 
-* SNR below :data:`SNR_WARNING_DB` against FP32;
+* SNR below :data:`SNR_WARNING_DB` against FP32, or below :data:`SEQUENCE_WARNING_DB` for a sequence of class
+  probabilities (:func:`sequence_outputs`: what a CTC text recognizer decodes into strings);
 * a quantized output (or part) that takes a single value over all analysed batches while the FP32 one varies
   (collapsed to a constant).
 
@@ -22,15 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-__all__ = ["SNR_WARNING_DB", "WORST_OPERATORS", "Advice", "advice_syntax", "output_warnings", "worst_operators"]
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["SEQUENCE_WARNING_DB", "SNR_WARNING_DB", "WORST_OPERATORS", "Advice", "advice_syntax", "output_warnings",
+           "sequence_outputs", "worst_operators"]
 
 #: An output (or output part) below this SNR in dB against FP32 gets a warning: at 10 dB the noise amplitude
 #: is about a third of the signal's, where top-1 agreement of a classifier typically falls below 80-90 %.
 SNR_WARNING_DB = 10.0
+#: A sequence of class probabilities below this SNR changes decoded strings: PP-OCRv4's recognizer lost 7 of 32
+#: lines at 11.6 dB, 16 at 12.9 dB and none at 15.5 dB (docs/benchmarks_recognizer.json).
+SEQUENCE_WARNING_DB = 14.0
 #: How many operators a warning names.
 WORST_OPERATORS = 3
 
@@ -102,19 +111,39 @@ def worst_operators(isolated_snr_db: Mapping[str, float], count: int = WORST_OPE
     return ranked[:count]
 
 
-def _problems(name: str, snr: float, fp32_span: float | None, quant_span: float | None) -> list[str]:
+def sequence_outputs(proto: onnx.ModelProto) -> list[str]:
+    """Graph outputs that are sequences of class probabilities: made by a Softmax over the last axis of a tensor of
+    rank 3 or more (``[N, T, classes]``, what a CTC text recognizer decodes)."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    found = []
+    for vi in proto.graph.output:
+        node = producers.get(vi.name)
+        if node is None or node.op_type != "Softmax" or not vi.type.tensor_type.HasField("shape"):
+            continue
+        rank = len(vi.type.tensor_type.shape.dim)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        if rank >= 3 and axis in (-1, rank - 1):
+            found.append(vi.name)
+    return found
+
+
+def _problems(name: str, snr: float, fp32_span: float | None, quant_span: float | None,
+              sequence: bool = False) -> list[str]:
     problems = []
     if fp32_span is not None and quant_span is not None and fp32_span > 0.0 and quant_span == 0.0:
         problems.append(f"{name} collapsed to a constant (FP32 spans {fp32_span:.4g})")
     elif math.isfinite(snr) and snr < SNR_WARNING_DB:
         problems.append(f"{name}: SNR {snr:.1f} dB against FP32 (below {SNR_WARNING_DB:.0f} dB)")
+    elif sequence and math.isfinite(snr) and snr < SEQUENCE_WARNING_DB:
+        problems.append(f"{name}: SNR {snr:.1f} dB against FP32, below the {SEQUENCE_WARNING_DB:.0f} dB under which a "
+                        "sequence of class probabilities (a text recognizer's) decodes to other strings")
     return problems
 
 
 def output_warnings(output_snr_db: Mapping[str, float], part_snr_db: Mapping[str, Mapping[str, float]],
                     fp32_span: Mapping[str, float], quant_span: Mapping[str, float],
                     isolated_snr_db: Mapping[str, float], data: str,
-                    advice: Advice | None = None) -> list[str]:
+                    advice: Advice | None = None, sequences: Collection[str] = ()) -> list[str]:
     """One warning per wrecked graph output or output part.
 
     Args:
@@ -126,13 +155,15 @@ def output_warnings(output_snr_db: Mapping[str, float], part_snr_db: Mapping[str
         data: What the figures were measured on (``'held-out'``, ``'in-sample'``...), for the message.
         advice: What the map was quantized with (default: W8A8, the ``default`` recipe, user data); the
             syntax is the interface's of :func:`advice_syntax`.
+        sequences: The outputs held to :data:`SEQUENCE_WARNING_DB` (see :func:`sequence_outputs`).
 
     Returns:
         The warnings, plain sentences.
     """
     problems: list[str] = []
     for output, snr in output_snr_db.items():
-        problems += _problems(f"output {output!r}", snr, fp32_span.get(output), quant_span.get(output))
+        problems += _problems(f"output {output!r}", snr, fp32_span.get(output), quant_span.get(output),
+                              output in sequences)
         for part, part_snr in part_snr_db.get(output, {}).items():
             problems += _problems(f"output {output!r} part {part!r}", part_snr, fp32_span.get(part),
                                   quant_span.get(part))

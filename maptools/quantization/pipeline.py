@@ -30,7 +30,7 @@ import onnx
 import maptools
 from maptools.errors import CalibrationError, ModelError
 from maptools.quantization import artifacts
-from maptools.quantization.diagnostics import Advice, output_warnings
+from maptools.quantization.diagnostics import Advice, output_warnings, sequence_outputs
 from maptools.quantization.floatops import float_summary
 from maptools.quantization.model import (
     LoadedModel,
@@ -243,9 +243,9 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
                      [record.to_dict() for record in session.rounding_results])
 
 
-def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice) -> list[str]:
+def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice, sequences: list[str]) -> list[str]:
     return output_warnings(errors.output_snr_db, errors.part_snr_db, errors.fp32_span, errors.quant_span,
-                           errors.isolated_snr_db, data.analysis_data, advice)
+                           errors.isolated_snr_db, data.analysis_data, advice, sequences)
 
 
 def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData,
@@ -256,10 +256,11 @@ def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData
                     recipe=options.recipe if options.setting is None else None,
                     random_calibration=data.calibration == "random")
     errors = session.error_analysis(data.held_out, layerwise=options.layerwise_analysis)
-    warnings = _warnings(errors, data, advice)
+    sequences = sequence_outputs(prepared.proto)
+    warnings = _warnings(errors, data, advice, sequences)
     if warnings and not errors.isolated_snr_db:  # name the operators to blame
         errors.isolated_snr_db, errors.isolated_cosine = session.layerwise(data.held_out[0])
-        warnings = _warnings(errors, data, advice)
+        warnings = _warnings(errors, data, advice, sequences)
     return errors, warnings
 
 
