@@ -64,3 +64,32 @@ def test_a_sequence_of_class_probabilities_is_held_to_a_higher_snr():
     (warning,) = output_warnings(snr, {}, spans, spans, {"mm": 20.0}, "held-out", Advice(), ["steps"])
     assert warning.startswith("output 'steps': SNR 12.9 dB against FP32, below the 14 dB under which")
     assert output_warnings({"steps": 15.5}, {}, spans, spans, {}, "held-out", Advice(), ["steps"]) == []
+
+
+def test_a_cnn_transformer_below_8_bit_weights_is_told_to_keep_its_convs():
+    """Issue 23: at W4A8 PP-OCRv4's recognizer read 1/32 lines with its 8 worst operators at 8 bits, 32/32 with every
+    Conv and the last MAC at 8 bits (its attention and MLP MatMuls at 4): the advice names that set."""
+    from test_affine import _block_graph
+
+    from maptools.quantization.diagnostics import cnn_transformer_convolutions
+
+    model = _block_graph()
+    convs = cnn_transformer_convolutions(model)
+    assert convs == [n.name for n in model.graph.node if n.op_type == "Conv"] and len(convs) == 3
+    no_attention = [n for n in model.graph.node if n.op_type != "Softmax" or n.output[0] == "probs"]
+    del model.graph.node[:]
+    model.graph.node.extend(no_attention)
+    assert cnn_transformer_convolutions(model) == []  # no MatMul reads a Softmax: not a transformer
+    advice = Advice(weight_bits=4, activation_bits=8, first_and_last=(convs[0], "head"), convolutions=convs)
+    warning = _warn(advice, {"MatMul_9": 3.0, convs[1]: 12.0})
+    expected = "{" + ", ".join(f"'{name}': 8" for name in convs) + "}"
+    assert "Try first_last_bits=8, every Conv at 8 bits (the transformer's MatMuls hold 4-bit weights" in warning
+    assert f"8 worst operators at 8 bits): layer_bits={expected}, recipe='best'. Check" in warning
+    with advice_syntax("cli"):
+        warning = _warn(advice, {"MatMul_9": 3.0})
+    assert "Try --first-last-bits 8 and every Conv at 8 bits (" in warning
+    assert f"layer_bits={expected} in Python; the command line has no per-layer option, --recipe best" in warning
+    # a map whose Convs are all at 8 bits already is not told so again
+    done = Advice(weight_bits=4, activation_bits=8, layer_bits={n: (8, 8) for n in [*convs, "head"]},
+                  first_and_last=(convs[0], "head"), convolutions=convs, recipe="best")
+    assert "every Conv" not in _warn(done, {"MatMul_9": 3.0})

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["SEQUENCE_WARNING_DB", "SNR_WARNING_DB", "WORST_OPERATORS", "Advice", "advice_syntax", "output_warnings",
-           "sequence_outputs", "worst_operators"]
+__all__ = ["CNN_TRANSFORMER_ADVICE", "SEQUENCE_WARNING_DB", "SNR_WARNING_DB", "WORST_OPERATORS", "Advice",
+           "advice_syntax", "cnn_transformer_convolutions", "output_warnings", "sequence_outputs", "worst_operators"]
 
 #: An output (or output part) below this SNR in dB against FP32 gets a warning: at 10 dB the noise amplitude
 #: is about a third of the signal's, where top-1 agreement of a classifier typically falls below 80-90 %.
@@ -40,6 +40,10 @@ SNR_WARNING_DB = 10.0
 #: A sequence of class probabilities below this SNR changes decoded strings: PP-OCRv4's recognizer lost 7 of 32
 #: lines at 11.6 dB, 16 at 12.9 dB and none at 15.5 dB (docs/benchmarks_recognizer.json).
 SEQUENCE_WARNING_DB = 14.0
+#: Why the advice for a CNN + transformer network below 8-bit weights keeps its Convs at 8 bits (measured).
+CNN_TRANSFORMER_ADVICE = ("the transformer's MatMuls hold 4-bit weights, the Convs do not: PP-OCRv4's recognizer "
+                          "at W4A8 read 32/32 lines as FP32 this way, 0/32 without, 1/32 with its 8 worst operators "
+                          "at 8 bits")
 #: How many operators a warning names.
 WORST_OPERATORS = 3
 
@@ -71,6 +75,9 @@ class Advice:
         first_and_last: The first and last MAC operators.
         recipe: The recipe that ran (None when a PPQ setting was given).
         random_calibration: Whether the map was calibrated on random data.
+        convolutions: The Conv operators of a CNN + transformer network (a MatMul reading a Softmax), else
+            empty: below 8-bit weights such a network keeps its outputs with every Conv and the last MAC at 8
+            bits while the transformer's MatMuls hold the lower bits (:data:`CNN_TRANSFORMER_ADVICE`).
     """
 
     weight_bits: int = 8
@@ -79,6 +86,7 @@ class Advice:
     first_and_last: Sequence[str] = ()
     recipe: str | None = "default"
     random_calibration: bool = False
+    convolutions: Sequence[str] = ()
 
     def bits_of(self, node: str) -> tuple[int, int]:
         """``(weight_bits, activation_bits)`` of a node."""
@@ -88,6 +96,15 @@ class Advice:
         """What to try, in the syntax of the command line (``cli``) or of Python."""
         tries = []
         below = [name for name in worst if min(self.bits_of(name)) < _MAX_BITS]
+        convs = [name for name in self.convolutions if min(self.bits_of(name)) < _MAX_BITS]
+        if convs:  # the worst few at 8 bits do not hold such a network: every Conv and the last MAC do
+            example = "{" + ", ".join(f"'{name}': {_MAX_BITS}" for name in convs) + "}"
+            last = [name for name in self.first_and_last[-1:] if min(self.bits_of(name)) < _MAX_BITS]
+            both = (f"--first-last-bits {_MAX_BITS} and " if cli else f"first_last_bits={_MAX_BITS}, ") if last else ""
+            tries.append(f"{both}every Conv at {_MAX_BITS} bits ({CNN_TRANSFORMER_ADVICE}): "
+                         + (f"layer_bits={example} in Python; the command line has no per-layer option" if cli
+                            else f"layer_bits={example}"))
+            below = []
         if worst and worst[0] in self.first_and_last and worst[0] in below:
             tries.append(f"--first-last-bits {_MAX_BITS}" if cli else f"first_last_bits={_MAX_BITS}")
             below = [name for name in below if name not in self.first_and_last]
@@ -125,6 +142,14 @@ def sequence_outputs(proto: onnx.ModelProto) -> list[str]:
         if rank >= 3 and axis in (-1, rank - 1):
             found.append(vi.name)
     return found
+
+
+def cnn_transformer_convolutions(proto: onnx.ModelProto) -> list[str]:
+    """The Conv operators of a network that also has attention (a MatMul reading a Softmax's output); [] otherwise."""
+    softmax_outputs = {out for node in proto.graph.node if node.op_type == "Softmax" for out in node.output}
+    if not any(node.op_type == "MatMul" and softmax_outputs & set(node.input) for node in proto.graph.node):
+        return []
+    return [node.name for node in proto.graph.node if node.op_type == "Conv"]
 
 
 def _problems(name: str, snr: float, fp32_span: float | None, quant_span: float | None,

@@ -30,7 +30,12 @@ import onnx
 import maptools
 from maptools.errors import CalibrationError, ModelError
 from maptools.quantization import artifacts
-from maptools.quantization.diagnostics import Advice, output_warnings, sequence_outputs
+from maptools.quantization.diagnostics import (
+    Advice,
+    cnn_transformer_convolutions,
+    output_warnings,
+    sequence_outputs,
+)
 from maptools.quantization.floatops import float_summary
 from maptools.quantization.model import (
     LoadedModel,
@@ -254,7 +259,8 @@ def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData
     advice = Advice(weight_bits=options.weight_bits, activation_bits=options.activation_bits,
                     layer_bits=dict(options.layer_bits), first_and_last=first_and_last_macs(prepared.proto),
                     recipe=options.recipe if options.setting is None else None,
-                    random_calibration=data.calibration == "random")
+                    random_calibration=data.calibration == "random",
+                    convolutions=cnn_transformer_convolutions(prepared.proto))
     errors = session.error_analysis(data.held_out, layerwise=options.layerwise_analysis)
     sequences = sequence_outputs(prepared.proto)
     warnings = _warnings(errors, data, advice, sequences)
