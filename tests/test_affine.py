@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from maptools.quantization import quantize
+from maptools.quantization import quantize, verify
 from maptools.quantization.affine import fold_affine_chains
 
 SHAPE = [1, 3, 8, 32]
@@ -124,3 +124,7 @@ def test_w8a8_with_folding_keeps_the_outputs(tmp_path, monkeypatch, fold, min_sn
     agreement = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
     assert min_snr <= snr <= max_snr, snr
     assert (agreement >= 0.95) if fold else (agreement < 0.95), agreement
+    if fold:  # verify rebuilds PPQ's graph from the float model through the same folding
+        report = verify("m", feeds[:2], mapsave_dir=tmp_path)
+        assert report.failures == {}
+        assert all(pair.not_run is None and pair.snr_db is not None for pair in report.pairs)
