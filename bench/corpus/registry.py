@@ -319,8 +319,9 @@ def get(name: str) -> CorpusModel:
 
 
 def available(name: str) -> bool:
-    """Whether ``name``'s ONNX file is in the cache."""
-    return get(name).path.is_file()
+    """Whether ``name``'s ONNX file is in the cache (and the CJK font, for a model fed rendered text lines)."""
+    model = get(name)
+    return model.path.is_file() and (model.data != "text_lines" or cjk_font_path().is_file())
 
 
 # ----------------------------------------------------------------------------------------------- source images
