@@ -128,3 +128,19 @@ def test_w8a8_with_folding_keeps_the_outputs(tmp_path, monkeypatch, fold, min_sn
         report = verify("m", feeds[:2], mapsave_dir=tmp_path)
         assert report.failures == {}
         assert all(pair.not_run is None and pair.snr_db is not None for pair in report.pairs)
+
+
+def test_first_and_last_macs_of_weights_in_constant_nodes():
+    """Paddle2ONNX writes weights as Constant nodes: the last MAC of PP-OCRv4 is its classifier MatMul, which
+    ``first_last_bits`` must reach (it found the last Conv before)."""
+    from maptools.quantization.model import first_and_last_macs
+
+    model = _block_graph()
+    constants = [helper.make_node("Constant", [], [init.name], value=init) for init in model.graph.initializer]
+    nodes = constants + list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    macs = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul") and n.input[1] in ("w0", "wc")]
+    assert first_and_last_macs(model) == macs and macs[-1].startswith("MatMul")

@@ -345,11 +345,14 @@ def prepare_model(model: LoadedModel, input_shapes: Mapping[str, Sequence[int]])
 
 
 def first_and_last_macs(proto: onnx.ModelProto) -> list[str]:
-    """Names of the first and the last MAC operator with a constant weight (input 1 an initializer), in graph order.
+    """Names of the first and the last MAC operator with a constant weight (input 1 an initializer or a Constant
+    node's output), in graph order.
 
     One name when the graph has a single such operator, none when it has none.
     """
-    constants = {init.name for init in proto.graph.initializer}
+    # Paddle2ONNX writes weights as Constant nodes, other exporters as initializers
+    constants = {init.name for init in proto.graph.initializer} | {
+        out for node in proto.graph.node if node.op_type == "Constant" for out in node.output}
     macs = [node.name for node in proto.graph.node
             if node.op_type in MAC_TYPES and len(node.input) > 1 and node.input[1] in constants]
     return list(dict.fromkeys(macs[:1] + macs[-1:]))
