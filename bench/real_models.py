@@ -133,11 +133,19 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
 
     ``recipe`` may name a rounding and learned rounding's settings after colons: ``best:nearest``,
     ``best:learned:iterations=500:sample=512`` (fields of :class:`~maptools.quantization.engine.learned_rounding.
-    RoundingSettings`).
+    RoundingSettings`), and end in ``+conv8``: every Conv and the first and last MAC at 8 bits (what the summary
+    advises for a CNN + transformer network below 8-bit weights).
     """
+    from maptools.quantization.diagnostics import cnn_transformer_convolutions
     from maptools.quantization.engine import learned_rounding
 
-    name, *extra = recipe.split(":")
+    keep8 = recipe.endswith("+conv8")
+    name, *extra = recipe.removesuffix("+conv8").split(":")
+    layer_bits, first_last_bits = None, None
+    if keep8:
+        loaded = load_model(model.path)
+        prepared = prepare_model(loaded, check_input_shapes(model.input_shapes, loaded))
+        layer_bits, first_last_bits = dict.fromkeys(cnn_transformer_convolutions(prepared), 8), 8
     rounding = extra[0] if extra else None
     changes = {key: type(getattr(learned_rounding.DEFAULTS, key))(value)
                for key, value in (item.split("=") for item in extra[1:])}
@@ -147,7 +155,8 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
         result = quantize(model.input_shapes, "cpu", model.path,
                           mapname=f"{model.name}_{re.sub('[^A-Za-z0-9_.-]', '_', recipe)}", calibset=calib,
                           calib_steps=len(calib), weight_bits=w_bits, activation_bits=a_bits, recipe=name,
-                          rounding=rounding, mapsave_dir=workdir, evalset=evaluate[:4])
+                          rounding=rounding, mapsave_dir=workdir, evalset=evaluate[:4], layer_bits=layer_bits,
+                          first_last_bits=first_last_bits)
     finally:
         learned_rounding.DEFAULTS = saved
     session = _session(result.model_path)

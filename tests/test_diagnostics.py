@@ -36,3 +36,59 @@ def test_first_last_bits_when_the_first_or_last_mac_is_worst():
     assert "Try --first-last-bits 8, --layer-bits mid=8, --activation-bits 8, --recipe best, calibration data like " \
            "the inputs the model will see (--calib-dir or --calib-npy)" in warning
     assert "first_last_bits=8" in _warn(advice, {"stem": 5.0, "mid": 15.0})  # back to Python after the block
+
+
+def test_a_sequence_of_class_probabilities_is_held_to_a_higher_snr():
+    """A CTC recognizer's output loses strings at SNRs a classifier's would pass (issue 23: PP-OCRv4 lost 7 of 32
+    lines at 11.6 dB, none at 15.5 dB)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from maptools.quantization.diagnostics import SEQUENCE_WARNING_DB, sequence_outputs
+
+    nodes = [helper.make_node("Softmax", ["x"], ["steps"], axis=2), helper.make_node("Softmax", ["v"], ["classes"]),
+             helper.make_node("Softmax", ["x"], ["channels"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 66]),
+                                           helper.make_tensor_value_info("v", TensorProto.FLOAT, ["N", 10])],
+                              [helper.make_tensor_value_info("steps", TensorProto.FLOAT, ["N", "T", 66]),
+                               helper.make_tensor_value_info("classes", TensorProto.FLOAT, ["N", 10]),
+                               helper.make_tensor_value_info("channels", TensorProto.FLOAT, ["N", "T", 66])], [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    assert sequence_outputs(model) == ["steps"]
+    assert SEQUENCE_WARNING_DB == 14.0
+    snr = {"steps": 12.9, "classes": 12.9, "channels": 12.9}
+    spans = dict.fromkeys(snr, 1.0)
+    (warning,) = output_warnings(snr, {}, spans, spans, {"mm": 20.0}, "held-out", Advice(), ["steps"])
+    assert warning.startswith("output 'steps': SNR 12.9 dB against FP32, below the 14 dB under which")
+    assert output_warnings({"steps": 15.5}, {}, spans, spans, {}, "held-out", Advice(), ["steps"]) == []
+
+
+def test_a_cnn_transformer_below_8_bit_weights_is_told_to_keep_its_convs():
+    """Issue 23: at W4A8 PP-OCRv4's recognizer read 1/32 lines with its 8 worst operators at 8 bits, 32/32 with every
+    Conv and the last MAC at 8 bits (its attention and MLP MatMuls at 4): the advice names that set."""
+    from test_affine import _block_graph
+
+    from maptools.quantization.diagnostics import cnn_transformer_convolutions
+
+    model = _block_graph()
+    convs = cnn_transformer_convolutions(model)
+    assert convs == [n.name for n in model.graph.node if n.op_type == "Conv"] and len(convs) == 3
+    no_attention = [n for n in model.graph.node if n.op_type != "Softmax" or n.output[0] == "probs"]
+    del model.graph.node[:]
+    model.graph.node.extend(no_attention)
+    assert cnn_transformer_convolutions(model) == []  # no MatMul reads a Softmax: not a transformer
+    advice = Advice(weight_bits=4, activation_bits=8, first_and_last=(convs[0], "head"), convolutions=convs)
+    warning = _warn(advice, {"MatMul_9": 3.0, convs[1]: 12.0})
+    expected = "{" + ", ".join(f"'{name}': 8" for name in convs) + "}"
+    assert "Try first_last_bits=8, every Conv at 8 bits (the transformer's MatMuls hold 4-bit weights" in warning
+    assert f"8 worst operators at 8 bits): layer_bits={expected}, recipe='best'. Check" in warning
+    with advice_syntax("cli"):
+        warning = _warn(advice, {"MatMul_9": 3.0})
+    assert "Try --first-last-bits 8 and every Conv at 8 bits (" in warning
+    flags = ",".join(f"{name}=8" for name in convs)
+    assert f"--layer-bits {flags}, --recipe best" in warning
+    # a map whose Convs are all at 8 bits already is not told so again
+    done = Advice(weight_bits=4, activation_bits=8, layer_bits={n: (8, 8) for n in [*convs, "head"]},
+                  first_and_last=(convs[0], "head"), convolutions=convs, recipe="best")
+    assert "every Conv" not in _warn(done, {"MatMul_9": 3.0})

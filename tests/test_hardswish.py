@@ -14,9 +14,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from maptools.quantization import quantize, read_quantinfo, verify
-from maptools.quantization.engine import rewrites
-from maptools.quantization.engine.hardswish import fuse_paddle_hardswish
+from maptools.quantization import affine, quantize, read_quantinfo, verify
+from maptools.quantization.hardswish import fuse_paddle_hardswish
 from maptools.quantization.intmath import snr_db_of
 
 CHANNELS = 8
@@ -132,6 +131,6 @@ def test_fused_hardswish_makes_the_w8a8_map_more_accurate(tmp_path, monkeypatch)
     for ref, cand in (("ppq", "onnxruntime"), ("ppq", "integer")):
         assert report.get(ref, cand).within_one_step >= 0.999, report.table()
 
-    monkeypatch.setattr(rewrites, "fuse_paddle_hardswish", lambda model: 0)  # maptools before the rewrite
+    monkeypatch.setattr(affine, "fuse_paddle_hardswish", lambda model: 0)  # maptools before the rewrite
     plain_snr, _ = _quantized(model, tmp_path, "plain")
     assert fused_snr >= plain_snr + 6.0, (fused_snr, plain_snr)

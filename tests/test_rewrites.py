@@ -257,7 +257,7 @@ def test_warning_advice_from_the_command_line_uses_its_options(tmp_path, capsys)
     (warning,) = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
     assert "collapsed to a constant" in warning and "--recipe best" in warning
     assert "--act-bits" not in warning and "activation_bits" not in warning and "recipe='best'" not in warning
-    assert "in Python; the command line has no per-layer option" in warning
+    assert "--layer-bits " in warning and "layer_bits=" not in warning
     assert "Check the task metric" in warning
 
 

@@ -42,6 +42,8 @@ LAYERS: dict[str, int] = {
     "maptools.quantization.opset": 3,
     "maptools.quantization.opset_rules": 3,
     "maptools.quantization.folding": 3,
+    "maptools.quantization.hardswish": 3,
+    "maptools.quantization.affine": 3,
     "maptools.quantization.calibfolders": 3,
     "maptools.quantization.calibration": 3,
     "maptools.quantization.config": 3,

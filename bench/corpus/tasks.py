@@ -342,17 +342,25 @@ def layout_metrics(model: Any, ref: Outputs, cand: Outputs, iou: float = 0.5) ->
             "snr_db": snr_db([o[0] for o in ref], [o[0] for o in cand])}
 
 
-def text_rec_metrics(model: Any, ref: Outputs, cand: Outputs) -> dict[str, float]:
-    """rapidocr's CTC decoding of both (``CTCLabelDecode`` of the wheel): equal strings and equal per-step argmax."""
+def read_lines(model: Any, outputs: Outputs) -> list[str]:
+    """rapidocr's CTC decoding (``CTCLabelDecode`` of the wheel, the model's ``character`` metadata) of each line."""
     utils = _package_module(_src(model, "rapidocr-onnxruntime-1.4.4/rec_utils.py"), "rapidocr_rec_utils")
     decode = utils.CTCLabelDecode(character=list(_characters(str(model.path))))
-    ref_text = [text for o in ref for text, _ in decode(o[0])]
-    cand_text = [text for o in cand for text, _ in decode(o[0])]
+    return [text for o in outputs for text, _ in decode(o[0])]
+
+
+def text_rec_metrics(model: Any, ref: Outputs, cand: Outputs, labels: np.ndarray | None = None) -> dict[str, float]:
+    """Lines the candidate reads exactly as FP32 does, per-step argmax agreement, and with ``labels`` (the drawn
+    strings) FP32's and the candidate's exact-string rates against them."""
+    ref_text, cand_text = read_lines(model, ref), read_lines(model, cand)
     steps = np.concatenate([(r[0].argmax(-1) == c[0].argmax(-1)).ravel() for r, c in zip(ref, cand, strict=True)])
     same = sum(r == c for r, c in zip(ref_text, cand_text, strict=True))
     return {"lines": float(len(ref_text)), "same_strings": float(same), "string_agreement": same / len(ref_text),
             "step_agreement": float(steps.mean()), "snr_db": snr_db([o[0] for o in ref], [o[0] for o in cand]),
-            "examples": " | ".join(f"{r!r}->{c!r}" for r, c in zip(ref_text, cand_text, strict=True) if r != c)[:300]}
+            "examples": " | ".join(f"{r!r}->{c!r}" for r, c in zip(ref_text, cand_text, strict=True) if r != c)[:300],
+            **({} if labels is None else {
+                "fp32_exact": float(np.mean([r == t for r, t in zip(ref_text, labels, strict=True)])),
+                "exact": float(np.mean([c == t for c, t in zip(cand_text, labels, strict=True)]))})}
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
@@ -372,5 +380,5 @@ def evaluate(model: Any, ref: Outputs, cand: Outputs, labels: np.ndarray | None 
     if task == "layout":
         return layout_metrics(model, ref, cand)
     if task == "text_rec":
-        return text_rec_metrics(model, ref, cand)
+        return text_rec_metrics(model, ref, cand, labels=labels)
     return {f"output{i}_snr_db": snr_db([o[i] for o in ref], [o[i] for o in cand]) for i in range(len(ref[0]))}

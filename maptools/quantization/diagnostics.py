@@ -6,7 +6,8 @@ data can read 22 dB on random data and 3 dB on images. After the error analysis 
 there is any), :func:`output_warnings` checks every graph output and every part of an output built by a
 final ``Concat``:
 
-* SNR below :data:`SNR_WARNING_DB` against FP32;
+* SNR below :data:`SNR_WARNING_DB` against FP32, or below :data:`SEQUENCE_WARNING_DB` for a sequence of class
+  probabilities (:func:`sequence_outputs`: what a CTC text recognizer decodes into strings);
 * a quantized output (or part) that takes a single value over all analysed batches while the FP32 one varies
   (collapsed to a constant).
 
@@ -22,15 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-__all__ = ["SNR_WARNING_DB", "WORST_OPERATORS", "Advice", "advice_syntax", "output_warnings", "worst_operators"]
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["CNN_TRANSFORMER_ADVICE", "SEQUENCE_WARNING_DB", "SNR_WARNING_DB", "WORST_OPERATORS", "Advice",
+           "advice_syntax", "cnn_transformer_convolutions", "output_warnings", "sequence_outputs", "worst_operators"]
 
 #: An output (or output part) below this SNR in dB against FP32 gets a warning: at 10 dB the noise amplitude
 #: is about a third of the signal's, where top-1 agreement of a classifier typically falls below 80-90 %.
 SNR_WARNING_DB = 10.0
+#: A sequence of class probabilities below this SNR changes decoded strings: PP-OCRv4's recognizer lost 7 of 32
+#: lines at 11.6 dB, 16 at 12.9 dB and none at 15.5 dB (docs/benchmarks_recognizer.json).
+SEQUENCE_WARNING_DB = 14.0
+#: Why the advice for a CNN + transformer network below 8-bit weights keeps its Convs at 8 bits (measured).
+CNN_TRANSFORMER_ADVICE = ("the transformer's MatMuls hold 4-bit weights, the Convs do not: PP-OCRv4's recognizer "
+                          "at W4A8 read 32/32 lines as FP32 this way, 0/32 without, 1/32 with its 8 worst operators "
+                          "at 8 bits")
 #: How many operators a warning names.
 WORST_OPERATORS = 3
 
@@ -62,6 +75,9 @@ class Advice:
         first_and_last: The first and last MAC operators.
         recipe: The recipe that ran (None when a PPQ setting was given).
         random_calibration: Whether the map was calibrated on random data.
+        convolutions: The Conv operators of a CNN + transformer network (a MatMul reading a Softmax), else
+            empty: below 8-bit weights such a network keeps its outputs with every Conv and the last MAC at 8
+            bits while the transformer's MatMuls hold the lower bits (:data:`CNN_TRANSFORMER_ADVICE`).
     """
 
     weight_bits: int = 8
@@ -70,6 +86,7 @@ class Advice:
     first_and_last: Sequence[str] = ()
     recipe: str | None = "default"
     random_calibration: bool = False
+    convolutions: Sequence[str] = ()
 
     def bits_of(self, node: str) -> tuple[int, int]:
         """``(weight_bits, activation_bits)`` of a node."""
@@ -79,6 +96,15 @@ class Advice:
         """What to try, in the syntax of the command line (``cli``) or of Python."""
         tries = []
         below = [name for name in worst if min(self.bits_of(name)) < _MAX_BITS]
+        convs = [name for name in self.convolutions if min(self.bits_of(name)) < _MAX_BITS]
+        if convs:  # the worst few at 8 bits do not hold such a network: every Conv and the last MAC do
+            example = "{" + ", ".join(f"'{name}': {_MAX_BITS}" for name in convs) + "}"
+            last = [name for name in self.first_and_last[-1:] if min(self.bits_of(name)) < _MAX_BITS]
+            both = (f"--first-last-bits {_MAX_BITS} and " if cli else f"first_last_bits={_MAX_BITS}, ") if last else ""
+            flags = ",".join(f"{name}={_MAX_BITS}" for name in convs)
+            tries.append(f"{both}every Conv at {_MAX_BITS} bits ({CNN_TRANSFORMER_ADVICE}): "
+                         + (f"--layer-bits {flags}" if cli else f"layer_bits={example}"))
+            below = []
         if worst and worst[0] in self.first_and_last and worst[0] in below:
             tries.append(f"--first-last-bits {_MAX_BITS}" if cli else f"first_last_bits={_MAX_BITS}")
             below = [name for name in below if name not in self.first_and_last]
@@ -102,19 +128,47 @@ def worst_operators(isolated_snr_db: Mapping[str, float], count: int = WORST_OPE
     return ranked[:count]
 
 
-def _problems(name: str, snr: float, fp32_span: float | None, quant_span: float | None) -> list[str]:
+def sequence_outputs(proto: onnx.ModelProto) -> list[str]:
+    """Graph outputs that are sequences of class probabilities: made by a Softmax over the last axis of a tensor of
+    rank 3 or more (``[N, T, classes]``, what a CTC text recognizer decodes)."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    found = []
+    for vi in proto.graph.output:
+        node = producers.get(vi.name)
+        if node is None or node.op_type != "Softmax" or not vi.type.tensor_type.HasField("shape"):
+            continue
+        rank = len(vi.type.tensor_type.shape.dim)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        if rank >= 3 and axis in (-1, rank - 1):
+            found.append(vi.name)
+    return found
+
+
+def cnn_transformer_convolutions(proto: onnx.ModelProto) -> list[str]:
+    """The Conv operators of a network that also has attention (a MatMul reading a Softmax's output); [] otherwise."""
+    softmax_outputs = {out for node in proto.graph.node if node.op_type == "Softmax" for out in node.output}
+    if not any(node.op_type == "MatMul" and softmax_outputs & set(node.input) for node in proto.graph.node):
+        return []
+    return [node.name for node in proto.graph.node if node.op_type == "Conv"]
+
+
+def _problems(name: str, snr: float, fp32_span: float | None, quant_span: float | None,
+              sequence: bool = False) -> list[str]:
     problems = []
     if fp32_span is not None and quant_span is not None and fp32_span > 0.0 and quant_span == 0.0:
         problems.append(f"{name} collapsed to a constant (FP32 spans {fp32_span:.4g})")
     elif math.isfinite(snr) and snr < SNR_WARNING_DB:
         problems.append(f"{name}: SNR {snr:.1f} dB against FP32 (below {SNR_WARNING_DB:.0f} dB)")
+    elif sequence and math.isfinite(snr) and snr < SEQUENCE_WARNING_DB:
+        problems.append(f"{name}: SNR {snr:.1f} dB against FP32, below the {SEQUENCE_WARNING_DB:.0f} dB under which a "
+                        "sequence of class probabilities (a text recognizer's) decodes to other strings")
     return problems
 
 
 def output_warnings(output_snr_db: Mapping[str, float], part_snr_db: Mapping[str, Mapping[str, float]],
                     fp32_span: Mapping[str, float], quant_span: Mapping[str, float],
                     isolated_snr_db: Mapping[str, float], data: str,
-                    advice: Advice | None = None) -> list[str]:
+                    advice: Advice | None = None, sequences: Collection[str] = ()) -> list[str]:
     """One warning per wrecked graph output or output part.
 
     Args:
@@ -126,13 +180,15 @@ def output_warnings(output_snr_db: Mapping[str, float], part_snr_db: Mapping[str
         data: What the figures were measured on (``'held-out'``, ``'in-sample'``...), for the message.
         advice: What the map was quantized with (default: W8A8, the ``default`` recipe, user data); the
             syntax is the interface's of :func:`advice_syntax`.
+        sequences: The outputs held to :data:`SEQUENCE_WARNING_DB` (see :func:`sequence_outputs`).
 
     Returns:
         The warnings, plain sentences.
     """
     problems: list[str] = []
     for output, snr in output_snr_db.items():
-        problems += _problems(f"output {output!r}", snr, fp32_span.get(output), quant_span.get(output))
+        problems += _problems(f"output {output!r}", snr, fp32_span.get(output), quant_span.get(output),
+                              output in sequences)
         for part, part_snr in part_snr_db.get(output, {}).items():
             problems += _problems(f"output {output!r} part {part!r}", part_snr, fp32_span.get(part),
                                   quant_span.get(part))

@@ -26,6 +26,7 @@ from maptools.errors import (
     ModelNotFoundError,
     UnsupportedOperatorError,
 )
+from maptools.quantization.affine import fold_affine_chains
 from maptools.quantization.boundedio import MAX_EXTERNAL_DATA_BYTES, MAX_MODEL_BYTES, hash_regular, read_regular
 from maptools.quantization.folding import fold_shape_computations
 from maptools.quantization.format import MAC_TYPES
@@ -295,7 +296,9 @@ def prepare_model(model: LoadedModel, input_shapes: Mapping[str, Sequence[int]])
     has every node named (unnamed nodes get ``<OpType>_<index>``, duplicates a ``_<n>`` suffix), no stale
     intermediate shape information, the shape arithmetic that the model's own fixed input dims make constant
     folded into initializers (:func:`~.folding.fold_shape_computations`; done before the dynamic dims are resolved,
-    so ``quant_model.onnx`` still runs at any size the float model takes), and the given input shapes
+    so ``quant_model.onnx`` still runs at any size the float model takes), constant affine chains after Convs
+    folded into them and decomposed hard-swish written as ``x * HardSigmoid(x)`` (:func:`~.affine.fold_affine_chains`),
+    and the given input shapes
     written into its inputs (dynamic dims resolved).
 
     Args:
@@ -331,6 +334,7 @@ def prepare_model(model: LoadedModel, input_shapes: Mapping[str, Sequence[int]])
     folded = fold_shape_computations(proto)
     if folded:
         logger.info("folded %d shape-computation nodes into constants", folded)
+    fold_affine_chains(proto)
     for vi in proto.graph.input:
         if vi.name in input_shapes:
             shape = vi.type.tensor_type.shape
@@ -341,11 +345,14 @@ def prepare_model(model: LoadedModel, input_shapes: Mapping[str, Sequence[int]])
 
 
 def first_and_last_macs(proto: onnx.ModelProto) -> list[str]:
-    """Names of the first and the last MAC operator with a constant weight (input 1 an initializer), in graph order.
+    """Names of the first and the last MAC operator with a constant weight (input 1 an initializer or a Constant
+    node's output), in graph order.
 
     One name when the graph has a single such operator, none when it has none.
     """
-    constants = {init.name for init in proto.graph.initializer}
+    # Paddle2ONNX writes weights as Constant nodes, other exporters as initializers
+    constants = {init.name for init in proto.graph.initializer} | {
+        out for node in proto.graph.node if node.op_type == "Constant" for out in node.output}
     macs = [node.name for node in proto.graph.node
             if node.op_type in MAC_TYPES and len(node.input) > 1 and node.input[1] in constants]
     return list(dict.fromkeys(macs[:1] + macs[-1:]))

@@ -31,7 +31,12 @@ import onnx
 import maptools
 from maptools.errors import CalibrationError, ModelError
 from maptools.quantization import artifacts
-from maptools.quantization.diagnostics import Advice, output_warnings
+from maptools.quantization.diagnostics import (
+    Advice,
+    cnn_transformer_convolutions,
+    output_warnings,
+    sequence_outputs,
+)
 from maptools.quantization.floatops import float_summary
 from maptools.quantization.model import (
     LoadedModel,
@@ -258,9 +263,9 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
                      [record.to_dict() for record in session.rounding_results])
 
 
-def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice) -> list[str]:
+def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice, sequences: list[str]) -> list[str]:
     return output_warnings(errors.output_snr_db, errors.part_snr_db, errors.fp32_span, errors.quant_span,
-                           errors.isolated_snr_db, data.analysis_data, advice)
+                           errors.isolated_snr_db, data.analysis_data, advice, sequences)
 
 
 def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData,
@@ -269,12 +274,14 @@ def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData
     advice = Advice(weight_bits=options.config.bits.weight_bits, activation_bits=options.config.bits.activation_bits,
                     layer_bits=dict(options.config.bits.layer_bits), first_and_last=first_and_last_macs(prepared.proto),
                     recipe=options.recipe if options.setting is None else None,
-                    random_calibration=data.calibration == "random")
+                    random_calibration=data.calibration == "random",
+                    convolutions=cnn_transformer_convolutions(prepared.proto))
     errors = session.error_analysis(data.held_out, layerwise=options.config.calibration.layerwise_analysis)
-    warnings = _warnings(errors, data, advice)
+    sequences = sequence_outputs(prepared.proto)
+    warnings = _warnings(errors, data, advice, sequences)
     if warnings and not errors.isolated_snr_db:  # name the operators to blame
         errors.isolated_snr_db, errors.isolated_cosine = session.layerwise(data.held_out[0])
-        warnings = _warnings(errors, data, advice)
+        warnings = _warnings(errors, data, advice, sequences)
     return errors, warnings
 
 

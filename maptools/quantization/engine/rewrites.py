@@ -17,9 +17,6 @@ touches only the nodes it names:
   parameters itself, but numbers the copies in the order of a set of names, which changes with the process's
   string hashing: the graph ``verify`` rebuilt then differed from the quantized one.
 
-:func:`~maptools.quantization.engine.hardswish.fuse_paddle_hardswish`: Paddle2ONNX's four-operator hard-swish
-becomes ``x * HardSigmoid(x)``, which the quantizer fuses into the Conv before it.
-
 :func:`ppq_compatible` applies them all to a copy of the model.
 """
 
@@ -29,8 +26,6 @@ import logging
 
 import numpy as np
 import onnx
-
-from maptools.quantization.engine.hardswish import fuse_paddle_hardswish
 
 __all__ = ["bypass_output_identities", "fill_empty_resize_inputs", "inline_identity_initializers",
            "ppq_compatible", "split_shared_constants"]
@@ -163,7 +158,6 @@ def ppq_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
         "empty Resize inputs filled": fill_empty_resize_inputs(model),
         "output identities bypassed": bypass_output_identities(model),
         "shared constants split": split_shared_constants(model),
-        "Paddle hard-swish activations fused": fuse_paddle_hardswish(model),
     }
     done = {what: count for what, count in counts.items() if count}
     if done:
