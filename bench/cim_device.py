@@ -126,6 +126,7 @@ def print_mapping_table(rows: list[dict]) -> None:
     """The reStructuredText table of ``--mapping``'s rows: agreement mean +- std (points) per mapping."""
     print("\n.. list-table::\n   :header-rows: 1\n\n   * - Map\n     - Prog. error\n     - Time")
     print("".join(f"     - {e[:4]} c={c}\n" for e in WEIGHT_ENCODINGS for c in MAPPING_CELL_BITS), end="")
+    print("     - Best (highest mean)")
     keys = sorted({(r["map"], r["prog_scale"], r["time"]) for r in rows}, key=lambda k: (k[0], k[1], k[2] != "20 s"))
     for key in keys:
         cells = {(r["encoding"], r["cell_bits"]): r for r in rows if (r["map"], r["prog_scale"], r["time"]) == key}
@@ -134,19 +135,32 @@ def print_mapping_table(rows: list[dict]) -> None:
             for c in MAPPING_CELL_BITS:
                 r = cells.get((e, c))
                 print("     - " + ("" if r is None else f"{100 * r['mean']:.1f} +- {100 * r['std']:.1f}"))
+        best = max(cells.values(), key=lambda r: r["mean"])
+        print(f"     - {best['encoding']}, {best['cell_bits']}-bit cells")
+
+
+def mapping_table_from_json(path: Path) -> None:
+    """Print the table of a (possibly partial) ``cim_mapping.json``."""
+    print_mapping_table(json.loads(Path(path).read_text())["rows"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="the output directory (required unless --table)")
     parser.add_argument("--chips", type=int, default=8)
     parser.add_argument("--images", type=int, default=540)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="run only the devices whose name contains this text")
     parser.add_argument("--mapping", action="store_true", help="the weight-to-cell mapping grid instead")
+    parser.add_argument("--table", type=Path, help="only print the table of this cim_mapping.json")
     parser.add_argument("--calib-images", type=int, default=1257, help="training digits of --mapping's ADC ranges")
     args = parser.parse_args()
+    if args.table:
+        mapping_table_from_json(args.table)
+        return
+    if args.out is None:
+        parser.error("--out is required (unless --table)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     mapsave = args.out / "mapsave"
