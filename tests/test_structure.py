@@ -110,7 +110,20 @@ def imports(path: Path, name: str, known: dict[str, Path]) -> tuple[set[str], se
                 target = target.rpartition(".")[0]
             if target != name:
                 inside.add(target)
+            inside.update(_packages_run(target, name, known))
     return inside, outside
+
+
+def _packages_run(target: str, importer: str, known: dict[str, Path]) -> set[str]:
+    """The packages whose ``__init__`` importing ``target`` runs first: those above it, other than the two roots
+    (their facades import everything) and the importer's own packages (already running)."""
+    found = set()
+    parts = target.split(".")
+    for end in range(3, len(parts)):
+        package = ".".join(parts[:end])
+        if package in known and not (importer == package or importer.startswith(package + ".")):
+            found.add(package)
+    return found
 
 
 def graph() -> dict[str, set[str]]:
@@ -203,3 +216,23 @@ def test_function_level_and_type_checking_imports_count(tmp_path: Path) -> None:
                       "def f():\n    import maptools.quantization.reference\n")
     known = {"maptools.cli": source, "maptools.quantization.reference": source, "m": source}
     assert imports(source, "m", known)[0] == {"maptools.cli", "maptools.quantization.reference"}
+
+
+def test_importing_a_submodule_runs_its_packages(tmp_path: Path) -> None:
+    """``import a.b.c`` runs ``a.b``'s ``__init__`` first: the cycle cluster -> cimmap.pool -> cimmap/__init__ ->
+    sweep -> cluster (an ImportError at run time) is one for the test too."""
+    cluster = tmp_path / "cluster.py"
+    cluster.write_text("from maptools.quantization.cimmap.pool import process_pool\n")
+    package = tmp_path / "__init__.py"
+    package.write_text("from maptools.quantization.cimmap.sweep import cim_sweep\n")
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text("from maptools.quantization.cluster import task_pool\n"
+                     "from maptools.quantization.cimmap.pool import process_pool\n")
+    known = {"maptools.quantization.cluster": cluster, "maptools.quantization.cimmap": package,
+             "maptools.quantization.cimmap.sweep": sweep, "maptools.quantization.cimmap.pool": tmp_path / "p.py"}
+    edges = {name: imports(path, name, known)[0] for name, path in known.items() if path.name != "p.py"}
+    assert edges["maptools.quantization.cluster"] == {"maptools.quantization.cimmap.pool",
+                                                      "maptools.quantization.cimmap"}
+    assert "maptools.quantization.cimmap" not in edges["maptools.quantization.cimmap.sweep"]  # its own package
+    assert cycles(edges) == [["maptools.quantization.cimmap", "maptools.quantization.cimmap.sweep",
+                              "maptools.quantization.cluster"]]
