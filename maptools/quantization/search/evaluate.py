@@ -25,7 +25,7 @@ from maptools.quantization.cim.cost import CIMCostParams
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.intmath import snr_db_of
 
-__all__ = ["Batch", "Metric", "Outputs", "init_worker", "measure", "onnx_outputs", "top1_agreement"]
+__all__ = ["Batch", "Metric", "Outputs", "init_worker", "measure", "onnx_outputs", "top1_agreement", "upstream_noise"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,42 @@ def init_worker(model: bytes, shapes: Mapping[str, Sequence[int]], calib: list[B
                     params, metric, workdir)
 
 
-def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Each MAC's noise: the outputs' noise-to-signal power when only it, or only its input's producer, is quantized.
+def upstream_noise(graph: Any, macs: Sequence[str], entries: Mapping[str, float]) -> dict[str, float]:
+    """Each MAC's input noise: the layer-wise noise of every non-MAC operator on its input chains, shared out.
 
-    ``own``: PPQ's layer-wise figure of the MAC (report.json's ``layerwise_snr_db``). ``input``: the same figure of
-    the operator whose output the MAC reads (through Q/DQ pairs and operators without noise of their own, such as
-    a Flatten), when it is not a MAC: PPQ books the quantization of a MAC's input on that operator (a ReLU, an Add,
-    a pooling), so without it a layer's activation bits would look free.
+    From each MAC, every input is followed upstream through the operators that are not MACs (Q/DQ pairs, ReLU,
+    HardSwish, the squeeze-excitation's pooling, Mul and Add, a Flatten) until a MAC or a graph input; every
+    operator met with a noise of its own (``entries``: node -> noise-to-signal power) is on that MAC's chain. An
+    operator on the chains of ``k`` MACs gives each ``1/k`` of its noise, so the sum over the MACs counts it once.
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    by_name = {node.name: node for node in graph.node}
+    mac_set = set(macs)
+    chains: dict[str, set[str]] = {}
+    for name in macs:
+        seen: set[str] = set()
+        node = by_name.get(name)
+        stack = [t for t in node.input if t] if node is not None else []
+        while stack:
+            producer = producers.get(stack.pop())
+            if producer is None or producer.name in mac_set or producer.name in seen:
+                continue
+            seen.add(producer.name)
+            stack.extend(t for t in producer.input if t)
+        chains[name] = {op for op in seen if entries.get(op, 0.0) > 0}
+    readers: dict[str, int] = {}
+    for ops in chains.values():
+        for op in ops:
+            readers[op] = readers.get(op, 0) + 1
+    return {name: float(sum(entries[op] / readers[op] for op in sorted(ops))) for name, ops in chains.items()}
+
+
+def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each MAC's noise: the outputs' noise-to-signal power when only it, or only its input chain, is quantized.
+
+    ``own``: PPQ's layer-wise figure of the MAC (report.json's ``layerwise_snr_db``). ``input``: the share of the
+    MAC of the same figures of the operators on its input chains (:func:`upstream_noise`): PPQ books the
+    quantization of a MAC's input on those operators, so without them a layer's activation bits would look free.
     """
     import onnx
 
@@ -109,35 +138,20 @@ def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, 
 
     entries = {e["node"]: nsr_of(e.get("layerwise_snr_db")) for e in json.loads(report.read_text())["operators"]}
     graph = onnx.load(str(model), load_external_data=False).graph
-    producers = {out: node for node in graph.node for out in node.output}
-    by_name = {node.name: node for node in graph.node}
-    macs = set(nodes)
-    noise = {}
-    for name in nodes:
-        upstream = 0.0
-        node = by_name.get(name)
-        tensor = node.input[0] if node is not None and node.input else None
-        for _ in range(16):  # a short chain of Q/DQ and noiseless operators
-            producer = producers.get(tensor) if tensor is not None else None
-            if producer is None or producer.name in macs:
-                break
-            if producer.name in entries and entries[producer.name] > 0:
-                upstream = entries[producer.name]
-                break
-            tensor = producer.input[0] if producer.input else None
-        noise[name] = {"own": entries.get(name, 0.0), "input": upstream}
-    return noise
+    upstream = upstream_noise(graph, nodes, entries)
+    return {name: {"own": entries.get(name, 0.0), "input": upstream[name]} for name in nodes}
 
 
 def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tuple[int, int]] | None,
-            layerwise: bool) -> dict[str, Any]:
+            layerwise: int) -> dict[str, Any]:
     """Quantize at ``W{weight_bits}A{activation_bits}`` with ``layer_bits`` overrides; figure, SNR and cost.
 
     Returns:
         ``figure``, ``snr_db`` (onnxruntime against FP32 on the held-out batches), ``adc_conversions`` and
         ``energy_j`` per sample on the crossbar, ``layers`` (node -> ``adc_conversions``, ``energy_j`` and, with
-        ``layerwise``, ``nsr``: the output noise-to-signal power when only that layer, its weights and its
-        input, is quantized, and ``nsr_input``: the input's part, :func:`_isolated_nsr`).
+        ``layerwise`` (a number of held-out batches, 0 for none), ``nsr``: the output noise-to-signal power
+        when only that layer, its weights and its input, is quantized, and ``nsr_input``: the input's part,
+        :func:`_isolated_nsr`).
     """
     from maptools.quantization.api import quantize
     from maptools.quantization.cimmap.mapcost import map_cost
@@ -148,7 +162,8 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
         result = quantize(state.shapes, "cpu", state.model_path, mapname="point", calibset=state.calib,
                           calib_steps=len(state.calib), evalset=state.evalset, weight_bits=weight_bits,
                           activation_bits=activation_bits, layer_bits=dict(layer_bits or {}) or None,
-                          layerwise_analysis=layerwise, mapsave_dir=mapsave, threads=1, **state.options)
+                          layerwise_analysis=bool(layerwise), layerwise_batches=max(int(layerwise), 1),
+                          mapsave_dir=mapsave, threads=1, **state.options)
         cost = map_cost("point", state.spec, state.params, mapsave_dir=mapsave)
         quantized = onnx_outputs(result.model_path, state.evalset)
         layers: dict[str, dict[str, float]] = {
