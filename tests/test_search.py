@@ -199,17 +199,21 @@ def _se_block(tmp_path: Path) -> tuple[Path, Path, dict[str, float]]:
     return report, model, nsr
 
 
-def test_input_noise_walks_up_to_the_macs_and_shares_operators(tmp_path: Path) -> None:
+def test_noise_between_macs_is_shared_by_their_readers_and_producers(tmp_path: Path) -> None:
     report, model, nsr = _se_block(tmp_path)
     noise = evaluate._isolated_nsr(report, model, ["conv1", "conv_se", "conv2"])
     assert {n: v["own"] for n, v in noise.items()} == pytest.approx({n: nsr[n] for n in noise})
+    # the HardSwish: produced from conv1, read by conv_se (through the pool) and conv2 (through the Mul): a third
+    # each; the pool: conv1 -> conv_se; the gate: conv_se -> conv2; the Mul: conv1 and conv_se -> conv2
+    hswish, pool, gate, mul = nsr["hswish"] / 3, nsr["pool"] / 2, nsr["gate"] / 2, nsr["mul"] / 3
     assert noise["conv1"]["input"] == 0.0  # fed by the graph input
-    # conv2 reads the Mul, its gate and (through the Mul) the HardSwish, which conv_se reads too through the pool:
-    # the HardSwish's noise is shared by its two readers, the gate's and the Mul's are conv2's alone
-    assert noise["conv_se"]["input"] == pytest.approx(nsr["pool"] + nsr["hswish"] / 2)
-    assert noise["conv2"]["input"] == pytest.approx(nsr["mul"] + nsr["gate"] + nsr["hswish"] / 2)
-    # every operator on a MAC's input chain counted once; the Softmax after the last MAC is no MAC's input
-    total = sum(v["input"] for v in noise.values())
+    assert noise["conv1"]["output"] == pytest.approx(hswish + pool + mul)
+    assert noise["conv_se"]["input"] == pytest.approx(hswish + pool)
+    assert noise["conv_se"]["output"] == pytest.approx(gate + mul)
+    assert noise["conv2"]["input"] == pytest.approx(hswish + gate + mul)
+    assert noise["conv2"]["output"] == 0.0  # the Softmax after the last MAC is no MAC's input
+    # every operator between MACs counted once
+    total = sum(v["input"] + v["output"] for v in noise.values())
     assert total == pytest.approx(sum(nsr[n] for n in ("hswish", "pool", "gate", "mul")))
 
 

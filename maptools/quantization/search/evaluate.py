@@ -25,7 +25,7 @@ from maptools.quantization.cim.cost import CIMCostParams
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.intmath import snr_db_of
 
-__all__ = ["Batch", "Metric", "Outputs", "init_worker", "measure", "onnx_outputs", "top1_agreement", "upstream_noise"]
+__all__ = ["Batch", "Metric", "Outputs", "chain_noise", "init_worker", "measure", "onnx_outputs", "top1_agreement"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,42 +94,62 @@ def init_worker(model: bytes, shapes: Mapping[str, Sequence[int]], calib: list[B
                     params, metric, workdir)
 
 
-def upstream_noise(graph: Any, macs: Sequence[str], entries: Mapping[str, float]) -> dict[str, float]:
-    """Each MAC's input noise: the layer-wise noise of every non-MAC operator on its input chains, shared out.
+def _walk_up(tensors: Sequence[str], producers: Mapping[str, Any], macs: set[str]) -> tuple[set[str], set[str]]:
+    """The non-MAC operators met walking upstream from ``tensors``, and the MACs that end the walk."""
+    seen: set[str] = set()
+    ends: set[str] = set()
+    stack = [t for t in tensors if t]
+    while stack:
+        producer = producers.get(stack.pop())
+        if producer is None or producer.name in seen:
+            continue
+        if producer.name in macs:
+            ends.add(producer.name)
+            continue
+        seen.add(producer.name)
+        stack.extend(t for t in producer.input if t)
+    return seen, ends
+
+
+def chain_noise(graph: Any, macs: Sequence[str], entries: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Each MAC's share of the layer-wise noise of the non-MAC operators between it and its neighbouring MACs.
 
     From each MAC, every input is followed upstream through the operators that are not MACs (Q/DQ pairs, ReLU,
     HardSwish, the squeeze-excitation's pooling, Mul and Add, a Flatten) until a MAC or a graph input; every
-    operator met with a noise of its own (``entries``: node -> noise-to-signal power) is on that MAC's chain. An
-    operator on the chains of ``k`` MACs gives each ``1/k`` of its noise, so the sum over the MACs counts it once.
+    operator met with a noise of its own (``entries``: node -> noise-to-signal power) is on that MAC's input
+    chain. Its rounding is set by the bits of the MACs on both sides: the reader's (which requantizes the tensor
+    to its own activation bits) and the producer's (whose layer_bits a fused activation or gate inherits). So
+    its noise is shared equally among its readers (``input``) and its producers, the MACs its own upstream walk
+    ends at (``output``): the sum over the MACs counts it once, and lowering the bits on either side costs it.
     """
     producers = {out: node for node in graph.node for out in node.output}
     by_name = {node.name: node for node in graph.node}
     mac_set = set(macs)
-    chains: dict[str, set[str]] = {}
+    readers: dict[str, list[str]] = {}
     for name in macs:
-        seen: set[str] = set()
         node = by_name.get(name)
-        stack = [t for t in node.input if t] if node is not None else []
-        while stack:
-            producer = producers.get(stack.pop())
-            if producer is None or producer.name in mac_set or producer.name in seen:
-                continue
-            seen.add(producer.name)
-            stack.extend(t for t in producer.input if t)
-        chains[name] = {op for op in seen if entries.get(op, 0.0) > 0}
-    readers: dict[str, int] = {}
-    for ops in chains.values():
-        for op in ops:
-            readers[op] = readers.get(op, 0) + 1
-    return {name: float(sum(entries[op] / readers[op] for op in sorted(ops))) for name, ops in chains.items()}
+        seen, _ = _walk_up(list(node.input) if node is not None else [], producers, mac_set)
+        for op in seen:
+            if entries.get(op, 0.0) > 0:
+                readers.setdefault(op, []).append(name)
+    shares = {name: {"input": 0.0, "output": 0.0} for name in macs}
+    for op in sorted(readers):
+        _, sources = _walk_up(list(by_name[op].input), producers, mac_set)
+        share = entries[op] / (len(readers[op]) + len(sources))
+        for name in readers[op]:
+            shares[name]["input"] += share
+        for name in sources:
+            shares[name]["output"] += share
+    return shares
 
 
 def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Each MAC's noise: the outputs' noise-to-signal power when only it, or only its input chain, is quantized.
+    """Each MAC's noise: the outputs' noise-to-signal power when only it, or only its neighbours, are quantized.
 
-    ``own``: PPQ's layer-wise figure of the MAC (report.json's ``layerwise_snr_db``). ``input``: the share of the
-    MAC of the same figures of the operators on its input chains (:func:`upstream_noise`): PPQ books the
-    quantization of a MAC's input on those operators, so without them a layer's activation bits would look free.
+    ``own``: PPQ's layer-wise figure of the MAC (report.json's ``layerwise_snr_db``). ``input`` and ``output``: the
+    MAC's shares of the same figures of the operators on its input chains and on its readers' (:func:`chain_noise`):
+    PPQ books the quantization of the tensors between MACs on those operators, so without them a layer's activation
+    bits would look free.
     """
     import onnx
 
@@ -138,8 +158,8 @@ def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, 
 
     entries = {e["node"]: nsr_of(e.get("layerwise_snr_db")) for e in json.loads(report.read_text())["operators"]}
     graph = onnx.load(str(model), load_external_data=False).graph
-    upstream = upstream_noise(graph, nodes, entries)
-    return {name: {"own": entries.get(name, 0.0), "input": upstream[name]} for name in nodes}
+    shares = chain_noise(graph, nodes, entries)
+    return {name: {"own": entries.get(name, 0.0), **shares[name]} for name in nodes}
 
 
 def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tuple[int, int]] | None,
@@ -150,8 +170,8 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
         ``figure``, ``snr_db`` (onnxruntime against FP32 on the held-out batches), ``adc_conversions`` and
         ``energy_j`` per sample on the crossbar, ``layers`` (node -> ``adc_conversions``, ``energy_j`` and, with
         ``layerwise`` (a number of held-out batches, 0 for none), ``nsr``: the output noise-to-signal power
-        when only that layer, its weights and its input, is quantized, and ``nsr_input``: the input's part,
-        :func:`_isolated_nsr`).
+        when only that layer, its weights and its input, is quantized, ``nsr_input`` and ``nsr_output``: the
+        parts of the operators before and after it, :func:`_isolated_nsr`).
     """
     from maptools.quantization.api import quantize
     from maptools.quantization.cimmap.mapcost import map_cost
@@ -171,7 +191,8 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
             for layer in cost.layers}
         if layerwise:
             for node, noise in _isolated_nsr(result.report_path, result.model_path, list(layers)).items():
-                layers[node].update(nsr=noise["own"] + noise["input"], nsr_input=noise["input"])
+                layers[node].update(nsr=noise["own"] + noise["input"] + noise["output"], nsr_input=noise["input"],
+                                    nsr_output=noise["output"])
     return {"figure": float(state.metric(state.fp32, quantized)),
             "snr_db": snr_db_of([o for b in state.fp32 for o in b], [o for b in quantized for o in b]),
             "adc_conversions": int(cost.total("adc_conversions")), "energy_j": float(cost.total("energy_j")),

@@ -46,6 +46,9 @@ DEFAULT_WEIGHT_BITS: tuple[int, ...] = (2, 4, 6, 8)
 DEFAULT_ACTIVATION_BITS: tuple[int, ...] = (4, 8)
 #: Held-out batches the sensitivities are accumulated over by default (docs/search.rst, "The proxy").
 DEFAULT_LAYERWISE_BATCHES = 8
+#: How the noise of the operators between MACs is booked (:func:`~.evaluate.chain_noise`); part of a
+#: sensitivity's cache key, so a change of it measures the sensitivities again.
+ATTRIBUTION = "chains shared by readers and producers"
 #: The crossbar costed by default: 256-row arrays of 2-bit cells, 8-bit ADCs.
 DEFAULT_SPEC = CIMSpec(rows=256, cell_bits=2, adc_bits=8)
 #: The costs the walk can lower.
@@ -228,8 +231,9 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
     widest = (w_bits[-1], a_bits[-1])
 
     def task(w: int, a: int, layer_bits: Mapping[str, Candidate] | None, layerwise: int | bool, label: str) -> dict:
-        return {"weight_bits": w, "activation_bits": a, "layerwise": layerwise, "label": label,
-                "layer_bits": None if layer_bits is None else {n: list(c) for n, c in layer_bits.items()}}
+        measured = {"weight_bits": w, "activation_bits": a, "layerwise": layerwise, "label": label,
+                    "layer_bits": None if layer_bits is None else {n: list(c) for n, c in layer_bits.items()}}
+        return {**measured, "attribution": ATTRIBUTION} if layerwise else measured
 
     # 1. the uniform candidates: sensitivities and costs
     uniform_tasks = [task(w, a, None, layerwise_batches, candidate_label(w, a)) for w, a in candidates]
@@ -271,7 +275,7 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
         "data": {"calib_sha256": identity["calib"], "evalset_sha256": identity["evalset"], "shapes": shapes},
         "settings": settings, "figure": metric_name, "objective": objective,
         "method": "greedy walk from the widest bits (AIMET-like), layer-wise PPQ sensitivities over "
-                  f"{layerwise_batches} held-out batches, input-chain noise shared among its MACs, additive noise",
+                  f"{layerwise_batches} held-out batches, the noise between MACs {ATTRIBUTION}, additive noise",
         "candidates": [list(c) for c in candidates], "layers": layers,
         "sensitivity": {layer: {candidate_label(*c): table[layer][c] for c in candidates} for layer in layers},
         "walk_steps": len(walk), "uniform": uniform_points, "points": walk_points,
