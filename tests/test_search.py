@@ -133,6 +133,7 @@ def test_cache_key_follows_the_data(data, tmp_path: Path) -> None:
     ({"weight_bits": (4, 9)}, InvalidArgumentError, "weight_bits"),
     ({"activation_bits": ()}, InvalidArgumentError, "activation_bits"),
     ({"points": 1}, InvalidArgumentError, "points"),
+    ({"layerwise_batches": 0}, InvalidArgumentError, "layerwise_batches"),
     ({"objective": "bitops"}, InvalidArgumentError, "objective"),
     ({"spec": "256"}, InvalidTypeError, "spec"),
     ({"calibset": "calib/"}, InvalidTypeError, "calibset"),
@@ -158,6 +159,7 @@ def test_too_few_calibration_batches(data, tmp_path: Path) -> None:
     (["--act-bits", "4,9"], "--act-bits"),
     (["--budget-adc-fraction", "1.5"], "--budget-adc-fraction"),
     (["--points", "1"], "--points"),
+    (["--layerwise-batches", "0"], "--layerwise-batches"),
     (["--out", "/nonexistent/front.json"], "--out"),
 ])
 def test_cli_errors_name_the_option(tmp_path: Path, capsys, argv, option) -> None:
