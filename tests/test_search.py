@@ -133,6 +133,7 @@ def test_cache_key_follows_the_data(data, tmp_path: Path) -> None:
     ({"weight_bits": (4, 9)}, InvalidArgumentError, "weight_bits"),
     ({"activation_bits": ()}, InvalidArgumentError, "activation_bits"),
     ({"points": 1}, InvalidArgumentError, "points"),
+    ({"layerwise_batches": 0}, InvalidArgumentError, "layerwise_batches"),
     ({"objective": "bitops"}, InvalidArgumentError, "objective"),
     ({"spec": "256"}, InvalidTypeError, "spec"),
     ({"calibset": "calib/"}, InvalidTypeError, "calibset"),
@@ -158,6 +159,7 @@ def test_too_few_calibration_batches(data, tmp_path: Path) -> None:
     (["--act-bits", "4,9"], "--act-bits"),
     (["--budget-adc-fraction", "1.5"], "--budget-adc-fraction"),
     (["--points", "1"], "--points"),
+    (["--layerwise-batches", "0"], "--layerwise-batches"),
     (["--out", "/nonexistent/front.json"], "--out"),
 ])
 def test_cli_errors_name_the_option(tmp_path: Path, capsys, argv, option) -> None:
@@ -170,3 +172,73 @@ def test_cli_errors_name_the_option(tmp_path: Path, capsys, argv, option) -> Non
     err = capsys.readouterr().err
     assert err.startswith("maptools search: error: ") and option in err
     assert not (tmp_path / "m").exists() and not list((tmp_path / "cache").glob("*.json"))
+
+
+def _se_block(tmp_path: Path) -> tuple[Path, Path, dict[str, float]]:
+    """A squeeze-excitation block as quant_model.onnx holds it, and a report of each operator's layer-wise SNR."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("QuantizeLinear", ["c1", "s", "z"], ["q1"], name="q1"),
+             helper.make_node("DequantizeLinear", ["q1", "s", "z"], ["d1"], name="dq1"),
+             helper.make_node("HardSwish", ["d1"], ["h"], name="hswish"),
+             helper.make_node("GlobalAveragePool", ["h"], ["p"], name="pool"),
+             helper.make_node("Conv", ["p", "w2"], ["c2"], name="conv_se"),
+             helper.make_node("HardSigmoid", ["c2"], ["g"], name="gate"),
+             helper.make_node("Mul", ["h", "g"], ["m"], name="mul"),
+             helper.make_node("Conv", ["m", "w3"], ["y"], name="conv2"),
+             helper.make_node("Softmax", ["y"], ["out"], name="softmax")]
+    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = tmp_path / "quant_model.onnx"
+    onnx.save(helper.make_model(graph), model)
+    nsr = {"conv1": 1e-4, "hswish": 4e-3, "pool": 1e-3, "conv_se": 2e-4, "gate": 2e-3, "mul": 8e-3, "conv2": 3e-4,
+           "softmax": 5e-2}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"operators": [{"node": n, "layerwise_snr_db": -10 * math.log10(v)}
+                                                for n, v in nsr.items()]}))
+    return report, model, nsr
+
+
+def test_noise_between_macs_is_shared_by_their_readers_and_producers(tmp_path: Path) -> None:
+    report, model, nsr = _se_block(tmp_path)
+    noise = evaluate._isolated_nsr(report, model, ["conv1", "conv_se", "conv2"])
+    assert {n: v["own"] for n, v in noise.items()} == pytest.approx({n: nsr[n] for n in noise})
+    # the HardSwish: produced from conv1, read by conv_se (through the pool) and conv2 (through the Mul): a third
+    # each; the pool: conv1 -> conv_se; the gate: conv_se -> conv2; the Mul: conv1 and conv_se -> conv2
+    hswish, pool, gate, mul = nsr["hswish"] / 3, nsr["pool"] / 2, nsr["gate"] / 2, nsr["mul"] / 3
+    assert noise["conv1"]["input"] == 0.0  # fed by the graph input
+    assert noise["conv1"]["output"] == pytest.approx(hswish + pool + mul)
+    assert noise["conv_se"]["input"] == pytest.approx(hswish + pool)
+    assert noise["conv_se"]["output"] == pytest.approx(gate + mul)
+    assert noise["conv2"]["input"] == pytest.approx(hswish + gate + mul)
+    assert noise["conv2"]["output"] == 0.0  # the Softmax after the last MAC is no MAC's input
+    # every operator between MACs counted once
+    total = sum(v["input"] + v["output"] for v in noise.values())
+    assert total == pytest.approx(sum(nsr[n] for n in ("hswish", "pool", "gate", "mul")))
+
+
+def test_layerwise_error_is_accumulated_over_batches(data, tmp_path: Path) -> None:
+    from maptools.quantization import quantize
+
+    calib, held_out = data
+
+    def layerwise(evalset: list[np.ndarray], batches: int) -> dict[str, float]:
+        result = quantize(SHAPES, "cpu", digits.MODEL_PATH, mapname="lw", calibset=calib, calib_steps=8,
+                          evalset=evalset, mapsave_dir=tmp_path, recipe="fast", weight_bits=4, activation_bits=4,
+                          layerwise_analysis=True, layerwise_batches=batches)
+        report = json.loads(result.report_path.read_text())
+        return {op["node"]: 10.0 ** (-op["layerwise_snr_db"] / 10.0) for op in report["operators"]}
+
+    single = [layerwise([batch, *held_out], 1) for batch in held_out[:2]]
+    both = layerwise(held_out, 2)
+    # the noise-to-signal of the summed errors of two batches lies between each batch's own (a mediant)
+    # and differs from the first batch's alone on some operator
+    for node, value in both.items():
+        low, high = sorted(s[node] for s in single)
+        assert low * (1 - 1e-6) <= value <= high * (1 + 1e-6), node
+    assert any(abs(both[n] - single[0][n]) > 1e-3 * single[0][n] for n in both)
+    with pytest.raises(InvalidArgumentError, match="layerwise_batches"):
+        quantize(SHAPES, "cpu", digits.MODEL_PATH, mapname="lw", calibset=calib, calib_steps=8, evalset=held_out,
+                 mapsave_dir=tmp_path, layerwise_analysis=True, layerwise_batches=0)

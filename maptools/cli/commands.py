@@ -144,8 +144,8 @@ def _cmd_cim_sweep(args: argparse.Namespace) -> int:
 _SEARCH_OPTIONS = {
     "onnx_path": "model", "input_shapes": "--input", "weight_bits": "--weight-bits", "activation_bits": "--act-bits",
     "budget_adc_fraction": "--budget-adc-fraction", "points": "--points", "mapname": "--mapname",
-    "mapsave_dir": "--mapsave-dir", "cache_dir": "--cache", "cluster": "--cluster", "calibset": "--calib-dir",
-    "evalset": "--calib-dir", "objective": "--objective",
+    "layerwise_batches": "--layerwise-batches", "mapsave_dir": "--mapsave-dir", "cache_dir": "--cache",
+    "cluster": "--cluster", "calibset": "--calib-dir", "evalset": "--calib-dir", "objective": "--objective",
 }
 
 

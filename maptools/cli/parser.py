@@ -289,6 +289,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="the cost the greedy walk lowers (default adc_conversions)")
     s.add_argument("--points", type=_positive_int, default=10, metavar="N",
                    help="walk points to quantize and measure, >= 2 (default 10)")
+    s.add_argument("--layerwise-batches", type=int, default=8, metavar="N",
+                   help="held-out batches the layer-wise sensitivities are accumulated over (default 8)")
     source = s.add_mutually_exclusive_group()
     source.add_argument("--calib-dir", metavar="DIR",
                         help="images (ImageFolder or flat): the first --calib-steps batches calibrate, the next "

@@ -94,8 +94,9 @@ def quantize(
             off.
         layerwise_analysis: Also measure the layer-wise error (the graph outputs when one operator alone
             is quantized) and write it to ``report.json``. Off by default: it costs one forward of the
-            whole graph per quantized operator (on the first analysis batch); it is measured anyway when
-            an output gets a warning, to name the operators to blame.
+            whole graph per quantized operator (on the first ``layerwise_batches`` analysis batches); it is
+            measured anyway when an output gets a warning, to name the operators to blame.
+        layerwise_batches: Number of analysis batches the layer-wise error is accumulated over (default 1).
         evalset: Batches (the form of ``calibset``) to measure the graph-wise error on. Without it the error
             is measured on the batches of ``calibset`` after the first ``calib_steps`` (up to
             ``analysis_steps`` of them; give a calibset longer than ``calib_steps``, as an ImageFolder

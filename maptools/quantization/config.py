@@ -303,6 +303,9 @@ class CalibrationConfig(_Group):
         default_text="enough for 32 samples, at least 4")
     layerwise_analysis: bool = option(
         False, "also measure each operator's error when quantized alone, one forward per operator", check_bool)
+    layerwise_batches: int = option(
+        1, "number of held-out batches the layer-wise error is accumulated over (one forward per operator and "
+        "batch)", check_batches, parse=_int, metavar="N")
     seed: int = option(0, f"seed of the random calibration data, the image shuffle and every generator, 0 to "
                           f"{MAX_SEED}", check_seed, parse=_int, metavar="N")
 

@@ -276,11 +276,14 @@ def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData
                     recipe=options.recipe if options.setting is None else None,
                     random_calibration=data.calibration == "random",
                     convolutions=cnn_transformer_convolutions(prepared.proto))
-    errors = session.error_analysis(data.held_out, layerwise=options.config.calibration.layerwise_analysis)
+    calibration = options.config.calibration
+    errors = session.error_analysis(data.held_out, layerwise=calibration.layerwise_analysis,
+                                    layerwise_batches=calibration.layerwise_batches)
     sequences = sequence_outputs(prepared.proto)
     warnings = _warnings(errors, data, advice, sequences)
     if warnings and not errors.isolated_snr_db:  # name the operators to blame
-        errors.isolated_snr_db, errors.isolated_cosine = session.layerwise(data.held_out[0])
+        layerwise = session.layerwise(data.held_out[:calibration.layerwise_batches])
+        errors.isolated_snr_db, errors.isolated_cosine = layerwise
         warnings = _warnings(errors, data, advice, sequences)
     return errors, warnings
 

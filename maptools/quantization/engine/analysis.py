@@ -56,13 +56,15 @@ class ErrorAnalysis:
     quant_span: dict[str, float] = field(default_factory=dict)
 
 
-def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise_too: bool = False) -> ErrorAnalysis:
+def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise_too: bool = False,
+                   layerwise_batches: int = 1) -> ErrorAnalysis:
     """Graph-wise error of the session's quantized graph against FP32 on ``batches``.
 
     Every quantized operator's output is compared, including the error accumulated from the graph's
     inputs (as PPQ's ``graphwise_error_analyse``), as well as every graph output and every part of an
     output built by a final ``Concat``. With ``layerwise_too``, also the layer-wise error of every quantized
-    operator (:func:`layerwise`, on the first batch); without it the ``isolated_*`` figures are empty.
+    operator (:func:`layerwise`, on the first ``layerwise_batches`` batches); without it the ``isolated_*``
+    figures are empty.
     """
     layer_vars = {op.outputs[0].name: op.name for op in session.quantized_operations() if op.outputs}
     outputs = session.output_names
@@ -89,7 +91,8 @@ def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise
         signal, _, dot, power = sums[name]
         return cosine(dot, signal, power)
 
-    isolated_snr, isolated_cos = layerwise(session, batches[0]) if batches and layerwise_too else ({}, {})
+    isolated_snr, isolated_cos = (layerwise(session, batches[:layerwise_batches]) if batches and layerwise_too
+                                  else ({}, {}))
     return ErrorAnalysis(
         output_snr_db={n: snr(n) for n in outputs},
         output_cosine={n: cos(n) for n in outputs},
@@ -104,30 +107,34 @@ def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise
     )
 
 
-def layerwise(session: AnalysedSession, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
+def layerwise(session: AnalysedSession, batches: Sequence[Batch]) -> tuple[dict[str, float], dict[str, float]]:
     """Layer-wise error: the graph outputs' SNR and cosine when only one operator is quantized.
 
     As PPQ's ``layerwise_error_analyse``: every other operator runs in FP32, so the figure is the error
-    that operator brings in by itself. One forward per quantized operator, on one batch.
+    that operator brings in by itself. One forward per quantized operator and batch; the error sums are
+    accumulated over ``batches``, so one image's accident weighs less than on PPQ's single batch.
 
     Returns:
         ``(snr_db, cosine)``: operator name -> figure, over all graph outputs together.
     """
     names = session.output_names
-    ref = [session.forward(batch, quantized=False)[name].astype(np.float64) for name in names]
-    snr: dict[str, float] = {}
-    cos: dict[str, float] = {}
+    refs = [[session.forward(batch, quantized=False)[name].astype(np.float64) for name in names]
+            for batch in batches]
+    sums: dict[str, np.ndarray] = {}
     session.graph_dequantize()
     try:
         for op in counted("layer-wise analysis operator", session.quantized_operations()):
             op.restore_quantize_state()
             try:
-                outputs = session.execute(batch, names, "layer-wise analysis")
+                total = np.zeros(4)
+                for batch, ref in zip(batches, refs, strict=True):
+                    outputs = session.execute(batch, names, "layer-wise analysis")
+                    total += error_sums(ref, [outputs[name].astype(np.float64) for name in names])
             finally:
                 op.dequantize()
-            signal, noise, dot, power = error_sums(ref, [outputs[name].astype(np.float64) for name in names])
-            snr[op.name] = snr_db(signal, noise)
-            cos[op.name] = cosine(dot, signal, power)
+            sums[op.name] = total
     finally:
         session.graph_restore()
+    snr = {name: snr_db(t[0], t[1]) for name, t in sums.items()}
+    cos = {name: cosine(t[2], t[0], t[3]) for name, t in sums.items()}
     return snr, cos

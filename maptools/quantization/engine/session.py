@@ -268,17 +268,18 @@ class PPQSession:
                 op.restore_quantize_state()
 
     # -- error analysis -------------------------------------------------------------------------------
-    def error_analysis(self, batches: Sequence[Batch], layerwise: bool = False) -> ErrorAnalysis:
+    def error_analysis(self, batches: Sequence[Batch], layerwise: bool = False,
+                       layerwise_batches: int = 1) -> ErrorAnalysis:
         """Graph-wise error of the quantized graph against FP32 on ``batches`` (see :mod:`.analysis`).
 
         With ``layerwise``, also the layer-wise error of every quantized operator (:meth:`layerwise`, on the
-        first batch); without it the ``isolated_*`` figures are empty.
+        first ``layerwise_batches`` batches); without it the ``isolated_*`` figures are empty.
         """
-        return analysis.error_analysis(self, batches, layerwise)
+        return analysis.error_analysis(self, batches, layerwise, layerwise_batches)
 
-    def layerwise(self, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
+    def layerwise(self, batches: Sequence[Batch]) -> tuple[dict[str, float], dict[str, float]]:
         """Layer-wise error: the graph outputs' SNR and cosine when only one operator is quantized."""
-        return analysis.layerwise(self, batch)
+        return analysis.layerwise(self, batches)
 
     # -- records and export ---------------------------------------------------------------------------
     def quantized_operations(self) -> list[QuantableOperation]:

@@ -59,7 +59,8 @@ def run_cli(args: Any) -> int:
     calib, held_out = _data(args, shapes)
     result = search(args.model, shapes, calib, held_out, weight_bits=weight_bits, activation_bits=activation_bits,
                     spec=args.cim, objective=args.objective, points=args.points,
-                    budget_adc_fraction=args.budget_adc_fraction, mapname=args.mapname,
+                    budget_adc_fraction=args.budget_adc_fraction, layerwise_batches=args.layerwise_batches,
+                    mapname=args.mapname,
                     mapsave_dir=args.mapsave_dir, cache_dir=None if args.no_cache else (args.cache or True),
                     jobs=args.jobs, cluster=args.cluster, recipe=args.recipe, seed=args.seed)
     print(result.table())

@@ -25,7 +25,7 @@ from maptools.quantization.cim.cost import CIMCostParams
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.intmath import snr_db_of
 
-__all__ = ["Batch", "Metric", "Outputs", "init_worker", "measure", "onnx_outputs", "top1_agreement"]
+__all__ = ["Batch", "Metric", "Outputs", "chain_noise", "init_worker", "measure", "onnx_outputs", "top1_agreement"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,62 @@ def init_worker(model: bytes, shapes: Mapping[str, Sequence[int]], calib: list[B
                     params, metric, workdir)
 
 
-def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Each MAC's noise: the outputs' noise-to-signal power when only it, or only its input's producer, is quantized.
+def _walk_up(tensors: Sequence[str], producers: Mapping[str, Any], macs: set[str]) -> tuple[set[str], set[str]]:
+    """The non-MAC operators met walking upstream from ``tensors``, and the MACs that end the walk."""
+    seen: set[str] = set()
+    ends: set[str] = set()
+    stack = [t for t in tensors if t]
+    while stack:
+        producer = producers.get(stack.pop())
+        if producer is None or producer.name in seen:
+            continue
+        if producer.name in macs:
+            ends.add(producer.name)
+            continue
+        seen.add(producer.name)
+        stack.extend(t for t in producer.input if t)
+    return seen, ends
 
-    ``own``: PPQ's layer-wise figure of the MAC (report.json's ``layerwise_snr_db``). ``input``: the same figure of
-    the operator whose output the MAC reads (through Q/DQ pairs and operators without noise of their own, such as
-    a Flatten), when it is not a MAC: PPQ books the quantization of a MAC's input on that operator (a ReLU, an Add,
-    a pooling), so without it a layer's activation bits would look free.
+
+def chain_noise(graph: Any, macs: Sequence[str], entries: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Each MAC's share of the layer-wise noise of the non-MAC operators between it and its neighbouring MACs.
+
+    From each MAC, every input is followed upstream through the operators that are not MACs (Q/DQ pairs, ReLU,
+    HardSwish, the squeeze-excitation's pooling, Mul and Add, a Flatten) until a MAC or a graph input; every
+    operator met with a noise of its own (``entries``: node -> noise-to-signal power) is on that MAC's input
+    chain. Its rounding is set by the bits of the MACs on both sides: the reader's (which requantizes the tensor
+    to its own activation bits) and the producer's (whose layer_bits a fused activation or gate inherits). So
+    its noise is shared equally among its readers (``input``) and its producers, the MACs its own upstream walk
+    ends at (``output``): the sum over the MACs counts it once, and lowering the bits on either side costs it.
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    by_name = {node.name: node for node in graph.node}
+    mac_set = set(macs)
+    readers: dict[str, list[str]] = {}
+    for name in macs:
+        node = by_name.get(name)
+        seen, _ = _walk_up(list(node.input) if node is not None else [], producers, mac_set)
+        for op in seen:
+            if entries.get(op, 0.0) > 0:
+                readers.setdefault(op, []).append(name)
+    shares = {name: {"input": 0.0, "output": 0.0} for name in macs}
+    for op in sorted(readers):
+        _, sources = _walk_up(list(by_name[op].input), producers, mac_set)
+        share = entries[op] / (len(readers[op]) + len(sources))
+        for name in readers[op]:
+            shares[name]["input"] += share
+        for name in sources:
+            shares[name]["output"] += share
+    return shares
+
+
+def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each MAC's noise: the outputs' noise-to-signal power when only it, or only its neighbours, are quantized.
+
+    ``own``: PPQ's layer-wise figure of the MAC (report.json's ``layerwise_snr_db``). ``input`` and ``output``: the
+    MAC's shares of the same figures of the operators on its input chains and on its readers' (:func:`chain_noise`):
+    PPQ books the quantization of the tensors between MACs on those operators, so without them a layer's activation
+    bits would look free.
     """
     import onnx
 
@@ -109,35 +158,20 @@ def _isolated_nsr(report: Path, model: Path, nodes: Sequence[str]) -> dict[str, 
 
     entries = {e["node"]: nsr_of(e.get("layerwise_snr_db")) for e in json.loads(report.read_text())["operators"]}
     graph = onnx.load(str(model), load_external_data=False).graph
-    producers = {out: node for node in graph.node for out in node.output}
-    by_name = {node.name: node for node in graph.node}
-    macs = set(nodes)
-    noise = {}
-    for name in nodes:
-        upstream = 0.0
-        node = by_name.get(name)
-        tensor = node.input[0] if node is not None and node.input else None
-        for _ in range(16):  # a short chain of Q/DQ and noiseless operators
-            producer = producers.get(tensor) if tensor is not None else None
-            if producer is None or producer.name in macs:
-                break
-            if producer.name in entries and entries[producer.name] > 0:
-                upstream = entries[producer.name]
-                break
-            tensor = producer.input[0] if producer.input else None
-        noise[name] = {"own": entries.get(name, 0.0), "input": upstream}
-    return noise
+    shares = chain_noise(graph, nodes, entries)
+    return {name: {"own": entries.get(name, 0.0), **shares[name]} for name in nodes}
 
 
 def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tuple[int, int]] | None,
-            layerwise: bool) -> dict[str, Any]:
+            layerwise: int) -> dict[str, Any]:
     """Quantize at ``W{weight_bits}A{activation_bits}`` with ``layer_bits`` overrides; figure, SNR and cost.
 
     Returns:
         ``figure``, ``snr_db`` (onnxruntime against FP32 on the held-out batches), ``adc_conversions`` and
         ``energy_j`` per sample on the crossbar, ``layers`` (node -> ``adc_conversions``, ``energy_j`` and, with
-        ``layerwise``, ``nsr``: the output noise-to-signal power when only that layer, its weights and its
-        input, is quantized, and ``nsr_input``: the input's part, :func:`_isolated_nsr`).
+        ``layerwise`` (a number of held-out batches, 0 for none), ``nsr``: the output noise-to-signal power
+        when only that layer, its weights and its input, is quantized, ``nsr_input`` and ``nsr_output``: the
+        parts of the operators before and after it, :func:`_isolated_nsr`).
     """
     from maptools.quantization.api import quantize
     from maptools.quantization.cimmap.mapcost import map_cost
@@ -148,7 +182,8 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
         result = quantize(state.shapes, "cpu", state.model_path, mapname="point", calibset=state.calib,
                           calib_steps=len(state.calib), evalset=state.evalset, weight_bits=weight_bits,
                           activation_bits=activation_bits, layer_bits=dict(layer_bits or {}) or None,
-                          layerwise_analysis=layerwise, mapsave_dir=mapsave, threads=1, **state.options)
+                          layerwise_analysis=bool(layerwise), layerwise_batches=max(int(layerwise), 1),
+                          mapsave_dir=mapsave, threads=1, **state.options)
         cost = map_cost("point", state.spec, state.params, mapsave_dir=mapsave)
         quantized = onnx_outputs(result.model_path, state.evalset)
         layers: dict[str, dict[str, float]] = {
@@ -156,7 +191,8 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
             for layer in cost.layers}
         if layerwise:
             for node, noise in _isolated_nsr(result.report_path, result.model_path, list(layers)).items():
-                layers[node].update(nsr=noise["own"] + noise["input"], nsr_input=noise["input"])
+                layers[node].update(nsr=noise["own"] + noise["input"] + noise["output"], nsr_input=noise["input"],
+                                    nsr_output=noise["output"])
     return {"figure": float(state.metric(state.fp32, quantized)),
             "snr_db": snr_db_of([o for b in state.fp32 for o in b], [o for b in quantized for o in b]),
             "adc_conversions": int(cost.total("adc_conversions")), "energy_j": float(cost.total("energy_j")),

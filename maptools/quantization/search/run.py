@@ -37,13 +37,18 @@ from maptools.quantization.search.front import Candidate, greedy_walk, pareto, p
 from maptools.quantization.search.result import SearchResult, candidate_label
 from maptools.quantization.validation import MAX_THREADS, check_jobs
 
-__all__ = ["DEFAULT_ACTIVATION_BITS", "DEFAULT_SPEC", "DEFAULT_WEIGHT_BITS", "search"]
+__all__ = ["DEFAULT_ACTIVATION_BITS", "DEFAULT_LAYERWISE_BATCHES", "DEFAULT_SPEC", "DEFAULT_WEIGHT_BITS", "search"]
 
 logger = logging.getLogger(__name__)
 
 #: The chip's allowed weight and activation bits by default.
 DEFAULT_WEIGHT_BITS: tuple[int, ...] = (2, 4, 6, 8)
 DEFAULT_ACTIVATION_BITS: tuple[int, ...] = (4, 8)
+#: Held-out batches the sensitivities are accumulated over by default (docs/search.rst, "The proxy").
+DEFAULT_LAYERWISE_BATCHES = 8
+#: How the noise of the operators between MACs is booked (:func:`~.evaluate.chain_noise`); part of a
+#: sensitivity's cache key, so a change of it measures the sensitivities again.
+ATTRIBUTION = "chains shared by readers and producers"
 #: The crossbar costed by default: 256-row arrays of 2-bit cells, 8-bit ADCs.
 DEFAULT_SPEC = CIMSpec(rows=256, cell_bits=2, adc_bits=8)
 #: The costs the walk can lower.
@@ -139,8 +144,9 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
            *, weight_bits: Iterable[int] = DEFAULT_WEIGHT_BITS,
            activation_bits: Iterable[int] = DEFAULT_ACTIVATION_BITS, spec: CIMSpec = DEFAULT_SPEC,
            params: CIMCostParams | None = None, objective: str = "adc_conversions", points: int = 10,
-           budget_adc_fraction: float = 0.7, metric: evaluate.Metric = evaluate.top1_agreement,
-           metric_name: str = "top-1 agreement with FP32 (%)", mapname: str | None = None,
+           budget_adc_fraction: float = 0.7, layerwise_batches: int = DEFAULT_LAYERWISE_BATCHES,
+           metric: evaluate.Metric = evaluate.top1_agreement, metric_name: str = "top-1 agreement with FP32 (%)",
+           mapname: str | None = None,
            mapsave_dir: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None | bool = True,
            jobs: int | None = None, cluster: Any = None, progress: Progress | None = None,
            **quantize_options: Any) -> SearchResult:
@@ -158,6 +164,8 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
         objective: The cost the walk lowers: ``'adc_conversions'`` or ``'energy_j'``.
         points: Walk points to measure (>= 2; the budget's point is added when not among them).
         budget_adc_fraction: The budget: ADC conversions per sample as a fraction of uniform at the widest bits.
+        layerwise_batches: Held-out batches the layer-wise sensitivities are accumulated over (at most the number
+            of held-out batches the quantization analyses).
         metric: ``metric(fp32_outputs, quantized_outputs) -> figure`` (higher is better), a module-level function
             (it is sent to worker processes); default top-1 agreement with FP32 (SNR for other outputs).
         metric_name: What the figure is, for the JSON, the table and the plot.
@@ -194,6 +202,8 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
     if isinstance(budget_adc_fraction, bool) or not isinstance(budget_adc_fraction, int | float) \
             or not 0 < budget_adc_fraction <= 1:
         raise InvalidArgumentError(f"budget_adc_fraction: got {budget_adc_fraction!r}, expected a number in (0, 1]")
+    if isinstance(layerwise_batches, bool) or not isinstance(layerwise_batches, int) or layerwise_batches < 1:
+        raise InvalidArgumentError(f"layerwise_batches: got {layerwise_batches!r}, expected an integer >= 1")
     if not callable(metric):
         raise InvalidTypeError(f"metric: got {type(metric).__name__}, expected a function (fp32, quantized) -> float")
     unknown = sorted(set(quantize_options) - set(QUANTIZE_OPTIONS))
@@ -220,12 +230,13 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
     candidates: list[Candidate] = list(itertools.product(w_bits, a_bits))
     widest = (w_bits[-1], a_bits[-1])
 
-    def task(w: int, a: int, layer_bits: Mapping[str, Candidate] | None, layerwise: bool, label: str) -> dict:
-        return {"weight_bits": w, "activation_bits": a, "layerwise": layerwise, "label": label,
-                "layer_bits": None if layer_bits is None else {n: list(c) for n, c in layer_bits.items()}}
+    def task(w: int, a: int, layer_bits: Mapping[str, Candidate] | None, layerwise: int | bool, label: str) -> dict:
+        measured = {"weight_bits": w, "activation_bits": a, "layerwise": layerwise, "label": label,
+                    "layer_bits": None if layer_bits is None else {n: list(c) for n, c in layer_bits.items()}}
+        return {**measured, "attribution": ATTRIBUTION} if layerwise else measured
 
     # 1. the uniform candidates: sensitivities and costs
-    uniform_tasks = [task(w, a, None, True, candidate_label(w, a)) for w, a in candidates]
+    uniform_tasks = [task(w, a, None, layerwise_batches, candidate_label(w, a)) for w, a in candidates]
     uniform = _run_tasks(uniform_tasks, cache, initargs, jobs, cluster, progress, "uniform")
     computed = cache.misses
     layers = list(uniform[0]["layers"])
@@ -263,11 +274,12 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
         "model": {"name": path.name, "sha256": identity["model"]},
         "data": {"calib_sha256": identity["calib"], "evalset_sha256": identity["evalset"], "shapes": shapes},
         "settings": settings, "figure": metric_name, "objective": objective,
-        "method": "greedy walk from the widest bits (AIMET-like), layer-wise PPQ sensitivities, additive noise",
+        "method": "greedy walk from the widest bits (AIMET-like), layer-wise PPQ sensitivities over "
+                  f"{layerwise_batches} held-out batches, the noise between MACs {ATTRIBUTION}, additive noise",
         "candidates": [list(c) for c in candidates], "layers": layers,
         "sensitivity": {layer: {candidate_label(*c): table[layer][c] for c in candidates} for layer in layers},
         "walk_steps": len(walk), "uniform": uniform_points, "points": walk_points,
-        "proxy": _proxy_agreement(walk_points),
+        "proxy": {**_proxy_agreement(walk_points), "layerwise_batches": layerwise_batches},
         "budget": {"adc_fraction": budget_adc_fraction, "reference": candidate_label(*widest),
                    "reference_adc_conversions": reference["adc_conversions"],
                    "reference_energy_j": reference["energy_j"], "limit_adc_conversions": limit},
