@@ -26,19 +26,11 @@ import onnx
 from onnx import numpy_helper
 
 from maptools.quantization.hardswish import fuse_paddle_hardswish
+from maptools.quantization.opset import constant_values
 
 __all__ = ["fold_affine_chains"]
 
 logger = logging.getLogger(__name__)
-
-
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and ``Constant`` node outputs (their ``value`` tensor) by name."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
 
 
 class _Graph:
@@ -47,7 +39,7 @@ class _Graph:
     def __init__(self, proto: onnx.ModelProto) -> None:
         self.graph = proto.graph
         self.nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in self.graph.node]
-        self.constants = _constants(self.graph)
+        self.constants = constant_values(proto, max_values=None)
         self.outputs = {vi.name for vi in self.graph.output}
         self.removed: set[int] = set()
         self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)

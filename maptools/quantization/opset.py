@@ -53,10 +53,11 @@ def default_opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=PPQ_MAX_OPSET)
 
 
-def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The small constants of a graph (initializers of up to 4096 values, ``Constant`` outputs): name -> value."""
+def constant_values(model: onnx.ModelProto, max_values: int | None = 4096) -> dict[str, np.ndarray]:
+    """The constants of a graph (initializers of up to ``max_values`` values, all with None; ``Constant``
+    outputs): name -> value."""
     values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
-              if int(np.prod(init.dims)) <= 4096}
+              if max_values is None or int(np.prod(init.dims)) <= max_values}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
             value = attr(node, "value")
