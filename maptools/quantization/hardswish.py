@@ -18,7 +18,7 @@ name and the ``Div``'s output tensor, so the rest of the graph is untouched.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import defaultdict
 
 import numpy as np
 import onnx
@@ -48,13 +48,15 @@ def fuse_paddle_hardswish(model: onnx.ModelProto) -> int:
     """Rewrite every Paddle2ONNX hard-swish of ``model`` (in place) as ``x * HardSigmoid(x)``; return the count."""
     graph = model.graph
     values = constant_values(model)
-    readers = Counter(name for node in graph.node for name in node.input)
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
     outputs = {vi.name for vi in graph.output}
 
     def only_reader(tensor: str) -> onnx.NodeProto | None:
-        if readers[tensor] != 1 or tensor in outputs:
-            return None
-        return next((n for n in graph.node if tensor in n.input), None)
+        found = readers.get(tensor, [])
+        return found[0] if len(found) == 1 and tensor not in outputs else None
 
     drop: set[int] = set()
     replace: dict[int, list[onnx.NodeProto]] = {}
