@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,15 +29,21 @@ LAYER = "/block1/expand/expand.0/Conv"
 SHAPES = {"input": list(digits.INPUT_SHAPE)}
 
 
+def _ablation_bench():
+    """bench/rounding_ablation.py, whose digits W4 session the test shares (it is a script, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "rounding_ablation.py"
+    spec = importlib.util.spec_from_file_location("rounding_ablation_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ablation = _ablation_bench()
+
+
 def _session(rounding: RoundingSettings | None, images: int = 256, activation_bits: int = 8) -> PPQSession:
-    model = load_model(MOBILE)
-    proto = prepare_model(model, check_input_shapes(SHAPES, model))
-    spec = LowBitSpec(4, activation_bits, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
-    session = PPQSession.from_onnx(proto, spec, "cpu", build_setting("default", "cpu", 16))
-    train, _ = digits.load_split("train")
-    size = min(16, images // 8)  # PPQ calibrates on at least 8 batches
-    session.quantize([{"input": torch.from_numpy(train[i:i + size])} for i in range(0, images, size)], rounding)
-    return session
+    """The mobile CNN at W4 and ``activation_bits``, calibrated on the first ``images`` training digits."""
+    return ablation.quantized(rounding, images, activation_bits)
 
 
 def _layer_error(session: PPQSession, images: np.ndarray, target: str) -> float:
