@@ -74,12 +74,22 @@ def test_missing_file_and_manifest(saved):
         read_quantparams("m", saved)
 
 
-def test_incompatible_format_version(saved):
+@pytest.mark.parametrize("version", ["3.0", "0.9", "2", ""])
+def test_incompatible_format_version(saved, version):
     manifest = json.loads((saved / "m" / MANIFEST).read_text())
-    manifest["format_version"] = "2.0"
+    manifest["format_version"] = version
     (saved / "m" / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="format version '2.0' is not compatible"):
+    with pytest.raises(ArtifactError, match="is not compatible with this maptools"):
         read_quantinfo("m", saved)
+
+
+def test_maps_of_the_new_major_version_and_1x_maps_are_read(saved):
+    """Format 2 stores each record's first input once: a 1.x reader must refuse it, this one reads both."""
+    manifest = json.loads((saved / "m" / MANIFEST).read_text())
+    assert manifest["format_version"].split(".")[0] == "2"
+    manifest["format_version"] = "1.1"
+    (saved / "m" / MANIFEST).write_text(json.dumps(manifest))
+    assert read_quantinfo("m", saved)
 
 
 def test_missing_map_names_path_and_fix(tmp_path):

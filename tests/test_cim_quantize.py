@@ -106,7 +106,7 @@ def test_cim_json_written_in_the_one_atomic_write_and_listed(maps) -> None:
         manifest = read_manifest(directory)
         data = (directory / CIM_FILE).read_bytes()
         assert manifest["files"][CIM_FILE] == {"sha256": sha256_of(data), "bytes": len(data)}
-        assert manifest["format_version"] == CIM_FORMAT_VERSION == "1.2"
+        assert manifest["format_version"] == CIM_FORMAT_VERSION == "2.1"
         assert manifest["settings"]["cim"] == SPECS[name].to_dict()
         assert CIMSpec.from_dict(manifest["settings"]["cim"]) == SPECS[name]
         report = json.loads((directory / "report.json").read_text())
@@ -243,7 +243,7 @@ def test_without_cim_the_artifacts_are_unchanged(maps) -> None:
     mapsave = maps["mapsave"]
     plain, with_cim = mapsave / "plain", mapsave / "calibrated"
     manifest = read_manifest(plain)
-    assert manifest["format_version"] == FORMAT_VERSION == "1.1"
+    assert manifest["format_version"] == FORMAT_VERSION == "2.0"
     assert "cim" not in manifest["settings"] and "cim_calib_batches" not in manifest["settings"]
     assert CIM_FILE not in manifest["files"] and not (plain / CIM_FILE).exists()
     assert "cim" not in json.loads((plain / "report.json").read_text())["timings_seconds"]

@@ -18,7 +18,7 @@ def test_file_names_and_version_are_the_documented_ones() -> None:
             fmt.REPORT_JSON, fmt.REPORT_PNG, fmt.PPQGRAPH) == (
         "quantinfo.pkl", "quantparams.pkl", "quant_model.onnx", "manifest.json", "ppq_state.json", "report.json",
         "report.png", "ppq_graph.pkl")
-    assert fmt.FORMAT_VERSION == "1.1" and fmt.ROUNDING == intmath.ROUNDING == "half_even"
+    assert fmt.FORMAT_VERSION == "2.0" and fmt.ROUNDING == intmath.ROUNDING == "half_even"
     for name in ("QUANTINFO", "QUANTPARAMS", "QUANTMODEL", "MANIFEST", "PPQSTATE", "FORMAT_VERSION"):
         assert getattr(artifacts, name) == getattr(fmt, name)  # re-exported where user code imports them
 

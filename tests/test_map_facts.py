@@ -38,13 +38,13 @@ SPEC_TEXT = "rows=64,cell_bits=2,adc_bits=6,adc_range=calibrated"
 SPEC = CIMSpec.parse(SPEC_TEXT)
 
 
-def test_adding_cim_json_makes_the_map_format_1_2(tiny_onnx, tmp_path):
+def test_adding_cim_json_makes_the_map_format_2_1(tiny_onnx, tmp_path):
     quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, analysis_steps=1,
              mapsave_dir=tmp_path, recipe="fast")
-    assert json.loads((tmp_path / "m" / MANIFEST).read_text())["format_version"] == FORMAT_VERSION == "1.1"
+    assert json.loads((tmp_path / "m" / MANIFEST).read_text())["format_version"] == FORMAT_VERSION == "2.0"
     write_map_calibration("m", MapCalibration(spec=CIMSpec(adc_bits=6), adc={}), mapsave_dir=tmp_path)
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
-    assert manifest["format_version"] == CIM_FORMAT_VERSION == "1.2" and "cim.json" in manifest["files"]
+    assert manifest["format_version"] == CIM_FORMAT_VERSION == "2.1" and "cim.json" in manifest["files"]
     assert read_map("m", tmp_path).cim["spec"]["adc_bits"] == 6
 
 

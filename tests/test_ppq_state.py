@@ -91,7 +91,7 @@ def test_rebuilt_ppq_session_equals_the_original(case, tmp_path, sessions, digit
     names = {path.name for path in result.directory.iterdir()}
     assert PPQSTATE in names and PPQGRAPH not in names
     manifest = json.loads((result.directory / MANIFEST).read_text())
-    assert manifest["format_version"] == "1.1" and set(manifest["files"]) == names - {MANIFEST}
+    assert manifest["format_version"] == "2.0" and set(manifest["files"]) == names - {MANIFEST}
     state = json.loads((result.directory / PPQSTATE).read_text())
     weights = [name for name, record in read_quantinfo(case, tmp_path).items() if record.weight_bits is not None]
     from_integers = [entry["quantparams"] for entry in state["parameters"].values() if "quantparams" in entry]

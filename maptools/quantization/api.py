@@ -118,7 +118,7 @@ def quantize(
             atomic write: ``cim.json`` (the spec and the ADC calibration, listed in the manifest), each
             crossbar MAC record's ``cim`` field (tile layout, per-tile ADC parameters), the weight slices in
             ``quantparams.pkl`` and, for ``requant`` other than ``'float'``, the int32 multipliers and shifts;
-            the manifest's settings record the spec (``cim``) and the format version is 1.2. Then
+            the manifest's settings record the spec (``cim``) and the format version is 2.1. Then
             ``simulate(mapname, inputs, cim=True)`` runs the map on that crossbar. See :doc:`/cim`.
         rounding: How weights are rounded to their integers: ``'nearest'``, or ``'learned'`` (AdaRound: per layer,
             learned on the calibration data to keep the layer's output, see

@@ -40,6 +40,7 @@ from maptools.quantization.format import (
     QUANTINFO,
     QUANTMODEL,
     QUANTPARAMS,
+    READABLE_MAJORS,
     REPORT_JSON,
     REPORT_PNG,
     ROUNDING,
@@ -218,10 +219,12 @@ def parse_manifest(data: bytes, path: Path, complete: bool = False) -> dict[str,
     if not isinstance(manifest, dict):
         check_manifest(manifest, f"{path}")  # raises: names what the top level is
     version = manifest.get("format_version", "")
-    if not isinstance(version, str) or version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+    major = re.fullmatch(r"(\d+)\.\d+", version) if isinstance(version, str) else None
+    if major is None or major.group(1) not in READABLE_MAJORS:
         raise ArtifactError(
             f"{path}: artifact format version {str(version)[:20] or 'unknown'!r} is not compatible with this "
-            f"maptools (format {FORMAT_VERSION}); re-run quantize with this version"
+            f"maptools (format {FORMAT_VERSION}, reads {'.x, '.join(READABLE_MAJORS)}.x); re-run quantize with "
+            "this version"
         )
     return check_manifest(manifest, f"{path}", complete)
 

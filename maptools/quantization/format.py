@@ -18,11 +18,12 @@ A map directory holds:
   (:data:`ROUNDING`),
   versions, settings, the input model's path and SHA-256, and every file's SHA-256
 
-A map quantized with ``cim=`` (format :data:`CIM_FORMAT_VERSION`, 1.2) also holds, besides ``cim.json``, the
+A map quantized with ``cim=`` (format :data:`CIM_FORMAT_VERSION`, 2.1) also holds, besides ``cim.json``, the
 ``cim`` field of every crossbar MAC's record and, in ``quantparams.pkl``, the weight slices
 (:func:`weight_slices_key`) and, unless the spec's ``requant`` is ``'float'``, the int32 requantization
 multipliers and shifts (:func:`requant_multiplier_key`, :func:`requant_shift_key`). Everything else is laid out
-as in 1.1, and loaders read every 1.x map.
+as in 2.0. Loaders read every map of a major version in :data:`READABLE_MAJORS`: 2.x, and the 1.x maps of
+earlier maptools (whose records also copy their first input as ``input_*`` fields and the CIM spec).
 
 Maps of format 1.0 also hold :data:`PPQGRAPH` (``ppq_graph.pkl``), PPQ's graph as a plain pickle, which
 nothing reads any more. Writing, locking and safe loading are in :mod:`maptools.quantization.artifacts`;
@@ -55,6 +56,7 @@ __all__ = [
     "REPORT_PNG",
     "CIM_FILE",
     "CIM_FORMAT_VERSION",
+    "READABLE_MAJORS",
     "ROUNDING",
     "bias_key",
     "format_version",
@@ -65,13 +67,16 @@ __all__ = [
     "weight_slices_key",
 ]
 
-#: Version of the artifact format; loaders refuse other major versions. 1.1: ``ppq_state.json`` replaces
-#: ``ppq_graph.pkl``.
-FORMAT_VERSION = "1.1"
-#: Version of a map quantized with ``cim=``: 1.1 plus the CIM content (``cim.json``, the records' ``cim`` field,
+#: Version of the artifact format. 1.1: ``ppq_state.json`` replaces ``ppq_graph.pkl``. 2.0: records keep their
+#: first input once (in ``inputs``) and refer to ``cim.json`` for the CIM spec, so a 1.x reader must refuse them
+#: rather than read the missing ``input_*`` fields as None.
+FORMAT_VERSION = "2.0"
+#: Version of a map quantized with ``cim=``: 2.0 plus the CIM content (``cim.json``, the records' ``cim`` field,
 #: the weight slices and requantization multipliers in ``quantparams.pkl``). A map without CIM content is
-#: written as :data:`FORMAT_VERSION`, byte for byte as before.
-CIM_FORMAT_VERSION = "1.2"
+#: written as :data:`FORMAT_VERSION`.
+CIM_FORMAT_VERSION = "2.1"
+#: Major format versions this maptools reads: its own and the 1.x maps of earlier versions.
+READABLE_MAJORS = ("1", "2")
 #: Per-operator quantization configs.
 QUANTINFO = "quantinfo.pkl"
 #: Integer weights and biases.

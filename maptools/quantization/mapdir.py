@@ -281,7 +281,7 @@ def add_map_file(target: Path, name: str, data: bytes, manifest: Mapping[str, An
 
     The caller holds the map's writer lock (:func:`map_lock`) and passes the manifest it read under it; every
     other entry is kept but ``format_version``, computed from the files the map now holds
-    (:func:`~maptools.quantization.format.format_version`: adding ``cim.json`` makes it 1.2). Both files are
+    (:func:`~maptools.quantization.format.format_version`: adding ``cim.json`` makes it 2.1). Both files are
     written in full before either is renamed into place, so a write that fails (a full disk) changes nothing.
 
     Returns:

@@ -90,13 +90,12 @@ class OperatorQuantConfig:
         weight_axis: The weight axis that ``weight_scale`` runs along (the output channel axis).
         bias_bits: Bias bit width (32) when the operator has a bias.
         bias_scale: Bias scale, ``input_scale * weight_scale``.
-        cim: For a crossbar MAC of a map quantized with ``cim=`` (format 1.2), its place on the crossbars as
+        cim: For a crossbar MAC of a map quantized with ``cim=`` (format 2.1), its place on the crossbars as
             plain data (dicts, lists, numbers, strings): the tile layout, the ADC gains of every (row tile,
             weight slice, input plane) and the ``quantparams.pkl`` keys of its weight slices and
             requantization multipliers, the spec and ADC ranges being in ``cim.json`` (see :doc:`/cim`);
             None otherwise. A record
-            whose ``cim`` is None pickles exactly as in format 1.1 (the field is left out of the pickle),
-            and records of 1.0 and 1.1 maps load with ``cim`` None.
+            whose ``cim`` is None pickles without the field, and records of 1.x maps load with ``cim`` None.
     """
 
     name: str
@@ -120,7 +119,7 @@ class OperatorQuantConfig:
     cim: dict[str, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """The pickled state: every field, ``cim`` only when set (so maps without CIM keep the 1.1 bytes)."""
+        """The pickled state: every field, ``cim`` only when set (maps without CIM pickle no such field)."""
         state = dict(self.__dict__)
         if state.get("cim") is None:
             state.pop("cim", None)
