@@ -47,6 +47,16 @@ def test_greedy_walk_lowers_the_best_saving_per_noise_first() -> None:
     assert spread(costs, 3) == [0, 1, 4]  # targets 200, 125 (150 and 100 tie: the earlier step), 50
 
 
+def test_spread_measures_as_many_steps_as_asked_where_the_walk_crowds() -> None:
+    # a walk whose cheap end crowds in cost: even cost targets land on 5 distinct steps of 12
+    costs = [100.0, 80.0, 60.0, 40.0, 22.0, 21.0, 20.5, 20.2, 20.1, 20.05, 20.02, 20.0]
+    assert spread(costs, 5) == [0, 1, 2, 3, 11]
+    # 8 cost targets land on those 5 steps too; the gap of steps 3..11 is halved (7), then its halves (5, 9)
+    assert spread(costs, 8) == [0, 1, 2, 3, 5, 7, 9, 11]
+    assert spread(costs, 12) == list(range(12)) and spread(costs, 40) == list(range(12))
+    assert spread([5.0], 3) == [0] and spread([], 3) == []
+
+
 def test_pareto_keeps_the_non_dominated_points() -> None:
     points = [{"figure": 99.0, "adc_conversions": 10}, {"figure": 98.0, "adc_conversions": 12},
               {"figure": 99.5, "adc_conversions": 20}, {"figure": 99.0, "adc_conversions": 10}]

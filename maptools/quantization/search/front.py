@@ -70,7 +70,12 @@ def greedy_walk(table: Mapping[str, Mapping[Candidate, Mapping[str, float]]], ob
 
 
 def spread(costs: Sequence[float], count: int) -> list[int]:
-    """Indices of about ``count`` walk steps spread evenly in cost between the first and the last (both included)."""
+    """Indices of ``min(count, len(costs))`` walk steps: spread evenly in cost, the first and the last included.
+
+    Where the walk's steps crowd in cost (the cheap end, where many layers are already at their cheapest), two
+    cost targets can land on one step; the steps still missing then halve the widest gaps in walk steps between
+    the chosen ones (the earliest gap on a tie), so asking for more points always measures more of the walk.
+    """
     if not costs:
         return []
     high, low = costs[0], costs[-1]
@@ -80,7 +85,11 @@ def spread(costs: Sequence[float], count: int) -> list[int]:
         index = min(range(len(costs)), key=lambda i: (abs(costs[i] - target), i))
         if index not in chosen:
             chosen.append(index)
-    return sorted(chosen)
+    chosen.sort()
+    while len(chosen) < min(count, len(costs)):
+        gap = max(range(len(chosen) - 1), key=lambda g: (chosen[g + 1] - chosen[g], -g))
+        chosen.insert(gap + 1, (chosen[gap] + chosen[gap + 1]) // 2)
+    return chosen
 
 
 def pareto(points: Sequence[Mapping[str, Any]], objective: str) -> list[bool]:

@@ -1,7 +1,9 @@
 """What :func:`~maptools.quantization.cimmap.sweep.grid.cim_sweep` measured: the grid points and the result.
 
 :class:`SweepResult` holds every :class:`SweepPoint` and shows them as plain-text tables (:meth:`SweepResult.table`),
-a PNG (:meth:`SweepResult.plot`) or JSON (:meth:`SweepResult.save`).
+a PNG (:meth:`SweepResult.plot`) or JSON (:meth:`SweepResult.save`). The JSON holds no wall time and no process
+count, so the same sweep gives the same bytes on the local pool and on a cluster; they are in
+:meth:`SweepResult.timings` (and the log).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import numpy as np
 
 from maptools.quantization.cimmap.montecarlo import chip_statistics
 
-__all__ = ["ADC_RANGE_KINDS", "SweepPoint", "SweepResult"]
+__all__ = ["ADC_RANGE_KINDS", "TIMING_FIELDS", "SweepPoint", "SweepResult"]
 
 #: The two ADC range choices compared at every grid point.
 ADC_RANGE_KINDS: tuple[str, ...] = ("calibrated", "full")
+#: The fields of a sweep that depend on where it ran, kept out of its JSON (:meth:`SweepResult.timings`).
+TIMING_FIELDS: tuple[str, ...] = ("seconds", "jobs")
 
 
 @dataclass
@@ -43,7 +47,7 @@ class SweepPoint:
             fraction of identical output elements); ``vs_fp32`` is None when FP32 could not run.
         top1_labels: Top-1 accuracy of the first class-score output against the labels (None without labels).
         clipped: The mean fraction of calibration partial sums above their ADC range (calibrated points only).
-        seconds: Wall time of the point (its calibration excluded).
+        seconds: Wall time of the point (its calibration excluded); not in the JSON (:meth:`SweepResult.timings`).
         device: The device model of a point run on chips (:meth:`DeviceModel.to_dict
             <maptools.quantization.cim.device.DeviceModel.to_dict>`), None for exact cells.
         device_index: Its index in :attr:`SweepResult.devices`.
@@ -115,8 +119,8 @@ class SweepResult:
             ``"labels"`` -> the top-1 accuracy of ``fp32`` and ``integer`` when labels were given.
         fp32_error: Why FP32 could not run (None when it ran).
         points: Every grid point, ``2 * len(adc_bits) * len(rows) * len(cell_bits)`` of them.
-        seconds: Wall time of the sweep.
-        jobs: Worker processes used.
+        seconds: Wall time of the sweep; not in the JSON (:meth:`timings`).
+        jobs: Worker processes used; not in the JSON.
         devices: The device grid (each :meth:`DeviceModel.to_dict
             <maptools.quantization.cim.device.DeviceModel.to_dict>`), None for exact cells.
         chips: Chips per device point, None for exact cells.
@@ -177,9 +181,17 @@ class SweepResult:
                 break
         return found
 
+    def timings(self) -> dict[str, Any]:
+        """Where and how long the sweep ran: ``seconds``, ``jobs`` and every point's ``seconds``, in point order."""
+        return {"seconds": self.seconds, "jobs": self.jobs, "points": [p.seconds for p in self.points]}
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict (infinite SNRs as the string ``"inf"``)."""
+        """A JSON-serializable dict (infinite SNRs as the string ``"inf"``), without :meth:`timings`."""
         data = asdict(self)
+        for key in TIMING_FIELDS:
+            del data[key]
+        for point in data["points"]:
+            del point["seconds"]
         if self.devices is None:  # exact cells: the record without the device fields
             for key in ("devices", "chips"):
                 del data[key]
@@ -192,7 +204,7 @@ class SweepResult:
         return _json_safe(data)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_dict` as JSON; returns the path."""
+        """Write :meth:`to_dict` as JSON (the same bytes wherever the sweep ran); returns the path."""
         path = Path(path)
         path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
         return path
