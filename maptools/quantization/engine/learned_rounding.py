@@ -8,6 +8,17 @@ quantized network before the layer (the layers already rounded included), the ta
 regulariser ``sum(1 - |2h - 1|^beta)`` pushing every ``h`` to 0 or 1, ``beta`` annealed from 20 to 2 after
 a warm-up.
 
+Two more degrees of freedom are fitted to the same layer output, because rounding alone has too few where a
+channel has few weights (a depthwise 3x3 Conv: 9 per channel):
+
+* before the rounding is learned, each output channel's weight scale is searched among
+  :attr:`RoundingSettings.scale_candidates` multiples of the calibrated one (:func:`search_scale`, against the
+  output error with nearest rounding, not the weight error);
+* the layer's bias is learned with the rounding (Adam), which also absorbs the shift of the output mean
+  that the quantized layers before it cause (the bias correction of data-free quantization, learned);
+
+and depthwise layers, whose steps are cheap, run :attr:`RoundingSettings.depthwise_factor` times the steps.
+
 The cost is kept small on a CPU in three ways:
 
 * the loss is a sum over output positions, so each step uses a random sample of them: per layer a cache of
@@ -30,7 +41,8 @@ Two levers of the published methods help with little data or low activation bits
   rounding is not fitted to one particular pattern of activation rounding errors. The mask is drawn per
   element of the sampled patches. At 8-bit and float inputs nothing changes.
 
-The result is written into PPQ's graph as float weights exactly on the grid (``w = s * q``) and marked baked,
+The result is written into PPQ's graph as float weights exactly on the grid (``w = s * q``, ``s`` the searched
+scale, which also becomes the weight's and, times the input scale, the bias' quantization scale) and marked baked,
 before PPQ bakes the other parameters, so every artifact carries the learned integers, and a later LSQ pass
 (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`) trains the activation scales and
 biases around them but neither the weights nor their scales.
@@ -132,7 +144,7 @@ class RoundingSettings:
     qdrop: float = 0.5
     scale_candidates: int = 32
     bias_lr: float = 1e-3
-    depthwise_factor: int = 1
+    depthwise_factor: int = 4
 
 
 #: Activation bit widths from which QDrop is off (the layer's input kept quantized in every step).
