@@ -11,7 +11,7 @@ a warm-up.
 Two more degrees of freedom are fitted to the same layer output, because rounding alone has too few where a
 channel has few weights (a depthwise 3x3 Conv: 9 per channel):
 
-* before the rounding is learned, each output channel's weight scale is searched among
+* before the rounding of a depthwise layer is learned, each output channel's weight scale is searched among
   :attr:`RoundingSettings.scale_candidates` multiples of the calibrated one (:func:`search_scale`, against the
   output error with nearest rounding, not the weight error);
 * the layer's bias is learned with the rounding (Adam), which also absorbs the shift of the output mean
@@ -123,8 +123,10 @@ class RoundingSettings:
         min_images: With fewer calibration images, augmented views are added up to this many (0: never).
         qdrop: Probability of replacing an input element by its FP32 value in a step, where the layer's input
             is quantized below 8 bits (0: QDrop off).
-        scale_candidates: Weight-scale multipliers tried per output channel before the rounding is learned,
-            spread over :data:`SCALE_RANGE` (0: the calibrated scales kept).
+        scale_candidates: Weight-scale multipliers tried per output channel of a depthwise layer before the
+            rounding is learned, spread over :data:`SCALE_RANGE` (0: the calibrated scales kept). Other layers
+            keep their calibrated scales: with more weights per channel the rounding has the freedom, and
+            the scale searched with nearest rounding measured worse after learning.
         bias_lr: Adam's learning rate on the bias, learned with the rounding, relative to the standard
             deviation of the layer's FP32 outputs (0: the bias kept).
         depthwise_factor: Depthwise layers (one input channel per group) run this many times the iterations.
@@ -558,7 +560,7 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     """
     device = cache.patches.device
     nearest = _quantize(layer, layer.weight.to(device) / layer.scale.to(device))
-    scale = search_scale(layer, cache, settings.scale_candidates)
+    scale = search_scale(layer, cache, settings.scale_candidates if layer.depthwise else 0)
     bias = layer.bias.to(device) if layer.bias is not None else None
     ratio = layer.weight.to(device) / scale
     floor = torch.floor(ratio)
