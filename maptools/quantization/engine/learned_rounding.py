@@ -17,7 +17,8 @@ channel has few weights (a depthwise 3x3 Conv: 9 per channel):
 * the layer's bias is learned with the rounding (Adam), which also absorbs the shift of the output mean
   that the quantized layers before it cause (the bias correction of data-free quantization, learned);
 
-and depthwise layers, whose steps are cheap, run :attr:`RoundingSettings.depthwise_factor` times the steps.
+and depthwise layers, whose rounding gains least per step, run :attr:`RoundingSettings.depthwise_factor` times
+the steps.
 
 The cost is kept small on a CPU in three ways:
 
@@ -211,7 +212,7 @@ class _Layer:
 
     @property
     def depthwise(self) -> bool:
-        """One input and one output channel per group: a few taps per channel, cheap to learn."""
+        """One input and one output channel per group: a few taps per channel."""
         return self.groups > 1 and self.weight.shape[1] == 1
 
     @property
