@@ -6,6 +6,9 @@ FP32 on 512 held-out test digits: top-1 agreement and the output SNR. Two seeds 
 
 * ``augmentation``: W4A8 from 16 digits, ``min_images`` 0 (off) against 64 (48 augmented views added);
 * ``qdrop``: W4A4, ``qdrop`` 0 against 0.5, from 256 digits and from 16 (augmented to 64);
+* ``scale_bias``: W4A8 from 256 digits, learned rounding of one layer (a depthwise 3x3 and a 1x1 Conv) alone,
+  with the per-channel weight-scale search, with the learned bias, and with both; the layer's output MSE
+  against FP32 on 256 held-out test digits (nearest rounding for reference);
 * ``lite1``: the corpus' EfficientNet-Lite1 at W4A8 from 32 calibration crops, learned rounding of its first
   four layers only (``min_images`` 0 against 64; nearest for reference), each layer's output MSE against FP32
   on 16 held-out crops (needs the corpus, ``make corpus``).
@@ -106,6 +109,34 @@ def lite1_layers() -> list[dict]:
     return rows
 
 
+#: The digits CNN's layers of the ``scale_bias`` experiment and the variables they reconstruct (after the activation).
+SCALE_BIAS_LAYERS = {"/block2/depthwise/depthwise.0/Conv": "/block2/depthwise/depthwise.2/Mul_output_0",
+                     "/block1/expand/expand.0/Conv": "/block1/expand/expand.2/Clip_output_0"}
+#: The ``scale_bias`` runs: label and the RoundingSettings fields (500 steps each).
+SCALE_BIAS_RUNS = {"rounding alone": {"scale_candidates": 0, "bias_lr": 0.0}, "+ scale search": {"bias_lr": 0.0},
+                   "+ learned bias": {"scale_candidates": 0}, "+ both": {}}
+
+
+def scale_bias() -> list[dict]:
+    """Digits W4A8: one layer's held-out output MSE with nearest rounding and each learned-rounding variant."""
+    images = {"input": torch.from_numpy(digits.load_split("test")[0][:256])}
+    rows = []
+    for layer in SCALE_BIAS_LAYERS:
+        for label, fields in {"nearest": None, **SCALE_BIAS_RUNS}.items():
+            started = time.perf_counter()
+            settings = None if fields is None else RoundingSettings(iterations=500, layers=(layer,), **fields)
+            session = quantized(settings, 256, 8)
+            target = (session.rounding_results[0].target if session.rounding_results
+                      else SCALE_BIAS_LAYERS[layer])
+            got = session.forward(images, output_names=[target])[target].astype(np.float64)
+            ref = session.forward(images, quantized=False, output_names=[target])[target]
+            row = {"experiment": "scale_bias", "layer": layer, "run": label,
+                   "held_out_mse": float(np.mean((got - ref) ** 2)), "seconds": round(time.perf_counter() - started, 1)}
+            rows.append(row)
+            print(f"{layer}, {label}: held-out MSE {row['held_out_mse']:.5g}, {row['seconds']} s", flush=True)
+    return rows
+
+
 def configurations(experiment: str) -> list[tuple[str, int, int, dict]]:
     """(label, images, activation bits, RoundingSettings fields) of each run of ``experiment``."""
     if experiment == "augmentation":
@@ -115,7 +146,8 @@ def configurations(experiment: str) -> list[tuple[str, int, int, dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", choices=("augmentation", "qdrop", "lite1", "both"), default="both")
+    parser.add_argument("--experiment", choices=("augmentation", "qdrop", "lite1", "scale_bias", "both"),
+                        default="both")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -123,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     experiments = ("augmentation", "qdrop") if args.experiment == "both" else (args.experiment,)
     rows = []
     for experiment in experiments:
-        if experiment == "lite1":
-            rows += lite1_layers()
+        if experiment in ("lite1", "scale_bias"):
+            rows += lite1_layers() if experiment == "lite1" else scale_bias()
             continue
         for label, images, bits, fields in configurations(experiment):
             for seed in SEEDS:

@@ -8,6 +8,18 @@ quantized network before the layer (the layers already rounded included), the ta
 regulariser ``sum(1 - |2h - 1|^beta)`` pushing every ``h`` to 0 or 1, ``beta`` annealed from 20 to 2 after
 a warm-up.
 
+Two more degrees of freedom are fitted to the same layer output, because rounding alone has too few where a
+channel has few weights (a depthwise 3x3 Conv: 9 per channel):
+
+* before the rounding of a depthwise layer is learned, each output channel's weight scale is searched among
+  :attr:`RoundingSettings.scale_candidates` multiples of the calibrated one (:func:`search_scale`, against the
+  output error with nearest rounding, not the weight error);
+* the layer's bias is learned with the rounding (Adam), which also absorbs the shift of the output mean
+  that the quantized layers before it cause (the bias correction of data-free quantization, learned);
+
+and depthwise layers, whose rounding gains least per step, run :attr:`RoundingSettings.depthwise_factor` times
+the steps.
+
 The cost is kept small on a CPU in three ways:
 
 * the loss is a sum over output positions, so each step uses a random sample of them: per layer a cache of
@@ -30,7 +42,8 @@ Two levers of the published methods help with little data or low activation bits
   rounding is not fitted to one particular pattern of activation rounding errors. The mask is drawn per
   element of the sampled patches. At 8-bit and float inputs nothing changes.
 
-The result is written into PPQ's graph as float weights exactly on the grid (``w = s * q``) and marked baked,
+The result is written into PPQ's graph as float weights exactly on the grid (``w = s * q``, ``s`` the searched
+scale, which also becomes the weight's and, times the input scale, the bias' quantization scale) and marked baked,
 before PPQ bakes the other parameters, so every artifact carries the learned integers, and a later LSQ pass
 (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`) trains the activation scales and
 biases around them but neither the weights nor their scales.
@@ -38,6 +51,7 @@ biases around them but neither the weights nor their scales.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -88,6 +102,8 @@ WARMUP = 0.2
 HELD_OUT = 0.125
 #: Steps timed before a layer's iterations are fitted to its share of the time budget.
 _TIMED_STEPS = 5
+#: Lowest and highest multiplier of the calibrated weight scale the per-channel scale search tries.
+SCALE_RANGE = (0.5, 1.2)
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,13 @@ class RoundingSettings:
         min_images: With fewer calibration images, augmented views are added up to this many (0: never).
         qdrop: Probability of replacing an input element by its FP32 value in a step, where the layer's input
             is quantized below 8 bits (0: QDrop off).
+        scale_candidates: Weight-scale multipliers tried per output channel of a depthwise layer before the
+            rounding is learned, spread over :data:`SCALE_RANGE` (0: the calibrated scales kept). Other layers
+            keep their calibrated scales: with more weights per channel the rounding has the freedom, and
+            the scale searched with nearest rounding measured worse after learning.
+        bias_lr: Adam's learning rate on the bias, learned with the rounding, relative to the standard
+            deviation of the layer's FP32 outputs (0: the bias kept).
+        depthwise_factor: Depthwise layers (one input channel per group) run this many times the iterations.
     """
 
     iterations: int = 300
@@ -122,6 +145,9 @@ class RoundingSettings:
     layers: tuple[str, ...] | None = None
     min_images: int = 64
     qdrop: float = 0.5
+    scale_candidates: int = 32
+    bias_lr: float = 1e-3
+    depthwise_factor: int = 4
 
 
 #: Activation bit widths from which QDrop is off (the layer's input kept quantized in every step).
@@ -182,6 +208,12 @@ class _Layer:
     activation: Callable[[torch.Tensor], torch.Tensor]
     target: str  # the FP32 variable reconstructed (after the fused activation)
     tail: list[Operation] = field(default_factory=list)
+    per_channel: bool = True  # one weight scale per output channel (else one for the tensor)
+
+    @property
+    def depthwise(self) -> bool:
+        """One input and one output channel per group: a few taps per channel."""
+        return self.groups > 1 and self.weight.shape[1] == 1
 
     @property
     def bits(self) -> int:
@@ -312,7 +344,8 @@ def learnable_layers(graph: BaseGraph, max_weight_bits: int = 8,
         groups, matrix, patches, outputs, to_weight = shape
         cout = matrix.shape[0] * matrix.shape[1]
         scale = torch.as_tensor(config.scale).detach().float().cpu().reshape(-1)
-        scale = scale.expand(cout) if scale.numel() == 1 else scale
+        per_channel = scale.numel() > 1
+        scale = scale if per_channel else scale.expand(cout)
         bias = None
         if op.type in ("Conv", "Gemm") and len(op.inputs) > 2 and op.inputs[2].value is not None:
             bias = torch.as_tensor(op.inputs[2].value).detach().float().cpu().reshape(-1)
@@ -320,7 +353,8 @@ def learnable_layers(graph: BaseGraph, max_weight_bits: int = 8,
                 bias = None if bias.numel() != 1 else bias.expand(cout)
         activation, target, tail = _activation_of(graph, op, gates)
         layers.append(_Layer(op, groups, matrix, scale.reshape(groups, -1, 1), bias, int(config.quant_min),
-                             int(config.quant_max), patches, outputs, to_weight, activation, target, tail))
+                             int(config.quant_max), patches, outputs, to_weight, activation, target, tail,
+                             per_channel))
     return layers
 
 
@@ -458,36 +492,85 @@ def _layer_output(layer: _Layer, patches: torch.Tensor, weight: torch.Tensor,
     return layer.activation(out + bias if bias is not None else out)
 
 
-def _error(layer: _Layer, cache: _Cache, weight: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> float:
+def _channel_errors(layer: _Layer, cache: _Cache, weight: torch.Tensor, bias: torch.Tensor | None,
+                    rows: slice) -> torch.Tensor:
+    """Squared output error summed over ``rows``, per output channel: (Cout,)."""
     with torch.no_grad():
-        chunks = []
+        total = torch.zeros(cache.targets.shape[1], dtype=torch.float64, device=cache.targets.device)
         for start in range(rows.start, rows.stop, 4096):
             stop = min(start + 4096, rows.stop)
             out = _layer_output(layer, cache.patches[:, start:stop], weight, bias)
-            chunks.append(((out - cache.targets[start:stop]) ** 2).sum())
-        count = rows.stop - rows.start
-        return float(torch.stack(chunks).sum() / count) if count else math.nan
+            total += ((out - cache.targets[start:stop]) ** 2).sum(dim=0).double()
+        return total
+
+
+def _error(layer: _Layer, cache: _Cache, weight: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> float:
+    count = rows.stop - rows.start
+    return float(_channel_errors(layer, cache, weight, bias, rows).sum() / count) if count else math.nan
+
+
+def _quantize(layer: _Layer, ratio: torch.Tensor) -> torch.Tensor:
+    """Nearest integers of ``ratio`` (weight / scale) on the layer's grid; half to even, as PPQ."""
+    return torch.clamp(torch.round(ratio), layer.quant_min, layer.quant_max)
+
+
+def search_scale(layer: _Layer, cache: _Cache, candidates: int) -> torch.Tensor:
+    """The weight scale (G, Og, 1) that minimises the layer's output error with nearest rounding on the training
+    rows: per output channel a multiple of the calibrated scale from :data:`SCALE_RANGE` (or 1).
+
+    Each output channel's error depends only on its own weights and scale (the activation is elementwise), so
+    the search is exact per channel; with one scale for the tensor, one multiplier for all.
+    """
+    device = cache.patches.device
+    base = layer.scale.to(device)
+    if candidates <= 0:
+        return base
+    weight = layer.weight.to(device)
+    bias = layer.bias.to(device) if layer.bias is not None else None
+    factors = torch.cat([torch.ones(1), torch.linspace(*SCALE_RANGE, candidates)]).tolist()
+    rows = slice(0, cache.train)
+    errors = torch.stack([_channel_errors(layer, cache, _quantize(layer, weight / (base * f)) * base * f, bias, rows)
+                          for f in factors])  # (F, Cout)
+    if not layer.per_channel:
+        return base * factors[int(errors.sum(dim=1).argmin())]
+    best = torch.as_tensor(factors, device=device)[errors.argmin(dim=0)]
+    return base * best.to(base.dtype).reshape(base.shape)
+
+
+@dataclass
+class _Learned:
+    """One layer's learned integers (G, Og, Kg), weight scale (G, Og, 1) and bias (Cout,) with the nearest ones."""
+
+    nearest: torch.Tensor
+    learned: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    loss: float
+    steps: int
 
 
 def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, iterations: int,
-                   generator: torch.Generator, on_step: Callable[[int, float], bool] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """Learn one layer's integers on its cache.
+                   generator: torch.Generator, on_step: Callable[[int, float], bool] | None = None) -> _Learned:
+    """Learn one layer's integers on its cache, after searching its weight scale and with its bias.
 
     Args:
         on_step: Called after every step with (step, loss); returning False stops early.
 
     Returns:
-        ``(nearest, learned, last loss, steps run)``: integer weights as float tensors in the (G, Og, Kg) layout.
+        The nearest integers at the calibrated scale, and the learned ones with their scale and bias.
     """
     device = cache.patches.device
-    scale = layer.scale.to(device)
+    nearest = _quantize(layer, layer.weight.to(device) / layer.scale.to(device))
+    scale = search_scale(layer, cache, settings.scale_candidates if layer.depthwise else 0)
     bias = layer.bias.to(device) if layer.bias is not None else None
     ratio = layer.weight.to(device) / scale
-    nearest = torch.clamp(torch.round(ratio), layer.quant_min, layer.quant_max)  # half to even, as PPQ
     floor = torch.floor(ratio)
     v = _initial_v(ratio - floor).requires_grad_(True)
-    optimizer = torch.optim.Adam([v], lr=settings.lr)
+    groups = [{"params": [v], "lr": settings.lr}]
+    if bias is not None and settings.bias_lr > 0:
+        bias = bias.clone().requires_grad_(True)
+        groups.append({"params": [bias], "lr": settings.bias_lr * float(cache.targets[:cache.train].std())})
+    optimizer = torch.optim.Adam(groups)
     sample = min(settings.sample, cache.train)
     # QDrop's masks from their own stream: the sampled rows are those of the same run without QDrop
     drops = torch.Generator().manual_seed(settings.seed + 1) if cache.fp_patches is not None else None
@@ -510,8 +593,9 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     else:
         step = iterations
     with torch.no_grad():
-        learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step else nearest
-    return nearest, learned, loss_value, step
+        learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
+            else _quantize(layer, ratio)
+    return _Learned(nearest, learned, scale, bias.detach() if bias is not None else None, loss_value, step)
 
 
 # -- the pass ------------------------------------------------------------------------------------------
@@ -551,9 +635,14 @@ def with_learned_rounding(build: Callable[..., QuantizationOptimizationPipeline]
     return build_quant_pipeline
 
 
-def _cost(layer: _Layer) -> float:
-    """Relative cost of one step of a layer: multiply-adds per position, plus a fixed overhead."""
-    return float(layer.weight.numel()) + 2e4
+def _iterations(layer: _Layer, settings: RoundingSettings) -> int:
+    """Adam steps of one layer: :attr:`RoundingSettings.depthwise_factor` times more for a depthwise one."""
+    return settings.iterations * (max(1, settings.depthwise_factor) if layer.depthwise else 1)
+
+
+def _cost(layer: _Layer, settings: RoundingSettings) -> float:
+    """Relative cost of a layer's steps: multiply-adds per position, plus a fixed overhead, times its steps."""
+    return (float(layer.weight.numel()) + 2e4) * _iterations(layer, settings)
 
 
 def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches: Sequence[dict[str, torch.Tensor]],
@@ -564,7 +653,7 @@ def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches
     quant = _Carrier(graph, executor, order, batches, quantized=True)
     fp32 = _Carrier(graph, executor, order, batches, quantized=False)
     generator = torch.Generator().manual_seed(settings.seed)
-    costs = [_cost(layer) for layer in layers]
+    costs = [_cost(layer, settings) for layer in layers]
     results: list[LayerRounding] = []
     carry_seconds = 0.0
     for i, layer in enumerate(layers):
@@ -608,14 +697,15 @@ def _budget(settings: RoundingSettings, costs: list[float], i: int, started: flo
 def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budget: float | None,
                  generator: torch.Generator, i: int, count: int, started: float) -> LayerRounding:
     """Learn one layer (within ``budget`` seconds when given) and write its weights into the graph."""
-    state = {"t0": time.perf_counter(), "planned": settings.iterations}
+    iterations = _iterations(layer, settings)
+    state = {"t0": time.perf_counter(), "planned": iterations}
     name = layer.op.name
 
     def on_step(step: int, loss: float) -> bool:
         elapsed = time.perf_counter() - state["t0"]
         if budget is not None and step == _TIMED_STEPS - 1:  # after a few timed steps, fit the budget
-            state["planned"] = min(settings.iterations, max(_TIMED_STEPS, int(budget / (elapsed / _TIMED_STEPS))))
-        if (step + 1) % max(1, settings.iterations // 4) == 0:
+            state["planned"] = min(iterations, max(_TIMED_STEPS, int(budget / (elapsed / _TIMED_STEPS))))
+        if (step + 1) % max(1, iterations // 4) == 0:
             per_step = elapsed / (step + 1)
             logger.info("learned rounding: layer %d of %d (%s): iteration %d of %d, loss %.4g, layer ETA %.0f s, "
                         "elapsed %.0f s", i + 1, count, name, step + 1, state["planned"], loss,
@@ -623,26 +713,49 @@ def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budge
         return step + 1 < state["planned"]
 
     rows_train, rows_held = slice(0, cache.train), slice(cache.train, cache.targets.shape[0])
-    nearest, learned, loss, steps = learn_rounding(layer, cache, settings, settings.iterations, generator, on_step)
-    scale = layer.scale.to(cache.patches.device)
-    bias = layer.bias.to(cache.patches.device) if layer.bias is not None else None
+    result = learn_rounding(layer, cache, settings, iterations, generator, on_step)
+    device = cache.patches.device
+    scale, bias = layer.scale.to(device), layer.bias.to(device) if layer.bias is not None else None
     held = rows_held if rows_held.stop > rows_held.start else rows_train
-    error_nearest = _error(layer, cache, nearest * scale, bias, held)
-    error_learned = _error(layer, cache, learned * scale, bias, held)
+    error_nearest = _error(layer, cache, result.nearest * scale, bias, held)
+    error_learned = _error(layer, cache, result.learned * result.scale, result.bias, held)
     if not error_learned <= error_nearest:  # never worse than nearest on the held-out positions
         logger.info("learned rounding: %s: held-out error %.4g against %.4g with nearest; keeping nearest", name,
                     error_learned, error_nearest)
-        learned, error_learned = nearest, error_nearest
-    var = layer.op.inputs[1]
-    original = torch.as_tensor(var.value)
-    var.value = layer.to_weight((learned * scale).cpu()).to(dtype=original.dtype, device=original.device).contiguous()
-    layer.op.config.input_quantization_config[1].state = QuantizationStates.BAKED  # final: LSQ leaves it alone
-    changed = float((learned != nearest).float().mean())
+        result = dataclasses.replace(result, learned=result.nearest, scale=scale, bias=bias)
+        error_learned = error_nearest
+    _write(layer, result)
+    changed = float((result.learned != result.nearest).float().mean())
     logger.info("learned rounding: layer %d of %d (%s, W%d): held-out error %.4g -> %.4g (%.2fx), %.1f%% of the "
                 "integers changed, %d steps, elapsed %.0f s", i + 1, count, name, layer.bits, error_nearest,
-                error_learned, error_nearest / error_learned if error_learned > 0 else math.inf, 100 * changed, steps,
-                time.perf_counter() - started)
+                error_learned, error_nearest / error_learned if error_learned > 0 else math.inf, 100 * changed,
+                result.steps, time.perf_counter() - started)
     return LayerRounding(name=name, op_type=layer.op.type, target=layer.target, weight_bits=layer.bits,
-                         iterations=steps, sample=min(settings.sample, cache.train), positions=cache.targets.shape[0],
-                         error_nearest=error_nearest, error_learned=error_learned, changed=changed, seconds=0.0,
-                         loss=loss, integers=layer.to_weight(learned.cpu()).to(torch.int32))
+                         iterations=result.steps, sample=min(settings.sample, cache.train),
+                         positions=cache.targets.shape[0], error_nearest=error_nearest, error_learned=error_learned,
+                         changed=changed, seconds=0.0, loss=result.loss,
+                         integers=layer.to_weight(result.learned.cpu()).to(torch.int32))
+
+
+def _write(layer: _Layer, result: _Learned) -> None:
+    """Write the learned weights (exactly on their grid), their scale and the bias into PPQ's graph.
+
+    The weight is marked baked (LSQ leaves it alone); the bias' passive scale follows the weight scale.
+    """
+    op = layer.op
+    weight_var, weight_config = op.inputs[1], op.config.input_quantization_config[1]
+    original = torch.as_tensor(weight_var.value)
+    weight_var.value = layer.to_weight((result.learned * result.scale).cpu()).to(
+        dtype=original.dtype, device=original.device).contiguous()
+    old_scale = torch.as_tensor(weight_config.scale)
+    new_scale = result.scale.reshape(-1) if layer.per_channel else result.scale.reshape(-1)[:1]
+    weight_config.scale = new_scale.reshape(old_scale.shape).to(dtype=old_scale.dtype, device=old_scale.device)
+    weight_config.state = QuantizationStates.BAKED  # final: LSQ leaves it alone
+    if result.bias is not None and len(op.inputs) > 2 and op.inputs[2].value is not None:
+        bias_var = op.inputs[2]
+        old_bias = torch.as_tensor(bias_var.value)
+        bias_var.value = result.bias.cpu().reshape(old_bias.shape).to(dtype=old_bias.dtype, device=old_bias.device)
+        bias_config = op.config.input_quantization_config[2]
+        if bias_config.state == QuantizationStates.PASSIVE:  # scale = input scale * weight scale
+            input_config = op.config.input_quantization_config[0]
+            bias_config.scale = weight_config.scale * input_config.scale
