@@ -209,7 +209,7 @@ def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[Q
     from maptools.quantization.engine.threads import DEFAULT_THREADS
 
     if options.setting is not None:
-        from ppq.api.setting import QuantizationSetting  # PPQ is imported by now
+        from maptools.quantization.engine.facade import QuantizationSetting
 
         check_setting_type(options.setting, QuantizationSetting)
         setting = options.setting

@@ -22,16 +22,21 @@ import onnx
 import torch
 
 from maptools.errors import EngineError
-from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    ONNXRUNTIMExporter,
+    Operation,
+    QDQHelper,
+    QuantableOperation,
+    QuantizationProperty,
+    QuantizationStates,
+    TensorQuantizationConfig,
+    Variable,
+    ppq_tensor_round,
+)
+from maptools.quantization.engine.quiet import ppq_silenced
 from maptools.quantization.format import QUANTMODEL
 from maptools.quantization.intmath import container_dtype
-
-import_ppq()
-
-from ppq.core import QuantizationProperty, QuantizationStates, TensorQuantizationConfig  # noqa: E402
-from ppq.IR import BaseGraph, Operation, QuantableOperation, Variable  # noqa: E402
-from ppq.parser.onnxruntime_exporter import ONNXRUNTIMExporter, QDQHelper  # noqa: E402
-from ppq.utils.round import ppq_tensor_round  # noqa: E402
 
 __all__ = ["FaithfulQDQExporter", "export_qdq", "quantize_to_int"]
 

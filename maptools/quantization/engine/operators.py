@@ -19,11 +19,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq
-
-import_ppq()
-
-from ppq.executor.base import OPERATION_FORWARD_TABLE  # noqa: E402
+from maptools.quantization.engine.facade import (
+    OPERATION_FORWARD_TABLE,
+)
 
 __all__ = ["FIXED_OPERATORS", "operator_fixes", "prelu_forward"]
 

@@ -16,35 +16,38 @@ from functools import partial
 
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq
-from maptools.quantization.format import BIAS_TYPES, MAC_TYPES
-from maptools.quantization.intmath import BIAS_BITS, ROUNDING, bias_range, int_range, unsigned_range
-
-import_ppq()
-
-from ppq.core import (  # noqa: E402
+from maptools.quantization.engine.facade import (
     OBSERVER_MIN_SCALE,
+    BaseGraph,
+    LearnedStepSizePass,
+    Operation,
     OperationQuantizationConfig,
+    ParameterQuantizePass,
+    PassiveParameterQuantizePass,
+    QuantableOperation,
+    QuantizationOptimizationPass,
+    QuantizationOptimizationPipeline,
     QuantizationPolicy,
     QuantizationProperty,
+    QuantizationSetting,
     QuantizationStates,
+    QuantizeFusionPass,
     RoundingPolicy,
+    RuntimeCalibrationPass,
     TargetPlatform,
+    TensorRTQuantizer,
+    ppq_training,
 )
-from ppq.IR import BaseGraph, Operation, QuantableOperation  # noqa: E402
-from ppq.quantization.optim import training as ppq_training  # noqa: E402
-from ppq.quantization.optim.base import QuantizationOptimizationPipeline  # noqa: E402
-from ppq.quantization.optim.parameters import ParameterQuantizePass, PassiveParameterQuantizePass  # noqa: E402
-from ppq.quantization.optim.refine import QuantizeFusionPass  # noqa: E402
-from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
-
-from maptools.quantization.engine.fusion import (  # noqa: E402
+from maptools.quantization.engine.fusion import (
     FUSED_ACTIVATION_TYPES,
     GATES,
     LowBitFusionPass,
     gated_activations,
 )
-from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E402
+from maptools.quantization.engine.speedups import FastCalibrationPass
+from maptools.quantization.engine.unsigned import unsigned_variables
+from maptools.quantization.format import BIAS_TYPES, MAC_TYPES
+from maptools.quantization.intmath import BIAS_BITS, ROUNDING, bias_range, int_range, unsigned_range
 
 __all__ = ["BIAS_BITS", "BIAS_TYPES", "WEIGHTED_TYPES", "LowBitQuantizer", "LowBitSpec", "int_range"]
 
@@ -149,7 +152,7 @@ def weight_channel_axis(operation: Operation) -> int:
     return 0
 
 
-class IntegerZeroPointLSQPass(ppq_training.LearnedStepSizePass):
+class IntegerZeroPointLSQPass(LearnedStepSizePass):
     """PPQ's LSQ pass training weights, biases and scales but not zero points, nor baked parameters.
 
     PPQ's LSQ learns the offsets of asymmetric configs as floats; a chip needs integer zero points, and an
@@ -197,9 +200,10 @@ class WeightScaleParameterQuantizePass(ParameterQuantizePass):
     that floor (they round to 0 at the median scale, an error below ``1e-8 * qmax`` per weight).
     """
 
-    #: The weight observer (one of :data:`~maptools.quantization.config.WEIGHT_OBSERVERS`); set by
-    #: :class:`LowBitQuantizer`.
-    observer = "ppq"
+    def __init__(self, method: str | None = None, observer: str = "ppq") -> None:
+        super().__init__(method)
+        #: The weight observer (one of :data:`~maptools.quantization.config.WEIGHT_OBSERVERS`).
+        self.observer = observer
 
     def optimize(self, graph: BaseGraph, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature
         super().optimize(graph, *args, **kwargs)
@@ -257,6 +261,9 @@ class RangeMatchedPassiveParameterPass(PassiveParameterQuantizePass):
 class LowBitQuantizer(TensorRTQuantizer):
     """PPQ quantizer that quantizes every tensor to the bit widths of a :class:`LowBitSpec`."""
 
+    #: The runtime calibration pass it builds (PPQ's :class:`RuntimeCalibrationPass` gives the same results).
+    calibration_pass: type[RuntimeCalibrationPass] = FastCalibrationPass
+
     def __init__(self, graph: BaseGraph, spec: LowBitSpec) -> None:
         super().__init__(graph=graph)
         self._spec = spec
@@ -300,28 +307,40 @@ class LowBitQuantizer(TensorRTQuantizer):
         """Activations applied to the accumulator of the MAC before them: PPQ's TensorRT set plus HardSwish."""
         return set(FUSED_ACTIVATION_TYPES)
 
-    def build_quant_pipeline(self, setting) -> QuantizationOptimizationPipeline:
-        """PPQ's pipeline for ``setting``, with four of its passes replaced by maptools' subclasses.
+    def build_quant_pipeline(self, setting: QuantizationSetting) -> QuantizationOptimizationPipeline:
+        """PPQ's pipeline for ``setting``, with five of its passes built as maptools' subclasses instead.
 
-        maptools' weight scales and usable scales for all-zero channels (:class:`WeightScaleParameterQuantizePass`),
-        HardSwish fusion (:class:`~maptools.quantization.engine.fusion.LowBitFusionPass`), Clip bounds on
-        their input's range (:class:`RangeMatchedPassiveParameterPass`) and LSQ keeping zero points
-        integer (:class:`IntegerZeroPointLSQPass`).
+        Each is constructed with the arguments PPQ's builder takes from ``setting``: maptools' weight scales
+        (:class:`WeightScaleParameterQuantizePass`), HardSwish fusion
+        (:class:`~maptools.quantization.engine.fusion.LowBitFusionPass`), the faster calibration
+        (:class:`~maptools.quantization.engine.speedups.FastCalibrationPass`), Clip bounds on their input's
+        range (:class:`RangeMatchedPassiveParameterPass`) and LSQ keeping zero points integer
+        (:class:`IntegerZeroPointLSQPass`).
         """
-        pipeline = super().build_quant_pipeline(setting)
-        replacements = {
-            ParameterQuantizePass: WeightScaleParameterQuantizePass,
-            QuantizeFusionPass: LowBitFusionPass,
-            PassiveParameterQuantizePass: RangeMatchedPassiveParameterPass,
-            ppq_training.LearnedStepSizePass: IntegerZeroPointLSQPass,
-        }
-        for optim_pass in pipeline:
-            replacement = replacements.get(type(optim_pass))
-            if replacement is not None:
-                optim_pass.__class__ = replacement
-            if isinstance(optim_pass, WeightScaleParameterQuantizePass):
-                optim_pass.observer = self._spec.weight_observer
-        return pipeline
+        return QuantizationOptimizationPipeline([self._own_pass(optim_pass, setting)
+                                                 for optim_pass in super().build_quant_pipeline(setting)])
+
+    def _own_pass(self, optim_pass: QuantizationOptimizationPass,
+                  setting: QuantizationSetting) -> QuantizationOptimizationPass:
+        """maptools' pass in place of one PPQ's builder made (``optim_pass`` itself when maptools has none)."""
+        kind = type(optim_pass)
+        if kind is ParameterQuantizePass:
+            return WeightScaleParameterQuantizePass(setting.quantize_parameter_setting.calib_algorithm,
+                                                    observer=self._spec.weight_observer)
+        if kind is QuantizeFusionPass:
+            fusion = setting.fusion_setting
+            return LowBitFusionPass(activation_type=self.activation_fusion_types,
+                                    fuse_activation=fusion.fuse_activation, fuse_passive_op=fusion.fuse_passive_op)
+        if kind is RuntimeCalibrationPass:
+            return self.calibration_pass(method=setting.quantize_activation_setting.calib_algorithm)
+        if kind is PassiveParameterQuantizePass:
+            return RangeMatchedPassiveParameterPass()
+        if kind is LearnedStepSizePass:
+            lsq = setting.lsq_optimization_setting
+            return IntegerZeroPointLSQPass(interested_layers=lsq.interested_layers, lr=lsq.lr,
+                                           collecting_device=lsq.collecting_device, steps=lsq.steps, gamma=lsq.gamma,
+                                           is_scale_trainable=lsq.is_scale_trainable, block_size=lsq.block_size)
+        return optim_pass
 
     def _make_unsigned(self, operation: Operation, config: OperationQuantizationConfig) -> None:
         """Give the non-negative activation tensors of ``operation`` the unsigned range, zero point 0."""

@@ -33,9 +33,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from ppq.core import PASSIVE_OPERATIONS, TYPES_FOR_ALIGNMENT
-from ppq.IR import BaseGraph, Operation, Variable
 
+from maptools.quantization.engine.facade import (
+    PASSIVE_OPERATIONS,
+    TYPES_FOR_ALIGNMENT,
+    BaseGraph,
+    Operation,
+    Variable,
+)
 from maptools.quantization.engine.fusion import GATES, fused_activation, gated_activations
 
 __all__ = ["BOUNDED_BELOW_TYPES", "NON_NEGATIVE_TYPES", "SIGN_PRESERVING_TYPES", "non_negative_variables",
