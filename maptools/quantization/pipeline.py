@@ -226,11 +226,8 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
     with ``options.seed`` meanwhile, see :func:`seeded_globals`)."""
     from maptools.quantization.engine import LowBitSpec, PPQSession
 
-    bits, config = options.config.bits, options.config
-    spec = LowBitSpec(weight_bits=bits.weight_bits, activation_bits=bits.activation_bits,
-                      symmetrical=bits.symmetrical, per_channel=bits.per_channel, layer_bits=bits.layer_bits,
-                      observer=config.calibration.observer, unsigned_nonnegative=bits.unsigned_nonnegative,
-                      weight_observer=config.recipe.weight_observer, power_of_two=bits.power_of_two)
+    config = options.config
+    spec = LowBitSpec.from_config(config)
     rounding = None
     if config.recipe.rounding == "learned":
         from maptools.quantization.engine import learned_rounding

@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +49,9 @@ from maptools.quantization.engine.speedups import FastCalibrationPass
 from maptools.quantization.engine.unsigned import unsigned_variables
 from maptools.quantization.format import BIAS_TYPES, MAC_TYPES
 from maptools.quantization.intmath import BIAS_BITS, ROUNDING, bias_range, int_range, unsigned_range
+
+if TYPE_CHECKING:
+    from maptools.quantization.config import QuantizeConfig
 
 __all__ = ["BIAS_BITS", "BIAS_TYPES", "WEIGHTED_TYPES", "LowBitQuantizer", "LowBitSpec", "int_range"]
 
@@ -91,6 +95,16 @@ class LowBitSpec:
     def bits_of(self, op_name: str) -> tuple[int, int]:
         """``(weight_bits, activation_bits)`` of an operator."""
         return self.layer_bits.get(op_name, (self.weight_bits, self.activation_bits))
+
+    @classmethod
+    def from_config(cls, config: QuantizeConfig) -> LowBitSpec:
+        """The spec of a resolved configuration (no ``None`` left, see
+        :meth:`~maptools.quantization.options.QuantizeOptions.applied`)."""
+        bits = config.bits
+        return cls(weight_bits=bits.weight_bits, activation_bits=bits.activation_bits, symmetrical=bits.symmetrical,
+                   per_channel=bits.per_channel, layer_bits=bits.layer_bits, observer=config.calibration.observer,
+                   unsigned_nonnegative=bits.unsigned_nonnegative, weight_observer=config.recipe.weight_observer,
+                   power_of_two=bits.power_of_two)
 
 
 #: The ``minmax`` weight observer applies from this many weight bits; below (2-bit weights, levels -2..1) a
