@@ -128,7 +128,8 @@ def install_fast_observers(observer_table: dict) -> int:
         if fast is not None:
             observer_table[config] = fast(watch_on=observer._watch_on, quant_cfg=observer._quant_cfg)
             changed += 1
-        elif type(observer) is TorchMSEObserver and not PPQ_CONFIG.USING_CUDA_KERNEL:
+        elif (type(observer) is TorchMSEObserver and not PPQ_CONFIG.USING_CUDA_KERNEL
+              and "compute_mse_loss" not in vars(observer)):
             observer.compute_mse_loss = types.MethodType(vectorized_mse_loss, observer)
             changed += 1
     return changed
