@@ -8,8 +8,7 @@ DequantizeLinear, so stock onnxruntime computes exactly what PPQ simulated.
 
 The Clip is inserted at 8 bits too, where it changes no value: it keeps onnxruntime's graph optimizer from
 fusing ``DQ -> Conv -> Q`` into its own integer kernels (QLinearConv), whose requantization rounds
-differently from PPQ's simulation (measured on the digits example at W8A8 with default session options:
-only 89% of outputs within one quantization step of PPQ; with the Clip, identical).
+differently from PPQ's simulation (:ref:`bench-export`).
 """
 
 from __future__ import annotations

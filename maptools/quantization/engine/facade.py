@@ -2,8 +2,8 @@
 
 Importing this module imports PPQ (inside :func:`~maptools.quantization.engine.compat.ppq_import_bridges`
 and :func:`~maptools.quantization.engine.quiet.ppq_silenced`); the engine's modules take their PPQ names
-from here, and nothing outside the engine imports the engine before it quantizes. Nothing here changes PPQ:
-maptools passes its own subclasses and instances to PPQ (see :doc:`/architecture`).
+from here, and nothing outside the engine imports the engine before it quantizes (:ref:`architecture-layers`).
+Nothing here changes PPQ: maptools passes its own subclasses and instances to PPQ.
 """
 
 from __future__ import annotations

@@ -108,10 +108,7 @@ class LowBitSpec:
 
 
 #: The ``minmax`` weight observer applies from this many weight bits; below (2-bit weights, levels -2..1) a
-#: weight keeps PPQ's scale, ``max|w| / 1.5``. W2A8 ``default`` on trained corpus models (32 calibration / 64
-#: held-out feeds): MTCNN O-Net face agreement 0.906 / 7.1 dB with it, 0.844 / 5.2 dB unclipped; the Paddle
-#: orientation classifier KL 0.935 against 0.975 (raw PPQ 1.277); W2A4 on the bundled digits CNN 81 % top-1
-#: against 52 %. At 3 bits neither rule wins on the corpus (O-Net better clipped, the classifier unclipped).
+#: weight keeps PPQ's scale, ``max|w| / 1.5``, which the trained models prefer (:ref:`guide-weight-scales`).
 MINMAX_MIN_WEIGHT_BITS = 3
 #: Candidate scales of the ``mse`` weight observer, as fractions of the ``minmax`` scale.
 MSE_WEIGHT_GRID = tuple(0.5 + 0.01 * k for k in range(51))
@@ -127,8 +124,7 @@ def weight_scales(weight: torch.Tensor, channel_axis: int | None, quant_min: int
     min_w / quant_min)``. PPQ's own symmetric min-max divides ``max|w|`` by ``(quant_max - quant_min) / 2``
     (127.5 at 8 bits), which clips a channel's positive extreme by half a step and rounds its negative one a
     step further: the sum of a filter's weights (its response to a flat input) moves, and trained depthwise
-    filters, differences of nearly equal large weights, break. On EfficientNet-Lite1 the first depthwise
-    Conv's 8-bit weights alone cost the logits 14.8 dB of SNR with PPQ's rule, 23.7 dB with this one.
+    filters, differences of nearly equal large weights, break (:ref:`guide-weight-scales`).
 
     ``mse``: per channel, the scale among :data:`MSE_WEIGHT_GRID` times the ``minmax`` one with the least
     squared rounding error (ties go to the larger scale). Below 8 bits clipping the few largest weights pays
@@ -206,12 +202,11 @@ class WeightScaleParameterQuantizePass(ParameterQuantizePass):
 
     After PPQ's pass, every revisable weight config of a Conv/Gemm/MatMul gets the scales of
     :attr:`observer`. A channel whose weights are all zero (a pruned or dead filter, common after BatchNorm
-    folding) would get PPQ's scale floor ``1e-8``; its bias, quantized at ``input_scale * weight_scale``, then
-    needs integers beyond int32 (a bias of 2.0 after an input scale of 0.025 became ``-2^31`` in
-    ``quantparams.pkl``, the channel's output 0 instead of 2). Zero weights are exact at any scale, so such a
-    channel takes the (lower) median scale of the live channels of its tensor (1.0 if none is live), and its
-    bias the same precision as theirs. So does a channel whose weights are so small that its scale sits at
-    that floor (they round to 0 at the median scale, an error below ``1e-8 * qmax`` per weight).
+    folding) would get PPQ's scale floor ``1e-8``, and its bias, quantized at ``input_scale * weight_scale``,
+    integers beyond int32. Zero weights are exact at any scale, so such a channel takes the (lower) median
+    scale of the live channels of its tensor (1.0 if none is live), and its bias the same precision as theirs.
+    So does a channel whose weights are so small that its scale sits at that floor (they round to 0 at the
+    median scale, an error below ``1e-8 * qmax`` per weight).
     """
 
     def __init__(self, method: str | None = None, observer: str = "ppq") -> None:
