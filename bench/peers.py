@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
+from maptools.quantization.engine.facade import import_ppq
+from maptools.quantization.engine.quiet import ppq_silenced
 
 import_ppq()
 

@@ -69,7 +69,8 @@ def work_ppq(args: argparse.Namespace) -> dict:
     from corpus import registry
     from peers import raw_setting
 
-    from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
+    from maptools.quantization.engine.facade import import_ppq
+    from maptools.quantization.engine.quiet import ppq_silenced
 
     import_ppq()
     from ppq.api import dispatch_graph, export_ppq_graph, load_onnx_graph

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.engine.facade import import_ppq
 
 import_ppq()
 

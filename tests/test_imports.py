@@ -142,3 +142,31 @@ def test_calibration_helpers_are_imported_on_first_use() -> None:
         result = {"before": before, "listed": "npy_calibset" in names, "shape": list(batches[0]["x"].shape)}
     """)
     assert result == {"before": [], "listed": True, "shape": [1, 2], "heavy": ["torch"]}
+
+
+def test_no_module_outside_the_engine_imports_ppq() -> None:
+    """PPQ is imported by the engine's facade only, when quantize runs: importing every other module, and the
+    command line's help and argument errors, leave it unloaded (lowbit, the PPQ-graph API, imports it)."""
+    package = Path(__file__).resolve().parents[1] / "maptools"
+    names = sorted(".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+                   for path in package.rglob("*.py"))
+    light = [n for n in names if not n.startswith(("maptools.quantization.engine", "maptools.quantization.lowbit"))
+             and not n.endswith("__main__")]  # that one runs the command line
+    result = run_python(f"""
+        import contextlib, importlib, io
+        for name in {light!r}:
+            importlib.import_module(name)
+        from maptools.cli import main
+        codes = []
+        for argv in (["--help"], ["quantize", "--help"], ["inspect", "--help"], ["verify", "--help"],
+                     ["verify", "missing_map", "--mapsave-dir", "no_such_dir"]):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    codes.append(main(argv))
+                except SystemExit as exc:
+                    codes.append(exc.code)
+        result = {{"codes": codes, "modules": len({light!r})}}
+    """)
+    assert result["modules"] > 60
+    assert result["codes"] == [0, 0, 0, 0, 2]
+    assert "ppq" not in result["heavy"], result

@@ -1,15 +1,14 @@
-"""maptools' calibration speed-ups give PPQ's results to the bit, and leave PPQ untouched outside maptools."""
+"""maptools' calibration speed-ups give PPQ's results to the bit, and change nothing in PPQ."""
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
 
 from maptools.quantization import quantize
-from maptools.quantization.engine import session as session_module
-from maptools.quantization.engine.speedups import TopkPercentileObserver, fast_observers
+from maptools.quantization.engine.facade import RuntimeCalibrationPass, TorchMSEObserver, TorchPercentileObserver
+from maptools.quantization.engine.quantizer import LowBitQuantizer
+from maptools.quantization.engine.speedups import FastCalibrationPass, TopkPercentileObserver, vectorized_mse_loss
 
 FILES = ("quantinfo.pkl", "quantparams.pkl", "quant_model.onnx")
 
@@ -28,8 +27,7 @@ def test_speedups_change_no_artifact_byte(tiny_onnx, tmp_path, monkeypatch, kwar
         return {f: (result.directory / f).read_bytes() for f in FILES}
 
     fast = run("fast")
-    monkeypatch.setattr(session_module, "accelerated_pipeline", lambda build: build)
-    monkeypatch.setattr(session_module, "fast_observers", contextlib.nullcontext)
+    monkeypatch.setattr(LowBitQuantizer, "calibration_pass", RuntimeCalibrationPass)  # PPQ's own pass
     plain = run("plain")
     for name in FILES:
         assert fast[name] == plain[name], name
@@ -66,23 +64,38 @@ def test_topk_percentile_observer_equals_ppqs():
         assert torch.equal(ours, ppqs)
 
 
-def test_fast_observers_are_scoped():
+@pytest.mark.parametrize(("recipe", "observer_type"), [("fast", TopkPercentileObserver), ("default", TorchMSEObserver)])
+def test_fast_observers_are_maptools_instances_not_a_patch(tiny_onnx, tmp_path, monkeypatch, recipe, observer_type):
+    """While maptools calibrates, PPQ's observer table and observer methods are PPQ's own; the pass's observers
+    are maptools' (a TopkPercentileObserver, an MSE observer with vectorized_mse_loss bound to the instance)."""
     from ppq.quantization.observer import OBSERVER_TABLE
-    from ppq.quantization.observer.range import TorchPercentileObserver
 
-    assert OBSERVER_TABLE["percentile"] is TorchPercentileObserver
-    with fast_observers():
-        assert OBSERVER_TABLE["percentile"] is TopkPercentileObserver
-    assert OBSERVER_TABLE["percentile"] is TorchPercentileObserver
+    table = dict(OBSERVER_TABLE)
+    ppq_methods = (TorchMSEObserver.compute_mse_loss, TorchPercentileObserver.observe)
+    seen = []
+    calibrate = FastCalibrationPass.calibrate
+
+    def spy(self, *args, **kwargs):
+        calibrate(self, *args, **kwargs)
+        observers = [o for op in self._observers.values() for o in op._hook._observer_table.values()]
+        seen.append((dict(OBSERVER_TABLE), (TorchMSEObserver.compute_mse_loss, TorchPercentileObserver.observe),
+                     observers))
+
+    monkeypatch.setattr(FastCalibrationPass, "calibrate", spy)
+    quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname="m", calib_steps=8, mapsave_dir=tmp_path,
+             analysis_steps=1, recipe=recipe, bit_width=4)
+    assert seen
+    for during_table, during_methods, observers in seen:
+        assert during_table == table and during_methods == ppq_methods
+        ours = [o for o in observers if type(o) is observer_type]
+        assert ours
+        if observer_type is TorchMSEObserver:
+            assert all(o.compute_mse_loss.__func__ is vectorized_mse_loss for o in ours)
 
 
 def test_vectorized_mse_loss_equals_ppqs_to_the_bit():
     import numpy as np
-    from ppq.quantization.observer.range import TorchMSEObserver
 
-    from maptools.quantization.engine.speedups import vectorized_mse_loss
-
-    assert TorchMSEObserver.compute_mse_loss is not vectorized_mse_loss  # installed only while maptools runs
     observer = TorchMSEObserver.__new__(TorchMSEObserver)
     generator = np.random.default_rng(0)
     checked = 0

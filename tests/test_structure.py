@@ -236,3 +236,10 @@ def test_importing_a_submodule_runs_its_packages(tmp_path: Path) -> None:
     assert "maptools.quantization.cimmap" not in edges["maptools.quantization.cimmap.sweep"]  # its own package
     assert cycles(edges) == [["maptools.quantization.cimmap", "maptools.quantization.cimmap.sweep",
                               "maptools.quantization.cluster"]]
+
+
+def test_only_the_engine_facade_imports_ppq() -> None:
+    """PPQ sits behind one module: every other module takes its PPQ names from the facade."""
+    known = modules()
+    assert sorted(name for name, path in known.items() if "ppq" in imports(path, name, known)[1]) == [
+        "maptools.quantization.engine.facade"]

@@ -7,8 +7,9 @@ the low-bit quantizer is used directly, so PPQ's own TensorRT quantizer stays un
 :func:`export_lowbit_onnx` writes the faithful QDQ model (PPQ's ONNX Runtime exporter keeps low-bit values
 in int8 without clipping them; this one clips).
 
-New code should use :func:`maptools.quantization.quantize`, which also checks its inputs and writes the
-mapsave artifacts.
+Importing this module imports PPQ (through :mod:`maptools.quantization.engine.facade`): its functions take
+and return PPQ graphs. New code should use :func:`maptools.quantization.quantize`, which also checks its
+inputs and writes the mapsave artifacts.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ from typing import Any
 import onnx
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
-
-import_ppq()
-
-from ppq.api import dispatch_graph, load_onnx_graph  # noqa: E402
-from ppq.api.setting import QuantizationSetting, QuantizationSettingFactory  # noqa: E402
-from ppq.core import TargetPlatform  # noqa: E402
-from ppq.executor import TorchExecutor  # noqa: E402
-from ppq.IR import BaseGraph  # noqa: E402
-
-from maptools.quantization.engine.exporter import FaithfulQDQExporter  # noqa: E402
-from maptools.quantization.engine.quantizer import LowBitQuantizer, LowBitSpec  # noqa: E402
-from maptools.quantization.validation import check_bits, check_bool  # noqa: E402
+from maptools.quantization.engine.exporter import FaithfulQDQExporter
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    QuantizationSetting,
+    QuantizationSettingFactory,
+    TargetPlatform,
+    TorchExecutor,
+    dispatch_graph,
+    load_onnx_graph,
+)
+from maptools.quantization.engine.quantizer import LowBitQuantizer, LowBitSpec
+from maptools.quantization.engine.quiet import ppq_silenced
+from maptools.quantization.validation import check_bits, check_bool
 
 __all__ = ["export_lowbit_onnx", "quantize_native_model_lowbit", "quantize_onnx_model_lowbit"]
 

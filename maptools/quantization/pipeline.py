@@ -209,7 +209,7 @@ def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[Q
     from maptools.quantization.engine.threads import DEFAULT_THREADS
 
     if options.setting is not None:
-        from ppq.api.setting import QuantizationSetting  # PPQ is imported by now
+        from maptools.quantization.engine.facade import QuantizationSetting
 
         check_setting_type(options.setting, QuantizationSetting)
         setting = options.setting
@@ -226,11 +226,8 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
     with ``options.seed`` meanwhile, see :func:`seeded_globals`)."""
     from maptools.quantization.engine import LowBitSpec, PPQSession
 
-    bits, config = options.config.bits, options.config
-    spec = LowBitSpec(weight_bits=bits.weight_bits, activation_bits=bits.activation_bits,
-                      symmetrical=bits.symmetrical, per_channel=bits.per_channel, layer_bits=bits.layer_bits,
-                      observer=config.calibration.observer, unsigned_nonnegative=bits.unsigned_nonnegative,
-                      weight_observer=config.recipe.weight_observer, power_of_two=bits.power_of_two)
+    config = options.config
+    spec = LowBitSpec.from_config(config)
     rounding = None
     if config.recipe.rounding == "learned":
         from maptools.quantization.engine import learned_rounding

@@ -8,8 +8,7 @@ DequantizeLinear, so stock onnxruntime computes exactly what PPQ simulated.
 
 The Clip is inserted at 8 bits too, where it changes no value: it keeps onnxruntime's graph optimizer from
 fusing ``DQ -> Conv -> Q`` into its own integer kernels (QLinearConv), whose requantization rounds
-differently from PPQ's simulation (measured on the digits example at W8A8 with default session options:
-only 89% of outputs within one quantization step of PPQ; with the Clip, identical).
+differently from PPQ's simulation (:ref:`bench-export`).
 """
 
 from __future__ import annotations
@@ -22,16 +21,21 @@ import onnx
 import torch
 
 from maptools.errors import EngineError
-from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    ONNXRUNTIMExporter,
+    Operation,
+    QDQHelper,
+    QuantableOperation,
+    QuantizationProperty,
+    QuantizationStates,
+    TensorQuantizationConfig,
+    Variable,
+    ppq_tensor_round,
+)
+from maptools.quantization.engine.quiet import ppq_silenced
 from maptools.quantization.format import QUANTMODEL
 from maptools.quantization.intmath import container_dtype
-
-import_ppq()
-
-from ppq.core import QuantizationProperty, QuantizationStates, TensorQuantizationConfig  # noqa: E402
-from ppq.IR import BaseGraph, Operation, QuantableOperation, Variable  # noqa: E402
-from ppq.parser.onnxruntime_exporter import ONNXRUNTIMExporter, QDQHelper  # noqa: E402
-from ppq.utils.round import ppq_tensor_round  # noqa: E402
 
 __all__ = ["FaithfulQDQExporter", "export_qdq", "quantize_to_int"]
 

@@ -12,19 +12,19 @@ import logging
 
 import numpy as np
 
-from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.engine.exporter import quantize_to_int
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    QuantableOperation,
+    QuantizationProperty,
+    QuantizationStates,
+    TensorQuantizationConfig,
+)
+from maptools.quantization.engine.fusion import FUSED_ACTIVATION_TYPES, unmaterialized_variables
+from maptools.quantization.engine.quantizer import BIAS_TYPES, WEIGHTED_TYPES, LowBitSpec
 from maptools.quantization.format import bias_key, weight_key
 from maptools.quantization.intmath import BIAS_BITS, container_dtype
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
-
-import_ppq()
-
-from ppq.core import QuantizationProperty, QuantizationStates, TensorQuantizationConfig  # noqa: E402
-from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
-
-from maptools.quantization.engine.exporter import quantize_to_int  # noqa: E402
-from maptools.quantization.engine.fusion import FUSED_ACTIVATION_TYPES, unmaterialized_variables  # noqa: E402
-from maptools.quantization.engine.quantizer import BIAS_TYPES, WEIGHTED_TYPES, LowBitSpec  # noqa: E402
 
 __all__ = [
     "LIVE_STATES",

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    Operation,
+    QuantableOperation,
+    TargetPlatform,
+)
 from maptools.quantization.floatops import (
     DISPATCHED,
     FINAL_CONCAT,
@@ -14,11 +19,6 @@ from maptools.quantization.floatops import (
     SHAPE,
     not_quantizable,
 )
-
-import_ppq()
-
-from ppq.core import TargetPlatform  # noqa: E402
-from ppq.IR import BaseGraph, Operation, QuantableOperation  # noqa: E402
 
 __all__ = ["float_operators"]
 

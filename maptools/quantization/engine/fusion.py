@@ -15,12 +15,12 @@ recorded at the activation's quantization (exact); any other fused activation re
 
 from __future__ import annotations
 
-from maptools.quantization.engine.quiet import import_ppq
-
-import_ppq()
-
-from ppq.IR import BaseGraph, Operation, QuantableOperation  # noqa: E402
-from ppq.quantization.optim.refine import QuantizeFusionPass  # noqa: E402
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    Operation,
+    QuantableOperation,
+    QuantizeFusionPass,
+)
 
 __all__ = [
     "CLIPPING_ACTIVATIONS",

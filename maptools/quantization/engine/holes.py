@@ -8,12 +8,11 @@ consumer reads the integers a chip would hold. The graph is changed in place, af
 
 from __future__ import annotations
 
-from maptools.quantization.engine.quiet import import_ppq
-
-import_ppq()
-
-from ppq.core import QuantizationStates  # noqa: E402
-from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    QuantableOperation,
+    QuantizationStates,
+)
 
 __all__ = ["close_quantization_holes"]
 

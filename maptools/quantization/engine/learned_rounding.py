@@ -61,18 +61,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from maptools.quantization.engine.quiet import import_ppq
-
-import_ppq()
-
-from ppq.core import QuantizationStates  # noqa: E402
-from ppq.executor import TorchExecutor  # noqa: E402
-from ppq.IR import BaseGraph, Operation, QuantableOperation  # noqa: E402
-from ppq.quantization.optim import ParameterBakingPass  # noqa: E402
-from ppq.quantization.optim.base import QuantizationOptimizationPass, QuantizationOptimizationPipeline  # noqa: E402
-from ppq.quantization.optim.training import LearnedStepSizePass  # noqa: E402
-
 from maptools.quantization.engine.augment import augment_batches  # noqa: E402
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    LearnedStepSizePass,
+    Operation,
+    ParameterBakingPass,
+    QuantableOperation,
+    QuantizationOptimizationPass,
+    QuantizationOptimizationPipeline,
+    QuantizationStates,
+    TorchExecutor,
+)
 from maptools.quantization.engine.fusion import (  # noqa: E402
     FUSED_ACTIVATION_TYPES,
     GATES,

@@ -5,11 +5,12 @@ keeps its nodes (and their quantization points) as the model has them:
 
 * ``PRelu``: PPQ calls ``torch.nn.functional.prelu(x, slope)``, which takes only a 1-D (per channel 1) or
   0-D slope. ONNX broadcasts the slope to ``x`` unidirectionally, and exporters write ``[C, 1, 1]`` (torch's
-  legacy exporter) or ``[1, C, 1, 1]`` (its dynamo exporter): PPQ failed with "Op Execution Error" on every
-  such model (MTCNN). maptools computes ``where(x >= 0, x, x * slope)`` with ONNX broadcasting.
+  legacy exporter) or ``[1, C, 1, 1]`` (its dynamo exporter), which PPQ cannot execute. maptools computes
+  ``where(x >= 0, x, x * slope)`` with ONNX broadcasting.
 
 :func:`operator_fixes` installs them in PPQ's forward tables for the duration of a block and puts PPQ's own
-back afterwards, so PPQ used directly in the same process is not affected.
+back afterwards (PPQ's executor reads only those process-wide tables), so PPQ used directly in the same
+process afterwards is not affected.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq
-
-import_ppq()
-
-from ppq.executor.base import OPERATION_FORWARD_TABLE  # noqa: E402
+from maptools.quantization.engine.facade import (
+    OPERATION_FORWARD_TABLE,
+)
 
 __all__ = ["FIXED_OPERATORS", "operator_fixes", "prelu_forward"]
 

@@ -2,8 +2,8 @@
 
 A detector head concatenates tensors of very different ranges into one output: YOLOv8's ``output0`` is
 ``Concat(box coordinates in pixels (0..320), class scores (0..1))``. PPQ aligns the inputs of a ``Concat`` to
-one scale, the one of the widest part: at 8 bits the scores then round to 0 (scale 2.5), every detection is
-lost, and the output's SNR still reads 30 dB because the boxes dominate its energy.
+one scale, the one of the widest part: at 8 bits the scores then round to 0 and every detection is lost,
+while the output's SNR stays high because the boxes dominate its energy (:ref:`detector-heads`).
 
 Such a ``Concat`` only lays the parts side by side in memory; the chip produces each part with its own
 quantization. So a ``Concat`` whose output reaches a graph output through layout operators only (reshapes,

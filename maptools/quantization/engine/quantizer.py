@@ -13,38 +13,45 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq
-from maptools.quantization.format import BIAS_TYPES, MAC_TYPES
-from maptools.quantization.intmath import BIAS_BITS, ROUNDING, bias_range, int_range, unsigned_range
-
-import_ppq()
-
-from ppq.core import (  # noqa: E402
+from maptools.quantization.engine.facade import (
     OBSERVER_MIN_SCALE,
+    BaseGraph,
+    LearnedStepSizePass,
+    Operation,
     OperationQuantizationConfig,
+    ParameterQuantizePass,
+    PassiveParameterQuantizePass,
+    QuantableOperation,
+    QuantizationOptimizationPass,
+    QuantizationOptimizationPipeline,
     QuantizationPolicy,
     QuantizationProperty,
+    QuantizationSetting,
     QuantizationStates,
+    QuantizeFusionPass,
     RoundingPolicy,
+    RuntimeCalibrationPass,
     TargetPlatform,
+    TensorRTQuantizer,
+    ppq_training,
 )
-from ppq.IR import BaseGraph, Operation, QuantableOperation  # noqa: E402
-from ppq.quantization.optim import training as ppq_training  # noqa: E402
-from ppq.quantization.optim.base import QuantizationOptimizationPipeline  # noqa: E402
-from ppq.quantization.optim.parameters import ParameterQuantizePass, PassiveParameterQuantizePass  # noqa: E402
-from ppq.quantization.optim.refine import QuantizeFusionPass  # noqa: E402
-from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
-
-from maptools.quantization.engine.fusion import (  # noqa: E402
+from maptools.quantization.engine.fusion import (
     FUSED_ACTIVATION_TYPES,
     GATES,
     LowBitFusionPass,
     gated_activations,
 )
-from maptools.quantization.engine.unsigned import unsigned_variables  # noqa: E402
+from maptools.quantization.engine.speedups import FastCalibrationPass
+from maptools.quantization.engine.unsigned import unsigned_variables
+from maptools.quantization.format import BIAS_TYPES, MAC_TYPES
+from maptools.quantization.intmath import BIAS_BITS, ROUNDING, bias_range, int_range, unsigned_range
+
+if TYPE_CHECKING:
+    from maptools.quantization.config import QuantizeConfig
 
 __all__ = ["BIAS_BITS", "BIAS_TYPES", "WEIGHTED_TYPES", "LowBitQuantizer", "LowBitSpec", "int_range"]
 
@@ -89,12 +96,19 @@ class LowBitSpec:
         """``(weight_bits, activation_bits)`` of an operator."""
         return self.layer_bits.get(op_name, (self.weight_bits, self.activation_bits))
 
+    @classmethod
+    def from_config(cls, config: QuantizeConfig) -> LowBitSpec:
+        """The spec of a resolved configuration (no ``None`` left, see
+        :meth:`~maptools.quantization.options.QuantizeOptions.applied`)."""
+        bits = config.bits
+        return cls(weight_bits=bits.weight_bits, activation_bits=bits.activation_bits, symmetrical=bits.symmetrical,
+                   per_channel=bits.per_channel, layer_bits=bits.layer_bits, observer=config.calibration.observer,
+                   unsigned_nonnegative=bits.unsigned_nonnegative, weight_observer=config.recipe.weight_observer,
+                   power_of_two=bits.power_of_two)
+
 
 #: The ``minmax`` weight observer applies from this many weight bits; below (2-bit weights, levels -2..1) a
-#: weight keeps PPQ's scale, ``max|w| / 1.5``. W2A8 ``default`` on trained corpus models (32 calibration / 64
-#: held-out feeds): MTCNN O-Net face agreement 0.906 / 7.1 dB with it, 0.844 / 5.2 dB unclipped; the Paddle
-#: orientation classifier KL 0.935 against 0.975 (raw PPQ 1.277); W2A4 on the bundled digits CNN 81 % top-1
-#: against 52 %. At 3 bits neither rule wins on the corpus (O-Net better clipped, the classifier unclipped).
+#: weight keeps PPQ's scale, ``max|w| / 1.5``, which the trained models prefer (:ref:`guide-weight-scales`).
 MINMAX_MIN_WEIGHT_BITS = 3
 #: Candidate scales of the ``mse`` weight observer, as fractions of the ``minmax`` scale.
 MSE_WEIGHT_GRID = tuple(0.5 + 0.01 * k for k in range(51))
@@ -110,8 +124,7 @@ def weight_scales(weight: torch.Tensor, channel_axis: int | None, quant_min: int
     min_w / quant_min)``. PPQ's own symmetric min-max divides ``max|w|`` by ``(quant_max - quant_min) / 2``
     (127.5 at 8 bits), which clips a channel's positive extreme by half a step and rounds its negative one a
     step further: the sum of a filter's weights (its response to a flat input) moves, and trained depthwise
-    filters, differences of nearly equal large weights, break. On EfficientNet-Lite1 the first depthwise
-    Conv's 8-bit weights alone cost the logits 14.8 dB of SNR with PPQ's rule, 23.7 dB with this one.
+    filters, differences of nearly equal large weights, break (:ref:`guide-weight-scales`).
 
     ``mse``: per channel, the scale among :data:`MSE_WEIGHT_GRID` times the ``minmax`` one with the least
     squared rounding error (ties go to the larger scale). Below 8 bits clipping the few largest weights pays
@@ -149,7 +162,7 @@ def weight_channel_axis(operation: Operation) -> int:
     return 0
 
 
-class IntegerZeroPointLSQPass(ppq_training.LearnedStepSizePass):
+class IntegerZeroPointLSQPass(LearnedStepSizePass):
     """PPQ's LSQ pass training weights, biases and scales but not zero points, nor baked parameters.
 
     PPQ's LSQ learns the offsets of asymmetric configs as floats; a chip needs integer zero points, and an
@@ -189,17 +202,17 @@ class WeightScaleParameterQuantizePass(ParameterQuantizePass):
 
     After PPQ's pass, every revisable weight config of a Conv/Gemm/MatMul gets the scales of
     :attr:`observer`. A channel whose weights are all zero (a pruned or dead filter, common after BatchNorm
-    folding) would get PPQ's scale floor ``1e-8``; its bias, quantized at ``input_scale * weight_scale``, then
-    needs integers beyond int32 (a bias of 2.0 after an input scale of 0.025 became ``-2^31`` in
-    ``quantparams.pkl``, the channel's output 0 instead of 2). Zero weights are exact at any scale, so such a
-    channel takes the (lower) median scale of the live channels of its tensor (1.0 if none is live), and its
-    bias the same precision as theirs. So does a channel whose weights are so small that its scale sits at
-    that floor (they round to 0 at the median scale, an error below ``1e-8 * qmax`` per weight).
+    folding) would get PPQ's scale floor ``1e-8``, and its bias, quantized at ``input_scale * weight_scale``,
+    integers beyond int32. Zero weights are exact at any scale, so such a channel takes the (lower) median
+    scale of the live channels of its tensor (1.0 if none is live), and its bias the same precision as theirs.
+    So does a channel whose weights are so small that its scale sits at that floor (they round to 0 at the
+    median scale, an error below ``1e-8 * qmax`` per weight).
     """
 
-    #: The weight observer (one of :data:`~maptools.quantization.config.WEIGHT_OBSERVERS`); set by
-    #: :class:`LowBitQuantizer`.
-    observer = "ppq"
+    def __init__(self, method: str | None = None, observer: str = "ppq") -> None:
+        super().__init__(method)
+        #: The weight observer (one of :data:`~maptools.quantization.config.WEIGHT_OBSERVERS`).
+        self.observer = observer
 
     def optimize(self, graph: BaseGraph, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature
         super().optimize(graph, *args, **kwargs)
@@ -257,6 +270,9 @@ class RangeMatchedPassiveParameterPass(PassiveParameterQuantizePass):
 class LowBitQuantizer(TensorRTQuantizer):
     """PPQ quantizer that quantizes every tensor to the bit widths of a :class:`LowBitSpec`."""
 
+    #: The runtime calibration pass it builds (PPQ's :class:`RuntimeCalibrationPass` gives the same results).
+    calibration_pass: type[RuntimeCalibrationPass] = FastCalibrationPass
+
     def __init__(self, graph: BaseGraph, spec: LowBitSpec) -> None:
         super().__init__(graph=graph)
         self._spec = spec
@@ -300,28 +316,40 @@ class LowBitQuantizer(TensorRTQuantizer):
         """Activations applied to the accumulator of the MAC before them: PPQ's TensorRT set plus HardSwish."""
         return set(FUSED_ACTIVATION_TYPES)
 
-    def build_quant_pipeline(self, setting) -> QuantizationOptimizationPipeline:
-        """PPQ's pipeline for ``setting``, with four of its passes replaced by maptools' subclasses.
+    def build_quant_pipeline(self, setting: QuantizationSetting) -> QuantizationOptimizationPipeline:
+        """PPQ's pipeline for ``setting``, with five of its passes built as maptools' subclasses instead.
 
-        maptools' weight scales and usable scales for all-zero channels (:class:`WeightScaleParameterQuantizePass`),
-        HardSwish fusion (:class:`~maptools.quantization.engine.fusion.LowBitFusionPass`), Clip bounds on
-        their input's range (:class:`RangeMatchedPassiveParameterPass`) and LSQ keeping zero points
-        integer (:class:`IntegerZeroPointLSQPass`).
+        Each is constructed with the arguments PPQ's builder takes from ``setting``: maptools' weight scales
+        (:class:`WeightScaleParameterQuantizePass`), HardSwish fusion
+        (:class:`~maptools.quantization.engine.fusion.LowBitFusionPass`), the faster calibration
+        (:class:`~maptools.quantization.engine.speedups.FastCalibrationPass`), Clip bounds on their input's
+        range (:class:`RangeMatchedPassiveParameterPass`) and LSQ keeping zero points integer
+        (:class:`IntegerZeroPointLSQPass`).
         """
-        pipeline = super().build_quant_pipeline(setting)
-        replacements = {
-            ParameterQuantizePass: WeightScaleParameterQuantizePass,
-            QuantizeFusionPass: LowBitFusionPass,
-            PassiveParameterQuantizePass: RangeMatchedPassiveParameterPass,
-            ppq_training.LearnedStepSizePass: IntegerZeroPointLSQPass,
-        }
-        for optim_pass in pipeline:
-            replacement = replacements.get(type(optim_pass))
-            if replacement is not None:
-                optim_pass.__class__ = replacement
-            if isinstance(optim_pass, WeightScaleParameterQuantizePass):
-                optim_pass.observer = self._spec.weight_observer
-        return pipeline
+        return QuantizationOptimizationPipeline([self._own_pass(optim_pass, setting)
+                                                 for optim_pass in super().build_quant_pipeline(setting)])
+
+    def _own_pass(self, optim_pass: QuantizationOptimizationPass,
+                  setting: QuantizationSetting) -> QuantizationOptimizationPass:
+        """maptools' pass in place of one PPQ's builder made (``optim_pass`` itself when maptools has none)."""
+        kind = type(optim_pass)
+        if kind is ParameterQuantizePass:
+            return WeightScaleParameterQuantizePass(setting.quantize_parameter_setting.calib_algorithm,
+                                                    observer=self._spec.weight_observer)
+        if kind is QuantizeFusionPass:
+            fusion = setting.fusion_setting
+            return LowBitFusionPass(activation_type=self.activation_fusion_types,
+                                    fuse_activation=fusion.fuse_activation, fuse_passive_op=fusion.fuse_passive_op)
+        if kind is RuntimeCalibrationPass:
+            return self.calibration_pass(method=setting.quantize_activation_setting.calib_algorithm)
+        if kind is PassiveParameterQuantizePass:
+            return RangeMatchedPassiveParameterPass()
+        if kind is LearnedStepSizePass:
+            lsq = setting.lsq_optimization_setting
+            return IntegerZeroPointLSQPass(interested_layers=lsq.interested_layers, lr=lsq.lr,
+                                           collecting_device=lsq.collecting_device, steps=lsq.steps, gamma=lsq.gamma,
+                                           is_scale_trainable=lsq.is_scale_trainable, block_size=lsq.block_size)
+        return optim_pass
 
     def _make_unsigned(self, operation: Operation, config: OperationQuantizationConfig) -> None:
         """Give the non-negative activation tensors of ``operation`` the unsigned range, zero point 0."""

@@ -8,16 +8,14 @@ writes is captured and forwarded to the ``maptools.ppq`` logger at DEBUG level.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import warnings
 from collections.abc import Iterator
-from types import ModuleType
 
 from maptools.quantization.progress import progress_enabled, show_progress
 
-__all__ = ["import_ppq", "ppq_silenced", "show_progress"]
+__all__ = ["ppq_logger", "ppq_silenced", "show_progress"]
 
 ppq_logger = logging.getLogger("maptools.ppq")
 
@@ -46,20 +44,3 @@ def ppq_silenced() -> Iterator[None]:
             for line in text.replace("\r", "\n").splitlines():
                 if line.strip():
                     ppq_logger.debug(line.rstrip())
-
-
-@functools.cache
-def import_ppq() -> ModuleType:
-    """Import PPQ once, silently, on the installed onnx and protobuf, and return the module.
-
-    The import runs inside :func:`~maptools.quantization.engine.compat.ppq_import_bridges`, which lets PPQ
-    0.6.6 import on onnx >= 1.16 and protobuf >= 4 and leaves nothing behind.
-    """
-    from maptools.quantization.engine.compat import ppq_import_bridges
-
-    with ppq_silenced(), ppq_import_bridges() as bridges:
-        import ppq
-        import ppq.api  # noqa: F401  (registers platforms, quantizers and exporters)
-    if bridges:
-        ppq_logger.debug("PPQ imported with stand-ins for %s", ", ".join(bridges))
-    return ppq

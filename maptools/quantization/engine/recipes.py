@@ -27,7 +27,10 @@ because PPQ's Python loop over the histogram is slow below 8 bits (:ref:`bench-r
 from __future__ import annotations
 
 from maptools.errors import InvalidArgumentError
-from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.engine.facade import (
+    QuantizationSetting,
+    QuantizationSettingFactory,
+)
 from maptools.quantization.options import (
     OBSERVERS,
     RECIPE_OBSERVERS,
@@ -35,10 +38,6 @@ from maptools.quantization.options import (
     RECIPE_WEIGHT_OBSERVERS,
     RECIPES,
 )
-
-import_ppq()
-
-from ppq.api.setting import QuantizationSetting, QuantizationSettingFactory  # noqa: E402
 
 __all__ = [
     "LSQ_BLOCK_SIZE",

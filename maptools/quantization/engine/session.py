@@ -22,44 +22,44 @@ import onnx
 import torch
 
 from maptools.errors import ArtifactError, EngineError, UnsupportedOperatorError
-from maptools.quantization.engine.quiet import import_ppq, ppq_silenced
-from maptools.quantization.format import bias_key, weight_key
-from maptools.quantization.progress import counted
-from maptools.quantization.records import OperatorQuantConfig
-
-import_ppq()
-
-from ppq.api import dispatch_graph, load_onnx_graph  # noqa: E402
-from ppq.api.setting import DispatchingTable, QuantizationSetting  # noqa: E402
-from ppq.core import TargetPlatform  # noqa: E402
-from ppq.executor import TorchExecutor  # noqa: E402
-from ppq.executor.op import DEFAULT_BACKEND_TABLE  # noqa: E402
-from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
-
-from maptools.quantization.engine import analysis, extract  # noqa: E402
-from maptools.quantization.engine.analysis import ErrorAnalysis  # noqa: E402
-from maptools.quantization.engine.exporter import export_qdq  # noqa: E402
-from maptools.quantization.engine.floats import float_operators  # noqa: E402
-from maptools.quantization.engine.holes import close_quantization_holes  # noqa: E402
-from maptools.quantization.engine.learned_rounding import (  # noqa: E402
+from maptools.quantization.engine import analysis, extract
+from maptools.quantization.engine.analysis import ErrorAnalysis
+from maptools.quantization.engine.exporter import export_qdq
+from maptools.quantization.engine.facade import (
+    DEFAULT_BACKEND_TABLE,
+    BaseGraph,
+    DispatchingTable,
+    QuantableOperation,
+    QuantizationSetting,
+    TargetPlatform,
+    TorchExecutor,
+    dispatch_graph,
+    load_onnx_graph,
+)
+from maptools.quantization.engine.floats import float_operators
+from maptools.quantization.engine.holes import close_quantization_holes
+from maptools.quantization.engine.learned_rounding import (
     LayerRounding,
     LearnedRoundingPass,
     RoundingSettings,
     with_learned_rounding,
 )
-from maptools.quantization.engine.operators import operator_fixes  # noqa: E402
-from maptools.quantization.engine.outputs import FinalConcat, final_concats  # noqa: E402
-from maptools.quantization.engine.quantizer import LowBitQuantizer, LowBitSpec  # noqa: E402
-from maptools.quantization.engine.recipes import default_setting  # noqa: E402
-from maptools.quantization.engine.rewrites import ppq_compatible  # noqa: E402
-from maptools.quantization.engine.speedups import accelerated_pipeline, fast_observers  # noqa: E402
-from maptools.quantization.engine.state import (  # noqa: E402
+from maptools.quantization.engine.operators import operator_fixes
+from maptools.quantization.engine.outputs import FinalConcat, final_concats
+from maptools.quantization.engine.quantizer import LowBitQuantizer, LowBitSpec
+from maptools.quantization.engine.quiet import ppq_silenced
+from maptools.quantization.engine.recipes import default_setting
+from maptools.quantization.engine.rewrites import ppq_compatible
+from maptools.quantization.engine.state import (
     capture_state,
     parameter_fingerprints,
     restore_state,
     spec_from_state,
 )
-from maptools.quantization.engine.threads import DEFAULT_THREADS, compute_threads, torch_threads  # noqa: E402
+from maptools.quantization.engine.threads import DEFAULT_THREADS, compute_threads, torch_threads
+from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.progress import counted
+from maptools.quantization.records import OperatorQuantConfig
 
 __all__ = ["Batch", "PPQSession", "bias_key", "default_setting", "weight_key"]
 
@@ -200,7 +200,6 @@ class PPQSession:
         quantizer = LowBitQuantizer(graph=self.graph, spec=self.spec)
         quantizer._verbose = False
         self.quantizable_types = frozenset(quantizer.quant_operation_types)
-        quantizer.build_quant_pipeline = accelerated_pipeline(quantizer.build_quant_pipeline)
         rounding_pass = LearnedRoundingPass(rounding) if rounding is not None else None
         if rounding_pass is not None:
             quantizer.build_quant_pipeline = with_learned_rounding(quantizer.build_quant_pipeline, rounding_pass)
@@ -210,7 +209,7 @@ class PPQSession:
             return {name: tensor.to(device) for name, tensor in batch.items()}
 
         try:
-            with ppq_silenced(), fast_observers(), operator_fixes(), compute_threads(self.threads):
+            with ppq_silenced(), operator_fixes(), compute_threads(self.threads):
                 quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=counted("calibration batch", batches),
                                    executor=self.executor, setting=self.setting,
                                    calib_steps=len(batches), collate_fn=collate)

@@ -1,50 +1,36 @@
-"""Faster PPQ calibration, with results identical to PPQ's own to the bit.
+"""Faster PPQ calibration, with results identical to PPQ's own to the bit, and nothing in PPQ changed.
 
-PPQ 0.6.6 spends most of a calibration-only quantization in places that do more work than needed:
-
-* **Weights re-quantized on every forward.** Between parameter calibration and the final parameter baking,
-  the executor fake-quantizes every weight on every calibration forward, although weight scales are
-  fixed by then. :func:`accelerated_pipeline` wraps PPQ's runtime calibration pass so that, for the
-  duration of the pass only, each activated weight is replaced by its fake-quantized value (computed
-  once, with the executor's own quantization function) and marked baked; afterwards the float weight and
-  its state come back, so every later pass (alignment, LSQ, bias correction, baking) sees what PPQ would
-  have given it. The forwards compute on the same values, so the calibration is the same.
-* **The percentile observer's ``torch.kthvalue``.** It selects the 0.01% and 99.99% order statistics of
-  each activation with two full selections. :class:`TopkPercentileObserver` takes the same two order
-  statistics from ``torch.topk`` with k the few elements beyond the percentile: the same values (an order
-  statistic does not depend on the algorithm that finds it), several times faster on CPU.
-* **The MSE observer's Python loop.** It scores every candidate range with a Python loop over 2048
-  histogram bins; :func:`vectorized_mse_loss` computes the same float64 sums with numpy.
-
-All are scoped: :func:`fast_observers` swaps the observer in PPQ's observer table and the MSE scoring
-method only while maptools' own quantization runs and puts PPQ's back afterwards, and the pipeline
-wrapper is applied to maptools' quantizer instance only. PPQ used directly in the same process is not
-affected.
+:class:`FastCalibrationPass` is PPQ's runtime calibration pass, which the quantizer builds in its place:
+during the pass each weight holds its fake-quantized value, computed once (:func:`weights_baked`), instead
+of being re-quantized on every forward; its percentile observers take their order statistics from
+``torch.topk`` (:class:`TopkPercentileObserver`) and its MSE observers score candidate ranges in numpy
+(:func:`vectorized_mse_loss`). Those observers are maptools' instances in the pass's own hooks; PPQ's
+observer table and classes are never touched. What each speed-up saves is on :ref:`bench-recipes`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Iterator
+import types
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import torch
 
-from maptools.quantization.engine.quiet import import_ppq
+from maptools.quantization.engine.facade import (
+    PPQ_CONFIG,
+    BaseGraph,
+    PPQuantFunction,
+    QuantableOperation,
+    QuantizationProperty,
+    QuantizationStates,
+    RuntimeCalibrationPass,
+    TorchMSEObserver,
+    TorchPercentileObserver,
+)
 
-import_ppq()
-
-from ppq.core import QuantizationProperty, QuantizationStates  # noqa: E402
-from ppq.core.config import PPQ_CONFIG  # noqa: E402
-from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
-from ppq.quantization.observer import OBSERVER_TABLE  # noqa: E402
-from ppq.quantization.observer.range import TorchMSEObserver, TorchPercentileObserver  # noqa: E402
-from ppq.quantization.optim import QuantizationOptimizationPass, RuntimeCalibrationPass  # noqa: E402
-from ppq.quantization.optim.base import QuantizationOptimizationPipeline  # noqa: E402
-from ppq.quantization.qfunction import PPQuantFunction  # noqa: E402
-
-__all__ = ["TopkPercentileObserver", "accelerated_pipeline", "fast_observers", "vectorized_mse_loss",
-           "weights_baked"]
+__all__ = ["FAST_OBSERVERS", "FastCalibrationPass", "TopkPercentileObserver", "install_fast_observers",
+           "vectorized_mse_loss", "weights_baked"]
 
 
 @contextlib.contextmanager
@@ -78,33 +64,6 @@ def weights_baked(graph: BaseGraph, skip: Collection = ()) -> Iterator[int]:
             var.value = original
 
 
-class _BakedWeightsPass(QuantizationOptimizationPass):
-    """Run a pass (here: runtime calibration) with the weights baked, see :func:`weights_baked`."""
-
-    def __init__(self, inner: QuantizationOptimizationPass) -> None:
-        super().__init__(name=inner.name)
-        self.inner = inner
-
-    def optimize(self, graph: BaseGraph, **kwargs) -> None:
-        delegates = getattr(kwargs.get("executor"), "_delegates", None) or {}
-        with weights_baked(graph, skip=set(delegates)):
-            self.inner.optimize(graph=graph, **kwargs)
-
-
-Builder = Callable[..., QuantizationOptimizationPipeline]
-
-
-def accelerated_pipeline(build: Builder) -> Builder:
-    """Wrap a quantizer's ``build_quant_pipeline``: runtime calibration passes run with baked weights."""
-
-    def build_quant_pipeline(setting, *args, **kwargs) -> QuantizationOptimizationPipeline:
-        pipeline = build(setting, *args, **kwargs)
-        return QuantizationOptimizationPipeline(
-            [_BakedWeightsPass(p) if isinstance(p, RuntimeCalibrationPass) else p for p in pipeline])
-
-    return build_quant_pipeline
-
-
 class TopkPercentileObserver(TorchPercentileObserver):
     """PPQ's percentile observer with its two ``torch.kthvalue`` calls replaced by ``torch.topk``.
 
@@ -133,15 +92,11 @@ class TopkPercentileObserver(TorchPercentileObserver):
 def vectorized_mse_loss(self: TorchMSEObserver, histogram: list, start: int, step: int, end: int) -> float:
     """PPQ's ``TorchMSEObserver.compute_mse_loss`` computed by numpy, to the same float64 value.
 
-    PPQ scores every candidate clipping range by looping over the 2048 histogram bins in Python (thousands of
-    candidates per tensor below 8 bits, more when asymmetric). Here the per-bin errors are numpy arrays built
-    with the same integer and float64 operations, and the loss is their sequential running sum
-    (``np.add.accumulate``, not numpy's pairwise ``sum``): the same additions in the same order, so the same
-    loss to the last bit, and the same range chosen. :func:`fast_observers` installs it on PPQ's class for
-    the duration of maptools' quantization (PPQ tests the observer's exact type, so it cannot be a subclass).
+    PPQ loops over the histogram bins in Python; here the per-bin errors are numpy arrays built with the same
+    integer and float64 operations, summed sequentially (``np.add.accumulate``, not numpy's pairwise ``sum``):
+    the same additions in the same order, so the same loss to the last bit. :func:`install_fast_observers`
+    binds it to maptools' own MSE observer instances.
     """
-    if PPQ_CONFIG.USING_CUDA_KERNEL:
-        return _PPQ_MSE_LOSS(self, histogram, start, step, end)
     cached = getattr(self, "_maptools_histogram", None)
     if cached is None or cached[0] is not histogram:  # the list is held, so its id is never reused
         bins = np.asarray(histogram, dtype=np.int64)
@@ -156,26 +111,39 @@ def vectorized_mse_loss(self: TorchMSEObserver, histogram: list, start: int, ste
     return float(np.add.accumulate(terms)[-1]) if terms.size else 0.0
 
 
-_PPQ_MSE_LOSS = TorchMSEObserver.compute_mse_loss
+#: PPQ observer class -> maptools' faster, equivalent subclass.
+FAST_OBSERVERS = {TorchPercentileObserver: TopkPercentileObserver}
 
 
-#: PPQ observer name -> maptools' faster, equivalent observer.
-FAST_OBSERVERS = {"percentile": TopkPercentileObserver}
+def install_fast_observers(observer_table: dict) -> int:
+    """Swap the observers of one PPQ calibration hook (config -> observer) for maptools' faster ones, in place.
+
+    A percentile observer becomes a :class:`TopkPercentileObserver`; an MSE observer keeps its type (PPQ's pass
+    tests it exactly) and scores candidates with :func:`vectorized_mse_loss`, bound to that instance only.
+    Returns how many observers were changed.
+    """
+    changed = 0
+    for config, observer in observer_table.items():
+        fast = FAST_OBSERVERS.get(type(observer))
+        if fast is not None:
+            observer_table[config] = fast(watch_on=observer._watch_on, quant_cfg=observer._quant_cfg)
+            changed += 1
+        elif (type(observer) is TorchMSEObserver and not PPQ_CONFIG.USING_CUDA_KERNEL
+              and "compute_mse_loss" not in vars(observer)):
+            observer.compute_mse_loss = types.MethodType(vectorized_mse_loss, observer)
+            changed += 1
+    return changed
 
 
-@contextlib.contextmanager
-def fast_observers() -> Iterator[None]:
-    """Within the block, PPQ builds :data:`FAST_OBSERVERS` instead of its own and scores MSE candidates with
-    :func:`vectorized_mse_loss`; PPQ's table and method are restored on exit."""
-    saved = {name: OBSERVER_TABLE.get(name) for name in FAST_OBSERVERS}
-    OBSERVER_TABLE.update(FAST_OBSERVERS)
-    TorchMSEObserver.compute_mse_loss = vectorized_mse_loss
-    try:
-        yield
-    finally:
-        TorchMSEObserver.compute_mse_loss = _PPQ_MSE_LOSS
-        for name, observer in saved.items():
-            if observer is None:
-                OBSERVER_TABLE.pop(name, None)
-            else:
-                OBSERVER_TABLE[name] = observer
+class FastCalibrationPass(RuntimeCalibrationPass):
+    """PPQ's runtime calibration with the weights baked during the pass and maptools' faster observers."""
+
+    def optimize(self, graph: BaseGraph, **kwargs) -> None:  # noqa: D102 - PPQ's signature
+        delegates = getattr(kwargs.get("executor"), "_delegates", None) or {}
+        with weights_baked(graph, skip=set(delegates)):
+            super().optimize(graph=graph, **kwargs)
+
+    def calibrate(self, desc: str, dataloader, executor, hooks: dict, output_names=None) -> None:  # noqa: D102
+        for observer in self._observers.values():
+            install_fast_observers(observer._hook._observer_table)
+        super().calibrate(desc=desc, dataloader=dataloader, executor=executor, hooks=hooks, output_names=output_names)

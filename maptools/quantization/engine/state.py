@@ -34,13 +34,9 @@ import numpy as np
 import torch
 
 from maptools.errors import ArtifactError, EngineError
-from maptools.quantization.engine.quiet import import_ppq
-from maptools.quantization.format import bias_key, weight_key
-from maptools.quantization.schemas import check_record
-
-import_ppq()
-
-from ppq.core import (  # noqa: E402
+from maptools.quantization.engine.facade import (
+    BaseGraph,
+    QuantableOperation,
     QuantizationPolicy,
     QuantizationProperty,
     QuantizationStates,
@@ -49,9 +45,9 @@ from ppq.core import (  # noqa: E402
     TargetPlatform,
     TensorQuantizationConfig,
 )
-from ppq.IR import BaseGraph, QuantableOperation  # noqa: E402
-
-from maptools.quantization.engine.quantizer import LowBitSpec  # noqa: E402
+from maptools.quantization.engine.quantizer import LowBitSpec
+from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.schemas import check_record
 
 __all__ = [
     "STATE_VERSION",

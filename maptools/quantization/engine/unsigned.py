@@ -18,9 +18,7 @@ Swish-like activations are bounded below by a small negative number: ``x * sigmo
 by PPQ), ``x * hardsigmoid(x) >= -0.375`` (HardSwish), GELU ``>= -0.17``, Mish ``>= -0.31``. Their outputs, and
 what carries them on (pooling, reshaping...), also go on the unsigned range, with the small zero point
 calibration gives them (a few steps above 0): a signed range would spend a whole bit on a negative lobe a
-fraction of a step deep. On the YOLOv8n detector of the corpus (SiLU everywhere) that kept 95.9 % of the FP32
-detections at W8A8 instead of 87.8 %; on the bundled MobileNetV3-like CNN (HardSwish) W4A4 went from 7.9 to
-10.4 dB and W8A8 from 30.6 to 32.7 dB.
+fraction of a step deep (what that gains: :ref:`bench-recipes`).
 
 PPQ then shares one scale between tensors it aligns (the inputs of a residual ``Add``, the inputs and
 output of a ``Concat``, a pooling's input and output, a Conv's output fused with its activation): all the
@@ -33,9 +31,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from ppq.core import PASSIVE_OPERATIONS, TYPES_FOR_ALIGNMENT
-from ppq.IR import BaseGraph, Operation, Variable
 
+from maptools.quantization.engine.facade import (
+    PASSIVE_OPERATIONS,
+    TYPES_FOR_ALIGNMENT,
+    BaseGraph,
+    Operation,
+    Variable,
+)
 from maptools.quantization.engine.fusion import GATES, fused_activation, gated_activations
 
 __all__ = ["BOUNDED_BELOW_TYPES", "NON_NEGATIVE_TYPES", "SIGN_PRESERVING_TYPES", "non_negative_variables",
