@@ -130,6 +130,7 @@ def test_zero_noise_is_the_exact_executor_bit_for_bit(mapsave: Path, images: np.
         assert ints.keys() == exact_ints.keys() and all(np.array_equal(ints[n], exact_ints[n]) for n in ints)
 
 
+@pytest.mark.slow  # 9 chips of the digits map, 2 worker processes importing torch
 def test_static_monte_carlo_is_the_numpy_one(mapsave: Path, images: np.ndarray) -> None:
     """The same chips for a seed, serially and with the process pool, as the numpy analog path."""
     spec = SPEC.replace(rows=128)

@@ -110,18 +110,20 @@ class StaticMac(MacAccumulator):
         lead = tuple(np.broadcast_shapes(prep.w.shape[:-2], u.shape[:-2]))
         m, positions, rows = prep.w.shape[-2], u.shape[-1], spec.rows
         nd = len(lead)
-        shifts = torch.arange(inp.planes, dtype=torch.int32).reshape(-1, 1) * inp.dac_bits
-        codes = torch.from_numpy(u.astype(np.int32))
-        coef = torch.from_numpy(plan.coef).reshape(fmt.signs, fmt.slices, 1, inp.planes, 1)
+        # the DAC planes of every code, (2^a, P): one gather makes a block's planes, (..., K, n, P)
+        shifts = torch.arange(inp.planes, dtype=torch.int64) * inp.dac_bits
+        table = ((torch.arange(2**inp.bits).reshape(-1, 1) >> shifts) & (2**inp.dac_bits - 1)).to(self._g[0].dtype)
+        codes = torch.from_numpy(u)
+        coef = torch.from_numpy(plan.coef).reshape(fmt.signs, fmt.slices, 1, 1, inp.planes)
         if plan.gains is None:
             weights_t = [coef] * len(self._g)
         else:
-            weights_t = [coef * torch.from_numpy(plan.gains[t]).reshape(1, fmt.slices, 1, inp.planes, 1)
+            weights_t = [coef * torch.from_numpy(plan.gains[t]).reshape(1, fmt.slices, 1, 1, inp.planes)
                          for t in range(len(self._g))]
         assert plan.ranges is None or spec.adc_levels is not None
         levels = float(spec.adc_levels or 0)
         adc_steps = [None if plan.ranges is None else
-                     torch.from_numpy(plan.ranges[t] / levels).reshape(1, fmt.slices, 1, inp.planes, 1)
+                     torch.from_numpy(plan.ranges[t] / levels).reshape(1, fmt.slices, 1, 1, inp.planes)
                      for t in range(len(self._g))]
         per_position = max(1, math.prod(lead) * fmt.columns_per_weight * m * inp.planes)
         step = max(1, BLOCK_ELEMENTS // per_position)
@@ -130,12 +132,12 @@ class StaticMac(MacAccumulator):
         for start in range(0, positions, step):
             stop = min(positions, start + step)
             n = stop - start
-            planes = ((codes[..., start:stop].unsqueeze(-2) >> shifts) & (2**inp.dac_bits - 1)).to(self._g[0].dtype)
+            planes = table[codes[..., start:stop]]
             for t, g in enumerate(self._g):
                 k0 = t * rows
                 block = planes[..., k0:k0 + g.shape[-1], :, :]
-                psum = torch.matmul(g, block.reshape(*block.shape[:-2], inp.planes * n))
-                psum = psum.reshape(*psum.shape[:-2], fmt.signs, fmt.slices, m, inp.planes, n)
+                psum = torch.matmul(g, block.reshape(*block.shape[:-2], n * inp.planes))
+                psum = psum.reshape(*psum.shape[:-2], fmt.signs, fmt.slices, m, n, inp.planes)
                 acc[..., start:stop] += kernel(psum, adc_steps[t], weights_t[t], levels, nd)
         if self._compensation != 1.0:
             acc *= self._compensation
@@ -148,13 +150,13 @@ def _adc_shift_add(psum: torch.Tensor, adc_step: torch.Tensor | None, weights: t
                    lead: int) -> torch.Tensor:
     """One tile's ADC codes (or the partial sums themselves) times their shift-and-add weights, summed, float64.
 
-    ``psum (..., signs, S, M, P, n)`` float32; the ADC is :func:`~maptools.quantization.cim.adc.adc_codes`'
+    ``psum (..., signs, S, M, n, P)`` float32; the ADC is :func:`~maptools.quantization.cim.adc.adc_codes`'
     ``clip(round_half_even(p / step), 0, L)`` in float64; the sum of integers below ``2^53`` is exact in any order.
     """
     values = psum.to(torch.float64)
     if adc_step is not None:
         values = torch.clamp(torch.round(values / adc_step), 0.0, levels)
-    return (values * weights).sum(dim=(lead, lead + 1, lead + 3))
+    return (values * weights).sum(dim=(lead, lead + 1, lead + 4))
 
 
 _COMPILED: list = []
