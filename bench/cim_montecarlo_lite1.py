@@ -7,7 +7,7 @@ static chips (``static='compiled'``: torch, the ADC fused by ``torch.compile``) 
 (:meth:`DeviceModel.pcm`, read noise off, global drift compensation on) with the programming error scaled by
 each of ``--prog-scales``, read at 20 s and 1 day. The figure is the top-1 agreement with FP32 on those crops::
 
-    OMP_NUM_THREADS=1 python bench/cim_montecarlo_lite1.py --out /tmp/lite1_mc --chips 32 --crops 4 --jobs 2
+    OMP_NUM_THREADS=1 python bench/cim_montecarlo_lite1.py --out /tmp/lite1_mc --chips 32 --crops 3 --jobs 2
 
 Writes ``<out>/lite1_montecarlo.json`` (each chip's value, wall and CPU seconds of every setting, the CPU seconds
 of the worker processes included) and prints the reStructuredText table. The map, the calibration and the crops
@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--chips", type=int, default=32)
-    parser.add_argument("--crops", type=int, default=4)
+    parser.add_argument("--crops", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prog-scales", default="0.25,0.5,1", help="programming-error scales of the PCM model")
