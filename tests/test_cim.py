@@ -174,7 +174,7 @@ def test_blocks_of_positions_do_not_change_the_result(monkeypatch):
     w, x = gaussian_weights(rng, (8, 70)), relu_inputs(rng, (2, 70, 300))
     whole = cim_accumulate(w, x, input_bits=4, input_signed=False, weight_bits=4, spec=spec)
     monkeypatch.setattr(cim_arithmetic, "BLOCK_ELEMENTS", 500)
-    assert len(list(cim_arithmetic._blocks(cim_arithmetic._prepare(w, x, 4, False, 0, 4, None, spec)))) > 10
+    assert len(list(cim_arithmetic._blocks(cim_arithmetic.prepare_mac(w, x, 4, False, 0, 4, None, spec)))) > 10
     np.testing.assert_array_equal(cim_accumulate(w, x, input_bits=4, input_signed=False, weight_bits=4, spec=spec),
                                   whole)
 

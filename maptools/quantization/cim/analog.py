@@ -202,6 +202,22 @@ class AnalogMac:
         offset = dev.g_min / step
         return g / step - offset, g_0 / step - offset, read_var
 
+    def conductances(self) -> list[np.ndarray]:
+        """Each row tile's programmed cells in digit units, ``(..., signs*S*M, rows_t)`` (the partial sums' dtype).
+
+        What a read returns without read noise: the static state of the chip, for a faster backend to multiply.
+
+        Raises:
+            InvalidArgumentError: the cells are not programmed yet, or the device has read noise (each read
+                differs).
+        """
+        if self._tiles is None:
+            raise InvalidArgumentError("analog: the cells are not programmed yet (program(prep) first)")
+        if any(tile.read_var is not None for tile in self._tiles):
+            raise InvalidArgumentError("device: has read noise (read_sigma_abs or read_sigma_rel > 0), expected "
+                                       "none for static conductances: every read of a noisy cell differs")
+        return [tile.g for tile in self._tiles]
+
     def partial_sums(self, prep: _Prepared, t: int, planes: np.ndarray) -> np.ndarray:
         """Analog partial sums of row tile ``t``, ``(..., signs, S, M, planes, n)`` in digit units.
 

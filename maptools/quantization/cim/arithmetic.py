@@ -77,7 +77,8 @@ from maptools.quantization.cim.slicing import WeightFormat, as_int_weights, weig
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.intmath import holds_integers
 
-__all__ = ["InputFormat", "PartialSums", "adc_grid", "cim_accumulate", "input_format", "partial_sums"]
+__all__ = ["InputFormat", "PartialSums", "ShiftAdd", "adc_grid", "cim_accumulate", "dac_codes", "input_format",
+           "offset_corrections", "partial_sums", "prepare_mac", "shift_add"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,22 @@ def adc_grid(depth: int, input_bits: int, weight_bits: int, spec: CIMSpec, *,
     return math.ceil(depth / spec.rows), fmt.slices, math.ceil(input_bits / spec.dac_bits)
 
 
+def dac_codes(columns: np.ndarray, inp: InputFormat) -> np.ndarray:
+    """The DAC codes ``u = x + o`` of centred integer columns, int64 (step 1 of the module docstring).
+
+    Raises:
+        InvalidArgumentError: codes outside ``0 .. 2^a - 1``.
+    """
+    u = np.asarray(columns).astype(np.int64) + inp.offset
+    if u.size and (int(u.min()) < 0 or int(u.max()) >= 2**inp.bits):
+        kind = "signed" if inp.signed else "unsigned"
+        raise InvalidArgumentError(
+            f"columns: DAC codes columns + {inp.offset} span {int(u.min())}..{int(u.max())}, outside 0.."
+            f"{2**inp.bits - 1} of {inp.bits}-bit {kind} inputs with zero point {inp.zero_point}"
+        )
+    return u
+
+
 @dataclass(frozen=True)
 class PartialSums:
     """The column partial sums of one row tile for a block of output positions.
@@ -157,8 +174,8 @@ class PartialSums:
 
 
 @dataclass
-class _Prepared:
-    """Checked operands of one MAC."""
+class PreparedMac:
+    """Checked operands of one MAC (:func:`prepare_mac`)."""
 
     w: np.ndarray  # (..., M, K) int64
     u: np.ndarray  # (..., K, P) int64 DAC codes
@@ -169,8 +186,13 @@ class _Prepared:
     dtype: type
 
 
-def _prepare(weights: np.ndarray, columns: np.ndarray, input_bits: int, input_signed: bool, input_zero_point: int,
-             weight_bits: int, weight_min: int | None, spec: CIMSpec) -> _Prepared:
+def prepare_mac(weights: np.ndarray, columns: np.ndarray, input_bits: int, input_signed: bool, input_zero_point: int,
+                weight_bits: int, weight_min: int | None, spec: CIMSpec) -> PreparedMac:
+    """The checked operands of one MAC: weights, DAC codes, formats and each row tile's cell digits.
+
+    Raises:
+        InvalidArgumentError: as :func:`cim_accumulate`.
+    """
     if not isinstance(spec, CIMSpec):
         raise InvalidTypeError(f"spec: got {type(spec).__name__}, expected a CIMSpec")
     fmt = weight_format(weight_bits, spec, weight_min)
@@ -187,23 +209,17 @@ def _prepare(weights: np.ndarray, columns: np.ndarray, input_bits: int, input_si
     except ValueError:
         raise InvalidArgumentError(f"weights {list(w.shape)} and columns {list(x.shape)}: leading axes do not "
                                    f"broadcast") from None
-    u = x.astype(np.int64) + inp.offset
-    if u.size and (int(u.min()) < 0 or int(u.max()) >= 2**inp.bits):
-        kind = "signed" if inp.signed else "unsigned"
-        raise InvalidArgumentError(
-            f"columns: DAC codes columns + {inp.offset} span {int(u.min())}..{int(u.max())}, outside 0.."
-            f"{2**inp.bits - 1} of {inp.bits}-bit {kind} inputs with zero point {inp.zero_point}"
-        )
+    u = dac_codes(x, inp)
     dtype = np.float32 if spec.full_scale < _EXACT_FLOAT32 else np.float64
     digits = weight_digits(w, fmt)  # (signs, S, ..., M, K)
     stacked = np.moveaxis(digits, (0, 1), (-4, -3))  # (..., signs, S, M, K)
     stacked = stacked.reshape(*w.shape[:-2], -1, w.shape[-1]).astype(dtype)
     k, rows = w.shape[-1], spec.rows
     tiles = [np.ascontiguousarray(stacked[..., t * rows:min(k, (t + 1) * rows)]) for t in range(math.ceil(k / rows))]
-    return _Prepared(w, u, fmt, inp, tuple(lead), tiles, dtype)
+    return PreparedMac(w, u, fmt, inp, tuple(lead), tiles, dtype)
 
 
-def _blocks(prep: _Prepared) -> Iterator[slice]:
+def _blocks(prep: PreparedMac) -> Iterator[slice]:
     """Blocks of output positions whose partial sums of one tile hold about :data:`BLOCK_ELEMENTS`."""
     positions = prep.u.shape[-1]
     per_position = max(1, math.prod(prep.lead) * prep.fmt.columns_per_weight * prep.w.shape[-2] * prep.inp.planes)
@@ -212,7 +228,7 @@ def _blocks(prep: _Prepared) -> Iterator[slice]:
         yield slice(start, min(positions, start + step))
 
 
-def _tile_psums(prep: _Prepared, t: int, planes: np.ndarray, rows: int) -> np.ndarray:
+def _tile_psums(prep: PreparedMac, t: int, planes: np.ndarray, rows: int) -> np.ndarray:
     """Partial sums of tile ``t`` from the input planes ``(..., K, planes, n)``: ``(..., signs, S, M, planes, n)``."""
     k0 = t * rows
     k1 = k0 + prep.tiles[t].shape[-1]
@@ -223,7 +239,7 @@ def _tile_psums(prep: _Prepared, t: int, planes: np.ndarray, rows: int) -> np.nd
     return psum.reshape(*psum.shape[:-2], fmt.signs, fmt.slices, prep.w.shape[-2], n_planes, n)
 
 
-def _input_planes(prep: _Prepared, block: slice) -> np.ndarray:
+def _input_planes(prep: PreparedMac, block: slice) -> np.ndarray:
     """The DAC planes of a block of positions, ``(..., K, planes, n)`` in the partial-sum dtype."""
     u = prep.u[..., block].astype(np.uint16)  # 0 <= u < 2^16: shifts on 2 bytes, not 8
     d, mask = prep.inp.dac_bits, 2**prep.inp.dac_bits - 1
@@ -245,7 +261,7 @@ def partial_sums(weights: np.ndarray, columns: np.ndarray, *, input_bits: int, i
     Yields:
         :class:`PartialSums`, for each block of output positions every row tile in order.
     """
-    prep = _prepare(weights, columns, input_bits, input_signed, input_zero_point, weight_bits, weight_min, spec)
+    prep = prepare_mac(weights, columns, input_bits, input_signed, input_zero_point, weight_bits, weight_min, spec)
     if analog is not None:
         analog.program(prep)
     for block in _blocks(prep):
@@ -272,6 +288,49 @@ def _adc_ranges(spec: CIMSpec, adc: AdcCalibration | None, grid: tuple[int, int,
     if not isinstance(adc, AdcCalibration):
         raise InvalidTypeError(f"adc: got {type(adc).__name__}, expected an AdcCalibration")
     return adc.check(spec, grid, weight_bits=weight_bits, input_bits=input_bits)
+
+
+@dataclass(frozen=True)
+class ShiftAdd:
+    """How a MAC's partial sums are digitized and combined (steps 6 and 7 of the module docstring).
+
+    Attributes:
+        ranges: The ``(T, S, P)`` ADC ranges, None for an ideal ADC.
+        gains: The ``(T, S, P)`` fixed-point gains ``round(step * 2^16)`` (float64), None for an ideal ADC.
+        coef: ``(signs, S, P)``: the sign times ``2^(c*s) * 2^(d*p)`` of each partial sum.
+        tile_bound: The largest magnitude one row tile adds to the shift-and-add.
+    """
+
+    ranges: np.ndarray | None
+    gains: np.ndarray | None
+    coef: np.ndarray
+    tile_bound: float
+
+
+def shift_add(prep: PreparedMac, spec: CIMSpec, adc: AdcCalibration | None) -> ShiftAdd:
+    """The ADC ranges, gains and shift-and-add coefficients of a prepared MAC.
+
+    Raises:
+        InvalidArgumentError: an ``adc`` that does not fit the spec and the MAC, or a shift-and-add that would
+            overflow int64.
+    """
+    fmt, inp = prep.fmt, prep.inp
+    ranges = _adc_ranges(spec, adc, (len(prep.tiles), fmt.slices, inp.planes), fmt.bits, inp.bits)
+    levels = spec.adc_levels
+    sign = np.array([1.0, -1.0][: fmt.signs]).reshape(-1, 1, 1)
+    coef = sign * (2.0 ** (fmt.cell_bits * np.arange(fmt.slices))).reshape(1, -1, 1) \
+        * (2.0 ** (inp.dac_bits * np.arange(inp.planes))).reshape(1, 1, -1)
+    if ranges is None:  # ideal ADC: the partial sums themselves
+        gains, top = None, float(spec.full_scale)
+    else:  # ADC codes times the fixed-point gains, summed exactly, rounded once at the end
+        assert levels is not None
+        gains = adc_gain(ranges, levels).astype(np.float64)
+        top = float(levels) * float(gains.max(initial=0.0))
+    tile_bound = top * float(np.abs(coef).sum())
+    if tile_bound * max(1, len(prep.tiles)) >= 2.0**62:
+        raise InvalidArgumentError(f"spec {spec}: the shift-and-add of {inp.bits}-bit inputs and {fmt.bits}-bit "
+                                   f"weights would overflow int64")
+    return ShiftAdd(ranges, gains, coef, tile_bound)
 
 
 def cim_accumulate(weights: np.ndarray, columns: np.ndarray, *, input_bits: int, input_signed: bool,
@@ -301,28 +360,15 @@ def cim_accumulate(weights: np.ndarray, columns: np.ndarray, *, input_bits: int,
         InvalidArgumentError: Shapes that do not multiply, non-integer values, weights or inputs outside
             their bit widths, or an ``adc`` that does not match the spec and the MAC.
     """
-    prep = _prepare(weights, columns, input_bits, input_signed, input_zero_point, weight_bits, weight_min, spec)
+    prep = prepare_mac(weights, columns, input_bits, input_signed, input_zero_point, weight_bits, weight_min, spec)
     fmt, inp = prep.fmt, prep.inp
     m, positions = prep.w.shape[-2], prep.u.shape[-1]
-    ranges = _adc_ranges(spec, adc, (len(prep.tiles), fmt.slices, inp.planes), fmt.bits, inp.bits)
-    levels = spec.adc_levels
-
-    # coefficient of (sign, slice, plane) in the shift-and-add
-    sign = np.array([1.0, -1.0][: fmt.signs]).reshape(-1, 1, 1)
-    coef = sign * (2.0 ** (fmt.cell_bits * np.arange(fmt.slices))).reshape(1, -1, 1) \
-        * (2.0 ** (inp.dac_bits * np.arange(inp.planes))).reshape(1, 1, -1)
-    if ranges is None:  # ideal ADC: the partial sums themselves
-        gains, top = None, float(spec.full_scale)
-    else:  # ADC codes times the fixed-point gains, summed exactly, rounded once at the end
-        gains = adc_gain(ranges, levels).astype(np.float64)
-        top = float(levels) * float(gains.max(initial=0.0))
-    tile_bound = top * float(np.abs(coef).sum())
-    if tile_bound * max(1, len(prep.tiles)) >= 2.0**62:
-        raise InvalidArgumentError(f"spec {spec}: the shift-and-add of {input_bits}-bit inputs and {weight_bits}-bit "
-                                   f"weights would overflow int64")
+    plan = shift_add(prep, spec, adc)
+    ranges, gains, coef, levels = plan.ranges, plan.gains, plan.coef, spec.adc_levels
     if analog is not None:
         acc = _analog_accumulate(prep, analog, ranges, gains, coef, levels)
-        return _corrections(acc, prep)
+        return offset_corrections(acc, prep)
+    tile_bound = plan.tile_bound
     exact_float = tile_bound < _EXACT_FLOAT64  # else sum in int64
     if not exact_float:
         coef = coef.astype(np.int64)
@@ -342,10 +388,10 @@ def cim_accumulate(weights: np.ndarray, columns: np.ndarray, *, input_bits: int,
         acc = (acc + (1 << (ADC_FRACTION_BITS - 1))) >> ADC_FRACTION_BITS
     logger.debug("cim_accumulate: %s x %s, %d row tiles, %d slices, %d planes, ADC %s", list(prep.w.shape),
                  list(prep.u.shape), len(prep.tiles), fmt.slices, inp.planes, spec.adc_bits)
-    return _corrections(acc, prep)
+    return offset_corrections(acc, prep)
 
 
-def _corrections(acc: np.ndarray, prep: _Prepared) -> np.ndarray:
+def offset_corrections(acc: np.ndarray, prep: PreparedMac) -> np.ndarray:
     """Step 8 of the module docstring: the digital offset corrections of the shift-and-add's result."""
     if prep.fmt.encoding == "offset":
         acc -= prep.fmt.offset * prep.u.sum(axis=-2, keepdims=True)
@@ -354,7 +400,7 @@ def _corrections(acc: np.ndarray, prep: _Prepared) -> np.ndarray:
     return acc
 
 
-def _analog_accumulate(prep: _Prepared, analog: AnalogMac, ranges: np.ndarray | None, gains: np.ndarray | None,
+def _analog_accumulate(prep: PreparedMac, analog: AnalogMac, ranges: np.ndarray | None, gains: np.ndarray | None,
                        coef: np.ndarray, levels: int | None) -> np.ndarray:
     """The shift-and-add of analog partial sums (float64), scaled by the drift compensation, rounded once.
 

@@ -1,4 +1,4 @@
-"""Compute-in-memory features of a whole map, on the integer reference executor (numpy and onnx, no PPQ or torch).
+"""Compute-in-memory features of a whole map, on the integer reference executor (numpy and onnx, no PPQ).
 
 They sit above the executor (:mod:`maptools.quantization.reference`), which sits above the crossbar arithmetic
 (:mod:`maptools.quantization.cim`):
@@ -12,7 +12,9 @@ They sit above the executor (:mod:`maptools.quantization.reference`), which sits
   (:func:`~maptools.quantization.cimmap.mapcost.map_cost`);
 * :mod:`~maptools.quantization.cimmap.sweep`: the agreement of a map on a grid of crossbars (``maptools cim-sweep``);
 * :mod:`~maptools.quantization.cimmap.montecarlo`: a figure's distribution over simulated chips
-  (:func:`~maptools.quantization.cimmap.montecarlo.monte_carlo`).
+  (:func:`~maptools.quantization.cimmap.montecarlo.monte_carlo`);
+* :mod:`~maptools.quantization.cimmap.staticchip`: chips without read noise computed in torch, the Monte-Carlo's
+  fast path (the only module here that imports torch, and only when a Monte-Carlo asks for it).
 """
 
 from __future__ import annotations

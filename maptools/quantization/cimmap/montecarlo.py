@@ -150,11 +150,21 @@ def _batches(inputs: Any) -> list[Any]:
     return [inputs]
 
 
-def _run_chip(base: ReferenceExecutor, batches: list[Any], device: DeviceModel, seed: np.random.SeedSequence,
-              chip: int, metric: Callable[[Outputs], float]) -> float:
-    """``metric`` of chip ``chip``: a new chip of ``base``'s crossbar, run on every batch in order."""
+def _chip(base: ReferenceExecutor, device: DeviceModel, seed: SeedLike, static: bool | str) -> ReferenceExecutor:
+    """A new chip of ``base``'s crossbar: numpy's analog cells, or torch's static ones (``static``)."""
     assert base.cim is not None
-    executor = base.with_cim(base.cim.spec, base.cim.adc, device=device, seed=child_seed(seed, chip))
+    if not static:
+        return base.with_cim(base.cim.spec, base.cim.adc, device=device, seed=seed)
+    from maptools.quantization.cimmap.staticchip import StaticChipBackend  # imports torch
+
+    return base.with_backend(StaticChipBackend(base.cim.spec, base.cim.adc, device=device, seed=seed,
+                                               compiled=static == "compiled"))
+
+
+def _run_chip(base: ReferenceExecutor, batches: list[Any], device: DeviceModel, seed: np.random.SeedSequence,
+              chip: int, metric: Callable[[Outputs], float], static: bool | str = False) -> float:
+    """``metric`` of chip ``chip``: a new chip of ``base``'s crossbar, run on every batch in order."""
+    executor = _chip(base, device, child_seed(seed, chip), static)
     runs = [executor.run(batch) for batch in batches]
     outputs = {name: np.concatenate([np.asarray(r[name]).reshape(np.shape(r[name]) or (1,)) for r in runs])
                for name in runs[0]}
@@ -164,26 +174,27 @@ def _run_chip(base: ReferenceExecutor, batches: list[Any], device: DeviceModel, 
     return float(value)
 
 
-_WORKER: tuple[ReferenceExecutor, list[Any], DeviceModel, np.random.SeedSequence, Callable[[Outputs], float]] | None \
-    = None
+_WORKER: tuple[ReferenceExecutor, list[Any], DeviceModel, np.random.SeedSequence, Callable[[Outputs], float],
+               bool | str] | None = None
 
 
 def _init_worker(mapname: str, mapsave_dir: str | None, cim: CIMSpec | bool, adc: Any, batches: list[Any],
-                 device: DeviceModel, seed: np.random.SeedSequence, metric: Callable[[Outputs], float]) -> None:
+                 device: DeviceModel, seed: np.random.SeedSequence, metric: Callable[[Outputs], float],
+                 static: bool | str = False) -> None:
     global _WORKER
-    _WORKER = (ReferenceExecutor.load(mapname, mapsave_dir, cim=cim, adc=adc), batches, device, seed, metric)
+    _WORKER = (ReferenceExecutor.load(mapname, mapsave_dir, cim=cim, adc=adc), batches, device, seed, metric, static)
 
 
 def _worker_chip(chip: int) -> float:
     assert _WORKER is not None
-    base, batches, device, seed, metric = _WORKER
-    return _run_chip(base, batches, device, seed, chip, metric)
+    base, batches, device, seed, metric, static = _WORKER
+    return _run_chip(base, batches, device, seed, chip, metric, static)
 
 
 def monte_carlo(mapname: str | ReferenceExecutor, inputs: Any, *, cim: CIMSpec | bool, device: DeviceModel,
                 chips: int, metric: Callable[[Outputs], float], seed: SeedLike = 0,
                 adc: Any = None, higher_is_better: bool = True, jobs: int = 1,
-                mapsave_dir: str | os.PathLike[str] | None = None) -> MonteCarloResult:
+                mapsave_dir: str | os.PathLike[str] | None = None, static: bool | str = False) -> MonteCarloResult:
     """Run a map on ``chips`` simulated chips of ``device`` and return the distribution of ``metric``.
 
     Args:
@@ -200,6 +211,10 @@ def monte_carlo(mapname: str | ReferenceExecutor, inputs: Any, *, cim: CIMSpec |
         higher_is_better: Whether a lower value is worse (for :attr:`MonteCarloResult.worst`).
         jobs: Worker processes (1: this process); the values do not depend on it.
         mapsave_dir: The mapsave directory.
+        static: True: simulate each chip's static cells in torch
+            (:class:`~maptools.quantization.cimmap.staticchip.StaticChipBackend`: the same chips, faster; the
+            device must have no read noise); ``'compiled'``: the same with its ADC fused by ``torch.compile``
+            (needs a C++ compiler).
 
     Raises:
         InvalidTypeError: a wrong type of ``device``, ``metric``, ``seed`` or ``mapname``.
@@ -230,13 +245,16 @@ def monte_carlo(mapname: str | ReferenceExecutor, inputs: Any, *, cim: CIMSpec |
     else:
         raise InvalidTypeError(f"mapname: got {type(mapname).__name__}, expected a map name or a ReferenceExecutor")
     assert base.cim is not None
-    base.with_cim(base.cim.spec, base.cim.adc, device=device, seed=seq)  # checks the device against the cells
+    if not (isinstance(static, bool) or static == "compiled"):
+        raise InvalidArgumentError(f"static: got {static!r}, expected False, True or 'compiled'")
+    _chip(base, device, seq, static)  # checks the device against the cells (and its read noise when static)
     jobs = min(int(jobs), int(chips))
     if jobs == 1:
-        values = [_run_chip(base, batches, device, seq, i, metric) for i in range(chips)]
+        values = [_run_chip(base, batches, device, seq, i, metric, static) for i in range(chips)]
     else:
         directory = None if mapsave_dir is None else str(mapsave_dir)
-        with process_pool(jobs, _init_worker, (mapname, directory, cim, adc, batches, device, seq, metric)) as pool:
+        with process_pool(jobs, _init_worker, (mapname, directory, cim, adc, batches, device, seq, metric,
+                                                             static)) as pool:
             values = list(pool.map(_worker_chip, range(chips)))
     result = MonteCarloResult(np.asarray(values, dtype=np.float64), base.cim.spec, device,
                               {"entropy": seq.entropy, "spawn_key": list(seq.spawn_key)}, higher_is_better, jobs,
