@@ -170,7 +170,7 @@ def test_best_learns_rounding_at_low_bits_only(tmp_path, tiny_onnx):
                  mapsave_dir=tmp_path, **kwargs)
         return json.loads((tmp_path / "m" / MANIFEST).read_text())["settings"]
 
-    assert settings(recipe="best", bit_width=4, time_budget=5)["rounding"] == "learned"
+    assert settings(recipe="best", bit_width=4, time_budget=1)["rounding"] == "learned"
     assert settings(recipe="best", bit_width=8)["rounding"] == "nearest"
     assert settings(recipe="default", bit_width=4)["rounding"] == "nearest"
     assert settings(recipe="best", bit_width=4, rounding="nearest")["rounding"] == "nearest"
