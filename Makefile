@@ -38,14 +38,18 @@ $(OLDEST_STAMP): pyproject.toml .ci/oldest-stack.txt
 	touch $(OLDEST_STAMP)
 
 # Both stacks: the whole suite on the newest (it also compares the artifacts the oldest writes), then the
-# `stack` subset (loading, quantization, export, artifacts) on the oldest.
+# `stack` subset (loading, quantization, export, artifacts) on the oldest. TEST_JOBS pytest-xdist workers of one
+# thread each, a test file per worker at a time (tests/conftest.py); TEST_JOBS=0 runs in this process.
+TEST_JOBS ?= 2
+PYTEST_JOBS := -n $(TEST_JOBS) --dist loadgroup
+
 test: test-newest test-oldest
 
 test-newest: setup setup-oldest corpus
-	MAPTOOLS_OLDEST_PYTHON=$(CURDIR)/$(OLDEST)/bin/python $(BIN)/python -m pytest -q --durations=20
+	MAPTOOLS_OLDEST_PYTHON=$(CURDIR)/$(OLDEST)/bin/python $(BIN)/python -m pytest -q --durations=20 $(PYTEST_JOBS)
 
 test-oldest: setup-oldest
-	$(OLDEST)/bin/python -m pytest -q -m stack -p no:cacheprovider
+	$(OLDEST)/bin/python -m pytest -q -m stack -p no:cacheprovider $(PYTEST_JOBS)
 
 demo: setup
 	$(BIN)/python -m maptools demo

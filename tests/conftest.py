@@ -1,4 +1,9 @@
-"""Shared fixtures: small real models exported here (no downloads) and per-test mapsave directories."""
+"""Shared fixtures: small real models exported here (no downloads) and per-test mapsave directories.
+
+Also how ``pytest -n 2 --dist loadgroup`` (``make test``) spreads the suite over processes: each test file runs
+whole on one worker (its module fixtures are built once), the files sharing a session map (:data:`SHARED_MAPS`)
+on the same worker, and every worker computes on one thread.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,68 @@ from onnx import TensorProto, helper, numpy_helper
 
 from maptools.examples import digits
 from maptools.quantization.records import QuantizationResult
+
+#: The session fixtures that quantize a map: the test files using one of them run on one xdist worker, which builds
+#: the map once for all of them.
+SHARED_MAPS = ("resnet18_maps", "digits_w4a4_mapsave", "digits_cim_map")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On an xdist worker, torch and numpy's BLAS use one thread: the workers already fill the cores."""
+    if hasattr(config, "workerinput"):
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(1)
+        threadpool_limits(limits=1, user_api="blas")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup``, mark the tests of files that share a :data:`SHARED_MAPS` map with one group."""
+    if not getattr(config.option, "loadgroup", False):  # set on the workers of --dist loadgroup
+        return
+    files: dict[str, set[str]] = {}  # file -> the shared maps its tests use
+    for item in items:
+        files.setdefault(item.path.name, set()).update(set(getattr(item, "fixturenames", ())) & set(SHARED_MAPS))
+    root: dict[str, str] = {}  # shared map -> another used in the same file (one group for both)
+
+    def group(name: str) -> str:
+        while root.get(name, name) != name:
+            name = root[name]
+        return name
+
+    for maps in files.values():
+        first, *others = sorted(maps) or [""]
+        for name in others:
+            root[group(name)] = group(first)
+    for item in items:
+        maps = files[item.path.name]
+        if maps:
+            item.add_marker(pytest.mark.xdist_group(group(min(maps))))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` by file: an unmarked test goes with its file (xdist alone would send it anywhere)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):
+                return nodeid.split("@")[-1]
+            return nodeid.split("::", 1)[0]
+
+    return FileGroupScheduling(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A test that changes torch's thread count (the thread tests) leaves it as it found it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],

@@ -332,10 +332,9 @@ def test_every_mac_kind_in_cim_mode(mapsave, tmp_path) -> None:
 
 
 # -- ResNet-18 -----------------------------------------------------------------------------------------------
-def test_resnet18_ideal_adc_is_the_exact_executor(resnet18_onnx, mapsave) -> None:
-    quantize({"input": [1, 3, 224, 224]}, "cpu", resnet18_onnx, mapname="r18", calibset=None, calib_steps=8,
-             bit_width=4, mapsave_dir=mapsave, recipe="fast", analysis_steps=1)
-    executor = ReferenceExecutor.load("r18", mapsave)
+def test_resnet18_ideal_adc_is_the_exact_executor(resnet18_maps) -> None:
+    result = resnet18_maps(4)  # fast, 8 random batches: shared with the other tests of resnet18
+    executor = ReferenceExecutor.load(result.mapname, result.directory.parent)
     image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     expected = _integers(executor, image)
     got = _integers(executor.with_cim(CIMSpec(rows=256, cell_bits=2)), image)

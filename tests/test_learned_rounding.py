@@ -152,11 +152,11 @@ def test_lsq_after_learned_rounding_keeps_the_learned_integers():
     proto = prepare_model(model, check_input_shapes(SHAPES, model))
     spec = LowBitSpec(4, 4, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
     setting = build_setting("best", "cpu", 8, activation_bits=4)
-    setting.lsq_optimization_setting.steps = 20
+    setting.lsq_optimization_setting.steps = 5
     session = PPQSession.from_onnx(proto, spec, "cpu", setting)
     train, _ = digits.load_split("train")
     session.quantize([{"input": torch.from_numpy(train[i:i + 16])} for i in range(0, 128, 16)],
-                     RoundingSettings(iterations=50))
+                     RoundingSettings(iterations=20))
     params = session.quantparams()
     assert len(session.rounding_results) == 16
     for record in session.rounding_results:
@@ -194,7 +194,7 @@ def test_best_learns_rounding_at_low_bits_only(tmp_path, tiny_onnx):
                  mapsave_dir=tmp_path, **kwargs)
         return json.loads((tmp_path / "m" / MANIFEST).read_text())["settings"]
 
-    assert settings(recipe="best", bit_width=4, time_budget=5)["rounding"] == "learned"
+    assert settings(recipe="best", bit_width=4, time_budget=1)["rounding"] == "learned"
     assert settings(recipe="best", bit_width=8)["rounding"] == "nearest"
     assert settings(recipe="default", bit_width=4)["rounding"] == "nearest"
     assert settings(recipe="best", bit_width=4, rounding="nearest")["rounding"] == "nearest"
