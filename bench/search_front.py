@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
               "result": json.loads(result.to_json())}
     (out / f"benchmarks_search_{args.model}.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / f"benchmarks_search_{args.model}.rst").write_text(rst_table(record))
+    (out / "images").mkdir(parents=True, exist_ok=True)
     png = result.plot(out / "images" / f"search_{args.model}.png")
     print(f"wrote {out / f'benchmarks_search_{args.model}.json'} and {png} ({png.stat().st_size} bytes) "
           f"in {seconds:.0f} s wall, {cpu:.0f} s CPU ({result.computed} measured, {result.cached} from the cache)")
