@@ -91,7 +91,7 @@ def main() -> None:
     calibration, inputs, fp32 = prepare(args.out, args.crops)
     metric = Top1Agreement(fp32)
     batches = [inputs[i:i + 1] for i in range(len(inputs))]
-    exact = simulate(MAP, inputs, mapsave_dir=mapsave)["logits"]
+    exact = np.concatenate([simulate(MAP, b, mapsave_dir=mapsave)["logits"] for b in batches])  # batch-1 map
     ideal = np.concatenate([simulate(MAP, b, mapsave_dir=mapsave, cim=SPEC, adc=calibration)["logits"]
                             for b in batches])
     record: dict = {"spec": str(SPEC), "crops": len(inputs), "chips": args.chips, "seed": args.seed,
