@@ -15,16 +15,17 @@ numpy-only (``monte_carlo(..., static=True)`` imports it on demand).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 from maptools.errors import InvalidArgumentError
 from maptools.quantization.cim.adc import ADC_FRACTION_BITS, AdcCalibration
-from maptools.quantization.cim.analog import AnalogMac, SeedLike, child_seed
+from maptools.quantization.cim.analog import AnalogMac, SeedLike
 from maptools.quantization.cim.arithmetic import (
     PreparedMac,
     ShiftAdd,
@@ -100,7 +101,7 @@ class StaticMac(MacAccumulator):
         prep, plan = self._setup(weights, folded)
         u = dac_codes(folded, prep.inp)
         acc = self._shift_add(prep, plan, u)
-        return unfold(offset_corrections(acc, _with_codes(prep, u)))
+        return unfold(offset_corrections(acc, dataclasses.replace(prep, u=u)))
 
     def _shift_add(self, prep: PreparedMac, plan: ShiftAdd, u: np.ndarray) -> np.ndarray:
         """Steps 5 to 7 of :mod:`~maptools.quantization.cim.arithmetic` in torch, rounded once (float64 sums)."""
@@ -171,11 +172,6 @@ def _kernel(compiled: bool) -> Callable[..., torch.Tensor]:
     return _COMPILED[0]
 
 
-def _with_codes(prep: PreparedMac, u: np.ndarray) -> PreparedMac:
-    """``prep`` with the DAC codes of another call (what the offset corrections read)."""
-    return PreparedMac(prep.w, u, prep.fmt, prep.inp, prep.lead, prep.tiles, prep.dtype)
-
-
 class StaticChipBackend(CrossbarBackend):
     """Every crossbar MAC of a map on one static chip (no read noise), or on exact cells, computed in torch.
 
@@ -203,14 +199,6 @@ class StaticChipBackend(CrossbarBackend):
                                        f"{self._chip.read_sigma_rel!r}, expected 0 for a static chip (read noise "
                                        "changes every read: use the numpy CrossbarBackend)")
 
-    def accumulators(self, macs: Sequence[CrossbarMac], fingerprint: Callable[[], str]) -> dict[str, MacAccumulator]:
-        """As :meth:`CrossbarBackend.accumulators`, each MAC a :class:`StaticMac`."""
-        mode = self.cim
-        assert mode is not None
-        checked = super().accumulators(macs, fingerprint)
-        found: dict[str, MacAccumulator] = {}
-        for index, mac in enumerate(macs):
-            analog = None if self._chip is None else AnalogMac(self._chip, mode.spec, child_seed(self._seed, index))
-            found[mac.node.name] = StaticMac(mac.operands, mode, analog, self.compiled)
-        assert found.keys() == checked.keys()
-        return found
+    def accumulator(self, mac: CrossbarMac, mode: CimMode, analog: AnalogMac | None) -> MacAccumulator:
+        """As :meth:`CrossbarBackend.accumulator`, a :class:`StaticMac`."""
+        return StaticMac(mac.operands, mode, analog, self.compiled)

@@ -144,9 +144,13 @@ class CrossbarBackend(MacBackend):
         for index, mac in enumerate(macs):
             mode.calibration(mac.operands, mac.depth)
             analog = None if self._chip is None else AnalogMac(self._chip, mode.spec, child_seed(self._seed, index))
-            found[mac.node.name] = MacAccumulator(mac.operands, mode, self.hook, analog)
+            found[mac.node.name] = self.accumulator(mac, mode, analog)
         logger.debug("CIM mode %s on %d crossbar MACs", mode.spec, len(found))
         return found
+
+    def accumulator(self, mac: CrossbarMac, mode: CimMode, analog: AnalogMac | None) -> MacAccumulator:
+        """The accumulation step of one crossbar MAC, on ``analog`` cells (None: exact cells)."""
+        return MacAccumulator(mac.operands, mode, self.hook, analog)
 
 
 def _calibrations(adc: Any) -> Mapping[str, AdcCalibration]:
