@@ -1,4 +1,4 @@
-"""quantize leaves the caller's global random generators as it found them (issue 24 item 6)."""
+"""quantize leaves the caller's global random generators and PPQ as it found them (issue 24 item 6)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from maptools.quantization import quantize
+from maptools.quantization.engine.operators import FIXED_OPERATORS, prelu_forward
+from maptools.quantization.engine.quantizer import IntegerZeroPointLSQPass
 
 
 def _draws() -> tuple[float, float, float]:
@@ -74,3 +78,54 @@ def test_quantize_changes_nothing_in_ppq(tiny_onnx, tmp_path):
     assert _ppq_globals() == before
     assert _plain_ppq_scales(tiny_onnx) == plain
     assert len(plain) >= 6
+
+
+def _prelu_onnx(path: Path) -> Path:
+    """Conv -> PRelu (slope [C, 1, 1], as torch's exporter writes it) -> Conv, input 'input' [1, 3, 8, 8]."""
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.normal(0, 0.3, (4, 3, 3, 3)), "b1": rng.normal(0, 0.1, (4,)),
+             "slope": rng.uniform(0.1, 0.3, (4, 1, 1)), "w2": rng.normal(0, 0.3, (2, 4, 3, 3)),
+             "b2": rng.normal(0, 0.1, (2,))}
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("PRelu", ["c", "slope"], ["p"], name="prelu"),
+             helper.make_node("Conv", ["p", "w2", "b2"], ["out"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "prelu", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 8, 8])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_ppq_is_unchanged_during_quantize_too(tmp_path, monkeypatch):
+    """Inside maptools' call as well (in its PRelu, which PPQ 0.6.6 cannot execute itself, and in its LSQ pass)
+    PPQ's tables and methods are PPQ's own objects; LSQ leaves the zero points as calibrated."""
+    before = _ppq_globals()
+    seen: list[tuple[str, bool]] = []
+    offsets: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def prelu_spy(*args, **kwargs):
+        seen.append(("prelu", _ppq_globals() == before))
+        return prelu_forward(*args, **kwargs)
+
+    enable = IntegerZeroPointLSQPass.enable_block_gradient
+
+    def lsq_spy(self, block):
+        seen.append(("lsq", _ppq_globals() == before))
+        offsets.extend((config.offset, config.offset.detach().clone()) for op in block.rps
+                       if hasattr(op, "config_with_variable") for config, _ in op.config_with_variable
+                       if isinstance(config.offset, torch.Tensor))
+        enable(self, block)
+
+    monkeypatch.setitem(FIXED_OPERATORS, "PRelu", prelu_spy)
+    monkeypatch.setattr(IntegerZeroPointLSQPass, "enable_block_gradient", lsq_spy)
+    generator = np.random.default_rng(0)
+    calib = [{"input": generator.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    result = quantize({"input": [1, 3, 8, 8]}, "cpu", _prelu_onnx(tmp_path / "prelu.onnx"), mapname="p",
+                      calibset=calib, calib_steps=8, mapsave_dir=tmp_path, recipe="best", symmetrical=False)
+    assert {kind for kind, _ in seen} == {"prelu", "lsq"}
+    assert all(same for _, same in seen)
+    assert result.output_snr_db["out"] > 30.0
+    moved = [(now, then) for now, then in offsets if not torch.equal(now, then)]
+    assert len(offsets) >= 4 and any(then.abs().max() > 0 for _, then in offsets) and not moved

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from maptools.quantization import quantize, read_quantinfo
 from maptools.quantization.engine import PPQSession
-from maptools.quantization.engine.operators import FIXED_OPERATORS, operator_fixes
+from maptools.quantization.engine.operators import FixedOperatorExecutor, prelu_forward
 from maptools.quantization.engine.outputs import final_concats
 from maptools.quantization.engine.quantizer import LowBitSpec
 from maptools.quantization.engine.rewrites import (
@@ -129,14 +129,21 @@ def test_prelu_runs_in_ppq_as_in_onnxruntime(tmp_path, x_shape: list[int], slope
     np.testing.assert_allclose(ppq, _ort(model, {"input": x})[0], rtol=1e-6, atol=1e-7)
 
 
-def test_operator_fixes_are_scoped() -> None:
+def test_fixed_operator_executor_runs_ppqs_loop_with_maptools_prelu() -> None:
+    """maptools' executor runs PPQ's own forward loop, which finds maptools' PRelu and PPQ's other operators;
+    PPQ's tables keep PPQ's PRelu."""
+    from ppq.core import TargetPlatform
+    from ppq.executor import TorchExecutor
     from ppq.executor.base import OPERATION_FORWARD_TABLE
     from ppq.executor.op.torch.default import PRelu_forward
 
-    tables = list(OPERATION_FORWARD_TABLE.values())
-    with operator_fixes():
-        assert all(table["PRelu"] is FIXED_OPERATORS["PRelu"] for table in tables)
-    assert all(table.get("PRelu") is PRelu_forward for table in tables if "PRelu" in table)
+    ours, ppqs = FixedOperatorExecutor._TorchExecutor__forward, TorchExecutor._TorchExecutor__forward
+    assert ours.__code__ is ppqs.__code__ and "OPERATION_FORWARD_TABLE" in ours.__code__.co_names
+    tables = ours.__globals__["OPERATION_FORWARD_TABLE"]
+    for platform in (TargetPlatform.TRT_INT8, TargetPlatform.FP32):
+        assert tables[platform]["PRelu"] is prelu_forward
+        assert tables[platform]["Conv"] is OPERATION_FORWARD_TABLE[platform]["Conv"]
+    assert all(table["PRelu"] is PRelu_forward for table in OPERATION_FORWARD_TABLE.values() if "PRelu" in table)
 
 
 def test_mtcnn_like_prelu_model_quantizes(tmp_path) -> None:

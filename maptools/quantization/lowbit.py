@@ -26,10 +26,10 @@ from maptools.quantization.engine.facade import (
     QuantizationSetting,
     QuantizationSettingFactory,
     TargetPlatform,
-    TorchExecutor,
     dispatch_graph,
     load_onnx_graph,
 )
+from maptools.quantization.engine.operators import FixedOperatorExecutor
 from maptools.quantization.engine.quantizer import LowBitQuantizer, LowBitSpec
 from maptools.quantization.engine.quiet import ppq_silenced
 from maptools.quantization.validation import check_bits, check_bool
@@ -85,7 +85,7 @@ def quantize_native_model_lowbit(
                                dispatching_table=setting.dispatching_table)
         quantizer = LowBitQuantizer(graph=graph, spec=spec)
         quantizer._verbose = bool(verbose)
-        executor = TorchExecutor(graph=graph, device=device)
+        executor = FixedOperatorExecutor(graph=graph, device=device)
         if do_quantize:
             quantizer.quantize(inputs=dummy, calib_dataloader=calib_dataloader, executor=executor, setting=setting,
                                calib_steps=calib_steps, collate_fn=collate_fn)

@@ -64,7 +64,6 @@ from ppq.quantization.optim import (  # noqa: E402
     QuantizeFusionPass,
     RuntimeCalibrationPass,
 )
-from ppq.quantization.optim import training as ppq_training  # noqa: E402
 from ppq.quantization.optim.training import LearnedStepSizePass  # noqa: E402
 from ppq.quantization.qfunction import PPQuantFunction  # noqa: E402
 from ppq.quantization.quantizer.TensorRTQuantizer import TensorRTQuantizer  # noqa: E402
@@ -111,5 +110,4 @@ __all__ = [
     "import_ppq",
     "load_onnx_graph",
     "ppq_tensor_round",
-    "ppq_training",
 ]

@@ -1,30 +1,33 @@
-"""Corrected PPQ operator implementations, installed only while maptools runs PPQ.
+"""maptools' implementations of the operators PPQ 0.6.6 executes differently from ONNX, and the executor using them.
 
-PPQ 0.6.6 executes some operators differently from ONNX. These are fixed at the operator, so the graph
-keeps its nodes (and their quantization points) as the model has them:
+These are fixed at the operator, so the graph keeps its nodes (and their quantization points) as the model has
+them:
 
 * ``PRelu``: PPQ calls ``torch.nn.functional.prelu(x, slope)``, which takes only a 1-D (per channel 1) or
   0-D slope. ONNX broadcasts the slope to ``x`` unidirectionally, and exporters write ``[C, 1, 1]`` (torch's
   legacy exporter) or ``[1, C, 1, 1]`` (its dynamo exporter), which PPQ cannot execute. maptools computes
   ``where(x >= 0, x, x * slope)`` with ONNX broadcasting.
 
-:func:`operator_fixes` installs them in PPQ's forward tables for the duration of a block and puts PPQ's own
-back afterwards (PPQ's executor reads only those process-wide tables), so PPQ used directly in the same
-process afterwards is not affected.
+:class:`FixedOperatorExecutor` runs them: PPQ's ``TorchExecutor`` whose forward loop (PPQ's own code) looks
+operators up in :data:`FIXED_OPERATORS` before PPQ's forward tables. PPQ's tables are never written to, so PPQ
+used directly in the same process, in another thread too, executes as it always does.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import types
+from collections import ChainMap
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from maptools.quantization.engine.facade import (
     OPERATION_FORWARD_TABLE,
+    TargetPlatform,
+    TorchExecutor,
 )
 
-__all__ = ["FIXED_OPERATORS", "operator_fixes", "prelu_forward"]
+__all__ = ["FIXED_OPERATORS", "FixedOperatorExecutor", "prelu_forward"]
 
 
 def prelu_forward(op, values: list[torch.Tensor], ctx=None, **kwargs) -> torch.Tensor:  # noqa: ARG001
@@ -37,25 +40,35 @@ def prelu_forward(op, values: list[torch.Tensor], ctx=None, **kwargs) -> torch.T
 FIXED_OPERATORS: dict[str, Callable[..., torch.Tensor]] = {"PRelu": prelu_forward}
 
 
-@contextlib.contextmanager
-def operator_fixes() -> Iterator[None]:
-    """Within the block, PPQ executes :data:`FIXED_OPERATORS` with maptools' implementations, on every platform."""
-    saved = [(table, name, table.get(name)) for table in _tables() for name in FIXED_OPERATORS]
-    for table, name, _ in saved:
-        table[name] = FIXED_OPERATORS[name]
-    try:
-        yield
-    finally:
-        for table, name, original in saved:
-            if original is None:
-                table.pop(name, None)
-            else:
-                table[name] = original
+class _FixedTables(Mapping):
+    """PPQ's forward table of each platform, read through :data:`FIXED_OPERATORS` first (nothing is copied)."""
+
+    def __getitem__(self, platform: TargetPlatform) -> ChainMap:
+        return ChainMap(FIXED_OPERATORS, OPERATION_FORWARD_TABLE[platform])
+
+    def __iter__(self) -> Iterator[TargetPlatform]:
+        return iter(OPERATION_FORWARD_TABLE)
+
+    def __len__(self) -> int:
+        return len(OPERATION_FORWARD_TABLE)
 
 
-def _tables() -> list[dict]:
-    """PPQ's forward tables, each once (several platforms share one dict)."""
-    unique: dict[int, dict] = {}
-    for table in OPERATION_FORWARD_TABLE.values():
-        unique.setdefault(id(table), table)
-    return list(unique.values())
+def _reading(function: types.FunctionType, **names: object) -> types.FunctionType:
+    """``function``'s own code, with the module-level ``names`` it reads bound to the given objects instead."""
+    clone = types.FunctionType(function.__code__, {**function.__globals__, **names}, function.__name__,
+                               function.__defaults__, function.__closure__)
+    clone.__kwdefaults__ = function.__kwdefaults__
+    clone.__qualname__ = function.__qualname__
+    clone.__doc__ = function.__doc__
+    return clone
+
+
+class FixedOperatorExecutor(TorchExecutor):
+    """PPQ's ``TorchExecutor``, executing the operators of :data:`FIXED_OPERATORS` with maptools' implementations.
+
+    Every public method is PPQ's; only the private forward loop they all share reads the forward tables through
+    :data:`FIXED_OPERATORS` (PPQ's code, rebound by :func:`_reading`).
+    """
+
+    _TorchExecutor__forward = _reading(TorchExecutor._TorchExecutor__forward,
+                                       OPERATION_FORWARD_TABLE=_FixedTables())

@@ -10,9 +10,7 @@ point 0, see :mod:`maptools.quantization.engine.unsigned`).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,7 +35,6 @@ from maptools.quantization.engine.facade import (
     RuntimeCalibrationPass,
     TargetPlatform,
     TensorRTQuantizer,
-    ppq_training,
 )
 from maptools.quantization.engine.fusion import (
     FUSED_ACTIVATION_TYPES,
@@ -165,15 +162,12 @@ def weight_channel_axis(operation: Operation) -> int:
 class IntegerZeroPointLSQPass(LearnedStepSizePass):
     """PPQ's LSQ pass training weights, biases and scales but not zero points, nor baked parameters.
 
-    PPQ's LSQ learns the offsets of asymmetric configs as floats; a chip needs integer zero points, and an
-    unsigned range must keep zero point 0, so they stay as calibrated. A parameter already baked (the integers
-    of learned rounding, :mod:`~maptools.quantization.engine.learned_rounding`) is final: PPQ would train it as
-    a float off its grid, so it is not trained (its scale, baked too, is not delegated to LSQ either).
+    PPQ's LSQ can learn the offsets of asymmetric configs as floats; a chip needs integer zero points, and an
+    unsigned range must keep zero point 0, so they stay as calibrated: no offset requires a gradient, and PPQ's
+    ``finetune`` gives its optimizer only the tensors that do. A parameter already baked (the integers of learned
+    rounding, :mod:`~maptools.quantization.engine.learned_rounding`) is final: PPQ would train it as a float off
+    its grid, so it is not trained (its scale, baked too, is not delegated to LSQ either).
     """
-
-    def optimize(self, *args, **kwargs) -> None:  # noqa: D102 - PPQ's signature
-        with _frozen_offsets():
-            super().optimize(*args, **kwargs)
 
     def enable_block_gradient(self, block) -> None:  # noqa: D102 - PPQ's signature
         super().enable_block_gradient(block)
@@ -181,19 +175,11 @@ class IntegerZeroPointLSQPass(LearnedStepSizePass):
             if not isinstance(op, QuantableOperation):
                 continue
             for config, var in op.config_with_variable:
+                if isinstance(config.offset, torch.Tensor) and config.offset.is_leaf:
+                    config.offset.requires_grad = False
                 baked = config.state == QuantizationStates.BAKED
                 if baked and var.is_parameter and isinstance(var.value, torch.Tensor):
                     var.value.requires_grad = False
-
-
-@contextmanager
-def _frozen_offsets():
-    original = ppq_training.LSQDelegator
-    ppq_training.LSQDelegator = partial(original, is_offset_trainable=False)
-    try:
-        yield
-    finally:
-        ppq_training.LSQDelegator = original
 
 
 class WeightScaleParameterQuantizePass(ParameterQuantizePass):

@@ -32,7 +32,6 @@ from maptools.quantization.engine.facade import (
     QuantableOperation,
     QuantizationSetting,
     TargetPlatform,
-    TorchExecutor,
     dispatch_graph,
     load_onnx_graph,
 )
@@ -44,7 +43,7 @@ from maptools.quantization.engine.learned_rounding import (
     RoundingSettings,
     with_learned_rounding,
 )
-from maptools.quantization.engine.operators import operator_fixes
+from maptools.quantization.engine.operators import FixedOperatorExecutor
 from maptools.quantization.engine.outputs import FinalConcat, final_concats
 from maptools.quantization.engine.quantizer import LowBitQuantizer, LowBitSpec
 from maptools.quantization.engine.quiet import ppq_silenced
@@ -96,7 +95,7 @@ class PPQSession:
         self.graph = graph
         #: Graph output names, in the float model's order.
         self.output_names = list(output_names) or list(graph.outputs)
-        self.executor = TorchExecutor(graph=self.graph, device=device)
+        self.executor = FixedOperatorExecutor(graph=self.graph, device=device)
         self._quantized = quantized
         #: Graph outputs built by a final Concat (kept in float, parts at their own quantization).
         self.final_concats: list[FinalConcat] = []
@@ -209,7 +208,7 @@ class PPQSession:
             return {name: tensor.to(device) for name, tensor in batch.items()}
 
         try:
-            with ppq_silenced(), operator_fixes(), compute_threads(self.threads):
+            with ppq_silenced(), compute_threads(self.threads):
                 quantizer.quantize(inputs=collate(batches[0]), calib_dataloader=counted("calibration batch", batches),
                                    executor=self.executor, setting=self.setting,
                                    calib_steps=len(batches), collate_fn=collate)
@@ -248,7 +247,7 @@ class PPQSession:
         feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
         try:  # torch's threads only: one forward per batch (and per operator in the layer-wise analysis) must not
             # pay threadpoolctl's library scan (~1 ms); quantize() limits numpy's BLAS around the whole run
-            with ppq_silenced(), operator_fixes(), torch_threads(self.threads):
+            with ppq_silenced(), torch_threads(self.threads):
                 outputs = self.executor.forward(inputs=feed, output_names=list(names))
         except Exception as exc:
             raise self._engine_error(stage, exc) from exc
