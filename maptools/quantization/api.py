@@ -128,9 +128,8 @@ def quantize(
             the manifest; ``report.json``'s ``learned_rounding`` gives each layer's error before and after.
         time_budget: Seconds learned rounding may take (None: no limit); each layer's iterations are scaled
             to fit. Recorded in the manifest.
-        threads: torch CPU threads while quantizing; None for 1, measured the fastest for PPQ's
-            calibration on small batches and the one that holds its speed beside other CPU-bound jobs (see
-            :mod:`maptools.quantization.engine.threads`).
+        threads: torch CPU threads while quantizing; None for 1, the fastest for PPQ's calibration on small
+            batches (why: :ref:`guide-threads`).
 
     Returns:
         The paths written, the per-operator configs and the graph-wise error.

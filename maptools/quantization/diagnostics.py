@@ -1,10 +1,8 @@
 """Warnings when a quantized model's outputs are wrecked: too noisy, or collapsed to a constant.
 
-A map can be unusable while its numbers look fine at a glance: a detector whose class scores all round to 0
-still has a 30 dB output SNR (its box coordinates dominate the energy), and a classifier calibrated on random
-data can read 22 dB on random data and 3 dB on images. After the error analysis (on held-out data where
-there is any), :func:`output_warnings` checks every graph output and every part of an output built by a
-final ``Concat``:
+A map can be unusable while its numbers look fine at a glance (examples in :ref:`guide-map-quality`). After the
+error analysis (on held-out data where there is any), :func:`output_warnings` checks every graph output and
+every part of an output built by a final ``Concat``:
 
 * SNR below :data:`SNR_WARNING_DB` against FP32, or below :data:`SEQUENCE_WARNING_DB` for a sequence of class
   probabilities (:func:`sequence_outputs`: what a CTC text recognizer decodes into strings);
@@ -34,13 +32,13 @@ if TYPE_CHECKING:
 __all__ = ["CNN_TRANSFORMER_ADVICE", "SEQUENCE_WARNING_DB", "SNR_WARNING_DB", "WORST_OPERATORS", "Advice",
            "advice_syntax", "cnn_transformer_convolutions", "output_warnings", "sequence_outputs", "worst_operators"]
 
-#: An output (or output part) below this SNR in dB against FP32 gets a warning: at 10 dB the noise amplitude
-#: is about a third of the signal's, where top-1 agreement of a classifier typically falls below 80-90 %.
+#: An output (or output part) below this SNR in dB against FP32 gets a warning (why: :ref:`guide-map-quality`).
 SNR_WARNING_DB = 10.0
-#: A sequence of class probabilities below this SNR changes decoded strings: PP-OCRv4's recognizer lost 7 of 32
-#: lines at 11.6 dB, 16 at 12.9 dB and none at 15.5 dB (docs/benchmarks_recognizer.json).
+#: A sequence of class probabilities below this SNR gets a warning: it changes decoded strings (why:
+#: :ref:`guide-map-quality`, figures in ``docs/benchmarks_recognizer.json``).
 SEQUENCE_WARNING_DB = 14.0
-#: Why the advice for a CNN + transformer network below 8-bit weights keeps its Convs at 8 bits (measured).
+#: Why the advice for a CNN + transformer network below 8-bit weights keeps its Convs at 8 bits (the figures
+#: of :ref:`guide-map-quality`, shown with the advice).
 CNN_TRANSFORMER_ADVICE = ("the transformer's MatMuls hold 4-bit weights, the Convs do not: PP-OCRv4's recognizer "
                           "at W4A8 read 32/32 lines as FP32 this way, 0/32 without, 1/32 with its 8 worst operators "
                           "at 8 bits")

@@ -45,8 +45,8 @@ _QUANTIZED = {"ppq", "onnxruntime", "integer"}
 #: Number of random batches when neither inputs nor a batch count are given.
 DEFAULT_RANDOM_BATCHES = 2
 
-#: What the table says of random inputs (a trained detector: 8.5 dB FP32 vs PPQ on random data, 24.9 dB on its
-#: real inputs, issue 23).
+#: What the table says of random inputs, whose FP32 vs quantized figures say little of real inputs (figures in
+#: :doc:`/cli`, ``maptools verify --batches``).
 RANDOM_NOTE = ("standard-normal inputs are not what the model sees, and the FP32 vs quantized figures on them can "
                "be tens of dB off those on real inputs; give real inputs (--inputs DIR, or inputs=)")
 

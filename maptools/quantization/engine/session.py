@@ -246,7 +246,7 @@ class PPQSession:
         """One silent forward of the graph in its current state; PPQ errors become :class:`EngineError`."""
         feed = {name: tensor.to(self.device) for name, tensor in batch.items()}
         try:  # torch's threads only: one forward per batch (and per operator in the layer-wise analysis) must not
-            # pay threadpoolctl's library scan (~1 ms); quantize() limits numpy's BLAS around the whole run
+            # pay threadpoolctl's scan of the loaded libraries; quantize() limits numpy's BLAS around the whole run
             with ppq_silenced(), torch_threads(self.threads):
                 outputs = self.executor.forward(inputs=feed, output_names=list(names))
         except Exception as exc:
