@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def test_incompatible_format_version(saved, version):
     manifest = json.loads((saved / "m" / MANIFEST).read_text())
     manifest["format_version"] = version
     (saved / "m" / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="is not compatible with this maptools"):
+    shown = re.escape(version or "unknown")
+    with pytest.raises(ArtifactError, match=rf"manifest\.json: artifact format version '{shown}'"):
         read_quantinfo("m", saved)
 
 

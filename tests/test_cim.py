@@ -349,14 +349,14 @@ def test_adc_calibration_serialization(tmp_path):
         cal.check(spec.replace(cell_bits=1), cal.shape)
     with pytest.raises(InvalidArgumentError, match="input_bits=4 .the MAC has 3."):
         cim_accumulate(w, x // 2, input_bits=3, input_signed=False, weight_bits=4, spec=spec, adc=cal)
-    with pytest.raises(InvalidArgumentError, match="MAC needs"):
+    with pytest.raises(InvalidArgumentError, match=r"^adc: "):
         cim_accumulate(w[:, :50], x[:50], input_bits=4, input_signed=False, weight_bits=4, spec=spec, adc=cal)
-    with pytest.raises(InvalidArgumentError, match="calibrated"):
+    with pytest.raises(InvalidArgumentError, match=r"^adc: None, but spec\.adc_range"):
         cim_accumulate(w, x, input_bits=4, input_signed=False, weight_bits=4, spec=spec)
-    with pytest.raises(InvalidArgumentError, match="full"):
+    with pytest.raises(InvalidArgumentError, match=r"^adc: "):
         cim_accumulate(w, x, input_bits=4, input_signed=False, weight_bits=4, spec=spec.replace(adc_range="full"),
                        adc=cal)
-    with pytest.raises(InvalidArgumentError, match="ranges"):
+    with pytest.raises(InvalidArgumentError, match=r"^AdcCalibration\.ranges: "):
         AdcCalibration(ranges=np.zeros((1, 1, 1)), spec=spec, weight_bits=4, input_bits=4)
 
 
@@ -375,13 +375,13 @@ def test_operand_errors():
     spec = CIMSpec(rows=16)
     w = np.ones((2, 20), np.int64)
     kwargs = {"input_bits": 4, "input_signed": False, "weight_bits": 4, "spec": spec}
-    with pytest.raises(InvalidArgumentError, match="DAC codes"):
+    with pytest.raises(InvalidArgumentError, match=r"^columns: DAC codes"):
         cim_accumulate(w, np.full((20, 3), 16), **kwargs)
-    with pytest.raises(InvalidArgumentError, match="DAC codes"):
+    with pytest.raises(InvalidArgumentError, match=r"^columns: DAC codes"):
         cim_accumulate(w, np.full((20, 3), -1), **kwargs)
-    with pytest.raises(InvalidArgumentError, match="weight range"):
+    with pytest.raises(InvalidArgumentError, match=r"^weights: "):
         cim_accumulate(w * 8, np.ones((20, 3)), **kwargs)
-    with pytest.raises(InvalidArgumentError, match="integer values"):
+    with pytest.raises(InvalidArgumentError, match=r"^columns: expected integer"):
         cim_accumulate(w, np.full((20, 3), 0.5), **kwargs)
     with pytest.raises(InvalidArgumentError, match=r"\(\.\.\., K, P\)"):
         cim_accumulate(w, np.ones((19, 3)), **kwargs)
@@ -391,7 +391,7 @@ def test_operand_errors():
         cim_accumulate(w, np.ones((20, 3)), **kwargs, weight_min=1)
     with pytest.raises(InvalidTypeError, match="spec"):
         cim_accumulate(w, np.ones((20, 3)), **{**kwargs, "spec": "rows=16"})
-    with pytest.raises(InvalidArgumentError, match="ideal ADC"):
+    with pytest.raises(InvalidArgumentError, match=r"^adc: "):
         cal = AdcCalibration(ranges=np.full((2, 2, 4), 20.0), spec=spec.replace(adc_bits=4, adc_range="calibrated"),
                              weight_bits=4, input_bits=4)
         cim_accumulate(w, np.ones((20, 3)), **kwargs, adc=cal)
@@ -450,9 +450,9 @@ def test_requant_rounding_per_channel_and_errors():
     mult, shift = fixed_point_multiplier(np.array([2.0**-33, 1e-12]))
     assert np.all(shift == 31) and np.all(mult < 2**30)
     for bad in (0.0, -1.0, np.nan, 2.0**31):
-        with pytest.raises(InvalidArgumentError, match="m"):
+        with pytest.raises(InvalidArgumentError, match=r"^m: got"):
             fixed_point_multiplier(bad)
-    with pytest.raises(InvalidArgumentError, match="int32"):
+    with pytest.raises(InvalidArgumentError, match=r"^acc: "):
         requantize_fixed(np.array([2**31]), 2**30, 0, 0, 0, 255)
     with pytest.raises(InvalidArgumentError, match="mode"):
         requantize(np.array([1]), 0.5, 0, 0, 255, mode="double")
@@ -510,7 +510,7 @@ def test_spec_parse_and_round_trips():
             CIMSpec.parse(text)
     with pytest.raises(InvalidTypeError):
         CIMSpec.parse(256)
-    with pytest.raises(InvalidArgumentError, match="unknown field"):
+    with pytest.raises(InvalidArgumentError, match=r"^CIMSpec\.from_dict: unknown field\(s\) 'banks'"):
         CIMSpec.from_dict({"rows": 4, "banks": 2})
 
 

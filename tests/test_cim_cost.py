@@ -242,7 +242,7 @@ def test_map_cost_positions_and_totals(cim_map) -> None:
     assert on_batch.samples == 16 and on_batch.to_dict() == {**cost.to_dict(), "samples": 16}
     with pytest.raises(InvalidTypeError, match="spec: got str"):
         map_cost("digits", "rows=64", mapsave_dir=cim_map)
-    with pytest.raises(InvalidArgumentError, match="needs batch="):
+    with pytest.raises(InvalidArgumentError, match=r"^map_cost: .*\bbatch="):
         map_cost(ReferenceExecutor.load("digits", cim_map), CIM)
 
 

@@ -217,7 +217,7 @@ def test_bad_arguments_are_refused_naming_them(mapsave: Path, images: np.ndarray
     rng = np.random.default_rng(0)
     analog = AnalogMac(DeviceModel(prog_sigma_rel=0.1), SPEC, 0)
     _acc(rng.integers(-8, 8, size=(4, 10)), rng.integers(0, 16, size=(10, 3)), SPEC, analog)
-    with pytest.raises(InvalidArgumentError, match="programmed with other weights"):
+    with pytest.raises(InvalidArgumentError, match=r"^analog: "):
         _acc(rng.integers(-8, 8, size=(4, 10)), rng.integers(0, 16, size=(10, 3)), SPEC, analog)
 
 

@@ -104,7 +104,7 @@ def test_a_device_with_read_noise_is_refused() -> None:
     operands, w, x = _layer("signed")
     analog = AnalogMac(DeviceModel(prog_sigma_rel=0.01, read_sigma_abs=0.1), SPEC, seed=0)
     mode = _mode(operands, w, x, SPEC)
-    with pytest.raises(InvalidArgumentError, match="read noise"):
+    with pytest.raises(InvalidArgumentError, match=r"^device: has read noise"):
         StaticMac(operands, mode, analog)(w, x)
 
 
