@@ -15,7 +15,7 @@ from conftest import write_images
 
 from maptools import CalibrationError, InvalidArgumentError
 from maptools.quantization import calibfolders, imagefolder_calibset, npy_calibset, quantize
-from maptools.quantization.calibration import FolderBatches
+from maptools.quantization.calibfolders import FolderBatches
 
 
 def png_bytes(seed: int) -> bytes:

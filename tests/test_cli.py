@@ -304,7 +304,7 @@ def test_no_progress_lines_on_a_terminal(tmp_path, capsys, monkeypatch):
 
     from maptools import cli
     from maptools.examples import digits
-    from maptools.quantization.engine.quiet import show_progress
+    from maptools.quantization.progress import show_progress
 
     monkeypatch.setattr(cli, "HEARTBEAT_SECONDS", 0.2)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from maptools.examples import digits
-from maptools.quantization import artifacts, intmath, quantize, read_quantinfo, read_quantparams
 from maptools.quantization import format as fmt
+from maptools.quantization import intmath, quantize, read_quantinfo, read_quantparams
 from maptools.quantization.verify import compare
 
 
 def test_file_names_and_version_are_the_documented_ones() -> None:
-    assert (fmt.QUANTINFO, fmt.QUANTPARAMS, fmt.QUANTMODEL, fmt.MANIFEST, fmt.PPQSTATE,
-            fmt.REPORT_JSON, fmt.REPORT_PNG, fmt.PPQGRAPH) == (
-        "quantinfo.pkl", "quantparams.pkl", "quant_model.onnx", "manifest.json", "ppq_state.json", "report.json",
-        "report.png", "ppq_graph.pkl")
-    assert fmt.FORMAT_VERSION == "2.0" and fmt.ROUNDING == intmath.ROUNDING == "half_even"
-    for name in ("QUANTINFO", "QUANTPARAMS", "QUANTMODEL", "MANIFEST", "PPQSTATE", "FORMAT_VERSION"):
-        assert getattr(artifacts, name) == getattr(fmt, name)  # re-exported where user code imports them
+    """The format's names, version and rounding are those the results page gives the readers of a map: its table
+    of files, its example manifest and its legacy files."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "results.rst").read_text()
+    table = page.split(".. list-table::", 1)[1].split("To look at a map", 1)[0]
+    assert re.findall(r"^   \* - ``([^`]+)``", table, flags=re.MULTILINE) == [
+        fmt.QUANTINFO, fmt.QUANTPARAMS, fmt.QUANTMODEL, fmt.PPQSTATE, fmt.REPORT_JSON, fmt.REPORT_PNG, fmt.CIM_FILE,
+        fmt.MANIFEST]
+    assert f'"format_version": "{fmt.FORMAT_VERSION}"' in page and f'"rounding": "{intmath.ROUNDING}"' in page
+    assert f"``{fmt.PPQGRAPH}`` (format 1.0 maps)" in page
 
 
 @pytest.mark.parametrize(("op_type", "family"), [("Conv", "conv"), ("ConvTranspose", "conv"), ("Gemm", "gemm"),
@@ -57,7 +61,7 @@ def test_a_map_follows_the_format(tmp_path) -> None:
     quantize({"input": list(digits.INPUT_SHAPE)}, "cpu", digits.MODEL_PATH, mapname="m", calib_steps=8,
              analysis_steps=1, mapsave_dir=tmp_path, recipe="fast")
     manifest = json.loads((tmp_path / "m" / fmt.MANIFEST).read_text())
-    assert manifest["format_version"] == fmt.FORMAT_VERSION and manifest["rounding"] == fmt.ROUNDING
+    assert manifest["format_version"] == fmt.FORMAT_VERSION and manifest["rounding"] == intmath.ROUNDING
     assert sorted(manifest["files"]) == sorted([fmt.QUANTINFO, fmt.QUANTPARAMS, fmt.QUANTMODEL,
                                                 fmt.PPQSTATE, fmt.REPORT_JSON, fmt.REPORT_PNG])
     info, params = read_quantinfo("m", tmp_path), read_quantparams("m", tmp_path)

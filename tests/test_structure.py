@@ -91,7 +91,11 @@ def imports(path: Path, name: str, known: dict[str, Path]) -> tuple[set[str], se
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     inside: set[str] = set()
     outside: set[str] = set()
-    for node in _import_nodes(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for target in _lazy_modules(tree):
+        inside.add(target)
+        inside.update(_packages_run(target, name, known))
+    for node in _import_nodes(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         else:
@@ -112,6 +116,20 @@ def imports(path: Path, name: str, known: dict[str, Path]) -> tuple[set[str], se
                 inside.add(target)
             inside.update(_packages_run(target, name, known))
     return inside, outside
+
+
+def _lazy_modules(tree: ast.Module) -> set[str]:
+    """The modules a package imports on first use: the values of the table it gives ``lazy_attributes``."""
+    tables = {target.id: node.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+              for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+              if isinstance(target, ast.Name) and isinstance(node.value, ast.Dict)}
+    found = set()
+    for call in ast.walk(tree):
+        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "lazy_attributes"
+                and len(call.args) == 3 and isinstance(call.args[2], ast.Name) and call.args[2].id in tables):
+            found.update(value.value for value in tables[call.args[2].id].values
+                         if isinstance(value, ast.Constant) and isinstance(value.value, str))
+    return found
 
 
 def _packages_run(target: str, importer: str, known: dict[str, Path]) -> set[str]:
@@ -218,6 +236,15 @@ def test_function_level_and_type_checking_imports_count(tmp_path: Path) -> None:
     assert imports(source, "m", known)[0] == {"maptools.cli", "maptools.quantization.reference"}
 
 
+def test_a_lazy_table_counts_as_importing_its_modules(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("from maptools._lazy import lazy_attributes\n_LAZY = {'f': 'maptools.cli'}\n"
+                      "__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)\n")
+    known = {"maptools.cli": source, "maptools._lazy": source, "m": source}
+    assert imports(source, "m", known)[0] == {"maptools.cli", "maptools._lazy"}
+    assert "maptools.quantization.calibfolders" in graph()["maptools.quantization"]
+
+
 def test_importing_a_submodule_runs_its_packages(tmp_path: Path) -> None:
     """``import a.b.c`` runs ``a.b``'s ``__init__`` first: the cycle cluster -> cimmap.pool -> cimmap/__init__ ->
     sweep -> cluster (an ImportError at run time) is one for the test too."""
@@ -243,3 +270,32 @@ def test_only_the_engine_facade_imports_ppq() -> None:
     known = modules()
     assert sorted(name for name, path in known.items() if "ppq" in imports(path, name, known)[1]) == [
         "maptools.quantization.engine.facade"]
+
+
+#: Modules whose ``__all__`` lists names defined elsewhere, on purpose: PPQ's names behind the facade, the format's
+#: and map directory's names where user code imports them, the digits example's helpers the mobile one shares.
+REEXPORTING = {"maptools.quantization.engine.facade", "maptools.quantization.artifacts", "maptools.examples.mobile"}
+
+
+def defined_elsewhere(path: Path) -> list[str]:
+    """The names of a module's ``__all__`` that it does not define itself (it imports them)."""
+    tree = ast.parse(path.read_text())
+    listed: list[str] = []
+    defined: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {leaf.id for target in targets for leaf in ast.walk(target) if isinstance(leaf, ast.Name)}
+            if "__all__" in names:
+                listed = list(ast.literal_eval(node.value))
+            defined |= names
+    return [name for name in listed if name not in defined]
+
+
+def test_a_module_exports_only_what_it_defines() -> None:
+    """A name has one home: a module other than a package's ``__init__`` and :data:`REEXPORTING` does not
+    re-export what another module defines (its users import it from there)."""
+    assert {name: found for name, path in modules().items() if path.name != "__init__.py"
+            and name not in REEXPORTING and (found := defined_elsewhere(path))} == {}

@@ -84,11 +84,11 @@ def _folder_batches(images: str | None, arrays: str | None, flags: tuple[str, st
     """The batches of an image folder (``--calib-dir``, ``--eval-dir``) or an .npy folder, or None."""
     with _cli_names({"root": flags[0], "calib_npy": flags[1]}):
         if images:
-            from maptools.quantization.calibration import imagefolder_calibset
+            from maptools.quantization.calibfolders import imagefolder_calibset
 
             return imagefolder_calibset(images, shapes, mean=args.mean, std=args.std, seed=seed)
         if arrays:
-            from maptools.quantization.calibration import npy_calibset
+            from maptools.quantization.calibfolders import npy_calibset
 
             return npy_calibset(arrays, shapes)
     return None

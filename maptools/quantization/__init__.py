@@ -17,10 +17,12 @@ checked, and the calibration-set helpers (:func:`random_calibset`, :func:`npy_ca
 from __future__ import annotations
 
 from maptools._lazy import lazy_attributes
-from maptools.quantization.api import OBSERVERS, RECIPES, quantize
+from maptools.quantization.api import quantize
 from maptools.quantization.artifacts import MapContents, read_map, read_quantinfo, read_quantparams
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.config import (
+    OBSERVERS,
+    RECIPES,
     BitsConfig,
     CalibrationConfig,
     OutputConfig,
@@ -60,8 +62,8 @@ __all__ = [
 
 #: Names imported on first use (PEP 562), with their module: these import torch.
 _LAZY = {
-    "imagefolder_calibset": "maptools.quantization.calibration",
-    "npy_calibset": "maptools.quantization.calibration",
+    "imagefolder_calibset": "maptools.quantization.calibfolders",
+    "npy_calibset": "maptools.quantization.calibfolders",
     "random_calibset": "maptools.quantization.calibration",
 }
 

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from maptools.quantization import artifacts, pipeline
-from maptools.quantization.config import OBSERVERS, RECIPES, QuantizeConfig
+from maptools.quantization.config import QuantizeConfig
 from maptools.quantization.options import QuantizeOptions
 from maptools.quantization.records import QuantizationResult
 
-__all__ = ["OBSERVERS", "RECIPES", "QuantizeConfig", "quantize"]
+__all__ = ["quantize"]
 
 logger = logging.getLogger(__name__)
 

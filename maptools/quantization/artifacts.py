@@ -43,7 +43,6 @@ from maptools.quantization.format import (
     READABLE_MAJORS,
     REPORT_JSON,
     REPORT_PNG,
-    ROUNDING,
     bias_key,
     weight_key,
 )
@@ -86,7 +85,6 @@ __all__ = [
     "QUANTPARAMS",
     "REPORT_JSON",
     "REPORT_PNG",
-    "ROUNDING",
     "bias_key",
     "check_mapname",
     "check_replaceable",

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from maptools.errors import CalibrationError
-from maptools.quantization.calibfolders import FolderBatches, imagefolder_calibset, npy_calibset
 from maptools.quantization.model import LoadedModel
 from maptools.quantization.records import ANALYSIS_SAMPLES
 
@@ -26,10 +25,7 @@ __all__ = [
     "MIN_CALIB_BATCHES",
     "batch_samples",
     "default_analysis_steps",
-    "FolderBatches",
     "RandomBatches",
-    "imagefolder_calibset",
-    "npy_calibset",
     "prepare_calibset",
     "random_calibset",
 ]

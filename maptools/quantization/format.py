@@ -15,7 +15,7 @@ A map directory holds:
   :func:`~maptools.quantization.cimmap.mapcal.write_map_calibration`
 * :data:`MANIFEST` (``manifest.json``) -- the format version (:data:`FORMAT_VERSION`, or
   :data:`CIM_FORMAT_VERSION` for a map holding ``cim.json``: :func:`format_version`), the rounding rule
-  (:data:`ROUNDING`),
+  (:data:`~maptools.quantization.intmath.ROUNDING`),
   versions, settings, the input model's path and SHA-256, and every file's SHA-256
 
 A map quantized with ``cim=`` (format :data:`CIM_FORMAT_VERSION`, 2.1) also holds, besides ``cim.json``, the
@@ -29,14 +29,12 @@ Maps of format 1.0 also hold :data:`PPQGRAPH` (``ppq_graph.pkl``), PPQ's graph a
 nothing reads any more. Writing, locking and safe loading are in :mod:`maptools.quantization.artifacts`;
 the integer arithmetic the files follow is in :mod:`maptools.quantization.intmath`.
 
-This module imports nothing but the standard library and :mod:`~maptools.quantization.intmath` (numpy).
+This module imports nothing but the standard library.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from maptools.quantization.intmath import ROUNDING
 
 __all__ = [
     "BIAS_TYPES",
@@ -57,7 +55,6 @@ __all__ = [
     "CIM_FILE",
     "CIM_FORMAT_VERSION",
     "READABLE_MAJORS",
-    "ROUNDING",
     "bias_key",
     "format_version",
     "param_family",

@@ -45,7 +45,8 @@ from maptools.errors import (
     MapWriteError,
     NotAMapError,
 )
-from maptools.quantization.format import CIM_FILE, MANIFEST, MAPSAVE_ENV, ROUNDING, format_version
+from maptools.quantization.format import CIM_FILE, MANIFEST, MAPSAVE_ENV, format_version
+from maptools.quantization.intmath import ROUNDING
 
 try:
     import fcntl

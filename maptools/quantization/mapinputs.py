@@ -44,7 +44,7 @@ def map_folder_inputs(mapname: str, folder: str | os.PathLike, option: str, mean
     Raises:
         InvalidArgumentError: not a folder, a map with several inputs, or less than one batch in the folder.
     """
-    from maptools.quantization.calibration import imagefolder_calibset, npy_calibset
+    from maptools.quantization.calibfolders import imagefolder_calibset, npy_calibset
 
     if shapes is None:
         shapes = map_input_shapes(mapname, mapsave_dir)

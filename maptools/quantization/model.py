@@ -34,7 +34,7 @@ from maptools.quantization.opset import downgrade_to_opset13
 from maptools.quantization.opset_rules import DEFAULT_DOMAINS
 from maptools.quantization.validation import check_batch_memory
 
-__all__ = ["MAC_TYPES", "GraphInput", "LoadedModel", "check_domains", "check_input_shapes", "first_and_last_macs",
+__all__ = ["GraphInput", "LoadedModel", "check_domains", "check_input_shapes", "first_and_last_macs",
            "load_model", "prepare_model"]
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from maptools.quantization.opset_rules import (
     unsupported,
 )
 
-__all__ = ["PPQ_MAX_OPSET", "constant_values", "default_opset", "downgrade_to_opset13"]
+__all__ = ["constant_values", "default_opset", "downgrade_to_opset13"]
 
 logger = logging.getLogger(__name__)
 

@@ -20,29 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
-from maptools.quantization.config import (
-    KL_UNSIGNED,
-    OBSERVERS,
-    RECIPES,
-    ROUNDINGS,
-    QuantizeConfig,
-    check_cim,
-    check_time_budget,
-)
+from maptools.quantization.config import KL_UNSIGNED, QuantizeConfig
 from maptools.quantization.mapdir import map_directory
 from maptools.quantization.validation import check_writable_dir
 
 __all__ = [
     "LEARNED_ROUNDING_BITS",
-    "OBSERVERS",
-    "RECIPES",
     "RECIPE_OBSERVERS",
     "RECIPE_UNSIGNED",
     "RECIPE_WEIGHT_OBSERVERS",
-    "ROUNDINGS",
     "QuantizeOptions",
-    "check_cim",
-    "check_time_budget",
 ]
 
 logger = logging.getLogger(__name__)

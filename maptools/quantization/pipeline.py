@@ -138,13 +138,8 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
         CalibrationError: fewer calibration batches than PPQ needs.
         InvalidArgumentError: the batches of a folder to decode take more than the available memory.
     """
-    from maptools.quantization.calibration import (
-        MIN_CALIB_BATCHES,
-        FolderBatches,
-        batch_samples,
-        prepare_calibset,
-        random_calibset,
-    )
+    from maptools.quantization.calibfolders import FolderBatches
+    from maptools.quantization.calibration import MIN_CALIB_BATCHES, batch_samples, prepare_calibset, random_calibset
 
     model, shapes = prepared.model, prepared.shapes
     calib_steps, analysis_steps = options.config.calibration.calib_steps, options.config.calibration.analysis_steps

@@ -19,7 +19,7 @@ from typing import Any
 
 from maptools.quantization.format import MAC_TYPES, REPORT_JSON, REPORT_PNG
 
-__all__ = ["FIGURE_PIXELS", "KINDS", "REPORT_JSON", "REPORT_PNG", "WORST_SHOWN", "render_report", "worst_operators"]
+__all__ = ["FIGURE_PIXELS", "KINDS", "WORST_SHOWN", "render_report", "worst_operators"]
 
 
 def _finite(value: float) -> float | str:

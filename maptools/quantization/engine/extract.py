@@ -21,8 +21,8 @@ from maptools.quantization.engine.facade import (
     TensorQuantizationConfig,
 )
 from maptools.quantization.engine.fusion import FUSED_ACTIVATION_TYPES, unmaterialized_variables
-from maptools.quantization.engine.quantizer import BIAS_TYPES, WEIGHTED_TYPES, LowBitSpec
-from maptools.quantization.format import bias_key, weight_key
+from maptools.quantization.engine.quantizer import WEIGHTED_TYPES, LowBitSpec
+from maptools.quantization.format import BIAS_TYPES, bias_key, weight_key
 from maptools.quantization.intmath import BIAS_BITS, container_dtype
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 

@@ -50,7 +50,7 @@ from maptools.quantization.intmath import BIAS_BITS, ROUNDING, bias_range, int_r
 if TYPE_CHECKING:
     from maptools.quantization.config import QuantizeConfig
 
-__all__ = ["BIAS_BITS", "BIAS_TYPES", "WEIGHTED_TYPES", "LowBitQuantizer", "LowBitSpec", "int_range"]
+__all__ = ["WEIGHTED_TYPES", "LowBitQuantizer", "LowBitSpec"]
 
 #: Operator types whose constant weight (input 1) is quantized per output channel: the MAC operators.
 WEIGHTED_TYPES = MAC_TYPES

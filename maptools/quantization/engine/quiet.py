@@ -13,16 +13,17 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-from maptools.quantization.progress import progress_enabled, show_progress
+from maptools.quantization.progress import progress_enabled
 
-__all__ = ["ppq_logger", "ppq_silenced", "show_progress"]
+__all__ = ["ppq_logger", "ppq_silenced"]
 
 ppq_logger = logging.getLogger("maptools.ppq")
 
 
 @contextlib.contextmanager
 def ppq_silenced() -> Iterator[None]:
-    """Capture stdout, stderr (unless :func:`show_progress` is on), warnings and noisy torch loggers."""
+    """Capture stdout, stderr (unless :mod:`~maptools.quantization.progress` shows progress), warnings and noisy
+    torch loggers."""
     buffer = io.StringIO()
     noisy = [logging.getLogger(name) for name in ("torch.utils.cpp_extension", "torch._subclasses")]
     levels = [log.level for log in noisy]

@@ -27,27 +27,18 @@ because PPQ's Python loop over the histogram is slow below 8 bits (:ref:`bench-r
 from __future__ import annotations
 
 from maptools.errors import InvalidArgumentError
+from maptools.quantization.config import OBSERVERS, RECIPES
 from maptools.quantization.engine.facade import (
     QuantizationSetting,
     QuantizationSettingFactory,
 )
-from maptools.quantization.options import (
-    OBSERVERS,
-    RECIPE_OBSERVERS,
-    RECIPE_UNSIGNED,
-    RECIPE_WEIGHT_OBSERVERS,
-    RECIPES,
-)
+from maptools.quantization.options import RECIPE_OBSERVERS
 
 __all__ = [
     "LSQ_BLOCK_SIZE",
     "LSQ_LR",
     "LSQ_LR_LOW_BIT",
     "LSQ_STEPS",
-    "RECIPES",
-    "RECIPE_OBSERVERS",
-    "RECIPE_UNSIGNED",
-    "RECIPE_WEIGHT_OBSERVERS",
     "build_setting",
     "default_setting",
     "lsq_learning_rate",
@@ -84,7 +75,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
     """Build the PPQ ``QuantizationSetting`` of a recipe.
 
     Args:
-        recipe: One of :data:`~maptools.quantization.options.RECIPES`.
+        recipe: One of :data:`~maptools.quantization.config.RECIPES`.
         device: Execution device (``'cpu'`` or ``'cuda'``); LSQ caches its training data there.
         calib_batches: Number of calibration batches; LSQ trains on all of them, cycling when it takes
             more steps than there are batches.
@@ -96,7 +87,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         A fresh setting (the caller may modify it).
 
     Raises:
-        InvalidArgumentError: ``recipe`` is not one of :data:`~maptools.quantization.options.RECIPES`,
+        InvalidArgumentError: ``recipe`` is not one of :data:`~maptools.quantization.config.RECIPES`,
             ``calib_batches`` < 1 or ``observer`` is unknown.
     """
     if recipe not in RECIPES:

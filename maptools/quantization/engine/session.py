@@ -56,11 +56,10 @@ from maptools.quantization.engine.state import (
     spec_from_state,
 )
 from maptools.quantization.engine.threads import DEFAULT_THREADS, compute_threads, torch_threads
-from maptools.quantization.format import bias_key, weight_key
 from maptools.quantization.progress import counted
 from maptools.quantization.records import OperatorQuantConfig
 
-__all__ = ["Batch", "PPQSession", "bias_key", "default_setting", "weight_key"]
+__all__ = ["Batch", "PPQSession"]
 
 logger = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from maptools.quantization.cim.analog import SeedLike, check_device
 from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapcalibration import MapCalibration, has_map_calibration, read_map_calibration
 from maptools.quantization.cim.spec import CIMSpec
+from maptools.quantization.intmath import smallest_int_dtype
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import (  # noqa: F401 - importing them registers their handlers
     activations,
@@ -63,7 +64,7 @@ from maptools.quantization.reference.crossbar import (
 )
 from maptools.quantization.reference.mac import MacWeights
 from maptools.quantization.reference.registry import HANDLERS, OpHandler, describe
-from maptools.quantization.reference.values import Ints, Param, Value, int_dtype, real, requantize, same_scale
+from maptools.quantization.reference.values import Ints, Param, Value, real, requantize, same_scale
 
 __all__ = ["SUPPORTED_OPS", "ReferenceExecutor"]
 
@@ -464,7 +465,7 @@ class ReferenceExecutor:
                 outputs = self._hold_at_record(node, outputs)
                 first = outputs[0] if outputs else None
                 if isinstance(first, Ints):
-                    integers[node.name] = first.q.astype(int_dtype(first.qmin, first.qmax))
+                    integers[node.name] = first.q.astype(smallest_int_dtype(first.qmin, first.qmax))
             for name, value in zip(node.output, outputs, strict=False):
                 env[name] = value
         results: dict[str, np.ndarray] = {}

@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from maptools.quantization.intmath import round_half_even
-from maptools.quantization.intmath import smallest_int_dtype as int_dtype
+from maptools.quantization.intmath import round_half_even, smallest_int_dtype
 from maptools.quantization.records import TensorQuant
 
 __all__ = [
@@ -32,7 +31,6 @@ __all__ = [
     "Value",
     "exact_dtype",
     "exact_matmul",
-    "int_dtype",
     "quantize",
     "real",
     "requantize",
@@ -84,7 +82,7 @@ class Ints:
 
     def centred_int(self) -> np.ndarray:
         """``q - zero_point`` in the smallest integer dtype holding its range (exact)."""
-        dtype = int_dtype(self.qmin - self.zero_point, self.qmax - self.zero_point)
+        dtype = smallest_int_dtype(self.qmin - self.zero_point, self.qmax - self.zero_point)
         return (self.q - self.zero_point).astype(dtype)
 
     def same_grid(self, tq: TensorQuant) -> bool:

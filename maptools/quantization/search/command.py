@@ -17,12 +17,12 @@ def _data(args: Any, shapes: dict[str, list[int]]) -> tuple[list[Any], list[Any]
     wanted = args.calib_steps + args.eval_steps
     if args.calib_dir or args.calib_npy:
         if args.calib_dir:
-            from maptools.quantization.calibration import imagefolder_calibset
+            from maptools.quantization.calibfolders import imagefolder_calibset
 
             folder = imagefolder_calibset(args.calib_dir, shapes, mean=args.mean, std=args.std, seed=args.seed)
             option = "--calib-dir"
         else:
-            from maptools.quantization.calibration import npy_calibset
+            from maptools.quantization.calibfolders import npy_calibset
 
             folder = npy_calibset(args.calib_npy, shapes)
             option = "--calib-npy"
