@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from maptools.errors import InvalidArgumentError
 from maptools.examples import digits
 from maptools.quantization import format as fmt
 from maptools.quantization import intmath, quantize, read_quantinfo, read_quantparams
@@ -42,6 +43,14 @@ def test_integer_ranges_and_containers() -> None:
     assert intmath.container_dtype(32, signed=False) == np.int32
     assert intmath.smallest_int_dtype(0, 255) == np.uint8 and intmath.smallest_int_dtype(-1, 2**31) == np.int64
     assert intmath.round_half_even(np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])).tolist() == [-2, -2, -0, 0, 2, 2]
+
+
+def test_as_integers_keeps_whole_numbers_and_refuses_the_rest() -> None:
+    assert intmath.as_integers(np.array([1.0, -2.0]), "x").tolist() == [1, -2]
+    assert intmath.as_integers([3, 4], "x").dtype == np.int64
+    for bad in ([0.5], [np.nan], [np.inf]):
+        with pytest.raises(InvalidArgumentError, match=r"^x: expected integer values, got dtype float64$"):
+            intmath.as_integers(np.array(bad), "x")
 
 
 def test_snr_and_cosine() -> None:

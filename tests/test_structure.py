@@ -11,6 +11,8 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "maptools"
 
@@ -228,20 +230,20 @@ def test_the_checks_find_cycles_and_upward_imports() -> None:
         ("maptools.errors", "maptools.cli")]
 
 
-def test_function_level_and_type_checking_imports_count(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "expected"), [
+    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from maptools import cli\n"
+     "def f():\n    import maptools.quantization.reference\n", {"maptools.cli", "maptools.quantization.reference"}),
+    ("from maptools._lazy import lazy_attributes\n_LAZY = {'f': 'maptools.cli'}\n"
+     "__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)\n", {"maptools.cli", "maptools._lazy"}),
+], ids=["function-level-and-type-checking", "lazy-table"])
+def test_every_kind_of_import_counts(tmp_path: Path, text: str, expected: set[str]) -> None:
     source = tmp_path / "m.py"
-    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from maptools import cli\n"
-                      "def f():\n    import maptools.quantization.reference\n")
-    known = {"maptools.cli": source, "maptools.quantization.reference": source, "m": source}
-    assert imports(source, "m", known)[0] == {"maptools.cli", "maptools.quantization.reference"}
+    source.write_text(text)
+    known = {"maptools.cli": source, "maptools._lazy": source, "maptools.quantization.reference": source, "m": source}
+    assert imports(source, "m", known)[0] == expected
 
 
-def test_a_lazy_table_counts_as_importing_its_modules(tmp_path: Path) -> None:
-    source = tmp_path / "m.py"
-    source.write_text("from maptools._lazy import lazy_attributes\n_LAZY = {'f': 'maptools.cli'}\n"
-                      "__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)\n")
-    known = {"maptools.cli": source, "maptools._lazy": source, "m": source}
-    assert imports(source, "m", known)[0] == {"maptools.cli", "maptools._lazy"}
+def test_the_package_lazy_table_is_in_the_graph() -> None:
     assert "maptools.quantization.calibfolders" in graph()["maptools.quantization"]
 
 

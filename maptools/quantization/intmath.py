@@ -7,7 +7,7 @@ executor, ``verify``, the command line, the benchmarks and the tests agree by co
   :func:`unsigned_range`, and :func:`bias_range` (the 32-bit bias, symmetric: ``-(2^31 - 1) .. 2^31 - 1``);
 * the int32 accumulator: :data:`INT32_MIN` .. :data:`INT32_MAX`;
 * rounding: half to even (:data:`ROUNDING`, recorded in the manifest), :func:`round_half_even`, and
-  :func:`holds_integers`, whether an array holds whole numbers;
+  :func:`holds_integers`, whether an array holds whole numbers (:func:`as_integers` refuses one that does not);
 * containers: :func:`container_dtype`, the dtype a quantized tensor is stored in (``quantparams.pkl`` and the
   QDQ model), and :func:`smallest_int_dtype`, the narrowest dtype holding a range (for computing);
 * error measures: :func:`snr_db` and :func:`cosine` from accumulated sums (:func:`error_sums`), and
@@ -20,11 +20,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from maptools.errors import InvalidArgumentError
+
 __all__ = [
     "BIAS_BITS",
     "INT32_MAX",
     "INT32_MIN",
     "ROUNDING",
+    "as_integers",
     "bias_range",
     "container_dtype",
     "cosine",
@@ -78,6 +81,18 @@ def holds_integers(values: np.ndarray) -> bool:
     if values.dtype.kind in "iu":
         return True
     return values.dtype.kind == "f" and bool(np.isfinite(values).all() and np.array_equal(values, np.rint(values)))
+
+
+def as_integers(values: object, name: str, what: str = "integer values") -> np.ndarray:
+    """``values`` as an int64 array, refused unless it holds integers (:func:`holds_integers`).
+
+    Raises:
+        InvalidArgumentError: naming ``name``, when ``values`` holds anything but whole numbers.
+    """
+    array = np.asarray(values)
+    if not holds_integers(array):
+        raise InvalidArgumentError(f"{name}: expected {what}, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
 
 
 def container_dtype(bits: int, signed: bool = True) -> np.dtype:

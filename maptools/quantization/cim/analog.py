@@ -25,6 +25,7 @@ from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.slicing import WeightFormat
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.cim.tiles import crossbar_column
+from maptools.quantization.intmath import round_half_even
 
 __all__ = ["AnalogMac", "SeedLike", "check_device", "child_seed", "seed_sequence"]
 
@@ -175,7 +176,7 @@ class AnalogMac:
         ``G_min * sum u``), so that a noiseless cell reads as its digit.
         """
         dev, cells = self.device, self.spec.cell_bits
-        d = np.rint(digits).astype(np.intp)
+        d = round_half_even(digits).astype(np.intp)
         step = (dev.g_max - dev.g_min) / (2**cells - 1)
         target = dev.target_conductance(cells)[d]
         sigma = dev.per_level("prog_sigma_abs", cells)[d] + dev.per_level("prog_sigma_rel", cells)[d] * target

@@ -75,7 +75,7 @@ from maptools.quantization.cim.adc import ADC_FRACTION_BITS, AdcCalibration, adc
 from maptools.quantization.cim.analog import AnalogMac
 from maptools.quantization.cim.slicing import WeightFormat, as_int_weights, weight_digits, weight_format
 from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.intmath import holds_integers
+from maptools.quantization.intmath import as_integers
 
 __all__ = ["InputFormat", "PartialSums", "ShiftAdd", "adc_grid", "cim_accumulate", "dac_codes", "input_format",
            "offset_corrections", "partial_sums", "prepare_mac", "shift_add"]
@@ -198,9 +198,7 @@ def prepare_mac(weights: np.ndarray, columns: np.ndarray, input_bits: int, input
     fmt = weight_format(weight_bits, spec, weight_min)
     inp = input_format(input_bits, input_signed, spec, input_zero_point)
     w = as_int_weights(weights, fmt)
-    x = np.asarray(columns)
-    if not holds_integers(x):
-        raise InvalidArgumentError(f"columns: expected integer values, got dtype {x.dtype}")
+    x = as_integers(columns, "columns")
     if w.ndim < 2 or x.ndim < 2 or w.shape[-1] != x.shape[-2]:
         raise InvalidArgumentError(f"weights {list(w.shape)} and columns {list(x.shape)}: expected (..., M, K) and "
                                    f"(..., K, P)")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from maptools.errors import InvalidArgumentError
-from maptools.quantization.intmath import INT32_MAX, INT32_MIN, holds_integers, round_half_even
+from maptools.quantization.intmath import INT32_MAX, INT32_MIN, as_integers, round_half_even
 
 __all__ = [
     "fixed_point_multiplier",
@@ -166,10 +166,7 @@ def requantize_fixed(acc: np.ndarray, multiplier: np.ndarray | int, shift: np.nd
         InvalidArgumentError: ``acc`` outside the int32 range, non-integer ``acc``, or a multiplier or shift
             out of range.
     """
-    a = np.asarray(acc)
-    if not holds_integers(a):
-        raise InvalidArgumentError(f"acc: expected integer accumulators, got dtype {a.dtype}")
-    a = a.astype(np.int64)
+    a = as_integers(acc, "acc", "integer accumulators")
     if a.size and (int(a.min()) < INT32_MIN or int(a.max()) > INT32_MAX):
         raise InvalidArgumentError(f"acc: got {int(a.min())}..{int(a.max())}, expected the int32 range")
     if channel_axis is not None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from maptools.errors import InvalidArgumentError, InvalidTypeError
 from maptools.quantization.cim.spec import CIMSpec
-from maptools.quantization.intmath import holds_integers
+from maptools.quantization.intmath import as_integers
 
 __all__ = ["WeightFormat", "as_int_weights", "combine_slices", "slice_weights", "weight_digits", "weight_format"]
 
@@ -87,10 +87,7 @@ def as_int_weights(weights: np.ndarray, fmt: WeightFormat, name: str = "weights"
     Raises:
         InvalidArgumentError: Non-integer values, or values outside ``weight_min .. weight_max``.
     """
-    w = np.asarray(weights)
-    if not holds_integers(w):
-        raise InvalidArgumentError(f"{name}: expected integer values, got dtype {w.dtype}")
-    w = w.astype(np.int64, copy=False)
+    w = as_integers(weights, name)
     if w.size and (int(w.min()) < fmt.weight_min or int(w.max()) > fmt.weight_max):
         raise InvalidArgumentError(
             f"{name}: values {int(w.min())}..{int(w.max())} outside the {fmt.bits}-bit weight range "
