@@ -54,7 +54,8 @@ class _FixedTables(Mapping):
 
 
 def _reading(function: types.FunctionType, **names: object) -> types.FunctionType:
-    """``function``'s own code, with the module-level ``names`` it reads bound to the given objects instead."""
+    """``function``'s own code, reading ``names`` as the given objects and its module's other globals as they were
+    when this ran (a copy of the namespace: the module itself is not changed)."""
     clone = types.FunctionType(function.__code__, {**function.__globals__, **names}, function.__name__,
                                function.__defaults__, function.__closure__)
     clone.__kwdefaults__ = function.__kwdefaults__
