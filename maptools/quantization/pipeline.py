@@ -113,6 +113,8 @@ class Extracted:
     state: dict[str, Any]
     float_operators: list[dict[str, str]]
     rounding: list[dict[str, Any]] = field(default_factory=list)
+    #: Tensors given per-channel scales (name -> spread of their channel ranges, see ``engine.channelwise``).
+    channel_scaled: dict[str, float] = field(default_factory=dict)
 
 
 def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
@@ -236,7 +238,8 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
                                        device=config.run.device, seed=config.calibration.seed)
     with seeded_globals(config.calibration.seed):
         session = PPQSession.from_onnx(prepared.proto, spec, config.run.device, setting, threads=config.run.threads)
-        session.quantize(data.batches, rounding)
+        # the crossbar model takes one input scale per MAC: no per-channel activation scales with cim=
+        session.quantize(data.batches, rounding, channel_scales=config.bits.channel_activations and config.cim is None)
     return session
 
 
@@ -257,7 +260,7 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=prepared.model.proto)
     return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams), session.float_operators(),
-                     [record.to_dict() for record in session.rounding_results])
+                     [record.to_dict() for record in session.rounding_results], dict(session.channel_scaled))
 
 
 def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice, sequences: list[str]) -> list[str]:
@@ -341,6 +344,8 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
         "model": {"path": str(prepared.model.path), "sha256": prepared.model.sha256},
         "settings": settings,
     }
+    if extracted.channel_scaled:  # records with per-channel activation scales: a minor bump of the format
+        manifest["format_version"] = artifacts.CHANNEL_FORMAT_VERSION
     files = {
         artifacts.QUANTINFO: artifacts.dump_pickle(extracted.quantinfo),
         artifacts.QUANTPARAMS: artifacts.dump_pickle(extracted.quantparams),
