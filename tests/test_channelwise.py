@@ -124,7 +124,7 @@ def test_depthwise_input_gets_per_channel_scales_and_the_map_agrees(tmp_path) ->
     with_rule = snr_db_of(reference, _run(str(result.model_path), held_out))
     plain, _ = _quantized(model, tmp_path, "per_tensor", channel_activations=False)
     without = snr_db_of(reference, _run(str(plain.model_path), held_out))
-    assert with_rule >= without + 10.0, (with_rule, without)
+    assert with_rule >= without + 20.0, (with_rule, without)
     assert '"channel_activations": false' in (tmp_path / "maps" / "per_tensor" / "manifest.json").read_text()
 
 
