@@ -9,6 +9,7 @@ A map without such a tensor is the same bytes with the rule on and off.
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -114,6 +115,8 @@ def test_depthwise_input_gets_per_channel_scales_and_the_map_agrees(tmp_path) ->
     assert axes == [1]
     manifest = (tmp_path / "maps" / "channels" / "manifest.json").read_text()
     assert '"format_version": "2.2"' in manifest
+    spreads = json.loads((tmp_path / "maps" / "channels" / "report.json").read_text())["channel_scales"]
+    assert list(spreads) == ["hs0"] and spreads["hs0"] > SPREAD_RATIO
     report = verify("channels", _feeds(4, 4), mapsave_dir=maps)
     assert report.failures == {}
     np.testing.assert_array_equal(report.outputs["integer"]["out"], report.outputs["onnxruntime"]["out"])
@@ -137,6 +140,7 @@ def test_a_map_without_spread_depthwise_inputs_is_unchanged(tmp_path) -> None:
         assert (on.directory / name).read_bytes() == (off.directory / name).read_bytes(), name
     assert '"format_version": "2.0"' in (on.directory / "manifest.json").read_text()
     assert "channel_activations" not in (on.directory / "manifest.json").read_text()
+    assert "channel_scales" not in json.loads((on.directory / "report.json").read_text())
     assert float(EVEN.max() / EVEN.min()) < SPREAD_RATIO
 
 

@@ -358,6 +358,9 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
                              "float_operators": float_summary(extracted.float_operators), "warnings": warnings}
     if extracted.rounding:
         extra["learned_rounding"] = extracted.rounding
+    if extracted.channel_scaled:  # tensor -> the spread of its channel ranges (largest over smallest)
+        extra["channel_scales"] = {name: round(ratio, 1) if math.isfinite(ratio) else None
+                                   for name, ratio in extracted.channel_scaled.items()}
     if cim is not None:
         files[artifacts.CIM_FILE] = cim.calibration.to_json()
         if cim.cost is not None:
