@@ -152,3 +152,20 @@ def test_a_per_tensor_record_pickles_as_before() -> None:
     per_channel = TensorQuant(name="x", bits=8, scale=np.ones(3, np.float32), zero_point=np.zeros(3, np.int32),
                               qmin=0, qmax=255, axis=1)
     assert pickle.loads(pickle.dumps(per_channel)).axis == 1
+
+
+def test_no_per_channel_scales_on_a_crossbar(tmp_path) -> None:
+    """With ``cim=`` the rule is off (the crossbar takes one input scale per MAC); a map holding per-channel
+    records is refused on a crossbar by the integer executor, naming ``cim``."""
+    from maptools import UnsupportedOperatorError
+    from maptools.quantization import CIMSpec, simulate
+
+    model = _block(SPREAD)
+    spec = CIMSpec.parse("rows=64,cell_bits=2,dac_bits=1")
+    crossbar, maps = _quantized(model, tmp_path, "crossbar", cim=spec)
+    info = read_quantinfo("crossbar", maps)
+    assert info["Depthwise.1"].inputs[0].axis is None
+    assert '"format_version": "2.1"' in (crossbar.directory / "manifest.json").read_text()
+    _quantized(model, tmp_path, "channels")
+    with pytest.raises(UnsupportedOperatorError, match="^cim: .*'Depthwise.1'.*channel_activations=False"):
+        simulate("channels", _feeds(1, 4)[0], mapsave_dir=maps, cim=spec)
