@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from maptools.quantization import quantize, read_quantinfo, verify
 from maptools.quantization.engine.channelwise import SPREAD_RATIO, channel_scales, spread
+from maptools.quantization.inspection import inspect_map, listing_json, listing_table
 from maptools.quantization.intmath import snr_db_of
 from maptools.quantization.records import TensorQuant
 
@@ -117,6 +118,10 @@ def test_depthwise_input_gets_per_channel_scales_and_the_map_agrees(tmp_path) ->
     assert '"format_version": "2.2"' in manifest
     spreads = json.loads((tmp_path / "maps" / "channels" / "report.json").read_text())["channel_scales"]
     assert list(spreads) == ["hs0"] and spreads["hs0"] > SPREAD_RATIO
+    listing = json.loads(listing_json(inspect_map("channels", maps)))  # maptools inspect --json
+    row = next(row for row in listing["operators"] if row["node"] == "Depthwise.1")
+    assert row["input_scale"] == [float(v) for v in tq.scale]
+    assert "Depthwise.1" in listing_table(inspect_map("channels", maps))
     report = verify("channels", _feeds(4, 4), mapsave_dir=maps)
     assert report.failures == {}
     np.testing.assert_array_equal(report.outputs["integer"]["out"], report.outputs["onnxruntime"]["out"])

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 #: (channel range: ``max(x_c, 0) - min(x_c, 0)`` on the calibration batches). On the layout detector all 31
 #: depthwise inputs spread over 22x or more; per-channel scales on the 26 above 100x gave the recall of all 31.
 SPREAD_RATIO = 100.0
+#: A finer channel's range is its calibrated range times this (headroom for held-out values beyond it).
+RANGE_MARGIN = 1.0
 
 
 def is_depthwise(op: Operation) -> bool:
@@ -86,7 +88,7 @@ def _root_of(var: Variable) -> TensorQuantizationConfig | None:
 
 
 def channel_scales(low: np.ndarray, high: np.ndarray, scale: float, offset: float, quant_min: int, quant_max: int,
-                   power_of_two: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   power_of_two: bool = False, margin: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel scales and zero points from per-channel ranges, never coarser than the tensor's ``scale``.
 
     A channel whose own range needs the tensor's step keeps it and its zero point ``offset``; another gets the
@@ -96,6 +98,7 @@ def channel_scales(low: np.ndarray, high: np.ndarray, scale: float, offset: floa
     low = np.minimum(np.asarray(low, np.float64), 0.0)
     high = np.maximum(np.asarray(high, np.float64), 0.0)
     own = np.maximum(-low, high) / quant_max if quant_min < 0 else (high - low) / (quant_max - quant_min)
+    own = own * margin
     own = np.maximum(own, np.finfo(np.float32).tiny)
     if power_of_two:
         own = np.exp2(np.ceil(np.log2(own)))
@@ -156,7 +159,7 @@ class ChannelScalePass(QuantizationOptimizationPass):
                 continue
             scales, offsets = channel_scales(low[name], high[name], float(root.scale.reshape(-1)[0]),
                                              float(root.offset.reshape(-1)[0]), int(root.quant_min),
-                                             int(root.quant_max), self.power_of_two)
+                                             int(root.quant_max), self.power_of_two, RANGE_MARGIN)
             policy = QuantizationPolicy(
                 (root.policy._policy & ~QuantizationProperty.PER_TENSOR.value) | QuantizationProperty.PER_CHANNEL.value)
             for config, _ in group:
