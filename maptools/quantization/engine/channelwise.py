@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 #: (channel range: ``max(x_c, 0) - min(x_c, 0)`` on the calibration batches). On the layout detector all 31
 #: depthwise inputs spread over 22x or more; per-channel scales on the 26 above 100x gave the recall of all 31.
 SPREAD_RATIO = 100.0
-#: A finer channel's range is its calibrated range times this (headroom for held-out values beyond it).
+#: A finer channel's range is its calibrated range times this (headroom for held-out values beyond it); 2.0 was
+#: worse on both corpus models the rule touches (docs/benchmarks.rst).
 RANGE_MARGIN = 1.0
 
 
