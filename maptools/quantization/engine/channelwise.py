@@ -40,8 +40,8 @@ __all__ = ["SPREAD_RATIO", "ChannelScalePass", "channel_scales", "depthwise_only
 logger = logging.getLogger(__name__)
 
 #: A tensor gets per-channel scales when its largest channel range is more than this many times its smallest
-#: (channel range: ``max(x_c, 0) - min(x_c, 0)`` on the calibration batches). On the layout detector all 31
-#: depthwise inputs spread over 22x or more; per-channel scales on the 26 above 100x gave the recall of all 31.
+#: (channel range: ``max(x_c, 0) - min(x_c, 0)`` on the calibration batches); on the corpus it touches the
+#: layout detector and the PP-OCRv4 recognizer only (docs/benchmarks.rst).
 SPREAD_RATIO = 100.0
 #: A finer channel's range is its calibrated range times this (headroom for held-out values beyond it); 2.0 was
 #: worse on both corpus models the rule touches (docs/benchmarks.rst).
