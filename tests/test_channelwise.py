@@ -174,3 +174,19 @@ def test_no_per_channel_scales_on_a_crossbar(tmp_path) -> None:
     _quantized(model, tmp_path, "channels")
     with pytest.raises(UnsupportedOperatorError, match="^cim: .*'Depthwise.1'.*channel_activations=False"):
         simulate("channels", _feeds(1, 4)[0], mapsave_dir=maps, cim=spec)
+
+
+@pytest.mark.parametrize("options", [{"power_of_two": True}, {"symmetrical": False}], ids=["power_of_two", "asym"])
+def test_per_channel_scales_with_power_of_two_and_asymmetric_maps(tmp_path, options) -> None:
+    """Power-of-two scales stay powers of two per channel; both maps run to the bit in onnxruntime and the
+    integer executor."""
+    _quantized(_block(SPREAD), tmp_path, "variant", **options)
+    maps = str(tmp_path / "maps")
+    tq = read_quantinfo("variant", maps)["Depthwise.1"].inputs[0]
+    assert tq.axis == 1 and tq.scale.max() / tq.scale.min() > 100
+    if options.get("power_of_two"):
+        exponents = np.log2(tq.scale.astype(np.float64))
+        np.testing.assert_array_equal(exponents, np.round(exponents))
+    report = verify("variant", _feeds(2, 4), mapsave_dir=maps)
+    assert report.failures == {}
+    np.testing.assert_array_equal(report.outputs["integer"]["out"], report.outputs["onnxruntime"]["out"])
