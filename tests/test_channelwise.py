@@ -24,6 +24,8 @@ from maptools.quantization.inspection import inspect_map, listing_json, listing_
 from maptools.quantization.intmath import snr_db_of
 from maptools.quantization.records import TensorQuant
 
+pytestmark = pytest.mark.stack  # also run on the oldest supported stack (make test): onnxruntime 1.19's QDQ fusion
+
 CHANNELS = 8
 #: Channel gains of the first Conv: peaks spread 1000x (the layout detector's first depthwise input: 0.09 to 45).
 SPREAD = np.geomspace(0.01, 10.0, CHANNELS).astype(np.float32)
@@ -65,6 +67,9 @@ def _feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
 def _run(model: onnx.ModelProto | str, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # onnxruntime 1.19 (the oldest stack) fuses the depthwise Conv of a per-channel input into a QLinearConv,
+    # which takes one input scale (verify does the same for such a map)
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
     source = model if isinstance(model, str) else model.SerializeToString()
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, feed)[0] for feed in feeds])
