@@ -109,6 +109,11 @@ def quantize(
         power_of_two: Make every scale (activations, weights, and so biases) a power of two, rounded up from the
             calibrated one (PPQ's ``POWER_OF_2`` policy), for hardware that requantizes by shifting only: the
             multiplier ``s_in * s_w / s_out`` of every requantization is then a power of two.
+        channel_activations: Per-channel activation scales (default True) for a tensor only depthwise Convs read
+            whose channel ranges spread over 100x: exact in the chip's integer arithmetic, where the input step
+            of channel ``c`` joins the depthwise Conv's per-channel requantization multiplier
+            (:mod:`maptools.quantization.engine.channelwise`); recorded in the records' ``TensorQuant.axis``
+            and the QDQ model (format 2.2). Off with ``cim``. Recorded in the manifest only when False.
         cim: None (default) for a map as always; a :class:`~maptools.quantization.CIMSpec` (or a mapping of its
             fields, as ``simulate``'s ``cim``) to make the map
             for that compute-in-memory crossbar as well. After PPQ, the integer reference executor is built from

@@ -29,6 +29,7 @@ from typing import Any
 from maptools.errors import ArtifactError, InvalidTypeError, UnsafeArtifactError
 from maptools.quantization.boundedio import MAX_MANIFEST_BYTES, read_regular
 from maptools.quantization.format import (
+    CHANNEL_FORMAT_VERSION,
     CIM_FILE,
     CIM_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -72,6 +73,7 @@ from maptools.quantization.snapshot import read_files
 
 __all__ = [
     "CIM_FILE",
+    "CHANNEL_FORMAT_VERSION",
     "CIM_FORMAT_VERSION",
     "FORMAT_VERSION",
     "LOCK_TIMEOUT",

@@ -89,6 +89,8 @@ class Option:
         metavar: The command line placeholder.
         default_text: How the help states the default, when the value alone does not say it.
         recorded: Whether the manifest's ``settings`` hold it.
+        recorded_when_changed: Recorded only when not at its default (an option added later: the manifests
+            of maps that do not change it stay as they were).
         cli_required: Whether ``maptools quantize`` requires it.
     """
 
@@ -105,6 +107,7 @@ class Option:
     metavar: str | None = None
     default_text: str | None = None
     recorded: bool = True
+    recorded_when_changed: bool = False
     cli_required: bool = False
 
     @property
@@ -286,6 +289,10 @@ class BitsConfig(_Group):
         None, "quantize never-negative activations over 0..2^b-1, not with --asymmetric or --observer kl",
         _optional(check_bool), default_text="the recipe's, on for default and best, off for fast")
     power_of_two: bool = option(False, "every scale a power of two, for requantization by shifts", check_bool)
+    channel_activations: bool = option(
+        True, "per-channel activation scales for a tensor only depthwise Convs read whose channel ranges spread over "
+        "100x (format 2.2); off with --cim, whose crossbar takes one input scale per MAC", check_bool,
+        negative="--per-tensor-activations", recorded_when_changed=True)
 
 
 @dataclass(frozen=True)
@@ -447,10 +454,12 @@ class QuantizeConfig:
     def settings(self) -> dict[str, Any]:
         """The manifest's ``settings`` of these options (the run adds its own facts: input shapes, batches...).
 
-        A None crossbar is left out: a map without ``cim.json`` has no ``cim`` setting.
+        A None crossbar is left out: a map without ``cim.json`` has no ``cim`` setting; so is an option
+        recorded only when changed (:attr:`Option.recorded_when_changed`) at its default.
         """
         return {opt.name: opt.to_json(value) for opt, value in self.values()
-                if opt.recorded and not (opt.group == "cim" and value is None)}
+                if opt.recorded and not (opt.group == "cim" and value is None)
+                and not (opt.recorded_when_changed and value == opt.default)}
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> QuantizeConfig:

@@ -14,7 +14,8 @@ A map directory holds:
   crossbars, written by ``quantize(..., cim=)`` or later by
   :func:`~maptools.quantization.cimmap.mapcal.write_map_calibration`
 * :data:`MANIFEST` (``manifest.json``) -- the format version (:data:`FORMAT_VERSION`, or
-  :data:`CIM_FORMAT_VERSION` for a map holding ``cim.json``: :func:`format_version`), the rounding rule
+  :data:`CIM_FORMAT_VERSION` for a map holding ``cim.json``, :data:`CHANNEL_FORMAT_VERSION` for one with
+  per-channel activation scales: :func:`format_version`), the rounding rule
   (:data:`~maptools.quantization.intmath.ROUNDING`),
   versions, settings, the input model's path and SHA-256, and every file's SHA-256
 
@@ -53,6 +54,7 @@ __all__ = [
     "REPORT_JSON",
     "REPORT_PNG",
     "CIM_FILE",
+    "CHANNEL_FORMAT_VERSION",
     "CIM_FORMAT_VERSION",
     "READABLE_MAJORS",
     "bias_key",
@@ -72,6 +74,11 @@ FORMAT_VERSION = "2.0"
 #: the weight slices and requantization multipliers in ``quantparams.pkl``). A map without CIM content is
 #: written as :data:`FORMAT_VERSION`.
 CIM_FORMAT_VERSION = "2.1"
+#: Version of a map whose ``quantinfo.pkl`` records per-channel activation scales (a
+#: :class:`~maptools.quantization.records.TensorQuant` with ``axis``: a tensor only depthwise Convs read, see
+#: :mod:`maptools.quantization.engine.channelwise`) and whose QDQ model quantizes it along that axis: 2.1 plus
+#: that optional field (a minor bump). A map without such a record is written as before.
+CHANNEL_FORMAT_VERSION = "2.2"
 #: Major format versions this maptools reads: its own and the 1.x maps of earlier versions.
 READABLE_MAJORS = ("1", "2")
 #: Per-operator quantization configs.
@@ -138,6 +145,14 @@ def requant_shift_key(op_name: str, op_type: str) -> str:
     return f"{op_name}_{param_family(op_type)}_requant_shift"
 
 
-def format_version(file_names: Iterable[str]) -> str:
-    """The format version of a map made of these files: :data:`CIM_FORMAT_VERSION` with ``cim.json``."""
-    return CIM_FORMAT_VERSION if CIM_FILE in set(file_names) else FORMAT_VERSION
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def format_version(file_names: Iterable[str], at_least: str | None = None) -> str:
+    """The format version of a map made of these files: :data:`CIM_FORMAT_VERSION` with ``cim.json``, or
+    ``at_least`` when that is later (:data:`CHANNEL_FORMAT_VERSION` for per-channel activation records)."""
+    version = CIM_FORMAT_VERSION if CIM_FILE in set(file_names) else FORMAT_VERSION
+    if at_least is not None and _version_key(at_least) > _version_key(version):
+        return at_least
+    return version

@@ -58,6 +58,13 @@ def _scale_text(scale: object) -> str:
     return f"{arr[0]:.4g}" if arr.size == 1 else f"{arr.min():.3g}..{arr.max():.3g}({arr.size})"
 
 
+def _plain_scale(scale: object) -> float | list[float] | None:
+    """A scale as JSON holds it: a number, or a list for per-channel activation scales (format 2.2)."""
+    if scale is None or np.ndim(scale) == 0:
+        return scale
+    return [float(v) for v in np.asarray(scale).reshape(-1)]
+
+
 def _range_text(values: list[int] | None) -> str:
     return "-" if values is None else f"[{values[0]},{values[1]}]"
 
@@ -85,7 +92,7 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None, cim:
         first_out = cfg.outputs[0] if cfg.outputs else None
         rows.append({
             "node": name, "op_type": cfg.op_type, "input_bits": cfg.input_bits, "output_bits": cfg.output_bits,
-            "input_scale": cfg.input_scale, "output_scale": cfg.output_scale,
+            "input_scale": _plain_scale(cfg.input_scale), "output_scale": _plain_scale(cfg.output_scale),
             "input_range": None if first_in is None else [first_in.qmin, first_in.qmax],
             "output_range": None if first_out is None else [first_out.qmin, first_out.qmax],
             "weight_bits": cfg.weight_bits,

@@ -293,7 +293,7 @@ def add_map_file(target: Path, name: str, data: bytes, manifest: Mapping[str, An
     """
     updated = dict(manifest)
     updated["files"] = {**manifest.get("files", {}), name: file_entry(data)}
-    updated["format_version"] = format_version(updated["files"])
+    updated["format_version"] = format_version(updated["files"], manifest.get("format_version"))
     staged: list[str] = []
     try:
         with _os_errors(target):
@@ -503,7 +503,7 @@ def _write_map(target: Path, files: Mapping[str, bytes], manifest: dict[str, Any
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     manifest = dict(manifest)
-    manifest["format_version"] = format_version(files)
+    manifest["format_version"] = format_version(files, manifest.get("format_version"))
     manifest["rounding"] = ROUNDING
     manifest["files"] = {name: file_entry(data) for name, data in files.items()}
     payload = dict(files)

@@ -113,6 +113,8 @@ class Extracted:
     state: dict[str, Any]
     float_operators: list[dict[str, str]]
     rounding: list[dict[str, Any]] = field(default_factory=list)
+    #: Tensors given per-channel scales (name -> spread of their channel ranges, see ``engine.channelwise``).
+    channel_scaled: dict[str, float] = field(default_factory=dict)
 
 
 def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
@@ -231,7 +233,8 @@ def run_engine(options: QuantizeOptions, setting: Any, prepared: Prepared, data:
                                        device=config.run.device, seed=config.calibration.seed)
     with seeded_globals(config.calibration.seed):
         session = PPQSession.from_onnx(prepared.proto, spec, config.run.device, setting, threads=config.run.threads)
-        session.quantize(data.batches, rounding)
+        # the crossbar model takes one input scale per MAC: no per-channel activation scales with cim=
+        session.quantize(data.batches, rounding, channel_scales=config.bits.channel_activations and config.cim is None)
     return session
 
 
@@ -252,7 +255,7 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
     quantparams = session.quantparams()
     qdq = session.export_qdq(io_like=prepared.model.proto)
     return Extracted(quantinfo, quantparams, qdq, session.to_state(quantparams), session.float_operators(),
-                     [record.to_dict() for record in session.rounding_results])
+                     [record.to_dict() for record in session.rounding_results], dict(session.channel_scaled))
 
 
 def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice, sequences: list[str]) -> list[str]:
@@ -336,6 +339,8 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
         "model": {"path": str(prepared.model.path), "sha256": prepared.model.sha256},
         "settings": settings,
     }
+    if extracted.channel_scaled:  # records with per-channel activation scales: a minor bump of the format
+        manifest["format_version"] = artifacts.CHANNEL_FORMAT_VERSION
     files = {
         artifacts.QUANTINFO: artifacts.dump_pickle(extracted.quantinfo),
         artifacts.QUANTPARAMS: artifacts.dump_pickle(extracted.quantparams),
@@ -348,6 +353,9 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
                              "float_operators": float_summary(extracted.float_operators), "warnings": warnings}
     if extracted.rounding:
         extra["learned_rounding"] = extracted.rounding
+    if extracted.channel_scaled:  # tensor -> the spread of its channel ranges (largest over smallest)
+        extra["channel_scales"] = {name: round(ratio, 1) if math.isfinite(ratio) else None
+                                   for name, ratio in extracted.channel_scaled.items()}
     if cim is not None:
         files[artifacts.CIM_FILE] = cim.calibration.to_json()
         if cim.cost is not None:

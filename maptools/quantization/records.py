@@ -36,21 +36,41 @@ class TensorQuant:
     Attributes:
         name: Tensor (ONNX value) name.
         bits: Bit width of the integer representation.
-        scale: Quantization step (per tensor).
-        zero_point: Integer zero point (0 when symmetric).
+        scale: Quantization step: one float, or with :attr:`axis` a float32 array of one step per channel.
+        zero_point: Integer zero point (0 when symmetric): one int, or with :attr:`axis` an int32 array.
         qmin: Smallest integer value.
         qmax: Largest integer value.
+        axis: The tensor axis ``scale`` and ``zero_point`` run along (per-channel activation scales, format
+            2.2: a tensor read only by depthwise Convs, see :mod:`maptools.quantization.engine.channelwise`);
+            None for one scale per tensor. A record whose ``axis`` is None pickles without the field.
     """
 
     name: str
     bits: int
-    scale: float
-    zero_point: int
+    scale: float | np.ndarray
+    zero_point: int | np.ndarray
     qmin: int
     qmax: int
+    axis: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The pickled state: every field, ``axis`` only when set (per-tensor records pickle as before 2.2)."""
+        state = dict(self.__dict__)
+        if state.get("axis") is None:
+            state.pop("axis", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Fields from a pickle (``axis`` None when the record has none)."""
+        self.__dict__.update({"axis": None, **state})
 
     @property
-    def step(self) -> float:
+    def per_channel(self) -> bool:
+        """Whether the tensor has one scale per channel along :attr:`axis`."""
+        return self.axis is not None
+
+    @property
+    def step(self) -> float | np.ndarray:
         """The real value of one integer step (same as :attr:`scale`)."""
         return self.scale
 
@@ -73,8 +93,8 @@ class OperatorQuantConfig:
             whose output feeds an activation fused into it that is not a clip (``Sigmoid``, ``HardSwish``,
             ``x * HardSigmoid(x)``...) hands its accumulator to that activation, and the tensors inside the
             activation are never integers (a fused ``Relu``/``Clip`` output is recorded on the MAC, exact).
-        output_scale: Scale of the output activation.
-        output_zero_point: Zero point of the output activation.
+        output_scale: Scale of the output activation (an array when per channel, as its ``outputs[0]``).
+        output_zero_point: Zero point of the output activation (an array when per channel).
         io_bits: Activation bit width of this operator (input and output).
         io_min: Smallest integer an activation of this operator may take.
         io_max: Largest integer an activation of this operator may take.
@@ -101,8 +121,8 @@ class OperatorQuantConfig:
     name: str
     op_type: str
     output_bits: int | None = None
-    output_scale: float | None = None
-    output_zero_point: int = 0
+    output_scale: float | np.ndarray | None = None
+    output_zero_point: int | np.ndarray = 0
     io_bits: int | None = None
     io_min: int | None = None
     io_max: int | None = None
@@ -142,13 +162,13 @@ class OperatorQuantConfig:
         return None if first is None else first.bits
 
     @property
-    def input_scale(self) -> float | None:
+    def input_scale(self) -> float | np.ndarray | None:
         """Scale of the first quantized activation input."""
         first = self.first_input
         return None if first is None else first.scale
 
     @property
-    def input_zero_point(self) -> int:
+    def input_zero_point(self) -> int | np.ndarray:
         """Zero point of the first quantized activation input (0 when none is)."""
         first = self.first_input
         return 0 if first is None else first.zero_point

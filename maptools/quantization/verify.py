@@ -271,11 +271,14 @@ def _loaders(contents: artifacts.MapContents, model: Path | FloatModelMissingErr
     ``model`` is the checked float model, or why it is missing (FP32 and PPQ then record that reason).
     """
 
-    def ort_runner(model: str | bytes) -> Runner:
+    def ort_runner(model: str | bytes, per_channel_activations: bool = False) -> Runner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if per_channel_activations:  # onnxruntime 1.19 fuses DQ -> Conv -> Q of a depthwise Conv into a
+            # QLinearConv, which takes one input scale and fails; its QDQ fusion is off for such a map
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         return lambda batch: dict(zip(names, session.run(names, batch), strict=True))
@@ -296,7 +299,8 @@ def _loaders(contents: artifacts.MapContents, model: Path | FloatModelMissingErr
         return lambda batch: session.forward({k: torch.from_numpy(v) for k, v in batch.items()})
 
     def onnxruntime() -> Runner:
-        return ort_runner(contents.quant_model)
+        return ort_runner(contents.quant_model, any(
+            tq is not None and tq.axis is not None for record in contents.quantinfo.values() for tq in record.inputs))
 
     def integer() -> Runner:
         return ReferenceExecutor.from_files(contents.mapname, contents.files).run

@@ -52,6 +52,11 @@ def _tensor_quant(name: str, config: TensorQuantizationConfig) -> TensorQuant | 
     root = config.dominated_by
     if root.state not in LIVE_STATES or root.scale is None:
         return None
+    if root.policy.has_property(QuantizationProperty.PER_CHANNEL):  # a depthwise input (engine.channelwise)
+        scale = root.scale.detach().cpu().numpy().astype(np.float32).reshape(-1)
+        zero_point = np.round(root.offset.detach().cpu().numpy().astype(np.float64)).astype(np.int32).reshape(-1)
+        return TensorQuant(name=name, bits=int(root.num_of_bits), scale=scale, zero_point=zero_point,
+                           qmin=int(root.quant_min), qmax=int(root.quant_max), axis=int(root.channel_axis))
     return TensorQuant(
         name=name,
         bits=int(root.num_of_bits),

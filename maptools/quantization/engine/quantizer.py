@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from maptools.quantization.engine.channelwise import ChannelScalePass
 from maptools.quantization.engine.facade import (
     OBSERVER_MIN_SCALE,
     BaseGraph,
@@ -259,9 +260,11 @@ class LowBitQuantizer(TensorRTQuantizer):
     #: The runtime calibration pass it builds (PPQ's :class:`RuntimeCalibrationPass` gives the same results).
     calibration_pass: type[RuntimeCalibrationPass] = FastCalibrationPass
 
-    def __init__(self, graph: BaseGraph, spec: LowBitSpec) -> None:
+    def __init__(self, graph: BaseGraph, spec: LowBitSpec, channel_scales: bool = False) -> None:
         super().__init__(graph=graph)
         self._spec = spec
+        #: The per-channel scale pass of depthwise-only tensors (:mod:`.channelwise`), None when not asked for.
+        self.channel_pass = ChannelScalePass(power_of_two=spec.power_of_two) if channel_scales else None
         self._num_of_bits = spec.activation_bits
         self._quant_min, self._quant_max = int_range(spec.activation_bits, spec.symmetrical)
         self._unsigned: set[str] | None = None
@@ -303,7 +306,8 @@ class LowBitQuantizer(TensorRTQuantizer):
         return set(FUSED_ACTIVATION_TYPES)
 
     def build_quant_pipeline(self, setting: QuantizationSetting) -> QuantizationOptimizationPipeline:
-        """PPQ's pipeline for ``setting``, with five of its passes built as maptools' subclasses instead.
+        """PPQ's pipeline for ``setting``, with five of its passes built as maptools' subclasses instead, and
+        :attr:`channel_pass` before the first passive-parameter pass.
 
         Each is constructed with the arguments PPQ's builder takes from ``setting``: maptools' weight scales
         (:class:`WeightScaleParameterQuantizePass`), HardSwish fusion
@@ -312,8 +316,12 @@ class LowBitQuantizer(TensorRTQuantizer):
         range (:class:`RangeMatchedPassiveParameterPass`) and LSQ keeping zero points integer
         (:class:`IntegerZeroPointLSQPass`).
         """
-        return QuantizationOptimizationPipeline([self._own_pass(optim_pass, setting)
-                                                 for optim_pass in super().build_quant_pipeline(setting)])
+        passes = [self._own_pass(optim_pass, setting) for optim_pass in super().build_quant_pipeline(setting)]
+        if self.channel_pass is not None:  # after calibration and alignment, before the biases take their scales
+            first = next((i for i, p in enumerate(passes) if isinstance(p, RangeMatchedPassiveParameterPass)), None)
+            if first is not None:
+                passes.insert(first, self.channel_pass)
+        return QuantizationOptimizationPipeline(passes)
 
     def _own_pass(self, optim_pass: QuantizationOptimizationPass,
                   setting: QuantizationSetting) -> QuantizationOptimizationPass:

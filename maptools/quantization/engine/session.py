@@ -104,6 +104,8 @@ class PPQSession:
         self.quantizable_types: frozenset[str] = frozenset()
         #: Learned rounding's per-layer records (:meth:`quantize` with ``rounding``), else empty.
         self.rounding_results: list[LayerRounding] = []
+        #: Tensors given per-channel scales by :meth:`quantize` (name -> spread of their channel ranges).
+        self.channel_scaled: dict[str, float] = {}
         #: Fingerprints of the parameters as loaded (see :func:`.state.parameter_fingerprints`).
         self.initial_parameters: dict[str, str] = parameter_fingerprints(graph)
 
@@ -186,16 +188,19 @@ class PPQSession:
                 )
 
     # -- quantization -----------------------------------------------------------------------------
-    def quantize(self, batches: Sequence[Batch], rounding: RoundingSettings | None = None) -> None:
+    def quantize(self, batches: Sequence[Batch], rounding: RoundingSettings | None = None,
+                 channel_scales: bool = False) -> None:
         """Calibrate on ``batches`` and quantize the graph in place (PPQ's passes per the setting).
 
         The calibration runs with the speed-ups of :mod:`~maptools.quantization.engine.speedups` (weights
         fake-quantized once instead of on every forward, a faster percentile observer): PPQ's passes,
         with results identical to the bit. With ``rounding``, the weights are rounded by learned rounding
         (:mod:`~maptools.quantization.engine.learned_rounding`) before PPQ bakes them; its per-layer records
-        are then in :attr:`rounding_results`.
+        are then in :attr:`rounding_results`. With ``channel_scales``, the tensors only depthwise Convs read
+        whose channel ranges spread widely get per-channel scales (:mod:`.channelwise`), listed in
+        :attr:`channel_scaled`.
         """
-        quantizer = LowBitQuantizer(graph=self.graph, spec=self.spec)
+        quantizer = LowBitQuantizer(graph=self.graph, spec=self.spec, channel_scales=channel_scales)
         quantizer._verbose = False
         self.quantizable_types = frozenset(quantizer.quant_operation_types)
         rounding_pass = LearnedRoundingPass(rounding) if rounding is not None else None
@@ -215,6 +220,8 @@ class PPQSession:
             raise self._engine_error("quantization", exc) from exc
         if rounding_pass is not None:
             self.rounding_results = rounding_pass.results
+        if quantizer.channel_pass is not None:
+            self.channel_scaled = dict(quantizer.channel_pass.applied)
         closed = close_quantization_holes(self.graph)
         if closed:
             logger.debug("quantized %d fan-out tensors PPQ left in float: %s", len(closed), ", ".join(closed))

@@ -11,7 +11,15 @@ from maptools.errors import ArtifactError
 from maptools.quantization.artifacts import QUANTMODEL
 from maptools.quantization.records import TensorQuant
 from maptools.quantization.reference.registry import Executor, attrs, describe, register
-from maptools.quantization.reference.values import Ints, Param, Value, real, requantize, same_scale
+from maptools.quantization.reference.values import (
+    Ints,
+    Param,
+    Value,
+    real,
+    requantize,
+    same_scale,
+    same_zero_point,
+)
 
 __all__ = ["clip", "dequantize_linear", "quantize_linear"]
 
@@ -37,8 +45,13 @@ def dequantize_linear(executor: Executor, node: onnx.NodeProto, args: list[Value
     scale = np.asarray(args[1])
     zp = np.asarray(args[2]) if len(args) > 2 and args[2] is not None else np.zeros_like(scale, dtype=np.int64)
     if isinstance(x, Ints):
-        if scale.size != 1 or not same_scale(float(scale.reshape(-1)[0]), x.scale) \
-                or int(zp.reshape(-1)[0]) != x.zero_point:
+        per_channel = x.axis is not None
+        axis = int(attrs(node).get("axis", 1)) if scale.size > 1 else None
+        if axis is not None and axis < 0:
+            axis += x.q.ndim
+        if (per_channel and axis != x.axis) or (not per_channel and scale.size != 1) \
+                or not same_scale(scale if per_channel else float(scale.reshape(-1)[0]), x.scale) \
+                or not same_zero_point(zp if per_channel else zp.reshape(-1)[:1], x.zero_point):
             raise ArtifactError(
                 f"{QUANTMODEL}: {describe(node)} dequantizes with other numbers than its QuantizeLinear"
             )

@@ -131,8 +131,11 @@ def mac_operands(node: onnx.NodeProto, record: OperatorQuantConfig) -> MacOperan
     if tq is None or record.weight_bits is None:
         raise ArtifactError(f"quantinfo.pkl: {describe(node)} has no input quantization or weight bit width")
     weight_min = None if record.weight_min is None else int(record.weight_min)
+    # a per-channel input (a depthwise Conv's, never on a crossbar: the executor refuses it with cim) is
+    # accumulated exactly from its centred integers, where the zero point plays no part
+    zero_point = int(tq.zero_point) if tq.axis is None else 0
     return MacOperands(node=node.name, op_type=node.op_type, input_bits=int(tq.bits), input_signed=int(tq.qmin) < 0,
-                       input_zero_point=int(tq.zero_point), weight_bits=int(record.weight_bits),
+                       input_zero_point=zero_point, weight_bits=int(record.weight_bits),
                        weight_min=weight_min)
 
 

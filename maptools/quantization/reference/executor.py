@@ -64,7 +64,16 @@ from maptools.quantization.reference.crossbar import (
 )
 from maptools.quantization.reference.mac import MacWeights
 from maptools.quantization.reference.registry import HANDLERS, OpHandler, describe
-from maptools.quantization.reference.values import Ints, Param, Value, real, requantize, same_scale
+from maptools.quantization.reference.values import (
+    Ints,
+    Param,
+    Value,
+    describe_scale,
+    real,
+    requantize,
+    same_scale,
+    same_zero_point,
+)
 
 __all__ = ["SUPPORTED_OPS", "ReferenceExecutor"]
 
@@ -89,6 +98,17 @@ def _declared_type(value_info: onnx.ValueInfoProto) -> tuple[list[int | None] | 
     except Exception:  # undefined element type
         dtype = np.dtype(np.float32)
     return dims, dtype
+
+
+def _refuse_channel_scales_on_crossbars(quantinfo: Mapping[str, OperatorQuantConfig]) -> None:
+    """A crossbar takes one input scale and zero point per MAC: a map with per-channel activation scales is
+    refused (``quantize`` does not make them with ``cim=``)."""
+    for name, record in quantinfo.items():
+        if record.inputs and record.inputs[0] is not None and record.inputs[0].axis is not None:
+            raise UnsupportedOperatorError(
+                f"cim: the map records per-channel activation scales for the input of {name!r}, and the crossbar "
+                "model takes one input scale per MAC; quantize with channel_activations=False "
+                "(--per-tensor-activations) for a crossbar")
 
 
 class ReferenceExecutor:
@@ -157,6 +177,8 @@ class ReferenceExecutor:
                         for node, h in zip(self._nodes, self._handlers, strict=True)]
         self._mac_states = {node.name: state for node, state in zip(self._nodes, self._states, strict=True)
                             if isinstance(state, MacWeights)}
+        if cim is not None:
+            _refuse_channel_scales_on_crossbars(self.quantinfo)
         if backend is None:
             backend = mac_backend(cim, adc, device=device, seed=seed)
         elif cim is not None or adc is not None or device is not None:
@@ -351,8 +373,6 @@ class ReferenceExecutor:
         if scale_name not in self.initializers or (zp_name and zp_name not in self.initializers):
             raise ArtifactError(f"{QUANTMODEL}: {describe(node)} has a non-constant scale or zero point")
         scale = self.initializers[scale_name]
-        if scale.size != 1:
-            raise UnsupportedOperatorError(f"{describe(node)}: per-channel activation quantization is not supported")
         zp_arr = self.initializers[zp_name] if zp_name else np.zeros((), np.uint8)
         q_scale, q_zp = float(scale.reshape(-1)[0]), int(zp_arr.reshape(-1)[0])
         info = np.iinfo(zp_arr.dtype)
@@ -370,6 +390,8 @@ class ReferenceExecutor:
         consumers = self._consumers.get(chain_end, [])
         names = [node.input[0]] + [c.output[0] for c in consumers if c.op_type == "DequantizeLinear"]
         candidates = [tq for name in names for tq in self._records.get(name, [])]
+        if scale.size != 1:  # per channel: only as quantinfo records it (a tensor only depthwise Convs read)
+            return self._per_channel_boundary(node, scale, zp_arr, candidates, (lo, hi))
         for tq in candidates:
             if same_scale(tq.scale, q_scale) and tq.zero_point == q_zp:
                 if (tq.qmin, tq.qmax) != (lo, hi):
@@ -379,7 +401,7 @@ class ReferenceExecutor:
                     )
                 return tq
         if candidates:
-            recorded = ", ".join(f"scale {t.scale:.6g} zp {t.zero_point}" for t in candidates)
+            recorded = ", ".join(f"scale {describe_scale(t.scale)} zp {t.zero_point}" for t in candidates)
             raise ArtifactError(
                 f"{QUANTMODEL}: {describe(node)} quantizes {node.input[0]!r} with scale {q_scale:.6g}, zero point "
                 f"{q_zp}, but quantinfo records {recorded} for that tensor"
@@ -388,6 +410,22 @@ class ReferenceExecutor:
         logger.debug("%s: no quantinfo record for %r, using the node's own scale %.6g", describe(node),
                      node.input[0], q_scale)
         return TensorQuant(name=node.input[0], bits=bits, scale=q_scale, zero_point=q_zp, qmin=lo, qmax=hi)
+
+    @staticmethod
+    def _per_channel_boundary(node: onnx.NodeProto, scale: np.ndarray, zp_arr: np.ndarray,
+                              candidates: list[TensorQuant], bounds: tuple[int, int]) -> TensorQuant:
+        """The per-channel record a QuantizeLinear with one scale per channel applies (it must be recorded)."""
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
+        for tq in candidates:
+            if tq.axis is not None and tq.axis == axis and same_scale(tq.scale, scale) \
+                    and same_zero_point(tq.zero_point, zp_arr):
+                if (tq.qmin, tq.qmax) != bounds:
+                    raise ArtifactError(f"{QUANTMODEL}: {describe(node)} clips {node.input[0]!r} to {list(bounds)} "
+                                        f"but quantinfo records [{tq.qmin}, {tq.qmax}]")
+                return tq
+        raise UnsupportedOperatorError(
+            f"{describe(node)}: per-channel activation quantization along axis {axis} that quantinfo does not "
+            f"record for {node.input[0]!r} (per-channel scales are recorded for tensors only depthwise Convs read)")
 
     # -- running ----------------------------------------------------------------------------------
     def check_inputs(self, inputs: Mapping[str, Any] | Any) -> dict[str, np.ndarray]:
@@ -494,6 +532,7 @@ class ReferenceExecutor:
                 value = value.real()
             if not (isinstance(value, Ints) and value.same_grid(tq) and value.qmin >= tq.qmin
                     and value.qmax <= tq.qmax):
-                logger.debug("%s: output %d requantized to its record (scale %.6g)", describe(node), index, tq.scale)
+                logger.debug("%s: output %d requantized to its record (scale %s)", describe(node), index,
+                             describe_scale(tq.scale))
             held[index] = requantize(value, tq)
         return held

@@ -30,7 +30,7 @@ from maptools.quantization.reference import values
 from maptools.quantization.reference.crossbar import requant_integer
 from maptools.quantization.reference.registry import Executor, attrs, describe, register, string_attr
 from maptools.quantization.reference.spatial import spatial_pads, window_slices
-from maptools.quantization.reference.values import Ints, Value, real, requantize
+from maptools.quantization.reference.values import Ints, Value, along, describe_scale, real, requantize
 
 __all__ = ["MacWeights", "accumulate", "conv", "conv_accumulator", "conv_transpose", "gemm", "im2col", "matmul"]
 
@@ -144,7 +144,14 @@ def _channel_scale(record: OperatorQuantConfig, channels: int, ndim: int, channe
     return w_scale
 
 
-def requant_acc(acc: np.ndarray, s_in: float, record: OperatorQuantConfig, channel_axis: int,
+def _input_scale(s_in: float | np.ndarray, ndim: int, channel_axis: int) -> float | np.ndarray:
+    """The input scale of a MAC: a number, or (a depthwise Conv's per-channel input) one per output channel."""
+    if np.ndim(s_in) == 0:
+        return float(s_in)
+    return along(np.asarray(s_in, np.float64), ndim, channel_axis)
+
+
+def requant_acc(acc: np.ndarray, s_in: float | np.ndarray, record: OperatorQuantConfig, channel_axis: int,
                 real_bias: np.ndarray | None = None, mode: str = "float") -> Ints | np.ndarray:
     """``real = acc * (s_in * s_w[channel])`` (+ a real bias), requantized to the output record.
 
@@ -161,7 +168,7 @@ def requant_acc(acc: np.ndarray, s_in: float, record: OperatorQuantConfig, chann
             return requant_integer(acc, s_in, record, channel_axis, w_scale, mode)
         logger.debug("%s: requantized in float (no output record, a real bias or alpha/beta)", record.name)
     w_scale = _channel_scale(record, acc.shape[channel_axis], acc.ndim, channel_axis)
-    values_real = acc.astype(np.float64) * (float(s_in) * w_scale)
+    values_real = acc.astype(np.float64) * (_input_scale(s_in, acc.ndim, channel_axis) * w_scale)
     if real_bias is not None:
         values_real = values_real + real_bias
     if not has_output:
@@ -174,7 +181,7 @@ def mac_input(node: onnx.NodeProto, value: Value | None, tq: TensorQuant) -> Int
     if value is None:
         raise ArtifactError(f"{describe(node)}: missing activation input")
     if not (isinstance(value, Ints) and value.same_grid(tq)):
-        logger.debug("%s: input requantized to its record (scale %.6g)", describe(node), tq.scale)
+        logger.debug("%s: input requantized to its record (scale %s)", describe(node), describe_scale(tq.scale))
     return requantize(value, tq)
 
 
@@ -229,7 +236,7 @@ def prepare_mac(executor: Executor, node: onnx.NodeProto) -> MacWeights | None:
             f"the integer weight of {describe(node)} in {QUANTMODEL} differs from quantparams.pkl {w_key!r}"
         )
     if bias is not None and record.bias_scale is not None:
-        expected = float(record.inputs[0].scale) * _channel_scale(record, bias.size, 1, 0)
+        expected = _input_scale(record.inputs[0].scale, 1, 0) * _channel_scale(record, bias.size, 1, 0)
         recorded = np.asarray(record.bias_scale, np.float64).reshape(-1)
         if recorded.size != expected.size or not np.allclose(recorded, expected, rtol=1e-4, atol=0.0):
             raise ArtifactError(f"quantinfo.pkl: bias scale of {describe(node)} is not input_scale * weight_scale")

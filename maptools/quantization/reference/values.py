@@ -29,12 +29,15 @@ __all__ = [
     "Ints",
     "Param",
     "Value",
+    "along",
+    "describe_scale",
     "exact_dtype",
     "exact_matmul",
     "quantize",
     "real",
     "requantize",
     "same_scale",
+    "same_zero_point",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,9 +50,38 @@ EXACT_FLOAT64 = float(2**53)
 SCALE_RTOL = 1e-5
 
 
-def same_scale(a: float, b: float) -> bool:
-    """Whether two scales are equal up to :data:`SCALE_RTOL` (float32 vs float64 storage)."""
-    return abs(a - b) <= SCALE_RTOL * max(abs(a), abs(b), 1e-30)
+def same_scale(a: float | np.ndarray, b: float | np.ndarray) -> bool:
+    """Whether two scales (or two per-channel scale arrays) are equal up to :data:`SCALE_RTOL`."""
+    if np.ndim(a) == 0 and np.ndim(b) == 0:
+        a, b = float(a), float(b)
+        return abs(a - b) <= SCALE_RTOL * max(abs(a), abs(b), 1e-30)
+    x, y = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+    return x.size == y.size and bool(np.all(np.abs(x - y) <= SCALE_RTOL * np.maximum(np.maximum(np.abs(x), np.abs(y)),
+                                                                                      1e-30)))
+
+
+def same_zero_point(a: int | np.ndarray, b: int | np.ndarray) -> bool:
+    """Whether two zero points (or per-channel zero point arrays) are equal."""
+    x, y = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    return x.size == y.size and bool(np.array_equal(x.astype(np.int64), y.astype(np.int64)))
+
+
+def along(value: float | int | np.ndarray, ndim: int, axis: int | None) -> float | int | np.ndarray:
+    """A per-channel scale or zero point shaped to broadcast along ``axis`` of an ``ndim`` array (a number
+    as it is)."""
+    if axis is None or np.ndim(value) == 0:
+        return value
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(value).reshape(shape)
+
+
+def describe_scale(scale: float | np.ndarray) -> str:
+    """A scale for a message: the number, or the range of a per-channel array."""
+    if np.ndim(scale) == 0:
+        return f"{float(scale):.6g}"
+    arr = np.asarray(scale, np.float64)
+    return f"[{arr.size} per channel, {arr.min():.4g}..{arr.max():.4g}]"
 
 
 @dataclass
@@ -58,41 +90,47 @@ class Ints:
 
     Attributes:
         q: The integers (int64).
-        scale: Quantization step.
-        zero_point: Integer zero point.
+        scale: Quantization step (with ``axis``, an array of one step per channel).
+        zero_point: Integer zero point (with ``axis``, an array like ``scale``).
         qmin: Smallest integer the tensor may hold.
         qmax: Largest integer the tensor may hold.
         raw: True for integers between a QuantizeLinear and its DequantizeLinear (not yet an activation).
+        axis: The axis ``scale`` and ``zero_point`` run along; None for one per tensor.
     """
 
     q: np.ndarray
-    scale: float
-    zero_point: int
+    scale: float | np.ndarray
+    zero_point: int | np.ndarray
     qmin: int
     qmax: int
     raw: bool = False
+    axis: int | None = None
 
     def real(self) -> np.ndarray:
         """The real (float64) values."""
-        return self.scale * (self.q - self.zero_point).astype(np.float64)
+        scale = along(np.asarray(self.scale, np.float64) if self.axis is not None else self.scale, self.q.ndim,
+                      self.axis)
+        return scale * self.centred()
 
     def centred(self) -> np.ndarray:
         """``q - zero_point`` as float64 (exact)."""
-        return (self.q - self.zero_point).astype(np.float64)
+        return (self.q - along(self.zero_point, self.q.ndim, self.axis)).astype(np.float64)
 
     def centred_int(self) -> np.ndarray:
         """``q - zero_point`` in the smallest integer dtype holding its range (exact)."""
-        dtype = smallest_int_dtype(self.qmin - self.zero_point, self.qmax - self.zero_point)
-        return (self.q - self.zero_point).astype(dtype)
+        zp = np.asarray(self.zero_point, np.int64)
+        dtype = smallest_int_dtype(self.qmin - int(zp.max()), self.qmax - int(zp.min()))
+        return (self.q - along(self.zero_point, self.q.ndim, self.axis)).astype(dtype)
 
     def same_grid(self, tq: TensorQuant) -> bool:
-        """Whether this tensor is already quantized like ``tq`` (same scale and zero point)."""
-        return same_scale(self.scale, tq.scale) and self.zero_point == tq.zero_point
+        """Whether this tensor is already quantized like ``tq`` (same scale and zero point, same axis)."""
+        return self.axis == tq.axis and same_scale(self.scale, tq.scale) and same_zero_point(self.zero_point,
+                                                                                              tq.zero_point)
 
     def with_q(self, q: np.ndarray, **changes: Any) -> Ints:
         """A copy holding other integers (same quantization unless ``changes`` say otherwise)."""
         fields = {"scale": self.scale, "zero_point": self.zero_point, "qmin": self.qmin, "qmax": self.qmax,
-                  "raw": self.raw}
+                  "raw": self.raw, "axis": self.axis}
         fields.update(changes)
         return Ints(q=q, **fields)
 
@@ -144,6 +182,11 @@ def quantize(values: np.ndarray, tq: TensorQuant) -> np.ndarray:
     """
     values = np.asarray(values)
     single = values.dtype == np.float32
+    if tq.axis is not None:  # one scale and zero point per channel along the record's axis
+        scale = along(np.asarray(tq.scale, np.float32 if single else np.float64), values.ndim, tq.axis)
+        zero_point = along(np.asarray(tq.zero_point, np.int64), values.ndim, tq.axis)
+        scaled = values / scale if single else values.astype(np.float64) / scale
+        return np.clip(round_half_even(scaled).astype(np.int64) + zero_point, tq.qmin, tq.qmax)
     scaled = values / np.float32(tq.scale) if single else values.astype(np.float64) / float(tq.scale)
     q = round_half_even(scaled).astype(np.int64) + int(tq.zero_point)
     return np.clip(q, tq.qmin, tq.qmax)
@@ -155,6 +198,10 @@ def requantize(value: Value, tq: TensorQuant) -> Ints:
         q = value.q if value.qmin >= tq.qmin and value.qmax <= tq.qmax else np.clip(value.q, tq.qmin, tq.qmax)
     else:
         q = quantize(real(value), tq)
+    if tq.axis is not None:
+        return Ints(q=q, scale=np.asarray(tq.scale, np.float64).reshape(-1),
+                    zero_point=np.asarray(tq.zero_point, np.int64).reshape(-1), qmin=int(tq.qmin), qmax=int(tq.qmax),
+                    axis=int(tq.axis))
     return Ints(q=q, scale=float(tq.scale), zero_point=int(tq.zero_point), qmin=int(tq.qmin), qmax=int(tq.qmax))
 
 
