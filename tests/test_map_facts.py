@@ -32,6 +32,7 @@ from maptools.quantization.cimmap.content import resolve_record_cim
 from maptools.quantization.format import CIM_FILE, CIM_FORMAT_VERSION, FORMAT_VERSION
 from maptools.quantization.mapdir import add_map_file
 from maptools.quantization.placement import AdcGains, CrossbarLayout, CrossbarPlacement, RequantKeys
+from maptools.quantization.schemas import check_quantinfo
 
 ROOT = Path(__file__).resolve().parents[1]
 #: main's last commit before the records stopped copying the CIM spec and the ADC ranges.
@@ -266,3 +267,11 @@ def test_manifest_settings_cim_is_checked_against_cim_json(calibrated_map):
     x = {"input": np.zeros((2, 3, 8, 8), np.float32)}
     with pytest.raises(ArtifactError, match=r"^manifest\.json: field 'settings\.cim' is .*'rows': 32"):
         simulate("m", x, mapsave_dir=calibrated_map, cim=True)
+
+
+def test_the_schema_wants_a_typed_placement_in_memory():
+    """A record built in memory with the plain dict instead of the type is refused by the record schema."""
+    check_quantinfo({"conv": OperatorQuantConfig("conv", "Conv", cim=_placement())})
+    with pytest.raises(ArtifactError, match=r"^quantinfo\.pkl: record 'conv': field 'cim' is dict .*, expected "
+                                            r"CrossbarPlacement \| None$"):
+        check_quantinfo({"conv": OperatorQuantConfig("conv", "Conv", cim=_placement().to_dict())})

@@ -211,7 +211,7 @@ def _describe(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     text = str(hint).replace("typing.", "").replace("numpy.", "np.")
-    return text.replace("maptools.quantization.records.", "")
+    return text.replace("maptools.quantization.records.", "").replace("maptools.quantization.placement.", "")
 
 
 def _shown(value: Any) -> str:
