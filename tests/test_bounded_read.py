@@ -265,9 +265,12 @@ def test_deep_pickle_is_refused(root):
     deep: Any = []
     for _ in range(1000):
         deep = [deep]
-    info["/stem/stem.0/Conv"].cim = {"layout": deep}
-    _replace(root, QUANTINFO, dump_pickle(info))
+    _replace(root, QUANTINFO, dump_pickle({**info, "deep": deep}))
     with pytest.raises(ArtifactError, match="quantinfo.pkl: nested deeper than 64 levels"):
+        read_quantinfo("m", root)
+    info["/stem/stem.0/Conv"].cim = {"layout": deep}  # a placement's nesting is its type's: refused by type
+    _replace(root, QUANTINFO, dump_pickle(info))
+    with pytest.raises(ArtifactError, match=r"^quantinfo.pkl: record '/stem/stem.0/Conv': field 'cim'"):
         read_quantinfo("m", root)
 
 

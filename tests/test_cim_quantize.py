@@ -52,6 +52,7 @@ from maptools.quantization.format import (
     weight_key,
     weight_slices_key,
 )
+from maptools.quantization.placement import RequantKeys
 from maptools.quantization.reference import ReferenceExecutor
 
 CALIBRATED = CIMSpec.parse("rows=64,cols=128,cell_bits=2,adc_bits=5,dac_bits=1,weight_encoding=differential,"
@@ -153,7 +154,7 @@ def test_weight_slices_recombine_to_the_integer_weights(maps, name) -> None:
     c = spec.cell_bits
     for node, record in records:
         key = weight_slices_key(node.name, node.op_type)
-        assert key == weight_key(node.name, node.op_type) + "_slices" == record.cim["weight_slices"]
+        assert key == weight_key(node.name, node.op_type) + "_slices" == record.cim.weight_slices
         weight, digits_ = params[weight_key(node.name, node.op_type)].astype(np.int64), params[key]
         assert digits_.dtype == np.uint8 and int(digits_.max()) < 2**c
         slices = digits_.shape[1]
@@ -177,7 +178,7 @@ def test_requant_multipliers_and_shifts(maps) -> None:
         stored = 0
         for node, record in records:
             m_key, s_key = requant_multiplier_key(node.name, node.op_type), requant_shift_key(node.name, node.op_type)
-            assert record.cim["requant"] == {"mode": spec.requant, "multiplier": m_key, "shift": s_key}
+            assert record.cim.requant == RequantKeys(mode=spec.requant, multiplier=m_key, shift=s_key)
             multiplier, shift = params[m_key], params[s_key]
             assert multiplier.dtype == np.int32 and shift.dtype == np.int32
             assert multiplier.shape == shift.shape == record.weight_scale.reshape(-1).shape == (
@@ -210,33 +211,34 @@ def test_records_hold_the_tile_layout_and_per_tile_adc(maps) -> None:
         map_calibration = read_map_calibration(name, mapsave)
         for node, record in records:
             # each fact once: the spec and the ADC ranges live in cim.json, the reader resolves them
-            assert "spec" not in record.cim and "ranges" not in record.cim["adc"]
+            assert record.cim.spec is None and record.cim.adc.ranges is None
+            assert "spec" not in record.cim.to_dict() and "ranges" not in record.cim.to_dict()["adc"]
             entry = resolve_record_cim(record, map_calibration)
-            assert entry["spec"] == spec.to_dict() and entry["file"] == CIM_FILE
+            assert entry.spec == spec.to_dict() and entry.file == CIM_FILE
             weight = executor.mac_weights(node).weight
             trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-            assert entry["layout"]["trans_b"] == trans_b
+            assert entry.layout.trans_b == trans_b
             layout = tile_layout(weight.shape, node.op_type, 1, record.weight_bits, spec, trans_b=trans_b,
                                  weight_min=record.weight_min)
-            expected = {"op_type": node.op_type, "weight_shape": list(weight.shape), "groups": layout.groups,
+            expected = {"op_type": node.op_type, "weight_shape": tuple(weight.shape), "groups": layout.groups,
                         "out_channels": layout.out_channels, "depth": layout.depth, "row_tiles": layout.row_tiles,
                         "col_tiles": layout.col_tiles, "channels_per_array": layout.channels_per_array,
                         "arrays": layout.num_arrays, "slices": layout.format.slices, "signs": layout.format.signs}
-            assert {k: entry["layout"][k] for k in expected} == expected
+            assert {k: getattr(entry.layout, k) for k in expected} == expected
             planes = -(-record.inputs[0].bits // spec.dac_bits)
-            assert entry["input_planes"] == planes
-            adc = entry["adc"]
-            assert (adc["bits"], adc["range"], adc["levels"]) == (spec.adc_bits, spec.adc_range, 2**spec.adc_bits - 1)
-            ranges = np.asarray(adc["ranges"])
+            assert entry.input_planes == planes
+            adc = entry.adc
+            assert (adc.bits, adc.range, adc.levels) == (spec.adc_bits, spec.adc_range, 2**spec.adc_bits - 1)
+            ranges = np.asarray(adc.ranges)
             assert ranges.shape == (layout.row_tiles, layout.format.slices, planes)
             if name == "calibrated":
                 np.testing.assert_array_equal(ranges, calibration.adc[node.name].ranges)
             else:
                 np.testing.assert_array_equal(ranges, full_scale_ranges(spec, ranges.shape))
-            np.testing.assert_array_equal(np.asarray(adc["gains"]), adc_gain(ranges, adc["levels"]))
+            np.testing.assert_array_equal(np.asarray(adc.gains), adc_gain(ranges, adc.levels))
         # a 576-deep conv on 64 rows: nine row tiles
-        assert max(r.cim["layout"]["row_tiles"] for _, r in records) == -(-max(
-            r.cim["layout"]["depth"] for _, r in records) // spec.rows) > 1
+        assert max(r.cim.layout.row_tiles for _, r in records) == -(-max(
+            r.cim.layout.depth for _, r in records) // spec.rows) > 1
 
 
 def test_without_cim_the_artifacts_are_unchanged(maps) -> None:

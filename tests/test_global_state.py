@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from maptools.quantization import quantize
 from maptools.quantization.engine.operators import FIXED_OPERATORS, prelu_forward
 from maptools.quantization.engine.quantizer import IntegerZeroPointLSQPass
+from maptools.quantization.pipeline import seeded_cuda_devices, seeded_globals
 
 
 def _draws() -> tuple[float, float, float]:
@@ -34,6 +35,52 @@ def test_quantize_leaves_the_global_generators_as_it_found_them(tiny_onnx, tmp_p
     assert first.quantparams_path.read_bytes() == second.quantparams_path.read_bytes()
     assert first.quantinfo_path.read_bytes() == second.quantinfo_path.read_bytes()
 
+
+
+class _FakeCuda:
+    """Two CUDA devices' generator states, as ``torch.cuda`` hands them to ``fork_rng`` and ``manual_seed``."""
+
+    def __init__(self) -> None:
+        self.states = {0: torch.tensor([10], dtype=torch.uint8), 1: torch.tensor([11], dtype=torch.uint8)}
+        self.seeded: list[int] = []
+
+    def get_rng_state(self, device: int = 0) -> torch.Tensor:
+        return self.states[int(device)].clone()
+
+    def set_rng_state(self, state: torch.Tensor, device: int = 0) -> None:
+        self.states[int(device)] = state.clone()
+
+    def manual_seed_all(self, seed: int) -> None:
+        self.seeded.append(seed)
+        for device in self.states:
+            self.states[device] = torch.tensor([seed % 256], dtype=torch.uint8)
+
+
+def test_seeding_gives_every_cuda_generator_back(monkeypatch):
+    """``torch.manual_seed`` reseeds every CUDA device too: with CUDA present (faked: no GPU in the suite), the
+    seeded block runs on the seed on both devices, and each device's state is given back afterwards."""
+    fake = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in ("get_rng_state", "set_rng_state", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    assert seeded_cuda_devices() == [0, 1]
+    cpu_before = torch.random.get_rng_state()
+    with seeded_globals(1234):
+        assert fake.seeded == [1234] and [int(fake.states[d]) for d in (0, 1)] == [1234 % 256] * 2
+    assert [int(fake.states[d]) for d in (0, 1)] == [10, 11]
+    assert torch.equal(torch.random.get_rng_state(), cpu_before)
+
+
+def test_without_cuda_no_device_generator_is_touched(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert seeded_cuda_devices() == []
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    expected = _draws()
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    with seeded_globals(5):
+        inside = _draws()
+    assert _draws() == expected and inside != expected
 
 def _ppq_globals() -> dict:
     """PPQ's process-wide tables and the methods maptools builds on, by identity."""

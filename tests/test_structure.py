@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "maptools.quantization.snapshot": 0,
     "maptools.quantization.artifacts": 0,
     "maptools.quantization.records": 0,
+    "maptools.quantization.placement": 0,
     "maptools.quantization.progress": 0,
     "maptools.quantization.floatops": 0,
     "maptools.quantization.diagnostics": 0,

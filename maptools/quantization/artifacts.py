@@ -160,6 +160,8 @@ def read_pickle(data: bytes, what: str) -> Any:
         return _RestrictedUnpickler(io.BytesIO(data)).load()
     except UnsafeArtifactError as exc:
         raise UnsafeArtifactError(f"{what}: {exc}") from None
+    except ArtifactError as exc:  # a record's field checked as it is rebuilt (OperatorQuantConfig.cim)
+        raise ArtifactError(f"{what}: {exc}") from None
     except Exception as exc:
         raise ArtifactError(f"{what}: not a readable maptools pickle ({type(exc).__name__}: {exc})") from None
 

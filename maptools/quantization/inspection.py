@@ -100,9 +100,8 @@ def inspect_map(mapname: str, mapsave_dir: str | os.PathLike | None = None, cim:
             "weight_range": _range(params.get(weight_key(name, cfg.op_type))),
             "bias_range": _range(params.get(bias_key(name, cfg.op_type))),
         })
-        layout = (getattr(cfg, "cim", None) or {}).get("layout")
-        if layout is not None:
-            rows[-1]["crossbar_arrays"] = layout["arrays"]
+        if cfg.cim is not None:
+            rows[-1]["crossbar_arrays"] = cfg.cim.layout.arrays
     summary = _cim_summary(contents.cim)
     cost = None
     if cim is not None or summary is not None:

@@ -68,6 +68,7 @@ __all__ = [
     "extract",
     "load",
     "run_engine",
+    "seeded_cuda_devices",
     "seeded_globals",
 ]
 
@@ -180,19 +181,29 @@ def calibration_data(options: QuantizeOptions, prepared: Prepared, calibset: Ite
 @contextlib.contextmanager
 def seeded_globals(seed: int) -> Iterator[None]:
     """Seed Python's, numpy's and torch's global generators for PPQ (which draws from them), and give the
-    caller's states back afterwards: a ``quantize`` call leaves the process's random streams as it found them."""
+    caller's states back afterwards: a ``quantize`` call leaves the process's random streams as it found them.
+
+    ``torch.manual_seed`` also reseeds every CUDA device's generator, so those are given back too
+    (:func:`seeded_cuda_devices`)."""
     import torch
 
-    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.random.set_rng_state(saved[2])
+    saved = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=seeded_cuda_devices(), device_type="cuda"):
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+
+
+def seeded_cuda_devices() -> list[int]:
+    """The CUDA devices whose generators ``torch.manual_seed`` reseeds: every visible one, none without CUDA."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[QuantizeOptions, Any]:

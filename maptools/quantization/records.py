@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from maptools.quantization.placement import CrossbarPlacement
+
 __all__ = ["ANALYSIS_SAMPLES", "OperatorQuantConfig", "QuantizationResult", "TensorQuant"]
 
 #: Held-out samples the graph-wise error is measured on by default (``analysis_steps=None``). The SNR of a few
@@ -110,12 +112,14 @@ class OperatorQuantConfig:
         weight_axis: The weight axis that ``weight_scale`` runs along (the output channel axis).
         bias_bits: Bias bit width (32) when the operator has a bias.
         bias_scale: Bias scale, ``input_scale * weight_scale``.
-        cim: For a crossbar MAC of a map quantized with ``cim=`` (format 2.1), its place on the crossbars as
-            plain data (dicts, lists, numbers, strings): the tile layout, the ADC gains of every (row tile,
-            weight slice, input plane) and the ``quantparams.pkl`` keys of its weight slices and
-            requantization multipliers, the spec and ADC ranges being in ``cim.json`` (see :doc:`/cim`);
-            None otherwise. A record
-            whose ``cim`` is None pickles without the field, and records of 1.x maps load with ``cim`` None.
+        cim: For a crossbar MAC of a map quantized with ``cim=`` (format 2.1), its place on the crossbars
+            (:class:`~maptools.quantization.placement.CrossbarPlacement`): the tile layout, the ADC gains of
+            every (row tile, weight slice, input plane) and the ``quantparams.pkl`` keys of its weight slices
+            and requantization multipliers, the spec and ADC ranges being in ``cim.json`` (see :doc:`/cim`);
+            None otherwise. It pickles as plain data (:meth:`CrossbarPlacement.to_dict
+            <maptools.quantization.placement.CrossbarPlacement.to_dict>`), checked back into its type when a
+            record is unpickled. A record whose ``cim`` is None pickles without the field, and records of 1.x
+            maps load with ``cim`` None.
     """
 
     name: str
@@ -136,19 +140,30 @@ class OperatorQuantConfig:
     weight_axis: int | None = None
     bias_bits: int | None = None
     bias_scale: np.ndarray | None = None
-    cim: dict[str, Any] | None = None
+    cim: CrossbarPlacement | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """The pickled state: every field, ``cim`` only when set (maps without CIM pickle no such field)."""
+        """The pickled state: every field, ``cim`` as plain data and only when set (maps without CIM pickle no
+        such field)."""
         state = dict(self.__dict__)
-        if state.get("cim") is None:
+        cim = state.get("cim")
+        if cim is None:
             state.pop("cim", None)
+        elif isinstance(cim, CrossbarPlacement):
+            state["cim"] = cim.to_dict()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Fields from a pickle; the ``input_*`` copies of the first quantized input that older maps hold are
-        dropped (:attr:`input_bits` and the others read ``inputs``)."""
-        self.__dict__.update({k: v for k, v in state.items() if k not in _INPUT_COPIES})
+        dropped (:attr:`input_bits` and the others read ``inputs``), and ``cim`` is checked into its type.
+
+        Raises:
+            ArtifactError: the ``cim`` data is not a placement (naming the record and the key).
+        """
+        state = {k: v for k, v in state.items() if k not in _INPUT_COPIES}
+        if state.get("cim") is not None:
+            state["cim"] = CrossbarPlacement.from_dict(state["cim"], f"record {state.get('name')!r}: field 'cim'")
+        self.__dict__.update(state)
 
     @property
     def first_input(self) -> TensorQuant | None:

@@ -211,7 +211,7 @@ def _describe(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     text = str(hint).replace("typing.", "").replace("numpy.", "np.")
-    return text.replace("maptools.quantization.records.", "")
+    return text.replace("maptools.quantization.records.", "").replace("maptools.quantization.placement.", "")
 
 
 def _shown(value: Any) -> str:
@@ -274,8 +274,6 @@ def check_quantinfo(quantinfo: Any, what: str = QUANTINFO) -> dict[str, Operator
         check_record(record, OperatorQuantConfig, what, f"record {name!r}")
         if record.name != name:
             raise ArtifactError(f"{what}: record {name!r}: field 'name' is {record.name!r}, expected its key")
-        if record.cim is not None:
-            check_depth(record.cim, what)
     return quantinfo
 
 

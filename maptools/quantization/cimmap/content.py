@@ -13,8 +13,9 @@ builds the integer reference executor from them, calibrates the ADC ranges on ca
   its int32 multipliers and shifts (:func:`~maptools.quantization.format.requant_multiplier_key`,
   :func:`~maptools.quantization.format.requant_shift_key`).
 
-A record's ``cim`` field is plain data (dicts, lists, numbers, strings), so ``quantinfo.pkl`` stays loadable
-by the restricted unpickler:
+A record's ``cim`` field is a :class:`~maptools.quantization.placement.CrossbarPlacement`, pickled as the
+plain data (dicts, lists, numbers, strings) of its ``to_dict``, so ``quantinfo.pkl`` stays loadable by the
+restricted unpickler:
 
 .. code-block:: python
 
@@ -33,7 +34,9 @@ by the restricted unpickler:
 Each fact is stored once: the spec and the calibrated ADC ranges ``r`` live in ``cim.json``, and
 :func:`resolve_record_cim` gives a record's entry with its ``spec`` and ``adc.ranges`` (``(row tiles, slices,
 planes)``, the ADC full-scale partial sums) resolved from it. Older 1.2 maps copied both into every record;
-they load as they are.
+they load as they are. The gains are derived from the ranges and stored for the converter, which reads the
+records and not ``cim.json``;
+:func:`~maptools.quantization.cim.derived.check_record_gains` checks that they equal their derivation.
 
 ``adc`` is None for an ideal ADC (``adc_bits=None``); ``requant`` is None for ``requant='float'`` and for a MAC
 the executor requantizes in float in every mode (no output record, a bias left in float, a Gemm with
@@ -53,16 +56,23 @@ import numpy as np
 import onnx
 
 from maptools.errors import InvalidArgumentError
-from maptools.quantization.cim.adc import ADC_FRACTION_BITS, adc_gain, full_scale_ranges
+from maptools.quantization.cim.adc import ADC_FRACTION_BITS
 from maptools.quantization.cim.arithmetic import adc_grid
 from maptools.quantization.cim.cost import MapCost
+from maptools.quantization.cim.derived import adc_ranges, placement_gains, record_adc_ranges
 from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.cim.requant import requant_multiplier
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.cim.tiles import TileLayout
 from maptools.quantization.cimmap.mapcal import calibrate_map, map_weight_slices
 from maptools.quantization.cimmap.mapcost import mac_layout, map_cost
-from maptools.quantization.format import CIM_FILE, requant_multiplier_key, requant_shift_key, weight_slices_key
+from maptools.quantization.format import (
+    CIM_FILE,
+    requant_multiplier_key,
+    requant_shift_key,
+    weight_slices_key,
+)
+from maptools.quantization.placement import AdcGains, CrossbarLayout, CrossbarPlacement, RequantKeys
 from maptools.quantization.records import OperatorQuantConfig
 from maptools.quantization.reference.crossbar import MacOperands, record_multipliers
 from maptools.quantization.reference.executor import ReferenceExecutor
@@ -98,14 +108,15 @@ class CimContent:
     cost: MapCost | None = None
 
 
-def _layout_dict(layout: TileLayout, trans_b: bool) -> dict[str, Any]:
+def _crossbar_layout(layout: TileLayout, trans_b: bool) -> CrossbarLayout:
     fmt = layout.format
-    return {"op_type": layout.op_type, "weight_shape": list(layout.weight_shape), "trans_b": trans_b,
-            "weight_bits": fmt.bits, "weight_min": fmt.weight_min, "encoding": fmt.encoding, "signs": fmt.signs,
-            "slices": fmt.slices, "cell_bits": fmt.cell_bits, "offset": fmt.offset,
-            "columns_per_weight": fmt.columns_per_weight, "groups": layout.groups, "out_channels": layout.out_channels,
-            "depth": layout.depth, "row_tiles": layout.row_tiles, "channels_per_array": layout.channels_per_array,
-            "col_tiles": layout.col_tiles, "arrays": layout.num_arrays, "utilization": float(layout.utilization)}
+    return CrossbarLayout(
+        op_type=layout.op_type, weight_shape=tuple(layout.weight_shape), trans_b=trans_b, weight_bits=fmt.bits,
+        weight_min=fmt.weight_min, encoding=fmt.encoding, signs=fmt.signs, slices=fmt.slices, cell_bits=fmt.cell_bits,
+        offset=fmt.offset, columns_per_weight=fmt.columns_per_weight, groups=layout.groups,
+        out_channels=layout.out_channels, depth=layout.depth, row_tiles=layout.row_tiles,
+        channels_per_array=layout.channels_per_array, col_tiles=layout.col_tiles, arrays=layout.num_arrays,
+        utilization=float(layout.utilization))
 
 
 def _integer_requant(node: onnx.NodeProto, record: OperatorQuantConfig, has_int_bias: bool) -> bool:
@@ -130,15 +141,7 @@ def requant_arrays(record: OperatorQuantConfig, mode: str) -> tuple[np.ndarray, 
     return multiplier.astype(np.int32), shift.astype(np.int32)
 
 
-def _adc_ranges(name: str, spec: CIMSpec, calibration: MapCalibration, grid: tuple[int, int, int],
-                weight_bits: int, input_bits: int) -> np.ndarray:
-    """A MAC's ADC full-scale ranges: calibrated (from ``cim.json``) or the spec's full scale."""
-    if spec.adc_range == "calibrated":
-        return calibration.adc[name].check(spec, grid, weight_bits=weight_bits, input_bits=input_bits)
-    return full_scale_ranges(spec, grid)
-
-
-def resolve_record_cim(record: OperatorQuantConfig, calibration: MapCalibration) -> dict[str, Any] | None:
+def resolve_record_cim(record: OperatorQuantConfig, calibration: MapCalibration) -> CrossbarPlacement | None:
     """A record's ``cim`` entry with the facts kept once in ``cim.json`` filled in: ``spec`` and ``adc.ranges``.
 
     Args:
@@ -146,20 +149,17 @@ def resolve_record_cim(record: OperatorQuantConfig, calibration: MapCalibration)
         calibration: The map's ``cim.json`` (:func:`~maptools.quantization.cim.mapcalibration.read_map_calibration`).
     """
     entry = record.cim
-    if entry is None or ("spec" in entry and (entry["adc"] is None or "ranges" in entry["adc"])):
+    if entry is None or (entry.spec is not None and (entry.adc is None or entry.adc.ranges is not None)):
         return entry
-    spec, layout = calibration.spec, entry["layout"]
-    resolved = {"spec": spec.to_dict(), **entry}
-    if entry["adc"] is not None:
-        input_bits = record.inputs[0].bits
-        grid = adc_grid(layout["depth"], input_bits, layout["weight_bits"], spec, weight_min=layout["weight_min"])
-        ranges = _adc_ranges(record.name, spec, calibration, grid, layout["weight_bits"], input_bits)
-        resolved["adc"] = {**entry["adc"], "ranges": np.asarray(ranges, np.float64).tolist()}
-    return resolved
+    adc = entry.adc
+    if adc is not None:
+        ranges = np.asarray(record_adc_ranges(record, calibration), np.float64).tolist()
+        adc = dataclasses.replace(adc, ranges=tuple(tuple(tuple(row) for row in plane) for plane in ranges))
+    return dataclasses.replace(entry, spec=calibration.spec.to_dict(), adc=adc)
 
 
 def record_cim(node: onnx.NodeProto, operands: MacOperands, weight: np.ndarray, spec: CIMSpec,
-               calibration: MapCalibration, requant: bool) -> dict[str, Any]:
+               calibration: MapCalibration, requant: bool) -> CrossbarPlacement:
     """A crossbar MAC record's ``cim`` field (see the module docstring).
 
     Args:
@@ -172,21 +172,18 @@ def record_cim(node: onnx.NodeProto, operands: MacOperands, weight: np.ndarray, 
     """
     layout = mac_layout(node, operands, weight, spec)
     grid = adc_grid(layout.depth, operands.input_bits, operands.weight_bits, spec, weight_min=operands.weight_min)
-    adc: dict[str, Any] | None = None
+    adc = None
     if spec.adc_bits is not None:
         levels = int(spec.adc_levels)
-        ranges = _adc_ranges(node.name, spec, calibration, grid, operands.weight_bits, operands.input_bits)
-        adc = {"bits": spec.adc_bits, "range": spec.adc_range, "levels": levels, "fraction_bits": ADC_FRACTION_BITS,
-               "gains": [[[int(g) for g in row] for row in plane] for plane in adc_gain(ranges, levels)]}
-    entry: dict[str, Any] = {
-        "file": CIM_FILE, "input_planes": grid[2],
-        "layout": _layout_dict(layout, bool(int(attrs(node).get("transB", 0)))),
-        "adc": adc, "weight_slices": weight_slices_key(node.name, node.op_type),
-        "requant": None if not requant else {"mode": spec.requant,
-                                             "multiplier": requant_multiplier_key(node.name, node.op_type),
-                                             "shift": requant_shift_key(node.name, node.op_type)},
-    }
-    return entry
+        ranges = adc_ranges(node.name, spec, calibration, grid, operands.weight_bits, operands.input_bits)
+        adc = AdcGains(bits=spec.adc_bits, range=spec.adc_range, levels=levels, fraction_bits=ADC_FRACTION_BITS,
+                       gains=placement_gains(ranges, levels))
+    return CrossbarPlacement(
+        file=CIM_FILE, input_planes=grid[2], layout=_crossbar_layout(layout, bool(int(attrs(node).get("transB", 0)))),
+        adc=adc, weight_slices=weight_slices_key(node.name, node.op_type),
+        requant=None if not requant else RequantKeys(mode=spec.requant,
+                                                     multiplier=requant_multiplier_key(node.name, node.op_type),
+                                                     shift=requant_shift_key(node.name, node.op_type)))
 
 
 def map_cim_content(model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuantConfig],
@@ -233,7 +230,7 @@ def map_cim_content(model: onnx.ModelProto, quantinfo: Mapping[str, OperatorQuan
         info[node.name] = dataclasses.replace(
             record, cim=record_cim(node, operands, state.weight, spec, calibration, requant))
     logger.info("CIM content for %s: %d crossbar MACs, %d arrays, ADC ranges %s", spec, len(executor.crossbar_nodes),
-                sum(info[n.name].cim["layout"]["arrays"] for n in executor.crossbar_nodes),
+                sum(info[n.name].cim.layout.arrays for n in executor.crossbar_nodes),
                 f"calibrated on {batches} batches" if batches else spec.adc_range if spec.adc_bits else "ideal")
     cost = map_cost(executor, spec, batch=chosen[0])
     return CimContent(calibration=calibration, quantinfo=info, quantparams=params, calib_batches=batches, cost=cost)

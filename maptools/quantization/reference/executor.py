@@ -34,14 +34,17 @@ from maptools.quantization.artifacts import (
     load_quant_model,
     load_quantinfo,
     load_quantparams,
+    read_manifest,
     read_map_files,
 )
 from maptools.quantization.cim.adc import AdcCalibration
 from maptools.quantization.cim.analog import SeedLike, check_device
+from maptools.quantization.cim.derived import check_records_gains, check_settings_spec
 from maptools.quantization.cim.device import DeviceModel
 from maptools.quantization.cim.mapcalibration import MapCalibration, has_map_calibration, read_map_calibration
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.intmath import smallest_int_dtype
+from maptools.quantization.mapdir import resolve_map
 from maptools.quantization.records import OperatorQuantConfig, TensorQuant
 from maptools.quantization.reference import (  # noqa: F401 - importing them registers their handlers
     activations,
@@ -228,7 +231,11 @@ class ReferenceExecutor:
             adc = stored
         elif cim is not False:
             spec = cim  # type: ignore[assignment]  # None or a CIMSpec (anything else is refused below)
-        return cls.from_files(mapname, files, spec, adc, device=device, seed=seed)
+        executor = cls.from_files(mapname, files, spec, adc, device=device, seed=seed)
+        if cim is True:  # what the map stores derived from cim.json agrees with it
+            check_records_gains(executor.quantinfo, stored)
+            check_settings_spec(read_manifest(resolve_map(mapname, mapsave_dir)).get("settings", {}), stored)
+        return executor
 
     @classmethod
     def from_files(cls, mapname: str, files: Mapping[str, bytes], cim: CIMSpec | None = None,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
-from maptools.errors import InvalidArgumentError, InvalidTypeError
+from maptools.errors import ArtifactError, InvalidArgumentError, InvalidTypeError
 from maptools.quantization import artifacts, mapdir
+from maptools.quantization.cim.derived import check_records_gains
 from maptools.quantization.cim.mapcalibration import MapCalibration
 from maptools.quantization.format import CIM_FILE
+from maptools.quantization.records import OperatorQuantConfig
 from maptools.quantization.reference.executor import ReferenceExecutor
 
 __all__ = ["write_map_calibration"]
@@ -24,7 +27,8 @@ def write_map_calibration(mapname: str, calibration: MapCalibration, *, mapsave_
     Under the map's writer lock (the one ``quantize`` holds to swap a map): the map is loaded and its
     fingerprint compared with the calibration's, ``cim.json`` is written atomically, then the manifest is
     rewritten atomically with the file's SHA-256 and size (every other entry unchanged). An earlier
-    ``cim.json`` is replaced.
+    ``cim.json`` is replaced, except in a map quantized with ``cim=``, whose records hold the layout and ADC
+    gains of its crossbar: there only the same spec and gains are stored again.
 
     Args:
         mapname: The map.
@@ -38,7 +42,8 @@ def write_map_calibration(mapname: str, calibration: MapCalibration, *, mapsave_
     Raises:
         MapNotFoundError: no such map.
         MapBusyError: another writer held the map's lock for ``lock_timeout`` seconds.
-        InvalidArgumentError: the calibration was made on another map.
+        InvalidArgumentError: the calibration was made on another map, or the map was quantized with ``cim=``
+            and the calibration's spec or ADC gains differ from its records'.
         ArtifactError: the map's files are modified or unreadable.
     """
     if not isinstance(calibration, MapCalibration):
@@ -46,10 +51,34 @@ def write_map_calibration(mapname: str, calibration: MapCalibration, *, mapsave_
     directory = artifacts.resolve_map(mapname, mapsave_dir)
     timeout = mapdir.LOCK_TIMEOUT if lock_timeout is None else lock_timeout
     with mapdir.map_lock(directory, timeout):
-        fingerprint = ReferenceExecutor.load(mapname, mapsave_dir).fingerprint
-        if calibration.fingerprint and calibration.fingerprint != fingerprint:
+        executor = ReferenceExecutor.load(mapname, mapsave_dir)
+        if calibration.fingerprint and calibration.fingerprint != executor.fingerprint:
             raise InvalidArgumentError(f"calibration: made on another map than {mapname!r} (its crossbar weights or "
                                        "operands differ); calibrate this map")
+        _check_placements(mapname, mapsave_dir, executor.quantinfo, calibration)
         mapdir.add_map_file(directory, CIM_FILE, calibration.to_json(), artifacts.read_manifest(directory))
     logger.info("wrote the CIM calibration (%s) of map %r to %s", calibration.spec, mapname, directory / CIM_FILE)
     return directory / CIM_FILE
+
+
+def _check_placements(mapname: str, mapsave_dir: str | os.PathLike | None,
+                      quantinfo: Mapping[str, OperatorQuantConfig], calibration: MapCalibration) -> None:
+    """A map quantized with ``cim=`` keeps its crossbar: its records' layouts and ADC gains are derived from its
+    ``cim.json``, so a replacement must give the same spec and gains (the same calibration, stored again).
+
+    Raises:
+        InvalidArgumentError: the calibration's spec or ADC gains differ from those the records hold.
+    """
+    if all(record.cim is None for record in quantinfo.values()):
+        return
+    spec = MapCalibration.from_json(artifacts.read_artifact_bytes(mapname, CIM_FILE, mapsave_dir), CIM_FILE).spec
+    if calibration.spec != spec:
+        raise InvalidArgumentError(f"calibration: for crossbar {calibration.spec}, but map {mapname!r} was quantized "
+                                   f"with cim={spec} and its records hold that crossbar's layout; quantize again "
+                                   "with the new cim= instead")
+    try:
+        check_records_gains(quantinfo, calibration)
+    except (ArtifactError, InvalidArgumentError) as exc:
+        raise InvalidArgumentError(f"calibration: its ADC ranges differ from those map {mapname!r} was quantized "
+                                   f"with, whose gains its records hold ({exc}); quantize again with cim= to "
+                                   "recalibrate") from None
