@@ -6,6 +6,7 @@ besides numpy arrays and builtins, so the artifacts stay loadable (and safe to l
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ class TensorQuant:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Fields from a pickle (``axis`` None when the record has none)."""
-        self.__dict__.update({"axis": None, **state})
+        """Fields from a pickle (``axis`` None when the record has none); names interned as pickle's own
+        ``BUILD`` does, so a map read and written again pickles to the same bytes."""
+        self.__dict__.update({"axis": None, **{sys.intern(k): v for k, v in state.items()}})
 
     @property
     def per_channel(self) -> bool:
@@ -160,7 +162,7 @@ class OperatorQuantConfig:
         Raises:
             ArtifactError: the ``cim`` data is not a placement (naming the record and the key).
         """
-        state = {k: v for k, v in state.items() if k not in _INPUT_COPIES}
+        state = {sys.intern(k): v for k, v in state.items() if k not in _INPUT_COPIES}
         if state.get("cim") is not None:
             state["cim"] = CrossbarPlacement.from_dict(state["cim"], f"record {state.get('name')!r}: field 'cim'")
         self.__dict__.update(state)
