@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from corpus import registry, tasks  # noqa: E402
 
-from maptools.quantization.search import search  # noqa: E402
+from maptools.quantization.search import evaluate, search  # noqa: E402
 from maptools.quantization.search.cache import default_cache_dir  # noqa: E402
 
 logger = logging.getLogger("search_front")
@@ -58,6 +58,9 @@ def face_agreement(fp32: Sequence[list[np.ndarray]], quantized: Sequence[list[np
 METRICS = {"classifier": (confident_agreement, "confident-crop top-1 agreement with FP32 (%)"),
            "mtcnn_onet": (face_agreement, "face-decision agreement with FP32 (%)"),
            "mtcnn_rnet": (face_agreement, "face-decision agreement with FP32 (%)")}
+#: The finer figures the front can be drawn over (``--front-figure``), where the task figure ties.
+FRONT_FIGURES = {"top1": (evaluate.top1_agreement, "top-1 agreement with FP32 on every crop (%)"),
+                 "snr": (evaluate.output_snr, "output SNR against FP32 (dB)")}
 
 
 def _cpu_seconds() -> float:
@@ -117,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=64, help="held-out feeds (batch 1)")
     parser.add_argument("--eval-seed", type=int, default=0,
                         help="seed of the held-out feeds (1 with --eval 400: the ImageNet table's 400 crops)")
+    parser.add_argument("--front-figure", choices=sorted(FRONT_FIGURES), default=None,
+                        help="draw the front over this finer figure (the choice stays on the task figure)")
+    parser.add_argument("--verify-front", action="store_true",
+                        help="quantize every front point again from its bits and check its figures")
     parser.add_argument("--recipe", default="default")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cache", default=str(default_cache_dir()))
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     model = registry.get(args.model)
     metric, metric_name = METRICS[model.task]
+    front_metric, front_name = FRONT_FIGURES[args.front_figure] if args.front_figure else (None, None)
     calib = registry.inputs_for(model, "calib", count=args.calib, seed=0)
     held_out = registry.inputs_for(model, "eval", count=args.eval, seed=args.eval_seed)
     started, cpu_started = time.perf_counter(), _cpu_seconds()
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         activation_bits=[int(v) for v in args.activation_bits.split(",")], points=args.points,
                         budget_adc_fraction=args.budget_adc_fraction,
                         layerwise_batches=args.layerwise_batches, metric=metric, metric_name=metric_name,
+                        front_metric=front_metric, front_metric_name=front_name, verify_front=args.verify_front,
                         mapname=f"{args.model}_chosen", mapsave_dir=mapsave, cache_dir=args.cache, jobs=args.jobs,
                         recipe=args.recipe)
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
