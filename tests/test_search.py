@@ -262,6 +262,25 @@ def test_cli_errors_name_the_option(tmp_path: Path, capsys, argv, option) -> Non
     assert not (tmp_path / "m").exists() and not list((tmp_path / "cache").glob("*.json"))
 
 
+def test_cli_front_figure_and_verify_front(tmp_path: Path, capsys) -> None:
+    from maptools.cli import main
+
+    out = tmp_path / "front.json"
+    code = main(["search", str(digits.MODEL_PATH), "--input", "input:16,1,8,8", "--calib-steps", "8",
+                 "--eval-steps", "2", "--weight-bits", "8", "--act-bits", "8", "--points", "2", "--recipe", "fast",
+                 "--front-figure", "snr", "--verify-front", "--no-cache", "--jobs", "1", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["front_figure"] == "output SNR against FP32 (dB)"
+    # one candidate: the walk is its one step, as costly as uniform W8A8 and as good; both on the front, both
+    # quantized again and reproduced
+    front = [p for p in data["points"] + data["uniform"] if p["pareto"]]
+    assert len(front) == 2 and data["front_verification"] == {"points": 2, "reproduced": 2, "all_reproduced": True}
+    for p in front:
+        assert p["verification"]["front_figure"] == p["front_figure"] == pytest.approx(p["snr_db"])
+        assert 10.0 < p["front_figure"] < 80.0
+
+
 def _se_block(tmp_path: Path) -> tuple[Path, Path, dict[str, float]]:
     """A squeeze-excitation block as quant_model.onnx holds it, and a report of each operator's layer-wise SNR."""
     import onnx
