@@ -81,18 +81,25 @@ def rst_table(record: dict) -> str:
     """The run as an RST list-table for docs/search.rst: every uniform and walk point, the front, the chosen one."""
     data = record["result"]
     ref, ref_energy = data["budget"]["reference_adc_conversions"], data["budget"]["reference_energy_j"]
-    head = ["point", "layers", "figure", "SNR (dB)", "ADC conversions", "vs W8A8", "energy vs W8A8", "front"]
-    rows = [[p["label"], "all", *_figures(p, ref, ref_energy)] for p in data["uniform"]]
+    fine = bool(data.get("front_figure"))
+    head = ["point", "layers", "figure", *(["front figure"] if fine else []), "SNR (dB)", "ADC conversions",
+            "vs W8A8", "energy vs W8A8", "front", "re-quantized"]
+    rows = [[p["label"], "all", *_figures(p, ref, ref_energy, fine)] for p in data["uniform"]]
     rows += [[f"step {p['step']}" + (" (chosen)" if i == data["chosen"] else ""), _layers(p),
-              *_figures(p, ref, ref_energy)] for i, p in enumerate(data["points"])]
+              *_figures(p, ref, ref_energy, fine)] for i, p in enumerate(data["points"])]
     lines = [".. list-table::", "   :header-rows: 1", ""]
     for row in [head, *rows]:
         lines += [f"   {'*' if i == 0 else ' '} - {cell}".rstrip() for i, cell in enumerate(row)]
     front = sum(p["pareto"] for p in data["points"] + data["uniform"])
     verification = data.get("verification") or {}
+    checked = data.get("front_verification")
     lines += ["", f"Front: {front} points ({sum(p['pareto'] for p in data['points'])} walk, "
-              f"{sum(p['pareto'] for p in data['uniform'])} uniform). Chosen point re-quantized from its "
-              f"``layer_bits``: figure {verification.get('figure', float('nan')):.3f}, "
+              f"{sum(p['pareto'] for p in data['uniform'])} uniform)"
+              + (f", drawn over the {data['front_figure']}" if fine else "") + ". "
+              + ("" if checked is None else f"Every front point quantized again from its bits: {checked['reproduced']}"
+                 f" of {checked['points']} reproduced their figures and ADC conversions exactly. ")
+              + f"Chosen point re-quantized from its ``layer_bits`` into a map: figure "
+              f"{verification.get('figure', float('nan')):.3f}, "
               f"{verification.get('adc_conversions', 0):,} ADC conversions, "
               f"{'reproduced' if verification.get('reproduced') else 'NOT reproduced'}. "
               f"Run: ``{record['command']}``, {record['meta']['seconds']:.0f} s wall, "
@@ -101,10 +108,12 @@ def rst_table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _figures(point: dict, ref: float, ref_energy: float) -> list[str]:
-    return [f"{point['figure']:.2f}", f"{point['snr_db']:.1f}", f"{point['adc_conversions']:,}",
-            f"{point['adc_conversions'] / ref:.3f}", f"{point['energy_j'] / ref_energy:.3f}",
-            "yes" if point["pareto"] else ""]
+def _figures(point: dict, ref: float, ref_energy: float, fine: bool) -> list[str]:
+    check = point.get("verification")
+    return [f"{point['figure']:.2f}", *([f"{point['front_figure']:.2f}"] if fine else []), f"{point['snr_db']:.1f}",
+            f"{point['adc_conversions']:,}", f"{point['adc_conversions'] / ref:.3f}",
+            f"{point['energy_j'] / ref_energy:.3f}", "yes" if point["pareto"] else "",
+            "" if check is None else "reproduced" if check["reproduced"] else "NOT reproduced"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -268,8 +268,12 @@ def test_cli_front_figure_and_verify_front(tmp_path: Path, capsys) -> None:
     out = tmp_path / "front.json"
     code = main(["search", str(digits.MODEL_PATH), "--input", "input:16,1,8,8", "--calib-steps", "8",
                  "--eval-steps", "2", "--weight-bits", "8", "--act-bits", "8", "--points", "2", "--recipe", "fast",
-                 "--front-figure", "snr", "--verify-front", "--no-cache", "--jobs", "1", "--out", str(out)])
+                 "--front-figure", "snr", "--verify-front", "--no-cache", "--jobs", "1", "--out", str(out),
+                 "--plot", str(tmp_path / "front.png")])
     assert code == 0
+    printed = capsys.readouterr().out
+    assert "front over output SNR against FP32 (dB)" in printed and printed.count(" * reproduced") == 2
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(out.read_text())
     assert data["front_figure"] == "output SNR against FP32 (dB)"
     # one candidate: the walk is its one step, as costly as uniform W8A8 and as good; both on the front, both
