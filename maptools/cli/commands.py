@@ -146,6 +146,7 @@ _SEARCH_OPTIONS = {
     "budget_adc_fraction": "--budget-adc-fraction", "points": "--points", "mapname": "--mapname",
     "layerwise_batches": "--layerwise-batches", "mapsave_dir": "--mapsave-dir", "cache_dir": "--cache",
     "cluster": "--cluster", "calibset": "--calib-dir", "evalset": "--calib-dir", "objective": "--objective",
+    "front_metric": "--front-figure", "verify_front": "--verify-front",
 }
 
 

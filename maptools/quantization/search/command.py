@@ -44,6 +44,7 @@ def run_cli(args: Any) -> int:
         0 (errors raise :class:`~maptools.errors.MaptoolsError`, which the command line turns into exit code 2).
     """
     from maptools.quantization.cimmap.sweep import parse_int_list
+    from maptools.quantization.search.evaluate import output_snr
     from maptools.quantization.search.run import search
 
     shapes = dict(args.input)
@@ -60,6 +61,8 @@ def run_cli(args: Any) -> int:
     result = search(args.model, shapes, calib, held_out, weight_bits=weight_bits, activation_bits=activation_bits,
                     spec=args.cim, objective=args.objective, points=args.points,
                     budget_adc_fraction=args.budget_adc_fraction, layerwise_batches=args.layerwise_batches,
+                    front_metric=output_snr if args.front_figure == "snr" else None, verify_front=args.verify_front,
+                    front_metric_name=None if args.front_figure is None else "output SNR against FP32 (dB)",
                     mapname=args.mapname,
                     mapsave_dir=args.mapsave_dir, cache_dir=None if args.no_cache else (args.cache or True),
                     jobs=args.jobs, cluster=args.cluster, recipe=args.recipe, seed=args.seed)

@@ -25,7 +25,8 @@ from maptools.quantization.cim.cost import CIMCostParams
 from maptools.quantization.cim.spec import CIMSpec
 from maptools.quantization.intmath import snr_db_of
 
-__all__ = ["Batch", "Metric", "Outputs", "chain_noise", "init_worker", "measure", "onnx_outputs", "top1_agreement"]
+__all__ = ["Batch", "Metric", "Outputs", "chain_noise", "init_worker", "measure", "onnx_outputs", "output_snr",
+           "top1_agreement"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ def top1_agreement(fp32: Sequence[Outputs], quantized: Sequence[Outputs]) -> flo
             ref = np.concatenate([batch[index] for batch in fp32]).argmax(1)
             got = np.concatenate([batch[index] for batch in quantized]).argmax(1)
             return float(100.0 * np.mean(ref == got))
+    return output_snr(fp32, quantized)
+
+
+def output_snr(fp32: Sequence[Outputs], quantized: Sequence[Outputs]) -> float:
+    """The SNR in dB of every output of every batch against FP32: a continuous figure, so points seldom tie."""
     return snr_db_of([o for b in fp32 for o in b], [o for b in quantized for o in b])
 
 
@@ -72,14 +78,19 @@ class _State:
     params: CIMCostParams
     metric: Metric
     workdir: Path
+    front_metric: Metric | None = None
 
 
 _STATE: _State | None = None
 
 
 def init_worker(model: bytes, shapes: Mapping[str, Sequence[int]], calib: list[Batch], evalset: list[Batch],
-                options: Mapping[str, Any], spec: CIMSpec, params: CIMCostParams, metric: Metric) -> None:
-    """Set this process's state: the model written to a private folder, the FP32 outputs of the held-out data."""
+                options: Mapping[str, Any], spec: CIMSpec, params: CIMCostParams, metric: Metric,
+                front_metric: Metric | None = None) -> None:
+    """Set this process's state: the model written to a private folder, the FP32 outputs of the held-out data.
+
+    ``front_metric``: a second, finer figure every point is also measured with (the front is drawn over it).
+    """
     global _STATE
     with contextlib.suppress(ImportError):
         from threadpoolctl import threadpool_limits
@@ -91,7 +102,7 @@ def init_worker(model: bytes, shapes: Mapping[str, Sequence[int]], calib: list[B
     model_path.write_bytes(model)
     fp32 = onnx_outputs(model_path, evalset)
     _STATE = _State(model_path, {k: list(v) for k, v in shapes.items()}, calib, evalset, fp32, dict(options), spec,
-                    params, metric, workdir)
+                    params, metric, workdir, front_metric)
 
 
 def _walk_up(tensors: Sequence[str], producers: Mapping[str, Any], macs: set[str]) -> tuple[set[str], set[str]]:
@@ -167,7 +178,8 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
     """Quantize at ``W{weight_bits}A{activation_bits}`` with ``layer_bits`` overrides; figure, SNR and cost.
 
     Returns:
-        ``figure``, ``snr_db`` (onnxruntime against FP32 on the held-out batches), ``adc_conversions`` and
+        ``figure``, ``front_figure`` (only with a front metric), ``snr_db`` (onnxruntime against FP32 on the
+        held-out batches), ``adc_conversions`` and
         ``energy_j`` per sample on the crossbar, ``layers`` (node -> ``adc_conversions``, ``energy_j`` and, with
         ``layerwise`` (a number of held-out batches, 0 for none), ``nsr``: the output noise-to-signal power
         when only that layer, its weights and its input, is quantized, ``nsr_input`` and ``nsr_output``: the
@@ -193,7 +205,10 @@ def measure(weight_bits: int, activation_bits: int, layer_bits: Mapping[str, tup
             for node, noise in _isolated_nsr(result.report_path, result.model_path, list(layers)).items():
                 layers[node].update(nsr=noise["own"] + noise["input"] + noise["output"], nsr_input=noise["input"],
                                     nsr_output=noise["output"])
-    return {"figure": float(state.metric(state.fp32, quantized)),
-            "snr_db": snr_db_of([o for b in state.fp32 for o in b], [o for b in quantized for o in b]),
+    figures = {"figure": float(state.metric(state.fp32, quantized))}
+    if state.front_metric is not None:
+        figures["front_figure"] = float(state.front_metric(state.fp32, quantized))
+    return {**figures,
+            "snr_db": output_snr(state.fp32, quantized),
             "adc_conversions": int(cost.total("adc_conversions")), "energy_j": float(cost.total("energy_j")),
             "layers": layers}

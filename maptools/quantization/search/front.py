@@ -41,8 +41,8 @@ def greedy_walk(table: Mapping[str, Mapping[Candidate, Mapping[str, float]]], ob
         table: Layer -> candidate -> ``{"nsr": ..., objective: ...}``.
         objective: The cost the walk lowers (``'adc_conversions'`` or ``'energy_j'``).
 
-    Ties (equal ratios and savings) go to the earlier layer in graph order, then to the costlier candidate (the
-    smaller step): the walk is a function of the table.
+    Ties (equal ratios and savings) go to the earlier layer in the table's order (the search's: by name), then to
+    the costlier candidate (the smaller step): the walk is a function of the table.
     """
     layers = list(table)
 
@@ -92,11 +92,14 @@ def spread(costs: Sequence[float], count: int) -> list[int]:
     return chosen
 
 
-def pareto(points: Sequence[Mapping[str, Any]], objective: str) -> list[bool]:
-    """Whether each point is on the front: no other point has a figure as high at a cost as low, one of them better."""
+def pareto(points: Sequence[Mapping[str, Any]], objective: str, figure: str = "figure") -> list[bool]:
+    """Whether each point is on the front: no other point has a figure as high at a cost as low, one of them better.
+
+    ``figure``: the key of the figure the front is drawn over (``'front_figure'``: the search's finer figure).
+    """
     flags = []
     for p in points:
-        dominated = any(q is not p and q["figure"] >= p["figure"] and q[objective] <= p[objective]
-                        and (q["figure"] > p["figure"] or q[objective] < p[objective]) for q in points)
+        dominated = any(q is not p and q[figure] >= p[figure] and q[objective] <= p[objective]
+                        and (q[figure] > p[figure] or q[objective] < p[objective]) for q in points)
         flags.append(not dominated)
     return flags

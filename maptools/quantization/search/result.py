@@ -35,11 +35,14 @@ class SearchResult:
 
     Attributes:
         data: Everything measured, as written to JSON: ``model``, ``data``, ``settings``, ``figure`` (what the
-            figure is), ``objective``, ``candidates``, ``layers``, ``sensitivity`` (layer -> candidate label ->
+            figure is), ``front_figure`` (what the finer figure the front is drawn over is, or None),
+            ``objective``, ``candidates``, ``layers``, ``sensitivity`` (layer -> candidate label ->
             ``nsr``, ``adc_conversions``, ``energy_j``), ``uniform`` (the uniform-bit points), ``points`` (the
-            measured walk points: ``layer_bits``, ``step``, predictions, ``figure``, ``snr_db``,
-            ``adc_conversions``, ``energy_j``, ``pareto``), ``proxy`` (the predicted against the measured SNR),
-            ``budget``, ``chosen`` (index in ``points`` or None) and ``verification`` (None without a mapname).
+            measured walk points: ``layer_bits``, ``step``, predictions, ``figure``, ``front_figure`` (with a
+            front figure), ``snr_db``, ``adc_conversions``, ``energy_j``, ``pareto`` and, with ``verify_front``,
+            each front point's ``verification``), ``proxy`` (the predicted against the measured SNR),
+            ``budget``, ``chosen`` (index in ``points`` or None), ``verification`` (of the chosen point's map;
+            None without a mapname) and ``front_verification`` (None without ``verify_front``).
         seconds: Wall time (not in the JSON).
         computed: Points measured in this run (not in the JSON).
         cached: Points read from the cache (not in the JSON).
@@ -96,14 +99,20 @@ class SearchResult:
         """Plain text: every uniform and walk point, its figure, SNR and cost relative to the reference."""
         ref = self.data["budget"]["reference_adc_conversions"]
         ref_energy = self.data["budget"]["reference_energy_j"]
+        fine = bool(self.data.get("front_figure"))
         lines = [f"search: {self.data['figure']}; cost per sample on {self.data['settings']['spec']}, relative to "
-                 f"{self.data['budget']['reference']}",
-                 f"{'point':>10} {'figure':>8} {'SNR dB':>7} {'ADC conv':>12} {'ADC rel':>7} {'energy rel':>10} front"]
+                 f"{self.data['budget']['reference']}"
+                 + (f"; front over {self.data['front_figure']}" if fine else ""),
+                 f"{'point':>10} {'figure':>8}" + (f" {'front':>8}" if fine else "")
+                 + f" {'SNR dB':>7} {'ADC conv':>12} {'ADC rel':>7} {'energy rel':>10} front"]
 
         def row(name: str, p: dict[str, Any]) -> str:
-            return (f"{name:>10} {p['figure']:8.3f} {p['snr_db']:7.2f} {p['adc_conversions']:12d} "
+            check = p.get("verification")
+            return (f"{name:>10} {p['figure']:8.3f}" + (f" {p['front_figure']:8.3f}" if fine else "")
+                    + f" {p['snr_db']:7.2f} {p['adc_conversions']:12d} "
                     f"{p['adc_conversions'] / ref:7.3f} {p['energy_j'] / ref_energy:10.3f} "
-                    f"{'*' if p['pareto'] else ''}")
+                    f"{'*' if p['pareto'] else ''}"
+                    + ("" if check is None else " reproduced" if check["reproduced"] else " NOT reproduced"))
 
         lines += [row(p["label"], p) for p in self.uniform]
         lines += [row(f"step {p['step']}", p) + (" <- chosen" if i == self.data["chosen"] else "")
@@ -115,34 +124,44 @@ class SearchResult:
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
-        """Figure against ADC conversions (relative to the reference): walk points, the front, uniform points."""
+        """Figure against ADC conversions (relative to the reference): walk points, the front, uniform points.
+
+        With a front figure, a second panel: the front is drawn over it, the choice over the task figure.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ref = self.data["budget"]["reference_adc_conversions"]
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-        ax.scatter([p["adc_conversions"] / ref for p in self.points], [p["figure"] for p in self.points],
-                   s=18, color="tab:blue", label="greedy walk points")
-        front = sorted(self.front, key=lambda p: p["adc_conversions"])
-        ax.plot([p["adc_conversions"] / ref for p in front], [p["figure"] for p in front], color="tab:blue",
-                linewidth=0.8, label="Pareto front")
-        ax.scatter([p["adc_conversions"] / ref for p in self.uniform], [p["figure"] for p in self.uniform],
-                   marker="s", s=28, color="tab:red", label="uniform bits")
-        for p in self.uniform:
-            ax.annotate(p["label"], (p["adc_conversions"] / ref, p["figure"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        if self.chosen is not None:
-            ax.scatter([self.chosen["adc_conversions"] / ref], [self.chosen["figure"]], marker="*", s=120,
-                       color="tab:orange", label="chosen under the budget", zorder=3)
-        ax.axvline(self.data["budget"]["adc_fraction"], color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xlabel(f"ADC conversions per sample / {self.data['budget']['reference']}")
-        ax.set_ylabel(self.data["figure"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        keys = ["front_figure", "figure"] if self.data.get("front_figure") else ["figure"]
+        fig, axes = plt.subplots(len(keys), 1, figsize=(6.4, 4.2 * len(keys)), dpi=100, squeeze=False)
+        for ax, key in zip(axes[:, 0], keys, strict=True):
+            self._panel(ax, key)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path)
         plt.close(fig)
         return path
+
+    def _panel(self, ax: Any, key: str) -> None:
+        """One panel of :meth:`plot`: the figure ``key`` of every point, the front drawn where it is over ``key``."""
+        ref = self.data["budget"]["reference_adc_conversions"]
+        ax.scatter([p["adc_conversions"] / ref for p in self.points], [p[key] for p in self.points],
+                   s=18, color="tab:blue", label="greedy walk points")
+        if key == ("front_figure" if self.data.get("front_figure") else "figure"):
+            front = sorted(self.front, key=lambda p: p["adc_conversions"])
+            ax.plot([p["adc_conversions"] / ref for p in front], [p[key] for p in front], color="tab:blue",
+                    linewidth=0.8, label="Pareto front")
+        ax.scatter([p["adc_conversions"] / ref for p in self.uniform], [p[key] for p in self.uniform],
+                   marker="s", s=28, color="tab:red", label="uniform bits")
+        for p in self.uniform:
+            ax.annotate(p["label"], (p["adc_conversions"] / ref, p[key]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        if self.chosen is not None:
+            ax.scatter([self.chosen["adc_conversions"] / ref], [self.chosen[key]], marker="*", s=120,
+                       color="tab:orange", label="chosen under the budget", zorder=3)
+        ax.axvline(self.data["budget"]["adc_fraction"], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlabel(f"ADC conversions per sample / {self.data['budget']['reference']}")
+        ax.set_ylabel(self.data[key])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)

@@ -108,7 +108,9 @@ def _run_tasks(tasks: list[dict[str, Any]], cache: PointCache, initargs: tuple[A
 
     def store(index: int, measured: dict[str, Any]) -> None:
         nonlocal done
-        measured = json.loads(json.dumps(measured))  # the form a cached point is read back in
+        # the form a cached point is read back in (keys sorted), so a fresh and a resumed search list (and walk)
+        # the layers in the same order
+        measured = json.loads(json.dumps(measured, sort_keys=True))
         cache.put(tasks[index], measured)
         results[index] = measured
         done += 1
@@ -146,7 +148,8 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
            params: CIMCostParams | None = None, objective: str = "adc_conversions", points: int = 10,
            budget_adc_fraction: float = 0.7, layerwise_batches: int = DEFAULT_LAYERWISE_BATCHES,
            metric: evaluate.Metric = evaluate.top1_agreement, metric_name: str = "top-1 agreement with FP32 (%)",
-           mapname: str | None = None,
+           front_metric: evaluate.Metric | None = None, front_metric_name: str | None = None,
+           verify_front: bool = False, mapname: str | None = None,
            mapsave_dir: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None | bool = True,
            jobs: int | None = None, cluster: Any = None, progress: Progress | None = None,
            **quantize_options: Any) -> SearchResult:
@@ -169,13 +172,21 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
         metric: ``metric(fp32_outputs, quantized_outputs) -> figure`` (higher is better), a module-level function
             (it is sent to worker processes); default top-1 agreement with FP32 (SNR for other outputs).
         metric_name: What the figure is, for the JSON, the table and the plot.
+        front_metric: A finer figure (same form as ``metric``) the front is drawn over, where ``metric`` ties
+            (e.g. top-1 agreement on every crop where ``metric`` counts only the confident ones); the choice under
+            the budget stays on ``metric``, this one breaks its ties. None: the front is over ``metric``.
+        front_metric_name: What the front figure is (default: the function's name).
+        verify_front: Quantize every point of the front again from its bits alone (a walk point from its
+            ``layer_bits``, a uniform one from its weight and activation bits) and check that it gives the same
+            figures and ADC conversions (``verification`` of each front point, ``front_verification``).
         mapname: Write the chosen point as this map and check that it reproduces its figure; None: no map.
         mapsave_dir: The mapsave directory of ``mapname``.
         cache_dir: The cache of measured points: True for :func:`~.cache.default_cache_dir`, a folder, or
             None / False for no cache.
         jobs: Local worker processes (default: the CPUs); 1 runs in this process.
         cluster: A Dask scheduler address or ``LocalCluster`` to run the measurements on instead.
-        progress: ``progress(done, total, stage)`` after every measured point (stage ``'uniform'`` or ``'walk'``).
+        progress: ``progress(done, total, stage)`` after every measured point (stage ``'uniform'``, ``'walk'`` or
+            ``'verify'``).
         quantize_options: ``recipe``, ``observer``, ``seed``, ``symmetrical``, ``per_channel``, ``rounding``.
 
     Returns:
@@ -206,6 +217,11 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
         raise InvalidArgumentError(f"layerwise_batches: got {layerwise_batches!r}, expected an integer >= 1")
     if not callable(metric):
         raise InvalidTypeError(f"metric: got {type(metric).__name__}, expected a function (fp32, quantized) -> float")
+    if front_metric is not None and not callable(front_metric):
+        raise InvalidTypeError(f"front_metric: got {type(front_metric).__name__}, expected None or a function "
+                               "(fp32, quantized) -> float")
+    if not isinstance(verify_front, bool):
+        raise InvalidTypeError(f"verify_front: got {type(verify_front).__name__}, expected a bool")
     unknown = sorted(set(quantize_options) - set(QUANTIZE_OPTIONS))
     if unknown:
         raise InvalidArgumentError(f"quantize_options: got {unknown}, expected some of {', '.join(QUANTIZE_OPTIONS)}")
@@ -223,10 +239,14 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
     options = dict(sorted(quantize_options.items()))
     settings = {"spec": str(spec), "spec_fields": spec.to_dict(), "params": params.to_dict(), "options": options,
                 "metric": _metric_name(metric), "calib_batches": len(calib), "eval_batches": len(held_out)}
+    if front_metric is not None:  # only then: a search without one keeps the cache keys it always had
+        settings["front_metric"] = _metric_name(front_metric)
     identity = {"model": hashlib.sha256(model).hexdigest(), "calib": data_digest(calib),
                 "evalset": data_digest(held_out), "shapes": shapes, "settings": settings}
     cache = PointCache(default_cache_dir() if cache_dir is True else (cache_dir or None), identity)
-    initargs = (model, shapes, calib, held_out, options, spec, params, metric)
+    initargs = (model, shapes, calib, held_out, options, spec, params, metric, front_metric)
+    figures = ("figure", "front_figure") if front_metric is not None else ("figure",)
+    kept = (*figures, "snr_db", "adc_conversions", "energy_j")
     candidates: list[Candidate] = list(itertools.product(w_bits, a_bits))
     widest = (w_bits[-1], a_bits[-1])
 
@@ -261,19 +281,20 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
         cost, snr = predicted(walk[step], table, objective)
         walk_points.append({"step": step, "layer_bits": {n: list(c) for n, c in walk[step].items()},
                             "predicted_cost": cost, "predicted_snr_db": snr,
-                            **{k: m[k] for k in ("figure", "snr_db", "adc_conversions", "energy_j")}})
+                            **{k: m[k] for k in kept}})
     uniform_points = [{"label": candidate_label(*c), "weight_bits": c[0], "activation_bits": c[1],
-                       **{k: m[k] for k in ("figure", "snr_db", "adc_conversions", "energy_j")}}
-                      for c, m in zip(candidates, uniform, strict=True)]
+                       **{k: m[k] for k in kept}} for c, m in zip(candidates, uniform, strict=True)]
     everything = walk_points + uniform_points
-    for p, flag in zip(everything, pareto(everything, objective), strict=True):
+    for p, flag in zip(everything, pareto(everything, objective, figures[-1]), strict=True):
         p["pareto"] = flag
     within = [i for i, p in enumerate(walk_points) if p["adc_conversions"] <= limit]
-    chosen = max(within, key=lambda i: (walk_points[i]["figure"], -walk_points[i]["adc_conversions"]), default=None)
+    chosen = max(within, key=lambda i: (*(walk_points[i][k] for k in figures), -walk_points[i]["adc_conversions"]),
+                 default=None)
     data = {
         "model": {"name": path.name, "sha256": identity["model"]},
         "data": {"calib_sha256": identity["calib"], "evalset_sha256": identity["evalset"], "shapes": shapes},
         "settings": settings, "figure": metric_name, "objective": objective,
+        "front_figure": None if front_metric is None else (front_metric_name or _metric_name(front_metric)),
         "method": "greedy walk from the widest bits (AIMET-like), layer-wise PPQ sensitivities over "
                   f"{layerwise_batches} held-out batches, the noise between MACs {ATTRIBUTION}, additive noise",
         "candidates": [list(c) for c in candidates], "layers": layers,
@@ -283,8 +304,16 @@ def search(onnx_path: str | os.PathLike[str], input_shapes: Mapping[str, Sequenc
         "budget": {"adc_fraction": budget_adc_fraction, "reference": candidate_label(*widest),
                    "reference_adc_conversions": reference["adc_conversions"],
                    "reference_energy_j": reference["energy_j"], "limit_adc_conversions": limit},
-        "chosen": chosen, "verification": None,
+        "chosen": chosen, "verification": None, "front_verification": None,
     }
+    if verify_front:
+        front = [p for p in everything if p["pareto"]]
+        verify_tasks = [{**(task(*widest, p["layer_bits"], False, f"verify step {p['step']}") if "step" in p else
+                            task(p["weight_bits"], p["activation_bits"], None, False, f"verify {p['label']}")),
+                         "verify": True} for p in front]
+        again = _run_tasks(verify_tasks, cache, initargs, jobs, cluster, progress, "verify")
+        computed = cache.misses
+        data["front_verification"] = _compare(front, again, figures)
     result = SearchResult(data=data, computed=computed, cached=cache.hits)
     if mapname is not None and chosen is not None:
         data["verification"] = _verify(result, chosen, path, initargs, mapname, mapsave_dir)
@@ -308,13 +337,33 @@ def _proxy_agreement(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "pairs": len(pairs)}
 
 
+def _compare(front: Sequence[dict[str, Any]], again: Sequence[Mapping[str, Any]],
+             figures: Sequence[str]) -> dict[str, Any]:
+    """Each front point's second quantization against its first: reproduced means equal figures and conversions.
+
+    The figures are compared exactly (no tolerance: the same bits on the same data give the same map); the SNR's
+    difference is recorded beside them.
+    """
+    for point, m in zip(front, again, strict=True):
+        reproduced = all(m[k] == point[k] for k in figures) and m["adc_conversions"] == point["adc_conversions"]
+        point["verification"] = {**{k: m[k] for k in (*figures, "snr_db", "adc_conversions", "energy_j")},
+                                 "reproduced": reproduced}
+        if not reproduced:
+            name = f"step {point['step']}" if "step" in point else point["label"]
+            logger.warning("search: front point %s re-quantized gives %s, not %s", name,
+                           {k: m[k] for k in (*figures, "adc_conversions")},
+                           {k: point[k] for k in (*figures, "adc_conversions")})
+    count = sum(p["verification"]["reproduced"] for p in front)
+    return {"points": len(front), "reproduced": count, "all_reproduced": count == len(front)}
+
+
 def _verify(result: SearchResult, index: int, path: Path, initargs: tuple[Any, ...], mapname: str,
             mapsave_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
     """Quantize the chosen point as ``mapname`` from its ``layer_bits`` alone and measure it again."""
     from maptools.quantization.api import quantize
     from maptools.quantization.cimmap.mapcost import map_cost
 
-    _, shapes, calib, held_out, options, spec, params, metric = initargs
+    _, shapes, calib, held_out, options, spec, params, metric, _ = initargs
     point = result.points[index]
     widest = (max(c[0] for c in result.data["candidates"]), max(c[1] for c in result.data["candidates"]))
     fp32 = evaluate.onnx_outputs(path, held_out)
