@@ -295,7 +295,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="draw the front over the outputs' SNR against FP32 where the top-1 agreement ties (the "
                         "choice under the budget stays on the agreement; default: the front is over it)")
     s.add_argument("--verify-front", action="store_true",
-                   help="quantize every front point again from its bits and check its figures and ADC conversions")
+                   help="quantize every front point again from its bits and check its figures and ADC conversions "
+                        "(default: off)")
     source = s.add_mutually_exclusive_group()
     source.add_argument("--calib-dir", metavar="DIR",
                         help="images (ImageFolder or flat): the first --calib-steps batches calibrate, the next "
