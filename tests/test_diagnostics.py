@@ -65,15 +65,21 @@ def test_a_sequence_of_class_probabilities_is_held_to_a_higher_snr():
 
 
 def test_a_cnn_transformer_below_8_bit_weights_is_told_to_keep_its_convs():
-    """Issue 23: at W4A8 PP-OCRv4's recognizer read 1/32 lines with its 8 worst operators at 8 bits, 32/32 with every
-    Conv and the last MAC at 8 bits (its attention and MLP MatMuls at 4): the advice names that set."""
+    """Issue 23: at W4A8 PP-OCRv4's recognizer read 1/32 lines with its 8 worst operators at 8 bits, 28/32 with its
+    ungrouped Convs and the last MAC at 8 bits (its depthwise Convs, attention and MLP MatMuls at 4), 32/32 with
+    every Conv: the advice names the smallest of these sets that holds (>= 24/32), without the depthwise Convs."""
+    from onnx import helper
     from test_affine import _block_graph
 
     from maptools.quantization.diagnostics import cnn_transformer_convolutions
 
     model = _block_graph()
+    full = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    depthwise = helper.make_node("Conv", [model.graph.node[0].output[0], "w_dw"], ["dw"], name="Conv_dw", group=8)
+    model.graph.node.insert(1, depthwise)
     convs = cnn_transformer_convolutions(model)
-    assert convs == [n.name for n in model.graph.node if n.op_type == "Conv"] and len(convs) == 3
+    assert convs == full and len(convs) == 3  # the grouped Conv is not named
+    assert cnn_transformer_convolutions(model, grouped=True) == [full[0], "Conv_dw", *full[1:]]
     no_attention = [n for n in model.graph.node if n.op_type != "Softmax" or n.output[0] == "probs"]
     del model.graph.node[:]
     model.graph.node.extend(no_attention)
@@ -81,11 +87,12 @@ def test_a_cnn_transformer_below_8_bit_weights_is_told_to_keep_its_convs():
     advice = Advice(weight_bits=4, activation_bits=8, first_and_last=(convs[0], "head"), convolutions=convs)
     warning = _warn(advice, {"MatMul_9": 3.0, convs[1]: 12.0})
     expected = "{" + ", ".join(f"'{name}': 8" for name in convs) + "}"
-    assert "Try first_last_bits=8, every Conv at 8 bits (the transformer's MatMuls hold 4-bit weights" in warning
+    assert "Try first_last_bits=8, every Conv but the depthwise ones at 8 bits (the transformer's MatMuls and the " \
+           "depthwise Convs hold 4-bit weights" in warning
     assert f"8 worst operators at 8 bits): layer_bits={expected}, recipe='best'. Check" in warning
     with advice_syntax("cli"):
         warning = _warn(advice, {"MatMul_9": 3.0})
-    assert "Try --first-last-bits 8 and every Conv at 8 bits (" in warning
+    assert "Try --first-last-bits 8 and every Conv but the depthwise ones at 8 bits (" in warning
     flags = ",".join(f"{name}=8" for name in convs)
     assert f"--layer-bits {flags}, --recipe best" in warning
     # a map whose Convs are all at 8 bits already is not told so again

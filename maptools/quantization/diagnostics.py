@@ -40,10 +40,11 @@ SNR_WARNING_DB = 10.0
 #: A sequence of class probabilities below this SNR changes decoded strings: PP-OCRv4's recognizer lost 7 of 32
 #: lines at 11.6 dB, 16 at 12.9 dB and none at 15.5 dB (docs/benchmarks_recognizer.json).
 SEQUENCE_WARNING_DB = 14.0
-#: Why the advice for a CNN + transformer network below 8-bit weights keeps its Convs at 8 bits (measured).
-CNN_TRANSFORMER_ADVICE = ("the transformer's MatMuls hold 4-bit weights, the Convs do not: PP-OCRv4's recognizer "
-                          "at W4A8 read 32/32 lines as FP32 this way, 0/32 without, 1/32 with its 8 worst operators "
-                          "at 8 bits")
+#: Why the advice for a CNN + transformer network below 8-bit weights keeps its Convs (but the depthwise ones) at 8
+#: bits (measured; docs/benchmarks_recognizer.json).
+CNN_TRANSFORMER_ADVICE = ("the transformer's MatMuls and the depthwise Convs hold 4-bit weights, the other Convs do "
+                          "not: PP-OCRv4's recognizer at W4A8 read 28/32 lines as FP32 this way (32/32 with the "
+                          "depthwise Convs at 8 bits too), 0/32 without, 1/32 with its 8 worst operators at 8 bits")
 #: How many operators a warning names.
 WORST_OPERATORS = 3
 
@@ -75,9 +76,10 @@ class Advice:
         first_and_last: The first and last MAC operators.
         recipe: The recipe that ran (None when a PPQ setting was given).
         random_calibration: Whether the map was calibrated on random data.
-        convolutions: The Conv operators of a CNN + transformer network (a MatMul reading a Softmax), else
-            empty: below 8-bit weights such a network keeps its outputs with every Conv and the last MAC at 8
-            bits while the transformer's MatMuls hold the lower bits (:data:`CNN_TRANSFORMER_ADVICE`).
+        convolutions: The ungrouped Conv operators of a CNN + transformer network (a MatMul reading a Softmax),
+            else empty: below 8-bit weights such a network keeps its outputs with these Convs and the last MAC at
+            8 bits while the transformer's MatMuls and the depthwise Convs hold the lower bits
+            (:data:`CNN_TRANSFORMER_ADVICE`).
     """
 
     weight_bits: int = 8
@@ -97,12 +99,12 @@ class Advice:
         tries = []
         below = [name for name in worst if min(self.bits_of(name)) < _MAX_BITS]
         convs = [name for name in self.convolutions if min(self.bits_of(name)) < _MAX_BITS]
-        if convs:  # the worst few at 8 bits do not hold such a network: every Conv and the last MAC do
+        if convs:  # the worst few at 8 bits do not hold such a network: its ungrouped Convs and the last MAC do
             example = "{" + ", ".join(f"'{name}': {_MAX_BITS}" for name in convs) + "}"
             last = [name for name in self.first_and_last[-1:] if min(self.bits_of(name)) < _MAX_BITS]
             both = (f"--first-last-bits {_MAX_BITS} and " if cli else f"first_last_bits={_MAX_BITS}, ") if last else ""
             flags = ",".join(f"{name}={_MAX_BITS}" for name in convs)
-            tries.append(f"{both}every Conv at {_MAX_BITS} bits ({CNN_TRANSFORMER_ADVICE}): "
+            tries.append(f"{both}every Conv but the depthwise ones at {_MAX_BITS} bits ({CNN_TRANSFORMER_ADVICE}): "
                          + (f"--layer-bits {flags}" if cli else f"layer_bits={example}"))
             below = []
         if worst and worst[0] in self.first_and_last and worst[0] in below:
@@ -144,12 +146,17 @@ def sequence_outputs(proto: onnx.ModelProto) -> list[str]:
     return found
 
 
-def cnn_transformer_convolutions(proto: onnx.ModelProto) -> list[str]:
-    """The Conv operators of a network that also has attention (a MatMul reading a Softmax's output); [] otherwise."""
+def cnn_transformer_convolutions(proto: onnx.ModelProto, grouped: bool = False) -> list[str]:
+    """The Conv operators of a network that also has attention (a MatMul reading a Softmax's output); [] otherwise.
+
+    Grouped (depthwise) Convs only with ``grouped``: below 8-bit weights the others are what such a network needs
+    at 8 bits (:data:`CNN_TRANSFORMER_ADVICE`).
+    """
     softmax_outputs = {out for node in proto.graph.node if node.op_type == "Softmax" for out in node.output}
     if not any(node.op_type == "MatMul" and softmax_outputs & set(node.input) for node in proto.graph.node):
         return []
-    return [node.name for node in proto.graph.node if node.op_type == "Conv"]
+    return [node.name for node in proto.graph.node if node.op_type == "Conv"
+            and (grouped or all(a.name != "group" or a.i <= 1 for a in node.attribute))]
 
 
 def _problems(name: str, snr: float, fp32_span: float | None, quant_span: float | None,
