@@ -133,19 +133,21 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
 
     ``recipe`` may name a rounding and learned rounding's settings after colons: ``best:nearest``,
     ``best:learned:iterations=500:sample=512`` (fields of :class:`~maptools.quantization.engine.learned_rounding.
-    RoundingSettings`), and end in ``+conv8``: every Conv and the first and last MAC at 8 bits (what the summary
-    advises for a CNN + transformer network below 8-bit weights).
+    RoundingSettings`), and end in ``+conv8``: every Conv and the first and last MAC at 8 bits, or ``+ungrouped8``:
+    the same but the grouped (depthwise) Convs (what the summary advises for a CNN + transformer network below
+    8-bit weights).
     """
     from maptools.quantization.diagnostics import cnn_transformer_convolutions
     from maptools.quantization.engine import learned_rounding
 
-    keep8 = recipe.endswith("+conv8")
-    name, *extra = recipe.removesuffix("+conv8").split(":")
+    keep8 = next((suffix for suffix in ("+conv8", "+ungrouped8") if recipe.endswith(suffix)), "")
+    name, *extra = recipe.removesuffix(keep8).split(":")
     layer_bits, first_last_bits = None, None
     if keep8:
         loaded = load_model(model.path)
         prepared = prepare_model(loaded, check_input_shapes(model.input_shapes, loaded))
-        layer_bits, first_last_bits = dict.fromkeys(cnn_transformer_convolutions(prepared), 8), 8
+        convs = cnn_transformer_convolutions(prepared, grouped=keep8 == "+conv8")
+        layer_bits, first_last_bits = dict.fromkeys(convs, 8), 8
     rounding = extra[0] if extra else None
     changes = {key: type(getattr(learned_rounding.DEFAULTS, key))(value)
                for key, value in (item.split("=") for item in extra[1:])}

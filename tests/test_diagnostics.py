@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import onnx
+import onnx.helper
+
 from maptools.quantization.diagnostics import Advice, advice_syntax, output_warnings
 
 
@@ -74,6 +77,13 @@ def test_a_cnn_transformer_below_8_bit_weights_is_told_to_keep_its_convs():
     model = _block_graph()
     convs = cnn_transformer_convolutions(model)
     assert convs == [n.name for n in model.graph.node if n.op_type == "Conv"] and len(convs) == 3
+    # a grouped Conv is named, and left out of the smaller set the bench measures (+ungrouped8)
+    with_dw = onnx.ModelProto()
+    with_dw.CopyFrom(model)
+    with_dw.graph.node.insert(1, onnx.helper.make_node("Conv", [model.graph.node[0].output[0], "w_dw"], ["dw"],
+                                                       name="Conv_dw", group=8))
+    assert cnn_transformer_convolutions(with_dw) == [convs[0], "Conv_dw", *convs[1:]]
+    assert cnn_transformer_convolutions(with_dw, grouped=False) == convs
     no_attention = [n for n in model.graph.node if n.op_type != "Softmax" or n.output[0] == "probs"]
     del model.graph.node[:]
     model.graph.node.extend(no_attention)

@@ -18,7 +18,7 @@ from maptools.quantization import quantize, read_quantparams, verify
 from maptools.quantization.artifacts import MANIFEST, REPORT_JSON
 from maptools.quantization.engine import LowBitSpec, PPQSession
 from maptools.quantization.engine.augment import augment_batches, image_count
-from maptools.quantization.engine.learned_rounding import RoundingSettings
+from maptools.quantization.engine.learned_rounding import DEFAULTS, RoundingSettings
 from maptools.quantization.engine.recipes import build_setting
 from maptools.quantization.format import weight_key
 from maptools.quantization.model import check_input_shapes, load_model, prepare_model
@@ -127,6 +127,15 @@ def test_learned_rounding_caches_augmented_positions_only_with_few_images():
     (plain,) = _session(dataclasses.replace(settings, min_images=0), images=16).rounding_results
     (enough,) = _session(settings, images=64).rounding_results
     assert (augmented.positions, plain.positions, enough.positions) == (64 * 16, 16 * 16, 64 * 16)
+
+
+def test_default_settings_augment_below_32_images_only():
+    """The default ``min_images`` (32): 32 calibration images are used as given (the orientation classifier at
+    W4A8 ``best`` lost 3 of 64 crops with views added to 64), 16 get views up to 32."""
+    settings = dataclasses.replace(DEFAULTS, iterations=10, positions=16, layers=(LAYER,))
+    (given,) = _session(settings, images=32).rounding_results
+    (few,) = _session(settings, images=16).rounding_results
+    assert (given.positions, few.positions) == (32 * 16, 32 * 16)
 
 
 def test_qdrop_changes_nothing_at_8_bit_activations_and_the_rounding_at_4():

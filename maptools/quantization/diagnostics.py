@@ -142,12 +142,17 @@ def sequence_outputs(proto: onnx.ModelProto) -> list[str]:
     return found
 
 
-def cnn_transformer_convolutions(proto: onnx.ModelProto) -> list[str]:
-    """The Conv operators of a network that also has attention (a MatMul reading a Softmax's output); [] otherwise."""
+def cnn_transformer_convolutions(proto: onnx.ModelProto, grouped: bool = True) -> list[str]:
+    """The Conv operators of a network that also has attention (a MatMul reading a Softmax's output); [] otherwise.
+
+    Without ``grouped`` the grouped (depthwise) Convs are left out: the smaller set measured in
+    ``docs/benchmarks_recognizer.json``, which the advice does not take because it loses lines.
+    """
     softmax_outputs = {out for node in proto.graph.node if node.op_type == "Softmax" for out in node.output}
     if not any(node.op_type == "MatMul" and softmax_outputs & set(node.input) for node in proto.graph.node):
         return []
-    return [node.name for node in proto.graph.node if node.op_type == "Conv"]
+    return [node.name for node in proto.graph.node if node.op_type == "Conv"
+            and (grouped or all(a.name != "group" or a.i <= 1 for a in node.attribute))]
 
 
 def _problems(name: str, snr: float, fp32_span: float | None, quant_span: float | None,
