@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_hardswish import _feeds  # the same 3x16x16 image feeds
 
 from maptools.quantization import quantize, read_quantinfo, verify
 from maptools.quantization.engine.channelwise import SPREAD_RATIO, channel_scales, spread
@@ -57,11 +58,6 @@ def _block(gains: np.ndarray) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
-
-
-def _feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"image": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(count)]
 
 
 def _run(model: onnx.ModelProto | str, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
