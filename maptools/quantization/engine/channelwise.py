@@ -1,16 +1,15 @@
 """Per-channel activation scales for tensors that only depthwise Convs read.
 
 One activation scale per tensor rounds away the channels whose range is a few steps of the largest channel's
-(Paddle's PicoDet layout detector: peaks from 0.09 to 45 in one tensor, then a folded BatchNorm that multiplies
-the small channels by 25-50). A depthwise Conv's output channel ``c`` reads only its input channel ``c``, so an
-input step per channel ``s_x[c]`` joins the per-channel weight step in the requantization multiplier
-``s_x[c] * s_w[c] / s_out`` and the zero point ``z_x[c]`` joins channel ``c``'s bias: exact in the chip's integer
-arithmetic, at no cost. A tensor qualifies when every reader is such a Conv (one output channel per input channel)
-reading it as its data input, its producer writes it element by element, and PPQ shares its quantization with no
-other tensor. It then gets, per channel, the step of its own calibrated range (FP32 min-max on the calibration
-batches), never coarser than the tensor's calibrated step: the large channels keep the tensor's scale and zero
-point, the small ones gain resolution. Only tensors whose channel ranges spread over more than
-:data:`SPREAD_RATIO` are changed; every other map is unchanged to the byte.
+(Paddle's PicoDet layout detector, docs/benchmarks.rst). A depthwise Conv's output channel ``c`` reads only its
+input channel ``c``, so an input step per channel ``s_x[c]`` joins the per-channel weight step in the
+requantization multiplier ``s_x[c] * s_w[c] / s_out`` and the zero point ``z_x[c]`` joins channel ``c``'s bias:
+exact in the chip's integer arithmetic, at no cost. A tensor qualifies when every reader is such a Conv (one
+output channel per input channel) reading it as its data input, its producer writes it element by element, and PPQ
+shares its quantization with no other tensor. It then gets, per channel, the step of its own calibrated range
+(FP32 min-max on the calibration batches), never coarser than the tensor's calibrated step: the large channels
+keep the tensor's scale and zero point, the small ones gain resolution. Only tensors whose channel ranges spread
+over more than :data:`SPREAD_RATIO` are changed; every other map is unchanged to the byte.
 """
 
 from __future__ import annotations
