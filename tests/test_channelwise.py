@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from test_hardswish import _feeds  # the same 3x16x16 image feeds
+from onnx import helper
+from test_hardswish import _feeds, _image_model  # the same 3x16x16 image block and feeds
 
 from maptools.quantization import quantize, read_quantinfo, verify
 from maptools.quantization.engine.channelwise import SPREAD_RATIO, channel_scales, spread
@@ -50,14 +50,7 @@ def _block(gains: np.ndarray) -> onnx.ModelProto:
         helper.make_node("Relu", ["c1"], ["r1"], name="Relu.1"),
         helper.make_node("Conv", ["r1", "w2"], ["out"], name="Conv.2"),
     ]
-    graph = helper.make_graph(nodes, "depthwise_block",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _image_model(nodes, inits, "depthwise_block")
 
 
 def _run(model: onnx.ModelProto | str, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:

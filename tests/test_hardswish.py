@@ -41,6 +41,18 @@ def _paddle_hardswish(x: str, out: str, tag: str, divide: str = "Div", high: flo
     ]
 
 
+def _image_model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], name: str) -> onnx.ModelProto:
+    """A checked opset-13 model from ``image`` [1, 3, 16, 16] to ``out`` [1, 4, 16, 16] (the blocks of these tests)."""
+    graph = helper.make_graph(nodes, name,
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def _block_model(divide: str = "Div", high: float = 6.0) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     inits = {
@@ -62,14 +74,7 @@ def _block_model(divide: str = "Div", high: float = 6.0) -> onnx.ModelProto:
         *_paddle_hardswish("bn1", "hs1", "hs1", divide, high),
         helper.make_node("Conv", ["hs1", "w2"], ["out"], name="Conv.2"),
     ]
-    graph = helper.make_graph(nodes, "picodet_block",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _image_model(nodes, inits, "picodet_block")
 
 
 def _feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
