@@ -14,6 +14,8 @@ feed of ``evaluate`` (a list, one list of output arrays per feed, in the model's
 
 from __future__ import annotations
 
+import collections
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +98,29 @@ def run_raw_ppq(model_path: Path, w_bits: int, a_bits: int, setting: Quantizatio
     return [[out.detach().cpu().numpy() for out in result] for result in outputs]
 
 
+logger = logging.getLogger(__name__)
+
+
+def ort_weight_bits(path: Path) -> dict[str, int]:
+    """How many Conv/Gemm/MatMul weights a QDQ model holds at each type (its weight zero point's), ``float`` where
+    no DequantizeLinear feeds the weight: onnxruntime quantizes a weight that is not an initializer (a computed
+    tensor) as an activation, at 8 bits, whatever ``weight_type`` asks."""
+    import onnx
+
+    model = onnx.load(str(path))
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    counts: collections.Counter[str] = collections.Counter()
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        dq = producers.get(node.input[1])
+        point = dq.input[2] if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) > 2 else None
+        counts[onnx.TensorProto.DataType.Name(initializers[point].data_type).lower()
+               if point in initializers else "float"] += 1
+    return dict(counts)
+
+
 def run_ort(model_path: Path, w_bits: int, a_bits: int, method: str, calib: Sequence[Feed],
             evaluate: Sequence[Feed]) -> list[list[np.ndarray]]:
     """onnxruntime's ``quantize_static`` with ``method`` on ``calib``; outputs of the QDQ model on ``evaluate``.
@@ -130,6 +155,11 @@ def run_ort(model_path: Path, w_bits: int, a_bits: int, method: str, calib: Sequ
                         calibrate_method=getattr(CalibrationMethod, method),
                         calibration_providers=["CPUExecutionProvider"],
                         extra_options={"CalibMaxIntermediateOutputs": 4} if method == "Entropy" else None)
+        kinds = ort_weight_bits(out)
+        wanted = "int8" if w_bits == 8 else "int4"
+        if set(kinds) != {wanted}:
+            logger.warning("onnxruntime W%dA%d %s: MAC weights by type %s (asked: all %s)", w_bits, a_bits, method,
+                           kinds, wanted)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])

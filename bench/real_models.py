@@ -127,6 +127,15 @@ def prepared_copy(model: registry.CorpusModel, workdir: Path) -> Path:
     return path
 
 
+def _setting(default: object, text: str) -> object:
+    """A learned-rounding setting parsed from a recipe's ``key=value`` in the type of its default."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"a learned-rounding switch takes true or false, not {text!r}")
+        return text.lower() in ("true", "1")
+    return type(default)(text)
+
+
 def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: Sequence[Feed], w_bits: int,
                   a_bits: int, recipe: str, workdir: Path) -> Outputs:
     """maptools' quantize; onnxruntime's outputs of ``quant_model.onnx`` on the evaluation feeds.
@@ -149,7 +158,7 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
         convs = cnn_transformer_convolutions(prepared, grouped=keep8 == "+conv8")
         layer_bits, first_last_bits = dict.fromkeys(convs, 8), 8
     rounding = extra[0] if extra else None
-    changes = {key: type(getattr(learned_rounding.DEFAULTS, key))(value)
+    changes = {key: _setting(getattr(learned_rounding.DEFAULTS, key), value)
                for key, value in (item.split("=") for item in extra[1:])}
     saved = learned_rounding.DEFAULTS
     learned_rounding.DEFAULTS = dataclasses.replace(saved, **changes)

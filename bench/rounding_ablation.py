@@ -9,6 +9,9 @@ FP32 on 512 held-out test digits: top-1 agreement and the output SNR. Two seeds 
 * ``scale_bias``: W4A8 from 256 digits, learned rounding of one layer (a depthwise 3x3 and a 1x1 Conv) alone,
   with the per-channel weight-scale search, with the learned bias, and with both; the layer's output MSE
   against FP32 on 256 held-out test digits (nearest rounding for reference);
+* ``generalization``: Lite1 W4A8 from 64 calibration crops (of 7 photographs), nearest and learned rounding
+  (60 steps per layer, three ways of reconstructing), the SNR against FP32 at seven points along the network on
+  32 calibration crops and on 48 evaluation crops of other photographs (needs the corpus);
 * ``lite1``: the corpus' EfficientNet-Lite1 at W4A8 from 32 calibration crops, learned rounding of its first
   four layers only (``min_images`` 0 against 64; nearest for reference), each layer's output MSE against FP32
   on 16 held-out crops (needs the corpus, ``make corpus``).
@@ -137,6 +140,59 @@ def scale_bias() -> list[dict]:
     return rows
 
 
+#: Lite1 variables where the ``generalization`` experiment compares the quantized network with FP32: the ends of
+#: blocks 0, 2, 5, 10 and 15 (their projections), the head Conv and the logits.
+LITE1_PROBES = ("/_blocks.0/_project_conv/Conv_output_0", "/_blocks.2/_project_conv/Conv_output_0",
+                "/_blocks.5/_project_conv/Conv_output_0", "/_blocks.10/_project_conv/Conv_output_0",
+                "/_blocks.15/_project_conv/Conv_output_0", "/_conv_head/Conv_output_0", "logits")
+#: The ``generalization`` runs: (label, learned rounding's settings or None for nearest) at 60 steps per layer.
+GENERALIZATION_RUNS = (("nearest", None),
+                       ("learned, sampled positions only", {}),
+                       ("learned, linear layers on the quadratic loss", {"quadratic": True}),
+                       ("learned, every layer on the quadratic loss", {"quadratic": True,
+                                                                       "quadratic_activations": True}))
+
+
+def _snr_db(session: PPQSession, feeds: list[dict[str, torch.Tensor]], names: tuple[str, ...]) -> list[float]:
+    """The SNR (dB) of each of ``names`` against FP32 over ``feeds``."""
+    signal, noise = np.zeros(len(names)), np.zeros(len(names))
+    for feed in feeds:
+        got = session.forward(feed, output_names=list(names))
+        ref = session.forward(feed, quantized=False, output_names=list(names))
+        for i, name in enumerate(names):
+            signal[i] += np.sum(ref[name].astype(np.float64) ** 2)
+            noise[i] += np.sum((got[name].astype(np.float64) - ref[name]) ** 2)
+    return (10 * np.log10(signal / noise)).round(2).tolist()
+
+
+def generalization() -> list[dict]:
+    """Lite1 W4A8 (``default``, learned rounding at 60 steps per layer, 64 calibration crops of 7 photographs):
+    the SNR along the network on 32 of the calibration crops and on 48 evaluation crops of other photographs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from corpus import registry
+
+    model = registry.get("efficientnet_lite1")
+    calib = [{k: torch.from_numpy(v) for k, v in f.items()} for f in registry.inputs_for(model, "calib", 64, seed=0)]
+    held = [{k: torch.from_numpy(v) for k, v in f.items()} for f in registry.inputs_for(model, "eval", 48, seed=1)]
+    rows = []
+    for label, fields in GENERALIZATION_RUNS:
+        started = time.perf_counter()
+        loaded = load_model(model.path)
+        session = PPQSession.from_onnx(prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)),
+                                       LowBitSpec(4, 8, observer="mse", unsigned_nonnegative=True,
+                                                  weight_observer="mse"), "cpu", build_setting("default", "cpu", 64))
+        session.quantize(calib, None if fields is None else RoundingSettings(iterations=60, depthwise_factor=1,
+                                                                             **fields))
+        row = {"experiment": "generalization", "run": label, "probes": list(LITE1_PROBES),
+               "snr_db_calibration": _snr_db(session, calib[:32], LITE1_PROBES),
+               "snr_db_evaluation": _snr_db(session, held, LITE1_PROBES),
+               "seconds": round(time.perf_counter() - started, 1)}
+        rows.append(row)
+        print(f"Lite1 W4A8, {label}: SNR along the network, calibration crops {row['snr_db_calibration']}, "
+              f"evaluation crops {row['snr_db_evaluation']}, {row['seconds']} s", flush=True)
+    return rows
+
+
 def configurations(experiment: str) -> list[tuple[str, int, int, dict]]:
     """(label, images, activation bits, RoundingSettings fields) of each run of ``experiment``."""
     if experiment == "augmentation":
@@ -146,7 +202,8 @@ def configurations(experiment: str) -> list[tuple[str, int, int, dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", choices=("augmentation", "qdrop", "lite1", "scale_bias", "both"),
+    parser.add_argument("--experiment",
+                        choices=("augmentation", "qdrop", "lite1", "scale_bias", "generalization", "both"),
                         default="both")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
@@ -155,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     experiments = ("augmentation", "qdrop") if args.experiment == "both" else (args.experiment,)
     rows = []
     for experiment in experiments:
-        if experiment in ("lite1", "scale_bias"):
-            rows += lite1_layers() if experiment == "lite1" else scale_bias()
+        if experiment in ("lite1", "scale_bias", "generalization"):
+            rows += {"lite1": lite1_layers, "scale_bias": scale_bias, "generalization": generalization}[experiment]()
             continue
         for label, images, bits, fields in configurations(experiment):
             for seed in SEEDS:

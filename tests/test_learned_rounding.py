@@ -16,7 +16,7 @@ from maptools.cli import main
 from maptools.examples import digits
 from maptools.quantization import quantize, read_quantparams, verify
 from maptools.quantization.artifacts import MANIFEST, REPORT_JSON
-from maptools.quantization.engine import LowBitSpec, PPQSession
+from maptools.quantization.engine import LowBitSpec, PPQSession, learned_rounding
 from maptools.quantization.engine.augment import augment_batches, image_count
 from maptools.quantization.engine.learned_rounding import DEFAULTS, RoundingSettings
 from maptools.quantization.engine.recipes import build_setting
@@ -97,6 +97,67 @@ def test_searched_scale_and_learned_bias_lower_a_depthwise_layers_error_beyond_r
     bias, bias_alone = op.inputs[2].value, alone.graph.operations[DEPTHWISE].inputs[2].value
     assert float((bias - bias_alone).abs().max()) > 1e-3
     assert np.array_equal(joint.quantparams()[weight_key(DEPTHWISE, "Conv")], record.integers.numpy())
+
+
+#: A trained 1x1 projection Conv of the bundled mobile CNN: no activation after it, its target is its output.
+PROJECT = "/block1/project/project.0/Conv"
+
+
+def test_a_linear_layer_learns_on_every_position_with_its_least_squares_bias():
+    """A layer without an activation after it is learned on the exact quadratic loss of every calibration
+    position, its bias set to the least-squares one: on held-out digits its error falls further than with sampled
+    positions and an Adam-learned bias, and on the calibration digits its mean output is FP32's, channel by
+    channel (the mean shift of the quantized layers before it absorbed)."""
+    nearest = _session(None)
+    quadratic = _session(RoundingSettings(iterations=300, layers=(PROJECT,), quadratic=True))
+    sampled = _session(RoundingSettings(iterations=300, layers=(PROJECT,)))
+    (record,) = quadratic.rounding_results
+    (sampled_record,) = sampled.rounding_results
+    assert record.target == record.name + "_output_0" or record.target.endswith("Conv_output_0")
+    height_width = 8 * 8  # the block's map: every position of every image enters the loss
+    assert record.positions == 256 * height_width and record.sample == 224 * height_width
+    assert sampled_record.sample == DEFAULTS.sample  # sampled: 512 of the cached positions per step
+    images = digits.load_split("test")[0][:256]
+    errors = [_layer_error(s, images, record.target) for s in (nearest, sampled, quadratic)]
+    assert errors[0] / errors[2] >= 1.5 and errors[2] < errors[1], errors
+    train = digits.load_split("train")[0][:224]  # the batches the loss saw (the last 32 are held out)
+    batch = {"input": torch.from_numpy(train)}
+    shifts = []
+    for session in (quadratic, nearest):
+        quant = session.forward(batch, output_names=[record.target])[record.target].astype(np.float64)
+        ref = session.forward(batch, quantized=False, output_names=[record.target])[record.target]
+        shifts.append(np.abs((quant - ref).mean(axis=(0, 2, 3))).max() / ref.std())
+    assert shifts[0] < 0.005 and shifts[1] > 5 * shifts[0], shifts  # the mean shift nearest rounding leaves, gone
+
+
+class _Conv:
+    """What the patch extraction reads of a PPQ Conv: a padded 3x3 with two groups."""
+
+    name = "conv"
+    attributes = {"group": 2, "pads": [1, 1, 1, 1]}
+
+
+def test_quadratic_moments_give_the_sampled_error_exactly():
+    """The error computed from a layer's moments equals the direct mean over the same positions (a padded, grouped
+    3x3 Conv: im2col patches), and the least-squares bias is the error's minimum."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 2, 3, 3, generator=generator)
+    groups, matrix, patches, outputs, to_weight = learned_rounding._conv_layer(_Conv(), weight)
+    layer = learned_rounding._Layer(_Conv(), groups, matrix, torch.full((groups, 3, 1), 0.1), None, -8, 7, patches,
+                                    outputs, to_weight, lambda y: y, "y")
+    inputs = [torch.rand(2, 4, 7, 7, generator=generator) for _ in range(3)]
+    targets = [torch.randn(2, 6, 7, 7, generator=generator) for _ in range(3)]
+    sums = learned_rounding._Moments.of(layer, inputs, targets)
+    noisy = matrix + 0.01 * torch.randn(matrix.shape, generator=generator)
+    bias = torch.randn(6, generator=generator)
+    rows = torch.cat([patches(x) for x in inputs]).reshape(-1, groups, matrix.shape[2]).transpose(0, 1)
+    outs = torch.cat([outputs(y) for y in targets]).reshape(-1, 6)
+    direct = ((learned_rounding._layer_output(layer, rows, noisy, bias) - outs).double() ** 2).sum(1).mean()
+    assert sums.count == 6 * 7 * 7
+    assert sums.error(noisy, bias) == pytest.approx(float(direct), rel=1e-6)
+    best = sums.bias_for(noisy)
+    assert sums.error(noisy, best) < sums.error(noisy, bias)
+    assert sums.error(noisy, best) < min(sums.error(noisy, best + 0.01), sums.error(noisy, best - 0.01))
 
 
 def test_augmentation_adds_views_up_to_the_count_deterministic_per_seed():

@@ -30,7 +30,14 @@ The cost is kept small on a CPU in three ways:
 * the inputs of each layer are obtained by carrying the calibration activations forward through the
   operators between the previous layer and this one (:class:`_Carrier`), once for the quantized network and
   once for the FP32 one, never by re-running the network from its input;
-* ``time_budget`` scales the iterations of every layer to fit.
+* ``time_budget`` scales the iterations of every layer to fit;
+* with :attr:`RoundingSettings.quadratic`, a layer with no activation after it (a projection Conv, a
+  classifier), whose output error is a quadratic form in its weights and bias, is learned on that form computed
+  exactly from the sums of ``x xᵀ``, ``x``, ``x yᵀ``, ``y`` and ``y²`` over *every* output position of the
+  calibration images (:class:`_Moments`), at a cost per step that does not depend on the number of positions;
+  its bias is the least-squares one for the learned integers (closed form: the mean shift the quantized layers
+  before it cause is removed exactly, not by Adam's steps), and its error before and after is measured on
+  held-out calibration images, not positions.
 
 Two levers of the published methods help with little data or low activation bits:
 
@@ -132,6 +139,16 @@ class RoundingSettings:
         bias_lr: Adam's learning rate on the bias, learned with the rounding, relative to the standard
             deviation of the layer's FP32 outputs (0: the bias kept).
         depthwise_factor: Depthwise layers (one input channel per group) run this many times the iterations.
+        quadratic: Layers without an activation after them (the target is their output) are learned on the exact
+            quadratic loss of every calibration position, with the least-squares bias, where they have at
+            least as many positions as inputs (else on sampled positions, as the others). Off: per layer and
+            end to end on held-out images of the same photographs it measured better, on other photographs
+            not (benchmarks, *Learned rounding*).
+        quadratic_reg: Weight of the rounding regulariser (its mean over the weights) against the quadratic loss
+            divided by nearest rounding's.
+        quadratic_factor: Layers learned on the quadratic loss run this many times the iterations.
+        quadratic_activations: Layers followed by an activation are learned on the quadratic loss too, against
+            their FP32 output before the activation.
     """
 
     iterations: int = 300
@@ -149,6 +166,10 @@ class RoundingSettings:
     scale_candidates: int = 32
     bias_lr: float = 1e-3
     depthwise_factor: int = 4
+    quadratic: bool = False
+    quadratic_reg: float = 0.1
+    quadratic_factor: int = 1
+    quadratic_activations: bool = False
 
 
 #: Activation bit widths from which QDrop is off (the layer's input kept quantized in every step).
@@ -599,6 +620,140 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     return _Learned(nearest, learned, scale, bias.detach() if bias is not None else None, loss_value, step)
 
 
+# -- layers with a linear target: the exact quadratic loss on every position ----------------------------------
+@dataclass
+class _Moments:
+    """Sums over positions of a layer's input patches ``x`` (the quantized network's) and FP32 targets ``y``.
+
+    Where the layer's output is its target (no activation after it), the output error of any weight and bias is a
+    quadratic form in these sums, so every position of every calibration image enters each step at a cost that
+    does not grow with the number of positions. Float64: the error is a small difference of large sums.
+    """
+
+    xx: torch.Tensor  # (G, Kg, Kg)
+    x: torch.Tensor  # (G, Kg)
+    xy: torch.Tensor  # (G, Kg, Og)
+    y: torch.Tensor  # (Cout,)
+    yy: torch.Tensor  # (Cout,)
+    count: int = 0
+
+    @classmethod
+    def of(cls, layer: _Layer, inputs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor]) -> _Moments:
+        """The sums over every output position of ``inputs`` (quantized) and ``targets`` (FP32)."""
+        groups, og, kg = layer.weight.shape
+        cout = groups * og
+        sums = cls(torch.zeros(groups, kg, kg, dtype=torch.float64), torch.zeros(groups, kg, dtype=torch.float64),
+                   torch.zeros(groups, kg, og, dtype=torch.float64), torch.zeros(cout, dtype=torch.float64),
+                   torch.zeros(cout, dtype=torch.float64))
+        for x, y in zip(inputs, targets, strict=True):
+            patch = layer.patches(x.float().cpu()).reshape(-1, groups, kg).transpose(0, 1).double()  # (G, P, Kg)
+            out = layer.outputs(y.float().cpu()).reshape(-1, cout).double()  # (P, Cout)
+            if patch.shape[1] != out.shape[0]:
+                raise ValueError(f"{layer.op.name}: {patch.shape[1]} patches for {out.shape[0]} outputs")
+            sums.xx += torch.bmm(patch.transpose(1, 2), patch)
+            sums.x += patch.sum(dim=1)
+            sums.xy += torch.bmm(patch.transpose(1, 2), out.reshape(-1, groups, og).transpose(0, 1))
+            sums.y += out.sum(dim=0)
+            sums.yy += (out ** 2).sum(dim=0)
+            sums.count += out.shape[0]
+        return sums
+
+    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """Mean squared output error per position, summed over channels, of ``weight`` (G, Og, Kg) and ``bias``."""
+        w = weight.double().cpu()
+        n = max(self.count, 1)
+        total = (torch.einsum("gok,gkl,gol->", w, self.xx, w) - 2 * torch.einsum("gok,gko->", w, self.xy)
+                 + self.yy.sum())
+        if bias is not None:
+            b = bias.double().cpu().reshape(w.shape[0], w.shape[1])
+            total += 2 * (b * torch.einsum("gok,gk->go", w, self.x)).sum() + n * (b ** 2).sum() \
+                - 2 * (b.reshape(-1) * self.y).sum()
+        return float(total / n)
+
+    def bias_for(self, weight: torch.Tensor) -> torch.Tensor:
+        """The bias (Cout,) that makes the mean output equal the FP32 target's mean: the least-squares bias."""
+        n = max(self.count, 1)
+        mean_out = torch.einsum("gok,gk->go", weight.double().cpu(), self.x / n).reshape(-1)
+        return (self.y / n - mean_out).float()
+
+
+def _quadratic_target(layer: _Layer, settings: RoundingSettings) -> str | None:
+    """The variable a layer is learned against on the quadratic loss (its own output), None for sampled positions.
+
+    Its output is the reconstructed variable where no activation follows (the loss is then exact); with
+    :attr:`RoundingSettings.quadratic_activations` also before an activation (the loss then ignores it).
+    """
+    if not settings.quadratic or (layer.tail and not settings.quadratic_activations):
+        return None
+    return layer.op.outputs[0].name
+
+
+def learn_rounding_quadratic(layer: _Layer, train: _Moments, settings: RoundingSettings, iterations: int,
+                             on_step: Callable[[int, float], bool] | None = None) -> _Learned:
+    """Learn a linear-target layer's integers on the exact quadratic loss of all its training positions.
+
+    The bias is not a variable: for every weight the least-squares bias is known (:meth:`_Moments.bias_for`),
+    so the loss is the output covariance error and the bias is set from the learned integers at the end (kept
+    as loaded when ``bias_lr`` is 0 or the layer has none). The loss is divided by nearest rounding's, so the
+    regulariser's weight :attr:`RoundingSettings.quadratic_reg` means the same on every layer.
+    """
+    n = max(train.count, 1)
+    scale = layer.scale.double()
+    weight = layer.weight.double()
+    nearest = _quantize(layer, layer.weight / layer.scale)
+    learn_bias = layer.bias is not None and settings.bias_lr > 0
+    mean_x = train.x / n
+    if learn_bias:  # centred: the bias absorbs every mean
+        cov = train.xx / n - mean_x.unsqueeze(2) * mean_x.unsqueeze(1)
+        cxy = train.xy / n - mean_x.unsqueeze(2) * (train.y / n).reshape(weight.shape[0], 1, -1)
+        const = float((train.yy / n - (train.y / n) ** 2).sum())
+        bias_term = None
+    else:
+        cov, cxy, const = train.xx / n, train.xy / n, float(train.yy.sum() / n)
+        bias_term = None if layer.bias is None else layer.bias.double().reshape(weight.shape[0], -1)
+
+    cov32, cxy32, mean32 = cov.float(), cxy.float(), mean_x.float()
+    bias32 = None if bias_term is None else bias_term.float()
+    y32 = (train.y / n).float()
+
+    def objective(w: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        c, cx, m, b, y = (cov, cxy, mean_x, bias_term, train.y / n) if exact else (cov32, cxy32, mean32, bias32, y32)
+        w = w.double() if exact else w.float()
+        total = torch.einsum("gok,gkl,gol->", w, c, w) - 2 * torch.einsum("gok,gko->", w, cx) + const
+        if b is not None:
+            total = total + 2 * (b * torch.einsum("gok,gk->go", w, m)).sum() + (b ** 2).sum() \
+                - 2 * (b.reshape(-1) * y).sum()
+        return total
+
+    with torch.no_grad():
+        reference = max(float(objective(nearest.double() * scale, exact=True)), 1e-30)
+    ratio = weight / scale
+    floor = torch.floor(ratio)
+    v = _initial_v((ratio - floor).float()).requires_grad_(True)
+    floor, scale = floor.float(), scale.float()
+    optimizer = torch.optim.Adam([v], lr=settings.lr)
+    loss_value, step = math.nan, 0
+    for step in range(iterations):
+        h = _rectified_sigmoid(v)
+        loss = objective(torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale) / reference
+        if step >= WARMUP * iterations:
+            loss = loss + settings.quadratic_reg * (1 - (2 * h - 1).abs().pow(_beta(step, iterations))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        if on_step is not None and not on_step(step, loss_value):
+            step += 1
+            break
+    else:
+        step = iterations
+    with torch.no_grad():
+        learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
+            else nearest
+    bias = train.bias_for(learned * layer.scale) if learn_bias else layer.bias
+    return _Learned(nearest, learned, layer.scale, bias, loss_value, step)
+
+
 # -- the pass ------------------------------------------------------------------------------------------
 class LearnedRoundingPass(QuantizationOptimizationPass):
     """PPQ pass: learned rounding of every eligible layer, run after calibration and before parameter baking."""
@@ -637,8 +792,26 @@ def with_learned_rounding(build: Callable[..., QuantizationOptimizationPipeline]
 
 
 def _iterations(layer: _Layer, settings: RoundingSettings) -> int:
-    """Adam steps of one layer: :attr:`RoundingSettings.depthwise_factor` times more for a depthwise one."""
+    """Adam steps of one layer: :attr:`RoundingSettings.depthwise_factor` times more for a depthwise one,
+    :attr:`RoundingSettings.quadratic_factor` times for one learned on the quadratic loss."""
+    if _quadratic_target(layer, settings) is not None:
+        return settings.iterations * max(1, settings.quadratic_factor)
     return settings.iterations * (max(1, settings.depthwise_factor) if layer.depthwise else 1)
+
+
+def _held_batches(batches: int) -> int:
+    """Calibration batches held out of a quadratic layer's loss to measure its error: an eighth, none of one."""
+    return max(1, int(round(batches * HELD_OUT))) if batches > 1 else 0
+
+
+def _quadratic(layer: _Layer, settings: RoundingSettings, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``layer`` is learned on the quadratic loss: a linear target and at least as many training
+    positions as inputs per group (with fewer, sampled positions cost less and say the same)."""
+    if _quadratic_target(layer, settings) is None:
+        return False
+    train = inputs[:len(inputs) - _held_batches(len(inputs))]
+    per_image = layer.patches(train[0][:1].float().cpu()).shape[1] if train else 0
+    return per_image * sum(x.shape[0] for x in train) >= layer.weight.shape[2]
 
 
 def _cost(layer: _Layer, settings: RoundingSettings) -> float:
@@ -664,21 +837,34 @@ def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches
         later_targets = [other.target for other in layers[i:]]
         source = layer.op.inputs[0].name
         qdrop = layer.drops_input_quantization(settings)
-        fp32.advance(max(fp32.cursor, tail_end), keep=later_targets + ([source] if qdrop else []))
+        before = _quadratic_target(layer, settings)
+        fp32.advance(max(fp32.cursor, tail_end), keep=later_targets + ([source] if qdrop else [])
+                     + ([before] if before is not None else []))
         quant.advance(position, keep=[source])
         input_config = layer.op.config.input_quantization_config[0]
         with torch.no_grad():
             inputs = [executor.quantize_function(x, input_config) for x in quant.values[source]]
-        cache = _sample_cache(layer, inputs, fp32.values[layer.target], settings.positions, generator,
-                              settings.device, fp32.values.get(source) if qdrop else None)
+        held = _held_batches(len(inputs))
+        if _quadratic(layer, settings, inputs):
+            targets = fp32.values[before]
+            train_sums = _Moments.of(layer, inputs[:len(inputs) - held], targets[:len(targets) - held])
+            held_sums = _Moments.of(layer, inputs[len(inputs) - held:], targets[len(targets) - held:]) if held \
+                else train_sums
+            carry_seconds += time.perf_counter() - layer_started
+            budget = _budget(settings, costs, i, started, carry_seconds)
+            result = _learn_quadratic_layer(layer, train_sums, held_sums, settings, budget, i, len(layers), started)
+        else:
+            cache = _sample_cache(layer, inputs, fp32.values[layer.target], settings.positions, generator,
+                                  settings.device, fp32.values.get(source) if qdrop else None)
+            carry_seconds += time.perf_counter() - layer_started
+            budget = _budget(settings, costs, i, started, carry_seconds)
+            result = _learn_layer(layer, cache, settings, budget, generator, i, len(layers), started)
         del inputs
-        carry_seconds += time.perf_counter() - layer_started
-        budget = _budget(settings, costs, i, started, carry_seconds)
-        result = _learn_layer(layer, cache, settings, budget, generator, i, len(layers), started)
         result.seconds = time.perf_counter() - layer_started
         results.append(result)
-        if layer.target not in later_targets[1:] and fp32.last_use(layer.target) < fp32.cursor:
-            fp32.values.pop(layer.target, None)
+        for done in {layer.target, before} - {None}:
+            if done not in later_targets[1:] and fp32.last_use(done) < fp32.cursor:
+                fp32.values.pop(done, None)
     logger.info("learned rounding: %d layers in %.1f s (%.1f s carrying activations forward)", len(layers),
                 time.perf_counter() - started, carry_seconds)
     return results
@@ -695,10 +881,9 @@ def _budget(settings: RoundingSettings, costs: list[float], i: int, started: flo
     return max(0.0, remaining) * costs[i] / sum(costs[i:])
 
 
-def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budget: float | None,
-                 generator: torch.Generator, i: int, count: int, started: float) -> LayerRounding:
-    """Learn one layer (within ``budget`` seconds when given) and write its weights into the graph."""
-    iterations = _iterations(layer, settings)
+def _progress(layer: _Layer, iterations: int, budget: float | None, i: int, count: int,
+              started: float) -> Callable[[int, float], bool]:
+    """The ``on_step`` of one layer: logs progress four times and stops when the layer's ``budget`` is spent."""
     state = {"t0": time.perf_counter(), "planned": iterations}
     name = layer.op.name
 
@@ -713,13 +898,48 @@ def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budge
                         per_step * (state["planned"] - step - 1), time.perf_counter() - started)
         return step + 1 < state["planned"]
 
+    return on_step
+
+
+def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budget: float | None,
+                 generator: torch.Generator, i: int, count: int, started: float) -> LayerRounding:
+    """Learn one layer on sampled positions (within ``budget`` seconds when given) and write it into the graph."""
+    on_step = _progress(layer, _iterations(layer, settings), budget, i, count, started)
     rows_train, rows_held = slice(0, cache.train), slice(cache.train, cache.targets.shape[0])
-    result = learn_rounding(layer, cache, settings, iterations, generator, on_step)
+    result = learn_rounding(layer, cache, settings, _iterations(layer, settings), generator, on_step)
     device = cache.patches.device
     scale, bias = layer.scale.to(device), layer.bias.to(device) if layer.bias is not None else None
     held = rows_held if rows_held.stop > rows_held.start else rows_train
     error_nearest = _error(layer, cache, result.nearest * scale, bias, held)
     error_learned = _error(layer, cache, result.learned * result.scale, result.bias, held)
+    return _finish(layer, result, error_nearest, error_learned, min(settings.sample, cache.train),
+                   cache.targets.shape[0], i, count, started)
+
+
+def _learn_quadratic_layer(layer: _Layer, train: _Moments, held: _Moments, settings: RoundingSettings,
+                           budget: float | None, i: int, count: int, started: float) -> LayerRounding:
+    """Learn one linear-target layer on its quadratic loss and write it into the graph; errors on held-out images."""
+    on_step = _progress(layer, _iterations(layer, settings), budget, i, count, started)
+    result = learn_rounding_quadratic(layer, train, settings, _iterations(layer, settings), on_step)
+    error_nearest = held.error(result.nearest * layer.scale, layer.bias)
+    error_learned = held.error(result.learned * result.scale, result.bias)
+    if result.bias is not None and result.bias is not layer.bias:  # nearest with the least-squares bias may be better
+        corrected = train.bias_for(result.nearest * layer.scale)
+        error_corrected = held.error(result.nearest * layer.scale, corrected)
+        if error_corrected < error_learned:
+            result = dataclasses.replace(result, learned=result.nearest, bias=corrected)
+            error_learned = error_corrected
+    return _finish(layer, result, error_nearest, error_learned, train.count, train.count + held.count, i, count,
+                   started)
+
+
+def _finish(layer: _Layer, result: _Learned, error_nearest: float, error_learned: float, sample: int, positions: int,
+            i: int, count: int, started: float) -> LayerRounding:
+    """Fall back to nearest where learning did worse on held-out data, write the layer, and record it."""
+    name = layer.op.name
+    scale, bias = layer.scale.to(result.scale.device), layer.bias
+    if bias is not None:
+        bias = bias.to(result.scale.device)
     if not error_learned <= error_nearest:  # never worse than nearest on the held-out positions
         logger.info("learned rounding: %s: held-out error %.4g against %.4g with nearest; keeping nearest", name,
                     error_learned, error_nearest)
@@ -732,8 +952,8 @@ def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budge
                 error_learned, error_nearest / error_learned if error_learned > 0 else math.inf, 100 * changed,
                 result.steps, time.perf_counter() - started)
     return LayerRounding(name=name, op_type=layer.op.type, target=layer.target, weight_bits=layer.bits,
-                         iterations=result.steps, sample=min(settings.sample, cache.train),
-                         positions=cache.targets.shape[0], error_nearest=error_nearest, error_learned=error_learned,
+                         iterations=result.steps, sample=sample,
+                         positions=positions, error_nearest=error_nearest, error_learned=error_learned,
                          changed=changed, seconds=0.0, loss=result.loss,
                          integers=layer.to_weight(result.learned.cpu()).to(torch.int32))
 
