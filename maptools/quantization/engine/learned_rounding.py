@@ -571,6 +571,27 @@ class _Learned:
     steps: int
 
 
+def _optimise(v: torch.Tensor, optimizer: torch.optim.Optimizer, iterations: int,
+              reconstruction: Callable[[torch.Tensor], torch.Tensor],
+              regulariser: Callable[[torch.Tensor], torch.Tensor],
+              on_step: Callable[[int, float], bool] | None) -> tuple[float, int]:
+    """AdaRound's steps on ``v``: ``reconstruction(h(V))``, plus after the warm-up ``regulariser`` of each weight's
+    ``1 - |2h - 1|^beta`` (``beta`` annealed); returns the last loss and the steps taken (``on_step`` may stop)."""
+    loss_value = math.nan
+    for step in range(iterations):
+        h = _rectified_sigmoid(v)
+        loss = reconstruction(h)
+        if step >= WARMUP * iterations:
+            loss = loss + regulariser(1 - (2 * h - 1).abs().pow(_beta(step, iterations)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        if on_step is not None and not on_step(step, loss_value):
+            return loss_value, step + 1
+    return loss_value, iterations
+
+
 def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, iterations: int,
                    generator: torch.Generator, on_step: Callable[[int, float], bool] | None = None) -> _Learned:
     """Learn one layer's integers on its cache, after searching its weight scale and with its bias.
@@ -596,24 +617,14 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     sample = min(settings.sample, cache.train)
     # QDrop's masks from their own stream: the sampled rows are those of the same run without QDrop
     drops = torch.Generator().manual_seed(settings.seed + 1) if cache.fp_patches is not None else None
-    loss_value, step = math.nan, 0
-    for step in range(iterations):
+    def reconstruction(h: torch.Tensor) -> torch.Tensor:
         rows = torch.randint(cache.train, (sample,), generator=generator).to(device)
-        h = _rectified_sigmoid(v)
         weight = torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale
         out = _layer_output(layer, _step_patches(cache, rows, settings.qdrop, drops), weight, bias)
-        loss = ((out - cache.targets.index_select(0, rows)) ** 2).sum(dim=1).mean()
-        if step >= WARMUP * iterations:
-            loss = loss + settings.reg_weight * (1 - (2 * h - 1).abs().pow(_beta(step, iterations))).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
-        if on_step is not None and not on_step(step, loss_value):
-            step += 1
-            break
-    else:
-        step = iterations
+        return ((out - cache.targets.index_select(0, rows)) ** 2).sum(dim=1).mean()
+
+    loss_value, step = _optimise(v, optimizer, iterations, reconstruction,
+                                 lambda undecided: settings.reg_weight * undecided.sum(), on_step)
     with torch.no_grad():
         learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
             else _quantize(layer, ratio)
@@ -732,21 +743,10 @@ def learn_rounding_quadratic(layer: _Layer, train: _Moments, settings: RoundingS
     v = _initial_v((ratio - floor).float()).requires_grad_(True)
     floor, scale = floor.float(), scale.float()
     optimizer = torch.optim.Adam([v], lr=settings.lr)
-    loss_value, step = math.nan, 0
-    for step in range(iterations):
-        h = _rectified_sigmoid(v)
-        loss = objective(torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale) / reference
-        if step >= WARMUP * iterations:
-            loss = loss + settings.quadratic_reg * (1 - (2 * h - 1).abs().pow(_beta(step, iterations))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
-        if on_step is not None and not on_step(step, loss_value):
-            step += 1
-            break
-    else:
-        step = iterations
+    loss_value, step = _optimise(
+        v, optimizer, iterations,
+        lambda h: objective(torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale) / reference,
+        lambda undecided: settings.quadratic_reg * undecided.mean(), on_step)
     with torch.no_grad():
         learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
             else nearest
