@@ -63,20 +63,26 @@ def test_pareto_keeps_the_non_dominated_points() -> None:
     assert pareto(points, "adc_conversions") == [True, False, True, True]
 
 
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple]:
+    """The arguments of every ``evaluate.measure`` call (each a quantization) while the test runs."""
+    made: list[tuple] = []
+    measure = evaluate.measure
+
+    def counted(*args):
+        made.append(args)
+        return measure(*args)
+
+    monkeypatch.setattr(evaluate, "measure", counted)
+    return made
+
+
 @pytest.mark.slow  # 8 quantizations of the digits CNN: about 25 s on a quiet 2-core machine
-def test_search_front_budget_verification_and_resume(data, tmp_path: Path, monkeypatch) -> None:
+def test_search_front_budget_verification_and_resume(data, tmp_path: Path, calls: list[tuple]) -> None:
     calib, held_out = data
     cache, mapsave = tmp_path / "cache", tmp_path / "mapsave"
     settings = dict(weight_bits=(4, 8), activation_bits=(8,), points=3, budget_adc_fraction=0.75, jobs=1,
                     cache_dir=cache, recipe="fast")
-    calls: list[tuple] = []
-    measure = evaluate.measure
-
-    def counted(*args):
-        calls.append(args)
-        return measure(*args)
-
-    monkeypatch.setattr(evaluate, "measure", counted)
 
     def stop_after_two_walk_points(done: int, total: int, stage: str) -> None:
         if stage == "walk" and done == 2:
@@ -153,16 +159,8 @@ def test_a_front_point_that_does_not_reproduce_is_flagged() -> None:
 
 
 @pytest.mark.slow  # 9 quantizations of the digits CNN: about 20 s on a quiet 2-core machine
-def test_front_over_a_finer_figure_every_point_re_quantized(data, tmp_path: Path, monkeypatch) -> None:
+def test_front_over_a_finer_figure_every_point_re_quantized(data, tmp_path: Path, calls: list[tuple]) -> None:
     calib, held_out = data
-    calls: list[tuple] = []
-    measure = evaluate.measure
-
-    def counted(*args):
-        calls.append(args)
-        return measure(*args)
-
-    monkeypatch.setattr(evaluate, "measure", counted)
     settings = dict(weight_bits=(2, 8), activation_bits=(8,), points=3, budget_adc_fraction=0.75, jobs=1,
                     cache_dir=tmp_path / "cache", recipe="fast", metric=evaluate.top1_agreement,
                     front_metric=evaluate.output_snr, front_metric_name="output SNR (dB)", verify_front=True)

@@ -669,23 +669,37 @@ class _Moments:
             sums.count += out.shape[0]
         return sums
 
-    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
-        """Mean squared output error per position, summed over channels, of ``weight`` (G, Og, Kg) and ``bias``."""
-        w = weight.double().cpu()
+    def quadratic(self, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The error per position, summed over channels, as ``w A w - 2 w B + c`` of the weights (G, Og, Kg):
+        (A (G, Kg, Kg), B (G, Kg, Og), c), with ``bias`` (Cout,) fixed, or for None with the least-squares bias of
+        every weight (the centred moments)."""
         n = max(self.count, 1)
-        total = (torch.einsum("gok,gkl,gol->", w, self.xx, w) - 2 * torch.einsum("gok,gko->", w, self.xy)
-                 + self.yy.sum())
-        if bias is not None:
-            b = bias.double().cpu().reshape(w.shape[0], w.shape[1])
-            total += 2 * (b * torch.einsum("gok,gk->go", w, self.x)).sum() + n * (b ** 2).sum() \
-                - 2 * (b.reshape(-1) * self.y).sum()
-        return float(total / n)
+        groups, _, og = self.xy.shape
+        if bias is None:
+            mean_x, mean_y = self.x / n, self.y / n
+            return (self.xx / n - mean_x.unsqueeze(2) * mean_x.unsqueeze(1),
+                    self.xy / n - mean_x.unsqueeze(2) * mean_y.reshape(groups, 1, og),
+                    float((self.yy / n - mean_y ** 2).sum()))
+        b = bias.double().cpu().reshape(-1)  # the target less the bias: y - b
+        return (self.xx / n, (self.xy - self.x.unsqueeze(2) * b.reshape(groups, 1, og)) / n,
+                float((self.yy - 2 * b * self.y + n * b ** 2).sum() / n))
+
+    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """Mean squared output error per position, summed over channels, of ``weight`` (G, Og, Kg) and ``bias``
+        (None: no bias)."""
+        fixed = bias if bias is not None else torch.zeros(self.y.shape[0])
+        return float(_quadratic_form(weight.double().cpu(), *self.quadratic(fixed)))
 
     def bias_for(self, weight: torch.Tensor) -> torch.Tensor:
         """The bias (Cout,) that makes the mean output equal the FP32 target's mean: the least-squares bias."""
         n = max(self.count, 1)
         mean_out = torch.einsum("gok,gk->go", weight.double().cpu(), self.x / n).reshape(-1)
         return (self.y / n - mean_out).float()
+
+
+def _quadratic_form(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """``w A w - 2 w B + c`` summed over groups and output channels (see :meth:`_Moments.quadratic`)."""
+    return torch.einsum("gok,gkl,gol->", w, a, w) - 2 * torch.einsum("gok,gko->", w, b) + c
 
 
 def _quadratic_target(layer: _Layer, settings: RoundingSettings) -> str | None:
@@ -708,44 +722,20 @@ def learn_rounding_quadratic(layer: _Layer, train: _Moments, settings: RoundingS
     as loaded when ``bias_lr`` is 0 or the layer has none). The loss is divided by nearest rounding's, so the
     regulariser's weight :attr:`RoundingSettings.quadratic_reg` means the same on every layer.
     """
-    n = max(train.count, 1)
-    scale = layer.scale.double()
-    weight = layer.weight.double()
-    nearest = _quantize(layer, layer.weight / layer.scale)
     learn_bias = layer.bias is not None and settings.bias_lr > 0
-    mean_x = train.x / n
-    if learn_bias:  # centred: the bias absorbs every mean
-        cov = train.xx / n - mean_x.unsqueeze(2) * mean_x.unsqueeze(1)
-        cxy = train.xy / n - mean_x.unsqueeze(2) * (train.y / n).reshape(weight.shape[0], 1, -1)
-        const = float((train.yy / n - (train.y / n) ** 2).sum())
-        bias_term = None
-    else:
-        cov, cxy, const = train.xx / n, train.xy / n, float(train.yy.sum() / n)
-        bias_term = None if layer.bias is None else layer.bias.double().reshape(weight.shape[0], -1)
-
-    cov32, cxy32, mean32 = cov.float(), cxy.float(), mean_x.float()
-    bias32 = None if bias_term is None else bias_term.float()
-    y32 = (train.y / n).float()
-
-    def objective(w: torch.Tensor, exact: bool = False) -> torch.Tensor:
-        c, cx, m, b, y = (cov, cxy, mean_x, bias_term, train.y / n) if exact else (cov32, cxy32, mean32, bias32, y32)
-        w = w.double() if exact else w.float()
-        total = torch.einsum("gok,gkl,gol->", w, c, w) - 2 * torch.einsum("gok,gko->", w, cx) + const
-        if b is not None:
-            total = total + 2 * (b * torch.einsum("gok,gk->go", w, m)).sum() + (b ** 2).sum() \
-                - 2 * (b.reshape(-1) * y).sum()
-        return total
-
-    with torch.no_grad():
-        reference = max(float(objective(nearest.double() * scale, exact=True)), 1e-30)
-    ratio = weight / scale
+    fixed = None if learn_bias else layer.bias if layer.bias is not None else torch.zeros(layer.scale.numel())
+    a, b, c = train.quadratic(fixed)
+    nearest = _quantize(layer, layer.weight / layer.scale)
+    reference = max(float(_quadratic_form(nearest.double() * layer.scale.double(), a, b, c)), 1e-30)
+    a, b = a.float(), b.float()
+    ratio = layer.weight / layer.scale
     floor = torch.floor(ratio)
-    v = _initial_v((ratio - floor).float()).requires_grad_(True)
-    floor, scale = floor.float(), scale.float()
+    v = _initial_v(ratio - floor).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=settings.lr)
     loss_value, step = _optimise(
         v, optimizer, iterations,
-        lambda h: objective(torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale) / reference,
+        lambda h: _quadratic_form(torch.clamp(floor + h, layer.quant_min, layer.quant_max) * layer.scale, a, b, c)
+        / reference,
         lambda undecided: settings.quadratic_reg * undecided.mean(), on_step)
     with torch.no_grad():
         learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
@@ -804,14 +794,15 @@ def _held_batches(batches: int) -> int:
     return max(1, int(round(batches * HELD_OUT))) if batches > 1 else 0
 
 
-def _quadratic(layer: _Layer, settings: RoundingSettings, inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether ``layer`` is learned on the quadratic loss: a linear target and at least as many training
-    positions as inputs per group (with fewer, sampled positions cost less and say the same)."""
-    if _quadratic_target(layer, settings) is None:
+def _quadratic(layer: _Layer, settings: RoundingSettings, targets: Sequence[torch.Tensor]) -> bool:
+    """Whether ``layer`` is learned on the quadratic loss: a quadratic target (``targets``, one per calibration
+    batch) with at least as many training positions as inputs per group (with fewer, sampled positions cost less
+    and say the same)."""
+    if _quadratic_target(layer, settings) is None or not targets:
         return False
-    train = inputs[:len(inputs) - _held_batches(len(inputs))]
-    per_image = layer.patches(train[0][:1].float().cpu()).shape[1] if train else 0
-    return per_image * sum(x.shape[0] for x in train) >= layer.weight.shape[2]
+    train = targets[:len(targets) - _held_batches(len(targets))]
+    per_image = layer.outputs(train[0][:1]).shape[1] if train else 0
+    return per_image * sum(y.shape[0] for y in train) >= layer.weight.shape[2]
 
 
 def _cost(layer: _Layer, settings: RoundingSettings) -> float:
@@ -844,20 +835,20 @@ def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches
         input_config = layer.op.config.input_quantization_config[0]
         with torch.no_grad():
             inputs = [executor.quantize_function(x, input_config) for x in quant.values[source]]
-        held = _held_batches(len(inputs))
-        if _quadratic(layer, settings, inputs):
-            targets = fp32.values[before]
+        if _quadratic(layer, settings, fp32.values[before] if before is not None else []):
+            targets, held = fp32.values[before], _held_batches(len(inputs))
             train_sums = _Moments.of(layer, inputs[:len(inputs) - held], targets[:len(targets) - held])
             held_sums = _Moments.of(layer, inputs[len(inputs) - held:], targets[len(targets) - held:]) if held \
                 else train_sums
-            carry_seconds += time.perf_counter() - layer_started
-            budget = _budget(settings, costs, i, started, carry_seconds)
-            result = _learn_quadratic_layer(layer, train_sums, held_sums, settings, budget, i, len(layers), started)
         else:
             cache = _sample_cache(layer, inputs, fp32.values[layer.target], settings.positions, generator,
                                   settings.device, fp32.values.get(source) if qdrop else None)
-            carry_seconds += time.perf_counter() - layer_started
-            budget = _budget(settings, costs, i, started, carry_seconds)
+            train_sums = None
+        carry_seconds += time.perf_counter() - layer_started
+        budget = _budget(settings, costs, i, started, carry_seconds)
+        if train_sums is not None:
+            result = _learn_quadratic_layer(layer, train_sums, held_sums, settings, budget, i, len(layers), started)
+        else:
             result = _learn_layer(layer, cache, settings, budget, generator, i, len(layers), started)
         del inputs
         result.seconds = time.perf_counter() - layer_started
@@ -923,7 +914,7 @@ def _learn_quadratic_layer(layer: _Layer, train: _Moments, held: _Moments, setti
     result = learn_rounding_quadratic(layer, train, settings, _iterations(layer, settings), on_step)
     error_nearest = held.error(result.nearest * layer.scale, layer.bias)
     error_learned = held.error(result.learned * result.scale, result.bias)
-    if result.bias is not None and result.bias is not layer.bias:  # nearest with the least-squares bias may be better
+    if layer.bias is not None and settings.bias_lr > 0:  # nearest with the least-squares bias may be better
         corrected = train.bias_for(result.nearest * layer.scale)
         error_corrected = held.error(result.nearest * layer.scale, corrected)
         if error_corrected < error_learned:
