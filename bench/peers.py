@@ -35,6 +35,8 @@ from ppq.executor import TorchExecutor  # noqa: E402
 from ppq.IR import Operation  # noqa: E402
 from ppq.quantization.quantizer import TensorRTQuantizer  # noqa: E402
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["ORT_METHODS", "RAW_SETTINGS", "RawLowBitTRTQuantizer", "raw_setting", "run_ort", "run_raw_ppq"]
 
 Feed = dict[str, np.ndarray]
@@ -96,9 +98,6 @@ def run_raw_ppq(model_path: Path, w_bits: int, a_bits: int, setting: Quantizatio
                            calib_steps=len(batches), collate_fn=lambda batch: batch)
         outputs = [executor.forward(inputs=_tensors(feed)) for feed in evaluate]
     return [[out.detach().cpu().numpy() for out in result] for result in outputs]
-
-
-logger = logging.getLogger(__name__)
 
 
 def ort_weight_bits(path: Path) -> dict[str, int]:
