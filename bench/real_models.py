@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -53,7 +54,7 @@ from corpus import registry, tasks  # noqa: E402
 from peers import raw_setting, run_ort, run_raw_ppq  # noqa: E402
 
 from maptools.quantization import quantize  # noqa: E402
-from maptools.quantization.model import check_input_shapes, load_model, prepare_model  # noqa: E402
+from maptools.quantization.model import check_input_shapes, first_and_last_macs, load_model, prepare_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks_real.rst"
 Feed = dict[str, np.ndarray]
@@ -136,30 +137,60 @@ def _setting(default: object, text: str) -> object:
     return type(default)(text)
 
 
+#: Recipe suffixes that keep some layers at 8 bits (see :func:`kept_at_8`).
+KEEP8 = ("+conv8", "+ungrouped8", "+firstlast8", "+first8", "+last8")
+
+
+def kept_at_8(recipe: str, proto: onnx.ModelProto) -> tuple[str, dict[str, int] | None, int | None]:
+    """The recipe without its 8-bit suffix, and the ``layer_bits`` and ``first_last_bits`` that suffix asks.
+
+    ``+conv8``: every Conv and the first and last MAC at 8 bits; ``+ungrouped8``: the same but the grouped
+    (depthwise) Convs (what the summary advises for a CNN + transformer network below 8-bit weights);
+    ``+firstlast8`` / ``+first8`` / ``+last8``: the first and last MAC / the first / the last only.
+    """
+    from maptools.quantization.diagnostics import cnn_transformer_convolutions
+
+    keep8 = next((suffix for suffix in KEEP8 if recipe.endswith(suffix)), "")
+    layer_bits: dict[str, int] | None = None
+    if keep8 in ("+conv8", "+ungrouped8"):
+        layer_bits = dict.fromkeys(cnn_transformer_convolutions(proto, grouped=keep8 == "+conv8"), 8)
+    elif keep8 in ("+first8", "+last8"):
+        ends = first_and_last_macs(proto)
+        layer_bits = {ends[0] if keep8 == "+first8" else ends[-1]: 8}
+    first_last_bits = 8 if keep8 in ("+conv8", "+ungrouped8", "+firstlast8") else None
+    return recipe.removesuffix(keep8), layer_bits, first_last_bits
+
+
+def recipe_parts(recipe: str) -> tuple[str, str | None, dict[str, object], int]:
+    """A recipe name split into the recipe, the rounding, learned rounding's settings and the run's seed.
+
+    ``seed`` is quantize's (learned rounding runs with it, whatever ``RoundingSettings.seed`` says).
+    """
+    from maptools.quantization.engine import learned_rounding
+
+    name, *extra = recipe.split(":")
+    changes = {key: _setting(getattr(learned_rounding.DEFAULTS, key), value)
+               for key, value in (item.split("=") for item in extra[1:])}
+    return name, extra[0] if extra else None, changes, int(changes.pop("seed", 0))
+
+
 def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: Sequence[Feed], w_bits: int,
                   a_bits: int, recipe: str, workdir: Path) -> Outputs:
     """maptools' quantize; onnxruntime's outputs of ``quant_model.onnx`` on the evaluation feeds.
 
     ``recipe`` may name a rounding and learned rounding's settings after colons: ``best:nearest``,
     ``best:learned:iterations=500:sample=512`` (fields of :class:`~maptools.quantization.engine.learned_rounding.
-    RoundingSettings`), and end in ``+conv8``: every Conv and the first and last MAC at 8 bits, or ``+ungrouped8``:
-    the same but the grouped (depthwise) Convs (what the summary advises for a CNN + transformer network below
-    8-bit weights).
+    RoundingSettings`; ``seed=`` is quantize's, :func:`recipe_parts`), and end in one of :data:`KEEP8`
+    (:func:`kept_at_8`).
     """
-    from maptools.quantization.diagnostics import cnn_transformer_convolutions
     from maptools.quantization.engine import learned_rounding
 
-    keep8 = next((suffix for suffix in ("+conv8", "+ungrouped8") if recipe.endswith(suffix)), "")
-    name, *extra = recipe.removesuffix(keep8).split(":")
-    layer_bits, first_last_bits = None, None
-    if keep8:
+    plain, layer_bits, first_last_bits = recipe, None, None
+    if recipe.endswith(KEEP8):
         loaded = load_model(model.path)
-        prepared = prepare_model(loaded, check_input_shapes(model.input_shapes, loaded))
-        convs = cnn_transformer_convolutions(prepared, grouped=keep8 == "+conv8")
-        layer_bits, first_last_bits = dict.fromkeys(convs, 8), 8
-    rounding = extra[0] if extra else None
-    changes = {key: _setting(getattr(learned_rounding.DEFAULTS, key), value)
-               for key, value in (item.split("=") for item in extra[1:])}
+        plain, layer_bits, first_last_bits = kept_at_8(
+            recipe, prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)))
+    name, rounding, changes, seed = recipe_parts(plain)
     saved = learned_rounding.DEFAULTS
     learned_rounding.DEFAULTS = dataclasses.replace(saved, **changes)
     try:
@@ -167,7 +198,7 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
                           mapname=f"{model.name}_{re.sub('[^A-Za-z0-9_.-]', '_', recipe)}", calibset=calib,
                           calib_steps=len(calib), weight_bits=w_bits, activation_bits=a_bits, recipe=name,
                           rounding=rounding, mapsave_dir=workdir, evalset=evaluate[:4], layer_bits=layer_bits,
-                          first_last_bits=first_last_bits)
+                          first_last_bits=first_last_bits, seed=seed)
     finally:
         learned_rounding.DEFAULTS = saved
     session = _session(result.model_path)
