@@ -13,10 +13,9 @@
   (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`). On the CPU it trains there.
   At 2- to 6-bit weights ``best`` first learns the weights' rounding
   (:mod:`~maptools.quantization.engine.learned_rounding`, chosen by
-  :meth:`~maptools.quantization.options.QuantizeOptions.applied_rounding`); below
-  :data:`LSQ_AFTER_ROUNDING_BELOW_BITS`-bit activations LSQ then trains the activation scales and biases
-  around the learned integers, at 8-bit activations it does not (fitted to the calibration data, it lowered
-  the agreement on held-out photographs: :ref:`bench-learned-rounding`).
+  :meth:`~maptools.quantization.options.QuantizeOptions.applied_rounding`); LSQ then trains the activation
+  scales and biases around the learned integers, at 8-bit activations too (better than either alone on
+  EfficientNet-Lite1, level on Lite2: :ref:`bench-learned-rounding`).
 
 The measurements behind these choices are on the benchmarks page (:ref:`bench-recipes`).
 
@@ -37,7 +36,6 @@ from maptools.quantization.engine.facade import (
 from maptools.quantization.options import RECIPE_OBSERVERS
 
 __all__ = [
-    "LSQ_AFTER_ROUNDING_BELOW_BITS",
     "LSQ_BLOCK_SIZE",
     "LSQ_LR",
     "LSQ_LR_LOW_BIT",
@@ -53,8 +51,6 @@ LSQ_STEPS = 300
 LSQ_LR = 1e-4
 LSQ_LR_LOW_BIT = 1e-3
 LSQ_BLOCK_SIZE = 4
-#: ``best`` runs LSQ after learned rounding only below this many activation bits.
-LSQ_AFTER_ROUNDING_BELOW_BITS = 8
 
 
 def default_setting() -> QuantizationSetting:
@@ -76,7 +72,7 @@ def _collecting_device(device: str) -> str:
 
 
 def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None,
-                  activation_bits: int = 8, learned_rounding: bool = False) -> QuantizationSetting:
+                  activation_bits: int = 8) -> QuantizationSetting:
     """Build the PPQ ``QuantizationSetting`` of a recipe.
 
     Args:
@@ -87,8 +83,6 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         observer: Activation observer every recipe calibrates with (one of ``quantize``'s
             ``OBSERVERS``); None for the recipe's own (:data:`~maptools.quantization.options.RECIPE_OBSERVERS`).
         activation_bits: The map's (default) activation bit width; sets ``best``'s LSQ learning rate.
-        learned_rounding: Whether the weights' rounding is learned first; ``best`` then runs no LSQ from
-            :data:`LSQ_AFTER_ROUNDING_BELOW_BITS`-bit activations on.
 
     Returns:
         A fresh setting (the caller may modify it).
@@ -107,7 +101,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
     observer = observer if observer is not None else RECIPE_OBSERVERS[recipe]
     if observer is not None:
         setting.quantize_activation_setting.calib_algorithm = observer
-    if recipe == "best" and not (learned_rounding and activation_bits >= LSQ_AFTER_ROUNDING_BELOW_BITS):
+    if recipe == "best":
         setting.lsq_optimization = True
         lsq = setting.lsq_optimization_setting
         lsq.collecting_device = _collecting_device(device)
