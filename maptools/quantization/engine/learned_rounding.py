@@ -126,7 +126,7 @@ class RoundingSettings:
         max_weight_bits: Only layers with weights of at most this many bits are learned.
         time_budget: Seconds the whole pass may take (None: no limit); scales each layer's iterations.
         device: Where the caches live and the optimisation runs (``'cpu'``, ``'cuda'``).
-        seed: Seed of the position sampling and of the augmentation.
+        seed: Seed of the position sampling and of the augmentation (``quantize`` sets it to its ``seed``).
         layers: Only these operators (None: every eligible one).
         min_images: With fewer calibration images, augmented views are added up to this many (0: never); 32,
             because from 32 images on the views measured worse end to end (benchmarks, *Learned rounding*).
