@@ -130,6 +130,44 @@ def test_a_linear_layer_learns_on_every_position_with_its_least_squares_bias():
     assert shifts[0] < 0.005 and shifts[1] > 5 * shifts[0], shifts  # the mean shift nearest rounding leaves, gone
 
 
+#: The trained depthwise 3x3 Conv (fused ReLU6) that only PROJECT reads: a pair learned together.
+PAIRED = "/block1/depthwise/depthwise.0/Conv"
+
+
+def test_a_depthwise_layer_learned_with_the_pointwise_one_after_it_lowers_that_ones_error():
+    """With ``pairs`` the depthwise Conv and the 1x1 projection after it are learned together against the
+    projection's FP32 output (the depthwise output quantized to 8 bits between them, as PPQ does): on held-out
+    digits the projection's output error is lower than with the two learned one after the other; both records carry
+    the pair's held-out error and the depthwise layer's steps, and the artifacts the learned integers of both."""
+    apart = _session(RoundingSettings(layers=(PAIRED, PROJECT)))
+    together = _session(RoundingSettings(layers=(PAIRED, PROJECT), pairs=True))
+    first, second = together.rounding_results
+    assert (first.name, second.name) == (PAIRED, PROJECT)
+    images = digits.load_split("test")[0][:256]
+    errors = [_layer_error(session, images, second.target) for session in (apart, together)]
+    assert errors[0] / errors[1] >= 1.05, errors  # 1.08-1.11 measured on seeds 0-2
+    assert first.target == second.target == together.graph.operations[PROJECT].outputs[0].name
+    assert first.error_nearest == second.error_nearest and first.error_learned == second.error_learned
+    assert first.error_nearest / first.error_learned >= 1.5
+    assert first.iterations == second.iterations == DEFAULTS.iterations * DEFAULTS.depthwise_factor
+    for record in (first, second):
+        assert np.array_equal(together.quantparams()[weight_key(record.name, "Conv")], record.integers.numpy())
+
+
+def test_only_a_depthwise_layer_whose_output_only_a_1x1_conv_reads_is_paired():
+    """In the mobile CNN only block 1's depthwise Conv feeds a 1x1 Conv directly; the other two feed a squeeze-and-
+    excitation gate, which a pair's positions cannot hold, and are learned alone against their own output."""
+    session = _session(RoundingSettings(iterations=8, pairs=True))
+    records = session.rounding_results
+    paired = [(a.name, b.name) for a, b in zip(records, records[1:], strict=False) if a.target == b.target]
+    assert paired == [(PAIRED, PROJECT)]
+    depthwise = [r for r in records if r.name.endswith("depthwise.0/Conv")]
+    assert len(depthwise) == 3 and len(records) == 16
+    assert all(r.target == session.graph.operations[r.name].outputs[0].name.replace("depthwise.0/Conv_output_0",
+                                                                                     "depthwise.2/Mul_output_0")
+               for r in depthwise[1:])
+
+
 class _Conv:
     """What the patch extraction reads of a PPQ Conv: a padded 3x3 with two groups."""
 

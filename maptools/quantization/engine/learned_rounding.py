@@ -149,6 +149,8 @@ class RoundingSettings:
         quadratic_factor: Layers learned on the quadratic loss run this many times the iterations.
         quadratic_activations: Layers followed by an activation are learned on the quadratic loss too, against
             their FP32 output before the activation.
+        pairs: A depthwise layer followed by a 1 x 1 Conv that only it feeds is learned together with it, against
+            the 1 x 1 Conv's FP32 output (:func:`learn_pair_rounding`), for the depthwise layer's steps.
     """
 
     iterations: int = 300
@@ -170,6 +172,7 @@ class RoundingSettings:
     quadratic_reg: float = 0.1
     quadratic_factor: int = 1
     quadratic_activations: bool = False
+    pairs: bool = False
 
 
 #: Activation bit widths from which QDrop is off (the layer's input kept quantized in every step).
@@ -455,25 +458,30 @@ class _Cache:
     """Sampled input patches (G, M, Kg) and FP32 targets (M, Cout) of one layer; the last rows held out.
 
     ``fp_patches``: the FP32 network's input patches at the same positions, for QDrop (else None).
+    ``outer``: the FP32 targets (M, Cout') of the pointwise layer after a depthwise one at the same positions, when
+    the two are learned together (else None).
     """
 
     patches: torch.Tensor
     targets: torch.Tensor
     train: int
     fp_patches: torch.Tensor | None = None
+    outer: torch.Tensor | None = None
 
 
 def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                   positions: int, generator: torch.Generator, device: str,
-                  fp_inputs: Sequence[torch.Tensor] | None = None) -> _Cache:
+                  fp_inputs: Sequence[torch.Tensor] | None = None,
+                  outer: Sequence[torch.Tensor] | None = None) -> _Cache:
     """Per image, ``positions`` random output positions: their input patches and FP32 targets (and the FP32
-    input patches when ``fp_inputs`` is given)."""
-    patch_rows, target_rows, fp_rows = [], [], []
+    input patches when ``fp_inputs`` is given, the FP32 maps ``outer`` at the same positions when given)."""
+    patch_rows, target_rows, fp_rows, outer_rows = [], [], [], []
     groups = layer.groups
     for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
         patch, out = layer.patches(x.float().cpu()), layer.outputs(y.float().cpu())  # (N, L, G*Kg), (N, L, Cout)
         fp_patch = layer.patches(fp_inputs[b].float().cpu()) if fp_inputs is not None else None
-        if patch.shape[:2] != out.shape[:2]:
+        outer_map = layer.outputs(outer[b].float().cpu()) if outer is not None else None
+        if patch.shape[:2] != out.shape[:2] or (outer_map is not None and outer_map.shape[:2] != out.shape[:2]):
             raise ValueError(f"{layer.op.name}: {patch.shape[1]} patches for {out.shape[1]} outputs")
         for n in range(patch.shape[0]):
             count = min(positions, patch.shape[1])
@@ -482,6 +490,8 @@ def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequen
             target_rows.append(out[n, index])
             if fp_patch is not None:
                 fp_rows.append(fp_patch[n, index])
+            if outer_map is not None:
+                outer_rows.append(outer_map[n, index])
     targets_ = torch.cat(target_rows)
     order = torch.randperm(targets_.shape[0], generator=generator)  # held-out rows from every image
 
@@ -490,7 +500,8 @@ def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequen
 
     patches, targets_ = layout(patch_rows), targets_[order].to(device)
     held = max(1, int(round(targets_.shape[0] * HELD_OUT))) if targets_.shape[0] > 1 else 0
-    return _Cache(patches, targets_, targets_.shape[0] - held, layout(fp_rows) if fp_rows else None)
+    return _Cache(patches, targets_, targets_.shape[0] - held, layout(fp_rows) if fp_rows else None,
+                  torch.cat(outer_rows)[order].to(device) if outer_rows else None)
 
 
 def _step_patches(cache: _Cache, rows: torch.Tensor, qdrop: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -571,18 +582,21 @@ class _Learned:
     steps: int
 
 
-def _optimise(v: torch.Tensor, optimizer: torch.optim.Optimizer, iterations: int,
-              reconstruction: Callable[[torch.Tensor], torch.Tensor],
+def _optimise(vs: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, iterations: int,
+              reconstruction: Callable[[list[torch.Tensor]], torch.Tensor],
               regulariser: Callable[[torch.Tensor], torch.Tensor],
               on_step: Callable[[int, float], bool] | None) -> tuple[float, int]:
-    """AdaRound's steps on ``v``: ``reconstruction(h(V))``, plus after the warm-up ``regulariser`` of each weight's
-    ``1 - |2h - 1|^beta`` (``beta`` annealed); returns the last loss and the steps taken (``on_step`` may stop)."""
+    """AdaRound's steps on the ``vs`` (one per layer learned together): ``reconstruction`` of their ``h(V)``, plus
+    after the warm-up ``regulariser`` of each weight's ``1 - |2h - 1|^beta`` (``beta`` annealed); returns the last
+    loss and the steps taken (``on_step`` may stop)."""
     loss_value = math.nan
     for step in range(iterations):
-        h = _rectified_sigmoid(v)
-        loss = reconstruction(h)
+        hs = [_rectified_sigmoid(v) for v in vs]
+        loss = reconstruction(hs)
         if step >= WARMUP * iterations:
-            loss = loss + regulariser(1 - (2 * h - 1).abs().pow(_beta(step, iterations)))
+            beta = _beta(step, iterations)
+            for h in hs:
+                loss = loss + regulariser(1 - (2 * h - 1).abs().pow(beta))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -617,18 +631,115 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     sample = min(settings.sample, cache.train)
     # QDrop's masks from their own stream: the sampled rows are those of the same run without QDrop
     drops = torch.Generator().manual_seed(settings.seed + 1) if cache.fp_patches is not None else None
-    def reconstruction(h: torch.Tensor) -> torch.Tensor:
+    def reconstruction(hs: list[torch.Tensor]) -> torch.Tensor:
         rows = torch.randint(cache.train, (sample,), generator=generator).to(device)
-        weight = torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale
+        weight = torch.clamp(floor + hs[0], layer.quant_min, layer.quant_max) * scale
         out = _layer_output(layer, _step_patches(cache, rows, settings.qdrop, drops), weight, bias)
         return ((out - cache.targets.index_select(0, rows)) ** 2).sum(dim=1).mean()
 
-    loss_value, step = _optimise(v, optimizer, iterations, reconstruction,
+    loss_value, step = _optimise([v], optimizer, iterations, reconstruction,
                                  lambda undecided: settings.reg_weight * undecided.sum(), on_step)
     with torch.no_grad():
         learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
             else _quantize(layer, ratio)
     return _Learned(nearest, learned, scale, bias.detach() if bias is not None else None, loss_value, step)
+
+
+# -- a depthwise layer learned with the pointwise layer after it ------------------------------------------------
+def pointwise_after(graph: BaseGraph, first: _Layer, second: _Layer) -> bool:
+    """Whether ``first`` is depthwise and ``second`` a 1 x 1, stride-1, unpadded, ungrouped Conv reading only
+    ``first``'s reconstructed output, which nothing else reads: the pair's output at a position then depends on
+    ``first``'s input patch there alone, so the two can be learned together on the same sampled positions."""
+    op = second.op
+    if not first.depthwise or op.type != "Conv" or second.groups != 1 or op.inputs[0].name != first.target:
+        return False
+    kernel = tuple(torch.as_tensor(op.inputs[1].value).shape[2:])
+    strides = [int(x) for x in op.attributes.get("strides", [1, 1])]
+    pads = [int(x) for x in op.attributes.get("pads", [0, 0, 0, 0])]
+    return kernel == (1, 1) and set(strides) <= {1} and not any(pads) \
+        and len(graph.variables[first.target].dest_ops) == 1
+
+
+def _pair_output(first: _Layer, second: _Layer, patches: torch.Tensor, weights: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor | None],
+                 between: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The pointwise layer's output (P, Cout) from the depthwise layer's input patches (G, P, Kg)."""
+    middle = between(_layer_output(first, patches, weights[0], biases[0]))
+    return _layer_output(second, middle.unsqueeze(0), weights[1], biases[1])
+
+
+def _pair_error(first: _Layer, second: _Layer, cache: _Cache, weights: Sequence[torch.Tensor],
+                biases: Sequence[torch.Tensor | None], between: Callable[[torch.Tensor], torch.Tensor],
+                rows: slice) -> float:
+    """Mean squared error per position (summed over channels) of the pair's output on ``rows``."""
+    assert cache.outer is not None
+    count = rows.stop - rows.start
+    if not count:
+        return math.nan
+    with torch.no_grad():
+        total = 0.0
+        for start in range(rows.start, rows.stop, 4096):
+            stop = min(start + 4096, rows.stop)
+            out = _pair_output(first, second, cache.patches[:, start:stop], weights, biases, between)
+            total += float(((out - cache.outer[start:stop]) ** 2).sum(dtype=torch.float64))
+    return total / count
+
+
+def learn_pair_rounding(first: _Layer, second: _Layer, cache: _Cache, settings: RoundingSettings, iterations: int,
+                        generator: torch.Generator, between: Callable[[torch.Tensor], torch.Tensor],
+                        on_step: Callable[[int, float], bool] | None = None) -> tuple[_Learned, _Learned]:
+    """Learn a depthwise layer's integers together with those of the pointwise layer after it, against the
+    pointwise layer's FP32 output (``cache.outer``), so the depthwise rounding is judged by what the next layer
+    makes of it (BRECQ's block reconstruction, for the part of a block whose output needs one patch per position).
+
+    ``between`` quantizes the depthwise output as the pointwise layer's input (straight-through gradient; with
+    QDrop below 8 bits each element stays float with probability ``qdrop``). The depthwise scale is searched first on
+    its own output, as in :func:`learn_rounding`; both biases are learned with the roundings.
+    """
+    assert cache.outer is not None
+    device = cache.patches.device
+    layers = (first, second)
+    scales = [search_scale(first, cache, settings.scale_candidates), second.scale.to(device)]
+    ratios = [layer.weight.to(device) / scale for layer, scale in zip(layers, scales, strict=True)]
+    floors = [torch.floor(ratio) for ratio in ratios]
+    vs = [_initial_v(ratio - floor).requires_grad_(True) for ratio, floor in zip(ratios, floors, strict=True)]
+    biases = [layer.bias.to(device) if layer.bias is not None else None for layer in layers]
+    groups: list[dict] = [{"params": vs, "lr": settings.lr}]
+    spreads = (float(cache.targets[:cache.train].std()), float(cache.outer[:cache.train].std()))
+    for k, bias in enumerate(biases):
+        if bias is not None and settings.bias_lr > 0:
+            biases[k] = bias.clone().requires_grad_(True)
+            groups.append({"params": [biases[k]], "lr": settings.bias_lr * spreads[k]})
+    optimizer = torch.optim.Adam(groups)
+    sample = min(settings.sample, cache.train)
+    middle_drop = second.drops_input_quantization(settings)
+    drops = torch.Generator().manual_seed(settings.seed + 1) if cache.fp_patches is not None or middle_drop else None
+
+    def dropped(middle: torch.Tensor) -> torch.Tensor:
+        quantized = between(middle)
+        if not middle_drop:
+            return quantized
+        keep = (torch.rand(middle.shape, generator=drops) < settings.qdrop).to(device)
+        return torch.where(keep, middle, quantized)
+
+    def reconstruction(hs: list[torch.Tensor]) -> torch.Tensor:
+        rows = torch.randint(cache.train, (sample,), generator=generator).to(device)
+        weights = [torch.clamp(floor + h, layer.quant_min, layer.quant_max) * scale
+                   for floor, h, layer, scale in zip(floors, hs, layers, scales, strict=True)]
+        out = _pair_output(first, second, _step_patches(cache, rows, settings.qdrop, drops), weights, biases, dropped)
+        return ((out - cache.outer.index_select(0, rows)) ** 2).sum(dim=1).mean()
+
+    loss_value, step = _optimise(vs, optimizer, iterations, reconstruction,
+                                 lambda undecided: settings.reg_weight * undecided.sum(), on_step)
+    results = []
+    with torch.no_grad():
+        for layer, ratio, floor, v, scale, bias in zip(layers, ratios, floors, vs, scales, biases, strict=True):
+            learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
+                else _quantize(layer, ratio)
+            nearest = _quantize(layer, layer.weight.to(device) / layer.scale.to(device))
+            results.append(_Learned(nearest, learned, scale, bias.detach() if bias is not None else None, loss_value,
+                                    step))
+    return results[0], results[1]
 
 
 # -- layers with a linear target: the exact quadratic loss on every position ----------------------------------
@@ -733,9 +844,9 @@ def learn_rounding_quadratic(layer: _Layer, train: _Moments, settings: RoundingS
     v = _initial_v(ratio - floor).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=settings.lr)
     loss_value, step = _optimise(
-        v, optimizer, iterations,
-        lambda h: _quadratic_form(torch.clamp(floor + h, layer.quant_min, layer.quant_max) * layer.scale, a, b, c)
-        / reference,
+        [v], optimizer, iterations,
+        lambda hs: _quadratic_form(torch.clamp(floor + hs[0], layer.quant_min, layer.quant_max) * layer.scale, a,
+                                   b, c) / reference,
         lambda undecided: settings.quadratic_reg * undecided.mean(), on_step)
     with torch.no_grad():
         learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
@@ -819,16 +930,21 @@ def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches
     fp32 = _Carrier(graph, executor, order, batches, quantized=False)
     generator = torch.Generator().manual_seed(settings.seed)
     costs = [_cost(layer, settings) for layer in layers]
+    pairs = {i for i in range(len(layers) - 1) if settings.pairs and pointwise_after(graph, layers[i], layers[i + 1])}
     results: list[LayerRounding] = []
     carry_seconds = 0.0
     for i, layer in enumerate(layers):
+        if i - 1 in pairs:  # learned with the depthwise layer before it
+            continue
         layer_started = time.perf_counter()
+        second = layers[i + 1] if i in pairs else None
         position = quant.index[layer.op.name]
-        tail_end = max([position] + [quant.index[op.name] for op in layer.tail]) + 1
+        last = second or layer
+        tail_end = max([quant.index[last.op.name]] + [quant.index[op.name] for op in last.tail]) + 1
         later_targets = [other.target for other in layers[i:]]
         source = layer.op.inputs[0].name
         qdrop = layer.drops_input_quantization(settings)
-        before = _quadratic_target(layer, settings)
+        before = _quadratic_target(layer, settings) if second is None else None
         fp32.advance(max(fp32.cursor, tail_end), keep=later_targets + ([source] if qdrop else [])
                      + ([before] if before is not None else []))
         quant.advance(position, keep=[source])
@@ -842,34 +958,43 @@ def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches
                 else train_sums
         else:
             cache = _sample_cache(layer, inputs, fp32.values[layer.target], settings.positions, generator,
-                                  settings.device, fp32.values.get(source) if qdrop else None)
+                                  settings.device, fp32.values.get(source) if qdrop else None,
+                                  fp32.values[second.target] if second is not None else None)
             train_sums = None
         carry_seconds += time.perf_counter() - layer_started
-        budget = _budget(settings, costs, i, started, carry_seconds)
+        budget = _budget(settings, costs, i, started, carry_seconds, 2 if second is not None else 1)
         if train_sums is not None:
-            result = _learn_quadratic_layer(layer, train_sums, held_sums, settings, budget, i, len(layers), started)
+            done = [_learn_quadratic_layer(layer, train_sums, held_sums, settings, budget, i, len(layers), started)]
+        elif second is not None:
+            config = second.op.config.input_quantization_config[0].dominated_by  # where PPQ quantizes it
+            done = _learn_pair(layer, second, cache, settings, budget, generator,
+                               lambda x, config=config: executor.quantize_function(x, config), i, len(layers),
+                               started)
         else:
-            result = _learn_layer(layer, cache, settings, budget, generator, i, len(layers), started)
+            done = [_learn_layer(layer, cache, settings, budget, generator, i, len(layers), started)]
         del inputs
-        result.seconds = time.perf_counter() - layer_started
-        results.append(result)
-        for done in {layer.target, before} - {None}:
-            if done not in later_targets[1:] and fp32.last_use(done) < fp32.cursor:
-                fp32.values.pop(done, None)
+        for result in done:
+            result.seconds = (time.perf_counter() - layer_started) / len(done)
+        results.extend(done)
+        skipped = 2 if second is not None else 1
+        for finished in ({layer.target, before} | ({second.target} if second is not None else set())) - {None}:
+            if finished not in later_targets[skipped:] and fp32.last_use(finished) < fp32.cursor:
+                fp32.values.pop(finished, None)
     logger.info("learned rounding: %d layers in %.1f s (%.1f s carrying activations forward)", len(layers),
                 time.perf_counter() - started, carry_seconds)
     return results
 
 
 def _budget(settings: RoundingSettings, costs: list[float], i: int, started: float,
-            carry_seconds: float) -> float | None:
-    """Seconds of optimisation layer ``i`` may take: the budget left, less the carrying expected for the layers
-    still to come, shared among the remaining layers by their cost; None without a budget."""
+            carry_seconds: float, count: int = 1) -> float | None:
+    """Seconds of optimisation layers ``i`` to ``i + count - 1`` may take: the budget left, less the carrying
+    expected for the layers still to come, shared among the remaining layers by their cost; None without a
+    budget."""
     if settings.time_budget is None:
         return None
     remaining = settings.time_budget - (time.perf_counter() - started)
     remaining -= carry_seconds / (i + 1) * (len(costs) - i - 1)
-    return max(0.0, remaining) * costs[i] / sum(costs[i:])
+    return max(0.0, remaining) * sum(costs[i:i + count]) / sum(costs[i:])
 
 
 def _progress(layer: _Layer, iterations: int, budget: float | None, i: int, count: int,
@@ -905,6 +1030,30 @@ def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budge
     error_learned = _error(layer, cache, result.learned * result.scale, result.bias, held)
     return _finish(layer, result, error_nearest, error_learned, min(settings.sample, cache.train),
                    cache.targets.shape[0], i, count, started)
+
+
+def _learn_pair(first: _Layer, second: _Layer, cache: _Cache, settings: RoundingSettings, budget: float | None,
+                generator: torch.Generator, between: Callable[[torch.Tensor], torch.Tensor], i: int, count: int,
+                started: float) -> list[LayerRounding]:
+    """Learn a depthwise layer with the pointwise one after it and write both; their errors are the pair's output
+    errors on the held-out positions (both fall back to nearest together)."""
+    iterations = _iterations(first, settings)
+    first_result, second_result = learn_pair_rounding(first, second, cache, settings, iterations, generator, between,
+                                                      _progress(first, iterations, budget, i, count, started))
+    device = cache.patches.device
+    held = slice(cache.train, cache.targets.shape[0]) if cache.targets.shape[0] > cache.train \
+        else slice(0, cache.train)
+    layers = (first, second)
+    nearest = [layer.scale.to(device) * result.nearest for layer, result in zip(layers, (first_result,
+                                                                                       second_result), strict=True)]
+    original = [layer.bias.to(device) if layer.bias is not None else None for layer in layers]
+    error_nearest = _pair_error(first, second, cache, nearest, original, between, held)
+    error_learned = _pair_error(first, second, cache, [r.learned * r.scale for r in (first_result, second_result)],
+                                [first_result.bias, second_result.bias], between, held)
+    sample, positions = min(settings.sample, cache.train), cache.targets.shape[0]
+    return [dataclasses.replace(_finish(layer, result, error_nearest, error_learned, sample, positions, i + k, count,
+                                        started), target=second.target)
+            for k, (layer, result) in enumerate(zip(layers, (first_result, second_result), strict=True))]
 
 
 def _learn_quadratic_layer(layer: _Layer, train: _Moments, held: _Moments, settings: RoundingSettings,
