@@ -18,7 +18,10 @@ channel has few weights (a depthwise 3x3 Conv: 9 per channel):
   that the quantized layers before it cause (the bias correction of data-free quantization, learned);
 
 and depthwise layers, whose rounding gains least per step, run :attr:`RoundingSettings.depthwise_factor` times
-the steps.
+the steps. With :attr:`RoundingSettings.pairs` (off: measured worse end to end on EfficientNet-Lite1 and Lite2,
+benchmarks, *Learned rounding*), a depthwise layer that only a 1 x 1 Conv reads is learned together with it against
+that Conv's FP32 output (:func:`learn_pair_rounding`, the part of BRECQ's block reconstruction whose output still
+needs one input patch per position).
 
 The cost is kept small on a CPU in three ways:
 
