@@ -150,7 +150,8 @@ GENERALIZATION_RUNS = (("nearest", None),
                        ("learned, sampled positions only", {}),
                        ("learned, linear layers on the quadratic loss", {"quadratic": True}),
                        ("learned, every layer on the quadratic loss", {"quadratic": True,
-                                                                       "quadratic_activations": True}))
+                                                                       "quadratic_activations": True}),
+                       ("learned, depthwise and 1x1 Convs in pairs", {"pairs": True}))
 
 
 def _snr_db(session: PPQSession, feeds: list[dict[str, torch.Tensor]], names: tuple[str, ...]) -> list[float]:
@@ -165,9 +166,10 @@ def _snr_db(session: PPQSession, feeds: list[dict[str, torch.Tensor]], names: tu
     return (10 * np.log10(signal / noise)).round(2).tolist()
 
 
-def generalization() -> list[dict]:
+def generalization(only: str | None = None) -> list[dict]:
     """Lite1 W4A8 (``default``, learned rounding at 60 steps per layer, 64 calibration crops of 7 photographs):
-    the SNR along the network on 32 of the calibration crops and on 48 evaluation crops of other photographs."""
+    the SNR along the network on 32 of the calibration crops and on 48 evaluation crops of other photographs
+    (the runs whose label contains one of the comma-separated ``only``, else all)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from corpus import registry
 
@@ -177,6 +179,8 @@ def generalization() -> list[dict]:
     loaded = load_model(model.path)
     rows = []
     for label, fields in GENERALIZATION_RUNS:
+        if only is not None and not any(part and part in label for part in only.split(",")):
+            continue
         started = time.perf_counter()
         session = PPQSession.from_onnx(prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)),
                                        LowBitSpec(4, 8, observer="mse", unsigned_nonnegative=True,
@@ -206,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=("augmentation", "qdrop", "lite1", "scale_bias", "generalization", "both"),
                         default="both")
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--only", default=None,
+                        help="generalization: only the runs whose label contains one of these (comma-separated, e.g. "
+                             "'sampled,pairs')")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for experiment in experiments:
         if experiment in ("lite1", "scale_bias", "generalization"):
-            rows += {"lite1": lite1_layers, "scale_bias": scale_bias, "generalization": generalization}[experiment]()
+            rows += (generalization(args.only) if experiment == "generalization"
+                     else {"lite1": lite1_layers, "scale_bias": scale_bias}[experiment]())
             continue
         for label, images, bits, fields in configurations(experiment):
             for seed in SEEDS:

@@ -134,8 +134,8 @@ def test_a_linear_layer_learns_on_every_position_with_its_least_squares_bias():
 PAIRED = "/block1/depthwise/depthwise.0/Conv"
 
 
-def test_a_depthwise_layer_learned_with_the_pointwise_one_after_it_lowers_that_ones_error():
-    """With ``pairs`` the depthwise Conv and the 1x1 projection after it are learned together against the
+def test_a_depthwise_layer_learned_with_the_1x1_conv_after_it_lowers_that_convs_error():
+    """With ``pairs`` (W4A8) the depthwise Conv and the 1x1 projection after it are learned together against the
     projection's FP32 output (the depthwise output quantized to 8 bits between them, as PPQ does): on held-out
     digits the projection's output error is lower than with the two learned one after the other; both records carry
     the pair's held-out error and the depthwise layer's steps, and the artifacts the learned integers of both."""

@@ -18,10 +18,10 @@ channel has few weights (a depthwise 3x3 Conv: 9 per channel):
   that the quantized layers before it cause (the bias correction of data-free quantization, learned);
 
 and depthwise layers, whose rounding gains least per step, run :attr:`RoundingSettings.depthwise_factor` times
-the steps. With :attr:`RoundingSettings.pairs` (off: measured worse end to end on EfficientNet-Lite1 and Lite2,
-benchmarks, *Learned rounding*), a depthwise layer that only a 1 x 1 Conv reads is learned together with it against
-that Conv's FP32 output (:func:`learn_pair_rounding`, the part of BRECQ's block reconstruction whose output still
-needs one input patch per position).
+the steps. With :attr:`RoundingSettings.pairs` (off: on EfficientNet-Lite1 the regulariser leaves half of a pair's
+roundings undecided, and rounded the pair ends worse than one layer at a time, benchmarks), a depthwise layer that
+only a 1 x 1 Conv reads is learned together with it against that Conv's FP32 output (:func:`learn_pair_rounding`,
+the part of BRECQ's block reconstruction whose output still needs one input patch per position).
 
 The cost is kept small on a CPU in three ways:
 
@@ -153,7 +153,8 @@ class RoundingSettings:
         quadratic_activations: Layers followed by an activation are learned on the quadratic loss too, against
             their FP32 output before the activation.
         pairs: A depthwise layer followed by a 1 x 1 Conv that only it feeds is learned together with it, against
-            the 1 x 1 Conv's FP32 output (:func:`learn_pair_rounding`), for the depthwise layer's steps.
+            the 1 x 1 Conv's FP32 output (:func:`learn_pair_rounding`), for the depthwise layer's steps. Off: on
+            EfficientNet-Lite1 ``reg_weight`` leaves half of a pair's roundings undecided (benchmarks).
     """
 
     iterations: int = 300
@@ -192,7 +193,8 @@ class LayerRounding:
 
     ``error_nearest`` and ``error_learned`` are the mean squared error per output position (summed over
     channels, after the fused activation) on the held-out cached positions, with nearest and learned
-    integers. ``target`` is the variable reconstructed: the fused activation's output, else the layer's.
+    integers. ``target`` is the variable reconstructed: the fused activation's output, else the layer's; for the two
+    layers of a pair (:attr:`RoundingSettings.pairs`) the 1 x 1 Conv's, whose errors both records carry.
     """
 
     name: str
