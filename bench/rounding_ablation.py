@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for experiment in experiments:
         if experiment in ("lite1", "scale_bias", "generalization"):
-            rows += (generalization(args.only) if experiment == "generalization"
-                     else {"lite1": lite1_layers, "scale_bias": scale_bias}[experiment]())
+            rows += {"lite1": lite1_layers, "scale_bias": scale_bias,
+                     "generalization": lambda: generalization(args.only)}[experiment]()
             continue
         for label, images, bits, fields in configurations(experiment):
             for seed in SEEDS:

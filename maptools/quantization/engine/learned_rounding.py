@@ -95,6 +95,7 @@ __all__ = [
     "LayerRounding",
     "LearnedRoundingPass",
     "RoundingSettings",
+    "learn_pair_rounding",
     "learn_rounding",
     "learnable_layers",
     "with_learned_rounding",
@@ -587,6 +588,20 @@ class _Learned:
     steps: int
 
 
+def _variables(layer: _Layer, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight / scale``, its floor, and AdaRound's ``V`` starting at its fractional part (``h(V)`` equal to it)."""
+    ratio = layer.weight.to(scale.device) / scale
+    floor = torch.floor(ratio)
+    return ratio, floor, _initial_v(ratio - floor).requires_grad_(True)
+
+
+def _rounded(layer: _Layer, ratio: torch.Tensor, floor: torch.Tensor, v: torch.Tensor, steps: int) -> torch.Tensor:
+    """The integers ``V`` decides (up where ``V >= 0``), or the nearest ones of ``ratio`` when no step was taken."""
+    with torch.no_grad():
+        return torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if steps \
+            else _quantize(layer, ratio)
+
+
 def _optimise(vs: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, iterations: int,
               reconstruction: Callable[[list[torch.Tensor]], torch.Tensor],
               regulariser: Callable[[torch.Tensor], torch.Tensor],
@@ -625,9 +640,7 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     nearest = _quantize(layer, layer.weight.to(device) / layer.scale.to(device))
     scale = search_scale(layer, cache, settings.scale_candidates if layer.depthwise else 0)
     bias = layer.bias.to(device) if layer.bias is not None else None
-    ratio = layer.weight.to(device) / scale
-    floor = torch.floor(ratio)
-    v = _initial_v(ratio - floor).requires_grad_(True)
+    ratio, floor, v = _variables(layer, scale)
     groups = [{"params": [v], "lr": settings.lr}]
     if bias is not None and settings.bias_lr > 0:
         bias = bias.clone().requires_grad_(True)
@@ -644,14 +657,12 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
 
     loss_value, step = _optimise([v], optimizer, iterations, reconstruction,
                                  lambda undecided: settings.reg_weight * undecided.sum(), on_step)
-    with torch.no_grad():
-        learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
-            else _quantize(layer, ratio)
-    return _Learned(nearest, learned, scale, bias.detach() if bias is not None else None, loss_value, step)
+    return _Learned(nearest, _rounded(layer, ratio, floor, v, step), scale,
+                    bias.detach() if bias is not None else None, loss_value, step)
 
 
 # -- a depthwise layer learned with the pointwise layer after it ------------------------------------------------
-def pointwise_after(graph: BaseGraph, first: _Layer, second: _Layer) -> bool:
+def _pointwise_after(graph: BaseGraph, first: _Layer, second: _Layer) -> bool:
     """Whether ``first`` is depthwise and ``second`` a 1 x 1, stride-1, unpadded, ungrouped Conv reading only
     ``first``'s reconstructed output, which nothing else reads: the pair's output at a position then depends on
     ``first``'s input patch there alone, so the two can be learned together on the same sampled positions."""
@@ -705,9 +716,9 @@ def learn_pair_rounding(first: _Layer, second: _Layer, cache: _Cache, settings: 
     device = cache.patches.device
     layers = (first, second)
     scales = [search_scale(first, cache, settings.scale_candidates), second.scale.to(device)]
-    ratios = [layer.weight.to(device) / scale for layer, scale in zip(layers, scales, strict=True)]
-    floors = [torch.floor(ratio) for ratio in ratios]
-    vs = [_initial_v(ratio - floor).requires_grad_(True) for ratio, floor in zip(ratios, floors, strict=True)]
+    ratios, floors, vs = (list(part) for part in zip(*(_variables(layer, scale)
+                                                         for layer, scale in zip(layers, scales, strict=True)),
+                                                       strict=True))
     biases = [layer.bias.to(device) if layer.bias is not None else None for layer in layers]
     groups: list[dict] = [{"params": vs, "lr": settings.lr}]
     spreads = (float(cache.targets[:cache.train].std()), float(cache.outer[:cache.train].std()))
@@ -736,15 +747,12 @@ def learn_pair_rounding(first: _Layer, second: _Layer, cache: _Cache, settings: 
 
     loss_value, step = _optimise(vs, optimizer, iterations, reconstruction,
                                  lambda undecided: settings.reg_weight * undecided.sum(), on_step)
-    results = []
-    with torch.no_grad():
-        for layer, ratio, floor, v, scale, bias in zip(layers, ratios, floors, vs, scales, biases, strict=True):
-            learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
-                else _quantize(layer, ratio)
-            nearest = _quantize(layer, layer.weight.to(device) / layer.scale.to(device))
-            results.append(_Learned(nearest, learned, scale, bias.detach() if bias is not None else None, loss_value,
-                                    step))
-    return results[0], results[1]
+    first_result, second_result = (
+        _Learned(_quantize(layer, layer.weight.to(device) / layer.scale.to(device)),
+                 _rounded(layer, ratio, floor, v, step), scale, bias.detach() if bias is not None else None,
+                 loss_value, step)
+        for layer, ratio, floor, v, scale, bias in zip(layers, ratios, floors, vs, scales, biases, strict=True))
+    return first_result, second_result
 
 
 # -- layers with a linear target: the exact quadratic loss on every position ----------------------------------
@@ -844,18 +852,14 @@ def learn_rounding_quadratic(layer: _Layer, train: _Moments, settings: RoundingS
     nearest = _quantize(layer, layer.weight / layer.scale)
     reference = max(float(_quadratic_form(nearest.double() * layer.scale.double(), a, b, c)), 1e-30)
     a, b = a.float(), b.float()
-    ratio = layer.weight / layer.scale
-    floor = torch.floor(ratio)
-    v = _initial_v(ratio - floor).requires_grad_(True)
+    ratio, floor, v = _variables(layer, layer.scale)
     optimizer = torch.optim.Adam([v], lr=settings.lr)
     loss_value, step = _optimise(
         [v], optimizer, iterations,
         lambda hs: _quadratic_form(torch.clamp(floor + hs[0], layer.quant_min, layer.quant_max) * layer.scale, a,
                                    b, c) / reference,
         lambda undecided: settings.quadratic_reg * undecided.mean(), on_step)
-    with torch.no_grad():
-        learned = torch.clamp(floor + (v >= 0).float(), layer.quant_min, layer.quant_max) if step \
-            else nearest
+    learned = _rounded(layer, ratio, floor, v, step)
     bias = train.bias_for(learned * layer.scale) if learn_bias else layer.bias
     return _Learned(nearest, learned, layer.scale, bias, loss_value, step)
 
@@ -935,7 +939,7 @@ def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches
     fp32 = _Carrier(graph, executor, order, batches, quantized=False)
     generator = torch.Generator().manual_seed(settings.seed)
     costs = [_cost(layer, settings) for layer in layers]
-    pairs = {i for i in range(len(layers) - 1) if settings.pairs and pointwise_after(graph, layers[i], layers[i + 1])}
+    pairs = {i for i in range(len(layers) - 1) if settings.pairs and _pointwise_after(graph, layers[i], layers[i + 1])}
     results: list[LayerRounding] = []
     carry_seconds = 0.0
     for i, layer in enumerate(layers):
