@@ -23,6 +23,11 @@ Usage::
 
     python bench/real_models.py                       # writes docs/benchmarks_real.rst (+ .json)
     python bench/real_models.py --models nudenet_320n --bits 8/8 --recipes default,best --out /tmp/r.rst
+    python bench/real_models.py --models efficientnet_lite1 --bits 4/8 --recipes best --calib-from eval  # see below
+
+``--calib-from eval`` calibrates on other feeds of the evaluation sources (seed :data:`EVAL_SOURCE_CALIB_SEED`:
+for photographs other random crops of the evaluation photographs), never the evaluated feeds themselves: it measures
+how much a method depends on calibration data like the evaluation data, not a protocol to report.
 """
 
 from __future__ import annotations
@@ -205,18 +210,31 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
     return [session.run(None, feed) for feed in evaluate]
 
 
+#: Seed of the calibration feeds drawn from the evaluation sources (``--calib-from eval``); the evaluated feeds use 1.
+EVAL_SOURCE_CALIB_SEED = 8
+
+
+def calibration_feeds(model: registry.CorpusModel, count: int, source: str = "calib") -> list[dict]:
+    """The calibration feeds: the ``calib`` split (seed 0), or with ``source='eval'`` other feeds of the evaluation
+    split (seed :data:`EVAL_SOURCE_CALIB_SEED`)."""
+    if source not in ("calib", "eval"):
+        raise ValueError(f"calibration source must be 'calib' or 'eval', got {source!r}")
+    return registry.inputs_for(model, source, count=count, seed=0 if source == "calib" else EVAL_SOURCE_CALIB_SEED)
+
+
 def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], recipes: Sequence[str],
               peers: Sequence[str], calib_count: int, eval_count: int, workdir: Path,
               raw_settings: Sequence[str] = ("PPQ trt",), ort_methods: Sequence[str] = ("MinMax", "Percentile"),
               done: dict[tuple[str, str, str], dict] | None = None,
-              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+              on_row: Callable[[dict], None] | None = None, calib_from: str = "calib") -> list[dict]:
     """Every method at every bit pair on one model.
 
     ``done`` holds rows measured earlier, keyed by (model, bits, method): they are kept, not run again.
     ``on_row`` is called with each new row as soon as it is measured (to save progress).
+    ``calib_from``: where the calibration feeds come from (:func:`calibration_feeds`).
     """
     done = done or {}
-    calib = registry.inputs_for(model, "calib", count=calib_count, seed=0)
+    calib = calibration_feeds(model, calib_count, calib_from)
     evaluate, labels = registry.labeled_inputs(model, "eval", count=eval_count, seed=1)
     rows: list[dict] = []
     if model.expected != "quantizes":
@@ -328,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort-methods", default="MinMax,Percentile", help="quantize_static calibration methods")
     parser.add_argument("--calib", type=int, default=32, help="calibration feeds per model")
     parser.add_argument("--eval", type=int, default=64, help="held-out evaluation feeds per model")
+    parser.add_argument("--calib-from", choices=("calib", "eval"), default="calib",
+                        help="calibrate on the calibration split (the protocol) or on other feeds of the evaluation "
+                             "sources (to measure the dependence on calibration data)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="RST fragment to write ('-': none)")
     parser.add_argument("--workdir", default=None, help="maps and prepared graphs (default: a temporary dir)")
     parser.add_argument("--resume", default=None,
@@ -371,13 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows += run_model(registry.get(name), bits, recipes, peers, args.calib, args.eval, workdir,
                               raw_settings=args.raw_settings.split(","), ort_methods=args.ort_methods.split(","),
-                              done=done, on_row=save)
+                              done=done, on_row=save, calib_from=args.calib_from)
         except Exception:  # a broken model must not lose the others' rows
             traceback.print_exc()
             rows.append({"model": name, "bits": "-", "method": "maptools", "error": "benchmark crashed"})
     from importlib.metadata import version
 
-    meta = {"calib": args.calib, "eval": args.eval, "cores": os.cpu_count(), "torch": torch.__version__,
+    meta = {"calib": args.calib, "calib_from": args.calib_from, "eval": args.eval, "cores": os.cpu_count(),
+            "torch": torch.__version__,
             "onnx": version("onnx"), "onnxruntime": version("onnxruntime"),
             "minutes": resumed_minutes + (time.perf_counter() - started) / 60}
     if args.out != "-":

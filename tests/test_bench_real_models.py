@@ -1,10 +1,11 @@
-"""The corpus bench's recipe names: which layers a ``+...8`` suffix keeps at 8 bits."""
+"""The corpus bench's recipe names (which layers a ``+...8`` suffix keeps at 8 bits) and calibration sources."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -33,3 +34,19 @@ def test_a_recipes_seed_reaches_quantize():
     """``RoundingSettings.seed`` is replaced by quantize's seed: a recipe's ``seed=`` must reach quantize."""
     assert real_models.recipe_parts("best:learned:seed=2:iterations=50") == ("best", "learned", {"iterations": 50}, 2)
     assert real_models.recipe_parts("default") == ("default", None, {}, 0)
+
+
+def test_calibration_from_the_evaluation_sources_never_reuses_an_evaluated_feed():
+    """``--calib-from eval`` draws other crops of the evaluation photographs: none is a calibration-split crop or
+    one of the evaluated crops; the default is the protocol's calibration split."""
+    model = real_models.registry.get("efficientnet_lite1")
+    protocol = real_models.calibration_feeds(model, 8)
+    others = real_models.calibration_feeds(model, 8, "eval")
+    evaluated = real_models.registry.inputs_for(model, "eval", count=64, seed=1)
+    assert all(np.array_equal(a["input"], b["input"])
+               for a, b in zip(protocol, real_models.registry.inputs_for(model, "calib", 8, seed=0), strict=True))
+    assert all(np.array_equal(a["input"], b["input"])
+               for a, b in zip(others, real_models.registry.inputs_for(model, "eval", 8, seed=8), strict=True))
+    assert not any(np.array_equal(a["input"], b["input"]) for a in others for b in evaluated + protocol)
+    with pytest.raises(ValueError, match="calibration source"):
+        real_models.calibration_feeds(model, 8, "train")
