@@ -10,7 +10,7 @@ FP32 on 512 held-out test digits: top-1 agreement and the output SNR. Two seeds 
   with the per-channel weight-scale search, with the learned bias, and with both; the layer's output MSE
   against FP32 on 256 held-out test digits (nearest rounding for reference);
 * ``generalization``: Lite1 W4A8 from 64 calibration crops (of 7 photographs), nearest and learned rounding
-  (60 steps per layer, three ways of reconstructing), the SNR against FP32 at seven points along the network on
+  (60 steps per layer, several ways of reconstructing), the SNR against FP32 at seven points along the network on
   32 calibration crops and on 48 evaluation crops of other photographs (needs the corpus);
 * ``lite1``: the corpus' EfficientNet-Lite1 at W4A8 from 32 calibration crops, learned rounding of its first
   four layers only (``min_images`` 0 against 64; nearest for reference), each layer's output MSE against FP32
@@ -151,7 +151,10 @@ GENERALIZATION_RUNS = (("nearest", None),
                        ("learned, linear layers on the quadratic loss", {"quadratic": True}),
                        ("learned, every layer on the quadratic loss", {"quadratic": True,
                                                                        "quadratic_activations": True}),
-                       ("learned, depthwise and 1x1 Convs in pairs", {"pairs": True}))
+                       ("learned, depthwise and 1x1 Convs in pairs", {"pairs": True}),
+                       ("learned, a pair's biases tuned together", {"pair_biases": True}),
+                       ("learned, QDrop at 8-bit activations 0.25", {"qdrop_below_bits": 9, "qdrop": 0.25}),
+                       ("learned, QDrop at 8-bit activations 0.5", {"qdrop_below_bits": 9, "qdrop": 0.5}))
 
 
 def _snr_db(session: PPQSession, feeds: list[dict[str, torch.Tensor]], names: tuple[str, ...]) -> list[float]:
