@@ -134,24 +134,31 @@ def test_a_linear_layer_learns_on_every_position_with_its_least_squares_bias():
 PAIRED = "/block1/depthwise/depthwise.0/Conv"
 
 
+def _paired_ratio(**fields) -> tuple[float, learned_rounding.LayerRounding, learned_rounding.LayerRounding]:
+    """PAIRED and PROJECT learned one after the other and learned with ``fields``: the projection's output error on 256
+    held-out digits of the first over the second, and the second's two records (checked: named, targets, integers)."""
+    apart = _session(RoundingSettings(layers=(PAIRED, PROJECT)))
+    paired = _session(RoundingSettings(layers=(PAIRED, PROJECT), **fields))
+    first, second = paired.rounding_results
+    assert (first.name, second.name) == (PAIRED, PROJECT)
+    assert first.target == second.target == paired.graph.operations[PROJECT].outputs[0].name
+    for record in (first, second):
+        assert np.array_equal(paired.quantparams()[weight_key(record.name, "Conv")], record.integers.numpy())
+    images = digits.load_split("test")[0][:256]
+    errors = [_layer_error(session, images, second.target) for session in (apart, paired)]
+    return errors[0] / errors[1], first, second
+
+
 def test_a_depthwise_layer_learned_with_the_1x1_conv_after_it_lowers_that_convs_error():
     """With ``pairs`` (W4A8) the depthwise Conv and the 1x1 projection after it are learned together against the
     projection's FP32 output (the depthwise output quantized to 8 bits between them, as PPQ does): on held-out
     digits the projection's output error is lower than with the two learned one after the other; both records carry
     the pair's held-out error and the depthwise layer's steps, and the artifacts the learned integers of both."""
-    apart = _session(RoundingSettings(layers=(PAIRED, PROJECT)))
-    together = _session(RoundingSettings(layers=(PAIRED, PROJECT), pairs=True))
-    first, second = together.rounding_results
-    assert (first.name, second.name) == (PAIRED, PROJECT)
-    images = digits.load_split("test")[0][:256]
-    errors = [_layer_error(session, images, second.target) for session in (apart, together)]
-    assert errors[0] / errors[1] >= 1.05, errors  # 1.08-1.11 measured on seeds 0-2
-    assert first.target == second.target == together.graph.operations[PROJECT].outputs[0].name
+    ratio, first, second = _paired_ratio(pairs=True)
+    assert ratio >= 1.05, ratio  # 1.08-1.11 measured on seeds 0-2
     assert first.error_nearest == second.error_nearest and first.error_learned == second.error_learned
     assert first.error_nearest / first.error_learned >= 1.5
     assert first.iterations == second.iterations == DEFAULTS.iterations * DEFAULTS.depthwise_factor
-    for record in (first, second):
-        assert np.array_equal(together.quantparams()[weight_key(record.name, "Conv")], record.integers.numpy())
 
 
 def test_only_a_depthwise_layer_whose_output_only_a_1x1_conv_reads_is_paired():
@@ -173,19 +180,11 @@ def test_a_pairs_biases_tuned_together_after_each_layer_is_learned_lower_the_1x1
     biases are tuned against the projection's FP32 output: on held-out digits the projection's output error is lower
     than with the two learned one after the other (1.046-1.062x on seeds 0-2; 0.993-1.002x with the tuning left
     out, so the gain is the joint bias); both records carry the pair's held-out error and their own steps."""
-    apart = _session(RoundingSettings(layers=(PAIRED, PROJECT)))
-    tuned = _session(RoundingSettings(layers=(PAIRED, PROJECT), pair_biases=True))
-    first, second = tuned.rounding_results
-    assert (first.name, second.name) == (PAIRED, PROJECT)
-    images = digits.load_split("test")[0][:256]
-    errors = [_layer_error(session, images, second.target) for session in (apart, tuned)]
-    assert errors[0] / errors[1] >= 1.03, errors
-    assert first.target == second.target == tuned.graph.operations[PROJECT].outputs[0].name
+    ratio, first, second = _paired_ratio(pair_biases=True)
+    assert ratio >= 1.03, ratio
     assert first.error_learned == second.error_learned and first.error_nearest / first.error_learned >= 2.0
     assert (first.iterations, second.iterations) == (DEFAULTS.iterations * DEFAULTS.depthwise_factor,
                                                      DEFAULTS.iterations)
-    for record in (first, second):
-        assert np.array_equal(tuned.quantparams()[weight_key(record.name, "Conv")], record.integers.numpy())
 
 
 def test_qdrop_applies_below_its_activation_width_setting():

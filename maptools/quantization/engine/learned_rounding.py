@@ -162,8 +162,8 @@ class RoundingSettings:
         pair_biases: A depthwise layer followed by a 1 x 1 Conv that only it feeds: each learned alone (as without
             pairs), then the two biases tuned together against the 1 x 1 Conv's FP32 output, the integers fixed
             (:func:`tune_pair_biases`, :attr:`iterations` steps); the pair keeps the better of the two on held-out
-            positions. Off: it lifts the SNR along Lite1 at 60 steps per layer without LSQ, but ``best`` end to end
-            is worse on Lite1 and Lite2 (benchmarks).
+            positions; it replaces :attr:`pairs` when both are set. Off: it lifts the SNR along Lite1 at 60 steps
+            per layer without LSQ, but ``best`` end to end is worse on Lite1 and Lite2 (benchmarks).
         qdrop_below_bits: QDrop applies where the layer's input is quantized below this many bits (8: at 4- to
             7-bit activations, as published; at 8-bit ones the input kept quantized in every step).
     """
