@@ -563,6 +563,11 @@ def _quantize(layer: _Layer, ratio: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(ratio), layer.quant_min, layer.quant_max)
 
 
+def _nearest(layer: _Layer, device: torch.device | str) -> torch.Tensor:
+    """The layer's nearest integers at its calibrated scale, on ``device``."""
+    return _quantize(layer, layer.weight.to(device) / layer.scale.to(device))
+
+
 def search_scale(layer: _Layer, cache: _Cache, candidates: int) -> torch.Tensor:
     """The weight scale (G, Og, 1) that minimises the layer's output error with nearest rounding on the training
     rows: per output channel a multiple of the calibrated scale from :data:`SCALE_RANGE` (or 1).
@@ -647,7 +652,7 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
         The nearest integers at the calibrated scale, and the learned ones with their scale and bias.
     """
     device = cache.patches.device
-    nearest = _quantize(layer, layer.weight.to(device) / layer.scale.to(device))
+    nearest = _nearest(layer, device)
     scale = search_scale(layer, cache, settings.scale_candidates if layer.depthwise else 0)
     bias = layer.bias.to(device) if layer.bias is not None else None
     ratio, floor, v = _variables(layer, scale)
@@ -758,7 +763,7 @@ def learn_pair_rounding(first: _Layer, second: _Layer, cache: _Cache, settings: 
     loss_value, step = _optimise(vs, optimizer, iterations, reconstruction,
                                  lambda undecided: settings.reg_weight * undecided.sum(), on_step)
     first_result, second_result = (
-        _Learned(_quantize(layer, layer.weight.to(device) / layer.scale.to(device)),
+        _Learned(_nearest(layer, device),
                  _rounded(layer, ratio, floor, v, step), scale, bias.detach() if bias is not None else None,
                  loss_value, step)
         for layer, ratio, floor, v, scale, bias in zip(layers, ratios, floors, vs, scales, biases, strict=True))
@@ -859,7 +864,7 @@ def learn_rounding_quadratic(layer: _Layer, train: _Moments, settings: RoundingS
     learn_bias = layer.bias is not None and settings.bias_lr > 0
     fixed = None if learn_bias else layer.bias if layer.bias is not None else torch.zeros(layer.scale.numel())
     a, b, c = train.quadratic(fixed)
-    nearest = _quantize(layer, layer.weight / layer.scale)
+    nearest = _nearest(layer, layer.scale.device)
     reference = max(float(_quadratic_form(nearest.double() * layer.scale.double(), a, b, c)), 1e-30)
     a, b = a.float(), b.float()
     ratio, floor, v = _variables(layer, layer.scale)
@@ -1041,11 +1046,10 @@ def _learn_layer(layer: _Layer, cache: _Cache, settings: RoundingSettings, budge
                  generator: torch.Generator, i: int, count: int, started: float) -> LayerRounding:
     """Learn one layer on sampled positions (within ``budget`` seconds when given) and write it into the graph."""
     on_step = _progress(layer, _iterations(layer, settings), budget, i, count, started)
-    rows_train, rows_held = slice(0, cache.train), slice(cache.train, cache.targets.shape[0])
     result = learn_rounding(layer, cache, settings, _iterations(layer, settings), generator, on_step)
     device = cache.patches.device
     scale, bias = layer.scale.to(device), layer.bias.to(device) if layer.bias is not None else None
-    held = rows_held if rows_held.stop > rows_held.start else rows_train
+    held = _held_rows(cache)
     error_nearest = _error(layer, cache, result.nearest * scale, bias, held)
     error_learned = _error(layer, cache, result.learned * result.scale, result.bias, held)
     return _finish(layer, result, error_nearest, error_learned, min(settings.sample, cache.train),
@@ -1060,20 +1064,31 @@ def _learn_pair(first: _Layer, second: _Layer, cache: _Cache, settings: Rounding
     iterations = _iterations(first, settings)
     first_result, second_result = learn_pair_rounding(first, second, cache, settings, iterations, generator, between,
                                                       _progress(first, iterations, budget, i, count, started))
+    results = (first_result, second_result)
+    error_learned = _pair_error(first, second, cache, [r.learned * r.scale for r in results], [r.bias for r in results],
+                                between, _held_rows(cache))
+    return _finish_pair(first, second, cache, results, error_learned, between, settings, i, count, started)
+
+
+def _held_rows(cache: _Cache) -> slice:
+    """The cache's held-out rows that measure the errors before and after (the training rows when none is held out)."""
+    return slice(cache.train, cache.targets.shape[0]) if cache.targets.shape[0] > cache.train else slice(0, cache.train)
+
+
+def _finish_pair(first: _Layer, second: _Layer, cache: _Cache, results: Sequence[_Learned], error_learned: float,
+                 between: Callable[[torch.Tensor], torch.Tensor], settings: RoundingSettings, i: int, count: int,
+                 started: float) -> list[LayerRounding]:
+    """Write and record both layers of a pair against the pair's held-out error with nearest rounding (its calibrated
+    scales and biases); both fall back to nearest together."""
     device = cache.patches.device
-    held = slice(cache.train, cache.targets.shape[0]) if cache.targets.shape[0] > cache.train \
-        else slice(0, cache.train)
     layers = (first, second)
-    nearest = [layer.scale.to(device) * result.nearest for layer, result in zip(layers, (first_result,
-                                                                                       second_result), strict=True)]
+    nearest = [layer.scale.to(device) * result.nearest for layer, result in zip(layers, results, strict=True)]
     original = [layer.bias.to(device) if layer.bias is not None else None for layer in layers]
-    error_nearest = _pair_error(first, second, cache, nearest, original, between, held)
-    error_learned = _pair_error(first, second, cache, [r.learned * r.scale for r in (first_result, second_result)],
-                                [first_result.bias, second_result.bias], between, held)
+    error_nearest = _pair_error(first, second, cache, nearest, original, between, _held_rows(cache))
     sample, positions = min(settings.sample, cache.train), cache.targets.shape[0]
     return [dataclasses.replace(_finish(layer, result, error_nearest, error_learned, sample, positions, i + k, count,
                                         started), target=second.target)
-            for k, (layer, result) in enumerate(zip(layers, (first_result, second_result), strict=True))]
+            for k, (layer, result) in enumerate(zip(layers, results, strict=True))]
 
 
 def _learn_pair_biases(first: _Layer, second: _Layer, cache: _Cache, settings: RoundingSettings,
@@ -1095,27 +1110,18 @@ def _learn_pair_biases(first: _Layer, second: _Layer, cache: _Cache, settings: R
     second_result = learn_rounding(second, _Cache(middle.unsqueeze(0), cache.outer, cache.train, fp_middle), settings,
                                    steps[1], generator, _progress(second, steps[1], shares[1], i + 1, count, started))
     results = (first_result, second_result)
-    layers = (first, second)
-    device = cache.patches.device
-    held = slice(cache.train, cache.targets.shape[0]) if cache.targets.shape[0] > cache.train \
-        else slice(0, cache.train)
+    held = _held_rows(cache)
     weights = [result.learned * result.scale for result in results]
-    nearest = [layer.scale.to(device) * result.nearest for layer, result in zip(layers, results, strict=True)]
-    original = [layer.bias.to(device) if layer.bias is not None else None for layer in layers]
-    error_nearest = _pair_error(first, second, cache, nearest, original, between, held)
     error_alone = _pair_error(first, second, cache, weights, [r.bias for r in results], between, held)
     tuned = tune_pair_biases(first, second, cache, weights, [r.bias for r in results], settings, steps[2], generator,
                              between, _progress(second, steps[2], shares[2], i + 1, count, started))
     error_tuned = _pair_error(first, second, cache, weights, tuned, between, held)
-    logger.info("learned rounding: pair %s / %s: held-out error %.4g nearest, %.4g each alone, %.4g with the biases "
-                "tuned together", first.op.name, second.op.name, error_nearest, error_alone, error_tuned)
+    logger.info("learned rounding: pair %s / %s: held-out error %.4g each alone, %.4g with the biases tuned together",
+                first.op.name, second.op.name, error_alone, error_tuned)
     if error_tuned < error_alone:
         results = tuple(dataclasses.replace(r, bias=b) for r, b in zip(results, tuned, strict=True))
-    error_learned = min(error_tuned, error_alone)
-    sample, positions = min(settings.sample, cache.train), cache.targets.shape[0]
-    return [dataclasses.replace(_finish(layer, result, error_nearest, error_learned, sample, positions, i + k, count,
-                                        started), target=second.target)
-            for k, (layer, result) in enumerate(zip(layers, results, strict=True))]
+    return _finish_pair(first, second, cache, results, min(error_tuned, error_alone), between, settings, i, count,
+                        started)
 
 
 def tune_pair_biases(first: _Layer, second: _Layer, cache: _Cache, weights: Sequence[torch.Tensor],
