@@ -302,19 +302,22 @@ def test_lsq_after_learned_rounding_keeps_the_learned_integers():
         assert np.array_equal(params[weight_key(record.name, record.op_type)], record.integers.numpy()), record.name
 
 
-def test_artifacts_carry_the_learned_integers(tmp_path):
+def test_artifacts_carry_the_learned_integers(tmp_path, monkeypatch):
+    """A fixed number of steps (not a time budget, whose step count follows the machine's speed) so that the
+    learned integers, and the float32 ties the executors may round apart, are the same on every run."""
     train, _ = digits.load_split("train")
     calib = [{"input": train[i:i + 16]} for i in range(0, 16 * 16, 16)]
     common = dict(calibset=calib, calib_steps=16, weight_bits=4, activation_bits=8, mapsave_dir=tmp_path,
                   analysis_steps=1)
     quantize(SHAPES, "cpu", MOBILE, mapname="near", recipe="default", **common)
-    result = quantize(SHAPES, "cpu", MOBILE, mapname="learned", recipe="default", rounding="learned",
-                      time_budget=15, **common)
+    monkeypatch.setattr(learned_rounding, "DEFAULTS", dataclasses.replace(DEFAULTS, iterations=60))
+    result = quantize(SHAPES, "cpu", MOBILE, mapname="learned", recipe="default", rounding="learned", **common)
     settings = json.loads((result.directory / MANIFEST).read_text())["settings"]
-    assert (settings["rounding"], settings["time_budget"]) == ("learned", 15.0)
+    assert (settings["rounding"], settings["time_budget"]) == ("learned", None)
     report = json.loads((result.directory / REPORT_JSON).read_text())
     layers = {entry["node"]: entry for entry in report["learned_rounding"]}
     assert len(layers) == 16 and all(e["error_learned"] <= e["error_nearest"] for e in layers.values())
+    assert {e["iterations"] for e in layers.values()} <= {60, 60 * DEFAULTS.depthwise_factor}
     learned, near = read_quantparams("learned", tmp_path), read_quantparams("near", tmp_path)
     changed = [k for k in learned if k.endswith("_weight") and not np.array_equal(learned[k], near[k])]
     assert len(changed) >= 8
@@ -324,6 +327,20 @@ def test_artifacts_carry_the_learned_integers(tmp_path):
     for pair in (check.get("ppq", "onnxruntime"), check.get("ppq", "integer")):
         assert pair.within_one_step >= 0.995 and pair.top1_agreement == 1.0, pair
     assert check.get("fp32", "ppq").top1_agreement >= 0.95
+
+
+def test_a_binding_time_budget_cuts_every_layers_steps(tmp_path):
+    """A budget far below what the steps need leaves each layer its few timed steps, and the manifest records it."""
+    train, _ = digits.load_split("train")
+    result = quantize(SHAPES, "cpu", MOBILE, mapname="budget", calibset=[{"input": train[i:i + 16]}
+                                                                         for i in range(0, 128, 16)],
+                      calib_steps=8, weight_bits=4, activation_bits=8, recipe="default", rounding="learned",
+                      time_budget=0.01, mapsave_dir=tmp_path, analysis_steps=1)
+    settings = json.loads((result.directory / MANIFEST).read_text())["settings"]
+    assert settings["time_budget"] == 0.01
+    report = json.loads((result.directory / REPORT_JSON).read_text())["learned_rounding"]
+    assert len(report) == 16 and {e["iterations"] for e in report} == {learned_rounding._TIMED_STEPS}
+    assert all(e["error_learned"] <= e["error_nearest"] for e in report)
 
 
 @pytest.mark.slow
