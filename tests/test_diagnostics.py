@@ -5,7 +5,14 @@ from __future__ import annotations
 import onnx
 import onnx.helper
 
-from maptools.quantization.diagnostics import Advice, advice_syntax, output_warnings
+from maptools.quantization.diagnostics import (
+    FIT_GAP_DB,
+    FIT_WARNING_DB,
+    Advice,
+    advice_syntax,
+    fit_warnings,
+    output_warnings,
+)
 
 
 def _warn(advice: Advice, isolated: dict[str, float]) -> str:
@@ -102,3 +109,11 @@ def test_a_cnn_transformer_below_8_bit_weights_is_told_to_keep_its_convs():
     done = Advice(weight_bits=4, activation_bits=8, layer_bits={n: (8, 8) for n in [*convs, "head"]},
                   first_and_last=(convs[0], "head"), convolutions=convs, recipe="best")
     assert "every Conv" not in _warn(done, {"MatMul_9": 3.0})
+
+
+def test_a_held_out_snr_far_below_the_calibration_datas_is_a_fit_warning():
+    (warning,) = fit_warnings({"out": 20.0, "other": 30.0}, {"out": 13.9, "other": 25.0}, "held-out")
+    assert warning.startswith("output 'out': SNR 13.9 dB on held-out data but 20.0 dB on the calibration data")
+    assert fit_warnings({"out": 20.0}, {"out": 20.0 - FIT_GAP_DB}, "evalset") == []  # at the threshold: nothing
+    assert fit_warnings({"out": float("inf")}, {"out": 10.0}, "evalset") == []  # exact on calibration: no figure
+    assert fit_warnings({"out": 45.0}, {"out": FIT_WARNING_DB}, "evalset") == []  # the map holds on held-out data

@@ -34,6 +34,7 @@ from maptools.quantization import artifacts
 from maptools.quantization.diagnostics import (
     Advice,
     cnn_transformer_convolutions,
+    fit_warnings,
     output_warnings,
     sequence_outputs,
 )
@@ -269,6 +270,11 @@ def extract(session: PPQSession, prepared: Prepared) -> Extracted:
                      [record.to_dict() for record in session.rounding_results], dict(session.channel_scaled))
 
 
+#: The analysis data a map's fit to its calibration data is measured against (user data other than the calibration
+#: batches; random held-out batches say nothing of real inputs).
+FITTED_AGAINST = ("held-out", "evalset")
+
+
 def _warnings(errors: ErrorAnalysis, data: CalibrationData, advice: Advice, sequences: list[str]) -> list[str]:
     return output_warnings(errors.output_snr_db, errors.part_snr_db, errors.fp32_span, errors.quant_span,
                            errors.isolated_snr_db, data.analysis_data, advice, sequences)
@@ -291,6 +297,9 @@ def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData
         layerwise = session.layerwise(data.held_out[:calibration.layerwise_batches])
         errors.isolated_snr_db, errors.isolated_cosine = layerwise
         warnings = _warnings(errors, data, advice, sequences)
+    if data.analysis_data in FITTED_AGAINST:  # as many calibration batches as held-out ones
+        errors.calibration_snr_db = session.output_snr(data.batches[:len(data.held_out)])
+        warnings += fit_warnings(errors.calibration_snr_db, errors.output_snr_db, data.analysis_data)
     return errors, warnings
 
 
@@ -358,8 +367,11 @@ def artifact_files(options: QuantizeOptions, prepared: Prepared, data: Calibrati
         artifacts.QUANTMODEL: extracted.qdq.SerializeToString(),
         artifacts.PPQSTATE: artifacts.dump_json(extracted.state),
     }
-    extra: dict[str, Any] = {"analysis": {"data": data.analysis_data, "batches": len(data.held_out),
-                                          "samples": data.held_out_samples},
+    analysis = {"data": data.analysis_data, "batches": len(data.held_out), "samples": data.held_out_samples}
+    if errors.calibration_snr_db:
+        analysis["calibration_output_snr_db"] = {name: snr if math.isfinite(snr) else str(snr)
+                                                 for name, snr in errors.calibration_snr_db.items()}
+    extra: dict[str, Any] = {"analysis": analysis,
                              "output_parts": _parts_report(errors),
                              "float_operators": float_summary(extracted.float_operators), "warnings": warnings}
     if extracted.rounding:

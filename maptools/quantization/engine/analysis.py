@@ -31,7 +31,7 @@ class AnalysedSession(Protocol):
     def graph_dequantize(self) -> None: ...
     def graph_restore(self) -> None: ...
 
-__all__ = ["ErrorAnalysis", "error_analysis", "layerwise"]
+__all__ = ["ErrorAnalysis", "error_analysis", "layerwise", "output_snr"]
 
 
 @dataclass
@@ -54,6 +54,8 @@ class ErrorAnalysis:
     part_cosine: dict[str, dict[str, float]] = field(default_factory=dict)
     fp32_span: dict[str, float] = field(default_factory=dict)
     quant_span: dict[str, float] = field(default_factory=dict)
+    #: Graph output -> SNR on the calibration batches, where the figures above are on other data (else empty).
+    calibration_snr_db: dict[str, float] = field(default_factory=dict)
 
 
 def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise_too: bool = False,
@@ -105,6 +107,19 @@ def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise
         fp32_span={n: float(v[1] - v[0]) for n, v in spans.items() if np.isfinite(v[0])},
         quant_span={n: float(v[3] - v[2]) for n, v in spans.items() if np.isfinite(v[2])},
     )
+
+
+def output_snr(session: AnalysedSession, batches: Sequence[Batch]) -> dict[str, float]:
+    """The SNR in dB of each graph output against FP32 over ``batches`` (the outputs only: cheaper than
+    :func:`error_analysis`)."""
+    names = session.output_names
+    sums = {name: np.zeros(4) for name in names}
+    for batch in batches:
+        quant = session.forward(batch, quantized=True, output_names=names)
+        ref = session.forward(batch, quantized=False, output_names=names)
+        for name in names:
+            sums[name] += error_sums(ref[name].astype(np.float64), quant[name].astype(np.float64))
+    return {name: snr_db(total[0], total[1]) for name, total in sums.items()}
 
 
 def layerwise(session: AnalysedSession, batches: Sequence[Batch]) -> tuple[dict[str, float], dict[str, float]]:

@@ -281,6 +281,10 @@ class PPQSession:
         """
         return analysis.error_analysis(self, batches, layerwise, layerwise_batches)
 
+    def output_snr(self, batches: Sequence[Batch]) -> dict[str, float]:
+        """The SNR in dB of each graph output against FP32 over ``batches`` (see :mod:`.analysis`)."""
+        return analysis.output_snr(self, batches)
+
     def layerwise(self, batches: Sequence[Batch]) -> tuple[dict[str, float], dict[str, float]]:
         """Layer-wise error: the graph outputs' SNR and cosine when only one operator is quantized."""
         return analysis.layerwise(self, batches)
