@@ -112,8 +112,9 @@ def test_a_cnn_transformer_below_8_bit_weights_is_told_to_keep_its_convs():
 
 
 def test_a_held_out_snr_far_below_the_calibration_datas_is_a_fit_warning():
-    (warning,) = fit_warnings({"out": 20.0, "other": 30.0}, {"out": 13.9, "other": 25.0}, "held-out")
-    assert warning.startswith("output 'out': SNR 13.9 dB on held-out data but 20.0 dB on the calibration data")
-    assert fit_warnings({"out": 20.0}, {"out": 20.0 - FIT_GAP_DB}, "evalset") == []  # at the threshold: nothing
-    assert fit_warnings({"out": float("inf")}, {"out": 10.0}, "evalset") == []  # exact on calibration: no figure
-    assert fit_warnings({"out": 45.0}, {"out": FIT_WARNING_DB}, "evalset") == []  # the map holds on held-out data
+    (warning,) = fit_warnings({"out": 22.0, "other": 30.0}, {"out": 13.9, "other": 25.0}, "held-out", 32)
+    assert warning.startswith("output 'out': SNR 13.9 dB on held-out data but 22.0 dB on the calibration data")
+    assert fit_warnings({"out": 22.0}, {"out": 22.0 - FIT_GAP_DB}, "evalset", 32) == []  # at the threshold: nothing
+    assert fit_warnings({"out": 22.0}, {"out": 13.9}, "evalset", 31) == []  # too few samples to tell
+    assert fit_warnings({"out": float("inf")}, {"out": 10.0}, "evalset", 32) == []  # exact on calibration: no figure
+    assert fit_warnings({"out": 45.0}, {"out": FIT_WARNING_DB}, "evalset", 32) == []  # the map holds on held-out data

@@ -299,10 +299,9 @@ def test_error_is_measured_on_held_out_data(tmp_path) -> None:
     report = json.loads(held_out.report_path.read_text())
     fitted = report["analysis"].pop("calibration_output_snr_db")
     assert report["analysis"] == {"data": "held-out", "batches": 4, "samples": 4}
-    # the calibration batches' figure beside it, and a warning that the map fits them far better
+    # the calibration batches' figure beside it; 4 samples are too few for the fit warning to trust the gap
     assert fitted[name] > held_out.output_snr_db[name] + 10.0
-    assert any(w.startswith(f"output {name!r}: SNR {held_out.output_snr_db[name]:.1f} dB on held-out data but "
-                            f"{fitted[name]:.1f} dB on the calibration data") for w in held_out.warnings)
+    assert not any("on the calibration data" in w for w in held_out.warnings)
     assert "calibration_output_snr_db" not in json.loads(in_sample.report_path.read_text())["analysis"]
     assert "NOTE: the error was measured on only 4 samples" in held_out.summary()
 

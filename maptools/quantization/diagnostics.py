@@ -20,7 +20,7 @@ A map can also look better on its calibration data than it is: learned rounding 
 inputs, and with inputs of few scenes part of what they fit holds for those scenes only. Where the error was
 measured on data other than the calibration data, :func:`fit_warnings` compares it with the same measure on the
 calibration batches and warns when the held-out SNR is more than :data:`FIT_GAP_DB` lower and below
-:data:`FIT_WARNING_DB`.
+:data:`FIT_WARNING_DB`, both measured on enough samples.
 
 The warnings go to the log, to ``report.json`` and to the command line summary.
 """
@@ -53,8 +53,9 @@ CNN_TRANSFORMER_ADVICE = ("the transformer's MatMuls hold 4-bit weights, the Con
                           "at 8 bits")
 #: An output this many dB worse on held-out data than on the calibration data, and below :data:`FIT_WARNING_DB` on
 #: the held-out data, gets a warning: the quantization fitted its calibration inputs (why:
-#: :ref:`guide-calibration-fit`).
-FIT_GAP_DB = 6.0
+#: :ref:`guide-calibration-fit`). Measured on at least :data:`~maptools.quantization.records.ANALYSIS_SAMPLES`
+#: samples each: on 4 the gap of a map that holds was 7.0 dB.
+FIT_GAP_DB = 8.0
 #: Above this held-out SNR a gap to the calibration data's is not warned about: the map holds on the held-out data
 #: (a text-orientation classifier read 21.5 dB on other pages, 45.5 dB on its calibration pages, and kept 97 % of its
 #: predictions).
@@ -226,9 +227,14 @@ def output_warnings(output_snr_db: Mapping[str, float], part_snr_db: Mapping[str
 
 
 def fit_warnings(calibration_snr_db: Mapping[str, float], held_out_snr_db: Mapping[str, float],
-                 data: str) -> list[str]:
+                 data: str, samples: int) -> list[str]:
     """One warning per graph output whose SNR on the ``data`` data (held-out, evalset) is below
-    :data:`FIT_WARNING_DB` and more than :data:`FIT_GAP_DB` below its SNR on the calibration batches."""
+    :data:`FIT_WARNING_DB` and more than :data:`FIT_GAP_DB` below its SNR on the calibration batches, when each
+    figure is of at least ``ANALYSIS_SAMPLES`` samples (``samples``: the fewer of the two)."""
+    from maptools.quantization.records import ANALYSIS_SAMPLES
+
+    if samples < ANALYSIS_SAMPLES:  # the SNR of a few samples is several dB from that of many
+        return []
     warnings = []
     for output, held in held_out_snr_db.items():
         fitted = calibration_snr_db.get(output, math.nan)

@@ -298,8 +298,12 @@ def analyse(options: QuantizeOptions, session: PPQSession, data: CalibrationData
         errors.isolated_snr_db, errors.isolated_cosine = layerwise
         warnings = _warnings(errors, data, advice, sequences)
     if data.analysis_data in FITTED_AGAINST:  # as many calibration batches as held-out ones
-        errors.calibration_snr_db = session.output_snr(data.batches[:len(data.held_out)])
-        warnings += fit_warnings(errors.calibration_snr_db, errors.output_snr_db, data.analysis_data)
+        from maptools.quantization.calibration import batch_samples
+
+        fitted = data.batches[:len(data.held_out)]
+        errors.calibration_snr_db = session.output_snr(fitted)
+        warnings += fit_warnings(errors.calibration_snr_db, errors.output_snr_db, data.analysis_data,
+                                 min(data.held_out_samples, batch_samples(fitted)))
     return errors, warnings
 
 
