@@ -250,6 +250,21 @@ def test_augmentation_adds_views_up_to_the_count_deterministic_per_seed():
     assert augment_batches(rows, 64) == rows
 
 
+def test_photometric_views_are_darker_and_tinted_within_each_images_range():
+    """Crops darkened toward the view's minimum and each channel scaled: a grayscale image (three equal channels)
+    gains colour, and the views' ranges shrink against plain views of the same images."""
+    gray = torch.rand(4, 1, 16, 16).expand(4, 3, 16, 16).contiguous()
+    batches = [{"input": gray}]
+    views = torch.cat([b["input"] for b in augment_batches(batches, 36, seed=5, photometric=True)[1:]])
+    assert views.shape == (32, 3, 16, 16)
+    assert views.min() >= gray.min() and views.max() <= gray.max()
+    assert (views[:, 0] - views[:, 1]).abs().amax(dim=(1, 2)).min() > 0  # every view tinted
+    plain = torch.cat([b["input"] for b in augment_batches(batches, 36, seed=5)[1:]])
+    contrast = (views.amax(dim=(1, 2, 3)) - views.amin(dim=(1, 2, 3))) / (plain.amax(dim=(1, 2, 3)) -
+                                                                          plain.amin(dim=(1, 2, 3)))
+    assert contrast.median() < 0.8 and contrast.max() <= 1.2 + 1e-6  # darkened by 0.25-1.0, gains 0.8-1.2
+
+
 def test_learned_rounding_caches_augmented_positions_only_with_few_images():
     """16 calibration digits and ``min_images=64``: the cache holds 64 images' positions; 0 turns it off."""
     settings = RoundingSettings(iterations=10, positions=16, layers=(LAYER,), min_images=64)

@@ -4,7 +4,8 @@ Learned rounding fits thousands of rounding decisions per layer to the calibrati
 fits those images (the held-out error stops falling while the training loss does). When the calibration
 batches hold fewer than ``count`` images, :func:`augment_batches` adds views of them until there are
 ``count``: each a crop of 35-100 % of a random image's area (aspect ratio 3/4 to 4/3) resized back to the
-input's size (bilinear), flipped left-right with probability one half. Only 4-D inputs (N, C, H, W) of at
+input's size (bilinear), flipped left-right with probability one half, and with ``photometric`` darkened toward
+its minimum and tinted (each channel its own gain). Only 4-D inputs (N, C, H, W) of at
 least 8x8 are augmented (every input of a feed the same way); other models keep their batches. With enough
 images it returns the batches unchanged. The views depend only on the batches and ``seed``.
 """
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 AREA = (0.35, 1.0)
 #: Aspect ratio (width / height) of a crop, log-uniform in this range.
 ASPECT = (3 / 4, 4 / 3)
+#: With ``photometric``: the factor a view's values are scaled by toward the image's minimum (darker, lower contrast)
+#: and each channel's gain around it (a tint; grayscale images gain colour), uniform in these ranges.
+DARKEN = (0.25, 1.0)
+TINT = (0.8, 1.2)
 #: Smallest spatial size augmented (smaller inputs are not images).
 _MIN_SIDE = 8
 
@@ -41,8 +46,19 @@ def image_count(batches: Sequence[Batch]) -> int:
     return sum(int(next(iter(batch.values())).shape[0]) for batch in batches if batch)
 
 
-def _view(images: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One random resized crop (and flip) of one image, the same window for every input of the feed."""
+def _photometric(view: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``view`` (1, C, H, W) darkened toward its minimum by a factor from :data:`DARKEN`, each channel's gain from
+    :data:`TINT` (the values stay within the view's own range)."""
+    low = view.amin()
+    factor = DARKEN[0] + (DARKEN[1] - DARKEN[0]) * float(torch.rand((), generator=generator))
+    gains = TINT[0] + (TINT[1] - TINT[0]) * torch.rand(view.shape[1], generator=generator)
+    return (low + (view - low) * factor * gains.reshape(1, -1, 1, 1)).clamp(max=float(view.amax()))
+
+
+def _view(images: dict[str, torch.Tensor], generator: torch.Generator,
+          photometric: bool = False) -> dict[str, torch.Tensor]:
+    """One random resized crop (and flip) of one image, the same window for every input of the feed; with
+    ``photometric`` also darkened and tinted (:func:`_photometric`, each input on its own)."""
     height, width = next(iter(images.values())).shape[-2:]
     area = height * width * (AREA[0] + (AREA[1] - AREA[0]) * float(torch.rand((), generator=generator)))
     log_lo, log_hi = math.log(ASPECT[0]), math.log(ASPECT[1])
@@ -56,11 +72,12 @@ def _view(images: dict[str, torch.Tensor], generator: torch.Generator) -> dict[s
     for name, image in images.items():
         crop = image[:, :, top:top + h, left:left + w].float()
         view = F.interpolate(crop, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        view = _photometric(view, generator) if photometric else view
         views[name] = (view.flip(-1) if flip else view).to(image.dtype)
     return views
 
 
-def augment_batches(batches: Sequence[Batch], count: int, seed: int = 0) -> list[Batch]:
+def augment_batches(batches: Sequence[Batch], count: int, seed: int = 0, photometric: bool = False) -> list[Batch]:
     """``batches`` followed by augmented views of their images until there are ``count`` images.
 
     The views come in batches of the first batch's size; the originals are returned as given (the same
@@ -79,7 +96,7 @@ def augment_batches(batches: Sequence[Batch], count: int, seed: int = 0) -> list
     views: list[dict[str, torch.Tensor]] = []
     for _ in range(count - have):
         b, i = sources[int(torch.randint(len(sources), (), generator=generator))]
-        views.append(_view({name: t[i:i + 1] for name, t in batches[b].items()}, generator))
+        views.append(_view({name: t[i:i + 1] for name, t in batches[b].items()}, generator, photometric))
     extra = [{name: torch.cat([v[name] for v in views[start:start + size]]) for name in views[0]}
              for start in range(0, len(views), size)]
     logger.info("learned rounding: %d calibration images, fewer than %d; added %d augmented views (random resized "
