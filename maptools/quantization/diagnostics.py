@@ -34,6 +34,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from maptools.quantization.records import ANALYSIS_SAMPLES
+
 if TYPE_CHECKING:
     import onnx
 
@@ -230,9 +232,8 @@ def fit_warnings(calibration_snr_db: Mapping[str, float], held_out_snr_db: Mappi
                  data: str, samples: int) -> list[str]:
     """One warning per graph output whose SNR on the ``data`` data (held-out, evalset) is below
     :data:`FIT_WARNING_DB` and more than :data:`FIT_GAP_DB` below its SNR on the calibration batches, when each
-    figure is of at least ``ANALYSIS_SAMPLES`` samples (``samples``: the fewer of the two)."""
-    from maptools.quantization.records import ANALYSIS_SAMPLES
-
+    figure is of at least :data:`~maptools.quantization.records.ANALYSIS_SAMPLES` samples (``samples``: the fewer
+    of the two)."""
     if samples < ANALYSIS_SAMPLES:  # the SNR of a few samples is several dB from that of many
         return []
     warnings = []
