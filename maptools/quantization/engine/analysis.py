@@ -6,7 +6,7 @@ The measures are those of :mod:`maptools.quantization.intmath` (:func:`~.intmath
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -58,6 +58,16 @@ class ErrorAnalysis:
     calibration_snr_db: dict[str, float] = field(default_factory=dict)
 
 
+def _compared(session: AnalysedSession, batches: Iterable[Batch],
+              names: Sequence[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Per batch and per name of ``names``: (name, FP32 value, quantized value), both float64."""
+    for batch in batches:
+        quant = session.forward(batch, quantized=True, output_names=names)
+        ref = session.forward(batch, quantized=False, output_names=names)
+        for name in names:
+            yield name, ref[name].astype(np.float64), quant[name].astype(np.float64)
+
+
 def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise_too: bool = False,
                    layerwise_batches: int = 1) -> ErrorAnalysis:
     """Graph-wise error of the session's quantized graph against FP32 on ``batches``.
@@ -75,16 +85,11 @@ def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise
     names = list(dict.fromkeys(watched + list(layer_vars)))
     sums = {name: np.zeros(4) for name in names}  # signal, noise, dot, candidate power
     spans = {name: [np.inf, -np.inf, np.inf, -np.inf] for name in watched}  # fp32 min/max, quantized min/max
-    for batch in counted("error analysis batch", batches):
-        quant = session.forward(batch, quantized=True, output_names=names)
-        ref = session.forward(batch, quantized=False, output_names=names)
-        for name in names:
-            r = ref[name].astype(np.float64)
-            q = quant[name].astype(np.float64)
-            sums[name] += error_sums(r, q)
-            if name in spans and r.size:
-                low_r, high_r, low_q, high_q = spans[name]
-                spans[name] = [min(low_r, r.min()), max(high_r, r.max()), min(low_q, q.min()), max(high_q, q.max())]
+    for name, r, q in _compared(session, counted("error analysis batch", batches), names):
+        sums[name] += error_sums(r, q)
+        if name in spans and r.size:
+            low_r, high_r, low_q, high_q = spans[name]
+            spans[name] = [min(low_r, r.min()), max(high_r, r.max()), min(low_q, q.min()), max(high_q, q.max())]
 
     def snr(name: str) -> float:
         return snr_db(sums[name][0], sums[name][1])
@@ -112,13 +117,9 @@ def error_analysis(session: AnalysedSession, batches: Sequence[Batch], layerwise
 def output_snr(session: AnalysedSession, batches: Sequence[Batch]) -> dict[str, float]:
     """The SNR in dB of each graph output against FP32 over ``batches`` (the outputs only: cheaper than
     :func:`error_analysis`)."""
-    names = session.output_names
-    sums = {name: np.zeros(4) for name in names}
-    for batch in batches:
-        quant = session.forward(batch, quantized=True, output_names=names)
-        ref = session.forward(batch, quantized=False, output_names=names)
-        for name in names:
-            sums[name] += error_sums(ref[name].astype(np.float64), quant[name].astype(np.float64))
+    sums = {name: np.zeros(4) for name in session.output_names}
+    for name, r, q in _compared(session, batches, session.output_names):
+        sums[name] += error_sums(r, q)
     return {name: snr_db(total[0], total[1]) for name, total in sums.items()}
 
 
