@@ -17,7 +17,7 @@ from maptools.examples import digits
 from maptools.quantization import quantize, read_quantparams, verify
 from maptools.quantization.artifacts import MANIFEST, REPORT_JSON
 from maptools.quantization.engine import LowBitSpec, PPQSession, learned_rounding
-from maptools.quantization.engine.augment import augment_batches, image_count
+from maptools.quantization.engine.augment import FLAT_GREYS, augment_batches, flat_batches, image_count
 from maptools.quantization.engine.learned_rounding import DEFAULTS, RoundingSettings
 from maptools.quantization.engine.recipes import build_setting
 from maptools.quantization.format import weight_key
@@ -265,9 +265,67 @@ def test_photometric_views_are_darker_and_tinted_within_each_images_range():
     assert contrast.median() < 0.8 and contrast.max() <= 1.2 + 1e-6  # darkened by 0.25-1.0, gains 0.8-1.2
 
 
+def test_flat_batches_span_every_corner_of_the_inputs_range_and_greys_between():
+    """An RGB input gets 8 corner colours and :data:`FLAT_GREYS` greys, each a batch of one flat image at the
+    calibration data's per-channel extremes; grayscale 2 + greys; more channels, or several inputs, none."""
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.tensor([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1)
+    batches = [{"input": torch.rand(2, 3, 16, 12, generator=generator) * spread - 1.0} for _ in range(3)]
+    flats = flat_batches(batches)
+    assert len(flats) == 8 + FLAT_GREYS
+    images = torch.cat([f["input"] for f in flats])
+    assert images.shape == (8 + FLAT_GREYS, 3, 16, 12) and images.dtype == torch.float32
+    assert torch.equal(images, images[:, :, :1, :1].expand_as(images))  # flat
+    data = torch.cat([b["input"] for b in batches])
+    low, high = data.amin(dim=(0, 2, 3)), data.amax(dim=(0, 2, 3))
+    values = images[:, :, 0, 0]
+    corners = {tuple(bool(v) for v in row) for row in torch.isclose(values[:8], high.expand(8, 3))}
+    assert len(corners) == 8 and torch.isclose(values[:8], low.expand(8, 3)).logical_xor(
+        torch.isclose(values[:8], high.expand(8, 3))).all()
+    shares = (values[8:] - low) / (high - low)  # the greys: one share of the range for every channel
+    assert torch.allclose(shares, shares[:, :1].expand_as(shares)) and shares.min() > 0 and shares.max() < 1
+    gray = [{"input": torch.rand(4, 1, 8, 8, generator=generator)}]
+    assert len(flat_batches(gray)) == 2 + FLAT_GREYS
+    assert flat_batches([{"input": torch.rand(1, 5, 8, 8)}]) == []
+    assert flat_batches([{"a": torch.rand(1, 3, 8, 8), "b": torch.rand(1, 3, 8, 8)}]) == []
+    assert flat_batches([{"x": torch.rand(16, 10)}]) == []
+
+
+#: The bundled mobile CNN's first Conv (it reads the image).
+STEM = "/stem/stem.0/Conv"
+#: What it reconstructs: its output after the fused ReLU6.
+STEM_TARGET = "/stem/stem.2/Clip_output_0"
+
+
+def _noisy_session(rounding: RoundingSettings) -> PPQSession:
+    """The mobile CNN at W4A8, calibrated on 32 training digits with noise added: no flat region left in them."""
+    model = load_model(MOBILE)
+    proto = prepare_model(model, check_input_shapes(SHAPES, model))
+    spec = LowBitSpec(4, 8, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
+    session = PPQSession.from_onnx(proto, spec, "cpu", build_setting("default", "cpu", 8))
+    train = digits.load_split("train")[0][:32]
+    noisy = np.clip(train + np.random.default_rng(0).normal(0, 0.5, train.shape), -1, 1).astype(np.float32)
+    session.quantize([{"input": torch.from_numpy(noisy[i:i + 4])} for i in range(0, 32, 4)], rounding)
+    return session
+
+
+def test_flat_views_fit_the_first_layers_rounding_to_flat_regions():
+    """Calibrated on digits with noise (no flat region in them), the first layer learned with flat views errs less on
+    flat images of nine levels than learned without them; its cache holds the 5 flat images' positions too."""
+    settings = RoundingSettings(iterations=500, positions=16, layers=(STEM,), flat_views=False)
+    (plain_record,) = (plain := _noisy_session(settings)).rounding_results
+    (flat_record,) = (flat := _noisy_session(dataclasses.replace(settings, flat_views=True))).rounding_results
+    assert (plain_record.positions, flat_record.positions) == (32 * 16, (32 + 2 + FLAT_GREYS) * 16)
+    levels = np.linspace(-1, 1, 9, dtype=np.float32)
+    errors = [np.mean([_layer_error(s, np.full((16, 1, 8, 8), v, np.float32), STEM_TARGET) for v in levels])
+              for s in (plain, flat)]
+    assert errors[0] / errors[1] >= 1.4, errors  # measured 1.66x (seed 1: 1.92x)
+    assert plain_record.target == flat_record.target == STEM_TARGET
+
+
 def test_learned_rounding_caches_augmented_positions_only_with_few_images():
     """16 calibration digits and ``min_images=64``: the cache holds 64 images' positions; 0 turns it off."""
-    settings = RoundingSettings(iterations=10, positions=16, layers=(LAYER,), min_images=64)
+    settings = RoundingSettings(iterations=10, positions=16, layers=(LAYER,), min_images=64, flat_views=False)
     (augmented,) = _session(settings, images=16).rounding_results
     (plain,) = _session(dataclasses.replace(settings, min_images=0), images=16).rounding_results
     (enough,) = _session(settings, images=64).rounding_results
@@ -277,7 +335,7 @@ def test_learned_rounding_caches_augmented_positions_only_with_few_images():
 def test_default_settings_augment_below_32_images_only():
     """The default ``min_images`` (32): 32 calibration images are used as given (the orientation classifier at
     W4A8 ``best`` lost 3 of 64 crops with views added to 64), 16 get views up to 32."""
-    settings = dataclasses.replace(DEFAULTS, iterations=10, positions=16, layers=(LAYER,))
+    settings = dataclasses.replace(DEFAULTS, iterations=10, positions=16, layers=(LAYER,), flat_views=False)
     (given,) = _session(settings, images=32).rounding_results
     (few,) = _session(settings, images=16).rounding_results
     assert (given.positions, few.positions) == (32 * 16, 32 * 16)
@@ -369,6 +427,26 @@ def test_best_learns_rounding_at_low_bits_only(tmp_path, tiny_onnx):
     assert settings(recipe="best", bit_width=8)["rounding"] == "nearest"
     assert settings(recipe="default", bit_width=4)["rounding"] == "nearest"
     assert settings(recipe="best", bit_width=4, rounding="nearest")["rounding"] == "nearest"
+
+
+def test_best_keeps_the_first_mac_at_8_bit_weights_below_8_bits(tmp_path, tiny_onnx):
+    """``best`` at 4-bit weights quantizes the first MAC (``conv``) with 8-bit weights and the map's activation bits,
+    recorded in the manifest's ``layer_bits`` and in its integers; ``layer_bits`` naming it, another recipe or 8-bit
+    weights leave it to the map's bits."""
+    def run(name: str, **kwargs) -> tuple[dict, dict]:
+        quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname=name, calib_steps=8, analysis_steps=1,
+                 mapsave_dir=tmp_path, time_budget=1, **kwargs)
+        settings = json.loads((tmp_path / name / MANIFEST).read_text())["settings"]
+        return settings, read_quantparams(name, tmp_path)
+
+    settings, params = run("best", recipe="best", weight_bits=4, activation_bits=6)
+    assert settings["layer_bits"] == {"conv": [8, 6]}
+    conv, fc = params[weight_key("conv", "Conv")], params[weight_key("fc", "Gemm")]
+    assert np.abs(conv).max() > 7 and np.abs(conv).max() <= 127 and fc.min() >= -8 and fc.max() <= 7
+    settings, params = run("named", recipe="best", weight_bits=4, activation_bits=6, layer_bits={"conv": 4})
+    assert settings["layer_bits"] == {"conv": [4, 4]} and np.abs(params[weight_key("conv", "Conv")]).max() <= 8
+    assert run("default", recipe="default", weight_bits=4)[0]["layer_bits"] == {}
+    assert run("wide", recipe="best", weight_bits=8)[0]["layer_bits"] == {}
 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), [

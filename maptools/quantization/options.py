@@ -6,8 +6,9 @@ the activation observer and the unsigned ranges applied (:meth:`QuantizeOptions.
 ``settings`` are :meth:`QuantizeOptions.settings` of the applied options.
 
 The recipes' choices made in maptools (:data:`RECIPE_OBSERVERS`, :data:`RECIPE_UNSIGNED`,
-:data:`RECIPE_WEIGHT_OBSERVERS`) live here, as plain data, so that checking arguments imports neither torch
-nor PPQ; :mod:`maptools.quantization.engine.recipes` builds the PPQ settings and explains the choices.
+:data:`RECIPE_WEIGHT_OBSERVERS`, :data:`RECIPE_FIRST_WEIGHT_BITS`) live here, as plain data, so that checking
+arguments imports neither torch nor PPQ; :mod:`maptools.quantization.engine.recipes` builds the PPQ settings and
+explains the choices.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from maptools.quantization.validation import check_writable_dir
 
 __all__ = [
     "LEARNED_ROUNDING_BITS",
+    "RECIPE_FIRST_WEIGHT_BITS",
     "RECIPE_OBSERVERS",
     "RECIPE_UNSIGNED",
     "RECIPE_WEIGHT_OBSERVERS",
@@ -42,6 +44,10 @@ RECIPE_UNSIGNED: dict[str, bool] = {"fast": False, "default": True, "best": True
 RECIPE_WEIGHT_OBSERVERS: dict[str, str] = {"fast": "ppq", "default": "minmax", "best": "mse"}
 #: Weight bit widths at which ``recipe='best'`` learns the rounding (wider weights keep nearest rounding).
 LEARNED_ROUNDING_BITS = (2, 6)
+#: Below this weight width, the recipe keeps the first MAC operator's weights at it (its activations at the map's
+#: width), as the published low-bit methods do: it reads the image through few weights per output, and at 4 bits
+#: it alone cost EfficientNet-Lite1 0.07 of KL (``best``; benchmarks, *The first layer at 8-bit weights*).
+RECIPE_FIRST_WEIGHT_BITS: dict[str, int] = {"best": 8}
 
 _SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."
                  "build_setting) or None, got {}")
@@ -108,12 +114,13 @@ class QuantizeOptions:
         return self.config.recipe.recipe or "custom"
 
     def with_layer_bits(self, node_names: Sequence[str], first_and_last: Sequence[str]) -> QuantizeOptions:
-        """The options for a model: ``layer_bits`` checked against its nodes, ``first_last_bits`` added.
+        """The options for a model: ``layer_bits`` checked against its nodes, ``first_last_bits`` added, then the
+        recipe's first-layer weights (:data:`RECIPE_FIRST_WEIGHT_BITS`) where neither names the first MAC.
 
         Args:
             node_names: The names of the prepared model's nodes.
             first_and_last: Its first and last MAC operators (given ``first_last_bits`` to those without a
-                ``layer_bits`` entry).
+                ``layer_bits`` entry; the first one the recipe's first-layer weights when neither applies).
 
         Raises:
             InvalidArgumentError: a ``layer_bits`` node is not in the model.
@@ -126,6 +133,14 @@ class QuantizeOptions:
         if bits.first_last_bits is not None:
             for name in first_and_last:
                 overrides.setdefault(name, (bits.first_last_bits, bits.first_last_bits))
+        first_bits = RECIPE_FIRST_WEIGHT_BITS.get(self.recipe)
+        weight_bits = bits.weight_bits or bits.bit_width
+        if first_and_last and first_bits is not None and weight_bits < first_bits \
+                and first_and_last[0] not in overrides:
+            overrides[first_and_last[0]] = (first_bits, bits.activation_bits or bits.bit_width)
+            logger.info("recipe %r: the first MAC operator %s keeps %d-bit weights (layer_bits={%r: (%d, %d)} rounds "
+                        "it to %d bits too)", self.recipe, first_and_last[0], first_bits, first_and_last[0],
+                        weight_bits, overrides[first_and_last[0]][1], weight_bits)
         return self.replace(layer_bits=overrides)
 
     def replace(self, **options: Any) -> QuantizeOptions:

@@ -121,12 +121,12 @@ class Extracted:
 
 def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
          input_shapes: Mapping[str, Sequence[int]]) -> tuple[Prepared, QuantizeOptions]:
-    """Load and prepare the model; the options with ``layer_bits`` checked against it and ``first_last_bits`` added."""
+    """Load and prepare the model; the options with ``layer_bits`` checked against it, ``first_last_bits`` and the
+    recipe's first-layer weights added."""
     model = load_model(onnx_path)
     shapes = check_input_shapes(input_shapes, model)
     proto = prepare_model(model, shapes)
-    first_and_last = first_and_last_macs(proto) if options.config.bits.first_last_bits is not None else []
-    options = options.with_layer_bits([node.name for node in proto.graph.node], first_and_last)
+    options = options.with_layer_bits([node.name for node in proto.graph.node], first_and_last_macs(proto))
     if options.config.calibration.analysis_steps is None:
         from maptools.quantization.calibration import default_analysis_steps
 
