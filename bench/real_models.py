@@ -142,22 +142,26 @@ def _setting(default: object, text: str) -> object:
     return type(default)(text)
 
 
-#: Recipe suffixes that keep some layers at 8 bits (see :func:`kept_at_8`).
-KEEP8 = ("+conv8", "+ungrouped8", "+firstlast8", "+first8", "+last8")
+#: Recipe suffixes that keep some layers at 8 bits (see :func:`kept_at_8`), or the first at 4-bit weights.
+KEEP8 = ("+conv8", "+ungrouped8", "+firstlast8", "+first8", "+last8", "+first4")
 
 
-def kept_at_8(recipe: str, proto: onnx.ModelProto) -> tuple[str, dict[str, int] | None, int | None]:
+def kept_at_8(recipe: str, proto: onnx.ModelProto,
+              activation_bits: int = 8) -> tuple[str, dict[str, int | tuple[int, int]] | None, int | None]:
     """The recipe without its 8-bit suffix, and the ``layer_bits`` and ``first_last_bits`` that suffix asks.
 
     ``+conv8``: every Conv and the first and last MAC at 8 bits; ``+ungrouped8``: the same but the grouped
     (depthwise) Convs (what the summary advises for a CNN + transformer network below 8-bit weights);
-    ``+firstlast8`` / ``+first8`` / ``+last8``: the first and last MAC / the first / the last only.
+    ``+firstlast8`` / ``+first8`` / ``+last8``: the first and last MAC / the first / the last only; ``+first4``: the
+    first MAC at 4-bit weights and ``activation_bits`` (``best`` keeps it at 8-bit weights otherwise).
     """
     from maptools.quantization.diagnostics import cnn_transformer_convolutions
 
     keep8 = next((suffix for suffix in KEEP8 if recipe.endswith(suffix)), "")
-    layer_bits: dict[str, int] | None = None
-    if keep8 in ("+conv8", "+ungrouped8"):
+    layer_bits: dict[str, int | tuple[int, int]] | None = None
+    if keep8 == "+first4":
+        layer_bits = {first_and_last_macs(proto)[0]: (4, activation_bits)}
+    elif keep8 in ("+conv8", "+ungrouped8"):
         layer_bits = dict.fromkeys(cnn_transformer_convolutions(proto, grouped=keep8 == "+conv8"), 8)
     elif keep8 in ("+first8", "+last8"):
         ends = first_and_last_macs(proto)
@@ -194,7 +198,7 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
     if recipe.endswith(KEEP8):
         loaded = load_model(model.path)
         plain, layer_bits, first_last_bits = kept_at_8(
-            recipe, prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)))
+            recipe, prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)), a_bits)
     name, rounding, changes, seed = recipe_parts(plain)
     saved = learned_rounding.DEFAULTS
     learned_rounding.DEFAULTS = dataclasses.replace(saved, **changes)

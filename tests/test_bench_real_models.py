@@ -30,6 +30,13 @@ def test_a_suffix_keeps_the_first_or_last_mac_at_8_bits(suffix, end, both):
     assert first_last_bits == both
 
 
+def test_first4_rounds_the_first_mac_to_4_bit_weights_at_the_maps_activation_bits():
+    """``+first4`` undoes ``best``'s 8-bit first layer for a comparison: 4-bit weights, the map's activations."""
+    proto = onnx.load(_MODEL)
+    first = first_and_last_macs(proto)[0]
+    assert real_models.kept_at_8("best+first4", proto, 6) == ("best", {first: (4, 6)}, None)
+
+
 def test_a_recipes_seed_reaches_quantize():
     """``RoundingSettings.seed`` is replaced by quantize's seed: a recipe's ``seed=`` must reach quantize."""
     assert real_models.recipe_parts("best:learned:seed=2:iterations=50") == ("best", "learned", {"iterations": 50}, 2)
