@@ -49,8 +49,8 @@ Three levers help with little data or low activation bits:
 * with fewer than :attr:`RoundingSettings.min_images` calibration images, augmented views of them (random
   resized crops and flips, :mod:`~maptools.quantization.engine.augment`) are added to the data the caches
   are sampled from (learned rounding only; calibration and LSQ see the given images);
-* flat views: the first learned layer also sees flat images of every corner colour of the input range and greys
-  (:attr:`RoundingSettings.flat_views`), so a dark frame or a wall keeps its response;
+* flat views (off by default): the first learned layer also sees flat images of every corner colour of the input
+  range and greys (:attr:`RoundingSettings.flat_views`), so a dark frame or a wall keeps its response;
 * QDrop: where a layer's input is quantized below 8 bits, each step replaces each input element by its FP32
   value (the FP32 network's, at the same position) with probability :attr:`RoundingSettings.qdrop`, so the
   rounding is not fitted to one particular pattern of activation rounding errors. The mask is drawn per
@@ -177,8 +177,9 @@ class RoundingSettings:
         flat_views: The first learned layer's cache (sampled positions) also holds flat images spanning the
             calibration inputs' range (:func:`~maptools.quantization.engine.augment.flat_batches`: black, white, each
             saturated colour, greys), sampled as calibration images are, so its rounding keeps flat and dark regions,
-            which natural photographs hardly weigh (on EfficientNet-Lite1 it lowered the stem's error on every set of
-            crops, benchmarks).
+            which natural photographs hardly weigh. Off: on EfficientNet-Lite1 it lowered the stem's error on every
+            set of crops and lifted W4A8 after an 8-bit stem, but cost the orientation classifier 4 of 64 crops
+            (benchmarks).
     """
 
     iterations: int = 300
@@ -205,7 +206,7 @@ class RoundingSettings:
     pair_biases: bool = False
     photometric: bool = False
     damping: float = 0.0
-    flat_views: bool = True
+    flat_views: bool = False
 
 
 #: The settings ``quantize(rounding='learned')`` starts from (its ``time_budget``, device and seed replace
