@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from maptools import InvalidArgumentError, InvalidTypeError
 from maptools.cli import main
@@ -227,6 +228,53 @@ def test_quadratic_moments_give_the_sampled_error_exactly():
     best = sums.bias_for(noisy)
     assert sums.error(noisy, best) < sums.error(noisy, bias)
     assert sums.error(noisy, best) < min(sums.error(noisy, best + 0.01), sums.error(noisy, best - 0.01))
+
+
+class _Dense:
+    """What the patch extraction reads of a PPQ 1 x 1 Conv without groups or pads."""
+
+    name = "dense"
+    attributes = {"group": 1}
+
+
+def test_damping_keeps_the_rounding_from_leaning_on_correlations_only_the_calibration_data_show():
+    """Calibration inputs in identical pairs let learned rounding cancel one weight's error with its twin's: lower
+    error on them, higher on independent inputs. The ridge term (``damping``) gives back part of the calibration gain
+    for a lower error on the independent inputs and fewer integers changed."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 32, 1, 1, generator=generator)
+    groups, matrix, patches, outputs, to_weight = learned_rounding._conv_layer(_Dense(), weight)
+    scale = matrix.abs().amax(dim=2, keepdim=True) / 7
+    layer = learned_rounding._Layer(_Dense(), groups, matrix, scale, None, -8, 7, patches, outputs, to_weight,
+                                    lambda y: y, "y")
+
+    def data(correlated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if correlated:
+            base = torch.randn(8, 16, 8, 8, generator=generator)
+            x = torch.stack([base, base + 0.05 * torch.randn(base.shape, generator=generator)], dim=2)
+            x = x.reshape(8, 32, 8, 8)
+        else:
+            x = torch.randn(8, 32, 8, 8, generator=generator)
+        return x, F.conv2d(x, weight)
+
+    calibration, independent = [data(True) for _ in range(4)], [data(False) for _ in range(2)]
+
+    def error(w: torch.Tensor, sets: list) -> float:
+        return sum(float(((F.conv2d(x, to_weight(w)) - y) ** 2).sum()) for x, y in sets) / (len(sets) * 8 * 64)
+
+    results = {}
+    for damping in (0.0, 1.0):
+        cache = learned_rounding._sample_cache(layer, [x for x, _ in calibration], [y for _, y in calibration], 64,
+                                               torch.Generator().manual_seed(1), "cpu")
+        settings = RoundingSettings(damping=damping, scale_candidates=0, bias_lr=0)
+        learned = learned_rounding.learn_rounding(layer, cache, settings, 300, torch.Generator().manual_seed(2))
+        w = learned.learned * learned.scale
+        results[damping] = (error(w, calibration), error(w, independent), float((learned.learned != learned.nearest)
+                                                                                 .float().mean()))
+    nearest = learned_rounding._nearest(layer, "cpu") * scale
+    assert results[0.0][0] < error(nearest, calibration) * 0.8  # it fits the pairs (4.76 -> 3.47)
+    assert results[0.0][1] > error(nearest, independent) * 1.1  # and errs on independent inputs (5.21 -> 6.43)
+    assert results[1.0][1] < results[0.0][1] * 0.9 and results[1.0][2] < results[0.0][2] / 2  # 5.26, 3 % changed
 
 
 def test_augmentation_adds_views_up_to_the_count_deterministic_per_seed():
