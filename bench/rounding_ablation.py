@@ -155,7 +155,6 @@ GENERALIZATION_RUNS = (("nearest", None),
                        ("learned, a pair's biases tuned together", {"pair_biases": True}),
                        ("learned, QDrop at 8-bit activations 0.25", {"qdrop_below_bits": 9, "qdrop": 0.25}),
                        ("learned, QDrop at 8-bit activations 0.5", {"qdrop_below_bits": 9, "qdrop": 0.5}),
-                       ("learned, ridge damping 0.1", {"damping": 0.1}),
                        ("learned, ridge damping 0.3", {"damping": 0.3}),
                        ("learned, ridge damping 1", {"damping": 1.0}))
 

@@ -104,7 +104,7 @@ def augment_batches(batches: Sequence[Batch], count: int, seed: int = 0, photome
     extra = [{name: torch.cat([v[name] for v in views[start:start + size]]) for name in views[0]}
              for start in range(0, len(views), size)]
     logger.info("learned rounding: %d calibration images, fewer than %d; added %d augmented views (random resized "
-                "crops and flips)", have, count, len(views))
+                "crops and flips%s)", have, count, len(views), ", darkened and tinted" if photometric else "")
     return list(batches) + extra
 
 

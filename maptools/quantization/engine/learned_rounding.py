@@ -173,7 +173,9 @@ class RoundingSettings:
             traded the photographs' errors (benchmarks).
         damping: Weight of a ridge term added to a layer's sampled loss: each weight's squared distance from its
             FP32 value times the mean square of its input, the error the rounding would cause if the inputs were
-            uncorrelated, so the rounding does not lean on correlations only the calibration data show (0: off).
+            uncorrelated, so the rounding does not lean on correlations only the calibration data show (0: off; along
+            EfficientNet-Lite1 at 0.3 and 1 it moved the SNR probes no more than any change of the settings does,
+            benchmarks).
         flat_views: The first learned layer's cache (sampled positions) also holds flat images spanning the
             calibration inputs' range (:func:`~maptools.quantization.engine.augment.flat_batches`: black, white, each
             saturated colour, greys), sampled as calibration images are, so its rounding keeps flat and dark regions,
