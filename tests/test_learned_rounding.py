@@ -359,16 +359,31 @@ def _noisy_session(rounding: RoundingSettings) -> PPQSession:
 
 def test_flat_views_fit_the_first_layers_rounding_to_flat_regions():
     """Calibrated on digits with noise (no flat region in them), the first layer learned with flat views errs less on
-    flat images of nine levels than learned without them; its cache holds the 5 flat images' positions too."""
+    flat images of nine levels than learned without them; its cache holds the 5 flat images' positions too, 14 each
+    so that they stay within an eighth of the rows (:attr:`RoundingSettings.flat_share`)."""
     settings = RoundingSettings(iterations=500, positions=16, layers=(STEM,), flat_views=False)
     (plain_record,) = (plain := _noisy_session(settings)).rounding_results
     (flat_record,) = (flat := _noisy_session(dataclasses.replace(settings, flat_views=True))).rounding_results
-    assert (plain_record.positions, flat_record.positions) == (32 * 16, (32 + 2 + FLAT_GREYS) * 16)
+    assert (plain_record.positions, flat_record.positions) == (32 * 16, 32 * 16 + (2 + FLAT_GREYS) * 14)
     levels = np.linspace(-1, 1, 9, dtype=np.float32)
     errors = [np.mean([_layer_error(s, np.full((16, 1, 8, 8), v, np.float32), STEM_TARGET) for v in levels])
               for s in (plain, flat)]
     assert errors[0] / errors[1] >= 1.4, errors  # measured 1.66x (seed 1: 1.92x)
     assert plain_record.target == flat_record.target == STEM_TARGET
+
+
+def test_flat_images_take_at_most_their_share_of_the_cached_rows():
+    """With few photographs the flat images get fewer positions each (the orientation classifier lost 4 of 64 crops
+    when 11 flat images weighed a quarter of its first learned layer's rows); at least one each; a share of 1
+    leaves them the photographs' count."""
+    settings = RoundingSettings(iterations=10, positions=16, layers=(STEM,), flat_views=True)
+    counts = []
+    for share in (0.05, 0.001, 1.0):
+        (record,) = _noisy_session(dataclasses.replace(settings, flat_share=share)).rounding_results
+        counts.append(record.positions - 32 * 16)
+    flats = 2 + FLAT_GREYS
+    assert counts == [flats * 5, flats * 1, flats * 16]  # 512 * 0.05 / 0.95 = 26.9 rows: 5 each
+    assert counts[0] / (32 * 16 + counts[0]) <= 0.05
 
 
 def test_learned_rounding_caches_augmented_positions_only_with_few_images():

@@ -182,6 +182,9 @@ class RoundingSettings:
             which natural photographs hardly weigh. Off: on EfficientNet-Lite1 it lowered the stem's error on every
             set of crops and lifted W4A8 after an 8-bit stem, but cost the orientation classifier 4 of 64 crops
             (benchmarks).
+        flat_share: With :attr:`flat_views`, the largest share of the first learned layer's cached rows the flat
+            images take together: each gets fewer positions when the photographs are few (its positions are nearly
+            one row repeated, so without a cap 11 flat images beside 32 photographs weigh a third of the loss).
     """
 
     iterations: int = 300
@@ -209,6 +212,7 @@ class RoundingSettings:
     photometric: bool = False
     damping: float = 0.0
     flat_views: bool = False
+    flat_share: float = 0.125
 
 
 #: The settings ``quantize(rounding='learned')`` starts from (its ``time_budget``, device and seed replace
@@ -507,9 +511,10 @@ class _Cache:
 def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                   positions: int, generator: torch.Generator, device: str,
                   fp_inputs: Sequence[torch.Tensor] | None = None,
-                  outer: Sequence[torch.Tensor] | None = None) -> _Cache:
-    """Per image, ``positions`` random output positions: their input patches and FP32 targets (and the FP32
-    input patches when ``fp_inputs`` is given, the FP32 maps ``outer`` at the same positions when given)."""
+                  outer: Sequence[torch.Tensor] | None = None, counts: Sequence[int] | None = None) -> _Cache:
+    """Per image, ``positions`` random output positions (``counts[b]`` for the images of input ``b`` when given):
+    their input patches and FP32 targets (and the FP32 input patches when ``fp_inputs`` is given, the FP32 maps
+    ``outer`` at the same positions when given)."""
     patch_rows, target_rows, fp_rows, outer_rows = [], [], [], []
     groups = layer.groups
     for b, (x, y) in enumerate(zip(inputs, targets, strict=True)):
@@ -519,7 +524,7 @@ def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequen
         if patch.shape[:2] != out.shape[:2] or (outer_map is not None and outer_map.shape[:2] != out.shape[:2]):
             raise ValueError(f"{layer.op.name}: {patch.shape[1]} patches for {out.shape[1]} outputs")
         for n in range(patch.shape[0]):
-            count = min(positions, patch.shape[1])
+            count = min(positions if counts is None else counts[b], patch.shape[1])
             index = torch.randperm(patch.shape[1], generator=generator)[:count]
             patch_rows.append(patch[n, index])
             target_rows.append(out[n, index])
@@ -1024,7 +1029,8 @@ def run(graph: BaseGraph, executor: TorchExecutor, layers: list[_Layer], batches
                 else train_sums
         else:
             cache = _sample_cache(layer, inputs, fp_targets, settings.positions, generator, settings.device,
-                                  fp_sources, fp32.values[second.target] if second is not None else None)
+                                  fp_sources, fp32.values[second.target] if second is not None else None,
+                                  _flat_counts(settings, quant.values[source], flats[0]) if flats else None)
             train_sums = None
         carry_seconds += time.perf_counter() - layer_started
         budget = _budget(settings, costs, i, started, carry_seconds, 2 if second is not None else 1)
@@ -1064,6 +1070,19 @@ def _flat_values(graph: BaseGraph, executor: TorchExecutor, order: list[Operatio
     fp32.advance(tail_end, keep=[source, target])
     logger.info("learned rounding: %d flat images added to the first layer's calibration data", len(flats))
     return quant.values[source], fp32.values[target], fp32.values[source]
+
+
+def _flat_counts(settings: RoundingSettings, photographs: Sequence[torch.Tensor],
+                 flats: Sequence[torch.Tensor]) -> list[int]:
+    """Positions per input batch when flat images follow the photographs: the photographs keep
+    :attr:`RoundingSettings.positions`, the flat images share at most :attr:`RoundingSettings.flat_share` of all rows
+    (at least one position each)."""
+    each = settings.positions
+    if settings.flat_share < 1.0:
+        photo_rows = settings.positions * sum(int(x.shape[0]) for x in photographs)
+        flat_rows = photo_rows * settings.flat_share / (1.0 - settings.flat_share)
+        each = max(1, min(each, int(flat_rows // max(1, sum(int(x.shape[0]) for x in flats)))))
+    return [settings.positions] * len(photographs) + [each] * len(flats)
 
 
 def _budget(settings: RoundingSettings, costs: list[float], i: int, started: float,
