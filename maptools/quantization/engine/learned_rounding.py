@@ -179,12 +179,11 @@ class RoundingSettings:
         flat_views: The first learned layer's cache (sampled positions) also holds flat images spanning the
             calibration inputs' range (:func:`~maptools.quantization.engine.augment.flat_batches`: black, white, each
             saturated colour, greys), sampled as calibration images are, so its rounding keeps flat and dark regions,
-            which natural photographs hardly weigh. Off: on EfficientNet-Lite1 it lowered the stem's error on every
-            set of crops and lifted W4A8 after an 8-bit stem, but cost the orientation classifier 4 of 64 crops
-            (benchmarks).
+            which natural photographs hardly weigh. Off: over three seeds on EfficientNet-Lite1 at W4A8 (capped by
+            :attr:`flat_share`) they lowered the KL but lost confident crops on two seeds (benchmarks).
         flat_share: With :attr:`flat_views`, the largest share of the first learned layer's cached rows the flat
-            images take together: each gets fewer positions when the photographs are few (its positions are nearly
-            one row repeated, so without a cap 11 flat images beside 32 photographs weigh a third of the loss).
+            images take together: each gets fewer positions when the photographs are few, since a flat image's positions
+            are nearly one row repeated and uncapped they would outweigh what few photographs show.
     """
 
     iterations: int = 300
