@@ -45,9 +45,8 @@ RECIPE_WEIGHT_OBSERVERS: dict[str, str] = {"fast": "ppq", "default": "minmax", "
 #: Weight bit widths at which ``recipe='best'`` learns the rounding (wider weights keep nearest rounding).
 LEARNED_ROUNDING_BITS = (2, 6)
 #: Below this weight width, the recipe keeps the first MAC operator's weights at it (its activations at the map's
-#: width), as the published low-bit methods do: it reads the image through few weights per output; at 8 bits it kept
-#: 0.966 of EfficientNet-Lite1's confident crops at W4A8 on each of three seeds, Lite2 level (``best``; benchmarks,
-#: *The first layer at 8-bit weights, and flat views for the first learned layer*).
+#: width), as the published low-bit methods do: it reads the image through few weights per output (benchmarks, *The
+#: first layer at 8-bit weights, and flat views for the first learned layer*).
 RECIPE_FIRST_WEIGHT_BITS: dict[str, int] = {"best": 8}
 
 _SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."

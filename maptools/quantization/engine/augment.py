@@ -114,9 +114,8 @@ def flat_batches(batches: Sequence[Batch]) -> list[Batch]:
     its lowest and highest corner.
 
     A camera sees dark frames, sky and walls; natural calibration photographs hold few such regions, so the first
-    layer's rounding is not fitted to them (on EfficientNet-Lite1 at 4 bits its learned rounding alone took a dark
-    photograph's KL to 0.58). Empty unless the model has one input, an image of at most :data:`FLAT_MAX_CHANNELS`
-    channels.
+    layer's rounding is not fitted to them (benchmarks: a dark photograph's KL came from the first Conv). Empty
+    unless the model has one input, an image of at most :data:`FLAT_MAX_CHANNELS` channels.
     """
     if not batches or any(len(batch) != 1 or not _images(batch) for batch in batches):
         return []

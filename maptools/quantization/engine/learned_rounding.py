@@ -174,8 +174,7 @@ class RoundingSettings:
         damping: Weight of a ridge term added to a layer's sampled loss: each weight's squared distance from its
             FP32 value times the mean square of its input, the error the rounding would cause if the inputs were
             uncorrelated, so the rounding does not lean on correlations only the calibration data show (0: off; along
-            EfficientNet-Lite1 at 0.3 and 1 it moved the SNR probes no more than any change of the settings does,
-            benchmarks).
+            EfficientNet-Lite1 it moved the SNR probes no more than any change of the settings does, benchmarks).
         flat_views: The first learned layer's cache (sampled positions) also holds flat images spanning the
             calibration inputs' range (:func:`~maptools.quantization.engine.augment.flat_batches`: black, white, each
             saturated colour, greys), sampled as calibration images are, so its rounding keeps flat and dark regions,
@@ -1080,7 +1079,7 @@ def _flat_counts(settings: RoundingSettings, photographs: Sequence[torch.Tensor]
     if settings.flat_share < 1.0:
         photo_rows = settings.positions * sum(int(x.shape[0]) for x in photographs)
         flat_rows = photo_rows * settings.flat_share / (1.0 - settings.flat_share)
-        each = max(1, min(each, int(flat_rows // max(1, sum(int(x.shape[0]) for x in flats)))))
+        each = max(1, min(each, int(flat_rows // sum(int(x.shape[0]) for x in flats))))
     return [settings.positions] * len(photographs) + [each] * len(flats)
 
 
