@@ -1,0 +1,71 @@
+"""The weight-spread benchmark: the rounding SNR and tails of each MAC layer's weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import weight_spread  # noqa: E402
+
+from maptools.examples import digits  # noqa: E402
+
+
+def _gaussian(rows: int = 64, columns: int = 512) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).normal(size=(rows, columns)))
+
+
+def test_gaussian_weights_round_at_the_uniform_grids_snr_and_have_no_tails():
+    """A Gaussian channel on its MSE-optimal 16-level grid: about 20 dB (the optimal uniform quantizer's
+    20.2 dB), kurtosis near 0; at 8 bits each extra bit adds about 6 dB."""
+    snr4, kurtosis = weight_spread.layer_spread(_gaussian(), 0, 4)
+    snr8, _ = weight_spread.layer_spread(_gaussian(), 0, 8)
+    assert 19.0 < snr4 < 21.5
+    assert abs(kurtosis) < 0.3
+    assert snr8 - snr4 > 20.0
+
+
+def test_a_few_large_weights_per_channel_cost_decibels_and_show_in_the_kurtosis():
+    """Two weights of 12 sigma in each channel (the recognizer's fourth-stage Convs have such tails): the grid
+    either clips them or coarsens for all others, so the SNR falls by more than 3 dB and the kurtosis exceeds 10."""
+    heavy = _gaussian().clone()
+    heavy[:, :2] = 12.0
+    snr_plain, _ = weight_spread.layer_spread(_gaussian(), 0, 4)
+    snr_heavy, kurtosis = weight_spread.layer_spread(heavy, 0, 4)
+    assert snr_plain - snr_heavy > 3.0
+    assert kurtosis > 10.0
+
+
+def test_the_channel_axis_is_the_one_given():
+    """One output channel scaled by 100 is no tail per channel along its axis (its scale follows), in the
+    (out, in) layout and in a MatMul's (in, out) one; read along the other axis it is one 100x weight in each row."""
+    w = _gaussian(32, 256)
+    w[0] *= 100.0
+    for weight, axis in ((w, 0), (w.T.contiguous(), 1)):
+        snr, kurtosis = weight_spread.layer_spread(weight, axis, 4)
+        assert snr > 19.0 and abs(kurtosis) < 0.5
+    assert weight_spread.layer_spread(w.T.contiguous(), 0, 4)[1] > 20.0
+
+
+def test_every_mac_of_the_bundled_mobile_cnn_is_listed_by_kind():
+    """The mobile digits CNN: 16 MACs (12 ungrouped Convs, 3 depthwise, 1 Gemm) with all their weights, each at
+    a 4-bit SNR of its trained weights between 15 and 30 dB."""
+    path = digits.MODEL_PATH.parent / "digits_mobile.onnx"
+    rows = weight_spread.model_spread(path, {"input": list(digits.INPUT_SHAPE)}, 4)
+    proto = onnx.load(str(path))
+    weights = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    macs = [node for node in proto.graph.node if node.op_type in weight_spread.MACS]
+    assert len(rows) == len(macs) == 16
+    assert sum(row["weights"] for row in rows) == sum(weights[node.input[1]].size for node in macs)
+    summary = weight_spread.summary(rows)
+    assert {kind: figures["layers"] for kind, figures in summary.items()} == {"conv": 12, "depthwise": 3, "matmul": 1}
+    assert all(15.0 < row["snr_db"] < 30.0 for row in rows)
+    assert summary["depthwise"]["median_snr_db"] == pytest.approx(
+        float(np.median([row["snr_db"] for row in rows if row["kind"] == "depthwise"])))
