@@ -69,7 +69,7 @@ def model_spread(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int)
     proto = ppq_compatible(prepare_model(loaded, check_input_shapes(shapes, loaded)))
     session = PPQSession.from_onnx(proto, LowBitSpec(bits, 8), "cpu", build_setting("default", "cpu", 8))
     rows = []
-    for op in session.executor._executing_order:
+    for op in session.graph.topological_sort():
         if op.type not in MACS or len(op.inputs) < 2 or not op.inputs[1].is_parameter:
             continue
         weight = op.inputs[1].value
