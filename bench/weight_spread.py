@@ -1,7 +1,7 @@
 """How well each MAC layer's trained weights fit a uniform per-channel grid: the rounding SNR and the tails.
 
-Learned rounding lowers a layer's output error by a factor (1.1x-11x on the corpus), not by the decibels a
-heavy-tailed layer lacks at 4 bits. This prints, for every Conv / Gemm / MatMul with a constant weight of a model
+Learned rounding lowers a layer's output error by a factor, not by the decibels a heavy-tailed layer lacks at
+4 bits (figures in docs/benchmarks.rst). This prints, for every Conv / Gemm / MatMul with a constant weight of a model
 as PPQ sees it (after maptools' preparation and rewrites), the SNR of the weight rounded to nearest at ``--bits``
 on the ``mse`` observer's per-channel scales (what ``best`` starts from) and the mean excess kurtosis of its output
 channels (0 for a Gaussian; a few large weights per channel make it large), then the median of each kind of layer.
@@ -28,10 +28,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from maptools.quantization.engine import LowBitSpec, PPQSession  # noqa: E402
+from maptools.quantization.engine.channelwise import is_depthwise  # noqa: E402
+from maptools.quantization.engine.facade import Operation  # noqa: E402
 from maptools.quantization.engine.quantizer import weight_channel_axis, weight_scales  # noqa: E402
 from maptools.quantization.engine.recipes import build_setting  # noqa: E402
 from maptools.quantization.engine.rewrites import ppq_compatible  # noqa: E402
-from maptools.quantization.intmath import int_range, snr_db  # noqa: E402
+from maptools.quantization.intmath import int_range, snr_db_of  # noqa: E402
 from maptools.quantization.model import check_input_shapes, load_model, prepare_model  # noqa: E402
 
 logger = logging.getLogger("weight_spread")
@@ -39,10 +41,11 @@ logger = logging.getLogger("weight_spread")
 MACS = ("Conv", "Gemm", "MatMul")
 
 
-def kind(op_type: str, groups: int) -> str:
-    """``depthwise`` (grouped Conv), ``conv`` (ungrouped) or ``matmul`` (Gemm, MatMul)."""
-    if op_type == "Conv":
-        return "depthwise" if groups > 1 else "conv"
+def kind(op: Operation) -> str:
+    """``depthwise`` (:func:`~maptools.quantization.engine.channelwise.is_depthwise`), ``conv`` (any other Conv) or
+    ``matmul`` (Gemm, MatMul)."""
+    if op.type == "Conv":
+        return "depthwise" if is_depthwise(op) else "conv"
     return "matmul"
 
 
@@ -55,12 +58,11 @@ def layer_spread(weight: torch.Tensor, channel_axis: int, bits: int) -> tuple[fl
     rows = w.movedim(channel_axis, 0).reshape(w.shape[channel_axis], -1)
     step = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
     rounded = torch.clamp(torch.round(rows / step), low, high) * step
-    noise = float(((rows - rounded) ** 2).sum())
     centred = rows - rows.mean(dim=1, keepdim=True)
     spread = centred.pow(2).mean(dim=1)
     live = spread > 0
     kurtosis = (centred[live].pow(4).mean(dim=1) / spread[live] ** 2 - 3.0).mean() if live.any() else torch.tensor(0.0)
-    return snr_db(float((rows ** 2).sum()), noise), float(kurtosis)
+    return snr_db_of(rows.numpy(), rounded.numpy()), float(kurtosis)
 
 
 def model_spread(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int) -> list[dict]:
@@ -76,7 +78,7 @@ def model_spread(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int)
         if weight is None or weight.ndim < 2:
             continue
         snr, kurtosis = layer_spread(weight, weight_channel_axis(op), bits)
-        rows.append({"name": op.name, "kind": kind(op.type, int(op.attributes.get("group", 1))),
+        rows.append({"name": op.name, "kind": kind(op),
                      "weights": int(weight.numel()), "snr_db": round(snr, 2), "kurtosis": round(kurtosis, 2)})
     return rows
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 import torch
 from onnx import numpy_helper
 
@@ -66,6 +65,7 @@ def test_every_mac_of_the_bundled_mobile_cnn_is_listed_by_kind():
     assert sum(row["weights"] for row in rows) == sum(weights[node.input[1]].size for node in macs)
     summary = weight_spread.summary(rows)
     assert {kind: figures["layers"] for kind, figures in summary.items()} == {"conv": 12, "depthwise": 3, "matmul": 1}
+    # 32 + 48 + 72 depthwise 3x3 filters; the 10 x 64 classifier; the first Conv (16 x 1 x 3 x 3) is ungrouped
+    assert {kind: figures["weights"] for kind, figures in summary.items()} == {
+        "conv": 11824, "depthwise": 1368, "matmul": 640}
     assert all(15.0 < row["snr_db"] < 30.0 for row in rows)
-    assert summary["depthwise"]["median_snr_db"] == pytest.approx(
-        float(np.median([row["snr_db"] for row in rows if row["kind"] == "depthwise"])))
