@@ -59,7 +59,13 @@ from corpus import registry, tasks  # noqa: E402
 from peers import raw_setting, run_ort, run_raw_ppq  # noqa: E402
 
 from maptools.quantization import quantize  # noqa: E402
-from maptools.quantization.model import check_input_shapes, first_and_last_macs, load_model, prepare_model  # noqa: E402
+from maptools.quantization.model import (  # noqa: E402
+    check_input_shapes,
+    first_and_last_macs,
+    load_model,
+    output_operators,
+    prepare_model,
+)
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks_real.rst"
 Feed = dict[str, np.ndarray]
@@ -143,17 +149,19 @@ def _setting(default: object, text: str) -> object:
 
 
 #: Recipe suffixes that keep some layers at 8 bits (see :func:`kept_at_8`), or the first at 4-bit weights.
-KEEP8 = ("+conv8", "+ungrouped8", "+firstlast8", "+first8", "+last8", "+first4")
+KEEP8 = ("+conv8", "+ungrouped8", "+firstlast8", "+first8", "+last8", "+first4", "+out8", "+outmap")
 
 
-def kept_at_8(recipe: str, proto: onnx.ModelProto,
-              activation_bits: int = 8) -> tuple[str, dict[str, int | tuple[int, int]] | None, int | None]:
+def kept_at_8(recipe: str, proto: onnx.ModelProto, activation_bits: int = 8,
+              weight_bits: int = 8) -> tuple[str, dict[str, int | tuple[int, int]] | None, int | None]:
     """The recipe without its 8-bit suffix, and the ``layer_bits`` and ``first_last_bits`` that suffix asks.
 
     ``+conv8``: every Conv and the first and last MAC at 8 bits; ``+ungrouped8``: the same but the grouped
     (depthwise) Convs (what the summary advises for a CNN + transformer network below 8-bit weights);
     ``+firstlast8`` / ``+first8`` / ``+last8``: the first and last MAC / the first / the last only; ``+first4``: the
-    first MAC at 4-bit weights and ``activation_bits`` (``best`` keeps it at 8-bit weights otherwise).
+    first MAC at 4-bit weights and ``activation_bits`` (``best`` keeps it at 8-bit weights otherwise); ``+out8`` /
+    ``+outmap``: the operators that write the outputs (:func:`~maptools.quantization.model.output_operators`) at
+    ``weight_bits`` and 8-bit / ``activation_bits`` activations (what ``best`` does below 8-bit activations / undone).
     """
     from maptools.quantization.diagnostics import cnn_transformer_convolutions
 
@@ -161,6 +169,8 @@ def kept_at_8(recipe: str, proto: onnx.ModelProto,
     layer_bits: dict[str, int | tuple[int, int]] | None = None
     if keep8 == "+first4":
         layer_bits = {first_and_last_macs(proto)[0]: (4, activation_bits)}
+    elif keep8 in ("+out8", "+outmap"):
+        layer_bits = dict.fromkeys(output_operators(proto), (weight_bits, 8 if keep8 == "+out8" else activation_bits))
     elif keep8 in ("+conv8", "+ungrouped8"):
         layer_bits = dict.fromkeys(cnn_transformer_convolutions(proto, grouped=keep8 == "+conv8"), 8)
     elif keep8 in ("+first8", "+last8"):
@@ -198,7 +208,7 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
     if recipe.endswith(KEEP8):
         loaded = load_model(model.path)
         plain, layer_bits, first_last_bits = kept_at_8(
-            recipe, prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)), a_bits)
+            recipe, prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)), a_bits, w_bits)
     name, rounding, changes, seed = recipe_parts(plain)
     saved = learned_rounding.DEFAULTS
     learned_rounding.DEFAULTS = dataclasses.replace(saved, **changes)

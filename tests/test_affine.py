@@ -144,3 +144,26 @@ def test_first_and_last_macs_of_weights_in_constant_nodes():
     onnx.checker.check_model(model)
     macs = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul") and n.input[1] in ("w0", "wc")]
     assert first_and_last_macs(model) == macs and macs[-1].startswith("MatMul")
+
+
+def test_output_operators_stop_at_the_last_mac_before_each_output():
+    """The operators that write the outputs (``best`` keeps them at 8-bit activations below 8 bits): the classifier
+    MatMul (weight in a Constant node) and the Softmax after it, not the attention MatMuls of two activations."""
+    from maptools.quantization.model import output_operators
+
+    model = _block_graph()
+    constants = [helper.make_node("Constant", [], [init.name], value=init) for init in model.graph.initializer]
+    nodes = constants + list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    classifier = next(n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "wc")
+    assert output_operators(model) == [classifier, "Softmax_out"]
+    # an output read off the residual Add before the classifier: back through the attention and the layer norm
+    # (no constant weight there) to the last Conv, which writes it too; the two Convs before it do not
+    residual = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "wc").input[0]
+    model.graph.output.append(helper.make_tensor_value_info(residual, TensorProto.FLOAT, None))
+    walked = output_operators(model)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert {classifier, "Softmax_out", convs[-1]} <= set(walked) and not set(convs[:-1]) & set(walked)
+    assert sum(name.startswith("Softmax") for name in walked) == 2  # the attention's Softmax and the output's

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import real_models  # noqa: E402
 
-from maptools.quantization.model import first_and_last_macs  # noqa: E402
+from maptools.quantization.model import first_and_last_macs, output_operators  # noqa: E402
 
 _MODEL = Path(real_models.__file__).resolve().parents[1] / "maptools" / "examples" / "data" / "digits_mobile.onnx"
 
@@ -35,6 +35,16 @@ def test_first4_rounds_the_first_mac_to_4_bit_weights_at_the_maps_activation_bit
     proto = onnx.load(_MODEL)
     first = first_and_last_macs(proto)[0]
     assert real_models.kept_at_8("best+first4", proto, 6) == ("best", {first: (4, 6)}, None)
+
+
+def test_out8_and_outmap_set_the_output_operators_activation_bits():
+    """``+out8`` gives the operators writing the outputs what ``best`` gives them below 8-bit activations; ``+outmap``
+    puts them back at the map's activation bits."""
+    proto = onnx.load(_MODEL)
+    outputs = output_operators(proto)
+    assert outputs and first_and_last_macs(proto)[-1] in outputs
+    assert real_models.kept_at_8("default+out8", proto, 4, 4) == ("default", dict.fromkeys(outputs, (4, 8)), None)
+    assert real_models.kept_at_8("best+outmap", proto, 4, 6) == ("best", dict.fromkeys(outputs, (6, 4)), None)
 
 
 def test_a_recipes_seed_reaches_quantize():

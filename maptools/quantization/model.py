@@ -35,7 +35,7 @@ from maptools.quantization.opset_rules import DEFAULT_DOMAINS
 from maptools.quantization.validation import check_batch_memory
 
 __all__ = ["GraphInput", "LoadedModel", "check_domains", "check_input_shapes", "first_and_last_macs",
-           "load_model", "prepare_model"]
+           "load_model", "output_operators", "prepare_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -350,12 +350,42 @@ def first_and_last_macs(proto: onnx.ModelProto) -> list[str]:
 
     One name when the graph has a single such operator, none when it has none.
     """
-    # Paddle2ONNX writes weights as Constant nodes, other exporters as initializers
-    constants = {init.name for init in proto.graph.initializer} | {
-        out for node in proto.graph.node if node.op_type == "Constant" for out in node.output}
-    macs = [node.name for node in proto.graph.node
-            if node.op_type in MAC_TYPES and len(node.input) > 1 and node.input[1] in constants]
+    constants = _constant_names(proto)
+    macs = [node.name for node in proto.graph.node if _is_mac(node, constants)]
     return list(dict.fromkeys(macs[:1] + macs[-1:]))
+
+
+def output_operators(proto: onnx.ModelProto) -> list[str]:
+    """Names of the operators that write the model's outputs: walking back from each graph output, every
+    operator up to and including the first MAC operator with a constant weight on each path, in graph order.
+
+    These are the values that leave the chip (logits, boxes, per-step class scores); the rest of the graph
+    only feeds them.
+    """
+    constants = _constant_names(proto)
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    found: set[str] = set()
+    pending = [producer[out.name] for out in proto.graph.output if out.name in producer]
+    while pending:
+        node = pending.pop()
+        if node.name in found or node.op_type == "Constant":
+            continue
+        found.add(node.name)
+        if not _is_mac(node, constants):
+            pending.extend(producer[name] for name in node.input if name in producer)
+    return [node.name for node in proto.graph.node if node.name in found]
+
+
+def _constant_names(proto: onnx.ModelProto) -> set[str]:
+    """The initializers' and Constant nodes' outputs (Paddle2ONNX writes weights as Constant nodes, other
+    exporters as initializers)."""
+    return {init.name for init in proto.graph.initializer} | {
+        out for node in proto.graph.node if node.op_type == "Constant" for out in node.output}
+
+
+def _is_mac(node: onnx.NodeProto, constants: set[str]) -> bool:
+    """A Conv / Gemm / MatMul whose weight is a constant."""
+    return node.op_type in MAC_TYPES and len(node.input) > 1 and node.input[1] in constants
 
 
 def elem_type_name(dtype: np.dtype) -> str:

@@ -6,9 +6,9 @@ the activation observer and the unsigned ranges applied (:meth:`QuantizeOptions.
 ``settings`` are :meth:`QuantizeOptions.settings` of the applied options.
 
 The recipes' choices made in maptools (:data:`RECIPE_OBSERVERS`, :data:`RECIPE_UNSIGNED`,
-:data:`RECIPE_WEIGHT_OBSERVERS`, :data:`RECIPE_FIRST_WEIGHT_BITS`) live here, as plain data, so that checking
-arguments imports neither torch nor PPQ; :mod:`maptools.quantization.engine.recipes` builds the PPQ settings and
-explains the choices.
+:data:`RECIPE_WEIGHT_OBSERVERS`, :data:`RECIPE_FIRST_WEIGHT_BITS`, :data:`RECIPE_OUTPUT_ACTIVATION_BITS`) live here,
+as plain data, so that checking arguments imports neither torch nor PPQ; :mod:`maptools.quantization.engine.recipes`
+builds the PPQ settings and explains the choices.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "LEARNED_ROUNDING_BITS",
     "RECIPE_FIRST_WEIGHT_BITS",
     "RECIPE_OBSERVERS",
+    "RECIPE_OUTPUT_ACTIVATION_BITS",
     "RECIPE_UNSIGNED",
     "RECIPE_WEIGHT_OBSERVERS",
     "QuantizeOptions",
@@ -48,6 +49,11 @@ LEARNED_ROUNDING_BITS = (2, 6)
 #: width), as the published low-bit methods do: it reads the image through few weights per output (benchmarks, *The
 #: first layer at 8-bit weights, and flat views for the first learned layer*).
 RECIPE_FIRST_WEIGHT_BITS: dict[str, int] = {"best": 8}
+#: Below this activation width, the recipe keeps the operators that write the model's outputs
+#: (:func:`~maptools.quantization.model.output_operators`) at it (their weights at the map's width), as the
+#: published low-bit methods leave the network's output unquantized: 4-bit logits tie or clip the top classes
+#: (benchmarks, *The outputs at 8 bits below 8-bit activations*).
+RECIPE_OUTPUT_ACTIVATION_BITS: dict[str, int] = {"best": 8}
 
 _SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."
                  "build_setting) or None, got {}")
@@ -113,14 +119,17 @@ class QuantizeOptions:
         """The recipe name; ``'custom'`` for a ``setting`` without a recipe."""
         return self.config.recipe.recipe or "custom"
 
-    def with_layer_bits(self, node_names: Sequence[str], first_and_last: Sequence[str]) -> QuantizeOptions:
+    def with_layer_bits(self, node_names: Sequence[str], first_and_last: Sequence[str],
+                        outputs: Sequence[str] = ()) -> QuantizeOptions:
         """The options for a model: ``layer_bits`` checked against its nodes, ``first_last_bits`` added, then the
-        recipe's first-layer weights (:data:`RECIPE_FIRST_WEIGHT_BITS`) where neither names the first MAC.
+        recipe's first-layer weights (:data:`RECIPE_FIRST_WEIGHT_BITS`) where neither names the first MAC, and the
+        recipe's output activations (:data:`RECIPE_OUTPUT_ACTIVATION_BITS`) where neither names an output operator.
 
         Args:
             node_names: The names of the prepared model's nodes.
             first_and_last: Its first and last MAC operators (given ``first_last_bits`` to those without a
                 ``layer_bits`` entry; the first one the recipe's first-layer weights when neither applies).
+            outputs: The operators that write its outputs (:func:`~maptools.quantization.model.output_operators`).
 
         Raises:
             InvalidArgumentError: a ``layer_bits`` node is not in the model.
@@ -141,6 +150,15 @@ class QuantizeOptions:
             logger.info("recipe %r: the first MAC operator %s keeps %d-bit weights (layer_bits={%r: (%d, %d)} rounds "
                         "it to %d bits too)", self.recipe, first_and_last[0], first_bits, first_and_last[0],
                         weight_bits, overrides[first_and_last[0]][1], weight_bits)
+        output_bits = RECIPE_OUTPUT_ACTIVATION_BITS.get(self.recipe)
+        activation_bits = bits.activation_bits or bits.bit_width
+        named = set(bits.layer_bits) | (set(first_and_last) if bits.first_last_bits is not None else set())
+        kept = [name for name in outputs if name not in named]
+        if output_bits is not None and activation_bits < output_bits and kept:
+            for name in kept:
+                overrides[name] = (overrides.get(name, (weight_bits, activation_bits))[0], output_bits)
+            logger.info("recipe %r: the operators writing the model's outputs (%s) keep %d-bit activations "
+                        "(layer_bits naming them sets their bits)", self.recipe, ", ".join(kept), output_bits)
         return self.replace(layer_bits=overrides)
 
     def replace(self, **options: Any) -> QuantizeOptions:

@@ -44,6 +44,7 @@ from maptools.quantization.model import (
     check_input_shapes,
     first_and_last_macs,
     load_model,
+    output_operators,
     prepare_model,
 )
 from maptools.quantization.options import QuantizeOptions, check_setting_type
@@ -121,12 +122,13 @@ class Extracted:
 
 def load(options: QuantizeOptions, onnx_path: str | os.PathLike,
          input_shapes: Mapping[str, Sequence[int]]) -> tuple[Prepared, QuantizeOptions]:
-    """Load and prepare the model; the options with ``layer_bits`` checked against it, ``first_last_bits`` and the
-    recipe's first-layer weights added."""
+    """Load and prepare the model; the options with ``layer_bits`` checked against it, ``first_last_bits``, the
+    recipe's first-layer weights and output activations added."""
     model = load_model(onnx_path)
     shapes = check_input_shapes(input_shapes, model)
     proto = prepare_model(model, shapes)
-    options = options.with_layer_bits([node.name for node in proto.graph.node], first_and_last_macs(proto))
+    options = options.with_layer_bits([node.name for node in proto.graph.node], first_and_last_macs(proto),
+                                      output_operators(proto))
     if options.config.calibration.analysis_steps is None:
         from maptools.quantization.calibration import default_analysis_steps
 
