@@ -130,17 +130,22 @@ def test_w8a8_with_folding_keeps_the_outputs(tmp_path, monkeypatch, fold, min_sn
         assert all(pair.not_run is None and pair.snr_db is not None for pair in report.pairs)
 
 
-def test_first_and_last_macs_of_weights_in_constant_nodes():
-    """Paddle2ONNX writes weights as Constant nodes: the last MAC of PP-OCRv4 is its classifier MatMul, which
-    ``first_last_bits`` must reach (it found the last Conv before)."""
-    from maptools.quantization.model import first_and_last_macs
-
-    model = _block_graph()
+def _weights_in_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its initializers written as Constant nodes, as Paddle2ONNX writes weights."""
     constants = [helper.make_node("Constant", [], [init.name], value=init) for init in model.graph.initializer]
     nodes = constants + list(model.graph.node)
     del model.graph.initializer[:]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    return model
+
+
+def test_first_and_last_macs_of_weights_in_constant_nodes():
+    """Paddle2ONNX writes weights as Constant nodes: the last MAC of PP-OCRv4 is its classifier MatMul, which
+    ``first_last_bits`` must reach (it found the last Conv before)."""
+    from maptools.quantization.model import first_and_last_macs
+
+    model = _weights_in_constant_nodes(_block_graph())
     onnx.checker.check_model(model)
     macs = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul") and n.input[1] in ("w0", "wc")]
     assert first_and_last_macs(model) == macs and macs[-1].startswith("MatMul")
@@ -151,12 +156,7 @@ def test_output_operators_stop_at_the_last_mac_before_each_output():
     MatMul (weight in a Constant node) and the Softmax after it, not the attention MatMuls of two activations."""
     from maptools.quantization.model import output_operators
 
-    model = _block_graph()
-    constants = [helper.make_node("Constant", [], [init.name], value=init) for init in model.graph.initializer]
-    nodes = constants + list(model.graph.node)
-    del model.graph.initializer[:]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    model = _weights_in_constant_nodes(_block_graph())
     classifier = next(n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "wc")
     assert output_operators(model) == [classifier, "Softmax_out"]
     # an output read off the residual Add before the classifier: back through the attention and the layer norm

@@ -492,15 +492,20 @@ def test_best_learns_rounding_at_low_bits_only(tmp_path, tiny_onnx):
     assert settings(recipe="best", bit_width=4, rounding="nearest")["rounding"] == "nearest"
 
 
+def _tiny_settings(mapsave: Path, model: Path, name: str, **kwargs) -> dict:
+    """Quantize the tiny Conv -> Gemm model as ``name`` (8 random batches, a 1 s rounding budget); its manifest's
+    settings."""
+    quantize({"input": [2, 3, 8, 8]}, "cpu", model, mapname=name, calib_steps=8, analysis_steps=1,
+             mapsave_dir=mapsave, time_budget=1, **kwargs)
+    return json.loads((mapsave / name / MANIFEST).read_text())["settings"]
+
+
 def test_best_keeps_the_first_mac_at_8_bit_weights_below_8_bits(tmp_path, tiny_onnx):
     """``best`` at 4-bit weights quantizes the first MAC (``conv``) with 8-bit weights and the map's activation bits,
     recorded in the manifest's ``layer_bits`` and in its integers; ``layer_bits`` naming it, another recipe or 8-bit
     weights leave it to the map's bits."""
     def run(name: str, **kwargs) -> tuple[dict, dict]:
-        quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname=name, calib_steps=8, analysis_steps=1,
-                 mapsave_dir=tmp_path, time_budget=1, **kwargs)
-        settings = json.loads((tmp_path / name / MANIFEST).read_text())["settings"]
-        return settings, read_quantparams(name, tmp_path)
+        return _tiny_settings(tmp_path, tiny_onnx, name, **kwargs), read_quantparams(name, tmp_path)
 
     settings, params = run("best", recipe="best", weight_bits=4, activation_bits=8)
     assert settings["layer_bits"] == {"conv": [8, 8]}
@@ -518,10 +523,7 @@ def test_best_keeps_the_outputs_at_8_bit_activations_below_8_bits(tmp_path, tiny
     the confident crops kept, 0.659 with 8-bit logits). ``layer_bits`` naming it, ``first_last_bits``, another
     recipe or 8-bit activations leave the outputs at the map's bits."""
     def run(name: str, **kwargs) -> tuple[dict, dict]:
-        quantize({"input": [2, 3, 8, 8]}, "cpu", tiny_onnx, mapname=name, calib_steps=8, analysis_steps=1,
-                 mapsave_dir=tmp_path, time_budget=1, **kwargs)
-        settings = json.loads((tmp_path / name / MANIFEST).read_text())["settings"]
-        return settings, read_quantinfo(name, tmp_path)
+        return _tiny_settings(tmp_path, tiny_onnx, name, **kwargs), read_quantinfo(name, tmp_path)
 
     settings, info = run("best", recipe="best", weight_bits=4, activation_bits=6)
     assert settings["layer_bits"] == {"conv": [8, 6], "fc": [4, 8]}
