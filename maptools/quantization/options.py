@@ -157,8 +157,9 @@ class QuantizeOptions:
         if output_bits is not None and activation_bits < output_bits and kept:
             for name in kept:
                 overrides[name] = (overrides.get(name, (weight_bits, activation_bits))[0], output_bits)
+            listed = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
             logger.info("recipe %r: the operators writing the model's outputs (%s) keep %d-bit activations "
-                        "(layer_bits naming them sets their bits)", self.recipe, ", ".join(kept), output_bits)
+                        "(layer_bits naming them sets their bits)", self.recipe, listed, output_bits)
         return self.replace(layer_bits=overrides)
 
     def replace(self, **options: Any) -> QuantizeOptions:
