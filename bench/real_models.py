@@ -161,7 +161,8 @@ def kept_at_8(recipe: str, proto: onnx.ModelProto, activation_bits: int = 8,
     ``+firstlast8`` / ``+first8`` / ``+last8``: the first and last MAC / the first / the last only; ``+first4``: the
     first MAC at 4-bit weights and ``activation_bits`` (``best`` keeps it at 8-bit weights otherwise); ``+out8`` /
     ``+outmap``: the operators that write the outputs (:func:`~maptools.quantization.model.output_operators`) at
-    ``weight_bits`` and 8-bit / ``activation_bits`` activations (what ``best`` does below 8-bit activations / undone).
+    ``weight_bits`` and 8-bit / ``activation_bits`` activations (what ``default`` and ``best`` do below 8-bit
+    activations / undone: ``default+outmap`` is every tensor at the bits asked).
     """
     from maptools.quantization.diagnostics import cnn_transformer_convolutions
 

@@ -38,8 +38,8 @@ def test_first4_rounds_the_first_mac_to_4_bit_weights_at_the_maps_activation_bit
 
 
 def test_out8_and_outmap_set_the_output_operators_activation_bits():
-    """``+out8`` gives the operators writing the outputs what ``best`` gives them below 8-bit activations; ``+outmap``
-    puts them back at the map's activation bits."""
+    """``+out8`` gives the operators writing the outputs what ``default`` and ``best`` give them below 8-bit
+    activations; ``+outmap`` puts them back at the map's activation bits."""
     proto = onnx.load(_MODEL)
     outputs = output_operators(proto)
     assert outputs and first_and_last_macs(proto)[-1] in outputs

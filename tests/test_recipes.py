@@ -129,7 +129,6 @@ def test_recipes_build_distinct_settings():
     assert best.quantize_activation_setting.calib_algorithm == "mse" and best.lsq_optimization
     lsq = best.lsq_optimization_setting
     assert (lsq.collecting_device, lsq.steps, lsq.lr, lsq.block_size) == ("cpu", 300, 1e-4, 4)
-    assert build_setting("best", "cpu", 32, activation_bits=4).lsq_optimization_setting.lr == 1e-3
     assert build_setting("best", "cuda", 32).lsq_optimization_setting.collecting_device == "cuda"
     assert build_setting("fast", "cpu", 32) is not fast  # a fresh setting every call
     for recipe in RECIPES:  # an explicit observer wins over the recipe's
@@ -217,7 +216,9 @@ def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
     assert all(0 < zero_point <= 3 for _, _, zero_point in by_type["Mul"])
     assert ranges["/block1/expand/expand.2/Clip"] == (0, 15, 0)  # ReLU6 inside a block
     assert ranges["/stem/stem.2/Clip"] == (-8, 7, 0)  # ReLU6 sharing a scale with the residual Add's signed input
-    assert all(cfg.outputs[0] is None or cfg.outputs[0].qmin == -8 for cfg in signed.operators.values())
+    signed_lows = {name: cfg.outputs[0].qmin for name, cfg in signed.operators.items() if cfg.outputs[0] is not None}
+    assert {name for name, low in signed_lows.items() if low != -8} == {"/fc/Gemm"}  # the logits at 8 bits
+    assert signed_lows["/fc/Gemm"] == -128
     # the gain, measured on the 540 test digits against the FP32 logits (the 16 calibration batches are all the
     # analysis could see): 0.6 dB and 1.3 points of top-1 (7.99 against 7.38 dB)
     images, _ = digits.load_split("test")
@@ -252,7 +253,9 @@ def test_first_last_bits_is_layer_bits_on_the_first_and_last_mac(mapsave, calib3
                                                 ({"bit_width": 4}, "learned"), ({"bit_width": 8}, "nearest")])
 def test_best_runs_lsq_after_learned_rounding_at_every_activation_width(tmp_path, tiny_onnx, bits, rounding):
     """``quantize``'s engine setting: ``best`` trains LSQ after learned rounding at W4A8 as at W4A4, and at W8A8
-    (nearest rounding); without it at W4A8 EfficientNet-Lite1 lost confident agreement on each of three seeds."""
+    (nearest rounding); without it at W4A8 EfficientNet-Lite1 lost confident agreement on each of three seeds. Its
+    learning rate is 1e-4 at 4-bit activations too: 1e-3 there collapsed EfficientNet-Lite2 at W8A4 (benchmarks,
+    *Why the recipes are what they are*)."""
     from maptools.quantization import pipeline
     from maptools.quantization.config import QuantizeConfig
     from maptools.quantization.options import QuantizeOptions
@@ -263,5 +266,5 @@ def test_best_runs_lsq_after_learned_rounding_at_every_activation_width(tmp_path
     prepared, options = pipeline.load(options, tiny_onnx, {"input": [2, 3, 8, 8]})
     data = pipeline.calibration_data(options, prepared, None, None)
     options, setting = pipeline.configure_engine(options, data)
-    assert setting.lsq_optimization is True
+    assert setting.lsq_optimization is True and setting.lsq_optimization_setting.lr == 1e-4
     assert options.config.recipe.rounding == rounding

@@ -85,11 +85,12 @@ def quantize(
         recipe: ``'fast'``, ``'default'`` or ``'best'`` (see :mod:`maptools.quantization.engine.recipes`), or
             None: ``'default'``, or with ``setting`` PPQ's own choices (recorded as ``'custom'``). With
             ``setting``, a recipe contributes its choices made in maptools (activation observer, unsigned
-            ranges, weight scales, the first MAC's 8-bit weights) while the passes are the setting's:
-            ``recipe='default'`` with ``build_setting('default', ...)`` plus equalization is the default recipe plus
-            equalization. Below 8-bit weights ``'best'`` keeps the first MAC operator's weights at 8 bits, and below
-            8-bit activations the operators that write the model's outputs (the last MAC operator on each path to an
-            output and those after it) at 8-bit activations, unless ``layer_bits`` or ``first_last_bits`` names
+            ranges, weight scales, the first MAC's 8-bit weights, the outputs' 8-bit activations) while the
+            passes are the setting's: ``recipe='default'`` with ``build_setting('default', ...)`` plus equalization
+            is the default recipe plus equalization. Below 8-bit weights ``'best'`` keeps the first MAC operator's
+            weights at 8 bits; below 8-bit activations ``'default'`` and ``'best'`` keep the operators that write
+            the model's outputs (the last MAC operator on each path to an output and those after it) at 8-bit
+            activations, unless ``layer_bits`` or ``first_last_bits`` names
             them (both recorded in the manifest's ``layer_bits``).
         analysis_steps: Number of batches the graph-wise error is measured on, held out from calibration
             (see ``evalset``); None: enough for 32 samples, at least 4 batches

@@ -53,7 +53,7 @@ RECIPE_FIRST_WEIGHT_BITS: dict[str, int] = {"best": 8}
 #: (:func:`~maptools.quantization.model.output_operators`) at it (their weights at the map's width), as the
 #: published low-bit methods leave the network's output unquantized: 4-bit logits tie or clip the top classes
 #: (benchmarks, *The outputs at 8 bits below 8-bit activations*).
-RECIPE_OUTPUT_ACTIVATION_BITS: dict[str, int] = {"best": 8}
+RECIPE_OUTPUT_ACTIVATION_BITS: dict[str, int] = {"default": 8, "best": 8}
 
 _SETTING_TYPE = ("setting: expected a PPQ QuantizationSetting (e.g. from maptools.quantization.engine.recipes."
                  "build_setting) or None, got {}")

@@ -8,8 +8,8 @@
   (:data:`~maptools.quantization.options.RECIPE_UNSIGNED`, see :mod:`maptools.quantization.engine.unsigned`).
   Still calibration only.
 * ``best``: ``default`` plus PPQ's LSQ fine-tuning of weights, biases and scales on the calibration data,
-  block by block (4 operators), against the FP32 outputs of each block, with a learning rate that depends
-  on the activation bits (:func:`lsq_learning_rate`); zero points are not trained
+  block by block (4 operators), against the FP32 outputs of each block (:data:`LSQ_LR` at every activation
+  width); zero points are not trained
   (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`). On the CPU it trains there.
   At 2- to 6-bit weights ``best`` first learns the weights' rounding
   (:mod:`~maptools.quantization.engine.learned_rounding`, chosen by
@@ -38,18 +38,16 @@ from maptools.quantization.options import RECIPE_OBSERVERS
 __all__ = [
     "LSQ_BLOCK_SIZE",
     "LSQ_LR",
-    "LSQ_LR_LOW_BIT",
     "LSQ_STEPS",
     "build_setting",
     "default_setting",
-    "lsq_learning_rate",
 ]
 
-#: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate (activations wider than 4
-#: bits, and 4 bits or fewer), operators per block.
+#: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate (at every activation width: 1e-3 at
+#: 4-bit activations, chosen on the bundled digits models, collapsed two trained ImageNet networks; benchmarks,
+#: *Why the recipes are what they are*), operators per block.
 LSQ_STEPS = 300
 LSQ_LR = 1e-4
-LSQ_LR_LOW_BIT = 1e-3
 LSQ_BLOCK_SIZE = 4
 
 
@@ -58,21 +56,12 @@ def default_setting() -> QuantizationSetting:
     return QuantizationSettingFactory.trt_setting()
 
 
-def lsq_learning_rate(activation_bits: int) -> float:
-    """LSQ's Adam learning rate in ``best``: :data:`LSQ_LR_LOW_BIT` at 4-bit activations and below.
-
-    Wider activations get :data:`LSQ_LR`.
-    """
-    return LSQ_LR_LOW_BIT if activation_bits <= 4 else LSQ_LR
-
-
 def _collecting_device(device: str) -> str:
     """Where PPQ's training passes cache their data: the CPU unless running on CUDA."""
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None,
-                  activation_bits: int = 8) -> QuantizationSetting:
+def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None) -> QuantizationSetting:
     """Build the PPQ ``QuantizationSetting`` of a recipe.
 
     Args:
@@ -82,7 +71,6 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
             more steps than there are batches.
         observer: Activation observer every recipe calibrates with (one of ``quantize``'s
             ``OBSERVERS``); None for the recipe's own (:data:`~maptools.quantization.options.RECIPE_OBSERVERS`).
-        activation_bits: The map's (default) activation bit width; sets ``best``'s LSQ learning rate.
 
     Returns:
         A fresh setting (the caller may modify it).
@@ -106,7 +94,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         lsq = setting.lsq_optimization_setting
         lsq.collecting_device = _collecting_device(device)
         lsq.steps = LSQ_STEPS
-        lsq.lr = lsq_learning_rate(activation_bits)
+        lsq.lr = LSQ_LR
         lsq.block_size = LSQ_BLOCK_SIZE
         lsq.is_scale_trainable = True
         lsq.gamma = 0.0
