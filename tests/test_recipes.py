@@ -220,7 +220,8 @@ def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
     assert {name for name, low in signed_lows.items() if low != -8} == {"/fc/Gemm"}  # the logits at 8 bits
     assert signed_lows["/fc/Gemm"] == -128
     # the gain, measured on the 540 test digits against the FP32 logits (the 16 calibration batches are all the
-    # analysis could see): 0.6 dB and 1.3 points of top-1 (7.99 against 7.38 dB)
+    # analysis could see): 2.9 dB with the logits at 8 bits in both maps (10.46 against 7.55 dB; 0.6 dB when they
+    # were at 4 bits)
     images, _ = digits.load_split("test")
     fp32 = _logits(mobile.MODEL_PATH, images)
 
@@ -228,7 +229,7 @@ def test_unsigned_ranges_for_non_negative_activations(mapsave, calib32):
         return snr_db_of(fp32, _logits(result.model_path, images))
 
     gain = snr(unsigned) - snr(signed)
-    assert gain > 0.3, gain
+    assert gain > 1.0, gain
 
 
 @pytest.mark.slow

@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 #: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate (at every activation width: 1e-3 at
-#: 4-bit activations, chosen on the bundled digits models, collapsed two trained ImageNet networks; benchmarks,
-#: *Why the recipes are what they are*), operators per block.
+#: 4-bit activations, chosen on the bundled digits models, lost most of two trained ImageNet networks' confident
+#: predictions; benchmarks, *Why the recipes are what they are*), operators per block.
 LSQ_STEPS = 300
 LSQ_LR = 1e-4
 LSQ_BLOCK_SIZE = 4
