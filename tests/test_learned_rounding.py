@@ -422,10 +422,10 @@ def test_qdrop_changes_nothing_at_8_bit_activations_and_the_rounding_at_4():
 
 @pytest.mark.slow
 def test_lsq_after_learned_rounding_keeps_the_learned_integers():
-    """best at W4A4: learned rounding, then LSQ on the activation scales and biases; the weights stay learned."""
+    """best at W4A8: learned rounding, then LSQ on the activation scales and biases; the weights stay learned."""
     model = load_model(MOBILE)
     proto = prepare_model(model, check_input_shapes(SHAPES, model))
-    spec = LowBitSpec(4, 4, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
+    spec = LowBitSpec(4, 8, observer="mse", unsigned_nonnegative=True, weight_observer="mse")
     setting = build_setting("best", "cpu", 8)
     setting.lsq_optimization_setting.steps = 5
     session = PPQSession.from_onnx(proto, spec, "cpu", setting)

@@ -133,8 +133,8 @@ def quantize(
         rounding: How weights are rounded to their integers: ``'nearest'``, or ``'learned'`` (AdaRound: per layer,
             learned on the calibration data to keep the layer's output, see
             :mod:`maptools.quantization.engine.learned_rounding`); None for the recipe's: ``'learned'`` for
-            ``'best'`` when a weight bit width is 2 to 6 (LSQ then trains activation scales and biases only), else
-            ``'nearest'``. Recorded in
+            ``'best'`` when a weight bit width is 2 to 6 (at 8-bit activations LSQ then trains activation scales
+            and biases only; below 8-bit activations ``best`` runs no LSQ), else ``'nearest'``. Recorded in
             the manifest; ``report.json``'s ``learned_rounding`` gives each layer's error before and after.
         time_budget: Seconds learned rounding may take (None: no limit); each layer's iterations are scaled
             to fit. Recorded in the manifest.

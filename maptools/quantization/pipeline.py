@@ -227,7 +227,7 @@ def configure_engine(options: QuantizeOptions, data: CalibrationData) -> tuple[Q
     else:
         config = options.config
         setting = build_setting(options.recipe, config.run.device, len(data.batches),
-                                observer=config.calibration.observer)
+                                observer=config.calibration.observer, activation_bits=config.bits.activation_bits)
     options = options.applied(setting, DEFAULT_THREADS)
     return options, setting
 

@@ -7,15 +7,16 @@
   minimises the quantization error), and never-negative activations on the unsigned range
   (:data:`~maptools.quantization.options.RECIPE_UNSIGNED`, see :mod:`maptools.quantization.engine.unsigned`).
   Still calibration only.
-* ``best``: ``default`` plus PPQ's LSQ fine-tuning of weights, biases and scales on the calibration data,
-  block by block (4 operators), against the FP32 outputs of each block (:data:`LSQ_LR` at every activation
-  width); zero points are not trained
+* ``best``: ``default`` plus, at 8-bit activations and wider (:data:`LSQ_MIN_ACTIVATION_BITS`), PPQ's LSQ
+  fine-tuning of weights, biases and scales on the calibration data, block by block (4 operators), against
+  the FP32 outputs of each block (:data:`LSQ_LR`); zero points are not trained
   (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`). On the CPU it trains there.
   At 2- to 6-bit weights ``best`` first learns the weights' rounding
   (:mod:`~maptools.quantization.engine.learned_rounding`, chosen by
-  :meth:`~maptools.quantization.options.QuantizeOptions.applied_rounding`); LSQ then trains the activation
-  scales and biases around the learned integers, at 8-bit activations too (better than either alone on
-  EfficientNet-Lite1, level on Lite2: :ref:`bench-learned-rounding`).
+  :meth:`~maptools.quantization.options.QuantizeOptions.applied_rounding`); at 8-bit activations LSQ then
+  trains the activation scales and biases around the learned integers (better than either alone on
+  EfficientNet-Lite1, level on Lite2: :ref:`bench-learned-rounding`). Below 8-bit activations LSQ fitted to
+  64 calibration images lowered both trained Lite networks, so ``best`` is learned rounding alone there.
 
 The measurements behind these choices are on the benchmarks page (:ref:`bench-recipes`).
 
@@ -38,6 +39,7 @@ from maptools.quantization.options import RECIPE_OBSERVERS
 __all__ = [
     "LSQ_BLOCK_SIZE",
     "LSQ_LR",
+    "LSQ_MIN_ACTIVATION_BITS",
     "LSQ_STEPS",
     "build_setting",
     "default_setting",
@@ -49,6 +51,9 @@ __all__ = [
 LSQ_STEPS = 300
 LSQ_LR = 1e-4
 LSQ_BLOCK_SIZE = 4
+#: ``best`` runs LSQ only at this many activation bits and more: below, it cost both trained Lite networks
+#: agreement at W4A4 and Lite2 at W8A4 (benchmarks, *LSQ below 8-bit activations*).
+LSQ_MIN_ACTIVATION_BITS = 8
 
 
 def default_setting() -> QuantizationSetting:
@@ -61,7 +66,8 @@ def _collecting_device(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None) -> QuantizationSetting:
+def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str | None = None,
+                  activation_bits: int = 8) -> QuantizationSetting:
     """Build the PPQ ``QuantizationSetting`` of a recipe.
 
     Args:
@@ -71,13 +77,15 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
             more steps than there are batches.
         observer: Activation observer every recipe calibrates with (one of ``quantize``'s
             ``OBSERVERS``); None for the recipe's own (:data:`~maptools.quantization.options.RECIPE_OBSERVERS`).
+        activation_bits: The map's activation bit width: ``best`` runs LSQ only at
+            :data:`LSQ_MIN_ACTIVATION_BITS` and more.
 
     Returns:
         A fresh setting (the caller may modify it).
 
     Raises:
         InvalidArgumentError: ``recipe`` is not one of :data:`~maptools.quantization.config.RECIPES`,
-            ``calib_batches`` < 1 or ``observer`` is unknown.
+            ``calib_batches`` < 1, ``observer`` is unknown or ``activation_bits`` is not a positive int.
     """
     if recipe not in RECIPES:
         raise InvalidArgumentError(f"recipe: expected one of {list(RECIPES)}, got {recipe!r}")
@@ -85,11 +93,13 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         raise InvalidArgumentError(f"calib_batches: expected a positive int, got {calib_batches!r}")
     if observer is not None and observer not in OBSERVERS:
         raise InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)} or None, got {observer!r}")
+    if isinstance(activation_bits, bool) or not isinstance(activation_bits, int) or activation_bits < 1:
+        raise InvalidArgumentError(f"activation_bits: expected a positive int, got {activation_bits!r}")
     setting = default_setting()
     observer = observer if observer is not None else RECIPE_OBSERVERS[recipe]
     if observer is not None:
         setting.quantize_activation_setting.calib_algorithm = observer
-    if recipe == "best":
+    if recipe == "best" and activation_bits >= LSQ_MIN_ACTIVATION_BITS:
         setting.lsq_optimization = True
         lsq = setting.lsq_optimization_setting
         lsq.collecting_device = _collecting_device(device)
