@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from maptools import InvalidArgumentError
+from maptools import InvalidArgumentError, InvalidTypeError
 from maptools.examples import digits, mobile
 from maptools.quantization import OBSERVERS, RECIPES, quantize, read_quantinfo, read_quantparams, verify
 from maptools.quantization.engine.recipes import build_setting
@@ -130,9 +130,9 @@ def test_recipes_build_distinct_settings():
     lsq = best.lsq_optimization_setting
     assert (lsq.collecting_device, lsq.steps, lsq.lr, lsq.block_size) == ("cpu", 300, 1e-4, 4)
     assert build_setting("best", "cuda", 32).lsq_optimization_setting.collecting_device == "cuda"
-    # LSQ only at 8-bit activations and wider: below, it cost both trained Lite networks agreement
-    assert [build_setting("best", "cpu", 32, activation_bits=b).lsq_optimization for b in (4, 6, 7, 8, 16)] == [
-        False, False, False, True, True]
+    # LSQ only at 8-bit activations: below, it cost both trained Lite networks agreement
+    assert [build_setting("best", "cpu", 32, activation_bits=b).lsq_optimization for b in (2, 4, 6, 7, 8)] == [
+        False, False, False, False, True]
     assert build_setting("fast", "cpu", 32) is not fast  # a fresh setting every call
     for recipe in RECIPES:  # an explicit observer wins over the recipe's
         setting = build_setting(recipe, "cpu", 32, observer="minmax")
@@ -142,10 +142,11 @@ def test_recipes_build_distinct_settings():
 @pytest.mark.parametrize(("recipe", "calib_batches", "observer", "activation_bits", "named"),
                          [("slow", 32, None, 8, "recipe"), ("best", 0, None, 8, "calib_batches"),
                           ("best", True, None, 8, "calib_batches"), ("best", 32, "isotone", 8, "observer"),
-                          ("best", 32, None, 0, "activation_bits"), ("best", 32, None, True, "activation_bits"),
-                          ("best", 32, None, "4", "activation_bits")])
+                          ("best", 32, None, 0, "activation_bits"), ("best", 32, None, 16, "activation_bits"),
+                          ("best", 32, None, True, "activation_bits"), ("best", 32, None, "4", "activation_bits")])
 def test_build_setting_rejects_bad_arguments(recipe, calib_batches, observer, activation_bits, named):
-    with pytest.raises(InvalidArgumentError, match=f"^{named}:"):
+    error = InvalidTypeError if isinstance(activation_bits, (bool, str)) else InvalidArgumentError
+    with pytest.raises(error, match=f"^{named}:"):
         build_setting(recipe, "cpu", calib_batches, observer=observer, activation_bits=activation_bits)
 
 

@@ -7,7 +7,7 @@
   minimises the quantization error), and never-negative activations on the unsigned range
   (:data:`~maptools.quantization.options.RECIPE_UNSIGNED`, see :mod:`maptools.quantization.engine.unsigned`).
   Still calibration only.
-* ``best``: ``default`` plus, at 8-bit activations and wider (:data:`LSQ_MIN_ACTIVATION_BITS`), PPQ's LSQ
+* ``best``: ``default`` plus, at 8-bit activations (:data:`LSQ_MIN_ACTIVATION_BITS`), PPQ's LSQ
   fine-tuning of weights, biases and scales on the calibration data, block by block (4 operators), against
   the FP32 outputs of each block (:data:`LSQ_LR`); zero points are not trained
   (:class:`~maptools.quantization.engine.quantizer.IntegerZeroPointLSQPass`). On the CPU it trains there.
@@ -35,6 +35,7 @@ from maptools.quantization.engine.facade import (
     QuantizationSettingFactory,
 )
 from maptools.quantization.options import RECIPE_OBSERVERS
+from maptools.quantization.validation import check_bits
 
 __all__ = [
     "LSQ_BLOCK_SIZE",
@@ -45,9 +46,9 @@ __all__ = [
     "default_setting",
 ]
 
-#: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate (at every activation width: 1e-3 at
-#: 4-bit activations, chosen on the bundled digits models, lost most of two trained ImageNet networks' confident
-#: predictions; benchmarks, *Why the recipes are what they are*), operators per block.
+#: LSQ fine-tuning of ``best``: training steps per block, Adam learning rate (1e-3, once used at 4-bit activations
+#: on the bundled digits models' evidence, lost most of two trained ImageNet networks' confident predictions;
+#: benchmarks, *Why the recipes are what they are*), operators per block.
 LSQ_STEPS = 300
 LSQ_LR = 1e-4
 LSQ_BLOCK_SIZE = 4
@@ -85,7 +86,8 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
 
     Raises:
         InvalidArgumentError: ``recipe`` is not one of :data:`~maptools.quantization.config.RECIPES`,
-            ``calib_batches`` < 1, ``observer`` is unknown or ``activation_bits`` is not a positive int.
+            ``calib_batches`` < 1, ``observer`` is unknown or ``activation_bits`` is not a supported bit width.
+        InvalidTypeError: ``activation_bits`` is not an int.
     """
     if recipe not in RECIPES:
         raise InvalidArgumentError(f"recipe: expected one of {list(RECIPES)}, got {recipe!r}")
@@ -93,8 +95,7 @@ def build_setting(recipe: str, device: str, calib_batches: int, *, observer: str
         raise InvalidArgumentError(f"calib_batches: expected a positive int, got {calib_batches!r}")
     if observer is not None and observer not in OBSERVERS:
         raise InvalidArgumentError(f"observer: expected one of {list(OBSERVERS)} or None, got {observer!r}")
-    if isinstance(activation_bits, bool) or not isinstance(activation_bits, int) or activation_bits < 1:
-        raise InvalidArgumentError(f"activation_bits: expected a positive int, got {activation_bits!r}")
+    check_bits(activation_bits, "activation_bits")
     setting = default_setting()
     observer = observer if observer is not None else RECIPE_OBSERVERS[recipe]
     if observer is not None:
