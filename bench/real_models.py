@@ -195,13 +195,13 @@ def recipe_parts(recipe: str) -> tuple[str, str | None, dict[str, object], int]:
 
 
 def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: Sequence[Feed], w_bits: int,
-                  a_bits: int, recipe: str, workdir: Path) -> Outputs:
+                  a_bits: int, recipe: str, workdir: Path, threads: int | None = None) -> Outputs:
     """maptools' quantize; onnxruntime's outputs of ``quant_model.onnx`` on the evaluation feeds.
 
     ``recipe`` may name a rounding and learned rounding's settings after colons: ``best:nearest``,
     ``best:learned:iterations=500:sample=512`` (fields of :class:`~maptools.quantization.engine.learned_rounding.
     RoundingSettings`; ``seed=`` is quantize's, :func:`recipe_parts`), and end in one of :data:`KEEP8`
-    (:func:`kept_at_8`).
+    (:func:`kept_at_8`). ``threads``: quantize's torch threads (None: its default, one).
     """
     from maptools.quantization.engine import learned_rounding
 
@@ -218,7 +218,7 @@ def _run_maptools(model: registry.CorpusModel, calib: Sequence[Feed], evaluate: 
                           mapname=f"{model.name}_{re.sub('[^A-Za-z0-9_.-]', '_', recipe)}", calibset=calib,
                           calib_steps=len(calib), weight_bits=w_bits, activation_bits=a_bits, recipe=name,
                           rounding=rounding, mapsave_dir=workdir, evalset=evaluate[:4], layer_bits=layer_bits,
-                          first_last_bits=first_last_bits, seed=seed)
+                          first_last_bits=first_last_bits, seed=seed, threads=threads)
     finally:
         learned_rounding.DEFAULTS = saved
     session = _session(result.model_path)
@@ -241,12 +241,14 @@ def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], reci
               peers: Sequence[str], calib_count: int, eval_count: int, workdir: Path,
               raw_settings: Sequence[str] = ("PPQ trt",), ort_methods: Sequence[str] = ("MinMax", "Percentile"),
               done: dict[tuple[str, str, str], dict] | None = None,
-              on_row: Callable[[dict], None] | None = None, calib_from: str = "calib") -> list[dict]:
+              on_row: Callable[[dict], None] | None = None, calib_from: str = "calib",
+              threads: int | None = None) -> list[dict]:
     """Every method at every bit pair on one model.
 
     ``done`` holds rows measured earlier, keyed by (model, bits, method): they are kept, not run again.
     ``on_row`` is called with each new row as soon as it is measured (to save progress).
     ``calib_from``: where the calibration feeds come from (:func:`calibration_feeds`).
+    ``threads``: maptools' ``quantize`` threads (the peers keep one).
     """
     done = done or {}
     calib = calibration_feeds(model, calib_count, calib_from)
@@ -266,7 +268,7 @@ def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], reci
         methods: dict[str, Callable[[], Outputs]] = {}
         for recipe in recipes:
             methods[f"maptools {recipe}"] = functools.partial(_run_maptools, model, calib, evaluate, w_bits, a_bits,
-                                                              recipe, workdir)
+                                                              recipe, workdir, threads)
         if "raw" in peers:
             for setting in raw_settings:
                 methods[f"raw {setting}"] = functools.partial(run_raw_ppq, model.path, w_bits, a_bits,
@@ -364,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-from", choices=("calib", "eval"), default="calib",
                         help="calibrate on the calibration split (the protocol) or on other feeds of the evaluation "
                              "sources (to measure the dependence on calibration data)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of maptools' quantize (default: one, as quantize's default)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="RST fragment to write ('-': none)")
     parser.add_argument("--workdir", default=None, help="maps and prepared graphs (default: a temporary dir)")
     parser.add_argument("--resume", default=None,
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows += run_model(registry.get(name), bits, recipes, peers, args.calib, args.eval, workdir,
                               raw_settings=args.raw_settings.split(","), ort_methods=args.ort_methods.split(","),
-                              done=done, on_row=save, calib_from=args.calib_from)
+                              done=done, on_row=save, calib_from=args.calib_from, threads=args.threads)
         except Exception:  # a broken model must not lose the others' rows
             traceback.print_exc()
             rows.append({"model": name, "bits": "-", "method": "maptools", "error": "benchmark crashed"})
