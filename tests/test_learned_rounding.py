@@ -200,6 +200,46 @@ def test_qdrop_applies_below_its_activation_width_setting():
     assert np.array_equal(integers(qdrop_below_bits=9, qdrop=0.0), default)
 
 
+@pytest.mark.parametrize("qdrop", [0.0, 0.1, 0.5, 0.75, 1.0])
+def test_qdrop_masks_are_zero_or_one_at_the_probability_and_repeat_per_seed(qdrop):
+    """QDrop's masks (16-bit draws compared in float arithmetic): only 0 and 1, 1 with probability ``qdrop``
+    (within 4 standard deviations over 400,000 elements), the same for the same seed, fresh at every call."""
+    def drops(seed: int) -> learned_rounding._Drops:
+        return learned_rounding._Drops(qdrop, torch.Generator().manual_seed(seed))
+
+    source = drops(0)
+    first = source.mask(torch.Size((40, 100, 100)), "cpu")
+    second = source.mask(torch.Size((40, 100, 100)), "cpu")
+    assert set(torch.unique(first).tolist()) <= {0.0, 1.0}
+    spread = 4 * (qdrop * (1 - qdrop) / first.numel()) ** 0.5
+    assert abs(float(first.mean()) - qdrop) <= spread + 1e-12
+    assert torch.equal(first, drops(0).mask(first.shape, "cpu"))
+    if 0 < qdrop < 1:
+        assert not torch.equal(first, second) and not torch.equal(first, drops(1).mask(first.shape, "cpu"))
+
+
+def test_step_inputs_reuse_one_buffer_and_take_fp32_values_where_dropped():
+    """Each step's patches land in the same buffer (no fresh patch-size tensor per step); with QDrop every element is
+    either the quantized network's or the FP32 network's at the same row, about half of each at ``qdrop=0.5``."""
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.randn(3, 50, 9, generator=generator)
+    fp_patches = patches + 1.0 + torch.rand(3, 50, 9, generator=generator)  # never equal to the quantized values
+    cache = learned_rounding._Cache(patches, torch.randn(50, 3, generator=generator), 40, fp_patches)
+    drops = learned_rounding._Drops(0.5, torch.Generator().manual_seed(1))
+    inputs = learned_rounding._StepInputs(cache, 16, drops)
+    rows = torch.randint(40, (16,), generator=generator)
+    mixed = inputs(rows)
+    pointer = mixed.data_ptr()
+    quantized, fp32 = patches.index_select(1, rows), fp_patches.index_select(1, rows)
+    from_fp32 = torch.isclose(mixed, fp32)
+    assert torch.equal(torch.where(from_fp32, fp32, quantized), mixed)
+    assert torch.equal(torch.isclose(mixed, quantized), ~from_fp32)
+    assert 0.35 < float(from_fp32.float().mean()) < 0.65
+    assert inputs(torch.randint(40, (16,), generator=generator)).data_ptr() == pointer
+    plain = learned_rounding._StepInputs(learned_rounding._Cache(patches, cache.targets, 40), 16, drops)
+    assert torch.equal(plain(rows), quantized) and plain(rows).data_ptr() == plain(rows.flip(0)).data_ptr()
+
+
 class _Conv:
     """What the patch extraction reads of a PPQ Conv: a padded 3x3 with two groups."""
 

@@ -545,8 +545,9 @@ def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequen
 class _Drops:
     """QDrop's masks: 1 where an element takes its FP32 value (probability ``qdrop``, in steps of 2^-16), else 0.
 
-    Drawn as 16-bit integers, four to each 64-bit word of ``generator``, compared in float arithmetic: on a CPU
-    ``torch.rand`` and a boolean ``where`` cost several times the layer's product (benchmarks, *Learned rounding*).
+    Drawn as 16-bit integers, three to each 64-bit word of ``generator`` (whose draws leave the top bit clear),
+    compared in float arithmetic: on a CPU ``torch.rand`` and a boolean ``where`` cost several times the layer's
+    product (benchmarks, *Learned rounding*).
     """
 
     def __init__(self, qdrop: float, generator: torch.Generator) -> None:
@@ -558,10 +559,10 @@ class _Drops:
     def fill(self, out: torch.Tensor) -> torch.Tensor:
         """Fill the float tensor ``out`` with a fresh mask and return it."""
         count = out.numel()
-        if self.words.numel() * 4 < count:
-            self.words = torch.empty((count + 3) // 4, dtype=torch.int64)
+        if self.words.numel() * 3 < count:
+            self.words = torch.empty((count + 2) // 3, dtype=torch.int64)
         self.words.random_(generator=self.generator)
-        draws = self.words.view(torch.int16)[:count].view(out.shape)
+        draws = self.words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:count].view(out.shape)
         return out.copy_(draws).neg_().add_(self.threshold).clamp_(0.0, 1.0)
 
     def mask(self, shape: torch.Size, device: torch.device | str) -> torch.Tensor:
@@ -573,26 +574,26 @@ class _StepInputs:
     """The input patches (G, P, Kg) of each step's sampled rows, in buffers reused from step to step.
 
     Reused because on a CPU the page faults of a fresh buffer per step cost more than the layer's product; with
-    QDrop (``drops``) each element takes its FP32 value (``cache.fp_patches``) where the mask is 1.
+    QDrop (``drops``) each element is its FP32 value (``cache.fp_patches``) exactly where the mask is 1.
     """
 
     def __init__(self, cache: _Cache, sample: int, drops: _Drops | None) -> None:
         groups, _, width = cache.patches.shape
-        device = cache.patches.device
         self.cache = cache
+        self.inputs = torch.empty(groups, sample, width, device=cache.patches.device)
+        self.fp32: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
         self.drops = drops if cache.fp_patches is not None else None
-        self.inputs = torch.empty(groups, sample, width, device=device)
-        self.shift = torch.empty_like(self.inputs) if self.drops is not None else None
-        self.keep = torch.empty_like(self.inputs) if self.drops is not None else None
+        if self.drops is not None:
+            self.fp32, self.keep = torch.empty_like(self.inputs), torch.empty_like(self.inputs)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """The patches of ``rows``, valid until the next call."""
         torch.index_select(self.cache.patches, 1, rows, out=self.inputs)
-        if self.drops is None or self.shift is None or self.keep is None or self.cache.fp_patches is None:
+        if self.drops is None or self.fp32 is None or self.keep is None or self.cache.fp_patches is None:
             return self.inputs
-        torch.index_select(self.cache.fp_patches, 1, rows, out=self.shift)
-        self.shift.sub_(self.inputs)
-        return self.inputs.addcmul_(self.drops.fill(self.keep), self.shift)
+        torch.index_select(self.cache.fp_patches, 1, rows, out=self.fp32)
+        return self.inputs.lerp_(self.fp32, self.drops.fill(self.keep))  # exact at weights 0 and 1
 
 
 def _layer_output(layer: _Layer, patches: torch.Tensor, weight: torch.Tensor,
