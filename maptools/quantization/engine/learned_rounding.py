@@ -68,6 +68,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -543,57 +544,57 @@ def _sample_cache(layer: _Layer, inputs: Sequence[torch.Tensor], targets: Sequen
 
 
 class _Drops:
-    """QDrop's masks: 1 where an element takes its FP32 value (probability ``qdrop``, in steps of 2^-16), else 0.
+    """QDrop's masks, as the weights of a ``lerp`` from the FP32 inputs to the quantized ones: 0 (the FP32 value) with
+    probability ``qdrop`` (in steps of 1/256), else 1.
 
-    Drawn as 16-bit integers, three to each 64-bit word of ``generator`` (whose draws leave the top bit clear),
-    compared in float arithmetic: on a CPU ``torch.rand`` and a boolean ``where`` cost several times the layer's
-    product (benchmarks, *Learned rounding*).
+    Drawn as bytes, seven to each 64-bit word of ``generator`` (whose draws leave the top bit clear), compared in
+    float arithmetic: on a CPU ``torch.rand`` and a boolean ``where`` cost several times the layer's product
+    (``bench/rounding_step.py``).
     """
 
-    def __init__(self, qdrop: float, generator: torch.Generator) -> None:
-        self.generator = generator
-        #: A uniform int16 lies below this with probability ``qdrop`` (rounded to 2^-16).
-        self.threshold = float(round(qdrop * 65536) - 32768)
+    def __init__(self, qdrop: float, generator: torch.Generator, device: torch.device | str = "cpu") -> None:
+        self.generator, self.device = generator, device
+        #: A uniform byte lies below this with probability ``qdrop`` (rounded to 1/256).
+        self.threshold = round(qdrop * 256)
         self.words = torch.empty(0, dtype=torch.int64)
+        self.weights = torch.empty(0, device=device)
+        self.low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the bytes below the top one
 
-    def fill(self, out: torch.Tensor) -> torch.Tensor:
-        """Fill the float tensor ``out`` with a fresh mask and return it."""
-        count = out.numel()
-        if self.words.numel() * 3 < count:
-            self.words = torch.empty((count + 2) // 3, dtype=torch.int64)
-        self.words.random_(generator=self.generator)
-        draws = self.words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:count].view(out.shape)
-        return out.copy_(draws).neg_().add_(self.threshold).clamp_(0.0, 1.0)
-
-    def mask(self, shape: torch.Size, device: torch.device | str) -> torch.Tensor:
-        """A fresh mask of ``shape`` on ``device``."""
-        return self.fill(torch.empty(shape, device=device))
+    def draw(self, shape: torch.Size) -> torch.Tensor:
+        """A fresh mask of ``shape`` (valid until the next draw)."""
+        count = math.prod(shape)
+        words = -(-count // 7)
+        if self.words.numel() < words:
+            self.words = torch.empty(words, dtype=torch.int64)
+            self.weights = torch.empty(words * 7, device=self.device)
+        drawn = self.words[:words].random_(generator=self.generator)
+        weights = self.weights[:words * 7]
+        weights.view(words, 7).copy_(drawn.view(torch.uint8).view(words, 8)[:, self.low])
+        # byte b -> 1 where b >= threshold, else 0: clamp(b - threshold + 1, 0, 1) on whole numbers
+        return weights.add_(1 - self.threshold).clamp_(0.0, 1.0)[:count].view(shape)
 
 
 class _StepInputs:
     """The input patches (G, P, Kg) of each step's sampled rows, in buffers reused from step to step.
 
     Reused because on a CPU the page faults of a fresh buffer per step cost more than the layer's product; with
-    QDrop (``drops``) each element is its FP32 value (``cache.fp_patches``) exactly where the mask is 1.
+    QDrop (``drops``) each element is its FP32 value (``cache.fp_patches``) exactly where the mask says so.
     """
 
     def __init__(self, cache: _Cache, sample: int, drops: _Drops | None) -> None:
         groups, _, width = cache.patches.shape
         self.cache = cache
         self.inputs = torch.empty(groups, sample, width, device=cache.patches.device)
-        self.fp32: torch.Tensor | None = None
-        self.keep: torch.Tensor | None = None
-        self.drops = drops if cache.fp_patches is not None else None
-        if self.drops is not None:
-            self.fp32, self.keep = torch.empty_like(self.inputs), torch.empty_like(self.inputs)
+        self.fp32 = torch.empty_like(self.inputs) if cache.fp_patches is not None and drops is not None else None
+        self.drops = drops
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """The patches of ``rows``, valid until the next call."""
         torch.index_select(self.cache.patches, 1, rows, out=self.inputs)
-        if self.drops is None or self.fp32 is None or self.keep is None or self.cache.fp_patches is None:
+        if self.fp32 is None or self.drops is None or self.cache.fp_patches is None:
             return self.inputs
         torch.index_select(self.cache.fp_patches, 1, rows, out=self.fp32)
-        return self.inputs.lerp_(self.fp32, self.drops.fill(self.keep))  # exact at weights 0 and 1
+        return self.fp32.lerp_(self.inputs, self.drops.draw(self.inputs.shape))  # exact at weights 0 and 1
 
 
 def _layer_output(layer: _Layer, patches: torch.Tensor, weight: torch.Tensor,
@@ -740,7 +741,7 @@ def learn_rounding(layer: _Layer, cache: _Cache, settings: RoundingSettings, ite
     optimizer = torch.optim.Adam(groups)
     sample = min(settings.sample, cache.train)
     # QDrop's masks from their own stream: the sampled rows are those of the same run without QDrop
-    drops = _Drops(settings.qdrop, torch.Generator().manual_seed(settings.seed + 1)) \
+    drops = _Drops(settings.qdrop, torch.Generator().manual_seed(settings.seed + 1), device) \
         if cache.fp_patches is not None else None
     inputs = _StepInputs(cache, sample, drops)
     ridge = _ridge(layer, cache, settings.damping)
@@ -826,7 +827,7 @@ def learn_pair_rounding(first: _Layer, second: _Layer, cache: _Cache, settings: 
     optimizer = torch.optim.Adam(groups)
     sample = min(settings.sample, cache.train)
     middle_drop = second.drops_input_quantization(settings)
-    drops = _Drops(settings.qdrop, torch.Generator().manual_seed(settings.seed + 1)) \
+    drops = _Drops(settings.qdrop, torch.Generator().manual_seed(settings.seed + 1), device) \
         if cache.fp_patches is not None or middle_drop else None
     inputs = _StepInputs(cache, sample, drops)
 
@@ -835,7 +836,7 @@ def learn_pair_rounding(first: _Layer, second: _Layer, cache: _Cache, settings: 
         if not middle_drop:
             return quantized
         assert drops is not None
-        return torch.lerp(quantized, middle, drops.mask(middle.shape, device))
+        return torch.lerp(middle, quantized, drops.draw(middle.shape))
 
     def reconstruction(hs: list[torch.Tensor]) -> torch.Tensor:
         rows = torch.randint(cache.train, (sample,), generator=generator).to(device)
