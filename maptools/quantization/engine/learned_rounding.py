@@ -25,7 +25,7 @@ the part of BRECQ's block reconstruction whose output still needs one input patc
 :attr:`RoundingSettings.pair_biases` (off too, benchmarks) the two are learned one at a time and only their biases
 together (:func:`tune_pair_biases`).
 
-The cost is kept small on a CPU in three ways:
+The cost is kept small on a CPU in these ways:
 
 * the loss is a sum over output positions, so each step uses a random sample of them: per layer a cache of
   :attr:`RoundingSettings.positions` output positions per image holds the input patches (im2col) of the
@@ -35,6 +35,10 @@ The cost is kept small on a CPU in three ways:
 * the inputs of each layer are obtained by carrying the calibration activations forward through the
   operators between the previous layer and this one (:class:`_Carrier`), once for the quantized network and
   once for the FP32 one, never by re-running the network from its input;
+* each step's sampled patches land in buffers reused from step to step (:class:`_StepInputs`), and QDrop's masks
+  come from bytes of 64-bit draws compared in float arithmetic (:class:`_Drops`): a fresh patch-size tensor per
+  step, ``torch.rand`` and a boolean ``where`` made a depthwise step several times slower on a CPU
+  (``bench/rounding_step.py``);
 * ``time_budget`` scales the iterations of every layer to fit;
 * with :attr:`RoundingSettings.quadratic`, a layer with no activation after it (a projection Conv, a
   classifier), whose output error is a quadratic form in its weights and bias, is learned on that form computed
