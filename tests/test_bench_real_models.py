@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -67,3 +68,36 @@ def test_calibration_from_the_evaluation_sources_never_reuses_an_evaluated_feed(
     assert not any(np.array_equal(a["input"], b["input"]) for a in others for b in evaluated + protocol)
     with pytest.raises(ValueError, match="calibration source"):
         real_models.calibration_feeds(model, 8, "train")
+
+
+def test_the_threads_option_reaches_quantize(monkeypatch, tmp_path):
+    """``--threads N`` goes to every maptools ``quantize`` the bench runs (the peers keep one thread); without it
+    quantize gets None, its own default."""
+    seen: dict[str, object] = {}
+
+    def run_model(*args, **kwargs):
+        seen["run_model"] = kwargs["threads"]
+        return []
+
+    monkeypatch.setattr(real_models, "run_model", run_model)
+    threads = torch.get_num_threads()
+    try:  # the bench's main sets torch's threads for its process
+        assert real_models.main(["--models", "efficientnet_lite1", "--threads", "2", "--out", "-"]) == 0
+        assert seen.pop("run_model") == 2
+        assert real_models.main(["--models", "efficientnet_lite1", "--out", "-"]) == 0
+        assert seen.pop("run_model") is None
+    finally:
+        torch.set_num_threads(threads)
+
+    class StopError(Exception):
+        pass
+
+    def quantize(*args, **kwargs):
+        seen["quantize"] = kwargs["threads"]
+        raise StopError
+
+    monkeypatch.setattr(real_models, "quantize", quantize)
+    model = real_models.registry.get("efficientnet_lite1")
+    with pytest.raises(StopError):
+        real_models._run_maptools(model, [], [], 4, 8, "default", tmp_path, threads=2)
+    assert seen["quantize"] == 2
