@@ -4,9 +4,9 @@ A step of a depthwise layer at 4-bit activations gathers the sampled rows' input
 the FP32 network (QDrop), draws a mask over every element, mixes, and runs the per-channel product and its
 gradient. Before, each of these made a fresh tensor of the patches' size and the mask came from ``torch.rand``
 and a boolean ``where``; now the patches land in buffers reused from step to step
-(:class:`~maptools.quantization.engine.learned_rounding._StepInputs`) and the mask comes from 16-bit draws compared
-in float arithmetic (:class:`~maptools.quantization.engine.learned_rounding._Drops`). Both variants run the same
-product and loss on random data of each layer's shape: Lite1 at 240 x 240, 64 calibration images, the cache's
+(:class:`~maptools.quantization.engine.learned_rounding._StepInputs`) and the mask comes from bytes of 64-bit draws
+compared in float arithmetic (:class:`~maptools.quantization.engine.learned_rounding._Drops`). Both variants run the
+same product and loss on random data of each layer's shape: Lite1 at 240 x 240, 64 calibration images, the cache's
 positions per image (128, or every position of an 8 x 8 map), ``sample`` 512 rows per step.
 
 The table gives milliseconds per step (median of the repetitions) and the depthwise layers' total for the
@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     per_layer = DEFAULTS.iterations * DEFAULTS.depthwise_factor
     totals = {name: round(sum(r[f"{name}_ms"] * r["layers"] for r in rows) * per_layer / 1e3, 1)
               for name in ("before", "now")}
-    print(f"[step] 21 depthwise layers x {per_layer} steps: before {totals['before']:.0f} s, now {totals['now']:.0f} s "
-          f"({totals['before'] / totals['now']:.1f}x), {args.threads} thread(s)")
+    layers = sum(r["layers"] for r in rows)
+    print(f"[step] {layers} depthwise layers x {per_layer} steps: before {totals['before']:.0f} s, "
+          f"now {totals['now']:.0f} s ({totals['before'] / totals['now']:.1f}x), {args.threads} thread(s)")
     if args.out != "-":
         command = "python bench/rounding_step.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
         Path(args.out).write_text(json.dumps({"command": command, "threads": args.threads, "torch": torch.__version__,
