@@ -1,4 +1,4 @@
-"""Cost of one learned-rounding step of EfficientNet-Lite1's depthwise layers, as built now and as built before.
+"""Cost of one learned-rounding step of a corpus network's depthwise layers, as built now and as built before.
 
 A step of a depthwise layer at 4-bit activations gathers the sampled rows' input patches of the quantized and of
 the FP32 network (QDrop), draws a mask over every element, mixes, and runs the per-channel product and its
@@ -6,16 +6,18 @@ gradient. Before, each of these made a fresh tensor of the patches' size and the
 and a boolean ``where``; now the patches land in buffers reused from step to step
 (:class:`~maptools.quantization.engine.learned_rounding._StepInputs`) and the mask comes from bytes of 64-bit draws
 compared in float arithmetic (:class:`~maptools.quantization.engine.learned_rounding._Drops`). Both variants run the
-same product and loss on random data of each layer's shape: Lite1 at 240 x 240, 64 calibration images, the cache's
-positions per image (128, or every position of an 8 x 8 map), ``sample`` 512 rows per step.
+same product and loss on random data of each layer's shape (read from the corpus model at its input size: channels,
+taps, output map), 64 calibration images, the cache's positions per image (128, or every position of a smaller
+map), ``sample`` 512 rows per step.
 
 The table gives milliseconds per step (median of the repetitions) and the depthwise layers' total for the
 default steps (``iterations * depthwise_factor`` each), the part of ``best`` at W4A4 that dominated its time.
 
 Usage::
 
-    python bench/rounding_step.py                       # one thread, writes docs/benchmarks_rounding_step.json
+    python bench/rounding_step.py                       # Lite1, one thread, writes docs/benchmarks_rounding_step.json
     python bench/rounding_step.py --threads 2 --out -   # print only
+    python bench/rounding_step.py --model efficientnet_lite2 --out -
 """
 
 from __future__ import annotations
@@ -28,18 +30,39 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from corpus import registry  # noqa: E402
 
 from maptools.quantization.engine.learned_rounding import DEFAULTS, _Cache, _Drops, _StepInputs  # noqa: E402
+from maptools.quantization.model import check_input_shapes, load_model, prepare_model  # noqa: E402
 
-#: Lite1's depthwise layers: (channels, kernel taps, output side at 240 x 240, how many such layers).
-LITE1_DEPTHWISE = [(32, 9, 120, 1), (96, 9, 60, 1), (144, 9, 60, 2), (144, 25, 30, 1), (240, 25, 30, 2),
-                   (240, 9, 15, 1), (480, 9, 15, 3), (480, 25, 15, 1), (672, 25, 15, 3), (672, 25, 8, 1),
-                   (1152, 25, 8, 4), (1152, 9, 8, 1)]
 IMAGES = 64
+
+
+def depthwise_shapes(name: str) -> list[tuple[int, int, int, int]]:
+    """The corpus model's depthwise Convs as (channels, kernel taps, output positions, how many such layers), in
+    graph order of first appearance, from ONNX shape inference on maptools' prepared graph at the model's input size."""
+    model = registry.get(name)
+    loaded = load_model(model.path)
+    proto = onnx.shape_inference.infer_shapes(prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)))
+    weights = {init.name: tuple(init.dims) for init in proto.graph.initializer}
+    outputs = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in proto.graph.value_info}
+    counts: dict[tuple[int, int, int], int] = {}
+    for node in proto.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        shape = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if shape is None or group <= 1 or shape[0] != group or shape[1] != 1:
+            continue
+        height, width = outputs[node.output[0]][2:]
+        key = (group, shape[2] * shape[3], height * width)
+        counts[key] = counts.get(key, 0) + 1
+    return [(*key, count) for key, count in counts.items()]
 
 
 def _before(cache: _Cache, sample: int, weight: torch.Tensor, rows: torch.Generator,
@@ -82,12 +105,12 @@ def _median_ms(step: Callable[[], None], steps: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure(steps: int = 10, reps: int = 3) -> list[dict]:
-    """Milliseconds per step of each Lite1 depthwise shape, before and now."""
+def measure(model: str = "efficientnet_lite1", steps: int = 10, reps: int = 3) -> list[dict]:
+    """Milliseconds per step of each depthwise shape of the corpus ``model``, before and now."""
     rows = []
-    for channels, taps, side, count in LITE1_DEPTHWISE:
+    for channels, taps, positions, count in depthwise_shapes(model):
         generator = torch.Generator().manual_seed(0)
-        cached = IMAGES * min(DEFAULTS.positions, side * side)
+        cached = IMAGES * min(DEFAULTS.positions, positions)
         patches = torch.randn(channels, cached, taps, generator=generator)
         cache = _Cache(patches, torch.randn(cached, channels, generator=generator), cached - cached // 8,
                        patches + 0.05 * torch.randn(patches.shape, generator=generator))
@@ -105,6 +128,7 @@ def measure(steps: int = 10, reps: int = 3) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="efficientnet_lite1", help="corpus model whose depthwise layers are timed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--steps", type=int, default=10, help="steps per repetition")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (median)")
@@ -112,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON to write ('-': none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = measure(args.steps, args.reps)
+    rows = measure(args.model, args.steps, args.reps)
     per_layer = DEFAULTS.iterations * DEFAULTS.depthwise_factor
     totals = {name: round(sum(r[f"{name}_ms"] * r["layers"] for r in rows) * per_layer / 1e3, 1)
               for name in ("before", "now")}
@@ -121,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
           f"now {totals['now']:.0f} s ({totals['before'] / totals['now']:.1f}x), {args.threads} thread(s)")
     if args.out != "-":
         command = "python bench/rounding_step.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
-        Path(args.out).write_text(json.dumps({"command": command, "threads": args.threads, "torch": torch.__version__,
-                                              "steps_per_layer": per_layer, "seconds_21_layers": totals,
+        Path(args.out).write_text(json.dumps({"command": command, "model": args.model, "threads": args.threads,
+                                              "torch": torch.__version__,
+                                              "steps_per_layer": per_layer, "seconds_depthwise_layers": totals,
                                               "rows": rows}, indent=1) + "\n")
     return 0
 

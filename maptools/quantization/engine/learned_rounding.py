@@ -587,18 +587,20 @@ class _StepInputs:
 
     def __init__(self, cache: _Cache, sample: int, drops: _Drops | None) -> None:
         groups, _, width = cache.patches.shape
-        self.cache = cache
+        self.patches = cache.patches
         self.inputs = torch.empty(groups, sample, width, device=cache.patches.device)
-        self.fp32 = torch.empty_like(self.inputs) if cache.fp_patches is not None and drops is not None else None
-        self.drops = drops
+        #: With QDrop: the FP32 patches, the buffer their rows land in, and the masks.
+        self.mixing = (cache.fp_patches, torch.empty_like(self.inputs), drops) \
+            if cache.fp_patches is not None and drops is not None else None
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """The patches of ``rows``, valid until the next call."""
-        torch.index_select(self.cache.patches, 1, rows, out=self.inputs)
-        if self.fp32 is None or self.drops is None or self.cache.fp_patches is None:
+        torch.index_select(self.patches, 1, rows, out=self.inputs)
+        if self.mixing is None:
             return self.inputs
-        torch.index_select(self.cache.fp_patches, 1, rows, out=self.fp32)
-        return self.fp32.lerp_(self.inputs, self.drops.draw(self.inputs.shape))  # exact at weights 0 and 1
+        fp_patches, fp32, drops = self.mixing
+        torch.index_select(fp_patches, 1, rows, out=fp32)
+        return fp32.lerp_(self.inputs, drops.draw(self.inputs.shape))  # exact at weights 0 and 1
 
 
 def _layer_output(layer: _Layer, patches: torch.Tensor, weight: torch.Tensor,
