@@ -69,3 +69,30 @@ def test_every_mac_of_the_bundled_mobile_cnn_is_listed_by_kind():
     assert {kind: figures["weights"] for kind, figures in summary.items()} == {
         "conv": 11824, "depthwise": 1368, "matmul": 640}
     assert all(15.0 < row["snr_db"] < 30.0 for row in rows)
+
+
+def test_sensitivity_rounds_one_layer_at_a_time_then_each_kind_then_all():
+    """On the mobile digits CNN with 16 test digits: one row per MAC (its weight alone rounded, the output still
+    close to float), one per kind and one for every MAC, which costs the output more than any single layer; at
+    8 bits every row is more than 15 dB closer to float than at 4; the metric sees the same outputs."""
+    path = digits.MODEL_PATH.parent / "digits_mobile.onnx"
+    images, _ = digits.load_split("test")
+    feeds = [{"input": images[i:i + 1]} for i in range(16)]
+    seen: list[int] = []
+
+    def metric(reference, outputs):
+        seen.append(len(outputs))
+        agree = [np.argmax(r[0]) == np.argmax(o[0]) for r, o in zip(reference, outputs, strict=True)]
+        return {"top1_agreement": float(np.mean(agree)), "note": "not a number"}
+
+    shapes = {"input": [1, *digits.INPUT_SHAPE[1:]]}
+    rows4 = weight_spread.sensitivity(path, shapes, 4, feeds, metric)
+    rows8 = weight_spread.sensitivity(path, shapes, 8, feeds)
+    labels = [row["layers"] for row in rows4]
+    assert len(rows4) == 16 + 3 + 1 and labels[-3:] == ["every depthwise (3)", "every matmul (1)", "every MAC (16)"]
+    singles = [row["output_snr_db"] for row in rows4[:16]]
+    assert len(singles) == 16 and all(12.0 < snr < 60.0 for snr in singles)
+    assert rows4[-1]["output_snr_db"] < min(singles)
+    assert all(r8["output_snr_db"] > r4["output_snr_db"] + 15.0 for r4, r8 in zip(rows4, rows8, strict=True))
+    assert seen == [16] * 20 and set(rows4[0]["metric"]) == {"top1_agreement"}
+    assert rows4[-1]["metric"]["top1_agreement"] >= 0.75 and "metric" not in rows8[0]
