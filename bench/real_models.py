@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -237,6 +238,35 @@ def calibration_feeds(model: registry.CorpusModel, count: int, source: str = "ca
     return registry.inputs_for(model, source, count=count, seed=0 if source == "calib" else EVAL_SOURCE_CALIB_SEED)
 
 
+#: The installed packages whose versions a row's figures depend on (the data's decoding and resizing included):
+#: a fresh environment can move learned rounding's figures with the same code and seed (benchmarks).
+STACK = ("ppq", "torch", "numpy", "scipy", "pillow", "opencv-python-headless", "onnx", "onnxruntime", "protobuf")
+
+
+def stack_versions() -> dict[str, str]:
+    """The version of every installed package of :data:`STACK`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in STACK:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def feeds_digest(feeds: Sequence[Feed]) -> str:
+    """A short SHA-256 of the feeds' names, shapes, dtypes and bytes: equal digests, equal data."""
+    digest = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            array = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}{array.shape}{array.dtype}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], recipes: Sequence[str],
               peers: Sequence[str], calib_count: int, eval_count: int, workdir: Path,
               raw_settings: Sequence[str] = ("PPQ trt",), ort_methods: Sequence[str] = ("MinMax", "Percentile"),
@@ -253,6 +283,7 @@ def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], reci
     done = done or {}
     calib = calibration_feeds(model, calib_count, calib_from)
     evaluate, labels = registry.labeled_inputs(model, "eval", count=eval_count, seed=1)
+    data = {"calib_sha256": feeds_digest(calib), "eval_sha256": feeds_digest(evaluate)}
     rows: list[dict] = []
     if model.expected != "quantizes":
         result = measure(model, [], None, lambda: quantize(model.input_shapes, "cpu", model.path, mapname=model.name,
@@ -290,7 +321,7 @@ def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], reci
                                                                       raw_setting(name[4:]), calib, evaluate))
                 if "error" not in retry:
                     result = {**retry, "note": f"on maptools' prepared graph; as given: {result['error']}"}
-            rows.append({"model": model.name, "bits": f"W{w_bits}A{a_bits}", "method": name, **result})
+            rows.append({"model": model.name, "bits": f"W{w_bits}A{a_bits}", "method": name, **result, **data})
             if on_row is not None:
                 on_row(rows[-1])
             shown = result.get("cell", result.get("error"))
@@ -419,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"calib": args.calib, "calib_from": args.calib_from, "eval": args.eval, "cores": os.cpu_count(),
             "torch": torch.__version__,
-            "onnx": version("onnx"), "onnxruntime": version("onnxruntime"),
+            "onnx": version("onnx"), "onnxruntime": version("onnxruntime"), "packages": stack_versions(),
             "minutes": resumed_minutes + (time.perf_counter() - started) / 60}
     if args.out != "-":
         out = Path(args.out)

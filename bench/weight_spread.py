@@ -7,12 +7,14 @@ on the ``mse`` observer's per-channel scales (what ``best`` starts from) and the
 channels (0 for a Gaussian; a few large weights per channel make it large), then the median of each kind of layer.
 With ``--sensitivity N`` it also runs the network (onnxruntime, float activations) with each layer's weight alone
 rounded so, then each kind of layer and every layer together: what the grid costs the output before any
-activation is rounded, which tells a network that rounding cannot rescue from one that it can.
+activation is rounded. With ``--map DIR`` it also follows the SNR along the network, every MAC output of a map's
+``quant_model.onnx`` and of the every-weight-rounded graph against FP32: where a map loses its output.
 
 Usage::
 
     python bench/weight_spread.py --models ppocrv4_rec,efficientnet_lite1 --bits 4 --json /tmp/spread.json
     python bench/weight_spread.py --models ppocrv4_rec --bits 4 --sensitivity 32 --json /tmp/sensitivity.json
+    python bench/weight_spread.py --models ppocrv4_rec --bits 4 --sensitivity 32 --map mapsave/rec_w4a8 --json J
     python bench/weight_spread.py --onnx model.onnx --shapes '{"input": [1, 3, 224, 224]}'
 """
 
@@ -147,16 +149,8 @@ def _finite(value: float, digits: int = 2) -> float | None:
     return round(value, digits) if math.isfinite(value) else None
 
 
-def sensitivity(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int, feeds: Sequence[Feed],
-                metric: Metric | None = None) -> list[dict]:
-    """The network's output with each MAC layer's weight alone rounded at ``bits`` (the grid of
-    :func:`rounded_to_grid`), every other weight and every activation float, then each kind of layer rounded
-    together and every layer: how much of the output a layer's 4-bit grid costs before any activation is rounded.
-
-    Each row holds the layers rounded, the SNR of the first output against the float graph's over ``feeds``
-    (dB; None where it did not change) and, with ``metric`` (``metric(float_outputs, rounded_outputs)``), its figures.
-    """
-    proto = _prepared(onnx_path, shapes)
+def _rounded_weights(proto: onnx.ModelProto, bits: int) -> dict[str, tuple[str, str, np.ndarray]]:
+    """Per MAC operator of the prepared graph: its kind, its weight's constant and that weight rounded at ``bits``."""
     constants = _constants(proto)
     weight_of = {node.name: node.input[1] for node in proto.graph.node if node.op_type in MACS and len(node.input) > 1}
     rounded: dict[str, tuple[str, str, np.ndarray]] = {}
@@ -167,6 +161,20 @@ def sensitivity(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int, 
             continue
         weight = torch.from_numpy(numpy_helper.to_array(constants[name]).copy())
         rounded[op.name] = (kind(op), name, rounded_to_grid(weight, weight_channel_axis(op), bits).numpy())
+    return rounded
+
+
+def sensitivity(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int, feeds: Sequence[Feed],
+                metric: Metric | None = None) -> list[dict]:
+    """The network's output with each MAC layer's weight alone rounded at ``bits`` (the grid of
+    :func:`rounded_to_grid`), every other weight and every activation float, then each kind of layer rounded
+    together and every layer: how much of the output a layer's 4-bit grid costs before any activation is rounded.
+
+    Each row holds the layers rounded, the SNR of the first output against the float graph's over ``feeds``
+    (dB; None where it did not change) and, with ``metric`` (``metric(float_outputs, rounded_outputs)``), its figures.
+    """
+    proto = _prepared(onnx_path, shapes)
+    rounded = _rounded_weights(proto, bits)
     reference = _run(proto, feeds)
 
     def row(label: str, layers: list[str]) -> dict:
@@ -184,6 +192,38 @@ def sensitivity(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int, 
         of = [name for name, (k, _, _) in rounded.items() if k == layer_kind]
         rows.append(row(f"every {layer_kind} ({len(of)})", of))
     rows.append(row(f"every MAC ({len(rounded)})", list(rounded)))
+    return rows
+
+
+def _run_tensors(proto: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
+    """``proto``'s tensors ``names`` (instead of its outputs) on each feed."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    return _run(probe, feeds)
+
+
+def along(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int, feeds: Sequence[Feed],
+          quant_model: str | Path) -> list[dict]:
+    """The SNR of every MAC operator's output along the network against FP32: in a map's ``quant_model.onnx`` and
+    with every weight rounded at ``bits`` (activations float): where a map loses its output, and what learned
+    rounding and the quantized activations change there against the grid alone."""
+    proto = _prepared(onnx_path, shapes)
+    quantized = onnx.load(str(quant_model))
+    written = {name for node in quantized.graph.node for name in node.output}
+    tensors = [node.output[0] for node in proto.graph.node if node.op_type in MACS and node.output[0] in written]
+    rounded = _rounded_weights(proto, bits)
+    nearest = _with_weights(proto, {name: value for _, name, value in rounded.values()})
+    reference, mapped, grid = (_run_tensors(model, tensors, feeds) for model in (proto, quantized, nearest))
+    rows = []
+    for i, tensor in enumerate(tensors):
+        ref = [outputs[i] for outputs in reference]
+        snr_map = snr_db_of(ref, [outputs[i] for outputs in mapped])
+        snr_nearest = snr_db_of(ref, [outputs[i] for outputs in grid])
+        rows.append({"tensor": tensor, "map_snr_db": _finite(snr_map), "nearest_snr_db": _finite(snr_nearest)})
+        logger.info("%3d %-48s map %6.1f dB   W%d nearest, float activations %6.1f dB", i, tensor, snr_map, bits,
+                    snr_nearest)
     return rows
 
 
@@ -225,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensitivity", type=int, default=0, metavar="N",
                         help="also run the network on N held-out inputs with each layer alone rounded (corpus: the "
                              "evaluation split and the task's metric; --onnx: random normal inputs, the SNR only)")
+    parser.add_argument("--map", default=None, metavar="DIR",
+                        help="with --sensitivity N, also the SNR of every MAC output along the network in this map's "
+                             "quant_model.onnx and with every weight rounded (one model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.onnx:
@@ -240,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.sensitivity:
             feeds, metric = _held_out(name, path, shapes, args.sensitivity, corpus=not args.onnx)
             out[name]["sensitivity"] = sensitivity(path, shapes, args.bits, feeds, metric)
+            if args.map:
+                out[name]["along"] = along(path, shapes, args.bits, feeds, Path(args.map) / "quant_model.onnx")
         for layer_kind, figures in out[name]["summary"].items():
             logger.info("%s W%d %-9s %3d layers %9d weights: SNR median %5.1f dB, lowest %5.1f dB; kurtosis median "
                         "%5.1f", name, args.bits, layer_kind, figures["layers"], figures["weights"],

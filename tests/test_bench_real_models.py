@@ -101,3 +101,25 @@ def test_the_threads_option_reaches_quantize(monkeypatch, tmp_path):
     with pytest.raises(StopError):
         real_models._run_maptools(model, [], [], 4, 8, "default", tmp_path, threads=2)
     assert seen["quantize"] == 2
+
+
+def test_each_row_names_its_feeds_by_digest_and_the_stack_by_version(monkeypatch, tmp_path):
+    """A row carries the SHA-256 digests of its calibration and evaluation feeds (same data, same digest; one
+    element one ulp away, another), and the stack's versions are those installed: the same code and seed gave
+    other learned integers in another environment (benchmarks), so a row must say which data and stack it had."""
+    from importlib.metadata import version
+
+    model = real_models.registry.get("efficientnet_lite1")
+    monkeypatch.setattr(real_models, "measure", lambda *args: {"cell": "-", "score": 0.0, "seconds": 0.0})
+    rows = real_models.run_model(model, [(8, 8)], ["default"], [], 8, 2, tmp_path)
+    calib = real_models.calibration_feeds(model, 8)
+    assert rows[0]["calib_sha256"] == real_models.feeds_digest(calib) != rows[0]["eval_sha256"]
+    assert len(rows[0]["calib_sha256"]) == 16
+    nudged = [{"input": feed["input"].copy()} for feed in calib]
+    nudged[3]["input"].flat[7] = np.nextafter(nudged[3]["input"].flat[7], np.float32(np.inf))
+    assert real_models.feeds_digest(nudged) != real_models.feeds_digest(calib)
+    assert real_models.feeds_digest([{"input": f["input"].astype(np.float64)} for f in calib]) != \
+        real_models.feeds_digest(calib)
+    stack = real_models.stack_versions()
+    assert {"ppq", "torch", "numpy", "onnx", "onnxruntime"} <= set(stack)
+    assert stack["numpy"] == version("numpy") == np.__version__ and stack["ppq"] == "0.6.6"

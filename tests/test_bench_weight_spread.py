@@ -96,3 +96,22 @@ def test_sensitivity_rounds_one_layer_at_a_time_then_each_kind_then_all():
     assert all(r8["output_snr_db"] > r4["output_snr_db"] + 15.0 for r4, r8 in zip(rows4, rows8, strict=True))
     assert seen == [16] * 20 and set(rows4[0]["metric"]) == {"top1_agreement"}
     assert rows4[-1]["metric"]["top1_agreement"] >= 0.75 and "metric" not in rows8[0]
+
+
+def test_along_follows_every_mac_output_of_a_map_and_of_the_rounded_graph(tmp_path):
+    """A W8A8 map of the mobile digits CNN against FP32 along the network: each of the 16 MAC outputs has a row; the
+    map (8-bit weights) is above 20 dB at every one, the graph with every weight rounded at 4 bits is lower than
+    the map at every one, and lower at the last MAC than at the first (the error adds up)."""
+    from maptools.quantization import quantize
+
+    path = digits.MODEL_PATH.parent / "digits_mobile.onnx"
+    shapes = {"input": [1, *digits.INPUT_SHAPE[1:]]}
+    images, _ = digits.load_split("test")
+    quantize(shapes, "cpu", str(path), mapname="mobile", calibset=None, calib_steps=8, bit_width=8,
+             mapsave_dir=str(tmp_path))
+    feeds = [{"input": images[i:i + 1]} for i in range(16)]
+    rows = weight_spread.along(path, shapes, 4, feeds, tmp_path / "mobile" / "quant_model.onnx")
+    assert len(rows) == 16 and len({row["tensor"] for row in rows}) == 16
+    assert all(row["map_snr_db"] > 20.0 for row in rows)
+    assert all(row["nearest_snr_db"] < row["map_snr_db"] for row in rows)
+    assert rows[-1]["nearest_snr_db"] < rows[0]["nearest_snr_db"]
