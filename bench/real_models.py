@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import shlex
 import sys
@@ -256,6 +257,18 @@ def stack_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_model() -> str:
+    """The CPU's model name (its vector width sets the order of float sums, so learned integers can differ)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    widest = next((flag for flag in ("avx512f", "avx2", "avx", "sse4_2") if flag in flags), None)
+    return f"{name} ({widest})" if widest else name
+
+
 def feeds_digest(feeds: Sequence[Feed]) -> str:
     """A short SHA-256 of the feeds' names, shapes, dtypes and bytes: equal digests, equal data."""
     digest = hashlib.sha256()
@@ -451,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"calib": args.calib, "calib_from": args.calib_from, "eval": args.eval, "cores": os.cpu_count(),
             "torch": torch.__version__,
             "onnx": version("onnx"), "onnxruntime": version("onnxruntime"), "packages": stack_versions(),
+            "cpu": cpu_model(),
             "minutes": resumed_minutes + (time.perf_counter() - started) / 60}
     if args.out != "-":
         out = Path(args.out)

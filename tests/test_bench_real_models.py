@@ -123,3 +123,4 @@ def test_each_row_names_its_feeds_by_digest_and_the_stack_by_version(monkeypatch
     stack = real_models.stack_versions()
     assert {"ppq", "torch", "numpy", "onnx", "onnxruntime"} <= set(stack)
     assert stack["numpy"] == version("numpy") == np.__version__ and stack["ppq"] == "0.6.6"
+    assert real_models.cpu_model().strip()
