@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -270,14 +269,11 @@ def cpu_model() -> str:
 
 
 def feeds_digest(feeds: Sequence[Feed]) -> str:
-    """A short SHA-256 of the feeds' names, shapes, dtypes and bytes: equal digests, equal data."""
-    digest = hashlib.sha256()
-    for feed in feeds:
-        for name in sorted(feed):
-            array = np.ascontiguousarray(feed[name])
-            digest.update(f"{name}{array.shape}{array.dtype}".encode())
-            digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
+    """The first 16 hex digits of the feeds' SHA-256 (:func:`~maptools.quantization.search.cache.data_digest`, the
+    search cache's key): equal digests, equal data."""
+    from maptools.quantization.search.cache import data_digest
+
+    return data_digest(feeds)[:16]
 
 
 def run_model(model: registry.CorpusModel, bits: Sequence[tuple[int, int]], recipes: Sequence[str],
