@@ -239,8 +239,7 @@ def summary(rows: list[dict]) -> dict[str, dict[str, float]]:
     return kinds
 
 
-def _held_out(name: str, path: str | Path, shapes: dict[str, list[int]], count: int,
-              corpus: bool) -> tuple[list[Feed], Metric | None]:
+def _held_out(name: str, shapes: dict[str, list[int]], count: int, corpus: bool) -> tuple[list[Feed], Metric | None]:
     """The inputs and metric of :func:`sensitivity`: a corpus model's evaluation split and task metric, or
     random normal inputs of ``shapes`` and no metric."""
     if corpus:
@@ -269,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --sensitivity N, also the SNR of every MAC output along the network in this map's "
                              "quant_model.onnx and with every weight rounded (one model)")
     args = parser.parse_args(argv)
+    if args.map and not args.sensitivity:
+        parser.error("--map needs --sensitivity N (the inputs it runs)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.onnx:
         models = {Path(args.onnx).stem: (args.onnx, json.loads(args.shapes or "{}"))}
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = model_spread(path, shapes, args.bits)
         out[name] = {"bits": args.bits, "summary": summary(rows), "layers": rows}
         if args.sensitivity:
-            feeds, metric = _held_out(name, path, shapes, args.sensitivity, corpus=not args.onnx)
+            feeds, metric = _held_out(name, shapes, args.sensitivity, corpus=not args.onnx)
             out[name]["sensitivity"] = sensitivity(path, shapes, args.bits, feeds, metric)
             if args.map:
                 out[name]["along"] = along(path, shapes, args.bits, feeds, Path(args.map) / "quant_model.onnx")
