@@ -37,30 +37,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import weight_spread  # noqa: E402
 from corpus import registry  # noqa: E402
 
+from maptools.quantization.engine.channelwise import is_depthwise  # noqa: E402
 from maptools.quantization.engine.learned_rounding import DEFAULTS, _Cache, _Drops, _StepInputs  # noqa: E402
-from maptools.quantization.model import check_input_shapes, load_model, prepare_model  # noqa: E402
 
 IMAGES = 64
 
 
 def depthwise_shapes(name: str) -> list[tuple[int, int, int, int]]:
-    """The corpus model's depthwise Convs as (channels, kernel taps, output positions, how many such layers), in
-    graph order of first appearance, from ONNX shape inference on maptools' prepared graph at the model's input size."""
+    """The corpus model's depthwise Convs (:func:`~maptools.quantization.engine.channelwise.is_depthwise`, on the
+    graph PPQ gets) as (channels, kernel taps, output positions, how many such layers), in graph order of first
+    appearance; the output sizes from ONNX shape inference at the model's input size."""
     model = registry.get(name)
-    loaded = load_model(model.path)
-    proto = onnx.shape_inference.infer_shapes(prepare_model(loaded, check_input_shapes(model.input_shapes, loaded)))
-    weights = {init.name: tuple(init.dims) for init in proto.graph.initializer}
-    outputs = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in proto.graph.value_info}
+    proto = weight_spread.prepared_graph(model.path, model.input_shapes)
+    inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info
+    outputs = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in inferred}
     counts: dict[tuple[int, int, int], int] = {}
-    for node in proto.graph.node:
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        shape = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        if shape is None or group <= 1 or shape[0] != group or shape[1] != 1:
+    for op in weight_spread.mac_operators(proto, 8):
+        if not is_depthwise(op):
             continue
-        height, width = outputs[node.output[0]][2:]
-        key = (group, shape[2] * shape[3], height * width)
+        weight = op.inputs[1].value
+        height, width = outputs[op.outputs[0].name][2:]
+        key = (int(weight.shape[0]), int(weight.shape[2] * weight.shape[3]), height * width)
         counts[key] = counts.get(key, 0) + 1
     return [(*key, count) for key, count in counts.items()]
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
@@ -47,6 +46,7 @@ from maptools.quantization.engine.recipes import build_setting  # noqa: E402
 from maptools.quantization.engine.rewrites import ppq_compatible  # noqa: E402
 from maptools.quantization.intmath import int_range, snr_db_of  # noqa: E402
 from maptools.quantization.model import check_input_shapes, load_model, prepare_model  # noqa: E402
+from maptools.quantization.search.evaluate import onnx_outputs  # noqa: E402
 
 logger = logging.getLogger("weight_spread")
 
@@ -87,13 +87,13 @@ def layer_spread(weight: torch.Tensor, channel_axis: int, bits: int) -> tuple[fl
     return snr_db_of(rows.numpy(), rounded.numpy()), float(kurtosis)
 
 
-def _prepared(onnx_path: str | Path, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+def prepared_graph(onnx_path: str | Path, shapes: dict[str, list[int]]) -> onnx.ModelProto:
     """The graph maptools hands PPQ (its preparation and rewrites)."""
     loaded = load_model(onnx_path)
     return ppq_compatible(prepare_model(loaded, check_input_shapes(shapes, loaded)))
 
 
-def _macs(proto: onnx.ModelProto, bits: int) -> list[Operation]:
+def mac_operators(proto: onnx.ModelProto, bits: int) -> list[Operation]:
     """Every MAC operator with a constant weight of at least two dimensions, in execution order."""
     session = PPQSession.from_onnx(proto, LowBitSpec(bits, 8), "cpu", build_setting("default", "cpu", 8))
     return [op for op in session.graph.topological_sort()
@@ -104,7 +104,7 @@ def _macs(proto: onnx.ModelProto, bits: int) -> list[Operation]:
 def model_spread(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int) -> list[dict]:
     """One row per MAC layer with a constant weight, in execution order."""
     rows = []
-    for op in _macs(_prepared(onnx_path, shapes), bits):
+    for op in mac_operators(prepared_graph(onnx_path, shapes), bits):
         weight = op.inputs[1].value
         snr, kurtosis = layer_spread(weight, weight_channel_axis(op), bits)
         rows.append({"name": op.name, "kind": kind(op),
@@ -117,11 +117,7 @@ Metric = Callable[[list[list[np.ndarray]], list[list[np.ndarray]]], dict[str, fl
 
 
 def _run(proto: onnx.ModelProto, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [session.run(None, feed) for feed in feeds]
+    return onnx_outputs(proto.SerializeToString(), feeds)
 
 
 def _constants(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -154,7 +150,7 @@ def _rounded_weights(proto: onnx.ModelProto, bits: int) -> dict[str, tuple[str, 
     constants = _constants(proto)
     weight_of = {node.name: node.input[1] for node in proto.graph.node if node.op_type in MACS and len(node.input) > 1}
     rounded: dict[str, tuple[str, str, np.ndarray]] = {}
-    for op in _macs(proto, bits):
+    for op in mac_operators(proto, bits):
         name = weight_of.get(op.name)
         if name not in constants:
             logger.warning("%s: its weight is not a constant of the prepared graph, left out", op.name)
@@ -173,7 +169,7 @@ def sensitivity(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int, 
     Each row holds the layers rounded, the SNR of the first output against the float graph's over ``feeds``
     (dB; None where it did not change) and, with ``metric`` (``metric(float_outputs, rounded_outputs)``), its figures.
     """
-    proto = _prepared(onnx_path, shapes)
+    proto = prepared_graph(onnx_path, shapes)
     rounded = _rounded_weights(proto, bits)
     reference = _run(proto, feeds)
 
@@ -209,7 +205,7 @@ def along(onnx_path: str | Path, shapes: dict[str, list[int]], bits: int, feeds:
     """The SNR of every MAC operator's output along the network against FP32: in a map's ``quant_model.onnx`` and
     with every weight rounded at ``bits`` (activations float): where a map loses its output, and what learned
     rounding and the quantized activations change there against the grid alone."""
-    proto = _prepared(onnx_path, shapes)
+    proto = prepared_graph(onnx_path, shapes)
     quantized = onnx.load(str(quant_model))
     written = {name for node in quantized.graph.node for name in node.output}
     tensors = [node.output[0] for node in proto.graph.node if node.op_type in MACS and node.output[0] in written]

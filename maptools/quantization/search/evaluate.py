@@ -52,15 +52,16 @@ def output_snr(fp32: Sequence[Outputs], quantized: Sequence[Outputs]) -> float:
     return snr_db_of([o for b in fp32 for o in b], [o for b in quantized for o in b])
 
 
-def onnx_outputs(path: str | Path, batches: Sequence[Batch]) -> list[Outputs]:
-    """onnxruntime's outputs of a model on every batch (one thread)."""
+def onnx_outputs(path: str | Path | bytes, batches: Sequence[Batch]) -> list[Outputs]:
+    """onnxruntime's outputs of a model (its file, or its serialized bytes) on every batch (one thread)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                   providers=["CPUExecutionProvider"])
     return [[np.asarray(o) for o in session.run(None, batch)] for batch in batches]
 
 
